@@ -1,0 +1,129 @@
+"""Durable file creation, written once and used by every path that creates a file.
+
+A file is written to ``DEST.tmp-<pid>-<start>-<rand>`` opened ``O_EXCL``, fsynced, moved into
+place (``os.replace``, or ``os.link`` when the destination must not exist yet), and the directory
+is fsynced so the new name survives a power cut. A failure removes the temp. Temps whose creator
+is dead are swept on open; the creator's (pid, start time) is in the name so a live writer's
+temp is never taken for litter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+_TEMP_RE = re.compile(r"\.tmp-(\d+)-(\d+)-[0-9a-f]{8}$")
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            raw = stat.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+_OWN_TICKS: tuple[int, int] | None = None
+
+
+def _own_identity() -> tuple[int, int]:
+    global _OWN_TICKS
+    pid = os.getpid()
+    if _OWN_TICKS is None or _OWN_TICKS[0] != pid:  # recomputed after fork
+        _OWN_TICKS = (pid, process_start_ticks(pid) or 0)
+    return _OWN_TICKS
+
+
+def temp_path_for(dest: Path) -> Path:
+    """A fresh temp name beside ``dest`` that names this process."""
+    pid, ticks = _own_identity()
+    return dest.with_name(f"{dest.name}.tmp-{pid}-{ticks}-{secrets.token_hex(4)}")
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make entries created, renamed or removed in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(
+    dest: Path,
+    content: bytes | Callable[[int], None],
+    *,
+    overwrite: bool = True,
+    mode: int = 0o644,
+) -> None:
+    """Create ``dest`` atomically and durably.
+
+    Args:
+        dest: Final path.
+        content: The bytes, or a function that writes them to the given file descriptor.
+        overwrite: Replace an existing ``dest``; when False an existing ``dest`` raises
+            ``FileExistsError`` and is left untouched (the link is the atomic existence check).
+        mode: Permission bits of the new file.
+    """
+    temp = temp_path_for(dest)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            if isinstance(content, bytes | bytearray | memoryview):
+                _write_all(fd, content)
+            else:
+                content(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(temp, dest)
+        else:
+            os.link(temp, dest)
+            os.unlink(temp)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    fsync_dir(dest.parent)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def sweep_stale_temps(directory: Path) -> list[Path]:
+    """Remove temps left by dead processes in ``directory``; return what was removed."""
+    removed: list[Path] = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        match = _TEMP_RE.search(name)
+        if match is None:
+            continue
+        pid, ticks = int(match.group(1)), int(match.group(2))
+        if process_start_ticks(pid) == ticks:
+            continue  # its writer is alive and may still rename it into place
+        path = directory / name
+        try:
+            os.unlink(path)
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                raise
+        else:
+            removed.append(path)
+    return removed

@@ -1,0 +1,370 @@
+"""Binary layouts of the main file (``.hc``) and the write-ahead log (``.hc-wal``).
+
+Both files start with a 64-byte header and hold *batches* (one commit each) in the same framing,
+so a checkpoint moves WAL batches into the main file byte for byte. Little-endian throughout.
+
+Main file: ``header | segment | segment | ...``; a segment is what one checkpoint appended:
+``batch... trailer``. A trailer ends every segment, so a main file cut at any trailer end is the
+exact state at that trailer's commit (invariant 2). The trailer's ``meta_crc`` covers every
+batch header, op header and key of its segment, which lets a prefix open without reading value
+bytes; each value carries its own CRC, checked when it is read.
+
+WAL: ``header | batch | batch | ...``. Its header names the main file it extends (file id, the
+main file's salt) and the main-file boundary it starts from (``base_len``, ``base_seq``). A WAL
+whose header does not match (see :func:`wal_matches`) is never applied (invariant 3).
+
+Batch: ``BATCH header (crc'd) | op... ``; op: ``OP header | key (utf-8) | value``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+from ._errors import CorruptFileError
+
+HEADER_SIZE = 64
+FORMAT_VERSION = 1
+MAIN_MAGIC = b"HCPXMAIN"
+WAL_MAGIC = b"HCPXWAL1"
+BATCH_MAGIC = 0x31424348  # b"HCB1"
+TRAILER_MAGIC = 0x31544348  # b"HCT1"
+
+_MAIN_HEADER = struct.Struct("<8sHHI16sQQ12x")  # + crc32 = 64 bytes
+_WAL_HEADER = struct.Struct("<8sHHI16sQQQ4x")  # + crc32 = 64 bytes
+_CRC = struct.Struct("<I")
+_BATCH = struct.Struct("<IQQIII")  # magic, seq, token, n_ops, body_len, body_crc; + crc32
+_OP = struct.Struct("<BBHII")  # kind, vtype, key_len, value_len, value_crc
+_TRAILER = struct.Struct("<IQQII")  # magic, last_seq, segment_start, n_batches, meta_crc; + crc32
+
+BATCH_SIZE = _BATCH.size + 4
+OP_SIZE = _OP.size
+TRAILER_SIZE = _TRAILER.size + 4
+
+OP_PUT = 1
+OP_DELETE = 2
+
+MAX_KEY_BYTES = 0xFFFF
+MAX_VALUE_BYTES = 0xFFFFFFFF
+
+
+def crc32(data: bytes | bytearray | memoryview, start: int = 0) -> int:
+    return zlib.crc32(data, start) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class MainHeader:
+    file_id: bytes  # 16 bytes; changes only when the file is rewritten (compaction)
+    salt: int  # 64 bits; a copy gets a new one, so a stale WAL never matches a restored copy
+    created_ns: int
+
+
+@dataclass(frozen=True)
+class WalHeader:
+    file_id: bytes
+    main_salt: int
+    base_len: int  # the main-file boundary this WAL continues from
+    base_seq: int  # the commit sequence at that boundary
+
+
+def pack_main_header(header: MainHeader) -> bytes:
+    body = _MAIN_HEADER.pack(
+        MAIN_MAGIC, FORMAT_VERSION, 0, 0, header.file_id, header.salt, header.created_ns
+    )
+    return body + _CRC.pack(crc32(body))
+
+
+def unpack_main_header(raw: bytes) -> MainHeader:
+    _check_header(raw, MAIN_MAGIC, "main file")
+    _, _, _, _, file_id, salt, created_ns = _MAIN_HEADER.unpack_from(raw)
+    return MainHeader(file_id, salt, created_ns)
+
+
+def pack_wal_header(header: WalHeader) -> bytes:
+    body = _WAL_HEADER.pack(
+        WAL_MAGIC,
+        FORMAT_VERSION,
+        0,
+        0,
+        header.file_id,
+        header.main_salt,
+        header.base_len,
+        header.base_seq,
+    )
+    return body + _CRC.pack(crc32(body))
+
+
+def unpack_wal_header(raw: bytes) -> WalHeader:
+    _check_header(raw, WAL_MAGIC, "WAL")
+    _, _, _, _, file_id, salt, base_len, base_seq = _WAL_HEADER.unpack_from(raw)
+    return WalHeader(file_id, salt, base_len, base_seq)
+
+
+def _check_header(raw: bytes, magic: bytes, what: str) -> None:
+    if len(raw) < HEADER_SIZE:
+        raise CorruptFileError(f"{what} header is truncated ({len(raw)} bytes)", offset=0)
+    if raw[:8] != magic:
+        raise CorruptFileError(f"not a hotcopy {what} (bad magic)", offset=0)
+    (stored,) = _CRC.unpack_from(raw, HEADER_SIZE - 4)
+    if crc32(raw[: HEADER_SIZE - 4]) != stored:
+        raise CorruptFileError(f"{what} header checksum mismatch", offset=0)
+    (version,) = struct.unpack_from("<H", raw, 8)
+    if version != FORMAT_VERSION:
+        raise CorruptFileError(f"{what} format version {version} is not supported", offset=8)
+
+
+def encode_op(kind: int, key: str, vtype: int, payload: bytes) -> bytes:
+    key_bytes = key.encode("utf-8", "surrogatepass")
+    if len(key_bytes) > MAX_KEY_BYTES:
+        raise ValueError(f"key is {len(key_bytes)} bytes; the limit is {MAX_KEY_BYTES}")
+    if len(payload) > MAX_VALUE_BYTES:
+        raise ValueError(f"value is {len(payload)} bytes; the limit is {MAX_VALUE_BYTES}")
+    return _OP.pack(kind, vtype, len(key_bytes), len(payload), crc32(payload)) + key_bytes + payload
+
+
+def encode_batch(seq: int, token: int, ops: list[bytes]) -> bytes:
+    body = b"".join(ops)
+    head = _BATCH.pack(BATCH_MAGIC, seq, token, len(ops), len(body), crc32(body))
+    return head + _CRC.pack(crc32(head)) + body
+
+
+def encode_trailer(last_seq: int, segment_start: int, n_batches: int, meta_crc: int) -> bytes:
+    body = _TRAILER.pack(TRAILER_MAGIC, last_seq, segment_start, n_batches, meta_crc)
+    return body + _CRC.pack(crc32(body))
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: int
+    key: str
+    vtype: int
+    value_len: int
+    value_crc: int
+    offset: int  # of the op header in its file
+    value: bytes | None  # present when the reader was asked to load values
+
+    @property
+    def size(self) -> int:
+        return OP_SIZE + len(self.key.encode("utf-8", "surrogatepass")) + self.value_len
+
+
+@dataclass
+class Batch:
+    seq: int
+    token: int
+    offset: int
+    size: int
+    ops: list[Op]
+    meta_crc: int  # crc of the header and of every op header and key, chained
+    raw: bytes | None = None  # the whole frame, when values were loaded
+
+
+def decode_op_value(record: bytes) -> tuple[int, int, bytes]:
+    """Split an in-memory op record into ``(kind, vtype, value)``, checking the value's CRC."""
+    kind, vtype, key_len, value_len, value_crc = _OP.unpack_from(record)
+    start = OP_SIZE + key_len
+    value = record[start : start + value_len]
+    if len(value) != value_len or crc32(value) != value_crc:
+        raise CorruptFileError("value checksum mismatch in memory", offset=0)
+    return kind, vtype, value
+
+
+def read_op_value(fd: int, offset: int) -> tuple[int, bytes]:
+    """Read the op at ``offset`` of a file and return ``(vtype, value)``, CRC-checked."""
+    head = os.pread(fd, 4096, offset)
+    if len(head) < OP_SIZE:
+        raise CorruptFileError("op header is truncated", offset=offset)
+    _, vtype, key_len, value_len, value_crc = _OP.unpack_from(head)
+    start = OP_SIZE + key_len
+    if start + value_len <= len(head):
+        value = head[start : start + value_len]
+    else:
+        value = _pread_exact(fd, value_len, offset + start)
+    if crc32(value) != value_crc:
+        raise CorruptFileError("value checksum mismatch", offset=offset + start)
+    return vtype, value
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    parts = []
+    while size:
+        chunk = os.pread(fd, min(size, 1 << 26), offset)
+        if not chunk:
+            raise CorruptFileError("file ends inside a value", offset=offset)
+        parts.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+class FileReader:
+    """Sequential reads over ``[pos, end)`` of a file with a large buffer; skips are free."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, fd: int, pos: int, end: int) -> None:
+        self.fd = fd
+        self.pos = pos
+        self.end = end
+        self._buf = b""
+        self._buf_start = pos
+
+    def read(self, size: int) -> bytes | None:
+        """The next ``size`` bytes, or None when the file ends first."""
+        if self.pos + size > self.end:
+            return None
+        offset = self.pos - self._buf_start
+        if offset < 0 or offset + size > len(self._buf):
+            want = min(max(size, self.CHUNK), self.end - self.pos)
+            self._buf = _pread_exact(self.fd, want, self.pos)
+            self._buf_start = self.pos
+            offset = 0
+        self.pos += size
+        return self._buf[offset : offset + size]
+
+    def skip(self, size: int) -> bool:
+        if self.pos + size > self.end:
+            return False
+        self.pos += size
+        return True
+
+
+def read_batch(reader: FileReader, *, load_values: bool) -> Batch | None:
+    """Parse the batch at the reader's position, or None if it is torn or not a batch.
+
+    With ``load_values`` the body CRC and every value CRC are checked and the raw frame kept;
+    without, values are skipped (their CRCs are checked when they are read).
+    """
+    start = reader.pos
+    head = reader.read(BATCH_SIZE)
+    if head is None:
+        return None
+    magic, seq, token, n_ops, body_len, body_crc = _BATCH.unpack_from(head)
+    (head_crc,) = _CRC.unpack_from(head, _BATCH.size)
+    if magic != BATCH_MAGIC or crc32(head[: _BATCH.size]) != head_crc:
+        return None
+    body_end = reader.pos + body_len
+    if body_end > reader.end:
+        return None
+    meta = crc32(head)
+    ops: list[Op] = []
+    body_parts: list[bytes] = []
+    for _ in range(n_ops):
+        op_offset = reader.pos
+        op_head = reader.read(OP_SIZE)
+        if op_head is None:
+            return None
+        kind, vtype, key_len, value_len, value_crc = _OP.unpack_from(op_head)
+        key_bytes = reader.read(key_len)
+        if key_bytes is None or kind not in (OP_PUT, OP_DELETE):
+            return None
+        meta = crc32(key_bytes, crc32(op_head, meta))
+        value: bytes | None = None
+        if load_values:
+            value = reader.read(value_len)
+            if value is None or crc32(value) != value_crc:
+                return None
+            body_parts += (op_head, key_bytes, value)
+        elif not reader.skip(value_len):
+            return None
+        try:
+            key = key_bytes.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            return None
+        ops.append(Op(kind, key, vtype, value_len, value_crc, op_offset, value))
+    if reader.pos != body_end:
+        return None
+    raw = None
+    if load_values:
+        body = b"".join(body_parts)
+        if crc32(body) != body_crc:
+            return None
+        raw = head + body
+    return Batch(seq, token, start, reader.pos - start, ops, meta, raw)
+
+
+@dataclass
+class Trailer:
+    last_seq: int
+    segment_start: int
+    n_batches: int
+    meta_crc: int
+
+
+def read_trailer(reader: FileReader) -> Trailer | None:
+    raw = reader.read(TRAILER_SIZE)
+    if raw is None:
+        return None
+    magic, last_seq, segment_start, n_batches, meta_crc = _TRAILER.unpack_from(raw)
+    (stored,) = _CRC.unpack_from(raw, _TRAILER.size)
+    if magic != TRAILER_MAGIC or crc32(raw[: _TRAILER.size]) != stored:
+        return None
+    return Trailer(last_seq, segment_start, n_batches, meta_crc)
+
+
+def peek_is_trailer(reader: FileReader) -> bool:
+    raw = reader.read(4)
+    if raw is None:
+        return False
+    reader.pos -= 4
+    return bool(struct.unpack("<I", raw)[0] == TRAILER_MAGIC)
+
+
+@dataclass
+class Segment:
+    start: int
+    end: int
+    batches: list[Batch] = field(default_factory=list)
+
+    @property
+    def last_seq(self) -> int:
+        return self.batches[-1].seq
+
+
+def read_segment(reader: FileReader, *, load_values: bool) -> Segment | None:
+    """Parse one checkpoint segment, or None if it is torn, damaged or absent."""
+    start = reader.pos
+    segment = Segment(start, start)
+    meta = 0
+    while not peek_is_trailer(reader):
+        batch = read_batch(reader, load_values=load_values)
+        if batch is None:
+            return None
+        if segment.batches and batch.seq != segment.batches[-1].seq + 1:
+            return None
+        segment.batches.append(batch)
+        meta = crc32(_CRC.pack(batch.meta_crc), meta)
+    trailer = read_trailer(reader)
+    if (
+        trailer is None
+        or not segment.batches
+        or trailer.segment_start != start
+        or trailer.n_batches != len(segment.batches)
+        or trailer.last_seq != segment.last_seq
+        or trailer.meta_crc != meta
+    ):
+        return None
+    segment.end = reader.pos
+    return segment
+
+
+def segment_trailer(segment_start: int, batches: list[Batch]) -> bytes:
+    """The trailer that closes a segment of ``batches`` starting at ``segment_start``."""
+    meta = 0
+    for batch in batches:
+        meta = crc32(_CRC.pack(batch.meta_crc), meta)
+    return encode_trailer(batches[-1].seq, segment_start, len(batches), meta)
+
+
+def wal_matches(wal: WalHeader, main: MainHeader, boundaries: dict[int, int]) -> bool:
+    """Whether ``wal`` continues this main file: same file, same salt, from a real boundary.
+
+    ``boundaries`` maps each segment end of the main file (and the header end) to its sequence.
+    """
+    return (
+        wal.file_id == main.file_id
+        and wal.main_salt == main.salt
+        and boundaries.get(wal.base_len) == wal.base_seq
+    )

@@ -1,0 +1,142 @@
+"""How storage takes its locks: a small Protocol, and an OS file-lock implementation of it.
+
+Storage never talks to a lock mechanism directly, only to a :class:`LeaseProvider`; the
+coordinator's client satisfies the same Protocol structurally. :class:`FileLeases` is the
+embedded provider: ``flock`` locks on files under ``ROOT/.hotcopy/locks/``, released by the
+kernel when their holder dies, so a crashed writer never leaves a lock behind.
+
+Modes follow DESIGN.md: ``read`` and ``snapshot`` share with everything but ``exclusive``;
+``write`` excludes ``write``; ``exclusive`` excludes everything. Two lock files per prefix give
+exactly that: ``write`` holds ``<p>.w`` exclusively, ``read``/``snapshot`` hold ``<p>.a`` shared,
+``exclusive`` holds both exclusively.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Protocol
+
+from hotcopy.coordinator._errors import LeaseFenced, LeaseTimeout, WouldBlock
+
+MODES = ("read", "snapshot", "write", "exclusive")
+
+
+class HeldLease(Protocol):
+    @property
+    def token(self) -> int: ...
+
+    def is_current(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class LeaseProvider(Protocol):
+    def lease(
+        self, prefix: str, mode: str, timeout: float | None = None, ttl: float | None = None
+    ) -> HeldLease: ...
+
+    def close(self) -> None: ...
+
+
+_TOKEN = struct.Struct("<Q")
+
+
+class FileLease:
+    """A held set of ``flock`` locks; ``release()`` is idempotent."""
+
+    def __init__(self, fds: list[int], token: int) -> None:
+        self._fds = fds
+        self._token = token
+
+    @property
+    def token(self) -> int:
+        return self._token
+
+    def is_current(self) -> bool:
+        # The kernel holds flock locks until release or death: a live holder is always current.
+        return bool(self._fds)
+
+    def release(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)  # closing the only descriptor releases its flock
+
+    def __enter__(self) -> FileLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class FileLeases:
+    """:class:`LeaseProvider` on ``flock``; waits poll with a short backoff (no broker)."""
+
+    def __init__(self, runtime_dir: Path) -> None:
+        self._dir = runtime_dir / "locks"
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._closed = False
+
+    def lease(
+        self, prefix: str, mode: str, timeout: float | None = None, ttl: float | None = None
+    ) -> FileLease:
+        if self._closed:
+            raise LeaseFenced("lease provider is closed", prefix=prefix)
+        if mode not in MODES:
+            raise ValueError(f"unknown lease mode {mode!r}; expected one of {', '.join(MODES)}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        plan = {
+            "read": [("a", fcntl.LOCK_SH)],
+            "snapshot": [("a", fcntl.LOCK_SH)],
+            "write": [("w", fcntl.LOCK_EX)],
+            "exclusive": [("w", fcntl.LOCK_EX), ("a", fcntl.LOCK_EX)],
+        }[mode]
+        fds: list[int] = []
+        try:
+            for suffix, operation in plan:
+                path = self._dir / f"{prefix}.{suffix}"
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fds.append(fd)
+                _flock_until(fd, operation, deadline, timeout == 0, prefix, mode)
+            token = _next_token(fds[0]) if mode in ("write", "exclusive") else 0
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return FileLease(fds, token)
+
+    def close(self) -> None:
+        self._closed = True
+
+
+def _flock_until(
+    fd: int, operation: int, deadline: float | None, nowait: bool, prefix: str, mode: str
+) -> None:
+    delay = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                error = WouldBlock if nowait else LeaseTimeout
+                raise error(
+                    f"no {mode} lease on prefix {prefix!r} within the timeout",
+                    prefix=prefix,
+                    mode=mode,
+                ) from None
+            pause = delay if deadline is None else min(delay, max(deadline - now, 0.0))
+            time.sleep(pause)
+            delay = min(delay * 2, 0.01)
+
+
+def _next_token(fd: int) -> int:
+    """Bump the counter stored in the (exclusively held) lock file: a monotonic fencing token."""
+    raw = os.pread(fd, _TOKEN.size, 0)
+    token = (_TOKEN.unpack(raw)[0] if len(raw) == _TOKEN.size else 0) + 1
+    os.pwrite(fd, _TOKEN.pack(token), 0)
+    return token

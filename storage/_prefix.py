@@ -1,0 +1,635 @@
+"""A prefix: one partition with its own commit history in ``<name>.hc`` + ``<name>.hc-wal``.
+
+State lives in the files, never only in one process: every process keeps an in-memory key
+index (values stay on disk and are read on demand) and catches up with what other processes
+committed by reading what was appended since it last looked. Writers serialize on the prefix's
+``write`` lease, held from a transaction's first change until commit or rollback; the physical
+mutation of the files (WAL append, checkpoint) also happens under a kernel ``flock`` so that even
+a writer whose lease was fenced while it was stopped cannot interleave bytes with its successor.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+import signal
+import time
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hotcopy.coordinator._errors import LeaseFenced
+from sortedcontainers import SortedDict
+
+from . import _format as fmt
+from ._codec import decode_value, encode_value
+from ._durable import write_durably
+from ._errors import ClosedError, CorruptFileError, PrefixNotFound, ReadOnlyError, StorageError
+from ._leases import HeldLease, LeaseProvider
+
+DEFAULT_CHECKPOINT_BYTES = 4 << 20
+
+# Test-only fault injection: HOTCOPY_FAULT=<point>[,<point>] SIGKILLs this process at that point.
+_FAULTS = frozenset(filter(None, os.environ.get("HOTCOPY_FAULT", "").split(",")))
+
+
+def _fault(point: str) -> None:
+    if point in _FAULTS:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# An index entry: the offset of the op in the main file, or (vtype, payload) held in memory
+# for commits that are still only in the WAL.
+_Entry = int | tuple[int, bytes]
+_DELETED = None
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A commit boundary of a main file: its first ``length`` bytes hold exactly commit ``seq``."""
+
+    length: int
+    seq: int
+    file_id: bytes
+
+
+def main_path(root: Path, name: str) -> Path:
+    return root / f"{name}.hc"
+
+
+def wal_path(root: Path, name: str) -> Path:
+    return root / f"{name}.hc-wal"
+
+
+def create_prefix_files(root: Path, name: str) -> None:
+    """Create an empty prefix; ``FileExistsError`` if its main file exists."""
+    header = fmt.MainHeader(secrets.token_bytes(16), secrets.randbits(64), time.time_ns())
+    write_durably(main_path(root, name), fmt.pack_main_header(header), overwrite=False)
+    wal = fmt.WalHeader(header.file_id, header.salt, fmt.HEADER_SIZE, 0)
+    write_durably(wal_path(root, name), fmt.pack_wal_header(wal))
+
+
+class Prefix(MutableMapping[str, Any]):
+    """Dict-like view of one prefix. Not thread-safe: use one object per thread.
+
+    Reads see the latest commit of any process; writes are buffered until :meth:`commit`.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        mode: str,
+        leases: LeaseProvider,
+        runtime_dir: Path,
+        *,
+        checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
+        lease_timeout: float | None = None,
+    ) -> None:
+        if mode not in ("r", "rw"):
+            raise ValueError(f"mode must be 'r' or 'rw', not {mode!r}")
+        self.name = name
+        self.mode = mode
+        self._root = root
+        self._main_path = main_path(root, name)
+        self._wal_path = wal_path(root, name)
+        self._leases = leases
+        self._checkpoint_bytes = checkpoint_bytes
+        self._lease_timeout = lease_timeout
+        self._pid = os.getpid()
+        self._closed = False
+        self._lease: HeldLease | None = None
+        self._pending: dict[str, tuple[int, bytes] | None] = {}
+        self._main_fd = -1
+        self._main_ino = -1
+        self._header: fmt.MainHeader
+        self._index: SortedDict = SortedDict()  # key -> _Entry, for the latest commit seen
+        self._mem_seq: dict[str, int] = {}  # keys whose entry is in memory -> their commit
+        self._seq = 0
+        self._scanned_end = fmt.HEADER_SIZE  # main file read up to this segment boundary
+        self._boundaries: dict[int, int] = {}  # segment end -> its commit seq
+        self._wal_fd = -1
+        self._wal_ino = -1
+        self._wal_pos = fmt.HEADER_SIZE  # end of the last whole batch read from the WAL
+        self._wal_valid = False
+        self._wal_header: fmt.WalHeader
+        self._mutex_fd = -1
+        if mode == "rw":
+            self._mutex_fd = os.open(
+                runtime_dir / "locks" / f"{name}.m", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        try:
+            if mode == "rw" and not self._main_path.exists():
+                self._create()
+            self._load()
+        except BaseException:
+            self._close_fds()
+            raise
+
+    # -- mapping API --------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        self._check_usable()
+        if key in self._pending:
+            pending = self._pending[key]
+            if pending is _DELETED:
+                raise KeyError(key)
+            return decode_value(*pending)
+        self._catch_up()
+        entry = self._index.get(key) if isinstance(key, str) else None
+        if entry is None:
+            raise KeyError(key)
+        if isinstance(entry, int):
+            vtype, payload = fmt.read_op_value(self._main_fd, entry)
+        else:
+            vtype, payload = entry
+        return decode_value(vtype, payload)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        self._check_usable()
+        if not isinstance(key, str):
+            return False
+        if key in self._pending:
+            return self._pending[key] is not _DELETED
+        self._catch_up()
+        return key in self._index
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._check_usable()
+        _check_key(key)
+        encoded = encode_value(value)
+        self._begin()
+        self._pending[key] = encoded
+
+    def __delitem__(self, key: str) -> None:
+        self._check_usable()
+        _check_key(key)
+        self._begin()
+        if key not in self:
+            raise KeyError(key)
+        self._pending[key] = _DELETED
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys()) if self._pending else self._committed_len()
+
+    def _committed_len(self) -> int:
+        self._check_usable()
+        self._catch_up()
+        return len(self._index)
+
+    def _keys(self) -> list[str]:
+        self._check_usable()
+        self._catch_up()
+        keys: list[str] = list(self._index.keys())
+        if not self._pending:
+            return keys
+        live = set(keys)
+        for key, pending in self._pending.items():
+            if pending is _DELETED:
+                live.discard(key)
+            else:
+                live.add(key)
+        return sorted(live)
+
+    # -- transactions ---------------------------------------------------------------------
+
+    @property
+    def seq(self) -> int:
+        """The commit sequence number this view is at (0 for a new prefix)."""
+        self._check_usable()
+        self._catch_up()
+        return self._seq
+
+    def commit(self) -> int:
+        """Make the pending changes atomic and durable; return the new commit sequence number.
+
+        Raises:
+            LeaseFenced: this writer's lease was lost (TTL expired); nothing was written.
+        """
+        self._check_usable()
+        lease = self._lease
+        if lease is None:
+            return self._seq
+        if not self._pending:
+            self._end_transaction()
+            return self._seq
+        try:
+            with self._mutation():
+                if not lease.is_current():
+                    raise LeaseFenced(
+                        f"commit to prefix {self.name!r} refused: the write lease (token "
+                        f"{lease.token}) is no longer current; nothing was written",
+                        prefix=self.name,
+                        token=lease.token,
+                    )
+                base_seq = self._seq
+                self._prepare_wal_for_append()
+                if self._seq != base_seq:
+                    raise LeaseFenced(
+                        f"commit to prefix {self.name!r} refused: another writer committed "
+                        f"{self._seq - base_seq} transaction(s) under an overlapping lease; "
+                        "nothing was written",
+                        prefix=self.name,
+                        token=lease.token,
+                    )
+                seq = self._seq + 1
+                ops = [
+                    fmt.encode_op(fmt.OP_DELETE, key, 0, b"")
+                    if pending is _DELETED
+                    else fmt.encode_op(fmt.OP_PUT, key, pending[0], pending[1])
+                    for key, pending in self._pending.items()
+                ]
+                frame = fmt.encode_batch(seq, lease.token, ops)
+                _fault("commit:before-wal-write")
+                if "commit:torn-wal-write" in _FAULTS:
+                    os.pwrite(self._wal_fd, frame[: len(frame) // 2], self._wal_pos)
+                    _fault("commit:torn-wal-write")
+                _pwrite_all(self._wal_fd, frame, self._wal_pos)
+                _fault("commit:after-wal-write")
+                os.fdatasync(self._wal_fd)
+                _fault("commit:after-wal-fsync")
+                self._wal_pos += len(frame)
+                for key, pending in self._pending.items():
+                    self._apply_in_memory(key, pending, seq)
+                self._seq = seq
+                self._pending.clear()
+                if self._wal_pos - fmt.HEADER_SIZE >= self._checkpoint_bytes:
+                    self._checkpoint_locked()
+        finally:
+            self._end_transaction()
+        return seq
+
+    def rollback(self) -> None:
+        """Drop the pending changes and release the write lease."""
+        self._check_usable()
+        self._end_transaction()
+
+    def checkpoint(self) -> Cut:
+        """Move committed WAL batches into the main file and start a fresh WAL.
+
+        Returns the boundary reached; its bytes ``[0, length)`` hold exactly commit ``seq``.
+        Pending (uncommitted) changes are not included and stay pending.
+        """
+        self._check_usable()
+        self._require_writable()
+        lease = self._lease
+        owned = lease is None
+        if lease is None:
+            lease = self._leases.lease(self.name, "write", timeout=self._lease_timeout)
+        try:
+            with self._mutation():
+                self._catch_up(force=True)
+                return self._checkpoint_locked()
+        finally:
+            if owned:
+                lease.release()
+
+    def close(self) -> None:
+        """Roll back anything pending and release every resource; idempotent."""
+        if self._closed:
+            return
+        if os.getpid() == self._pid:
+            try:
+                self._end_transaction()
+            finally:
+                self._close_fds()
+        self._closed = True
+
+    def __enter__(self) -> Prefix:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"seq={self._seq}"
+        return f"<Prefix {self.name!r} mode={self.mode!r} {state}>"
+
+    # -- internals: lifecycle -------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ClosedError(f"prefix {self.name!r} is closed", prefix=self.name)
+        if os.getpid() != self._pid:
+            raise StorageError(
+                f"prefix {self.name!r} was opened in process {self._pid}; "
+                "open the repository again in this process",
+                prefix=self.name,
+            )
+
+    def _require_writable(self) -> None:
+        if self.mode != "rw":
+            raise ReadOnlyError(
+                f"prefix {self.name!r} is open read-only; open it with mode 'rw' to change it",
+                prefix=self.name,
+            )
+
+    def _begin(self) -> None:
+        self._require_writable()
+        if self._lease is None:
+            self._lease = self._leases.lease(self.name, "write", timeout=self._lease_timeout)
+            try:
+                self._catch_up(force=True)
+            except BaseException:
+                self._end_transaction()
+                raise
+
+    def _end_transaction(self) -> None:
+        self._pending.clear()
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
+
+    def _create(self) -> None:
+        lease = self._leases.lease(self.name, "write", timeout=self._lease_timeout)
+        try:
+            if not self._main_path.exists():
+                create_prefix_files(self._root, self.name)
+        finally:
+            lease.release()
+
+    def _close_fds(self) -> None:
+        for attr in ("_main_fd", "_wal_fd", "_mutex_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
+
+    def _mutation(self) -> _Flock:
+        return _Flock(self._mutex_fd)
+
+    # -- internals: reading the files -----------------------------------------------------
+
+    def _load(self) -> None:
+        """(Re)build the view from the main file, then the WAL."""
+        flags = os.O_RDWR if self.mode == "rw" else os.O_RDONLY
+        try:
+            fd = os.open(self._main_path, flags | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise PrefixNotFound(
+                f"prefix {self.name!r} does not exist in {self._root}", prefix=self.name
+            ) from None
+        if self._main_fd >= 0:
+            os.close(self._main_fd)
+        self._main_fd = fd
+        self._main_ino = os.fstat(fd).st_ino
+        self._header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
+        self._index = SortedDict()
+        self._mem_seq = {}
+        self._seq = 0
+        self._scanned_end = fmt.HEADER_SIZE
+        self._boundaries = {fmt.HEADER_SIZE: 0}
+        self._wal_ino = -1
+        self._scan_main()
+        self._sync_wal()
+
+    def _catch_up(self, force: bool = False) -> None:
+        """See what other processes committed. A writer mid-transaction already has it all."""
+        if self._lease is not None and not force:
+            return
+        try:
+            st = os.stat(self._main_path)
+        except FileNotFoundError:
+            raise PrefixNotFound(
+                f"prefix {self.name!r} no longer exists in {self._root}", prefix=self.name
+            ) from None
+        if st.st_ino != self._main_ino:
+            self._load()  # replaced by a compaction or a restore
+            return
+        if st.st_size > self._scanned_end:
+            self._scan_main()
+        self._sync_wal()
+
+    def _scan_main(self) -> None:
+        size = os.fstat(self._main_fd).st_size
+        reader = fmt.FileReader(self._main_fd, self._scanned_end, size)
+        while reader.pos < size:
+            segment = fmt.read_segment(reader, load_values=False)
+            if segment is None:
+                break  # a checkpoint in progress or torn by a crash: not part of any state
+            for batch in segment.batches:
+                self._apply_main_batch(batch)
+            self._boundaries[segment.end] = segment.last_seq
+            self._scanned_end = segment.end
+
+    def _apply_main_batch(self, batch: fmt.Batch) -> None:
+        if batch.seq <= self._seq:
+            # Already applied from the WAL: point the index at the main file instead of memory.
+            for op in batch.ops:
+                if self._mem_seq.get(op.key) == batch.seq:
+                    del self._mem_seq[op.key]
+                    self._index[op.key] = op.offset
+            return
+        if batch.seq != self._seq + 1:
+            raise CorruptFileError(
+                f"prefix {self.name!r}: commit {batch.seq} follows {self._seq} in the main file",
+                offset=batch.offset,
+            )
+        for op in batch.ops:
+            if op.kind == fmt.OP_PUT:
+                self._index[op.key] = op.offset
+            else:
+                self._index.pop(op.key, None)
+            self._mem_seq.pop(op.key, None)
+        self._seq = batch.seq
+
+    def _apply_in_memory(self, key: str, value: tuple[int, bytes] | None, seq: int) -> None:
+        if value is None:
+            self._index.pop(key, None)
+            self._mem_seq.pop(key, None)
+        else:
+            self._index[key] = value
+            self._mem_seq[key] = seq
+
+    def _sync_wal(self) -> None:
+        """Follow the WAL (re-opening it if a checkpoint replaced it) and apply new batches."""
+        try:
+            st = os.stat(self._wal_path)
+        except FileNotFoundError:
+            self._drop_wal()
+            return
+        if st.st_ino != self._wal_ino:
+            self._open_wal()
+        if not self._wal_valid:
+            return
+        reader = fmt.FileReader(self._wal_fd, self._wal_pos, os.fstat(self._wal_fd).st_size)
+        while True:
+            start = reader.pos
+            batch = fmt.read_batch(reader, load_values=True)
+            if batch is None or batch.seq > self._seq + 1:
+                reader.pos = start
+                break  # torn tail, a write in progress, or nothing more
+            if batch.seq == self._seq + 1:
+                for op in batch.ops:
+                    value = None if op.kind == fmt.OP_DELETE else (op.vtype, op.value or b"")
+                    self._apply_in_memory(op.key, value, batch.seq)
+                self._seq = batch.seq
+            # batches at or below our sequence are already in the main file: skip them
+        self._wal_pos = reader.pos
+
+    def _open_wal(self) -> None:
+        self._drop_wal()
+        flags = os.O_RDWR if self.mode == "rw" else os.O_RDONLY
+        try:
+            fd = os.open(self._wal_path, flags | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        self._wal_fd = fd
+        self._wal_ino = os.fstat(fd).st_ino
+        self._wal_pos = fmt.HEADER_SIZE
+        try:
+            header = fmt.unpack_wal_header(os.pread(fd, fmt.HEADER_SIZE, 0))
+        except CorruptFileError:
+            return  # a WAL with a damaged header belongs to nobody: never applied
+        if header.base_len > self._scanned_end:
+            self._scan_main()  # a checkpoint landed after we looked at the main file
+        self._wal_header = header
+        self._wal_valid = fmt.wal_matches(header, self._header, self._boundaries)
+
+    def _drop_wal(self) -> None:
+        if self._wal_fd >= 0:
+            os.close(self._wal_fd)
+        self._wal_fd = -1
+        self._wal_ino = -1
+        self._wal_pos = fmt.HEADER_SIZE
+        self._wal_valid = False
+
+    # -- internals: changing the files (write lease and mutation lock held) ---------------
+
+    def _prepare_wal_for_append(self) -> None:
+        """Leave a WAL that matches the main file and ends exactly where our view ends."""
+        self._catch_up(force=True)
+        if not self._wal_valid:
+            self._reset_wal()
+            return
+        if self._scanned_end > self._wal_header.base_len:
+            self._recover_unsynced_checkpoint()
+        size = os.fstat(self._wal_fd).st_size
+        if size > self._wal_pos:
+            # A writer died mid-append: its torn batch was never acknowledged.
+            os.ftruncate(self._wal_fd, self._wal_pos)
+            os.fsync(self._wal_fd)
+
+    def _recover_unsynced_checkpoint(self) -> None:
+        """A checkpoint crashed between appending to the main file and resetting the WAL.
+
+        Its segments might not be durable, so check every byte of them; keep the good prefix
+        (the WAL still holds everything after it) and make it durable.
+        """
+        reader = fmt.FileReader(self._main_fd, self._wal_header.base_len, self._scanned_end)
+        good = reader.pos
+        while reader.pos < self._scanned_end:
+            if fmt.read_segment(reader, load_values=True) is None:
+                break
+            good = reader.pos
+        if good < self._scanned_end:
+            os.ftruncate(self._main_fd, good)
+            os.fsync(self._main_fd)
+            self._load()
+            self._prepare_wal_for_append()
+            return
+        os.fsync(self._main_fd)
+        self._reset_wal_after(self._scanned_end)
+
+    def _reset_wal(self) -> None:
+        self._reset_wal_after(self._scanned_end)
+
+    def _reset_wal_after(self, boundary: int) -> None:
+        """Start a fresh WAL continuing the main file from ``boundary``.
+
+        Batches of the old WAL beyond the boundary are carried over, so nothing committed is
+        dropped (they exist only when a checkpoint crashed before its WAL reset).
+        """
+        carried = b""
+        if self._wal_valid and self._seq > self._boundaries[boundary]:
+            carried = b"".join(
+                batch.raw or b""
+                for batch in self._wal_batches()
+                if batch.seq > self._boundaries[boundary]
+            )
+        header = fmt.WalHeader(
+            self._header.file_id, self._header.salt, boundary, self._boundaries[boundary]
+        )
+        write_durably(self._wal_path, fmt.pack_wal_header(header) + carried)
+        self._open_wal()
+        self._wal_pos = fmt.HEADER_SIZE + len(carried)
+
+    def _wal_batches(self) -> list[fmt.Batch]:
+        reader = fmt.FileReader(self._wal_fd, fmt.HEADER_SIZE, self._wal_pos)
+        batches = []
+        while reader.pos < self._wal_pos:
+            batch = fmt.read_batch(reader, load_values=True)
+            if batch is None:
+                raise CorruptFileError(
+                    f"prefix {self.name!r}: WAL batch failed its checksum on re-read",
+                    offset=reader.pos,
+                )
+            batches.append(batch)
+        return batches
+
+    def _checkpoint_locked(self) -> Cut:
+        main_seq = self._boundaries[self._scanned_end]
+        if self._seq == main_seq:
+            return Cut(self._scanned_end, self._seq, self._header.file_id)
+        batches = [batch for batch in self._wal_batches() if batch.seq > main_seq]
+        start = self._scanned_end
+        data = b"".join(batch.raw or b"" for batch in batches)
+        data += fmt.segment_trailer(start, batches)
+        _fault("checkpoint:before-main-write")
+        _pwrite_all(self._main_fd, data, start)
+        if os.fstat(self._main_fd).st_size > start + len(data):
+            os.ftruncate(self._main_fd, start + len(data))  # debris of a crashed checkpoint
+        _fault("checkpoint:after-main-write")
+        os.fsync(self._main_fd)
+        _fault("checkpoint:after-main-fsync")
+        self._scan_main()
+        if self._scanned_end != start + len(data):
+            raise CorruptFileError(
+                f"prefix {self.name!r}: checkpoint segment failed to read back", offset=start
+            )
+        self._reset_wal_after(self._scanned_end)
+        _fault("checkpoint:after-wal-reset")
+        return Cut(self._scanned_end, self._seq, self._header.file_id)
+
+
+class _Flock:
+    """Hold an exclusive ``flock`` on an open descriptor for the length of a ``with`` block."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.pwrite(fd, view, offset)
+        except InterruptedError:
+            continue
+        if written == 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        view = view[written:]
+        offset += written
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str):
+        raise TypeError(f"keys must be str, not {type(key).__name__}")

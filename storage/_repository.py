@@ -1,0 +1,159 @@
+"""The repository: a directory of prefixes with a marker file and a private runtime dir."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+from ._durable import sweep_stale_temps, write_durably
+from ._errors import ClosedError, InvalidPrefixName, RepositoryNotFound, StorageError
+from ._leases import FileLeases, LeaseProvider
+from ._prefix import DEFAULT_CHECKPOINT_BYTES, Prefix, main_path
+
+MARKER = "hotcopy.json"
+RUNTIME_DIR = ".hotcopy"
+REPOSITORY_FORMAT = 1
+_PREFIX_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
+def validate_prefix_name(name: object) -> str:
+    """Return ``name`` if it is a valid prefix name, else raise :class:`InvalidPrefixName`.
+
+    1 to 200 characters of ``[A-Za-z0-9._-]``, not starting with ``.``: no name can reach outside
+    the repository directory or collide with its runtime dir or temps.
+    """
+    if not isinstance(name, str) or _PREFIX_NAME.fullmatch(name) is None:
+        raise InvalidPrefixName(
+            f"invalid prefix name {name!r}: use 1-200 characters of A-Z a-z 0-9 . _ - "
+            "not starting with '.'",
+            prefix=name,
+        )
+    return name
+
+
+class Repository:
+    """A hotcopy repository rooted at a directory.
+
+    Args:
+        root: The repository directory (must hold ``hotcopy.json``; see :meth:`init`).
+        leases: Where prefix leases come from; by default OS file locks in ``ROOT/.hotcopy``.
+        checkpoint_bytes: WAL size past which a commit checkpoints automatically.
+        lease_timeout: How long a writer waits for a prefix's write lease (None: forever).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        leases: LeaseProvider | None = None,
+        checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
+        lease_timeout: float | None = None,
+    ) -> None:
+        self.root = Path(root).absolute()
+        marker = self.root / MARKER
+        try:
+            info = json.loads(marker.read_text())
+        except FileNotFoundError:
+            raise RepositoryNotFound(
+                f"{self.root} is not a hotcopy repository (no {MARKER}); "
+                "create one with Repository.init() or `hotcopy init`",
+                root=str(self.root),
+            ) from None
+        except (ValueError, UnicodeDecodeError) as err:
+            raise StorageError(f"{marker} is damaged: {err}", root=str(self.root)) from err
+        if info.get("format") != REPOSITORY_FORMAT:
+            raise StorageError(
+                f"{marker}: repository format {info.get('format')!r} is not supported",
+                root=str(self.root),
+            )
+        self.id: str = info["id"]
+        self.runtime_dir = self.root / RUNTIME_DIR
+        self.runtime_dir.mkdir(mode=0o700, exist_ok=True)
+        sweep_stale_temps(self.root)
+        self._leases = leases if leases is not None else FileLeases(self.runtime_dir)
+        self._checkpoint_bytes = checkpoint_bytes
+        self._lease_timeout = lease_timeout
+        self._open: dict[str, Prefix] = {}
+        self._closed = False
+
+    @classmethod
+    def init(cls, root: str | os.PathLike[str], **options: Any) -> Repository:
+        """Create a repository at ``root`` (parents included) or open the one already there."""
+        path = Path(root).absolute()
+        path.mkdir(parents=True, exist_ok=True)
+        marker = {"format": REPOSITORY_FORMAT, "id": secrets.token_hex(16)}
+        # An existing marker means it is a repository already (perhaps made a moment ago).
+        with contextlib.suppress(FileExistsError):
+            write_durably(path / MARKER, json.dumps(marker).encode() + b"\n", overwrite=False)
+        return cls(path, **options)
+
+    @property
+    def leases(self) -> LeaseProvider:
+        return self._leases
+
+    def open_prefix(self, name: str, mode: str = "r") -> Prefix:
+        """Open (with ``"rw"``, create) a prefix. One object per prefix per repository object."""
+        self._check_open()
+        validate_prefix_name(name)
+        existing = self._open.get(name)
+        if existing is not None and not existing._closed:
+            if mode == "rw" and existing.mode == "r":
+                existing.close()
+            else:
+                return existing
+        prefix = Prefix(
+            self.root,
+            name,
+            mode,
+            self._leases,
+            self.runtime_dir,
+            checkpoint_bytes=self._checkpoint_bytes,
+            lease_timeout=self._lease_timeout,
+        )
+        self._open[name] = prefix
+        return prefix
+
+    def prefixes(self) -> list[str]:
+        """Names of every prefix in the repository, sorted."""
+        self._check_open()
+        names = []
+        for entry in os.scandir(self.root):
+            if entry.name.endswith(".hc") and entry.is_file():
+                name = entry.name[: -len(".hc")]
+                if _PREFIX_NAME.fullmatch(name):
+                    names.append(name)
+        return sorted(names)
+
+    def prefix_path(self, name: str) -> Path:
+        """The main file of prefix ``name`` (validated; it need not exist)."""
+        return main_path(self.root, validate_prefix_name(name))
+
+    def close(self) -> None:
+        """Close every prefix opened through this object; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for prefix in self._open.values():
+                prefix.close()
+        finally:
+            self._open.clear()
+            self._leases.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"repository {self.root} is closed", root=str(self.root))
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Repository {str(self.root)!r}>"
