@@ -4,14 +4,18 @@ Object API: :class:`Repository` and :class:`Prefix`. Module API (dbzero style): 
 ``open``, ``get_current_prefix``, ``commit``, ``close``.
 """
 
-from ._api import close, commit, get_current_prefix, init, open
+from ._api import close, commit, copy_prefix, get_current_prefix, init, open
+from ._copy import CopyResult
 from ._errors import (
     ClosedError,
     CorruptFileError,
+    DestinationExists,
     InvalidPrefixName,
+    NotEnoughSpace,
     PrefixNotFound,
     ReadOnlyError,
     RepositoryNotFound,
+    SameFileError,
     StorageError,
 )
 from ._leases import FileLeases, HeldLease, LeaseProvider
@@ -21,21 +25,26 @@ from ._verify import VerifyReport, verify_file
 
 __all__ = [
     "ClosedError",
+    "CopyResult",
     "CorruptFileError",
     "Cut",
+    "DestinationExists",
     "FileLeases",
     "HeldLease",
     "InvalidPrefixName",
     "LeaseProvider",
+    "NotEnoughSpace",
     "Prefix",
     "PrefixNotFound",
     "ReadOnlyError",
     "Repository",
     "RepositoryNotFound",
+    "SameFileError",
     "StorageError",
     "VerifyReport",
     "close",
     "commit",
+    "copy_prefix",
     "get_current_prefix",
     "init",
     "open",

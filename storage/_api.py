@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ._copy import DEFAULT_STEP, CopyResult
 from ._prefix import Prefix
 from ._repository import Repository
 
@@ -43,6 +44,22 @@ def get_current_prefix() -> Prefix:
 def commit() -> int:
     """Commit the current prefix; return its commit sequence number."""
     return get_current_prefix().commit()
+
+
+def copy_prefix(
+    file_name: str | os.PathLike[str],
+    prefix: str | None = None,
+    page_io_step_size: int = DEFAULT_STEP,
+) -> CopyResult:
+    """Copy ``prefix`` (default: the current prefix) consistently to the new file ``file_name``.
+
+    Raises:
+        RuntimeError: no prefix is given and none is open.
+    """
+    repository = _require_repository()
+    if prefix is None:
+        prefix = get_current_prefix().name
+    return repository.copy_prefix(file_name, prefix, page_io_step_size)
 
 
 def close() -> None:

@@ -75,7 +75,7 @@ def write_durably(
         mode: Permission bits of the new file.
     """
     temp = temp_path_for(dest)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         try:
             if isinstance(content, bytes | bytearray | memoryview):

@@ -31,3 +31,15 @@ class ReadOnlyError(StorageError, PermissionError):
 
 class ClosedError(StorageError):
     """The repository or prefix was closed by its owner (you), not lost to a fault."""
+
+
+class DestinationExists(StorageError, FileExistsError):
+    """A copy or restore would overwrite a file; nothing was written."""
+
+
+class SameFileError(StorageError, ValueError):
+    """The destination is the source itself (same device and inode); nothing was written."""
+
+
+class NotEnoughSpace(StorageError, OSError):
+    """The destination's file system has less free space than the copy needs."""

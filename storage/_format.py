@@ -32,7 +32,7 @@ WAL_MAGIC = b"HCPXWAL1"
 BATCH_MAGIC = 0x31424348  # b"HCB1"
 TRAILER_MAGIC = 0x31544348  # b"HCT1"
 
-_MAIN_HEADER = struct.Struct("<8sHHI16sQQ12x")  # + crc32 = 64 bytes
+_MAIN_HEADER = struct.Struct("<8sHHI16sQQQ4x")  # + crc32 = 64 bytes
 _WAL_HEADER = struct.Struct("<8sHHI16sQQQ4x")  # + crc32 = 64 bytes
 _CRC = struct.Struct("<I")
 _BATCH = struct.Struct("<IQQIII")  # magic, seq, token, n_ops, body_len, body_crc; + crc32
@@ -59,6 +59,7 @@ class MainHeader:
     file_id: bytes  # 16 bytes; changes only when the file is rewritten (compaction)
     salt: int  # 64 bits; a copy gets a new one, so a stale WAL never matches a restored copy
     created_ns: int
+    base_seq: int = 0  # the commit the file starts from: 0, or S for a file rewritten at S - 1
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,22 @@ class WalHeader:
 
 def pack_main_header(header: MainHeader) -> bytes:
     body = _MAIN_HEADER.pack(
-        MAIN_MAGIC, FORMAT_VERSION, 0, 0, header.file_id, header.salt, header.created_ns
+        MAIN_MAGIC,
+        FORMAT_VERSION,
+        0,
+        0,
+        header.file_id,
+        header.salt,
+        header.created_ns,
+        header.base_seq,
     )
     return body + _CRC.pack(crc32(body))
 
 
 def unpack_main_header(raw: bytes) -> MainHeader:
     _check_header(raw, MAIN_MAGIC, "main file")
-    _, _, _, _, file_id, salt, created_ns = _MAIN_HEADER.unpack_from(raw)
-    return MainHeader(file_id, salt, created_ns)
+    _, _, _, _, file_id, salt, created_ns, base_seq = _MAIN_HEADER.unpack_from(raw)
+    return MainHeader(file_id, salt, created_ns, base_seq)
 
 
 def pack_wal_header(header: WalHeader) -> bytes:
@@ -126,8 +134,12 @@ def encode_op(kind: int, key: str, vtype: int, payload: bytes) -> bytes:
 
 def encode_batch(seq: int, token: int, ops: list[bytes]) -> bytes:
     body = b"".join(ops)
-    head = _BATCH.pack(BATCH_MAGIC, seq, token, len(ops), len(body), crc32(body))
-    return head + _CRC.pack(crc32(head)) + body
+    return encode_batch_header(seq, token, len(ops), len(body), crc32(body)) + body
+
+
+def encode_batch_header(seq: int, token: int, n_ops: int, body_len: int, body_crc: int) -> bytes:
+    head = _BATCH.pack(BATCH_MAGIC, seq, token, n_ops, body_len, body_crc)
+    return head + _CRC.pack(crc32(head))
 
 
 def encode_trailer(last_seq: int, segment_start: int, n_batches: int, meta_crc: int) -> bytes:
@@ -199,6 +211,19 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+def _pread_upto(fd: int, size: int, offset: int) -> bytes:
+    """Up to ``size`` bytes at ``offset``; fewer only where the file ends."""
+    parts = []
+    while size:
+        chunk = os.pread(fd, min(size, 1 << 26), offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
 class FileReader:
     """Sequential reads over ``[pos, end)`` of a file with a large buffer; skips are free."""
 
@@ -218,9 +243,14 @@ class FileReader:
         offset = self.pos - self._buf_start
         if offset < 0 or offset + size > len(self._buf):
             want = min(max(size, self.CHUNK), self.end - self.pos)
-            self._buf = _pread_exact(self.fd, want, self.pos)
+            self._buf = _pread_upto(self.fd, want, self.pos)
             self._buf_start = self.pos
             offset = 0
+            if len(self._buf) < size:
+                # The file shrank after ``end`` was taken (a writer truncated a torn WAL tail or
+                # checkpoint debris meanwhile): that is where it ends now, not damage.
+                self.end = self.pos + len(self._buf)
+                return None
         self.pos += size
         return self._buf[offset : offset + size]
 

@@ -33,6 +33,10 @@ class HeldLease(Protocol):
 
     def release(self) -> None: ...
 
+    def __enter__(self) -> HeldLease: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
 
 class LeaseProvider(Protocol):
     def lease(

@@ -32,12 +32,24 @@ from ._leases import HeldLease, LeaseProvider
 
 DEFAULT_CHECKPOINT_BYTES = 4 << 20
 
-# Test-only fault injection: HOTCOPY_FAULT=<point>[,<point>] SIGKILLs this process at that point.
+# Test-only fault injection: HOTCOPY_FAULT=<point>[,<point>] SIGKILLs this process at that point,
+# the first time it is reached, or the n-th time with HOTCOPY_FAULT_AFTER=<n> (so a crash test can
+# let a process commit and checkpoint a while before it dies, with all its in-memory state).
 _FAULTS = frozenset(filter(None, os.environ.get("HOTCOPY_FAULT", "").split(",")))
+_FAULT_AFTER = int(os.environ.get("HOTCOPY_FAULT_AFTER", "1") or "1")
+_fault_hits: dict[str, int] = {}
+
+
+def _fault_due(point: str) -> bool:
+    """Count a pass through ``point``; True when this pass is the one that must crash."""
+    if point not in _FAULTS:
+        return False
+    _fault_hits[point] = _fault_hits.get(point, 0) + 1
+    return _fault_hits[point] == _FAULT_AFTER
 
 
 def _fault(point: str) -> None:
-    if point in _FAULTS:
+    if _fault_due(point):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -253,9 +265,9 @@ class Prefix(MutableMapping[str, Any]):
                 ]
                 frame = fmt.encode_batch(seq, lease.token, ops)
                 _fault("commit:before-wal-write")
-                if "commit:torn-wal-write" in _FAULTS:
+                if _fault_due("commit:torn-wal-write"):
                     os.pwrite(self._wal_fd, frame[: len(frame) // 2], self._wal_pos)
-                    _fault("commit:torn-wal-write")
+                    os.kill(os.getpid(), signal.SIGKILL)
                 _pwrite_all(self._wal_fd, frame, self._wal_pos)
                 _fault("commit:after-wal-write")
                 os.fdatasync(self._wal_fd)
@@ -295,6 +307,88 @@ class Prefix(MutableMapping[str, Any]):
         finally:
             if owned:
                 lease.release()
+
+    def checkpoint_and_open(self) -> tuple[Cut, int]:
+        """Checkpoint, and return the cut with a new descriptor on the main file it is in.
+
+        The caller owns the descriptor. Holding it, the cut's bytes stay readable whatever
+        happens to the path later (a compaction or restore replaces the file, never edits it).
+        """
+        self._check_usable()
+        self._require_writable()
+        lease = self._lease
+        owned = lease is None
+        if lease is None:
+            lease = self._leases.lease(self.name, "write", timeout=self._lease_timeout)
+        try:
+            with self._mutation():
+                self._catch_up(force=True)
+                return self._checkpoint_locked(), os.dup(self._main_fd)
+        finally:
+            if owned:
+                lease.release()
+
+    def compact(self) -> Cut:
+        """Rewrite the main file with only the live records of the latest commit.
+
+        Runs under the ``exclusive`` lease; the new file (new file id, so incremental backups
+        start a new chain) replaces the old one with ``os.replace``. Processes reading the old
+        file keep a consistent view and move to the new one at their next read.
+        """
+        self._check_usable()
+        self._require_writable()
+        if self._lease is not None:
+            raise StorageError(
+                f"prefix {self.name!r} has a transaction in progress; commit or roll back first",
+                prefix=self.name,
+            )
+        with (
+            self._leases.lease(self.name, "exclusive", timeout=self._lease_timeout),
+            self._mutation(),
+        ):
+            self._catch_up(force=True)
+            seq = self._seq
+            if seq == 0:
+                return Cut(self._scanned_end, seq, self._header.file_id)  # nothing committed
+            header = fmt.MainHeader(
+                secrets.token_bytes(16), secrets.randbits(64), time.time_ns(), seq - 1
+            )
+            end = 0
+
+            def write(fd: int) -> None:
+                nonlocal end
+                end = self._write_compacted(fd, header, seq)
+
+            write_durably(self._main_path, write)
+            wal = fmt.WalHeader(header.file_id, header.salt, end, seq)
+            write_durably(self._wal_path, fmt.pack_wal_header(wal))
+            self._load()
+            return Cut(self._scanned_end, self._seq, self._header.file_id)
+
+    def _write_compacted(self, fd: int, header: fmt.MainHeader, seq: int) -> int:
+        """Write ``header`` and one segment holding every live record as commit ``seq``."""
+        os.pwrite(fd, fmt.pack_main_header(header), 0)
+        pos = fmt.HEADER_SIZE + fmt.BATCH_SIZE  # the batch header goes in last
+        body_crc = 0
+        n_ops = 0
+        for key, entry in self._index.items():
+            if isinstance(entry, int):
+                vtype, payload = fmt.read_op_value(self._main_fd, entry)
+            else:
+                vtype, payload = entry
+            op = fmt.encode_op(fmt.OP_PUT, key, vtype, payload)
+            _pwrite_all(fd, op, pos)
+            body_crc = fmt.crc32(op, body_crc)
+            pos += len(op)
+            n_ops += 1
+        body_len = pos - fmt.HEADER_SIZE - fmt.BATCH_SIZE
+        _pwrite_all(fd, fmt.encode_batch_header(seq, 0, n_ops, body_len, body_crc), fmt.HEADER_SIZE)
+        batch = fmt.read_batch(fmt.FileReader(fd, fmt.HEADER_SIZE, pos), load_values=False)
+        if batch is None:
+            raise CorruptFileError("compacted batch failed to read back", offset=fmt.HEADER_SIZE)
+        trailer = fmt.segment_trailer(fmt.HEADER_SIZE, [batch])
+        _pwrite_all(fd, trailer, pos)
+        return pos + len(trailer)
 
     def close(self) -> None:
         """Roll back anything pending and release every resource; idempotent."""
@@ -388,9 +482,9 @@ class Prefix(MutableMapping[str, Any]):
         self._header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
         self._index = SortedDict()
         self._mem_seq = {}
-        self._seq = 0
+        self._seq = self._header.base_seq
         self._scanned_end = fmt.HEADER_SIZE
-        self._boundaries = {fmt.HEADER_SIZE: 0}
+        self._boundaries = {fmt.HEADER_SIZE: self._header.base_seq}
         self._wal_ino = -1
         self._scan_main()
         self._sync_wal()

@@ -10,6 +10,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from ._copy import DEFAULT_STEP, CopyResult, Progress, copy_prefix, restore_prefix_file
 from ._durable import sweep_stale_temps, write_durably
 from ._errors import ClosedError, InvalidPrefixName, RepositoryNotFound, StorageError
 from ._leases import FileLeases, LeaseProvider
@@ -117,6 +118,44 @@ class Repository:
         )
         self._open[name] = prefix
         return prefix
+
+    def open_prefixes(self) -> dict[str, Prefix]:
+        """The prefixes this object has open, by name."""
+        return {name: px for name, px in self._open.items() if not px._closed}
+
+    @property
+    def lease_timeout(self) -> float | None:
+        return self._lease_timeout
+
+    def copy_prefix(
+        self,
+        dest: str | os.PathLike[str],
+        prefix: str | None = None,
+        page_io_step_size: int = DEFAULT_STEP,
+        progress: Progress | None = None,
+    ) -> CopyResult:
+        """Write a consistent copy of ``prefix`` to the new file ``dest`` while writers go on.
+
+        The prefix need not be open. Without ``prefix``, the only prefix open through this
+        object is copied; with none or several open, ``RuntimeError``.
+        """
+        self._check_open()
+        if prefix is None:
+            open_names = list(self.open_prefixes())
+            if len(open_names) != 1:
+                raise RuntimeError(
+                    "copy_prefix needs a prefix name: "
+                    + ("no prefix is open" if not open_names else "several prefixes are open")
+                )
+            prefix = open_names[0]
+        return copy_prefix(self, dest, validate_prefix_name(prefix), page_io_step_size, progress)
+
+    def restore_prefix(
+        self, source: str | os.PathLike[str], prefix: str, *, force: bool = False
+    ) -> int:
+        """Replace (``force``) or create ``prefix`` from a copy; return its commit number."""
+        self._check_open()
+        return restore_prefix_file(self, source, validate_prefix_name(prefix), force=force)
 
     def prefixes(self) -> list[str]:
         """Names of every prefix in the repository, sorted."""

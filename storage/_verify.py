@@ -59,9 +59,10 @@ def _verify_fd(name: str, fd: int) -> VerifyReport:
         return VerifyReport(name, False, size, segments, seq, len(live), error, offset)
 
     try:
-        fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
+        header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
     except CorruptFileError as err:
         return damaged(err.message, err.fields.get("offset", 0))
+    seq = header.base_seq
     reader = fmt.FileReader(fd, fmt.HEADER_SIZE, size)
     segment_start = reader.pos
     batches: list[fmt.Batch] = []

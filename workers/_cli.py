@@ -1,0 +1,256 @@
+"""The ``hotcopy`` command line: parsing, dispatch, and the one place errors become exit codes.
+
+Exit status: 0 ok; 1 error, reported as one line ``hotcopy: error: ...`` on stderr without a
+traceback; 2 usage (argparse's own convention). Each subcommand is a function taking the parsed
+arguments and returning its exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from hotcopy.coordinator._errors import HotcopyError
+from hotcopy.storage import (
+    Repository,
+    StorageError,
+    verify_file,
+)
+
+from ._progress import ProgressBar
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class CommandError(HotcopyError):
+    """A command could not do what was asked; the message is shown to the user as is."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``hotcopy`` command line; return the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    command: Command = args.command
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        print("hotcopy: interrupted", file=sys.stderr)
+        return 130
+    except (HotcopyError, OSError, ValueError, TypeError) as err:
+        print(f"hotcopy: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.strerror}: {err.filename}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hotcopy", description="Embedded multi-process prefix store with hot backups."
+    )
+    sub = parser.add_subparsers(dest="name", required=True, metavar="COMMAND")
+
+    cmd = sub.add_parser("init", help="create a repository (or open the one there)")
+    cmd.add_argument("root", type=Path)
+    cmd.set_defaults(command=_init)
+
+    cmd = sub.add_parser("put", help="commit one key")
+    cmd.add_argument("root", type=Path)
+    cmd.add_argument("prefix")
+    cmd.add_argument("key")
+    cmd.add_argument("value")
+    cmd.add_argument("--json", action="store_true", help="parse VALUE as JSON")
+    cmd.set_defaults(command=_put)
+
+    cmd = sub.add_parser("get", help="print one value (JSON unless it is a string)")
+    cmd.add_argument("root", type=Path)
+    cmd.add_argument("prefix")
+    cmd.add_argument("key")
+    cmd.set_defaults(command=_get)
+
+    cmd = sub.add_parser("ls", help="list prefixes with size and commit sequence")
+    cmd.add_argument("root", type=Path)
+    cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    cmd.set_defaults(command=_ls)
+
+    cmd = sub.add_parser("copy", help="one consistent copy of a prefix, taken hot")
+    cmd.add_argument("root", type=Path)
+    cmd.add_argument("prefix")
+    cmd.add_argument("dest", type=Path)
+    cmd.add_argument(
+        "--step-size",
+        type=_positive_int,
+        default=4 << 20,
+        metavar="N",
+        help="bytes copied per step (default 4 MiB)",
+    )
+    cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    cmd.set_defaults(command=_copy)
+
+    cmd = sub.add_parser("restore", help="restore a copied .hc file into a repository")
+    cmd.add_argument("source", type=Path, help="a .hc file made by `hotcopy copy`")
+    cmd.add_argument("root", type=Path)
+    cmd.add_argument("--prefix", help="prefix to restore into (default: the file's name)")
+    cmd.add_argument("--force", action="store_true", help="replace an existing prefix")
+    cmd.set_defaults(command=_restore)
+
+    cmd = sub.add_parser("verify", help="check every checksum of a .hc file or a repository")
+    cmd.add_argument("path", type=Path)
+    cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    cmd.set_defaults(command=_verify)
+    return parser
+
+
+def _init(args: argparse.Namespace) -> int:
+    with Repository.init(args.root) as repo:
+        print(f"repository {repo.root} (id {repo.id})")
+    return 0
+
+
+def _put(args: argparse.Namespace) -> int:
+    value: Any = args.value
+    if args.json:
+        try:
+            value = json.loads(args.value)
+        except json.JSONDecodeError as err:
+            raise CommandError(f"VALUE is not valid JSON: {err}") from err
+    with Repository(args.root) as repo, repo.open_prefix(args.prefix, "rw") as prefix:
+        prefix[args.key] = value
+        print(prefix.commit())
+    return 0
+
+
+def _get(args: argparse.Namespace) -> int:
+    with Repository(args.root) as repo, repo.open_prefix(args.prefix, "r") as prefix:
+        try:
+            value = prefix[args.key]
+        except KeyError:
+            raise CommandError(f"key {args.key!r} not found in prefix {args.prefix!r}") from None
+    if isinstance(value, bytes):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(value)
+        sys.stdout.buffer.flush()
+    elif isinstance(value, str):
+        print(value)
+    else:
+        print(json.dumps(value))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _copy(args: argparse.Namespace) -> int:
+    with Repository(args.root) as repo:
+        bar = ProgressBar(f"copy {args.prefix}")
+        try:
+            result = repo.copy_prefix(
+                args.dest,
+                args.prefix,
+                args.step_size,
+                progress=lambda done, total: bar.update(
+                    1, done, total_bytes=total, force=done == total
+                ),
+            )
+        finally:
+            bar.close()
+    if args.json:
+        print(json.dumps(asdict(result)))
+    else:
+        rate = result.length / max(result.seconds, 1e-9) / (1 << 20)
+        print(
+            f"copied prefix {result.prefix!r} at commit {result.seq}: {result.length} bytes "
+            f"to {result.path} in {result.seconds:.2f} s ({rate:.0f} MiB/s)"
+        )
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    source: Path = args.source
+    if not source.is_file():
+        raise CommandError(f"{source} is not a file; give a .hc file made by `hotcopy copy`")
+    prefix = args.prefix or source.name.removesuffix(".hc")
+    with Repository.init(args.root) as repo:
+        seq = repo.restore_prefix(source, prefix, force=args.force)
+    print(f"restored prefix {prefix!r} at commit {seq} into {args.root}")
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    with Repository(args.root) as repo:
+        for name in repo.prefixes():
+            size = _file_size(repo.prefix_path(name))
+            size += _file_size(repo.prefix_path(name).with_suffix(".hc-wal"))
+            with repo.open_prefix(name, "r") as prefix:
+                rows.append({"prefix": name, "bytes": size, "seq": prefix.seq, "keys": len(prefix)})
+    if args.json:
+        print(json.dumps({"prefixes": rows}))
+        return 0
+    if not rows:
+        print("no prefixes")
+        return 0
+    width = max(len("PREFIX"), *(len(row["prefix"]) for row in rows))
+    print(f"{'PREFIX':<{width}}  {'BYTES':>12}  {'SEQ':>8}  {'KEYS':>8}")
+    for row in rows:
+        print(f"{row['prefix']:<{width}}  {row['bytes']:>12}  {row['seq']:>8}  {row['keys']:>8}")
+    return 0
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    if path.is_dir():
+        with Repository(path) as repo:
+            files = [repo.prefix_path(name) for name in repo.prefixes()]
+    elif path.exists():
+        files = [path]
+    else:
+        raise StorageError(f"nothing to verify at {path}: no such file or directory")
+    reports = [verify_file(file) for file in files]
+    damaged = [report for report in reports if not report.ok]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ok": not damaged,
+                    "files": [report.to_json() for report in reports],
+                }
+            )
+        )
+    else:
+        for report in reports:
+            print(report.summary())
+        print(f"{len(reports)} file(s) checked, {len(damaged)} damaged")
+    if damaged:
+        first = damaged[0]
+        print(
+            f"hotcopy: error: {first.path} is damaged at offset {first.offset}: {first.error}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
