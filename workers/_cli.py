@@ -21,6 +21,7 @@ from hotcopy.storage import (
     StorageError,
     verify_file,
 )
+from hotcopy.storage._verify import verify_prefix
 
 from ._progress import ProgressBar
 
@@ -222,12 +223,12 @@ def _verify(args: argparse.Namespace) -> int:
     path: Path = args.path
     if path.is_dir():
         with Repository(path) as repo:
-            files = [repo.prefix_path(name) for name in repo.prefixes()]
+            mains = [repo.prefix_path(name) for name in repo.prefixes()]
+        reports = [verify_prefix(main, main.with_suffix(".hc-wal")) for main in mains]
     elif path.exists():
-        files = [path]
+        reports = [verify_file(path)]
     else:
         raise StorageError(f"nothing to verify at {path}: no such file or directory")
-    reports = [verify_file(file) for file in files]
     damaged = [report for report in reports if not report.ok]
     if args.json:
         print(
