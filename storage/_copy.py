@@ -1,9 +1,15 @@
-"""Hot copy of a prefix (the snapshot protocol of DESIGN.md) and restore of such a copy.
+"""Hot copies of a prefix (the snapshot protocol of DESIGN.md) and restores from them.
 
-copy_prefix: hold a ``snapshot`` lease for the whole copy (so nothing may replace the main
-file), take the ``write`` lease only for the checkpoint that fixes the cut ``[0, L)`` at commit
-``S``, then byte-copy that range while writers go on appending beyond ``L``. The copy gets a fresh
-salt in its header, so a WAL of the live prefix is never applied to it once it is restored.
+A snapshot holds a ``snapshot`` lease for its whole length (so nothing may replace the main
+file), takes the ``write`` lease only for the checkpoint that fixes the cut ``[0, L)`` at commit
+``S``, then byte-copies while writers go on appending beyond ``L``.
+
+A *full* copy is ``[0, L)`` with a fresh salt in its header, so a WAL of the live prefix is never
+applied to it once restored. A *delta* is the raw bytes ``[L_prev, L)``: valid only while the
+main file is the very one the base was cut from (same file id and salt, the same bytes at the
+boundary), because the main file is append-only between rewrites (invariant 2). A restore
+concatenates a full copy and its deltas, checking every piece's checksum and then the whole
+result before it replaces anything.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import os
 import secrets
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,26 +35,45 @@ from ._errors import (
     StorageError,
 )
 from ._prefix import Cut, Prefix, wal_path
-from ._verify import verify_file
+from ._verify import VerifyReport, verify_fd
 
 if TYPE_CHECKING:
     from ._repository import Repository
 
 DEFAULT_STEP = 4 << 20
 Progress = Callable[[int, int], None]
+_BOUNDARY_PROBE = fmt.TRAILER_SIZE  # the bytes just before a cut: the trailer closing it
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """Where a previous snapshot of a prefix ended, to take a delta from."""
+
+    file_id: str  # hex, of the source main file
+    salt: int  # of the source main file (a restore or rewrite changes it)
+    end: int
+    boundary_crc: int  # CRC32 of the source bytes [end - 32, end)
 
 
 @dataclass(frozen=True)
 class CopyResult:
-    """What a copy holds: exactly commit ``seq`` of ``prefix``, ``length`` bytes."""
+    """One snapshot file: a full copy (``start == 0``) or the delta ``[start, length)``."""
 
     path: str
     prefix: str
-    length: int
+    kind: str  # "full" or "delta"
+    start: int
+    length: int  # the cut L: the copy holds exactly commit ``seq``
     seq: int
     file_id: str  # hex; the same for every copy of one main file until it is rewritten
-    crc32: int  # of the destination file's bytes
+    salt: int  # of the source main file
+    size: int  # bytes written to ``path``
+    crc32: int  # of the bytes of ``path``
+    boundary_crc: int  # CRC32 of the source bytes [length - 32, length)
     seconds: float
+
+    def base_ref(self) -> BaseRef:
+        return BaseRef(self.file_id, self.salt, self.length, self.boundary_crc)
 
 
 def copy_prefix(
@@ -57,8 +82,14 @@ def copy_prefix(
     prefix: str,
     page_io_step_size: int = DEFAULT_STEP,
     progress: Progress | None = None,
+    *,
+    base: BaseRef | None = None,
 ) -> CopyResult:
-    """Write a consistent, standalone copy of ``prefix`` to the new file ``dest``."""
+    """Write a consistent snapshot of ``prefix`` to the new file ``dest``.
+
+    With ``base``, write only the bytes appended since that earlier snapshot when the main
+    file is still the one it was cut from; otherwise (and without ``base``) a full copy.
+    """
     began = time.monotonic()
     if page_io_step_size <= 0:
         raise ValueError(f"page_io_step_size must be positive, not {page_io_step_size}")
@@ -68,32 +99,63 @@ def copy_prefix(
     dest = Path(dest).absolute()
     check_destination(source, dest)
     sweep_stale_temps(dest.parent)
-    with repo.leases.lease(prefix, "snapshot", timeout=repo.lease_timeout) as _snapshot:
+    with repo.leases.lease(prefix, "snapshot", timeout=repo.lease_timeout):
         cut, src_fd = _checkpoint_and_open(repo, prefix)
         try:
-            _check_free_space(dest.parent, cut.length)
             header = fmt.unpack_main_header(os.pread(src_fd, fmt.HEADER_SIZE, 0))
-            fresh = fmt.pack_main_header(replace(header, salt=secrets.randbits(64)))
+            boundary_crc = _crc_before(src_fd, cut.length)
+            start = _delta_start(src_fd, header, cut, base)
+            _check_free_space(dest.parent, cut.length - start)
             crc = 0
 
             def write(out_fd: int) -> None:
                 nonlocal crc
+                if start == 0:
+                    fresh = fmt.pack_main_header(replace(header, salt=secrets.randbits(64)))
+                    _write_all(out_fd, fresh)
+                    crc = zlib.crc32(fresh)
+                    first = fmt.HEADER_SIZE
+                else:
+                    first = start
                 crc = copy_range(
-                    src_fd,
-                    out_fd,
-                    fmt.HEADER_SIZE,
-                    cut.length,
-                    page_io_step_size,
-                    progress,
-                    first=fresh,
+                    src_fd, out_fd, first, cut.length, page_io_step_size, progress, crc=crc
                 )
 
             write_durably(dest, write, overwrite=False)
         finally:
             os.close(src_fd)
     return CopyResult(
-        str(dest), prefix, cut.length, cut.seq, cut.file_id.hex(), crc, time.monotonic() - began
+        path=str(dest),
+        prefix=prefix,
+        kind="full" if start == 0 else "delta",
+        start=start,
+        length=cut.length,
+        seq=cut.seq,
+        file_id=header.file_id.hex(),
+        salt=header.salt,
+        size=cut.length - start,
+        crc32=crc,
+        boundary_crc=boundary_crc,
+        seconds=time.monotonic() - began,
     )
+
+
+def _delta_start(src_fd: int, header: fmt.MainHeader, cut: Cut, base: BaseRef | None) -> int:
+    """``base.end`` when the bytes before it are still the ones the base saw, else 0 (full)."""
+    if (
+        base is None
+        or base.file_id != header.file_id.hex()
+        or base.salt != header.salt
+        or not fmt.HEADER_SIZE < base.end <= cut.length
+        or _crc_before(src_fd, base.end) != base.boundary_crc
+    ):
+        return 0
+    return base.end
+
+
+def _crc_before(fd: int, end: int) -> int:
+    start = max(end - _BOUNDARY_PROBE, 0)
+    return zlib.crc32(os.pread(fd, end - start, start)) & 0xFFFFFFFF
 
 
 def check_destination(source: Path, dest: Path) -> None:
@@ -155,26 +217,24 @@ def copy_range(
     out_fd: int,
     start: int,
     end: int,
-    step: int,
+    step: int = DEFAULT_STEP,
     progress: Progress | None = None,
     *,
-    first: bytes = b"",
+    crc: int = 0,
 ) -> int:
-    """Copy ``first`` then bytes ``[start, end)`` of ``src_fd`` to ``out_fd``; return the CRC32.
+    """Append bytes ``[start, end)`` of ``src_fd`` to ``out_fd``; return ``crc`` extended by them.
 
     The bytes move by ``copy_file_range`` (in the kernel) where the file systems allow it,
-    ``step`` bytes at a time; each step is read back from the page cache for the checksum.
+    ``step`` bytes at a time, to the current end of ``out_fd``; each step is read back from
+    the page cache for the checksum.
     """
-    crc = zlib.crc32(first)
-    if first:
-        _write_all(out_fd, first)
+    out_offset = os.fstat(out_fd).st_size
     total = end - start
-    out_offset = len(first)
     kernel_copy = True
     done = 0
     while done < total:
         size = min(step, total - done)
-        copied = 0
+        chunk = b""
         if kernel_copy:
             try:
                 copied = os.copy_file_range(src_fd, out_fd, size, start + done, out_offset + done)
@@ -182,24 +242,19 @@ def copy_range(
                 if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 kernel_copy = False
-        if kernel_copy:
-            if copied == 0:
-                raise CorruptFileError(
-                    f"source ended at {start + done}, before the cut at {end}", offset=start + done
-                )
-            chunk = os.pread(src_fd, copied, start + done)
-        else:
+            else:
+                chunk = os.pread(src_fd, copied, start + done) if copied else b""
+        if not kernel_copy:
             chunk = os.pread(src_fd, size, start + done)
-            if not chunk:
-                raise CorruptFileError(
-                    f"source ended at {start + done}, before the cut at {end}", offset=start + done
-                )
-            os.lseek(out_fd, out_offset + done, os.SEEK_SET)
-            _write_all(out_fd, chunk)
+            _pwrite_all(out_fd, chunk, out_offset + done)
+        if not chunk:
+            raise CorruptFileError(
+                f"source ended at {start + done}, before {end}", offset=start + done
+            )
         crc = zlib.crc32(chunk, crc)
         done += len(chunk)
         if progress is not None:
-            progress(len(first) + done, len(first) + total)
+            progress(done, total)
     return crc & 0xFFFFFFFF
 
 
@@ -209,41 +264,116 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One file of a restore chain, with the size and CRC32 its catalog recorded."""
+
+    path: Path
+    size: int
+    crc32: int
+
+
 def restore_prefix_file(
     repo: Repository, source: str | os.PathLike[str], prefix: str, *, force: bool = False
 ) -> int:
-    """Make the standalone copy ``source`` the content of ``prefix``; return its commit.
-
-    The copy is verified completely first; nothing changes if it is damaged. The replacement
-    happens under the prefix's ``exclusive`` lease, so no process of this repository reads half
-    a restore, and gets a fresh salt and WAL so nothing of the old history is applied to it.
-    """
+    """Make the standalone copy ``source`` the content of ``prefix``; return its commit."""
     source = Path(source)
-    report = verify_file(source)
-    if not report.ok:
-        raise CorruptFileError(
-            f"{source} is damaged at offset {report.offset}: {report.error}; nothing restored",
-            offset=report.offset,
-        )
+    size = source.stat().st_size
+    with open(source, "rb") as file:
+        crc = zlib.crc32(file.read(fmt.HEADER_SIZE))
+        while chunk := file.read(DEFAULT_STEP):
+            crc = zlib.crc32(chunk, crc)
+    return restore_chain(repo, [Piece(source, size, crc & 0xFFFFFFFF)], prefix, force=force)
+
+
+def restore_chain(
+    repo: Repository,
+    pieces: Sequence[Piece],
+    prefix: str,
+    *,
+    force: bool = False,
+    expect_seq: int | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Rebuild ``prefix`` from a full copy followed by its deltas; return its commit.
+
+    Every piece must match its recorded size and CRC32 and the result must pass a complete
+    verify (and hold commit ``expect_seq`` when given) before anything changes. The main file
+    is replaced under the prefix's ``exclusive`` lease, so no process of this repository reads
+    half a restore, and gets a fresh salt and WAL so nothing of the old history applies to it.
+    """
+    if not pieces:
+        raise ValueError("a restore needs at least a full copy")
     target = repo.prefix_path(prefix)
     if target.exists() and not force:
         raise DestinationExists(
             f"prefix {prefix!r} exists in {repo.root}; use force to replace it", path=str(target)
         )
+    total = sum(piece.size for piece in pieces)
+    _check_free_space(target.parent, total)
+    report: VerifyReport | None = None
+    fresh_header: fmt.MainHeader | None = None
+
+    def write(out_fd: int) -> None:
+        nonlocal report, fresh_header
+        done = 0
+        for number, piece in enumerate(pieces):
+            with open(piece.path, "rb") as file:
+                src_fd = file.fileno()
+                if os.fstat(src_fd).st_size != piece.size:
+                    raise CorruptFileError(
+                        f"{piece.path} is {os.fstat(src_fd).st_size} bytes, not {piece.size}; "
+                        "nothing restored",
+                        offset=0,
+                    )
+                start, crc = 0, 0
+                if number == 0:
+                    original = os.pread(src_fd, fmt.HEADER_SIZE, 0)
+                    fresh_header = replace(
+                        fmt.unpack_main_header(original), salt=secrets.randbits(64)
+                    )
+                    _write_all(out_fd, fmt.pack_main_header(fresh_header))
+                    start, crc = fmt.HEADER_SIZE, zlib.crc32(original)
+                step = _shifted(progress, done + start, total)
+                crc = copy_range(src_fd, out_fd, start, piece.size, DEFAULT_STEP, step, crc=crc)
+                if crc != piece.crc32:
+                    raise CorruptFileError(
+                        f"{piece.path} fails its checksum; nothing restored", offset=0
+                    )
+                done += piece.size
+        report = verify_fd(str(target), out_fd)
+        if not report.ok:
+            raise CorruptFileError(
+                f"the rebuilt prefix {prefix!r} is damaged at offset {report.offset}: "
+                f"{report.error}; nothing restored",
+                offset=report.offset,
+            )
+        if expect_seq is not None and report.seq != expect_seq:
+            raise CorruptFileError(
+                f"the rebuilt prefix {prefix!r} holds commit {report.seq}, not {expect_seq}; "
+                "nothing restored",
+                offset=report.size,
+            )
+
     with repo.leases.lease(prefix, "exclusive", timeout=repo.lease_timeout):
-        src_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            header = fmt.unpack_main_header(os.pread(src_fd, fmt.HEADER_SIZE, 0))
-            fresh_header = replace(header, salt=secrets.randbits(64))
-            fresh = fmt.pack_main_header(fresh_header)
-            _check_free_space(target.parent, report.size)
-
-            def write(out_fd: int) -> None:
-                copy_range(src_fd, out_fd, fmt.HEADER_SIZE, report.size, DEFAULT_STEP, first=fresh)
-
-            write_durably(target, write)
-        finally:
-            os.close(src_fd)
+        write_durably(target, write)
+        assert report is not None and fresh_header is not None
         wal = fmt.WalHeader(fresh_header.file_id, fresh_header.salt, report.size, report.seq)
         write_durably(wal_path(repo.root, prefix), fmt.pack_wal_header(wal))
     return report.seq
+
+
+def _shifted(progress: Progress | None, offset: int, total: int) -> Progress | None:
+    """Report one piece's progress as progress through the whole restore."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda done, _: report(offset + done, total)

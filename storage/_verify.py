@@ -48,7 +48,7 @@ def verify_file(path: str | os.PathLike[str]) -> VerifyReport:
     path = Path(path)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _verify_fd(str(path), fd)
+        return verify_fd(str(path), fd)
     finally:
         os.close(fd)
 
@@ -62,7 +62,7 @@ def verify_prefix(main: str | os.PathLike[str], wal: str | os.PathLike[str]) -> 
     fd = os.open(main, os.O_RDONLY | os.O_CLOEXEC)
     try:
         boundaries: dict[int, int] = {}
-        report = _verify_fd(str(main), fd, boundaries)
+        report = verify_fd(str(main), fd, boundaries)
         if not report.ok:
             return report
         header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
@@ -108,7 +108,7 @@ def _verify_wal(
     return replace(report, wal_commits=commits)
 
 
-def _verify_fd(name: str, fd: int, boundaries: dict[int, int] | None = None) -> VerifyReport:
+def verify_fd(name: str, fd: int, boundaries: dict[int, int] | None = None) -> VerifyReport:
     """Check the main file on ``fd``; record its segment boundaries in ``boundaries``."""
     if boundaries is None:
         boundaries = {}
