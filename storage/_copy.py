@@ -14,6 +14,7 @@ result before it replaces anything.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -34,7 +35,7 @@ from ._errors import (
     SameFileError,
     StorageError,
 )
-from ._prefix import Cut, Prefix, wal_path
+from ._prefix import Cut, Prefix, _fault, wal_path
 from ._verify import VerifyReport, verify_fd
 
 if TYPE_CHECKING:
@@ -84,11 +85,14 @@ def copy_prefix(
     progress: Progress | None = None,
     *,
     base: BaseRef | None = None,
+    cut: Cut | None = None,
 ) -> CopyResult:
     """Write a consistent snapshot of ``prefix`` to the new file ``dest``.
 
     With ``base``, write only the bytes appended since that earlier snapshot when the main
     file is still the one it was cut from; otherwise (and without ``base``) a full copy.
+    With ``cut``, copy up to a cut the caller already took and protects (it holds the
+    prefix's snapshot lease, as a consistent multi-prefix backup does): no lease, no checkpoint.
     """
     began = time.monotonic()
     if page_io_step_size <= 0:
@@ -99,8 +103,17 @@ def copy_prefix(
     dest = Path(dest).absolute()
     check_destination(source, dest)
     sweep_stale_temps(dest.parent)
-    with repo.leases.lease(prefix, "snapshot", timeout=repo.lease_timeout):
-        cut, src_fd = _checkpoint_and_open(repo, prefix)
+    with contextlib.ExitStack() as stack:
+        if cut is None:
+            stack.enter_context(repo.leases.lease(prefix, "snapshot", timeout=repo.lease_timeout))
+            # Under the snapshot lease the main file only grows, so its size now is a lower
+            # bound of what the copy needs: refuse a copy that cannot fit before the checkpoint
+            # changes the source's files (the exact check follows once the cut is known).
+            least = source.stat().st_size - (base.end if base is not None else 0)
+            _check_free_space(dest.parent, max(least, 0))
+            cut, src_fd = _checkpoint_and_open(repo, prefix)
+        else:
+            src_fd = _open_at_cut(source, cut)
         try:
             header = fmt.unpack_main_header(os.pread(src_fd, fmt.HEADER_SIZE, 0))
             boundary_crc = _crc_before(src_fd, cut.length)
@@ -138,6 +151,19 @@ def copy_prefix(
         boundary_crc=boundary_crc,
         seconds=time.monotonic() - began,
     )
+
+
+def _open_at_cut(source: Path, cut: Cut) -> int:
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
+    if header.file_id != cut.file_id or os.fstat(fd).st_size < cut.length:
+        os.close(fd)
+        raise StorageError(
+            f"{source} is no longer the file the cut was taken from (was the prefix replaced "
+            "without the snapshot lease held?)",
+            path=str(source),
+        )
+    return fd
 
 
 def _delta_start(src_fd: int, header: fmt.MainHeader, cut: Cut, base: BaseRef | None) -> int:
@@ -253,6 +279,7 @@ def copy_range(
             )
         crc = zlib.crc32(chunk, crc)
         done += len(chunk)
+        _fault("copy:after-step")
         if progress is not None:
             progress(done, total)
     return crc & 0xFFFFFFFF

@@ -35,6 +35,7 @@ DEFAULT_CHECKPOINT_BYTES = 4 << 20
 # Test-only fault injection: HOTCOPY_FAULT=<point>[,<point>] SIGKILLs this process at that point,
 # the first time it is reached, or the n-th time with HOTCOPY_FAULT_AFTER=<n> (so a crash test can
 # let a process commit and checkpoint a while before it dies, with all its in-memory state).
+# With HOTCOPY_FAULT_ONCE_FILE=<path>, only the first process to reach it across all processes.
 _FAULTS = frozenset(filter(None, os.environ.get("HOTCOPY_FAULT", "").split(",")))
 _FAULT_AFTER = int(os.environ.get("HOTCOPY_FAULT_AFTER", "1") or "1")
 _fault_hits: dict[str, int] = {}
@@ -45,7 +46,16 @@ def _fault_due(point: str) -> bool:
     if point not in _FAULTS:
         return False
     _fault_hits[point] = _fault_hits.get(point, 0) + 1
-    return _fault_hits[point] == _FAULT_AFTER
+    if _fault_hits[point] != _FAULT_AFTER:
+        return False
+    once = os.environ.get("HOTCOPY_FAULT_ONCE_FILE")
+    if once:
+        # Across processes (e.g. a pool's replacement workers): only the first to get here.
+        try:
+            os.close(os.open(once, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            return False
+    return True
 
 
 def _fault(point: str) -> None:
@@ -185,8 +195,12 @@ class Prefix(MutableMapping[str, Any]):
     def __delitem__(self, key: str) -> None:
         self._check_usable()
         _check_key(key)
+        began = self._lease is None
         self._begin()
         if key not in self:
+            if began and not self._pending:
+                # Nothing changed: do not keep every other writer waiting on this lease.
+                self._end_transaction()
             raise KeyError(key)
         self._pending[key] = _DELETED
 
@@ -282,6 +296,15 @@ class Prefix(MutableMapping[str, Any]):
         finally:
             self._end_transaction()
         return seq
+
+    def begin(self) -> None:
+        """Start a transaction now: take the write lease before the first change.
+
+        Changes made until :meth:`commit` or :meth:`rollback` then build on the latest commit
+        as of this call, and no other writer can commit in between.
+        """
+        self._check_usable()
+        self._begin()
 
     def rollback(self) -> None:
         """Drop the pending changes and release the write lease."""
@@ -727,3 +750,8 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 def _check_key(key: object) -> None:
     if not isinstance(key, str):
         raise TypeError(f"keys must be str, not {type(key).__name__}")
+    # Checked here, not only when the batch is encoded: at commit it would sink the whole
+    # transaction.
+    size = len(key.encode("utf-8", "surrogatepass"))
+    if size > fmt.MAX_KEY_BYTES:
+        raise ValueError(f"key is {size} bytes in UTF-8; the limit is {fmt.MAX_KEY_BYTES}")

@@ -10,11 +10,18 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from ._copy import DEFAULT_STEP, CopyResult, Progress, copy_prefix, restore_prefix_file
+from ._copy import (
+    DEFAULT_STEP,
+    BaseRef,
+    CopyResult,
+    Progress,
+    copy_prefix,
+    restore_prefix_file,
+)
 from ._durable import sweep_stale_temps, write_durably
 from ._errors import ClosedError, InvalidPrefixName, RepositoryNotFound, StorageError
 from ._leases import FileLeases, LeaseProvider
-from ._prefix import DEFAULT_CHECKPOINT_BYTES, Prefix, main_path
+from ._prefix import DEFAULT_CHECKPOINT_BYTES, Cut, Prefix, main_path
 
 MARKER = "hotcopy.json"
 RUNTIME_DIR = ".hotcopy"
@@ -101,6 +108,8 @@ class Repository:
         """Open (with ``"rw"``, create) a prefix. One object per prefix per repository object."""
         self._check_open()
         validate_prefix_name(name)
+        if mode not in ("r", "rw"):  # checked here too: an open prefix would be returned as is
+            raise ValueError(f"mode must be 'r' or 'rw', not {mode!r}")
         existing = self._open.get(name)
         if existing is not None and not existing._closed:
             if mode == "rw" and existing.mode == "r":
@@ -133,6 +142,9 @@ class Repository:
         prefix: str | None = None,
         page_io_step_size: int = DEFAULT_STEP,
         progress: Progress | None = None,
+        *,
+        base: BaseRef | None = None,
+        cut: Cut | None = None,
     ) -> CopyResult:
         """Write a consistent copy of ``prefix`` to the new file ``dest`` while writers go on.
 
@@ -148,7 +160,15 @@ class Repository:
                     + ("no prefix is open" if not open_names else "several prefixes are open")
                 )
             prefix = open_names[0]
-        return copy_prefix(self, dest, validate_prefix_name(prefix), page_io_step_size, progress)
+        return copy_prefix(
+            self,
+            dest,
+            validate_prefix_name(prefix),
+            page_io_step_size,
+            progress,
+            base=base,
+            cut=cut,
+        )
 
     def restore_prefix(
         self, source: str | os.PathLike[str], prefix: str, *, force: bool = False

@@ -23,6 +23,8 @@ from hotcopy.storage import (
 )
 from hotcopy.storage._verify import verify_prefix
 
+from ._backup import backup, prune, restore
+from ._catalog import CATALOG_MARKER, Catalog
 from ._progress import ProgressBar
 
 Command = Callable[[argparse.Namespace], int]
@@ -98,12 +100,69 @@ def _build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--json", action="store_true", help="print one JSON object")
     cmd.set_defaults(command=_copy)
 
-    cmd = sub.add_parser("restore", help="restore a copied .hc file into a repository")
-    cmd.add_argument("source", type=Path, help="a .hc file made by `hotcopy copy`")
+    cmd = sub.add_parser("backup", help="back up prefixes into a backup directory")
     cmd.add_argument("root", type=Path)
-    cmd.add_argument("--prefix", help="prefix to restore into (default: the file's name)")
-    cmd.add_argument("--force", action="store_true", help="replace an existing prefix")
+    cmd.add_argument("dest_dir", type=Path)
+    cmd.add_argument(
+        "--prefix",
+        action="append",
+        dest="prefixes",
+        metavar="P",
+        help="back up this prefix (repeatable; default all)",
+    )
+    cmd.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="copy-worker processes (default 2)",
+    )
+    cmd.add_argument(
+        "--incremental",
+        action="store_true",
+        help="deltas for prefixes unchanged in identity since their last backup",
+    )
+    cmd.add_argument(
+        "--consistent", action="store_true", help="cut every prefix at the same instant"
+    )
+    cmd.add_argument(
+        "--max-deltas",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="longest chain of deltas before a full copy (default 10)",
+    )
+    cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    cmd.set_defaults(command=_backup)
+
+    cmd = sub.add_parser("restore", help="restore a backup directory (or one .hc copy)")
+    cmd.add_argument("source", type=Path, help="a backup directory, or a .hc file")
+    cmd.add_argument("root", type=Path)
+    cmd.add_argument(
+        "--prefix",
+        action="append",
+        dest="prefixes",
+        metavar="P",
+        help="restore this prefix (repeatable; default all)",
+    )
+    cmd.add_argument(
+        "--at",
+        metavar="BACKUP_ID|ISO_TIME",
+        help="the backup with this id, or the newest at or before this time",
+    )
+    cmd.add_argument(
+        "--force",
+        action="store_true",
+        help="replace prefixes of a non-empty ROOT (under their exclusive lease)",
+    )
+    cmd.add_argument("--json", action="store_true", help="print one JSON object")
     cmd.set_defaults(command=_restore)
+
+    cmd = sub.add_parser("prune", help="drop old backups, keeping what kept backups need")
+    cmd.add_argument("dest_dir", type=Path)
+    cmd.add_argument("--keep", type=_positive_int, required=True, metavar="N")
+    cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    cmd.set_defaults(command=_prune)
 
     cmd = sub.add_parser("verify", help="check every checksum of a .hc file or a repository")
     cmd.add_argument("path", type=Path)
@@ -180,14 +239,84 @@ def _copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup(args: argparse.Namespace) -> int:
+    bar = ProgressBar("backup")
+    try:
+        result = backup(
+            args.root,
+            args.dest_dir,
+            args.prefixes,
+            jobs=args.jobs,
+            incremental=args.incremental,
+            consistent=args.consistent,
+            max_deltas_before_full=args.max_deltas,
+            progress=lambda done, total, done_bytes, total_bytes: bar.update(
+                done, done_bytes, total_bytes=total_bytes, total_items=total
+            ),
+        )
+    except KeyboardInterrupt:
+        bar.close()
+        print("hotcopy: interrupted; the backup is recorded as incomplete", file=sys.stderr)
+        return 130
+    bar.close()
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        kinds = [entry["kind"] for entry in result.prefixes.values()]
+        print(
+            f"backup {result.id}: {len(result.prefixes)} prefixes "
+            f"({kinds.count('full')} full, {kinds.count('delta')} delta), "
+            f"{result.bytes} bytes in {result.seconds:.2f} s -> {result.path}"
+        )
+    for name, error in sorted(result.failed.items()):
+        print(f"hotcopy: error: prefix {name!r} was not backed up: {error}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
 def _restore(args: argparse.Namespace) -> int:
     source: Path = args.source
-    if not source.is_file():
-        raise CommandError(f"{source} is not a file; give a .hc file made by `hotcopy copy`")
-    prefix = args.prefix or source.name.removesuffix(".hc")
-    with Repository.init(args.root) as repo:
-        seq = repo.restore_prefix(source, prefix, force=args.force)
-    print(f"restored prefix {prefix!r} at commit {seq} into {args.root}")
+    if source.is_file():
+        prefixes = args.prefixes or [source.name.removesuffix(".hc")]
+        if len(prefixes) != 1 or args.at:
+            raise CommandError("restoring one .hc file takes at most one --prefix and no --at")
+        with Repository.init(args.root) as repo:
+            seq = repo.restore_prefix(source, prefixes[0], force=args.force)
+        payload: dict[str, Any] = {
+            "id": None,
+            "root": str(args.root),
+            "prefixes": {prefixes[0]: seq},
+        }
+    else:
+        bar = ProgressBar("restore")
+        try:
+            result = restore(
+                source,
+                args.root,
+                args.prefixes,
+                at=args.at,
+                force=args.force,
+                progress=lambda done, total, done_bytes, total_bytes: bar.update(
+                    done, done_bytes, total_bytes=total_bytes, total_items=total
+                ),
+            )
+        finally:
+            bar.close()
+        payload = result.to_json()
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        restored = ", ".join(f"{name}@{seq}" for name, seq in sorted(payload["prefixes"].items()))
+        origin = f"backup {payload['id']}" if payload["id"] else str(source)
+        print(f"restored from {origin} into {args.root}: {restored}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    removed = prune(args.dest_dir, args.keep)
+    if args.json:
+        print(json.dumps({"removed": removed}))
+    else:
+        print(f"removed {len(removed)} backup(s)" + "".join(f"\n  {r}" for r in removed))
     return 0
 
 
@@ -221,6 +350,8 @@ def _file_size(path: Path) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     path: Path = args.path
+    if path.is_dir() and (path / CATALOG_MARKER).exists():
+        return _verify_catalog(path, args.json)
     if path.is_dir():
         with Repository(path) as repo:
             mains = [repo.prefix_path(name) for name in repo.prefixes()]
@@ -249,6 +380,26 @@ def _verify(args: argparse.Namespace) -> int:
             f"hotcopy: error: {first.path} is damaged at offset {first.offset}: {first.error}",
             file=sys.stderr,
         )
+        return 1
+    return 0
+
+
+def _verify_catalog(path: Path, as_json: bool) -> int:
+    catalog = Catalog(path)
+    bar = ProgressBar("verify")
+    try:
+        problems = catalog.verify()
+    finally:
+        bar.close()
+    backups = catalog.backup_ids()
+    if as_json:
+        print(json.dumps({"ok": not problems, "backups": len(backups), "problems": problems}))
+    else:
+        for problem in problems:
+            print(problem)
+        print(f"{len(backups)} backup(s) checked, {len(problems)} problem(s)")
+    if problems:
+        print(f"hotcopy: error: {path}: {problems[0]}", file=sys.stderr)
         return 1
     return 0
 

@@ -35,12 +35,15 @@ class ProgressBar:
         bytes_done: int,
         *,
         total_bytes: int | None = None,
+        total_items: int | None = None,
         force: bool = False,
     ) -> None:
         if not self.enabled:
             return
         if total_bytes is not None:
             self._total_bytes = max(total_bytes, 1)
+        if total_items is not None:
+            self._total_items = total_items
         now = time.monotonic()
         if not force and now - self._drawn_at < 0.1:
             return

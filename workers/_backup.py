@@ -1,0 +1,370 @@
+"""Bulk backup, restore to a point, and retention, over the catalog and a pool of copy workers.
+
+backup: one job per prefix on an executor (a :class:`CopyWorkerPool` by default; any
+``concurrent.futures.Executor`` will do). A failing job is retried and then reported without
+sinking the others; a job whose worker died is retried on the replacement worker. The manifest
+is written last: an interrupted run (SIGINT) records ``complete: false`` and a killed run leaves
+no manifest, so neither ever looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, Future, wait
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from hotcopy.storage import PrefixNotFound, Repository
+from hotcopy.storage._copy import DEFAULT_STEP, BaseRef, CopyResult, restore_chain
+from hotcopy.storage._durable import fsync_dir
+from hotcopy.storage._prefix import Cut, Prefix
+
+from ._catalog import Catalog, Entry, Manifest
+from ._errors import BackupError
+from ._pool import CopyWorkerPool
+
+BackupProgress = Callable[[int, int, int, int], None]  # prefixes done/total, bytes done/total
+
+
+@dataclass
+class BackupResult:
+    id: str
+    path: str
+    complete: bool
+    bytes: int
+    seconds: float
+    prefixes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    retries: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "path": self.path,
+            "complete": self.complete,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 6),
+            "prefixes": self.prefixes,
+            "failed": self.failed,
+            "retries": self.retries,
+        }
+
+
+def copy_job(
+    root: str,
+    prefix: str,
+    backup_dir: str,
+    base: BaseRef | None,
+    cut: Cut | None,
+    step: int,
+) -> CopyResult:
+    """Snapshot one prefix into a backup directory (runs in a copy worker)."""
+    dest = Path(backup_dir) / f"{prefix}.hc"
+    delta = dest.with_name(f"{prefix}.hc-delta")
+    for leftover in (dest, delta):  # a finished file from a retried attempt
+        leftover.unlink(missing_ok=True)
+    with Repository(root) as repo:
+        result = repo.copy_prefix(dest, prefix, step, base=base, cut=cut)
+    if result.kind == "delta":
+        os.rename(dest, delta)
+        fsync_dir(delta.parent)
+        result = replace(result, path=str(delta))
+    return result
+
+
+def backup(
+    root: str | os.PathLike[str],
+    dest_dir: str | os.PathLike[str],
+    prefixes: Sequence[str] | None = None,
+    *,
+    jobs: int = 2,
+    incremental: bool = False,
+    consistent: bool = False,
+    max_deltas_before_full: int = 10,
+    retries: int = 2,
+    step: int = DEFAULT_STEP,
+    progress: BackupProgress | None = None,
+    executor: Executor | None = None,
+) -> BackupResult:
+    """Back up ``prefixes`` (default: all) of the repository at ``root`` into ``dest_dir``.
+
+    Args:
+        jobs: Copy-worker processes when no ``executor`` is given.
+        incremental: Write deltas for prefixes whose main file is unchanged since their latest
+            backup, unless their chain already has ``max_deltas_before_full`` deltas.
+        consistent: Cut every prefix at one instant (all write leases held together).
+        retries: Further attempts for a prefix whose copy failed or whose worker died.
+        executor: Any ``concurrent.futures.Executor``; ``copy_job`` and its arguments pickle.
+    """
+    began = time.monotonic()
+    with Repository(root) as repo:
+        names = sorted(set(prefixes)) if prefixes else repo.prefixes()
+        for name in names:
+            if not repo.prefix_path(name).exists():
+                raise PrefixNotFound(f"prefix {name!r} does not exist in {repo.root}", prefix=name)
+        catalog = Catalog.create(dest_dir, repo.id)
+        with catalog.lock():
+            backup_id, path = catalog.new_backup_dir("delta" if incremental else "backup")
+            manifest = Manifest(backup_id, time.time(), repo.id, False, consistent)
+            bases = _bases(catalog, names, max_deltas_before_full) if incremental else {}
+            with contextlib.ExitStack() as held:
+                cuts = _consistent_cuts(repo, names, held) if consistent else {}
+                sizes = {name: _pending_bytes(repo, name, bases.get(name)) for name in names}
+                run = _Run(names, sizes, progress)
+                pool = (
+                    executor if executor is not None else CopyWorkerPool(min(jobs, len(names) or 1))
+                )
+                try:
+                    run.execute(
+                        pool,
+                        lambda name: (
+                            copy_job,
+                            str(repo.root),
+                            name,
+                            str(path),
+                            bases[name][1].base_ref() if name in bases else None,
+                            cuts.get(name),
+                            step,
+                        ),
+                        retries,
+                    )
+                except KeyboardInterrupt:
+                    if isinstance(pool, CopyWorkerPool):
+                        pool.terminate()
+                    manifest.interrupted = True
+                    manifest.entries = _entries(run.results, bases)
+                    catalog.write_manifest(manifest)
+                    raise
+                finally:
+                    if executor is None:
+                        pool.shutdown(wait=True)
+            manifest.entries = _entries(run.results, bases)
+            manifest.failed = run.failed
+            manifest.complete = True
+            catalog.write_manifest(manifest)
+    return BackupResult(
+        id=backup_id,
+        path=str(path),
+        complete=True,
+        bytes=sum(result.size for result in run.results.values()),
+        seconds=time.monotonic() - began,
+        prefixes={
+            name: {"kind": result.kind, "bytes": result.size, "seq": result.seq}
+            for name, result in sorted(run.results.items())
+        },
+        failed=run.failed,
+        retries=run.retries,
+    )
+
+
+class _Run:
+    """Submits one job per prefix, retries failures, and tracks what finished."""
+
+    def __init__(
+        self, names: list[str], sizes: dict[str, int], progress: BackupProgress | None
+    ) -> None:
+        self.names = names
+        self.sizes = sizes
+        self.progress = progress
+        self.results: dict[str, CopyResult] = {}
+        self.failed: dict[str, str] = {}
+        self.retries = 0
+
+    def execute(
+        self,
+        pool: Executor,
+        job: Callable[[str], tuple[Any, ...]],
+        retries: int,
+    ) -> None:
+        total_bytes = sum(self.sizes.values())
+        attempts = dict.fromkeys(self.names, 0)
+        running: dict[Future[CopyResult], str] = {}
+
+        def submit(name: str) -> None:
+            fn, *args = job(name)
+            attempts[name] += 1
+            running[pool.submit(fn, *args)] = name
+
+        for name in self.names:
+            submit(name)
+        self._report(total_bytes)
+        while running:
+            done, _ = wait(running, return_when="FIRST_COMPLETED")
+            for future in done:
+                name = running.pop(future)
+                try:
+                    self.results[name] = future.result()
+                except Exception as err:
+                    if attempts[name] <= retries:
+                        self.retries += 1
+                        submit(name)
+                    else:
+                        self.failed[name] = f"{type(err).__name__}: {err}"
+                self._report(total_bytes)
+
+    def _report(self, total_bytes: int) -> None:
+        if self.progress is not None:
+            finished = len(self.results) + len(self.failed)
+            done_bytes = sum(self.sizes[name] for name in self.results)
+            self.progress(finished, len(self.names), done_bytes, total_bytes)
+
+
+def _bases(
+    catalog: Catalog, names: Iterable[str], max_deltas: int
+) -> dict[str, tuple[Manifest, Entry]]:
+    """For each prefix, the latest backup entry a delta may continue, if its chain allows."""
+    bases = {}
+    for name in names:
+        latest = catalog.latest_entry(name)
+        if latest is None:
+            continue
+        try:
+            deltas = len(catalog.chain(latest[0], name)) - 1
+        except BackupError:
+            continue  # a broken chain is not continued: a full copy starts a new one
+        if deltas < max_deltas:
+            bases[name] = latest
+    return bases
+
+
+def _pending_bytes(repo: Repository, name: str, base: tuple[Manifest, Entry] | None) -> int:
+    """An estimate of what the job will write, for progress."""
+    size = repo.prefix_path(name).stat().st_size
+    return max(size - base[1].end, 0) if base else size
+
+
+def _consistent_cuts(
+    repo: Repository, names: list[str], held: contextlib.ExitStack
+) -> dict[str, Cut]:
+    """Cut every prefix at one instant: checkpoints under simultaneously held write leases.
+
+    Snapshot leases stay held (on ``held``) until the copies are done, so no cut file can be
+    replaced meanwhile; write leases are dropped as soon as every cut is taken. Leases are
+    taken in name order, so two consistent runs cannot deadlock each other.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # a lease may hold a descriptor or two per prefix
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    for name in names:
+        held.enter_context(repo.leases.lease(name, "snapshot", timeout=repo.lease_timeout))
+    prefixes = [Prefix(repo.root, name, "rw", repo.leases, repo.runtime_dir) for name in names]
+    for prefix in prefixes:
+        held.callback(prefix.close)
+    try:
+        for prefix in prefixes:
+            prefix.begin()  # takes the write lease; all are held before the first cut
+        cuts = {}
+        for prefix in prefixes:
+            cut, fd = prefix.checkpoint_and_open()
+            os.close(fd)
+            cuts[prefix.name] = cut
+    finally:
+        for prefix in prefixes:
+            prefix.rollback()  # nothing pending: this only drops the write lease
+    return cuts
+
+
+def _entries(
+    results: dict[str, CopyResult], bases: dict[str, tuple[Manifest, Entry]]
+) -> dict[str, Entry]:
+    entries = {}
+    for name, result in sorted(results.items()):
+        entries[name] = Entry(
+            kind=result.kind,
+            file=Path(result.path).name,
+            base=bases[name][0].id if result.kind == "delta" else None,
+            file_id=result.file_id,
+            salt=result.salt,
+            start=result.start,
+            end=result.length,
+            seq=result.seq,
+            size=result.size,
+            crc32=result.crc32,
+            boundary_crc=result.boundary_crc,
+        )
+    return entries
+
+
+@dataclass
+class RestoreResult:
+    id: str
+    root: str
+    prefixes: dict[str, int]  # name -> commit restored
+    bytes: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "root": self.root,
+            "prefixes": self.prefixes,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 6),
+        }
+
+
+def restore(
+    dest_dir: str | os.PathLike[str],
+    root: str | os.PathLike[str],
+    prefixes: Sequence[str] | None = None,
+    *,
+    at: str | None = None,
+    force: bool = False,
+    progress: BackupProgress | None = None,
+) -> RestoreResult:
+    """Rebuild prefixes in ``root`` from the newest backup at or before ``at``.
+
+    ``root`` must be empty or absent unless ``force``, which replaces each prefix under its
+    ``exclusive`` lease. Every piece is checked before a prefix goes live.
+    """
+    began = time.monotonic()
+    catalog = Catalog(dest_dir)
+    manifest = catalog.pick(at)
+    names = sorted(set(prefixes)) if prefixes else sorted(manifest.entries)
+    missing = [name for name in names if name not in manifest.entries]
+    if missing:
+        raise BackupError(
+            f"backup {manifest.id} does not hold prefix(es) {', '.join(missing)}"
+            + (f" (they failed: {manifest.failed})" if manifest.failed else "")
+        )
+    target = Path(root)
+    if not force and target.exists() and any(target.iterdir()):
+        raise BackupError(
+            f"{target} is not empty; restore into an empty directory or use --force",
+            root=str(target),
+        )
+    chains = {name: catalog.pieces(manifest, name) for name in names}
+    total = sum(piece.size for pieces in chains.values() for piece in pieces)
+    done_bytes = 0
+    restored = {}
+    with Repository.init(target) as repo:
+        for number, name in enumerate(names):
+
+            def step(done: int, _: int, base: int = done_bytes, number: int = number) -> None:
+                if progress is not None:
+                    progress(number, len(names), base + done, total)
+
+            restored[name] = restore_chain(
+                repo,
+                chains[name],
+                name,
+                force=force,
+                expect_seq=manifest.entries[name].seq,
+                progress=step,
+            )
+            done_bytes += sum(piece.size for piece in chains[name])
+    if progress is not None:
+        progress(len(names), len(names), total, total)
+    return RestoreResult(manifest.id, str(target), restored, total, time.monotonic() - began)
+
+
+def prune(dest_dir: str | os.PathLike[str], keep: int) -> list[str]:
+    """Drop the oldest backups beyond ``keep``, never one a kept backup's chain needs."""
+    catalog = Catalog(dest_dir)
+    with catalog.lock():
+        return catalog.prune(keep)

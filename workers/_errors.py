@@ -1,0 +1,32 @@
+"""Backup errors: the ``BackupError`` sub-root of hotcopy's exception tree."""
+
+from __future__ import annotations
+
+from hotcopy.coordinator._errors import HotcopyError
+
+
+class BackupError(HotcopyError):
+    """A backup, restore or prune could not do what was asked."""
+
+
+class WorkerDied(BackupError):
+    """A copy-worker process died while running a job (the job may be retried)."""
+
+
+class CatalogError(BackupError):
+    """A backup directory is missing, damaged, or belongs to another repository."""
+
+
+class BackupNotFound(CatalogError, LookupError):
+    """No complete backup matches the request."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, attached as its ``__cause__``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text

@@ -1,0 +1,118 @@
+"""Logical (JSON) backup documents, as DictDB's BackupManager writes them, and ``apply_delta``.
+
+A native backup file is a run of commit batches; its logical document is what those commits
+did, key by key, last write winning:
+
+```json
+{"type": "delta", "timestamp": 1763795730.123456,
+ "prefixes": {"users": {"upserts": {"alice": {"age": 3}}, "deletes": ["bob"]}}}
+```
+
+A ``"type": "full"`` document holds every live record of each prefix in ``upserts``; applying it
+makes the prefix hold exactly those records. ``bytes`` values, which JSON cannot hold, appear as
+``{"$base64": "..."}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hotcopy.storage import Repository
+from hotcopy.storage import _format as fmt
+from hotcopy.storage._codec import decode_value
+from hotcopy.storage._durable import write_durably
+
+from ._errors import BackupError
+
+_BYTES_KEY = "$base64"
+
+
+def changes_in(path: str | os.PathLike[str], *, full: bool) -> tuple[dict[str, Any], list[str]]:
+    """``(upserts, deletes)`` made by the batches of a backup file (a full copy or a delta)."""
+    upserts: dict[str, Any] = {}
+    deletes: dict[str, None] = {}
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        reader = fmt.FileReader(fd, fmt.HEADER_SIZE if full else 0, size)
+        while reader.pos < size:
+            if fmt.peek_is_trailer(reader):
+                if fmt.read_trailer(reader) is None:
+                    raise BackupError(f"{path}: damaged trailer at offset {reader.pos}")
+                continue
+            batch = fmt.read_batch(reader, load_values=True)
+            if batch is None:
+                raise BackupError(f"{path}: damaged batch at offset {reader.pos}")
+            for op in batch.ops:
+                if op.kind == fmt.OP_PUT:
+                    upserts[op.key] = _to_json(decode_value(op.vtype, op.value or b""))
+                    deletes.pop(op.key, None)
+                else:
+                    upserts.pop(op.key, None)
+                    deletes[op.key] = None
+    finally:
+        os.close(fd)
+    return upserts, [] if full else list(deletes)
+
+
+def write_document(
+    path: Path, kind: str, timestamp: float, prefixes: dict[str, tuple[dict[str, Any], list[str]]]
+) -> None:
+    document = {
+        "type": kind,
+        "timestamp": timestamp,
+        "prefixes": {
+            name: {"upserts": upserts, "deletes": deletes}
+            for name, (upserts, deletes) in sorted(prefixes.items())
+        },
+    }
+    write_durably(path, json.dumps(document, ensure_ascii=False).encode())
+
+
+def apply_delta(repo: Repository | str | os.PathLike[str], path: str | os.PathLike[str]) -> int:
+    """Apply a logical backup document to a repository; return the number of records affected.
+
+    Each prefix changes in one transaction. A ``full`` document also deletes the records it
+    does not hold.
+    """
+    document = json.loads(Path(path).read_text())
+    if document.get("type") not in ("delta", "full"):
+        raise BackupError(f"{path} is not a hotcopy delta or full document")
+    owned = not isinstance(repo, Repository)
+    repository = Repository.init(repo) if not isinstance(repo, Repository) else repo
+    affected = 0
+    try:
+        for name, change in document["prefixes"].items():
+            with repository.open_prefix(name, "rw") as prefix:
+                upserts = change.get("upserts", {})
+                deletes = list(change.get("deletes", []))
+                if document["type"] == "full":
+                    deletes += [key for key in prefix if key not in upserts]
+                for key, value in upserts.items():
+                    prefix[key] = _from_json(value)
+                    affected += 1
+                for key in deletes:
+                    if key in prefix:
+                        del prefix[key]
+                        affected += 1
+                prefix.commit()
+    finally:
+        if owned:
+            repository.close()
+    return affected
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {_BYTES_KEY: base64.b64encode(value).decode("ascii")}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict) and len(value) == 1 and _BYTES_KEY in value:
+        return base64.b64decode(value[_BYTES_KEY])
+    return value
