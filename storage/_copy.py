@@ -18,6 +18,7 @@ import contextlib
 import errno
 import os
 import secrets
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from ._errors import (
 )
 from ._prefix import Cut, Prefix, _fault, wal_path
 from ._verify import VerifyReport, verify_fd
+from ._writeback import Writeback
 
 if TYPE_CHECKING:
     from ._repository import Repository
@@ -248,41 +250,82 @@ def copy_range(
     *,
     crc: int = 0,
 ) -> int:
-    """Append bytes ``[start, end)`` of ``src_fd`` to ``out_fd``; return ``crc`` extended by them.
+    """Append bytes ``[start, end)`` of ``src_fd`` to ``out_fd`` durably; return ``crc`` extended.
 
     The bytes move by ``copy_file_range`` (in the kernel) where the file systems allow it,
-    ``step`` bytes at a time, to the current end of ``out_fd``; each step is read back from
-    the page cache for the checksum.
+    ``step`` bytes at a time. Two things keep this close to ``cp`` + ``sync`` and gentle on live
+    writers: the checksum is computed by a thread reading the (immutable) source range while
+    the copy and its fsync run, and writeback of each copied step starts at once, so the final
+    fsync is small and never holds the file system's journal for long behind a whole copy.
     """
     out_offset = os.fstat(out_fd).st_size
     total = end - start
-    kernel_copy = True
-    done = 0
-    while done < total:
-        size = min(step, total - done)
-        chunk = b""
-        if kernel_copy:
-            try:
-                copied = os.copy_file_range(src_fd, out_fd, size, start + done, out_offset + done)
-            except OSError as err:
-                if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                kernel_copy = False
-            else:
-                chunk = os.pread(src_fd, copied, start + done) if copied else b""
-        if not kernel_copy:
-            chunk = os.pread(src_fd, size, start + done)
-            _pwrite_all(out_fd, chunk, out_offset + done)
-        if not chunk:
-            raise CorruptFileError(
-                f"source ended at {start + done}, before {end}", offset=start + done
-            )
-        crc = zlib.crc32(chunk, crc)
-        done += len(chunk)
-        _fault("copy:after-step")
-        if progress is not None:
-            progress(done, total)
-    return crc & 0xFFFFFFFF
+    checksum = _SourceChecksum(src_fd, start, end, crc)
+    writeback = Writeback(out_fd)
+    try:
+        kernel_copy = True
+        done = 0
+        while done < total:
+            size = min(step, total - done)
+            copied = 0
+            if kernel_copy:
+                try:
+                    copied = os.copy_file_range(
+                        src_fd, out_fd, size, start + done, out_offset + done
+                    )
+                except OSError as err:
+                    if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    kernel_copy = False
+            if not kernel_copy:
+                chunk = os.pread(src_fd, size, start + done)
+                _pwrite_all(out_fd, chunk, out_offset + done)
+                copied = len(chunk)
+            if copied == 0:
+                raise CorruptFileError(
+                    f"source ended at {start + done}, before {end}", offset=start + done
+                )
+            writeback.wrote(out_offset + done, copied)
+            done += copied
+            _fault("copy:after-step")
+            if progress is not None:
+                progress(done, total)
+        os.fdatasync(out_fd)
+    finally:
+        result = checksum.result()
+    return result
+
+
+class _SourceChecksum:
+    """CRC32 of a source range, computed by a thread (zlib releases the GIL on large data)."""
+
+    def __init__(self, fd: int, start: int, end: int, crc: int) -> None:
+        self._fd = os.dup(fd)  # ours to close, whatever the caller does with theirs
+        self._start, self._end = start, end
+        self._crc = crc
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="hotcopy-crc", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            pos = self._start
+            while pos < self._end:
+                chunk = os.pread(self._fd, min(DEFAULT_STEP, self._end - pos), pos)
+                if not chunk:
+                    raise CorruptFileError(f"source ended at {pos}, before {self._end}", offset=pos)
+                self._crc = zlib.crc32(chunk, self._crc)
+                pos += len(chunk)
+        except BaseException as err:
+            self._error = err
+        finally:
+            os.close(self._fd)
+
+    def result(self) -> int:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._crc & 0xFFFFFFFF
 
 
 def _write_all(fd: int, data: bytes) -> None:

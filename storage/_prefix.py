@@ -317,19 +317,9 @@ class Prefix(MutableMapping[str, Any]):
         Returns the boundary reached; its bytes ``[0, length)`` hold exactly commit ``seq``.
         Pending (uncommitted) changes are not included and stay pending.
         """
-        self._check_usable()
-        self._require_writable()
-        lease = self._lease
-        owned = lease is None
-        if lease is None:
-            lease = self._leases.lease(self.name, "write", timeout=self._lease_timeout)
-        try:
-            with self._mutation():
-                self._catch_up(force=True)
-                return self._checkpoint_locked()
-        finally:
-            if owned:
-                lease.release()
+        cut, fd = self.checkpoint_and_open()
+        os.close(fd)
+        return cut
 
     def checkpoint_and_open(self) -> tuple[Cut, int]:
         """Checkpoint, and return the cut with a new descriptor on the main file it is in.
@@ -345,7 +335,10 @@ class Prefix(MutableMapping[str, Any]):
             lease = self._leases.lease(self.name, "write", timeout=self._lease_timeout)
         try:
             with self._mutation():
-                self._catch_up(force=True)
+                # Not just a catch-up: a checkpoint killed before its WAL reset left a segment
+                # that was never fsynced nor value-checked; finish that first, so the cut
+                # returned (what copy_prefix copies) is durable and sound.
+                self._prepare_wal_for_append()
                 return self._checkpoint_locked(), os.dup(self._main_fd)
         finally:
             if owned:
@@ -614,6 +607,26 @@ class Prefix(MutableMapping[str, Any]):
             self._scan_main()  # a checkpoint landed after we looked at the main file
         self._wal_header = header
         self._wal_valid = fmt.wal_matches(header, self._header, self._boundaries)
+        self._check_durable_prefix_readable(header)
+
+    def _check_durable_prefix_readable(self, wal: fmt.WalHeader) -> None:
+        """Tell damage from a torn tail: bytes a matching WAL proves durable must parse.
+
+        A scan stops at the first segment it cannot read. After a crashed checkpoint that is
+        the torn tail, beyond the WAL's ``base_len``. Before ``base_len`` it is damage to fsynced
+        data: refuse it loudly rather than open (and later overwrite) an older state. A file
+        that simply ends before ``base_len`` is an older copy of this file, not damage.
+        """
+        same_file = wal.file_id == self._header.file_id and wal.main_salt == self._header.salt
+        unreadable = os.fstat(self._main_fd).st_size > self._scanned_end
+        if same_file and unreadable and wal.base_len > self._scanned_end:
+            raise CorruptFileError(
+                f"prefix {self.name!r}: the main file is damaged at offset {self._scanned_end} "
+                f"(its WAL shows it was durable up to {wal.base_len}); run `hotcopy verify` and "
+                "restore the prefix from a backup",
+                prefix=self.name,
+                offset=self._scanned_end,
+            )
 
     def _drop_wal(self) -> None:
         if self._wal_fd >= 0:
@@ -628,6 +641,18 @@ class Prefix(MutableMapping[str, Any]):
     def _prepare_wal_for_append(self) -> None:
         """Leave a WAL that matches the main file and ends exactly where our view ends."""
         self._catch_up(force=True)
+        if os.fstat(self._main_fd).st_size > self._scanned_end and not (
+            self._wal_valid and self._wal_header.base_len <= self._scanned_end
+        ):
+            # Unreadable bytes that no matching WAL places beyond the durable boundary may be
+            # damaged committed data: never write over them.
+            raise CorruptFileError(
+                f"prefix {self.name!r}: the main file has unreadable bytes from offset "
+                f"{self._scanned_end} and no WAL shows they are an unfinished checkpoint; "
+                "run `hotcopy verify` and restore the prefix from a backup",
+                prefix=self.name,
+                offset=self._scanned_end,
+            )
         if not self._wal_valid:
             self._reset_wal()
             return

@@ -74,6 +74,10 @@ class Repository:
             ) from None
         except (ValueError, UnicodeDecodeError) as err:
             raise StorageError(f"{marker} is damaged: {err}", root=str(self.root)) from err
+        if not isinstance(info, dict) or not isinstance(info.get("id"), str):
+            raise StorageError(
+                f"{marker} is damaged: not an object with a repository id", root=str(self.root)
+            )
         if info.get("format") != REPOSITORY_FORMAT:
             raise StorageError(
                 f"{marker}: repository format {info.get('format')!r} is not supported",

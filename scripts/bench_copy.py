@@ -1,0 +1,224 @@
+"""Benchmark hot copies: copy_prefix against cp + sync, and what a copy costs a live writer.
+
+Figures are ratios against baselines measured in the same run (the machine is shared):
+
+- copy throughput of a prefix (incl. fsync) / throughput of ``cp SRC DST && sync DST``;
+- a writer's commit latency p99 while a copy runs / the same writer's p99 with no copy, and its
+  longest stall during the copy next to the copy's checkpoint time;
+- copy time by prefix size.
+
+    python scripts/bench_copy.py [--size-mib 1024] [--quick] [--json FILE] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from hotcopy.storage import Repository
+
+MIB = 1 << 20
+
+WRITER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from hotcopy.storage import Repository
+    root, stop_file, out_file, ready_file = sys.argv[1:5]
+    samples = []
+    with Repository(root) as repo:
+        px = repo.open_prefix("big", "rw")
+        n = 0
+        open(ready_file, "w").close()
+        while not os.path.exists(stop_file):
+            n += 1
+            began = time.monotonic()
+            px[f"w{n % 1000}"] = {"n": n, "pad": "x" * 100}
+            px.commit()
+            samples.append((began, time.monotonic() - began))
+    with open(out_file, "w") as f:
+        json.dump(samples, f)
+    """
+)
+
+
+def build_prefix(root: Path, size_mib: int) -> int:
+    """A prefix named "big" of ``size_mib`` 1 MiB values, checkpointed; returns its file size."""
+    with Repository.init(root) as repo, repo.open_prefix("big", "rw") as px:
+        value = os.urandom(MIB)
+        for i in range(size_mib):
+            px[f"v{i:06d}"] = value[i % 997 :] + value[: i % 997]
+            if i % 16 == 15:
+                px.commit()
+        px.commit()
+        px.checkpoint()
+    return (root / "big.hc").stat().st_size
+
+
+def time_copy(root: Path, dest: Path) -> tuple[float, float]:
+    """Seconds for one copy_prefix (incl. fsync), and the seconds its checkpoint took."""
+    with Repository(root) as repo:
+        began = time.monotonic()
+        result = repo.copy_prefix(dest, "big")
+        return time.monotonic() - began, result.seconds
+
+
+def time_cp_sync(src: Path, dest: Path) -> float:
+    began = time.monotonic()
+    subprocess.run(["cp", str(src), str(dest)], check=True)
+    subprocess.run(["sync", str(dest)], check=True)
+    return time.monotonic() - began
+
+
+def median_pair(root: Path, work: Path, rounds: int) -> dict[str, float]:
+    """Alternate copy_prefix and cp+sync ``rounds`` times; medians of each."""
+    ours, theirs = [], []
+    for i in range(rounds):
+        dest = work / f"copy-{i}.hc"
+        ours.append(time_copy(root, dest)[0])
+        dest.unlink()
+        dest = work / f"cp-{i}.hc"
+        theirs.append(time_cp_sync(root / "big.hc", dest))
+        dest.unlink()
+    return {"copy_s": statistics.median(ours), "cp_sync_s": statistics.median(theirs)}
+
+
+def writer_latency(root: Path, work: Path, during: str, seconds: float) -> dict[str, Any]:
+    """Run the writer for ``seconds``, or ``during`` one "copy" (copy_prefix) or "cp" (+ sync)."""
+    stop, out, ready = work / "stop", work / "samples.json", work / "ready"
+    for path in (stop, out, ready):
+        path.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(root), str(stop), str(out), str(ready)]
+    )
+    try:
+        while not ready.exists():  # the writer has opened the prefix
+            if proc.poll() is not None:
+                raise RuntimeError("writer died before it started")
+            time.sleep(0.01)
+        window: tuple[float, float] | None = None
+        checkpoint_s = 0.0
+        if during in ("copy", "cp"):
+            time.sleep(0.5)  # some commits before the copy starts, for the plot
+            began = time.monotonic()
+            if during == "copy":
+                _, checkpoint_s = time_copy(root, work / "during.hc")
+            else:
+                time_cp_sync(root / "big.hc", work / "during.hc")
+            window = (began, time.monotonic())
+            (work / "during.hc").unlink()
+            time.sleep(0.5)
+        else:
+            time.sleep(seconds)
+        stop.touch()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    samples = json.loads(out.read_text())
+    inside = [lat for at, lat in samples if window is None or window[0] <= at <= window[1]]
+    inside.sort()
+    return {
+        "commits": len(inside),
+        "p50_ms": 1000 * inside[len(inside) // 2],
+        "p99_ms": 1000 * inside[int(len(inside) * 0.99)],
+        "max_ms": 1000 * inside[-1],
+        "copy_window_s": None if window is None else window[1] - window[0],
+        "copy_seconds_reported": checkpoint_s,
+        "samples": samples,
+        "window": window,
+    }
+
+
+def _figures(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if k not in ("samples", "window")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--quick", action="store_true", help="128 MiB, fewer rounds")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--scaling", action="store_true", help="also 64 MiB ... size")
+    parser.add_argument("--dir", type=Path, default=None, help="where to put data (a disk)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    size = 128 if args.quick else args.size_mib
+    rounds = 2 if args.quick else args.rounds
+    work = Path(tempfile.mkdtemp(prefix="hotcopy-bench-copy-", dir=args.dir))
+    results: dict[str, Any] = {"size_mib": size}
+    try:
+        root = work / "repo"
+        file_size = build_prefix(root, size)
+        pair = median_pair(root, work, rounds)
+        results["copy"] = {
+            **pair,
+            "bytes": file_size,
+            "copy_mib_s": file_size / MIB / pair["copy_s"],
+            "cp_sync_mib_s": file_size / MIB / pair["cp_sync_s"],
+            "ratio": pair["cp_sync_s"] / pair["copy_s"],
+        }
+        quiet = writer_latency(root, work, "nothing", seconds=3.0)
+        busy = writer_latency(root, work, "copy", seconds=0)
+        plain = writer_latency(root, work, "cp", seconds=0)
+        results["writer"] = {
+            "without_copy": _figures(quiet),
+            "during_copy": _figures(busy),
+            "during_cp_sync": _figures(plain),
+            "p99_ratio": busy["p99_ms"] / quiet["p99_ms"],
+        }
+        results["latency_trace"] = {"samples": busy["samples"], "window": busy["window"]}
+        if args.scaling:
+            scaling = []
+            mib = 64
+            while mib <= size:
+                sub = work / f"scale-{mib}"
+                build_prefix(sub, mib)
+                seconds, _ = time_copy(sub, work / f"scale-{mib}.hc")
+                scaling.append({"mib": mib, "seconds": seconds, "mib_s": mib / seconds})
+                shutil.rmtree(sub)
+                (work / f"scale-{mib}.hc").unlink()
+                mib *= 2
+            results["scaling"] = scaling
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results))
+    return 0
+
+
+def print_table(results: dict[str, Any]) -> None:
+    copy = results["copy"]
+    writer = results["writer"]
+    print(f"prefix of {results['size_mib']} MiB ({copy['bytes']} bytes)")
+    for label, key in (("copy_prefix incl. fsync", "copy"), ("cp + sync FILE", "cp_sync")):
+        print(f"  {label:<24}  {copy[key + '_s']:7.3f} s  {copy[key + '_mib_s']:8.0f} MiB/s")
+    print(f"  ratio (target >= 0.9)     {copy['ratio']:7.2f}x")
+    for label, key in (
+        ("writer, no copy", "without_copy"),
+        ("writer, during copy", "during_copy"),
+        ("writer, during cp+sync", "during_cp_sync"),
+    ):
+        w = writer[key]
+        print(
+            f"  {label:<24}  {w['commits']:6d} commits  p50 {w['p50_ms']:6.2f} ms  "
+            f"p99 {w['p99_ms']:6.2f} ms  max {w['max_ms']:7.2f} ms"
+        )
+    print(f"  p99 ratio (target <= 2)   {writer['p99_ratio']:7.2f}x")
+    for row in results.get("scaling", []):
+        print(f"  {row['mib']:5d} MiB  {row['seconds']:7.3f} s  {row['mib_s']:7.0f} MiB/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
