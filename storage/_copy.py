@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 DEFAULT_STEP = 4 << 20
 Progress = Callable[[int, int], None]
+_THREAD_ABOVE = 16 << 20
 _BOUNDARY_PROBE = fmt.TRAILER_SIZE  # the bytes just before a cut: the trailer closing it
 
 
@@ -88,6 +89,7 @@ def copy_prefix(
     *,
     base: BaseRef | None = None,
     cut: Cut | None = None,
+    sync: bool = True,
 ) -> CopyResult:
     """Write a consistent snapshot of ``prefix`` to the new file ``dest``.
 
@@ -95,6 +97,8 @@ def copy_prefix(
     file is still the one it was cut from; otherwise (and without ``base``) a full copy.
     With ``cut``, copy up to a cut the caller already took and protects (it holds the
     prefix's snapshot lease, as a consistent multi-prefix backup does): no lease, no checkpoint.
+    With ``sync=False`` the copy is not fsynced: the caller syncs the file system before it
+    relies on the copy (a backup does, once, before its manifest).
     """
     began = time.monotonic()
     if page_io_step_size <= 0:
@@ -133,10 +137,17 @@ def copy_prefix(
                 else:
                     first = start
                 crc = copy_range(
-                    src_fd, out_fd, first, cut.length, page_io_step_size, progress, crc=crc
+                    src_fd,
+                    out_fd,
+                    first,
+                    cut.length,
+                    page_io_step_size,
+                    progress,
+                    crc=crc,
+                    sync=sync,
                 )
 
-            write_durably(dest, write, overwrite=False)
+            write_durably(dest, write, overwrite=False, sync=sync)
         finally:
             os.close(src_fd)
     return CopyResult(
@@ -249,6 +260,7 @@ def copy_range(
     progress: Progress | None = None,
     *,
     crc: int = 0,
+    sync: bool = True,
 ) -> int:
     """Append bytes ``[start, end)`` of ``src_fd`` to ``out_fd`` durably; return ``crc`` extended.
 
@@ -260,7 +272,8 @@ def copy_range(
     """
     out_offset = os.fstat(out_fd).st_size
     total = end - start
-    checksum = _SourceChecksum(src_fd, start, end, crc)
+    # A thread pays for itself only on copies long enough for the overlap to matter.
+    checksum = _SourceChecksum(src_fd, start, end, crc, threaded=total >= _THREAD_ABOVE)
     writeback = Writeback(out_fd)
     try:
         kernel_copy = True
@@ -290,22 +303,26 @@ def copy_range(
             _fault("copy:after-step")
             if progress is not None:
                 progress(done, total)
-        os.fdatasync(out_fd)
+        if sync:
+            os.fdatasync(out_fd)
     finally:
         result = checksum.result()
     return result
 
 
 class _SourceChecksum:
-    """CRC32 of a source range, computed by a thread (zlib releases the GIL on large data)."""
+    """CRC32 of a source range, computed by a thread (zlib releases the GIL on large data)
+    while the copy runs, or in :meth:`result` when not ``threaded``."""
 
-    def __init__(self, fd: int, start: int, end: int, crc: int) -> None:
+    def __init__(self, fd: int, start: int, end: int, crc: int, *, threaded: bool) -> None:
         self._fd = os.dup(fd)  # ours to close, whatever the caller does with theirs
         self._start, self._end = start, end
         self._crc = crc
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="hotcopy-crc", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="hotcopy-crc", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         try:
@@ -322,7 +339,10 @@ class _SourceChecksum:
             os.close(self._fd)
 
     def result(self) -> int:
-        self._thread.join()
+        if self._thread is None:
+            self._run()
+        else:
+            self._thread.join()
         if self._error is not None:
             raise self._error
         return self._crc & 0xFFFFFFFF

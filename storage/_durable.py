@@ -10,6 +10,8 @@ temp is never taken for litter.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import os
 import re
@@ -64,6 +66,7 @@ def write_durably(
     *,
     overwrite: bool = True,
     mode: int = 0o644,
+    sync: bool = True,
 ) -> None:
     """Create ``dest`` atomically and durably.
 
@@ -73,6 +76,9 @@ def write_durably(
         overwrite: Replace an existing ``dest``; when False an existing ``dest`` raises
             ``FileExistsError`` and is left untouched (the link is the atomic existence check).
         mode: Permission bits of the new file.
+        sync: Skip both fsyncs when False: only for a caller that makes many files durable at
+            once with :func:`sync_filesystem` before anything refers to them (a backup, whose
+            manifest is written last).
     """
     temp = temp_path_for(dest)
     fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
@@ -82,7 +88,8 @@ def write_durably(
                 _write_all(fd, content)
             else:
                 content(fd)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         if overwrite:
@@ -94,7 +101,32 @@ def write_durably(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
-    fsync_dir(dest.parent)
+    if sync:
+        fsync_dir(dest.parent)
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make everything written to the file system holding ``path`` durable (``syncfs(2)``)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _syncfs is None or _syncfs(fd) != 0:
+            os.sync()  # no syncfs here: flush every file system instead
+    finally:
+        os.close(fd)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int,)
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return]
+
+
+_syncfs = _load_syncfs()
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

@@ -149,6 +149,7 @@ class Repository:
         *,
         base: BaseRef | None = None,
         cut: Cut | None = None,
+        sync: bool = True,
     ) -> CopyResult:
         """Write a consistent copy of ``prefix`` to the new file ``dest`` while writers go on.
 
@@ -172,6 +173,7 @@ class Repository:
             progress,
             base=base,
             cut=cut,
+            sync=sync,
         )
 
     def restore_prefix(

@@ -21,14 +21,17 @@ from typing import Any
 
 from hotcopy.storage import PrefixNotFound, Repository
 from hotcopy.storage._copy import DEFAULT_STEP, BaseRef, CopyResult, restore_chain
-from hotcopy.storage._durable import fsync_dir
+from hotcopy.storage._durable import sync_filesystem
 from hotcopy.storage._prefix import Cut, Prefix
 
 from ._catalog import Catalog, Entry, Manifest
 from ._errors import BackupError
-from ._pool import CopyWorkerPool
+from ._pool import CopyWorkerPool, InlineExecutor
 
 BackupProgress = Callable[[int, int, int, int], None]  # prefixes done/total, bytes done/total
+# Below this many bytes to copy, jobs run in the calling process: starting copy workers would
+# cost more than the copying (an incremental run of small deltas).
+INLINE_BELOW = 32 << 20
 
 
 @dataclass
@@ -69,10 +72,10 @@ def copy_job(
     for leftover in (dest, delta):  # a finished file from a retried attempt
         leftover.unlink(missing_ok=True)
     with Repository(root) as repo:
-        result = repo.copy_prefix(dest, prefix, step, base=base, cut=cut)
+        # Not fsynced here: the run syncs the file system once before its manifest.
+        result = repo.copy_prefix(dest, prefix, step, base=base, cut=cut, sync=False)
     if result.kind == "delta":
         os.rename(dest, delta)
-        fsync_dir(delta.parent)
         result = replace(result, path=str(delta))
     return result
 
@@ -116,9 +119,12 @@ def backup(
                 cuts = _consistent_cuts(repo, names, held) if consistent else {}
                 sizes = {name: _pending_bytes(repo, name, bases.get(name)) for name in names}
                 run = _Run(names, sizes, progress)
-                pool = (
-                    executor if executor is not None else CopyWorkerPool(min(jobs, len(names) or 1))
-                )
+                if executor is not None:
+                    pool: Executor = executor
+                elif sum(sizes.values()) < INLINE_BELOW:
+                    pool = InlineExecutor()
+                else:
+                    pool = CopyWorkerPool(max(min(jobs, len(names)), 1))
                 try:
                     run.execute(
                         pool,
@@ -143,6 +149,7 @@ def backup(
                 finally:
                     if executor is None:
                         pool.shutdown(wait=True)
+            sync_filesystem(path)  # every copy durable before the manifest names it
             manifest.entries = _entries(run.results, bases)
             manifest.failed = run.failed
             manifest.complete = True

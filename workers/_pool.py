@@ -26,6 +26,7 @@ from concurrent.futures import Executor, Future
 from typing import Any, ParamSpec, TypeVar
 
 from multiprocess.connection import Connection, wait
+from multiprocess.reduction import ForkingPickler
 
 from ._errors import RemoteTraceback, WorkerDied
 
@@ -89,6 +90,17 @@ class CopyWorkerPool(Executor):
         self._stopping = False
         self._workers: list[_Worker] = []
         self.replaced = 0  # workers that died and were replaced
+        try:  # started here, not by the dispatcher, so ``pids`` is right as soon as we return
+            for _ in range(workers):
+                self._workers.append(_Worker())
+        except BaseException:
+            for worker in self._workers:
+                worker.process.kill()
+                worker.process.wait()
+                worker.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise
         self._dispatcher = threading.Thread(target=self._dispatch, name="copy-pool", daemon=True)
         self._dispatcher.start()
 
@@ -133,7 +145,6 @@ class CopyWorkerPool(Executor):
 
     def _dispatch(self) -> None:
         try:
-            self._workers = [_Worker() for _ in range(self._size)]
             while True:
                 self._assign()
                 with self._mutex:
@@ -166,7 +177,11 @@ class CopyWorkerPool(Executor):
                     break
             worker.job = future
             try:
-                worker.conn.send((fn, args, kwargs))
+                # recurse=True: a function defined in the parent's ``__main__`` (a script,
+                # ``python -c``) takes the globals it uses along by value. By default dill refers
+                # to ``__main__.__dict__`` by name, which in the worker is the worker's own module,
+                # so such a job failed with NameError on its first global.
+                worker.conn.send_bytes(ForkingPickler.dumps((fn, args, kwargs), recurse=True))
             except Exception as err:  # e.g. the job does not pickle
                 worker.job = None
                 future.set_exception(err)
@@ -218,3 +233,16 @@ class CopyWorkerPool(Executor):
 
     def __repr__(self) -> str:
         return f"<CopyWorkerPool workers={self._size} pids={self.pids}>"
+
+
+class InlineExecutor(Executor):
+    """Runs each job in the calling thread, at ``submit``: for work too small to pay for
+    starting processes (a few MiB of deltas). Same interface, same error reporting."""
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as err:  # an interrupt is the caller's, not the job's
+            future.set_exception(err)
+        return future

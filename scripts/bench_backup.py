@@ -1,0 +1,151 @@
+"""Benchmark bulk and incremental backups and restores against cp -r + sync, in the same run.
+
+- bulk backup of N prefixes x 1 MiB with --jobs 1, 2, 4 / ``cp -r ROOT DEST && sync -f DEST``;
+- incremental backup after changing 1 % of a repository / a full backup of it (time and bytes);
+- restore of the full backup / ``cp -r`` + sync of the backup directory.
+
+    python scripts/bench_backup.py [--prefixes 1000] [--big-mib 1024] [--quick] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from hotcopy.storage import Repository
+from hotcopy.workers import backup, restore
+
+MIB = 1 << 20
+
+
+def make_repo(root: Path, prefixes: int, mib_each: int) -> int:
+    """``prefixes`` prefixes of ``mib_each`` MiB (values of 64 KiB), checkpointed; total bytes."""
+    value = os.urandom(64 << 10)
+    with Repository.init(root) as repo:
+        for p in range(prefixes):
+            with repo.open_prefix(f"p{p:05d}", "rw") as px:
+                for i in range(mib_each * 16):
+                    px[f"k{i:05d}"] = value
+                px.commit()
+                px.checkpoint()
+    return sum(f.stat().st_size for f in root.glob("*.hc"))
+
+
+def cp_sync(src: Path, dest: Path) -> float:
+    began = time.monotonic()
+    subprocess.run(["cp", "-r", str(src), str(dest)], check=True)
+    subprocess.run(["sync", "-f", str(dest)], check=True)
+    return time.monotonic() - began
+
+
+def timed_backup(root: Path, dest: Path, **options: Any) -> tuple[float, dict[str, Any]]:
+    began = time.monotonic()
+    result = backup(root, dest, **options)
+    if result.failed:
+        raise RuntimeError(f"backup failed: {result.failed}")
+    return time.monotonic() - began, result.to_json()
+
+
+def bench_bulk(work: Path, prefixes: int, jobs_list: list[int]) -> dict[str, Any]:
+    root = work / "bulk"
+    size = make_repo(root, prefixes, 1)
+    out: dict[str, Any] = {"prefixes": prefixes, "bytes": size}
+    out["cp_r_sync_s"] = cp_sync(root, work / "bulk-cp")
+    shutil.rmtree(work / "bulk-cp")
+    for jobs in jobs_list:
+        seconds, _ = timed_backup(root, work / f"bulk-bk-{jobs}", jobs=jobs)
+        out[f"jobs_{jobs}_s"] = seconds
+        out[f"jobs_{jobs}_ratio"] = out["cp_r_sync_s"] / seconds
+        if jobs != jobs_list[-1]:
+            shutil.rmtree(work / f"bulk-bk-{jobs}")
+    catalog = work / f"bulk-bk-{jobs_list[-1]}"
+    target = work / "bulk-restored"
+    began = time.monotonic()
+    restore(catalog, target)
+    out["restore_s"] = time.monotonic() - began
+    out["cp_r_backup_s"] = cp_sync(catalog, work / "bulk-bk-cp")
+    out["restore_ratio"] = out["cp_r_backup_s"] / out["restore_s"]
+    return out
+
+
+def bench_incremental(work: Path, big_mib: int) -> dict[str, Any]:
+    root = work / "big"
+    prefixes = 16
+    make_repo(root, prefixes, big_mib // prefixes)
+    dest = work / "big-bk"
+    full_s, full = timed_backup(root, dest, jobs=2)
+    # Change 1 % of the data: rewrite 1 % of the 64 KiB values, spread over the prefixes.
+    value = os.urandom(64 << 10)
+    to_change = max(big_mib * 16 // 100, 1)
+    with Repository(root) as repo:
+        for n in range(to_change):
+            with repo.open_prefix(f"p{n % prefixes:05d}", "rw") as px:
+                px[f"k{n // prefixes:05d}"] = value
+                px.commit()
+    inc_s, inc = timed_backup(root, dest, jobs=2, incremental=True)
+    return {
+        "mib": big_mib,
+        "full_s": full_s,
+        "full_bytes": full["bytes"],
+        "incremental_s": inc_s,
+        "incremental_bytes": inc["bytes"],
+        "time_ratio": inc_s / full_s,
+        "bytes_ratio": inc["bytes"] / full["bytes"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prefixes", type=int, default=1000)
+    parser.add_argument("--big-mib", type=int, default=1024)
+    parser.add_argument("--jobs", default="1,2,4")
+    parser.add_argument("--quick", action="store_true", help="200 prefixes, 128 MiB")
+    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    prefixes = 200 if args.quick else args.prefixes
+    big = 128 if args.quick else args.big_mib
+    jobs = [int(j) for j in args.jobs.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="hotcopy-bench-backup-", dir=args.dir))
+    try:
+        results = {"bulk": bench_bulk(work, prefixes, jobs)}
+        shutil.rmtree(work)
+        work.mkdir()
+        results["incremental"] = bench_incremental(work, big)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(results, jobs)
+    if args.json:
+        args.json.write_text(json.dumps(results))
+    return 0
+
+
+def print_table(results: dict[str, Any], jobs: list[int]) -> None:
+    bulk, inc = results["bulk"], results["incremental"]
+    print(f"bulk backup: {bulk['prefixes']} prefixes x 1 MiB ({bulk['bytes'] / MIB:.0f} MiB)")
+    print(f"  cp -r + sync                 {bulk['cp_r_sync_s']:7.2f} s")
+    for j in jobs:
+        ratio = bulk[f"jobs_{j}_ratio"]
+        print(f"  hotcopy backup --jobs {j:<2}     {bulk[f'jobs_{j}_s']:7.2f} s  {ratio:5.2f}x")
+    print(
+        f"  restore                      {bulk['restore_s']:7.2f} s  {bulk['restore_ratio']:5.2f}x"
+        f" (cp -r + sync of the backup: {bulk['cp_r_backup_s']:.2f} s)"
+    )
+    print(f"incremental after 1 % change of {inc['mib']} MiB")
+    print(f"  full        {inc['full_s']:7.2f} s  {inc['full_bytes'] / MIB:9.1f} MiB")
+    print(f"  incremental {inc['incremental_s']:7.2f} s  {inc['incremental_bytes'] / MIB:9.1f} MiB")
+    print(
+        f"  ratios: time {inc['time_ratio']:.3f}, bytes {inc['bytes_ratio']:.4f} (target <= 0.05)"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
