@@ -17,6 +17,7 @@ from ._errors import (
     RepositoryNotFound,
     SameFileError,
     StorageError,
+    TransactionConflict,
 )
 from ._leases import FileLeases, HeldLease, LeaseProvider
 from ._prefix import Cut, Prefix
@@ -41,6 +42,7 @@ __all__ = [
     "RepositoryNotFound",
     "SameFileError",
     "StorageError",
+    "TransactionConflict",
     "VerifyReport",
     "close",
     "commit",

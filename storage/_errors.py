@@ -43,3 +43,7 @@ class SameFileError(StorageError, ValueError):
 
 class NotEnoughSpace(StorageError, OSError):
     """The destination's file system has less free space than the copy needs."""
+
+
+class TransactionConflict(StorageError):
+    """Another process committed after this transaction's reads; nothing was written."""

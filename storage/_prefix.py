@@ -10,8 +10,10 @@ a writer whose lease was fenced while it was stopped cannot interleave bytes wit
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import logging
 import os
 import secrets
 import signal
@@ -27,10 +29,18 @@ from sortedcontainers import SortedDict
 from . import _format as fmt
 from ._codec import decode_value, encode_value
 from ._durable import write_durably
-from ._errors import ClosedError, CorruptFileError, PrefixNotFound, ReadOnlyError, StorageError
+from ._errors import (
+    ClosedError,
+    CorruptFileError,
+    PrefixNotFound,
+    ReadOnlyError,
+    StorageError,
+    TransactionConflict,
+)
 from ._leases import HeldLease, LeaseProvider
 
 DEFAULT_CHECKPOINT_BYTES = 4 << 20
+log = logging.getLogger(__name__)
 
 # Test-only fault injection: HOTCOPY_FAULT=<point>[,<point>] SIGKILLs this process at that point,
 # the first time it is reached, or the n-th time with HOTCOPY_FAULT_AFTER=<n> (so a crash test can
@@ -125,6 +135,9 @@ class Prefix(MutableMapping[str, Any]):
         self._closed = False
         self._lease: HeldLease | None = None
         self._pending: dict[str, tuple[int, bytes] | None] = {}
+        # The oldest commit this object read at since its last commit or rollback: a write
+        # built on it must not land on a newer state (no lost updates).
+        self._read_seq: int | None = None
         self._main_fd = -1
         self._main_ino = -1
         self._header: fmt.MainHeader
@@ -160,7 +173,7 @@ class Prefix(MutableMapping[str, Any]):
             if pending is _DELETED:
                 raise KeyError(key)
             return decode_value(*pending)
-        self._catch_up()
+        self._read_view()
         entry = self._index.get(key) if isinstance(key, str) else None
         if entry is None:
             raise KeyError(key)
@@ -182,7 +195,7 @@ class Prefix(MutableMapping[str, Any]):
             return False
         if key in self._pending:
             return self._pending[key] is not _DELETED
-        self._catch_up()
+        self._read_view()
         return key in self._index
 
     def __setitem__(self, key: str, value: Any) -> None:
@@ -212,12 +225,12 @@ class Prefix(MutableMapping[str, Any]):
 
     def _committed_len(self) -> int:
         self._check_usable()
-        self._catch_up()
+        self._read_view()
         return len(self._index)
 
     def _keys(self) -> list[str]:
         self._check_usable()
-        self._catch_up()
+        self._read_view()
         keys: list[str] = list(self._index.keys())
         if not self._pending:
             return keys
@@ -292,7 +305,7 @@ class Prefix(MutableMapping[str, Any]):
                 self._seq = seq
                 self._pending.clear()
                 if self._wal_pos - fmt.HEADER_SIZE >= self._checkpoint_bytes:
-                    self._checkpoint_locked()
+                    self._auto_checkpoint()
         finally:
             self._end_transaction()
         return seq
@@ -305,6 +318,20 @@ class Prefix(MutableMapping[str, Any]):
         """
         self._check_usable()
         self._begin()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Prefix]:
+        """``with prefix.transaction():`` — hold the write lease from before the first read;
+        commit at the end of the block, roll back if it raises. No other writer can commit in
+        between, so read-modify-write code never loses an update and never conflicts.
+        """
+        self.begin()
+        try:
+            yield self
+        except BaseException:
+            self.rollback()
+            raise
+        self.commit()
 
     def rollback(self) -> None:
         """Drop the pending changes and release the write lease."""
@@ -417,6 +444,12 @@ class Prefix(MutableMapping[str, Any]):
                 self._close_fds()
         self._closed = True
 
+    def __del__(self) -> None:
+        # A fallback only: an abandoned transaction must not keep every other writer waiting.
+        if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == os.getpid():
+            with contextlib.suppress(Exception):
+                self.close()
+
     def __enter__(self) -> Prefix:
         return self
 
@@ -446,17 +479,34 @@ class Prefix(MutableMapping[str, Any]):
                 prefix=self.name,
             )
 
+    def _read_view(self) -> None:
+        """Catch up before a read, and remember the state read for the next transaction."""
+        self._catch_up()
+        if self._lease is None and self._read_seq is None:
+            self._read_seq = self._seq
+
     def _begin(self) -> None:
         self._require_writable()
         if self._lease is None:
             self._lease = self._leases.lease(self.name, "write", timeout=self._lease_timeout)
             try:
                 self._catch_up(force=True)
+                read_seq, self._read_seq = self._read_seq, None
+                if read_seq is not None and read_seq != self._seq:
+                    raise TransactionConflict(
+                        f"prefix {self.name!r} changed (commit {read_seq} -> {self._seq}) since "
+                        "this transaction read it; nothing was written. Retry, and use "
+                        "`with prefix.transaction():` around read-modify-write code",
+                        prefix=self.name,
+                        read_seq=read_seq,
+                        seq=self._seq,
+                    )
             except BaseException:
                 self._end_transaction()
                 raise
 
     def _end_transaction(self) -> None:
+        self._read_seq = None
         self._pending.clear()
         lease, self._lease = self._lease, None
         if lease is not None:
@@ -720,6 +770,14 @@ class Prefix(MutableMapping[str, Any]):
                 )
             batches.append(batch)
         return batches
+
+    def _auto_checkpoint(self) -> None:
+        """Checkpoint after a commit. The commit is already durable: a failure here is logged
+        and left to the next checkpoint, never reported as a failed commit."""
+        try:
+            self._checkpoint_locked()
+        except Exception as err:
+            log.warning("automatic checkpoint failed prefix=%s error=%s", self.name, err)
 
     def _checkpoint_locked(self) -> Cut:
         main_seq = self._boundaries[self._scanned_end]

@@ -1,0 +1,84 @@
+"""Shared helpers of the storage tests (not a test module; loaded by path, see ``load``).
+
+With ``--import-mode=importlib`` the tests directory is not on ``sys.path``, so the test files
+load this module with :func:`importlib.util.spec_from_file_location` (see the top of each).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+PYTHON = sys.executable
+GRACE = 5.0  # seconds a stopped child gets before it is killed
+
+
+def tree(root: Path) -> list[str]:
+    """Every path under ``root`` (directories too), relative and sorted: a before/after listing."""
+    found = []
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            found.append(os.path.relpath(os.path.join(directory, name), root))
+    return sorted(found)
+
+
+def reap(processes: Iterable[Any]) -> None:
+    """Stop and reap multiprocessing children: terminate, join with a grace period, then kill."""
+    processes = list(processes)
+    for proc in processes:
+        if proc.pid is not None and proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        if proc.pid is None:
+            continue
+        proc.join(GRACE)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(GRACE)
+
+
+def reap_popen(proc: subprocess.Popen[Any]) -> None:
+    """The same for a ``subprocess.Popen`` child."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(GRACE)
+
+
+def run_python(
+    code: str, *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (``sys.argv[1:] == args``); reaped even on timeout."""
+    full_env = dict(os.environ)
+    for name in ("HOTCOPY_FAULT", "HOTCOPY_FAULT_AFTER"):
+        full_env.pop(name, None)
+    full_env.update(env or {})
+    proc = subprocess.Popen(
+        [PYTHON, "-c", code, *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        reap_popen(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> int:
+    """XOR the byte at ``offset`` of ``path`` with ``mask``; return the original byte."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        original = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([original ^ mask]))
+    return original

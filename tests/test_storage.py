@@ -1,0 +1,1016 @@
+"""Unit tests of the storage layer in one process: repository and prefix basics, the value
+codec, recovery, checkpoints, prefix-name validation, the durable-write helper, the module API,
+``verify_file``, lazy value reads, and the WAL/main-file safety rules (torn tails, stale and
+foreign WALs). Real files and fsync throughout; nothing under test is mocked."""
+
+from __future__ import annotations
+
+import enum
+import gc
+import importlib.util
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import hotcopy.storage as hc
+import pytest
+from hotcopy.coordinator._errors import HotcopyError, LeaseTimeout
+from hotcopy.storage import (
+    ClosedError,
+    CorruptFileError,
+    InvalidPrefixName,
+    PrefixNotFound,
+    ReadOnlyError,
+    Repository,
+    RepositoryNotFound,
+    StorageError,
+    TransactionConflict,
+    validate_prefix_name,
+    verify_file,
+)
+from hotcopy.storage import _format as fmt
+from hotcopy.storage._codec import decode_value, encode_value
+from hotcopy.storage._durable import process_start_ticks, sweep_stale_temps, write_durably
+
+
+def _load_helpers() -> ModuleType:
+    name = "hotcopy_storage_test_helpers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).with_name("_storage_helpers.py")
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+h = _load_helpers()
+pytestmark = pytest.mark.timeout(30)
+
+BIG = 1 << 40  # a checkpoint threshold no test reaches: keeps commits in the WAL
+
+
+def _repo(tmp_path: Path, **options: Any) -> Repository:
+    return Repository.init(tmp_path / "repo", **options)
+
+
+def _paths(repo: Repository, name: str) -> tuple[Path, Path]:
+    main = repo.root / f"{name}.hc"
+    return main, repo.root / f"{name}.hc-wal"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Exact equality: same types all the way down, -0.0 apart from 0.0, NaN equal to NaN,
+    dict key order included."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+# -- repository and prefix basics -------------------------------------------------------------
+
+
+def test_repository_init_is_idempotent_and_open_needs_a_marker(tmp_path: Path) -> None:
+    with Repository.init(tmp_path / "a" / "b") as repo:
+        first_id = repo.id
+    with Repository.init(tmp_path / "a" / "b") as again, Repository(tmp_path / "a" / "b") as o:
+        assert again.id == o.id == first_id
+    with pytest.raises(RepositoryNotFound) as err:
+        Repository(tmp_path)
+    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, HotcopyError)
+    (tmp_path / "bad").mkdir()
+    for damaged in ("{not json", "[]", '{"format": 1}', '{"format": 1, "id": 5}', "\xff"):
+        (tmp_path / "bad" / "hotcopy.json").write_text(damaged, errors="surrogateescape")
+        with pytest.raises(StorageError, match="damaged"):
+            Repository(tmp_path / "bad")
+    (tmp_path / "bad" / "hotcopy.json").write_text('{"format": 99, "id": "x"}')
+    with pytest.raises(StorageError, match="format 99"):
+        Repository(tmp_path / "bad")
+
+
+def test_dict_api_commit_rollback_and_sequence_numbers(tmp_path: Path) -> None:
+    with _repo(tmp_path) as repo:
+        px = repo.open_prefix("users", "rw")
+        assert (len(px), list(px), px.seq) == (0, [], 0)
+        px["bob"] = {"age": 5}
+        px["alice"] = {"age": 3}
+        assert "alice" in px and px["alice"] == {"age": 3}  # pending, seen by its writer
+        assert list(px) == ["alice", "bob"] and len(px) == 2
+        assert px.commit() == 1
+        px["carol"] = 1
+        del px["bob"]
+        assert list(px) == ["alice", "carol"]
+        px.rollback()
+        assert list(px) == ["alice", "bob"] and px.get("carol") is None
+        del px["bob"]
+        assert px.commit() == 2
+        assert px.commit() == 2  # nothing pending: no new commit
+        with pytest.raises(KeyError):
+            px["bob"]
+        assert px.get("bob", "dflt") == "dflt" and "bob" not in px and 5 not in px
+        assert repo.prefixes() == ["users"]
+        assert repo.open_prefix("users", "rw") is px  # one object per prefix per repository
+
+
+def test_another_repository_object_sees_commits_without_reopening(tmp_path: Path) -> None:
+    with (
+        _repo(tmp_path, checkpoint_bytes=BIG) as writer_repo,
+        Repository(tmp_path / "repo") as reader_repo,
+    ):
+        writer = writer_repo.open_prefix("p", "rw")
+        writer["k"] = "v1"
+        reader = reader_repo.open_prefix("p", "r")
+        assert "k" not in reader and len(reader) == 0  # pending changes are private
+        writer.commit()
+        assert reader["k"] == "v1" and reader.seq == 1
+        writer["k"] = "v2"
+        writer.commit()
+        writer.checkpoint()  # the reader must follow the WAL reset and the new segment
+        writer["j"] = "w"
+        writer.commit()
+        assert reader["k"] == "v2" and reader["j"] == "w" and reader.seq == 3
+
+
+def test_read_only_and_closed_prefixes_refuse_changes(tmp_path: Path) -> None:
+    with _repo(tmp_path) as repo:
+        px = repo.open_prefix("p", "rw")
+        px["a"] = 1
+        px.commit()
+    with Repository(tmp_path / "repo") as repo:
+        ro = repo.open_prefix("p", "r")
+        for change in (
+            lambda: ro.__setitem__("a", 2),
+            lambda: ro.__delitem__("a"),
+            ro.checkpoint,
+        ):
+            with pytest.raises(ReadOnlyError) as err:
+                change()
+            assert isinstance(err.value, PermissionError)
+        assert ro["a"] == 1
+        with pytest.raises(PrefixNotFound):
+            repo.open_prefix("missing", "r")
+        with pytest.raises(ValueError, match="mode"):
+            repo.open_prefix("p", "w")
+        ro.close()
+        ro.close()  # idempotent
+        with pytest.raises(ClosedError):
+            ro["a"]
+        with pytest.raises(ClosedError):
+            len(ro)
+        rw = repo.open_prefix("p", "rw")
+    with pytest.raises(ClosedError):
+        rw["a"]  # closing the repository closed it
+    with pytest.raises(ClosedError):
+        repo.open_prefix("p")
+
+
+def test_open_of_a_missing_prefix_read_only_touches_nothing(tmp_path: Path) -> None:
+    with _repo(tmp_path) as repo:
+        before = h.tree(tmp_path)
+        with pytest.raises(PrefixNotFound) as err:
+            repo.open_prefix("nope", "r")
+        assert isinstance(err.value, FileNotFoundError)
+        with pytest.raises(ValueError):
+            repo.open_prefix("nope", "x")
+        assert h.tree(tmp_path) == before
+
+
+def test_prefix_refuses_use_in_a_forked_child(tmp_path: Path) -> None:
+    with _repo(tmp_path) as repo:
+        px = repo.open_prefix("p", "rw")
+        px["a"] = 1
+        px.commit()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                try:
+                    px["a"]
+                except StorageError as err:
+                    code = 0 if "open the repository again" in str(err) else 2
+            finally:
+                os.write(write, bytes([code]))
+                os._exit(0)
+        try:
+            os.close(write)
+            assert os.read(read, 1) == b"\0"
+        finally:
+            os.close(read)
+            os.waitpid(pid, 0)
+        assert px["a"] == 1  # the parent's object is unaffected
+
+
+# -- value codec ---------------------------------------------------------------------------------
+
+
+ROUND_TRIP = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    2**63,
+    -(2**64) - 1,
+    2**1000,
+    10**4000,
+    0.1,
+    -0.0,
+    1e308,
+    5e-324,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    "",
+    "plain",
+    "ünïcödé 🎉 中文",
+    "\ud800",
+    "a\udfffb\ud83d",
+    "\x00nul\x1fctl",
+    "\ufeffbom",
+    b"",
+    b"\x00\xff" * 10,
+    bytes(range(256)),
+    [],
+    {},
+    [1, [2, [3, {"a": None}]], 2.5, "x"],
+    {"": 0, "k": [1.5, "x", -0.0], "\ud83d": {"nested": [True, None, float("nan")]}},
+    {"z": 1, "a": 2, "m": {"y": 0, "b": 1}},  # key order is kept
+]
+
+
+def test_codec_round_trips_every_json_type_and_bytes_exactly() -> None:
+    for value in ROUND_TRIP:
+        assert _same(decode_value(*encode_value(value)), value), value
+
+
+def test_values_round_trip_exactly_through_memory_wal_and_main_file(tmp_path: Path) -> None:
+    keys = [f"v{i:02}" for i in range(len(ROUND_TRIP))]
+    with _repo(tmp_path, checkpoint_bytes=BIG) as repo:
+        px = repo.open_prefix("vals", "rw")
+        for key, value in zip(keys, ROUND_TRIP, strict=True):
+            px[key] = value
+        for key, value in zip(keys, ROUND_TRIP, strict=True):
+            assert _same(px[key], value), (key, "pending")
+        px.commit()
+        for key, value in zip(keys, ROUND_TRIP, strict=True):
+            assert _same(px[key], value), (key, "committed, in memory")
+    for stage in ("from the WAL", "from the main file"):
+        with Repository(tmp_path / "repo") as repo:
+            px = repo.open_prefix("vals", "rw")
+            for key, value in zip(keys, ROUND_TRIP, strict=True):
+                assert _same(px[key], value), (key, stage)
+            px.checkpoint()
+
+
+REFUSED = [
+    (1, 2),
+    {1, 2},
+    frozenset(),
+    {"a": b"x"},
+    [b"x"],
+    [1, (2,)],
+    {1: "a"},
+    {None: 1},
+    {("a",): 1},
+    {"ok": {2.5: 1}},
+    bytearray(b"x"),
+    memoryview(b"x"),
+    complex(1, 2),
+    object(),
+]
+
+
+class _Color(enum.IntEnum):
+    RED = 1
+
+
+class _Text(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value", [*REFUSED, _Color.RED, _Text("x"), {"k": _Color.RED}], ids=lambda v: type(v).__name__
+)
+def test_values_that_would_not_round_trip_are_refused_with_type_error(
+    tmp_path: Path, value: Any
+) -> None:
+    with pytest.raises(TypeError):
+        encode_value(value)
+    with _repo(tmp_path) as repo:
+        px = repo.open_prefix("p", "rw")
+        px["ok"] = 1
+        px.commit()
+        with pytest.raises(TypeError):
+            px["bad"] = value
+        assert "bad" not in px and len(px) == 1
+        assert px.commit() == 1  # the refused value started no transaction
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="json.dumps refuses ints over CPython's 4300-digit str limit with ValueError: "
+    "a legal JSON int cannot be stored",
+)
+def test_ints_beyond_the_int_str_digit_limit_round_trip() -> None:
+    value = 10**5000
+    assert decode_value(*encode_value(value)) == value
+
+
+def test_keys_must_be_str_and_fit_the_key_limit_checked_at_assignment(tmp_path: Path) -> None:
+    with _repo(tmp_path) as repo:
+        px = repo.open_prefix("p", "rw")
+        px["kept"] = 1
+        for bad in (1, b"k", None, ("a",)):
+            with pytest.raises(TypeError):
+                px[bad] = 1
+            with pytest.raises(TypeError):
+                del px[bad]
+        with pytest.raises(ValueError, match="limit"):
+            px["é" * 40000] = 1  # 80,000 bytes of UTF-8: refused before it sinks the commit
+        px["\udc80" * 21845] = "max"  # 65,535 bytes with surrogatepass: allowed
+        assert px.commit() == 1
+        assert px["kept"] == 1 and px["\udc80" * 21845] == "max"
+
+
+def test_deleting_a_missing_key_does_not_keep_the_write_lease(tmp_path: Path) -> None:
+    with _repo(tmp_path) as repo, Repository(tmp_path / "repo", lease_timeout=2.0) as other:
+        px = repo.open_prefix("p", "rw")
+        with pytest.raises(KeyError):
+            del px["missing"]
+        writer = other.open_prefix("p", "rw")
+        writer["x"] = 1  # would wait for the lease (LeaseTimeout) if the failed del kept it
+        assert writer.commit() == 1
+        assert px["x"] == 1
+
+
+def test_an_abandoned_transaction_does_not_hold_the_write_lease_forever(tmp_path: Path) -> None:
+    def abandon() -> None:
+        repo = _repo(tmp_path)
+        px = repo.open_prefix("p", "rw")
+        px["a"] = 1  # takes the write lease; then every reference is dropped
+
+    abandon()
+    gc.collect()
+    with Repository(tmp_path / "repo", lease_timeout=0.5) as other:
+        px = other.open_prefix("p", "rw")
+        px["b"] = 2
+        assert px.commit() == 1 and "a" not in px
+
+
+def test_interleaved_read_modify_write_never_loses_an_update(tmp_path: Path) -> None:
+    with _repo(tmp_path) as one, Repository(tmp_path / "repo") as two:
+        first = one.open_prefix("c", "rw")
+        first["n"] = 0
+        first.commit()
+        second = two.open_prefix("c", "rw")
+        seen_by_first = first["n"]  # both read 0 ...
+        seen_by_second = second["n"]
+        first["n"] = seen_by_first + 1  # ... and both write 1
+        first.commit()
+        with pytest.raises(TransactionConflict):  # second's read is stale: refused, not lost
+            second["n"] = seen_by_second + 1
+            second.commit()
+        assert first["n"] == 1 and second["n"] == 1
+        with second.transaction():  # the lease held from before the read: no conflict
+            second["n"] += 1
+        assert first["n"] == 2
+
+
+def test_a_waiting_writer_times_out_while_a_transaction_is_open(tmp_path: Path) -> None:
+    with _repo(tmp_path) as repo, Repository(tmp_path / "repo", lease_timeout=0.2) as other:
+        px = repo.open_prefix("p", "rw")
+        px["a"] = 1  # the transaction holds the write lease until commit
+        writer = other.open_prefix("p", "rw")
+        with pytest.raises(LeaseTimeout) as err:
+            writer["b"] = 2
+        assert isinstance(err.value, TimeoutError)
+        px.commit()
+        writer["b"] = 2
+        assert writer.commit() == 2
+
+
+# -- recovery and checkpoints ---------------------------------------------------------------------
+
+
+def test_recovery_from_the_wal_and_from_main_plus_wal(tmp_path: Path) -> None:
+    model: dict[str, Any] = {}
+    with _repo(tmp_path, checkpoint_bytes=BIG) as repo:
+        px = repo.open_prefix("p", "rw")
+        for i in range(10):
+            px[f"k{i}"] = model[f"k{i}"] = i
+            if i % 3 == 2:
+                del px[f"k{i - 1}"]
+                del model[f"k{i - 1}"]
+            px.commit()
+            if i == 5:
+                px.checkpoint()
+    _, wal = _paths(repo, "p")
+    assert os.path.getsize(wal) > fmt.HEADER_SIZE  # commits 7..10 exist only in the WAL
+    with Repository(tmp_path / "repo") as repo:
+        px = repo.open_prefix("p", "r")
+        assert dict(px.items()) == model and px.seq == 10
+
+
+def test_checkpoint_on_demand_moves_the_wal_into_the_main_file(tmp_path: Path) -> None:
+    with _repo(tmp_path, checkpoint_bytes=BIG) as repo:
+        px = repo.open_prefix("p", "rw")
+        main, wal = _paths(repo, "p")
+        for i in range(5):
+            px[f"k{i}"] = "x" * i
+            px.commit()
+        assert os.path.getsize(main) == fmt.HEADER_SIZE
+        cut = px.checkpoint()
+        assert cut.seq == px.seq == 5
+        assert cut.length == os.path.getsize(main) > fmt.HEADER_SIZE
+        assert os.path.getsize(wal) == fmt.HEADER_SIZE
+        report = verify_file(main)
+        assert report.ok and (report.seq, report.keys, report.segments) == (5, 5, 1)
+        assert px.checkpoint() == cut  # nothing new: same cut, file untouched
+        assert os.path.getsize(main) == cut.length
+        px["pending"] = 1
+        second = px.checkpoint()  # pending changes stay pending, outside the cut
+        assert second == cut and px["pending"] == 1
+        assert px.commit() == 6
+        assert px.checkpoint().seq == 6 and verify_file(main).segments == 2
+
+
+def test_commit_checkpoints_automatically_past_checkpoint_bytes(tmp_path: Path) -> None:
+    threshold = 1000
+    with _repo(tmp_path, checkpoint_bytes=threshold) as repo:
+        px = repo.open_prefix("p", "rw")
+        main, wal = _paths(repo, "p")
+        checkpoints = 0
+        for i in range(12):
+            px[f"k{i}"] = "v" * 300
+            px.commit()
+            if os.path.getsize(wal) == fmt.HEADER_SIZE:
+                checkpoints += 1
+                assert verify_file(main).seq == px.seq
+            else:
+                assert os.path.getsize(wal) - fmt.HEADER_SIZE < threshold
+        assert checkpoints >= 3
+        report = verify_file(main)
+        assert report.ok and report.segments == checkpoints
+
+
+def test_every_checkpoint_cut_is_the_exact_state_at_its_commit(tmp_path: Path) -> None:
+    """Invariant 2: the main file cut at a trailer is that commit's state, standalone."""
+    rng = random.Random(7)
+    cuts = []
+    with _repo(tmp_path, checkpoint_bytes=BIG) as repo:
+        px = repo.open_prefix("p", "rw")
+        model: dict[str, Any] = {}
+        for i in range(30):
+            for _ in range(rng.randint(1, 3)):
+                key = f"k{rng.randint(0, 9)}"
+                if key in model and rng.random() < 0.3:
+                    del px[key]
+                    del model[key]
+                else:
+                    px[key] = model[key] = [i, rng.random()]
+            px.commit()
+            if rng.random() < 0.3:
+                cuts.append((px.checkpoint(), dict(model)))
+        main, _ = _paths(repo, "p")
+        data = main.read_bytes()
+    assert len(cuts) >= 3
+    for n, (cut, state) in enumerate(cuts):
+        target = Repository.init(tmp_path / f"cut{n}")
+        with target:
+            (target.root / "c.hc").write_bytes(data[: cut.length])  # no WAL beside it
+            px = target.open_prefix("c", "r")
+            assert px.seq == cut.seq and dict(px.items()) == state
+        assert verify_file(target.root / "c.hc").seq == cut.seq
+
+
+# -- prefix names ---------------------------------------------------------------------------------
+
+
+BAD_NAMES: list[Any] = [
+    "../x",
+    "a/b",
+    "/abs",
+    "",
+    ".hidden",
+    ".",
+    "..",
+    "x" * 201,
+    "has space",
+    "nul\0byte",
+    "tab\t",
+    "new\nline",
+    "trailing\n",
+    "ünï",
+    "a\\b",
+    "a:b",
+    "٣",  # a non-ASCII digit
+    None,
+    5,
+    b"bytes",
+    ["x"],
+]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+def test_bad_prefix_names_are_refused_before_any_file_is_touched(tmp_path: Path, name: Any) -> None:
+    repo = _repo(tmp_path)
+    try:
+        hc.init(tmp_path / "repo")
+        before = h.tree(tmp_path)
+        for mode in ("r", "rw"):
+            with pytest.raises(InvalidPrefixName) as err:
+                repo.open_prefix(name, mode)
+            assert isinstance(err.value, ValueError) and isinstance(err.value, StorageError)
+            with pytest.raises(InvalidPrefixName):
+                hc.open(name, mode)
+        with pytest.raises(InvalidPrefixName):
+            validate_prefix_name(name)
+        with pytest.raises(InvalidPrefixName):
+            repo.prefix_path(name)
+        assert h.tree(tmp_path) == before
+    finally:
+        hc.close()
+        repo.close()
+
+
+def test_longest_and_odd_but_valid_prefix_names_are_accepted(tmp_path: Path) -> None:
+    names = ["x" * 200, "-rf", "a.b", "A_Z-0.9", "_", "hotcopy.json", "x.hc", "x.hc-wal"]
+    with _repo(tmp_path, checkpoint_bytes=64) as repo:
+        for name in names:
+            px = repo.open_prefix(name, "rw")
+            px["k"] = name
+            px.commit()  # with checkpoint_bytes=64 this also writes the longest temp names
+        assert repo.prefixes() == sorted(names)
+    with Repository(tmp_path / "repo") as repo:
+        for name in names:
+            assert repo.open_prefix(name, "r")["k"] == name
+
+
+# -- durable file creation ------------------------------------------------------------------------
+
+
+def test_write_durably_removes_its_temp_when_the_writer_fails(tmp_path: Path) -> None:
+    before = h.tree(tmp_path)
+
+    def writer(fd: int) -> None:
+        os.write(fd, b"half")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_durably(tmp_path / "dest", writer)
+    with pytest.raises(RuntimeError):
+        write_durably(tmp_path / "dest", writer, overwrite=False)
+    assert h.tree(tmp_path) == before
+
+
+def test_write_durably_without_overwrite_leaves_an_existing_file_alone(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    write_durably(dest, b"first", overwrite=False)
+    assert dest.read_bytes() == b"first"
+    with pytest.raises(FileExistsError):
+        write_durably(dest, b"second", overwrite=False)
+    assert dest.read_bytes() == b"first" and h.tree(tmp_path) == ["dest"]
+    write_durably(dest, lambda fd: os.write(fd, b"third"))
+    assert dest.read_bytes() == b"third" and h.tree(tmp_path) == ["dest"]
+
+
+def test_stale_temps_of_dead_processes_are_swept_when_a_repository_opens(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    repo.close()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    me = os.getpid()
+    my_ticks = process_start_ticks(me)
+    assert my_ticks is not None and process_start_ticks(dead_pid) is None
+    names = {
+        "dead": f"p.hc.tmp-{dead_pid}-12345-0badf00d",
+        "reused": f"p.hc-wal.tmp-{me}-{my_ticks + 1}-deadbeef",  # our pid, another start time
+        "alive": f"hotcopy.json.tmp-{me}-{my_ticks}-cafef00d",
+    }
+    for name in names.values():
+        (repo.root / name).write_bytes(b"litter")
+    (repo.root / "p.hc.tmp-notes").write_bytes(b"not a temp name")
+    with Repository(repo.root):
+        pass
+    left = set(os.listdir(repo.root))
+    assert names["dead"] not in left and names["reused"] not in left
+    assert names["alive"] in left and "p.hc.tmp-notes" in left
+    assert sweep_stale_temps(repo.root) == []  # the live one stays on a second sweep too
+
+
+# -- the module API --------------------------------------------------------------------------------
+
+
+def test_module_api(tmp_path: Path) -> None:
+    try:
+        with pytest.raises(RuntimeError):
+            hc.get_current_prefix()
+        with pytest.raises(RuntimeError):
+            hc.open("users")  # no repository yet
+        hc.init(tmp_path / "repo")
+        with pytest.raises(RuntimeError):
+            hc.get_current_prefix()
+        px = hc.open("users", "rw")
+        assert hc.get_current_prefix() is px and hc.get_current_prefix().name == "users"
+        px.close()
+        with pytest.raises(RuntimeError):
+            hc.get_current_prefix()  # a closed prefix is not current
+        px = hc.open("users", "rw")
+        px["alice"] = {"age": 3}
+        assert hc.commit() == 1
+        hc.open("other", "rw")
+        assert hc.get_current_prefix().name == "other"
+        hc.close()
+        with pytest.raises(RuntimeError):
+            hc.get_current_prefix()
+        with pytest.raises(RuntimeError):
+            hc.commit()
+        hc.close()  # idempotent
+        hc.init(tmp_path / "repo")
+        assert hc.open("users", "r")["alice"] == {"age": 3}
+    finally:
+        hc.close()
+
+
+# -- verify_file and lazy reads --------------------------------------------------------------------
+
+
+def _small_main_file(tmp_path: Path) -> Path:
+    with _repo(tmp_path, checkpoint_bytes=BIG) as repo:
+        px = repo.open_prefix("small", "rw")
+        for i in range(12):
+            px[f"key{i % 5}"] = {"i": i, "pad": "p" * 40}
+            if i % 4 == 3:
+                px.pop(f"key{(i + 1) % 5}", None)
+            px.commit()
+            if i % 3 == 2:
+                px.checkpoint()
+        return _paths(repo, "small")[0]
+
+
+def test_verify_file_detects_a_flipped_byte_at_every_offset(tmp_path: Path) -> None:
+    main = _small_main_file(tmp_path)
+    clean = verify_file(main)
+    size = main.stat().st_size
+    assert clean.ok and clean.segments == 4 and clean.seq == 12 and 1500 < size < 4096
+    for offset in range(size):
+        original = h.flip_byte(main, offset)
+        report = verify_file(main)
+        assert not report.ok, f"a flipped byte at {offset} went unnoticed"
+        assert report.offset is not None and report.offset <= offset
+        h.flip_byte(main, offset)
+        assert main.read_bytes()[offset] == original
+    assert verify_file(main) == clean
+
+
+def test_verify_file_accepts_exactly_the_cuts_at_commit_boundaries(tmp_path: Path) -> None:
+    main = _small_main_file(tmp_path)
+    data = main.read_bytes()
+    fd = os.open(main, os.O_RDONLY)
+    try:
+        boundaries = {fmt.HEADER_SIZE}
+        reader = fmt.FileReader(fd, fmt.HEADER_SIZE, len(data))
+        while reader.pos < len(data):
+            segment = fmt.read_segment(reader, load_values=True)
+            assert segment is not None
+            boundaries.add(segment.end)
+    finally:
+        os.close(fd)
+    cut = tmp_path / "cut.hc"
+    for length in range(len(data) + 1):
+        cut.write_bytes(data[:length])
+        assert verify_file(cut).ok == (length in boundaries), length
+
+
+def test_verify_file_refuses_a_well_formed_trailer_that_does_not_match_its_segment(
+    tmp_path: Path,
+) -> None:
+    main = _small_main_file(tmp_path)
+    data = main.read_bytes()
+    fd = os.open(main, os.O_RDONLY)
+    try:
+        reader = fmt.FileReader(fd, fmt.HEADER_SIZE, len(data))
+        segment = fmt.read_segment(reader, load_values=True)
+        assert segment is not None
+    finally:
+        os.close(fd)
+    at = segment.end - fmt.TRAILER_SIZE
+    good = fmt.segment_trailer(segment.start, segment.batches)
+    assert data[at : segment.end] == good
+    n = len(segment.batches)
+    for wrong in (
+        fmt.encode_trailer(segment.last_seq, segment.start, n, 12345),  # wrong meta crc
+        fmt.encode_trailer(segment.last_seq, segment.start + 1, n, 0),
+        fmt.encode_trailer(segment.last_seq + 1, segment.start, n, 0),
+        fmt.encode_trailer(segment.last_seq, segment.start, n + 1, 0),
+    ):
+        main.write_bytes(data[:at] + wrong + data[segment.end :])
+        report = verify_file(main)
+        assert not report.ok and report.offset == at, report
+        with Repository(main.parent) as repo, pytest.raises(CorruptFileError):
+            # The WAL shows the segment was durable: a bad trailer there is damage, not a tail.
+            repo.open_prefix("small", "r")
+
+
+def test_a_reader_whose_main_file_check_came_just_before_a_checkpoint_follows_on(
+    tmp_path: Path,
+) -> None:
+    """White-box interleaving: a reader looked at the main file, then a checkpoint appended a
+    segment and reset the WAL, then the reader looks at the WAL. The new WAL's base is past what
+    the reader scanned; it must rescan the main file rather than judge the WAL foreign."""
+    with _repo(tmp_path, checkpoint_bytes=BIG) as repo, Repository(tmp_path / "repo") as other:
+        px = repo.open_prefix("p", "rw")
+        px["a"] = 1
+        px.commit()
+        reader = other.open_prefix("p", "r")
+        assert reader.seq == 1
+        px["b"] = 2
+        px.commit()
+        px.checkpoint()
+        px["c"] = 3
+        px.commit()
+        reader._sync_wal()  # the WAL half of a catch-up, as if the main-file half came first
+        assert reader._seq == 3
+        assert dict(reader.items()) == {"a": 1, "b": 2, "c": 3}
+        px["d"] = 4
+        px.commit()
+        assert reader["d"] == 4 and reader.seq == 4
+
+
+def _damage_first_segment_key(tmp_path: Path) -> tuple[Path, int]:
+    main = _small_main_file(tmp_path)
+    data = bytearray(main.read_bytes())
+    data[data.index(b"key0")] ^= 0x01  # a key in the first, long-durable segment
+    main.write_bytes(bytes(data))
+    return main, len(data)
+
+
+def test_damage_before_the_durable_boundary_is_reported_not_silently_dropped(
+    tmp_path: Path,
+) -> None:
+    main, _ = _damage_first_segment_key(tmp_path)
+    with Repository(main.parent) as repo, pytest.raises(CorruptFileError):
+        repo.open_prefix("small", "r")
+
+
+def test_a_commit_never_destroys_durable_segments_after_damage(tmp_path: Path) -> None:
+    main, size = _damage_first_segment_key(tmp_path)
+    try:
+        with Repository(main.parent) as repo:
+            px = repo.open_prefix("small", "rw")
+            px["new"] = 1
+            px.commit()
+            px.checkpoint()
+    except CorruptFileError:
+        pass  # refusing to write over damage is fine too
+    assert main.stat().st_size >= size
+
+
+def _rchar() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.timeout(60)
+def test_opening_a_prefix_does_not_read_value_bytes(tmp_path: Path) -> None:
+    big = random.Random(1).randbytes(20 << 20)
+    with _repo(tmp_path) as repo:
+        px = repo.open_prefix("big", "rw")
+        px["big"] = big
+        px["small"] = "s"
+        px.commit()  # 20 MiB is past the default checkpoint_bytes: it lands in the main file
+        main, wal = _paths(repo, "big")
+        assert os.path.getsize(wal) == fmt.HEADER_SIZE
+    before = _rchar()
+    with Repository(tmp_path / "repo") as repo:
+        px = repo.open_prefix("big", "r")
+        assert len(px) == 2 and "big" in px and "small" in px and px["small"] == "s"
+    read = _rchar() - before
+    assert read < 4 << 20, f"opening read {read} bytes"
+    h.flip_byte(main, os.path.getsize(main) // 2)  # the middle of the value's bytes
+    with Repository(tmp_path / "repo") as repo:
+        px = repo.open_prefix("big", "r")
+        assert len(px) == 2 and "big" in px and px["small"] == "s"
+        with pytest.raises(CorruptFileError):
+            px["big"]
+    assert not verify_file(main).ok
+
+
+# -- torn WAL tails, stale and foreign WALs --------------------------------------------------------
+
+
+def _three_commits(tmp_path: Path) -> tuple[Repository, dict[str, Any]]:
+    repo = _repo(tmp_path, checkpoint_bytes=BIG)
+    px = repo.open_prefix("p", "rw")
+    model: dict[str, Any] = {}
+    for i in range(3):
+        px[f"k{i}"] = model[f"k{i}"] = {"i": i, "pad": "x" * 30}
+        px["shared"] = model["shared"] = i
+        px.commit()
+    repo.close()
+    return repo, model
+
+
+@pytest.mark.parametrize("garbage_len", [1, 7, fmt.BATCH_SIZE, 200, 5000])
+def test_torn_wal_tail_recovers_to_the_last_whole_commit(tmp_path: Path, garbage_len: int) -> None:
+    repo, model = _three_commits(tmp_path)
+    _, wal = _paths(repo, "p")
+    whole = wal.read_bytes()
+    with open(wal, "ab") as f:
+        f.write(random.Random(garbage_len).randbytes(garbage_len))
+    with Repository(repo.root) as again:
+        reader = again.open_prefix("p", "r")
+        assert dict(reader.items()) == model and reader.seq == 3
+    with Repository(repo.root) as again, Repository(repo.root) as watcher:
+        watching = watcher.open_prefix("p", "r")  # opened over the garbage, then follows on
+        assert watching.seq == 3
+        px = again.open_prefix("p", "rw")
+        px["new"] = model["new"] = "after the tear"
+        assert px.commit() == 4
+        assert dict(watching.items()) == model and watching.seq == 4
+    data = wal.read_bytes()
+    assert data.startswith(whole) and len(data) > len(whole)
+    fd = os.open(wal, os.O_RDONLY)
+    try:
+        reader_ = fmt.FileReader(fd, len(whole), len(data))
+        assert fmt.read_batch(reader_, load_values=True) is not None
+        assert reader_.pos == len(data)  # the garbage is gone: the WAL ends with the commit
+    finally:
+        os.close(fd)
+    with Repository(repo.root) as again:
+        assert dict(again.open_prefix("p", "r").items()) == model
+
+
+def test_a_wal_cut_at_every_byte_of_its_last_batch_drops_just_that_commit(
+    tmp_path: Path,
+) -> None:
+    repo, model = _three_commits(tmp_path)
+    _, wal = _paths(repo, "p")
+    data = wal.read_bytes()
+    fd = os.open(wal, os.O_RDONLY)
+    try:
+        reader = fmt.FileReader(fd, fmt.HEADER_SIZE, len(data))
+        starts = []
+        while reader.pos < len(data):
+            starts.append(reader.pos)
+            assert fmt.read_batch(reader, load_values=True) is not None
+    finally:
+        os.close(fd)
+    last = starts[-1]
+    before_last = {k: v for k, v in model.items() if k != "k2"} | {"shared": 1}
+    for length in range(last, len(data) + 1):
+        wal.write_bytes(data[:length])
+        with Repository(repo.root) as again:
+            px = again.open_prefix("p", "r")
+            expected = model if length == len(data) else before_last
+            assert dict(px.items()) == expected and px.seq == (3 if expected is model else 2)
+
+
+def test_a_wal_ahead_of_the_main_file_is_ignored_batches_beyond_seq_too(tmp_path: Path) -> None:
+    repo, model = _three_commits(tmp_path)
+    _, wal = _paths(repo, "p")
+    with open(wal, "ab") as f:  # a whole, checksummed batch that does not follow commit 3
+        f.write(fmt.encode_batch(9, 1, [fmt.encode_op(fmt.OP_PUT, "ghost", 1, b"1")]))
+    whole = wal.read_bytes()[: -len(fmt.encode_batch(9, 1, [fmt.encode_op(1, "ghost", 1, b"1")]))]
+    with Repository(repo.root) as again:
+        px = again.open_prefix("p", "rw")
+        assert "ghost" not in px and px.seq == 3
+        px["real"] = model["real"] = 1
+        assert px.commit() == 4
+    data = wal.read_bytes()  # the commit replaced the stray batch: nothing of it is left
+    assert data.startswith(whole) and b"ghost" not in data
+    with Repository(repo.root) as again:
+        px = again.open_prefix("p", "r")
+        assert dict(px.items()) == model and px.seq == 4
+
+
+def test_an_older_main_copy_beside_a_newer_wal_opens_as_the_older_copy(tmp_path: Path) -> None:
+    with _repo(tmp_path, checkpoint_bytes=BIG) as repo:
+        px = repo.open_prefix("p", "rw")
+        px["a"] = "old"
+        px.commit()
+        px.checkpoint()
+    main, wal = _paths(repo, "p")
+    old_copy = tmp_path / "old.hc"
+    shutil.copy(main, old_copy)  # taken while the prefix is closed
+    with Repository(repo.root, checkpoint_bytes=BIG) as again:
+        px = again.open_prefix("p", "rw")
+        px["a"] = "new"
+        px["b"] = "new"
+        px.commit()
+        px.checkpoint()
+        px["c"] = "only in the wal"
+        px.commit()
+    assert os.path.getsize(wal) > fmt.HEADER_SIZE
+    shutil.copy(old_copy, main)
+    with Repository(repo.root) as again:
+        px = again.open_prefix("p", "r")
+        assert dict(px.items()) == {"a": "old"} and px.seq == 1
+    with Repository(repo.root) as again:
+        px = again.open_prefix("p", "rw")
+        assert dict(px.items()) == {"a": "old"}
+        px["d"] = "after restore"
+        assert px.commit() == 2
+    with Repository(repo.root) as again:
+        px = again.open_prefix("p", "r")
+        assert dict(px.items()) == {"a": "old", "d": "after restore"} and px.seq == 2
+    assert verify_file(main).ok
+
+
+def test_an_open_reader_follows_a_main_file_replaced_under_it(tmp_path: Path) -> None:
+    """A restore or compaction replaces the main file with ``os.replace``: an open reader moves
+    to the new file at its next read, and the stale WAL left beside it is not applied."""
+    with _repo(tmp_path, checkpoint_bytes=BIG) as repo:
+        px = repo.open_prefix("p", "rw")
+        px["a"] = "old"
+        px.commit()
+        px.checkpoint()
+        main, _ = _paths(repo, "p")
+        shutil.copy(main, tmp_path / "old.hc")
+        px["a"] = "new"
+        px.commit()
+        px.checkpoint()
+        px["b"] = "wal only"
+        px.commit()
+        with Repository(repo.root) as readers:
+            reader = readers.open_prefix("p", "r")
+            assert dict(reader.items()) == {"a": "new", "b": "wal only"} and reader.seq == 3
+            shutil.copy(tmp_path / "old.hc", tmp_path / "staged.hc")
+            os.replace(tmp_path / "staged.hc", main)
+            assert dict(reader.items()) == {"a": "old"} and reader.seq == 1
+
+
+def _wal_with_commits(repo_root: Path, name: str, values: dict[str, Any]) -> None:
+    with Repository(repo_root, checkpoint_bytes=BIG) as repo:
+        px = repo.open_prefix(name, "rw")
+        for key, value in values.items():
+            px[key] = value
+            px.commit()
+
+
+def test_foreign_mismatched_and_damaged_wals_are_never_applied(tmp_path: Path) -> None:
+    with _repo(tmp_path) as repo:
+        root = repo.root
+    _wal_with_commits(root, "p", {"mine": 1})
+    with Repository(root) as again:
+        again.open_prefix("p", "rw").checkpoint()  # p's state is now in p.hc alone
+    _wal_with_commits(root, "q", {"theirs": 2, "more": 3})  # q's WAL: same base_len as p's
+    _, p_wal = _paths(repo, "p")
+    _, q_wal = _paths(repo, "q")
+    p_header = fmt.unpack_wal_header(p_wal.read_bytes()[: fmt.HEADER_SIZE])
+    q_data = q_wal.read_bytes()
+    q_header = fmt.unpack_wal_header(q_data[: fmt.HEADER_SIZE])
+    same_salt_other_file = fmt.pack_wal_header(
+        fmt.WalHeader(q_header.file_id, p_header.main_salt, p_header.base_len, p_header.base_seq)
+    )
+    same_file_other_salt = fmt.pack_wal_header(
+        fmt.WalHeader(
+            p_header.file_id, p_header.main_salt ^ 1, p_header.base_len, p_header.base_seq
+        )
+    )
+    damaged = bytearray(
+        fmt.pack_wal_header(
+            fmt.WalHeader(p_header.file_id, p_header.main_salt, p_header.base_len, 1)
+        )
+    )
+    damaged[20] ^= 0xFF
+    body = q_data[fmt.HEADER_SIZE :]
+    # q's batches are commits 1 and 2; p is at commit 1 after its checkpoint, so q's commit 2
+    # would apply as p's next commit if the header check were missing.
+    for header in (q_data[: fmt.HEADER_SIZE], same_salt_other_file, same_file_other_salt):
+        p_wal.write_bytes(header + body)
+        with Repository(root) as again:
+            px = again.open_prefix("p", "r")
+            assert dict(px.items()) == {"mine": 1} and px.seq == 1, header
+    p_wal.write_bytes(bytes(damaged) + body)
+    with Repository(root) as again:
+        px = again.open_prefix("p", "rw")
+        assert dict(px.items()) == {"mine": 1}
+        px["next"] = 2
+        assert px.commit() == 2
+    with Repository(root) as again:
+        assert dict(again.open_prefix("p", "r").items()) == {"mine": 1, "next": 2}
