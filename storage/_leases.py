@@ -100,12 +100,14 @@ class FileLeases:
         }[mode]
         fds: list[int] = []
         try:
+            if os.environ.get("HOTCOPY_TEST_BREAK") == "lease-granted-twice" and mode == "write":
+                plan = []  # broken on purpose (scripts/stress.py --break): no exclusion at all
             for suffix, operation in plan:
                 path = self._dir / f"{prefix}.{suffix}"
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 fds.append(fd)
                 _flock_until(fd, operation, deadline, timeout == 0, prefix, mode)
-            token = _next_token(fds[0]) if mode in ("write", "exclusive") else 0
+            token = _next_token(fds[0]) if fds and mode in ("write", "exclusive") else 0
         except BaseException:
             for fd in fds:
                 os.close(fd)

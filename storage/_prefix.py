@@ -68,6 +68,12 @@ def _fault_due(point: str) -> bool:
     return True
 
 
+# Test-only broken builds, so the stress checker can show it catches real faults:
+# HOTCOPY_TEST_BREAK=ack-before-write | copy-without-checkpoint (| lease-granted-twice, in
+# _leases.py). Never set outside scripts/stress.py --break.
+_BREAK = os.environ.get("HOTCOPY_TEST_BREAK", "")
+
+
 def _fault(point: str) -> None:
     if _fault_due(point):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -138,6 +144,7 @@ class Prefix(MutableMapping[str, Any]):
         # The oldest commit this object read at since its last commit or rollback: a write
         # built on it must not land on a newer state (no lost updates).
         self._read_seq: int | None = None
+        self._deferred = b""  # only under HOTCOPY_TEST_BREAK=ack-before-write
         self._main_fd = -1
         self._main_ino = -1
         self._header: fmt.MainHeader
@@ -295,11 +302,15 @@ class Prefix(MutableMapping[str, Any]):
                 if _fault_due("commit:torn-wal-write"):
                     os.pwrite(self._wal_fd, frame[: len(frame) // 2], self._wal_pos)
                     os.kill(os.getpid(), signal.SIGKILL)
-                _pwrite_all(self._wal_fd, frame, self._wal_pos)
-                _fault("commit:after-wal-write")
-                os.fdatasync(self._wal_fd)
-                _fault("commit:after-wal-fsync")
-                self._wal_pos += len(frame)
+                if _BREAK == "ack-before-write" and not self._deferred:
+                    self._deferred = frame  # broken on purpose: acknowledged, written later
+                else:
+                    frame, self._deferred = self._deferred + frame, b""
+                    _pwrite_all(self._wal_fd, frame, self._wal_pos)
+                    _fault("commit:after-wal-write")
+                    os.fdatasync(self._wal_fd)
+                    _fault("commit:after-wal-fsync")
+                    self._wal_pos += len(frame)
                 for key, pending in self._pending.items():
                     self._apply_in_memory(key, pending, seq)
                 self._seq = seq
@@ -366,6 +377,9 @@ class Prefix(MutableMapping[str, Any]):
                 # that was never fsynced nor value-checked; finish that first, so the cut
                 # returned (what copy_prefix copies) is durable and sound.
                 self._prepare_wal_for_append()
+                if _BREAK == "copy-without-checkpoint":  # broken on purpose
+                    cut = Cut(self._scanned_end, self._seq, self._header.file_id)
+                    return cut, os.dup(self._main_fd)
                 return self._checkpoint_locked(), os.dup(self._main_fd)
         finally:
             if owned:

@@ -1,0 +1,563 @@
+"""Stress and chaos test of hotcopy: writers, readers, copiers and backups at full speed while
+processes are killed and stopped at random; then independent checks of what survived.
+
+Writers commit transactions that prove themselves: writer w's n-th transaction on its prefix
+writes the record ``w<w>/<n>`` and the counter ``w<w>/last = n`` together, and after commit()
+returns appends ``n`` to its own fsynced journal. Every check at the end is against those
+journals and that rule, not against hotcopy's own bookkeeping:
+
+- every acknowledged commit is in the live repository (records 1..n and a counter >= n);
+- every copy and every backup restores and holds, for each writer, exactly records 1..last;
+- readers never saw a counter without its record, or a counter go backwards;
+- no two writers were ever inside the write lease of one prefix at once (an O_EXCL marker);
+- a killed lease holder's prefix was writable again within the promised bound;
+- no temp file is left behind.
+
+    python scripts/stress.py --duration 60 --chaos --json
+    python scripts/stress.py --break ack-before-write --chaos   # a broken build must fail
+
+Exit status 0 only when no violation was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("writer", "reader", "copier", "backup")
+LEASE_BOUND_S = 5.0  # a dead holder's lease must be free again within this (plus a commit)
+
+
+# ---------------------------------------------------------------------------------------------
+# roles (each runs in its own process: `stress.py --role ROLE --work DIR --index I ...`)
+
+
+def _stop_requested(work: Path) -> bool:
+    return (work / "stop").exists()
+
+
+def _append_fsynced(path: Path, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")
+    return [line for line in lines[:-1] if line]  # a torn last line was never acknowledged
+
+
+def prefix_of(writer: int, prefixes: int) -> str:
+    return f"s{writer % prefixes}"
+
+
+def role_writer(work: Path, index: int, prefixes: int) -> None:
+    from hotcopy.coordinator._errors import LeaseError
+    from hotcopy.storage import Repository, TransactionConflict
+
+    journal = work / f"journal-{index}.log"
+    name = prefix_of(index, prefixes)
+    marker = work / "markers" / name
+    key = f"w{index}"
+    with Repository.init(work / "repo") as repo:
+        px = repo.open_prefix(name, "rw")
+        acknowledged = [int(line.split()[0]) for line in _read_lines(journal)]
+        n = max([px.get(f"{key}/last", 0), *acknowledged])
+        while not _stop_requested(work):
+            n += 1
+            began = time.monotonic()
+            try:
+                with px.transaction():
+                    _enter_marker(marker, work)
+                    px[f"{key}/{n}"] = {"n": n, "pad": "x" * 64}
+                    px[f"{key}/last"] = n
+                    _leave_marker(marker)
+            except (TransactionConflict, LeaseError):
+                n -= 1  # refused before anything was written: try the same n again
+                continue
+            seq = px.seq
+            _append_fsynced(journal, f"{n} {seq} {time.monotonic() - began:.6f} {time.time():.6f}")
+
+
+def _enter_marker(marker: Path, work: Path) -> None:
+    """Overlap detector: one O_EXCL file per prefix while its write lease is held."""
+    while True:
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(marker.read_text() or "0")
+            except (FileNotFoundError, ValueError):
+                continue
+            if holder and _pid_alive(holder):
+                _append_fsynced(
+                    work / "violations.log",
+                    f"lease overlap on {marker.name}: pid {os.getpid()} entered while "
+                    f"pid {holder} was inside",
+                )
+                return
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()  # left by a killed holder
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return
+
+
+def _leave_marker(marker: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        marker.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purpose
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def role_reader(work: Path, index: int, prefixes: int, writers: int) -> None:
+    from hotcopy.storage import PrefixNotFound, Repository
+
+    seen: dict[int, int] = {}
+    checks = 0
+    with Repository.init(work / "repo") as repo:
+        while not _stop_requested(work):
+            w = random.randrange(writers)
+            try:
+                px = repo.open_prefix(prefix_of(w, prefixes), "r")
+            except PrefixNotFound:
+                continue
+            last = px.get(f"w{w}/last", 0)
+            if last and f"w{w}/{last}" not in px:
+                _append_fsynced(
+                    work / "violations.log", f"reader {index}: w{w}/last={last} without its record"
+                )
+            if last < seen.get(w, 0):
+                _append_fsynced(
+                    work / "violations.log",
+                    f"reader {index}: w{w}/last went back from {seen[w]} to {last}",
+                )
+            seen[w] = max(seen.get(w, 0), last)
+            checks += 1
+            if checks % 50 == 0:
+                _append_fsynced(work / f"reader-{index}.log", str(checks))
+
+
+def role_copier(work: Path, index: int, prefixes: int) -> None:
+    from hotcopy.storage import Repository
+
+    out = work / "copies"
+    number = len(_read_lines(work / f"copies-{index}.log"))
+    with Repository.init(work / "repo") as repo:
+        while not _stop_requested(work):
+            name = f"s{random.randrange(prefixes)}"
+            if not repo.prefix_path(name).exists():
+                continue
+            number += 1
+            dest = out / f"c{index}-{number}-{name}.hc"
+            result = repo.copy_prefix(dest, name, 1 << 20)
+            _append_fsynced(
+                work / f"copies-{index}.log",
+                json.dumps(
+                    {
+                        "path": dest.name,
+                        "prefix": name,
+                        "seq": result.seq,
+                        "bytes": result.length,
+                        "seconds": result.seconds,
+                    }
+                ),
+            )
+
+
+def role_backup(work: Path, interval: float) -> None:
+    from hotcopy.workers import backup
+
+    incremental = False
+    while not _stop_requested(work):
+        result = backup(work / "repo", work / "backups", jobs=2, incremental=incremental)
+        _append_fsynced(
+            work / "backups.log", json.dumps({"id": result.id, "failed": result.failed})
+        )
+        incremental = True
+        deadline = time.monotonic() + interval
+        while time.monotonic() < deadline and not _stop_requested(work):
+            time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# the supervisor
+
+
+@dataclass
+class Proc:
+    role: str
+    index: int
+    popen: subprocess.Popen[bytes]
+    stopped: bool = False
+
+
+@dataclass
+class Supervisor:
+    args: argparse.Namespace
+    work: Path
+    rng: random.Random
+    procs: list[Proc] = field(default_factory=list)
+    killed: int = 0
+    stopped: int = 0
+    kills: list[tuple[str, int, float]] = field(default_factory=list)  # role, index, when
+
+    def command(self, role: str, index: int) -> list[str]:
+        a = self.args
+        return [
+            sys.executable,
+            __file__,
+            "--role",
+            role,
+            "--work",
+            str(self.work),
+            "--index",
+            str(index),
+            "--prefixes",
+            str(a.prefixes),
+            "--writers",
+            str(a.writers),
+            "--backup-interval",
+            str(a.backup_interval),
+        ]
+
+    def start(self, role: str, index: int) -> Proc:
+        env = dict(os.environ)
+        if self.args.broken:
+            env["HOTCOPY_TEST_BREAK"] = self.args.broken
+        log = open(self.work / "logs" / f"{role}-{index}.log", "ab")  # noqa: SIM115
+        popen = subprocess.Popen(
+            self.command(role, index), stdout=log, stderr=log, env=env, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        proc = Proc(role, index, popen)
+        self.procs.append(proc)
+        return proc
+
+    def start_all(self) -> None:
+        a = self.args
+        for role, count in (("writer", a.writers), ("reader", a.readers), ("copier", a.copiers)):
+            for i in range(count):
+                self.start(role, i)
+        if a.backup_interval > 0:
+            self.start("backup", 0)
+
+    def chaos_step(self) -> None:
+        alive = [p for p in self.procs if p.popen.poll() is None and not p.stopped]
+        if not alive:
+            return
+        victim = self.rng.choice(alive)
+        if self.rng.random() < 0.7:
+            victim.popen.kill()
+            victim.popen.wait()
+            self.killed += 1
+            self.kills.append((victim.role, victim.index, time.time()))
+            self.procs.remove(victim)
+            self.start(victim.role, victim.index)
+        else:
+            victim.popen.send_signal(signal.SIGSTOP)
+            victim.stopped = True
+            self.stopped += 1
+            pause = self.rng.uniform(0.05, 1.0)
+            time.sleep(pause)
+            victim.popen.send_signal(signal.SIGCONT)
+            victim.stopped = False
+
+    def restart_crashed(self) -> list[str]:
+        """Processes that exited on their own are failures of the code under test."""
+        problems = []
+        for proc in list(self.procs):
+            code = proc.popen.poll()
+            if code is not None:
+                problems.append(f"{proc.role} {proc.index} exited with {code} unprompted")
+                self.procs.remove(proc)
+                self.start(proc.role, proc.index)
+        return problems
+
+    def stop_all(self) -> None:
+        (self.work / "stop").touch()
+        for proc in self.procs:
+            if proc.stopped:
+                proc.popen.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        for proc in self.procs:
+            try:
+                proc.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# the checks
+
+
+def check_prefix_state(state: dict[str, Any], writers: list[int], where: str) -> list[str]:
+    """Each writer's records are exactly 1..last on this state."""
+    problems = []
+    for w in writers:
+        last = state.get(f"w{w}/last", 0)
+        records = {
+            int(key.rsplit("/", 1)[1])
+            for key in state
+            if key.startswith(f"w{w}/") and key != f"w{w}/last"
+        }
+        if records != set(range(1, last + 1)):
+            missing = sorted(set(range(1, last + 1)) - records)[:5]
+            extra = sorted(records - set(range(1, last + 1)))[:5]
+            problems.append(f"{where}: w{w} last={last} missing={missing} beyond={extra}")
+    return problems
+
+
+def writers_of(name: str, writers: int, prefixes: int) -> list[int]:
+    return [w for w in range(writers) if prefix_of(w, prefixes) == name]
+
+
+def final_checks(sup: Supervisor) -> dict[str, Any]:
+    from hotcopy.storage import Repository, verify_file
+    from hotcopy.workers import Catalog, restore
+
+    a, work = sup.args, sup.work
+    violations = _read_lines(work / "violations.log")
+    acknowledged = 0
+    latencies: list[float] = []
+    commits_by_prefix: dict[str, list[float]] = {}
+    with Repository(work / "repo") as repo:
+        states = {}
+        for name in repo.prefixes():
+            px = repo.open_prefix(name, "r")
+            states[name] = {key: px[key] for key in px}
+        for w in range(a.writers):
+            name = prefix_of(w, a.prefixes)
+            rows = [line.split() for line in _read_lines(work / f"journal-{w}.log")]
+            acknowledged += len(rows)
+            latencies += [float(row[2]) for row in rows]
+            commits_by_prefix.setdefault(name, []).extend(float(row[3]) for row in rows)
+            if not rows:
+                continue
+            last_ack = max(int(row[0]) for row in rows)
+            state = states.get(name, {})
+            if state.get(f"w{w}/last", 0) < last_ack:
+                violations.append(
+                    f"live {name}: w{w} acknowledged {last_ack}, repository has "
+                    f"{state.get(f'w{w}/last', 0)}"
+                )
+        for name, state in states.items():
+            violations += check_prefix_state(state, writers_of(name, a.writers, a.prefixes), name)
+
+    # Copies: each standalone copy holds exactly its claimed commit, consistently.
+    snapshots = 0
+    copy_bytes = 0
+    copy_seconds = 0.0
+    scratch = work / "scratch"
+    for c in range(a.copiers):
+        last_seq: dict[str, int] = {}
+        for line in _read_lines(work / f"copies-{c}.log"):
+            entry = json.loads(line)
+            path = work / "copies" / entry["path"]
+            report = verify_file(path)
+            if not report.ok:
+                violations.append(f"copy {path.name}: {report.error} at {report.offset}")
+                continue
+            if report.seq != entry["seq"]:
+                violations.append(
+                    f"copy {path.name}: holds commit {report.seq}, copy_prefix said {entry['seq']}"
+                )
+            if entry["seq"] < last_seq.get(entry["prefix"], 0):
+                violations.append(f"copy {path.name}: went back in time")
+            last_seq[entry["prefix"]] = entry["seq"]
+            shutil.rmtree(scratch, ignore_errors=True)
+            try:
+                with Repository.init(scratch) as repo:
+                    repo.restore_prefix(path, entry["prefix"])
+                    px = repo.open_prefix(entry["prefix"], "r")
+                    state = {key: px[key] for key in px}
+            except Exception as err:
+                violations.append(f"copy {path.name} does not restore: {err}")
+                continue
+            violations += check_prefix_state(
+                state, writers_of(entry["prefix"], a.writers, a.prefixes), f"copy {path.name}"
+            )
+            snapshots += 1
+            copy_bytes += entry["bytes"]
+            copy_seconds += entry["seconds"]
+
+    # Backups: the catalog verifies, and every complete backup restores consistently.
+    backups = 0
+    if (work / "backups").exists():
+        catalog = Catalog(work / "backups")
+        violations += [
+            f"backup catalog: {problem}"
+            for problem in catalog.verify()
+            if "no manifest" not in problem
+        ]  # a killed run leaves no manifest: fine
+        for manifest in catalog.manifests():
+            shutil.rmtree(scratch, ignore_errors=True)
+            try:
+                restore(work / "backups", scratch, at=manifest.id)
+            except Exception as err:
+                violations.append(f"backup {manifest.id} does not restore: {err}")
+                continue
+            with Repository(scratch) as repo:
+                for name in repo.prefixes():
+                    px = repo.open_prefix(name, "r")
+                    state = {key: px[key] for key in px}
+                    if px.seq != manifest.entries[name].seq:
+                        violations.append(f"backup {manifest.id}/{name}: wrong commit restored")
+                    violations += check_prefix_state(
+                        state, writers_of(name, a.writers, a.prefixes), f"backup {manifest.id}"
+                    )
+            backups += 1
+
+    # A killed writer's prefix is writable again within the bound.
+    for role, index, when in sup.kills:
+        if role != "writer":
+            continue
+        later = [t for t in commits_by_prefix.get(prefix_of(index, a.prefixes), []) if t > when]
+        if later and min(later) - when > LEASE_BOUND_S:
+            violations.append(
+                f"prefix {prefix_of(index, a.prefixes)}: no commit for "
+                f"{min(later) - when:.1f} s after writer {index} was killed"
+            )
+
+    # No litter: temps of dead processes are swept on open; none may survive that.
+    shutil.rmtree(scratch, ignore_errors=True)
+    Repository(work / "repo").close()
+    for directory in (work / "repo", work / "copies", work / "backups"):
+        if directory.exists():
+            from hotcopy.storage._durable import sweep_stale_temps
+
+            sweep_stale_temps(directory)
+            for found in directory.rglob("*.tmp-*"):
+                violations.append(f"temp file left behind: {found}")
+
+    latencies.sort()
+    return {
+        "violations": len(violations),
+        "violation_details": violations[:50],
+        "acknowledged_commits": acknowledged,
+        "snapshots_verified": snapshots,
+        "backups_verified": backups,
+        "processes_killed": sup.killed,
+        "processes_stopped": sup.stopped,
+        "coordinator_restarts": 0,
+        "commit_latency_p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+        "commit_latency_p99_ms": (
+            1000 * latencies[int(len(latencies) * 0.99)] if latencies else None
+        ),
+        "copy_throughput_mib_s": copy_bytes / (1 << 20) / copy_seconds if copy_seconds else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, help="work directory (default: a temporary one)")
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--writers", type=int, default=4)
+    parser.add_argument("--readers", type=int, default=2)
+    parser.add_argument("--copiers", type=int, default=1)
+    parser.add_argument("--prefixes", type=int, default=2)
+    parser.add_argument("--backup-interval", type=float, default=5.0, help="0: no backups")
+    parser.add_argument("--chaos", action="store_true", help="SIGKILL/SIGSTOP processes")
+    parser.add_argument("--chaos-interval", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--break",
+        dest="broken",
+        choices=("ack-before-write", "copy-without-checkpoint", "lease-granted-twice"),
+        help="run a deliberately broken build (test-only switch): the checks must fail",
+    )
+    parser.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.role is not None:
+        random.seed(os.getpid() ^ int(time.time() * 1000))
+        if args.role == "writer":
+            role_writer(args.work, args.index, args.prefixes)
+        elif args.role == "reader":
+            role_reader(args.work, args.index, args.prefixes, args.writers)
+        elif args.role == "copier":
+            role_copier(args.work, args.index, args.prefixes)
+        else:
+            role_backup(args.work, args.backup_interval)
+        return 0
+
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    work = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="hotcopy-stress-"))
+    for sub in ("logs", "markers", "copies"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    from hotcopy.storage import Repository
+
+    Repository.init(work / "repo").close()
+    sup = Supervisor(args, work, random.Random(seed))
+    unprompted: list[str] = []
+    began = time.monotonic()
+    try:
+        sup.start_all()
+        next_chaos = began + args.chaos_interval
+        while time.monotonic() - began < args.duration:
+            time.sleep(0.05)
+            unprompted += sup.restart_crashed()
+            if args.chaos and time.monotonic() >= next_chaos:
+                sup.chaos_step()
+                next_chaos = time.monotonic() + sup.rng.uniform(0.2, 2 * args.chaos_interval)
+    finally:
+        sup.stop_all()
+    results = final_checks(sup)
+    results["violation_details"] = unprompted + results["violation_details"]
+    results["violations"] += len(unprompted)
+    results.update(seed=seed, duration_s=round(time.monotonic() - began, 1), work=str(work))
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for key, value in results.items():
+            if key != "violation_details":
+                print(f"{key:>24}: {value}")
+        for detail in results["violation_details"]:
+            print(f"  VIOLATION {detail}")
+    if not args.keep and results["violations"] == 0:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if results["violations"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

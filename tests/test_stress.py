@@ -1,0 +1,76 @@
+"""The stress checker passes a sound build and catches deliberately broken ones.
+
+A checker that cannot fail proves nothing: each broken build (a test-only switch,
+HOTCOPY_TEST_BREAK, read by storage) must be reported as a violation with exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STRESS = Path(__file__).resolve().parent.parent / "scripts" / "stress.py"
+
+
+def _run(tmp_path: Path, *extra: str) -> tuple[int, dict[str, object]]:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(STRESS),
+            "--root",
+            str(tmp_path / "work"),
+            "--duration",
+            "4",
+            "--writers",
+            "3",
+            "--readers",
+            "1",
+            "--copiers",
+            "1",
+            "--backup-interval",
+            "1.5",
+            "--chaos",
+            "--chaos-interval",
+            "0.5",
+            "--seed",
+            "7",
+            "--json",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    return proc.returncode, json.loads(proc.stdout)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_a_sound_build_survives_chaos_with_no_violation(tmp_path: Path) -> None:
+    code, result = _run(tmp_path)
+    assert result["violations"] == 0, result["violation_details"]
+    assert code == 0
+    assert result["acknowledged_commits"] > 0 and result["snapshots_verified"] > 0
+    assert result["processes_killed"] + result["processes_stopped"] > 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    ("broken", "symptom"),
+    [
+        ("ack-before-write", "acknowledged"),
+        ("copy-without-checkpoint", "copy_prefix said"),
+        ("lease-granted-twice", "lease overlap"),
+    ],
+)
+def test_a_broken_build_is_reported(tmp_path: Path, broken: str, symptom: str) -> None:
+    code, result = _run(tmp_path, "--break", broken)
+    assert code == 1
+    details = result["violation_details"]
+    assert result["violations"] > 0
+    assert any(symptom in detail for detail in details), details
