@@ -123,7 +123,7 @@ def _load_syncfs() -> Callable[[int], int] | None:
         return None
     function.argtypes = (ctypes.c_int,)
     function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 _syncfs = _load_syncfs()

@@ -181,7 +181,16 @@ class Repository:
     ) -> int:
         """Replace (``force``) or create ``prefix`` from a copy; return its commit number."""
         self._check_open()
-        return restore_prefix_file(self, source, validate_prefix_name(prefix), force=force)
+        validate_prefix_name(prefix)
+        open_prefix = self.open_prefixes().get(prefix)
+        if open_prefix is not None and open_prefix._lease is not None:
+            # Our own transaction holds the write lease the exclusive lease waits for: refuse
+            # (as compaction does) rather than wait on ourselves for ever.
+            raise StorageError(
+                f"prefix {prefix!r} has a transaction in progress; commit or roll back first",
+                prefix=prefix,
+            )
+        return restore_prefix_file(self, source, prefix, force=force)
 
     def prefixes(self) -> list[str]:
         """Names of every prefix in the repository, sorted."""
