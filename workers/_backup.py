@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, wait
@@ -19,10 +21,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hotcopy.storage import PrefixNotFound, Repository
-from hotcopy.storage._copy import DEFAULT_STEP, BaseRef, CopyResult, restore_chain
-from hotcopy.storage._durable import sync_filesystem
+from hotcopy.storage import FileLeases, PrefixNotFound, Repository
+from hotcopy.storage._copy import DEFAULT_STEP, BaseRef, CopyResult, Piece, restore_chain
+from hotcopy.storage._durable import fsync_dir, sync_filesystem
 from hotcopy.storage._prefix import Cut, Prefix
+from hotcopy.storage._repository import RUNTIME_DIR
 
 from ._catalog import Catalog, Entry, Manifest
 from ._errors import BackupError
@@ -347,9 +350,43 @@ def restore(
         )
     chains = {name: catalog.pieces(manifest, name) for name in names}
     total = sum(piece.size for pieces in chains.values() for piece in pieces)
+    restored: dict[str, int] = {}
+    fresh = not target.exists() or not any(target.iterdir())
+    if not fresh:  # --force into a repository: prefix by prefix, each under its exclusive lease
+        _restore_into(target, None, names, chains, manifest, force, progress, total, restored)
+    else:
+        # All or nothing: build the repository beside ROOT, then rename it into place (rename
+        # replaces an empty directory), so a failed restore leaves ROOT as it was.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.restoring-", dir=target.parent))
+        try:
+            leases = FileLeases(staging / RUNTIME_DIR)  # nobody else can know this directory
+            _restore_into(
+                staging, leases, names, chains, manifest, force, progress, total, restored
+            )
+            os.rename(staging, target)
+            fsync_dir(target.parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    if progress is not None:
+        progress(len(names), len(names), total, total)
+    return RestoreResult(manifest.id, str(target), restored, total, time.monotonic() - began)
+
+
+def _restore_into(
+    target: Path,
+    leases: FileLeases | None,
+    names: list[str],
+    chains: dict[str, list[Piece]],
+    manifest: Manifest,
+    force: bool,
+    progress: BackupProgress | None,
+    total: int,
+    restored: dict[str, int],
+) -> None:
     done_bytes = 0
-    restored = {}
-    with Repository.init(target) as repo:
+    with Repository.init(target, leases=leases) as repo:
         for number, name in enumerate(names):
 
             def step(done: int, _: int, base: int = done_bytes, number: int = number) -> None:
@@ -365,9 +402,6 @@ def restore(
                 progress=step,
             )
             done_bytes += sum(piece.size for piece in chains[name])
-    if progress is not None:
-        progress(len(names), len(names), total, total)
-    return RestoreResult(manifest.id, str(target), restored, total, time.monotonic() - began)
 
 
 def prune(dest_dir: str | os.PathLike[str], keep: int) -> list[str]:

@@ -20,6 +20,7 @@ another chain is never applied.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -97,6 +98,13 @@ class Manifest:
         )
 
 
+def _manifest_checksum(body: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON without its checksum: any flipped byte shows."""
+    content = {key: value for key, value in body.items() if key != "checksum"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()
+
+
 def backup_time(backup_id: str) -> float:
     match = _ID.fullmatch(backup_id)
     if match is None:
@@ -165,7 +173,9 @@ class Catalog:
             return backup_id, path
 
     def write_manifest(self, manifest: Manifest) -> None:
-        data = json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode()
+        body = manifest.to_json()
+        body["checksum"] = _manifest_checksum(body)
+        data = json.dumps(body, indent=1, sort_keys=True).encode()
         write_durably(self.path / manifest.id / MANIFEST, data)
 
     def load(self, backup_id: str) -> Manifest:
@@ -177,7 +187,16 @@ class Catalog:
             ) from None
         except ValueError as err:
             raise CatalogError(f"manifest of {backup_id} is damaged: {err}") from err
-        manifest = Manifest.from_json(data)
+        if not isinstance(data, dict) or data.get("checksum") != _manifest_checksum(data):
+            raise CatalogError(f"manifest of {backup_id} is damaged: checksum mismatch")
+        try:
+            manifest = Manifest.from_json(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            # Valid JSON of the wrong shape (a damaged key, a missing field) is damage too, not
+            # a crash of every command that lists the catalog.
+            raise CatalogError(
+                f"manifest of {backup_id} is damaged: {type(err).__name__}: {err}"
+            ) from err
         if manifest.id != backup_id:
             raise CatalogError(f"manifest in {backup_id} names backup {manifest.id}")
         return manifest
@@ -239,8 +258,8 @@ class Catalog:
 
     def pick(self, at: str | None) -> Manifest:
         """The backup named ``at``, or the newest at or before the ISO time ``at``."""
-        manifests = self.manifests()
         if at is None:
+            manifests = self.manifests()
             if not manifests:
                 raise BackupNotFound(f"no complete backup in {self.path}")
             return manifests[-1]
@@ -255,7 +274,9 @@ class Catalog:
             raise CatalogError(
                 f"--at {at!r} is neither a backup id nor an ISO time (e.g. 2026-11-22T07:30:00)"
             ) from None
-        earlier = [manifest for manifest in manifests if manifest.created <= moment]
+        # Only a choice by time needs every manifest: one backup named by its id is found (or
+        # not) by itself, even if another backup's manifest is damaged.
+        earlier = [manifest for manifest in self.manifests() if manifest.created <= moment]
         if not earlier:
             raise BackupNotFound(f"no complete backup at or before {at} in {self.path}")
         return earlier[-1]

@@ -12,6 +12,7 @@ import traceback
 from typing import Any
 
 from multiprocess.connection import Connection
+from multiprocess.reduction import ForkingPickler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     conn = Connection(int(args[0]))
     while True:
         try:
-            job = conn.recv()
+            raw = conn.recv_bytes()
         except (EOFError, OSError):
             return 0  # the parent is gone
+        try:
+            job = ForkingPickler.loads(raw)
+        except Exception as err:  # e.g. the job's module is not importable here: fail the job,
+            conn.send((False, err, traceback.format_exc()))  # not the worker
+            continue
         if job is None:
             return 0
         fn, fn_args, fn_kwargs = job

@@ -9,8 +9,12 @@ did, key by key, last write winning:
 ```
 
 A ``"type": "full"`` document holds every live record of each prefix in ``upserts``; applying it
-makes the prefix hold exactly those records. ``bytes`` values, which JSON cannot hold, appear as
-``{"$base64": "..."}``.
+makes the prefix hold exactly those records. In a delta document, a prefix that was copied in
+full (new, compacted or otherwise rewritten since its previous backup, so no delta exists) is
+marked ``"full": true`` and is applied the same way: what a rewrite dropped is deleted.
+``bytes`` values, which JSON cannot hold, appear as ``{"$base64": "..."}``; a stored one-key
+dict whose key is ``$base64`` or ``$dict`` is written as ``{"$dict": {...}}``, so nothing is
+mistaken for bytes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from hotcopy.storage._durable import write_durably
 from ._errors import BackupError
 
 _BYTES_KEY = "$base64"
+_DICT_KEY = "$dict"  # escapes a stored one-key dict whose key is one of these tags
+_TAGS = (_BYTES_KEY, _DICT_KEY)
 
 
 def changes_in(path: str | os.PathLike[str], *, full: bool) -> tuple[dict[str, Any], list[str]]:
@@ -60,24 +66,27 @@ def changes_in(path: str | os.PathLike[str], *, full: bool) -> tuple[dict[str, A
 
 
 def write_document(
-    path: Path, kind: str, timestamp: float, prefixes: dict[str, tuple[dict[str, Any], list[str]]]
+    path: Path,
+    kind: str,
+    timestamp: float,
+    prefixes: dict[str, tuple[dict[str, Any], list[str]]],
+    full_prefixes: frozenset[str] = frozenset(),
 ) -> None:
-    document = {
-        "type": kind,
-        "timestamp": timestamp,
-        "prefixes": {
-            name: {"upserts": upserts, "deletes": deletes}
-            for name, (upserts, deletes) in sorted(prefixes.items())
-        },
-    }
+    """Write a logical document; ``full_prefixes`` (of a delta) hold all their live records."""
+    changes: dict[str, dict[str, Any]] = {}
+    for name, (upserts, deletes) in sorted(prefixes.items()):
+        changes[name] = {"upserts": upserts, "deletes": deletes}
+        if kind == "delta" and name in full_prefixes:
+            changes[name]["full"] = True
+    document = {"type": kind, "timestamp": timestamp, "prefixes": changes}
     write_durably(path, json.dumps(document, ensure_ascii=False).encode())
 
 
 def apply_delta(repo: Repository | str | os.PathLike[str], path: str | os.PathLike[str]) -> int:
     """Apply a logical backup document to a repository; return the number of records affected.
 
-    Each prefix changes in one transaction. A ``full`` document also deletes the records it
-    does not hold.
+    Each prefix changes in one transaction. A ``full`` document, or a prefix marked ``full`` in
+    a delta document, also deletes the records it does not hold.
     """
     document = json.loads(Path(path).read_text())
     if document.get("type") not in ("delta", "full"):
@@ -90,7 +99,7 @@ def apply_delta(repo: Repository | str | os.PathLike[str], path: str | os.PathLi
             with repository.open_prefix(name, "rw") as prefix:
                 upserts = change.get("upserts", {})
                 deletes = list(change.get("deletes", []))
-                if document["type"] == "full":
+                if document["type"] == "full" or change.get("full", False):
                     deletes += [key for key in prefix if key not in upserts]
                 for key, value in upserts.items():
                     prefix[key] = _from_json(value)
@@ -109,10 +118,15 @@ def apply_delta(repo: Repository | str | os.PathLike[str], path: str | os.PathLi
 def _to_json(value: Any) -> Any:
     if isinstance(value, bytes):
         return {_BYTES_KEY: base64.b64encode(value).decode("ascii")}
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in _TAGS:
+        return {_DICT_KEY: value}  # a stored dict that looks like a tag: escaped
     return value
 
 
 def _from_json(value: Any) -> Any:
-    if isinstance(value, dict) and len(value) == 1 and _BYTES_KEY in value:
-        return base64.b64decode(value[_BYTES_KEY])
+    if isinstance(value, dict) and len(value) == 1:
+        if _BYTES_KEY in value:
+            return base64.b64decode(value[_BYTES_KEY])
+        if _DICT_KEY in value:
+            return value[_DICT_KEY]
     return value

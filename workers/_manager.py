@@ -211,4 +211,7 @@ class BackupManager:
             "full" if full else "delta",
             manifest.created,
             prefixes,
+            # A full copy inside a delta backup (a new or compacted prefix): applying it must
+            # also drop what the rewrite dropped, or a replay resurrects deleted records.
+            frozenset(name for name, entry in manifest.entries.items() if entry.kind == "full"),
         )

@@ -42,7 +42,8 @@ class _Worker:
         ours, theirs = socket.socketpair()
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "hotcopy.workers._copy_worker", str(theirs.fileno())],
+                # -P: the working directory must not shadow any module the worker imports.
+                [sys.executable, "-P", "-m", "hotcopy.workers._copy_worker", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
             )
@@ -87,6 +88,8 @@ class CopyWorkerPool(Executor):
         ] = collections.deque()
         self._mutex = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)  # a full pipe already holds a pending wake-up
+        self._pipe_open = True  # under _mutex: the dispatcher closes the pipe when it ends
         self._stopping = False
         self._workers: list[_Worker] = []
         self.replaced = 0  # workers that died and were replaced
@@ -140,8 +143,13 @@ class CopyWorkerPool(Executor):
         return [worker.pid for worker in self._workers]
 
     def _wake(self) -> None:
-        with contextlib.suppress(OSError):  # the dispatcher is gone: nothing to wake
-            os.write(self._wake_w, b"x")
+        # Checked under the mutex: once the dispatcher has closed the pipe, its descriptor
+        # numbers may already belong to files opened since (a byte written there is damage).
+        with self._mutex:
+            if not self._pipe_open:
+                return  # the dispatcher is gone: nothing to wake
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"x")
 
     def _dispatch(self) -> None:
         try:
@@ -161,8 +169,10 @@ class CopyWorkerPool(Executor):
             for worker in self._workers:
                 worker.stop(grace=_STOP_GRACE)
                 worker.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            with self._mutex:
+                self._pipe_open = False
+                os.close(self._wake_r)
+                os.close(self._wake_w)
 
     def _assign(self) -> None:
         for worker in self._workers:

@@ -1,0 +1,364 @@
+"""Backups that meet faults: a copy worker SIGKILLed mid-copy, a prefix that can never be copied,
+a whole ``hotcopy backup`` run interrupted with SIGINT, and damage found by ``hotcopy verify``.
+
+The mid-copy kill uses storage's test-only fault hook: ``HOTCOPY_FAULT=copy:after-step`` with
+``HOTCOPY_FAULT_ONCE_FILE`` makes the first worker (across all processes) to reach that step
+SIGKILL itself, once. The hook reads the environment at import, so only processes started after
+the variable is set (the pool's workers) are armed; this test process is not.
+
+The SIGINT test holds an ``exclusive`` lease on one prefix, so that prefix's copy job waits for
+its snapshot lease: the run is provably mid-backup (the other prefixes' files are there, this
+one's is not) when the interrupt arrives, with no timing guess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from hotcopy.storage import CorruptFileError, Repository
+from hotcopy.workers import (
+    BackupError,
+    BackupNotFound,
+    Catalog,
+    CatalogError,
+    CopyWorkerPool,
+    backup,
+    main,
+    prune,
+    restore,
+)
+from hotcopy.workers._backup import INLINE_BELOW
+from hotcopy.workers._catalog import MANIFEST
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(60)]
+
+WAIT = 30.0
+
+
+def dump_repo(root: Path) -> dict[str, tuple[int, dict[str, Any]]]:
+    with Repository(root) as repo:
+        found = {}
+        for name in repo.prefixes():
+            with repo.open_prefix(name, "r") as px:
+                found[name] = (px.seq, {key: px[key] for key in px})
+        return found
+
+
+def fill(root: Path, name: str, records: int, size: int = 64) -> None:
+    with Repository.init(root) as repo, repo.open_prefix(name, "rw") as px:
+        for i in range(records):
+            px[f"{name}-{i:04d}"] = os.urandom(size)
+            if i % 32 == 31:
+                px.commit()
+        px["last"] = name
+        px.commit()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
+    """Bounded wait on an observable outcome (a file appearing, a process ending)."""
+    stop = threading.Event()
+    timer = threading.Timer(timeout, stop.set)
+    timer.start()
+    try:
+        while not predicate():
+            if stop.wait(0.01):
+                return predicate()
+        return True
+    finally:
+        timer.cancel()
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("HOTCOPY_FAULT")}
+
+
+# -- a worker killed mid-copy ---------------------------------------------------------------------
+
+
+@pytest.mark.crash
+def test_a_worker_killed_mid_copy_is_replaced_and_its_job_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, dest = tmp_path / "repo", tmp_path / "backups"
+    fill(root, "big", 256, 4096)  # ~1 MiB: 16+ steps of 64 KiB
+    fill(root, "small", 10)
+    state = dump_repo(root)
+    once = tmp_path / "fault-fired"
+    monkeypatch.setenv("HOTCOPY_FAULT", "copy:after-step")
+    monkeypatch.setenv("HOTCOPY_FAULT_AFTER", "4")  # the 4th step of a worker: inside big's copy
+    monkeypatch.setenv("HOTCOPY_FAULT_ONCE_FILE", str(once))
+    pool = CopyWorkerPool(2)  # its workers inherit the armed environment
+    try:
+        result = backup(root, dest, step=64 << 10, executor=pool)
+        replaced = pool.replaced
+    finally:
+        pool.terminate()
+    assert once.exists(), "the fault never fired: the test showed nothing"
+    assert replaced >= 1
+    assert result.retries >= 1
+    assert result.failed == {}
+    assert sorted(result.prefixes) == ["big", "small"]
+    # The dead worker's temp file was swept by the retry; only finished files remain.
+    assert sorted(os.listdir(result.path)) == ["MANIFEST.json", "big.hc", "small.hc"]
+    assert Catalog(dest).verify() == []
+    monkeypatch.delenv("HOTCOPY_FAULT")
+    restore(dest, tmp_path / "out")
+    assert dump_repo(tmp_path / "out") == state
+
+
+# -- a prefix that fails every time ---------------------------------------------------------------
+
+
+def _corrupt_header(root: Path, name: str) -> None:
+    with open(root / f"{name}.hc", "r+b") as file:
+        file.seek(0)
+        magic = file.read(1)
+        file.seek(0)
+        file.write(bytes([magic[0] ^ 0xFF]))
+
+
+def test_a_prefix_that_always_fails_is_reported_and_the_others_are_backed_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, dest = tmp_path / "repo", tmp_path / "backups"
+    for name in ("a", "bad", "c", "d"):
+        fill(root, name, 5)
+    healthy = dump_repo(root)
+    del healthy["bad"]
+    _corrupt_header(root, "bad")
+
+    result = backup(root, dest, jobs=2, retries=2)
+    assert sorted(result.failed) == ["bad"]
+    assert "CorruptFileError" in result.failed["bad"]
+    assert result.retries == 2  # both further attempts went to the failing prefix
+    assert sorted(result.prefixes) == ["a", "c", "d"]
+    manifest = Catalog(dest).load(result.id)
+    assert manifest.complete and sorted(manifest.failed) == ["bad"]
+    assert sorted(manifest.entries) == ["a", "c", "d"]
+
+    restored = restore(dest, tmp_path / "out")
+    assert restored.id == result.id
+    assert dump_repo(tmp_path / "out") == healthy
+    with pytest.raises(BackupError, match="they failed"):
+        restore(dest, tmp_path / "out2", ["bad"])
+
+    capsys.readouterr()
+    status = main(["backup", str(root), str(dest)])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "hotcopy: error: prefix 'bad' was not backed up" in err
+    assert "Traceback" not in err
+
+
+# -- SIGINT of a whole run ------------------------------------------------------------------------
+
+# The CLI as a program. SIGINT is set back to Python's default handler first: a test runner
+# started in the background by a non-interactive shell passes SIGINT on as ignored.
+_CLI = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from hotcopy.workers import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.crash
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("copier", ["inline", "workers"])
+def test_sigint_of_a_backup_run_leaves_an_incomplete_backup_and_no_worker(
+    tmp_path: Path, copier: str
+) -> None:
+    """``inline``: a small run, copied in the CLI's own process; ``workers``: a run big enough
+    (past ``INLINE_BELOW``) to be copied by two copy-worker processes."""
+    root, dest = tmp_path / "repo", tmp_path / "backups"
+    names = ["b", "c", "d", "z-held"]  # the held one last: an inline run copies the rest first
+    for name in names:
+        fill(root, name, 20)
+    if copier == "workers":
+        fill(root, "big", INLINE_BELOW // (1 << 20) + 1, 1 << 20)
+    before = backup(root, dest, names)
+    state_before = dump_repo(root)
+    for name in names:
+        fill(root, name, 3)  # later commits: a restore of the wrong backup would show them
+    copied = {f"{name}.hc" for name in dump_repo(root) if name != "z-held"}
+
+    cli: subprocess.Popen[str] | None = None
+    workers: list[psutil.Process] = []
+    runs: list[Path] = []
+
+    def copying() -> bool:
+        runs[:] = [p for p in dest.iterdir() if p.is_dir() and p.name != before.id]
+        return bool(runs) and copied <= set(os.listdir(runs[0]))
+
+    with Repository(root) as repo, repo.leases.lease("z-held", "exclusive"):
+        try:
+            cli = subprocess.Popen(
+                [sys.executable, "-c", _CLI, "backup", str(root), str(dest), "--jobs", "2"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=_env(),
+            )
+            assert wait_until(lambda: copying() or cli.poll() is not None)
+            assert cli.poll() is None and copying(), "the run never got to copying"
+            assert "z-held.hc" not in os.listdir(runs[0])  # still waiting for its lease
+            workers = psutil.Process(cli.pid).children(recursive=True)
+            assert len(workers) == (2 if copier == "workers" else 0)
+            cli.send_signal(signal.SIGINT)
+            _, stderr = cli.communicate(timeout=WAIT)
+        finally:
+            if cli is not None and cli.poll() is None:
+                cli.kill()
+                cli.communicate()
+            for worker in workers:
+                if worker.is_running():
+                    worker.kill()
+    assert cli.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert wait_until(lambda: not any(worker.is_running() for worker in workers))
+
+    (run,) = runs
+    # The run records itself as incomplete (an absent manifest would also never be picked,
+    # but the interrupt path promises this record).
+    manifest = json.loads((run / MANIFEST).read_text())
+    assert manifest["complete"] is False
+    assert manifest["interrupted"] is True
+    assert "z-held" not in manifest["prefixes"]
+    catalog = Catalog(dest)
+    assert [m.id for m in catalog.manifests()] == [before.id]
+    with pytest.raises(BackupNotFound):
+        catalog.pick(run.name)
+    restored = restore(dest, tmp_path / "out")
+    assert restored.id == before.id
+    assert dump_repo(tmp_path / "out") == {name: state_before[name] for name in names}
+    assert prune(dest, keep=1) == [run.name]
+
+
+# -- hotcopy verify of a backup directory ---------------------------------------------------------
+
+
+def _chain(tmp_path: Path) -> tuple[Path, Any, Any]:
+    root, dest = tmp_path / "repo", tmp_path / "backups"
+    fill(root, "p", 64, 256)
+    full = backup(root, dest, jobs=1)
+    fill(root, "p", 8, 256)
+    delta = backup(root, dest, jobs=1, incremental=True)
+    assert delta.prefixes["p"]["kind"] == "delta" and delta.prefixes["p"]["bytes"] > 0
+    return dest, full, delta
+
+
+def _flip_middle(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as file:
+        file.seek(size // 2)
+        byte = file.read(1)
+        file.seek(size // 2)
+        file.write(bytes([byte[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize(
+    ("damage", "target"),
+    [
+        ("flip", "full"),
+        ("flip", "delta"),
+        ("remove", "delta"),
+    ],
+)
+def test_verify_of_a_backup_directory_finds_damage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str, target: str
+) -> None:
+    dest, full, delta = _chain(tmp_path)
+    capsys.readouterr()
+    assert main(["verify", str(dest)]) == 0
+    capsys.readouterr()
+
+    victim = Path(full.path) / "p.hc" if target == "full" else Path(delta.path) / "p.hc-delta"
+    if damage == "flip":
+        _flip_middle(victim)
+    else:
+        victim.unlink()
+
+    assert main(["verify", str(dest), "--json"]) == 1
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["ok"] is False
+    assert any(victim.name in problem for problem in report["problems"]), report
+    expected = "missing" if damage == "remove" else "checksum"
+    assert any(expected in problem for problem in report["problems"]), report
+    assert captured.err.startswith("hotcopy: error:") and len(captured.err.splitlines()) == 1
+    # A restore through the damaged piece refuses before creating anything.
+    with pytest.raises(CorruptFileError if damage == "flip" else FileNotFoundError):
+        restore(dest, tmp_path / "out", at=delta.id)
+    assert not (tmp_path / "out" / "p.hc").exists()
+
+
+def test_verify_catches_a_flipped_byte_anywhere_in_a_backup_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dest, full, delta = _chain(tmp_path)
+    for path in (Path(full.path) / "p.hc", Path(delta.path) / "p.hc-delta"):
+        size = path.stat().st_size
+        for offset in sorted({0, 8, 63, 64, size // 3, size // 2, size - 1}):
+            original = path.read_bytes()
+            damaged = bytearray(original)
+            damaged[offset] ^= 0x80
+            path.write_bytes(bytes(damaged))
+            capsys.readouterr()
+            assert main(["verify", str(dest)]) == 1, (path.name, offset)
+            assert path.name in capsys.readouterr().out
+            path.write_bytes(original)
+            assert main(["verify", str(dest)]) == 0
+
+
+def test_verify_reports_a_manifest_of_the_wrong_shape_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dest, full, delta = _chain(tmp_path)
+    manifest = Path(delta.path) / MANIFEST
+    text = manifest.read_text()
+    assert text.count('"complete"') == 1
+    manifest.write_text(text.replace('"complete"', '"compleTe"'))  # valid JSON, a damaged key
+    capsys.readouterr()
+    assert main(["verify", str(dest)]) == 1
+    captured = capsys.readouterr()
+    assert delta.id in captured.out and "damaged" in captured.out
+    assert captured.err.startswith("hotcopy: error:") and len(captured.err.splitlines()) == 1
+    # The undamaged backup is still restorable by id.
+    assert restore(dest, tmp_path / "out", at=full.id).id == full.id
+
+
+def test_verify_catches_a_flipped_digit_in_a_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dest, _, delta = _chain(tmp_path)
+    manifest = Path(delta.path) / MANIFEST
+    data = json.loads(manifest.read_text())
+    seq = data["prefixes"]["p"]["seq"]
+    text = manifest.read_text()
+    needle = f'"seq": {seq}'
+    assert text.count(needle) == 1
+    manifest.write_text(text.replace(needle, f'"seq": {seq ^ 1}'))  # one bit of one digit
+    with pytest.raises(CatalogError, match="checksum"):
+        restore(dest, tmp_path / "out")  # the manifest's own checksum refuses it
+    capsys.readouterr()
+    assert main(["verify", str(dest)]) == 1
+
+
+def test_a_refused_restore_can_be_retried_without_force(tmp_path: Path) -> None:
+    dest, _, delta = _chain(tmp_path)
+    piece = Path(delta.path) / "p.hc-delta"
+    original = piece.read_bytes()
+    _flip_middle(piece)
+    target = tmp_path / "out"
+    with pytest.raises(CorruptFileError, match="nothing restored"):
+        restore(dest, target)
+    piece.write_bytes(original)  # the damage is repaired (say, from another copy)
+    assert restore(dest, target).id == delta.id
