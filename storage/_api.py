@@ -2,7 +2,9 @@
 
 ``hc.init(root)``, ``hc.open(name, mode)``, ``hc.commit()``, ``hc.close()`` act on process-wide
 state, for applications that treat the store as their ambient database. Everything here is a
-thin layer over :class:`Repository`; the semantics are the same.
+thin layer over :class:`Repository`; the semantics are the same. Persisted objects (``@memo``,
+``list()``, ``index()``) live in the object space of the current repository, which ``init`` and
+``close`` start and end.
 """
 
 from __future__ import annotations
@@ -13,17 +15,20 @@ from typing import Any
 from ._copy import DEFAULT_STEP, CopyResult
 from ._prefix import Prefix
 from ._repository import Repository
+from ._space import ObjectSpace
 
 _repository: Repository | None = None
 _current: Prefix | None = None
+_space: ObjectSpace | None = None
 
 
 def init(root: str | os.PathLike[str], **options: Any) -> Repository:
     """Create or open the repository at ``root`` and make it current (closing any previous)."""
-    global _repository, _current
+    global _repository, _current, _space
     close()
     _repository = Repository.init(root, **options)
     _current = None
+    _space = ObjectSpace(_repository, get_current_prefix)
     return _repository
 
 
@@ -42,8 +47,23 @@ def get_current_prefix() -> Prefix:
 
 
 def commit() -> int:
-    """Commit the current prefix; return its commit sequence number."""
-    return get_current_prefix().commit()
+    """Commit every open prefix with pending changes; return the current prefix's commit number.
+
+    Scoped objects write to prefixes other than the current one, so one ``commit()`` makes all
+    of it durable: first objects whose last handle was dropped and that nothing keeps alive are
+    deleted, then each prefix commits in name order, the current one last. Each prefix's commit
+    is atomic on its own; there is no atomicity across prefixes.
+
+    Raises:
+        RuntimeError: no repository, or no current prefix.
+    """
+    current = get_current_prefix()
+    if _space is not None:
+        _space.collect_garbage()
+    for _name, prefix in sorted(_require_repository().open_prefixes().items()):
+        if prefix is not current:
+            prefix.commit()  # a no-op without pending changes
+    return current.commit()
 
 
 def copy_prefix(
@@ -64,10 +84,19 @@ def copy_prefix(
 
 def close() -> None:
     """Close the current repository and every prefix opened through it."""
-    global _repository, _current
-    repository, _repository, _current = _repository, None, None
+    global _repository, _current, _space
+    repository, _repository, _current, _space = _repository, None, None, None
     if repository is not None:
         repository.close()
+
+
+def object_space() -> ObjectSpace:
+    """The object space of the current repository; ``RuntimeError`` without one."""
+    if _space is None:
+        raise RuntimeError(
+            "no repository: call hotcopy.storage.init(root) before using persisted objects"
+        )
+    return _space
 
 
 def _require_repository() -> Repository:

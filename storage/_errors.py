@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 from hotcopy.coordinator._errors import HotcopyError
 
 
@@ -47,3 +49,30 @@ class NotEnoughSpace(StorageError, OSError):
 
 class TransactionConflict(StorageError):
     """Another process committed after this transaction's reads; nothing was written."""
+
+
+class CrossPrefixReference(StorageError, ValueError):
+    """An object would hold a strong reference to an object on another prefix.
+
+    Fields ``source_prefix`` and ``target_prefix`` name both sides; link across prefixes with
+    ``weak_proxy(obj)`` instead.
+    """
+
+
+class ObjectNotFound(StorageError, KeyError):
+    """No object with this id (or no singleton of this class) exists on the prefix."""
+
+
+# dbzero's name; it shadows the builtin it subclasses, so `except ReferenceError` catches both.
+class ReferenceError(StorageError, builtins.ReferenceError):
+    """The object a handle or weak proxy points to was deleted (or its prefix restored to a
+    state without it). ``uuid`` names the object and ``prefix`` its prefix."""
+
+
+class ScopeError(StorageError, RuntimeError):
+    """An object's prefix was chosen too late or twice (``set_prefix`` not first in
+    ``__init__``), or against its class's static scope."""
+
+
+class SingletonExists(StorageError, ValueError):
+    """A singleton class already has its instance on the prefix; use ``fetch(Cls)``."""

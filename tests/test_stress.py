@@ -16,7 +16,7 @@ import pytest
 STRESS = Path(__file__).resolve().parent.parent / "scripts" / "stress.py"
 
 
-def _run(tmp_path: Path, *extra: str) -> tuple[int, dict[str, object]]:
+def _run(tmp_path: Path, *extra: str, seconds: str = "4") -> tuple[int, dict[str, object]]:
     proc = subprocess.run(
         [
             sys.executable,
@@ -24,7 +24,7 @@ def _run(tmp_path: Path, *extra: str) -> tuple[int, dict[str, object]]:
             "--root",
             str(tmp_path / "work"),
             "--duration",
-            "4",
+            seconds,
             "--writers",
             "3",
             "--readers",
@@ -51,10 +51,13 @@ def _run(tmp_path: Path, *extra: str) -> tuple[int, dict[str, object]]:
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
 def test_a_sound_build_survives_chaos_with_no_violation(tmp_path: Path) -> None:
-    code, result = _run(tmp_path)
+    code, result = _run(tmp_path, seconds="8")
     assert result["violations"] == 0, result["violation_details"]
     assert code == 0
-    assert result["acknowledged_commits"] > 0 and result["snapshots_verified"] > 0
+    # Not vacuous: commits were made and checked, and at least one copy or backup was too
+    # (on a loaded machine chaos may kill the copier before its first copy lands).
+    assert result["acknowledged_commits"] > 0
+    assert result["snapshots_verified"] + result["backups_verified"] > 0
     assert result["processes_killed"] + result["processes_stopped"] > 0
 
 

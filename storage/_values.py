@@ -1,0 +1,140 @@
+"""Attribute and item values of persisted objects: Python value <-> tagged JSON.
+
+JSON types are stored as they are. Everything else is a one-key object whose key starts with
+``$``::
+
+    {"$bytes": "<base64>"}                       bytes
+    {"$ref": "<uuid>"}                           a strong reference (same prefix only)
+    {"$weak": {"prefix": "p", "uuid": "u"}}      a weak proxy (any prefix)
+    {"$enum": {"type": "<type id>", "value": "ADMIN"}}
+    {"$dict": {...}}                             a plain dict that has a key starting with "$"
+
+Plain lists and dicts are stored by value: mutating the list a read returned changes nothing
+stored; assign it back, or use ``hotcopy.storage.list()``. Tuples and other types are refused
+rather than silently turned into something else (as the prefix codec does).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from typing import Any
+
+from ._enums import EnumValue, enum_type
+from ._errors import CrossPrefixReference, StorageError
+from ._proxy import WeakProxy
+from ._space import CONTAINER_TYPES, Handle, ObjectSpace, handle_of
+
+_SCALARS = (str, int, bool, type(None))
+
+
+def encode(value: Any, owner: Handle, path: str = "value") -> Any:
+    """Encode ``value`` to be held by the (placed) object ``owner``; ``path`` names it in errors.
+
+    Raises:
+        CrossPrefixReference: ``value`` (or something inside it) is an object of another prefix
+            that cannot be moved to ``owner``'s prefix.
+        TypeError: a value of a type that cannot be stored.
+    """
+    return _encode(value, owner, path)
+
+
+def _encode(value: Any, owner: Handle, path: str) -> Any:
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is float:
+        if not math.isfinite(value):
+            raise ValueError(f"{path}: {value!r} is not a JSON number; store it as a str")
+        return value
+    if kind is bytes:
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
+    if kind is list:
+        return [_encode(item, owner, f"{path}[{i}]") for i, item in enumerate(value)]
+    if kind is dict:
+        out = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError(f"{path}: dict keys must be str, not {type(key).__name__}")
+            out[key] = _encode(item, owner, f"{path}[{key!r}]")
+        return {"$dict": out} if any(key.startswith("$") for key in out) else out
+    if isinstance(value, WeakProxy):
+        return {"$weak": {"prefix": value._hc_prefix, "uuid": value._hc_uuid}}
+    if isinstance(value, EnumValue):
+        return {"$enum": {"type": value.type_id, "value": value.name}}
+    try:
+        target = handle_of(value)
+    except TypeError:
+        raise TypeError(
+            f"{path}: {kind.__name__} is not storable; use JSON types, bytes, @memo objects, "
+            "hotcopy.storage.list()/index(), enum values or weak_proxy(obj)"
+        ) from None
+    return {"$ref": _strong_target(target, owner, path)}
+
+
+def _strong_target(target: Handle, owner: Handle, path: str) -> str:
+    if target.space is not owner.space:
+        raise StorageError(
+            f"{path}: the {target.type_id} object comes from a repository that was closed or "
+            "re-opened; fetch it again from the current one",
+            uuid=target.uuid,
+        )
+    source_prefix = owner.placed_prefix()
+    target_prefix = target.placed_prefix()
+    target.space.read(target)  # ReferenceError for a handle whose object is gone: no dangling ref
+    if target_prefix == source_prefix:
+        return target.uuid
+    if target.type_id in CONTAINER_TYPES and _harden(target, source_prefix):
+        return target.uuid
+    if target.type_id in CONTAINER_TYPES:
+        what = "a non-empty or referenced container"  # an empty, unreferenced one just moves
+    else:
+        what = f"a {target.type_id} object"
+    raise CrossPrefixReference(
+        f"{path}: an object on prefix {source_prefix!r} cannot hold a strong reference to "
+        f"{what} on prefix {target_prefix!r}; link across prefixes with "
+        "hotcopy.storage.weak_proxy(obj)",
+        source_prefix=source_prefix,
+        target_prefix=target_prefix,
+        uuid=target.uuid,
+    )
+
+
+def _harden(container: Handle, prefix: str) -> bool:
+    """Auto-hardening: move an empty, unreferenced, untagged container to ``prefix``.
+
+    Such a container carries nothing but its identity, so moving it (same uuid) loses nothing
+    and keeps an object and its containers on one prefix. Returns False when it is not movable.
+    """
+    space = container.space
+    old = container.placed_prefix()
+    source = space.prefix(old)
+    record = source.get(container.key)
+    if record is None or record["items"] or record.get("refs") or record.get("tags"):
+        return False
+    del source[container.key]
+    container.prefix = prefix
+    space.prefix(prefix)[container.key] = record
+    space.moved(container, old)
+    return True
+
+
+def decode(encoded: Any, space: ObjectSpace, prefix: str) -> Any:
+    """Invert :func:`encode` for a value held by an object of ``prefix``."""
+    if isinstance(encoded, list):
+        return [decode(item, space, prefix) for item in encoded]
+    if not isinstance(encoded, dict):
+        return encoded
+    if len(encoded) == 1:
+        ((tag, inner),) = encoded.items()
+        if tag == "$ref":
+            return space.load(prefix, inner)
+        if tag == "$bytes":
+            return base64.b64decode(inner)
+        if tag == "$weak":
+            return WeakProxy(space, inner["prefix"], inner["uuid"])
+        if tag == "$enum":
+            return enum_type(inner["type"]).value(inner["value"])
+        if tag == "$dict":
+            encoded = inner
+    return {key: decode(item, space, prefix) for key, item in encoded.items()}
