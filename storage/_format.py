@@ -37,6 +37,7 @@ _WAL_HEADER = struct.Struct("<8sHHI16sQQQ4x")  # + crc32 = 64 bytes
 _CRC = struct.Struct("<I")
 _BATCH = struct.Struct("<IQQIII")  # magic, seq, token, n_ops, body_len, body_crc; + crc32
 _OP = struct.Struct("<BBHII")  # kind, vtype, key_len, value_len, value_crc
+_KEY_LEN = struct.Struct("<H")
 _TRAILER = struct.Struct("<IQQII")  # magic, last_seq, segment_start, n_batches, meta_crc; + crc32
 
 BATCH_SIZE = _BATCH.size + 4
@@ -133,8 +134,32 @@ def encode_op(kind: int, key: str, vtype: int, payload: bytes) -> bytes:
 
 
 def encode_batch(seq: int, token: int, ops: list[bytes]) -> bytes:
+    return encode_batch_with_meta(seq, token, ops)[0]
+
+
+def encode_batch_with_meta(seq: int, token: int, ops: list[bytes]) -> tuple[bytes, int]:
+    """The batch frame of encoded ``ops``, and its metadata CRC (as :func:`read_batch` gives)."""
     body = b"".join(ops)
-    return encode_batch_header(seq, token, len(ops), len(body), crc32(body)) + body
+    head = encode_batch_header(seq, token, len(ops), len(body), crc32(body))
+    meta = crc32(head)
+    for op in ops:
+        (key_len,) = _KEY_LEN.unpack_from(op, 2)
+        meta = crc32(memoryview(op)[: OP_SIZE + key_len], meta)
+    return head + body, meta
+
+
+def check_batch_body(frame: bytes | memoryview) -> bool:
+    """Whether a whole batch frame read back still has a valid header and body CRC."""
+    if len(frame) < BATCH_SIZE:
+        return False
+    magic, _, _, _, body_len, body_crc = _BATCH.unpack_from(frame)
+    (head_crc,) = _CRC.unpack_from(frame, _BATCH.size)
+    return bool(
+        magic == BATCH_MAGIC
+        and crc32(memoryview(frame)[: _BATCH.size]) == head_crc
+        and len(frame) == BATCH_SIZE + body_len
+        and crc32(memoryview(frame)[BATCH_SIZE:]) == body_crc
+    )
 
 
 def encode_batch_header(seq: int, token: int, n_ops: int, body_len: int, body_crc: int) -> bytes:
@@ -193,13 +218,13 @@ def read_op_value(fd: int, offset: int) -> tuple[int, bytes]:
     if start + value_len <= len(head):
         value = head[start : start + value_len]
     else:
-        value = _pread_exact(fd, value_len, offset + start)
+        value = pread_exact(fd, value_len, offset + start)
     if crc32(value) != value_crc:
         raise CorruptFileError("value checksum mismatch", offset=offset + start)
     return vtype, value
 
 
-def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
     parts = []
     while size:
         chunk = os.pread(fd, min(size, 1 << 26), offset)
@@ -228,6 +253,7 @@ class FileReader:
     """Sequential reads over ``[pos, end)`` of a file with a large buffer; skips are free."""
 
     CHUNK = 1 << 20
+    SMALL = 4096
 
     def __init__(self, fd: int, pos: int, end: int) -> None:
         self.fd = fd
@@ -242,7 +268,10 @@ class FileReader:
             return None
         offset = self.pos - self._buf_start
         if offset < 0 or offset + size > len(self._buf):
-            want = min(max(size, self.CHUNK), self.end - self.pos)
+            # After a skip past the buffer (a large value), read a little: the next record is
+            # a header, and a full chunk would drag in the next value too.
+            skipped = self.pos > self._buf_start + len(self._buf)
+            want = min(max(size, self.SMALL if skipped else self.CHUNK), self.end - self.pos)
             self._buf = _pread_upto(self.fd, want, self.pos)
             self._buf_start = self.pos
             offset = 0
@@ -382,10 +411,15 @@ def read_segment(reader: FileReader, *, load_values: bool) -> Segment | None:
 
 def segment_trailer(segment_start: int, batches: list[Batch]) -> bytes:
     """The trailer that closes a segment of ``batches`` starting at ``segment_start``."""
+    return trailer_for(segment_start, [batch.meta_crc for batch in batches], batches[-1].seq)
+
+
+def trailer_for(segment_start: int, meta_crcs: list[int], last_seq: int) -> bytes:
+    """The trailer of a segment whose batches have these metadata CRCs."""
     meta = 0
-    for batch in batches:
-        meta = crc32(_CRC.pack(batch.meta_crc), meta)
-    return encode_trailer(batches[-1].seq, segment_start, len(batches), meta)
+    for batch_meta in meta_crcs:
+        meta = crc32(_CRC.pack(batch_meta), meta)
+    return encode_trailer(last_seq, segment_start, len(meta_crcs), meta)
 
 
 def wal_matches(wal: WalHeader, main: MainHeader, boundaries: dict[int, int]) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import secrets
@@ -21,7 +22,7 @@ import time
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hotcopy.coordinator._errors import LeaseFenced
 from sortedcontainers import SortedDict
@@ -83,6 +84,13 @@ def _fault(point: str) -> None:
 # for commits that are still only in the WAL.
 _Entry = int | tuple[int, bytes]
 _DELETED = None
+
+
+class _WalBatch(NamedTuple):
+    seq: int
+    offset: int
+    size: int
+    meta_crc: int
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,8 @@ class Prefix(MutableMapping[str, Any]):
         self._main_ino = -1
         self._header: fmt.MainHeader
         self._index: SortedDict = SortedDict()  # key -> _Entry, for the latest commit seen
-        self._mem_seq: dict[str, int] = {}  # keys whose entry is in memory -> their commit
+        # Keys whose entry is still only in the WAL -> (their commit, their op's WAL offset).
+        self._mem_seq: dict[str, tuple[int, int]] = {}
         self._seq = 0
         self._scanned_end = fmt.HEADER_SIZE  # main file read up to this segment boundary
         self._boundaries: dict[int, int] = {}  # segment end -> its commit seq
@@ -158,6 +167,10 @@ class Prefix(MutableMapping[str, Any]):
         self._wal_pos = fmt.HEADER_SIZE  # end of the last whole batch read from the WAL
         self._wal_valid = False
         self._wal_header: fmt.WalHeader
+        # Every batch of the current WAL as this process wrote or read it, so a checkpoint
+        # copies WAL bytes without parsing them again; False when it cannot be trusted.
+        self._wal_index: list[_WalBatch] = []
+        self._wal_index_ok = True
         self._mutex_fd = -1
         if mode == "rw":
             self._mutex_fd = os.open(
@@ -297,13 +310,15 @@ class Prefix(MutableMapping[str, Any]):
                     else fmt.encode_op(fmt.OP_PUT, key, pending[0], pending[1])
                     for key, pending in self._pending.items()
                 ]
-                frame = fmt.encode_batch(seq, lease.token, ops)
+                frame, meta_crc = fmt.encode_batch_with_meta(seq, lease.token, ops)
                 _fault("commit:before-wal-write")
                 if _fault_due("commit:torn-wal-write"):
                     os.pwrite(self._wal_fd, frame[: len(frame) // 2], self._wal_pos)
                     os.kill(os.getpid(), signal.SIGKILL)
+                batch_at = self._wal_pos
                 if _BREAK == "ack-before-write" and not self._deferred:
                     self._deferred = frame  # broken on purpose: acknowledged, written later
+                    self._wal_index_ok = False
                 else:
                     frame, self._deferred = self._deferred + frame, b""
                     _pwrite_all(self._wal_fd, frame, self._wal_pos)
@@ -311,8 +326,11 @@ class Prefix(MutableMapping[str, Any]):
                     os.fdatasync(self._wal_fd)
                     _fault("commit:after-wal-fsync")
                     self._wal_pos += len(frame)
-                for key, pending in self._pending.items():
-                    self._apply_in_memory(key, pending, seq)
+                    self._wal_index.append(_WalBatch(seq, batch_at, len(frame), meta_crc))
+                op_at = batch_at + fmt.BATCH_SIZE
+                for (key, pending), op in zip(self._pending.items(), ops, strict=True):
+                    self._apply_in_memory(key, pending, seq, op_at)
+                    op_at += len(op)
                 self._seq = seq
                 self._pending.clear()
                 if self._wal_pos - fmt.HEADER_SIZE >= self._checkpoint_bytes:
@@ -560,13 +578,18 @@ class Prefix(MutableMapping[str, Any]):
         self._main_fd = fd
         self._main_ino = os.fstat(fd).st_ino
         self._header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
-        self._index = SortedDict()
+        # Filled as a plain dict and sorted once: a million sorted inserts cost seconds.
+        plain: dict[str, _Entry] = {}
+        self._index = plain
         self._mem_seq = {}
         self._seq = self._header.base_seq
         self._scanned_end = fmt.HEADER_SIZE
         self._boundaries = {fmt.HEADER_SIZE: self._header.base_seq}
         self._wal_ino = -1
-        self._scan_main()
+        try:
+            self._scan_main()
+        finally:
+            self._index = SortedDict(plain)
         self._sync_wal()
 
     def _catch_up(self, force: bool = False) -> None:
@@ -602,7 +625,8 @@ class Prefix(MutableMapping[str, Any]):
         if batch.seq <= self._seq:
             # Already applied from the WAL: point the index at the main file instead of memory.
             for op in batch.ops:
-                if self._mem_seq.get(op.key) == batch.seq:
+                entry = self._mem_seq.get(op.key)
+                if entry is not None and entry[0] == batch.seq:
                     del self._mem_seq[op.key]
                     self._index[op.key] = op.offset
             return
@@ -619,13 +643,15 @@ class Prefix(MutableMapping[str, Any]):
             self._mem_seq.pop(op.key, None)
         self._seq = batch.seq
 
-    def _apply_in_memory(self, key: str, value: tuple[int, bytes] | None, seq: int) -> None:
+    def _apply_in_memory(
+        self, key: str, value: tuple[int, bytes] | None, seq: int, wal_offset: int
+    ) -> None:
         if value is None:
             self._index.pop(key, None)
             self._mem_seq.pop(key, None)
         else:
             self._index[key] = value
-            self._mem_seq[key] = seq
+            self._mem_seq[key] = (seq, wal_offset)
 
     def _sync_wal(self) -> None:
         """Follow the WAL (re-opening it if a checkpoint replaced it) and apply new batches."""
@@ -636,6 +662,8 @@ class Prefix(MutableMapping[str, Any]):
             return
         if st.st_ino != self._wal_ino:
             self._open_wal()
+        elif st.st_size == self._wal_pos:
+            return  # nothing appended since we looked
         if not self._wal_valid:
             return
         reader = fmt.FileReader(self._wal_fd, self._wal_pos, os.fstat(self._wal_fd).st_size)
@@ -645,10 +673,11 @@ class Prefix(MutableMapping[str, Any]):
             if batch is None or batch.seq > self._seq + 1:
                 reader.pos = start
                 break  # torn tail, a write in progress, or nothing more
+            self._wal_index.append(_WalBatch(batch.seq, batch.offset, batch.size, batch.meta_crc))
             if batch.seq == self._seq + 1:
                 for op in batch.ops:
                     value = None if op.kind == fmt.OP_DELETE else (op.vtype, op.value or b"")
-                    self._apply_in_memory(op.key, value, batch.seq)
+                    self._apply_in_memory(op.key, value, batch.seq, op.offset)
                 self._seq = batch.seq
             # batches at or below our sequence are already in the main file: skip them
         self._wal_pos = reader.pos
@@ -699,6 +728,8 @@ class Prefix(MutableMapping[str, Any]):
         self._wal_ino = -1
         self._wal_pos = fmt.HEADER_SIZE
         self._wal_valid = False
+        self._wal_index = []
+        self._wal_index_ok = True
 
     # -- internals: changing the files (write lease and mutation lock held) ---------------
 
@@ -769,8 +800,7 @@ class Prefix(MutableMapping[str, Any]):
             self._header.file_id, self._header.salt, boundary, self._boundaries[boundary]
         )
         write_durably(self._wal_path, fmt.pack_wal_header(header) + carried)
-        self._open_wal()
-        self._wal_pos = fmt.HEADER_SIZE + len(carried)
+        self._sync_wal()  # opens the new WAL and indexes the carried batches (all applied)
 
     def _wal_batches(self) -> list[fmt.Batch]:
         reader = fmt.FileReader(self._wal_fd, fmt.HEADER_SIZE, self._wal_pos)
@@ -797,10 +827,40 @@ class Prefix(MutableMapping[str, Any]):
         main_seq = self._boundaries[self._scanned_end]
         if self._seq == main_seq:
             return Cut(self._scanned_end, self._seq, self._header.file_id)
-        batches = [batch for batch in self._wal_batches() if batch.seq > main_seq]
+        wanted = [batch for batch in self._wal_index if batch.seq > main_seq]
+        if self._wal_index_ok and _contiguous(wanted, main_seq + 1, self._seq):
+            return self._checkpoint_indexed(wanted)
+        return self._checkpoint_parsed(main_seq)
+
+    def _checkpoint_indexed(self, wanted: list[_WalBatch]) -> Cut:
+        """Checkpoint from the WAL index: one read of the WAL, one CRC pass, no parsing."""
+        first, last = wanted[0], wanted[-1]
+        data = fmt.pread_exact(self._wal_fd, last.offset + last.size - first.offset, first.offset)
+        view = memoryview(data)
+        for batch in wanted:
+            at = batch.offset - first.offset
+            if not fmt.check_batch_body(view[at : at + batch.size]):
+                raise CorruptFileError(
+                    f"prefix {self.name!r}: WAL batch {batch.seq} failed its checksum on re-read",
+                    offset=batch.offset,
+                )
         start = self._scanned_end
-        data = b"".join(batch.raw or b"" for batch in batches)
-        data += fmt.segment_trailer(start, batches)
+        trailer = fmt.trailer_for(start, [batch.meta_crc for batch in wanted], last.seq)
+        end = start + len(data) + len(trailer)
+        self._write_segment(data + trailer, start)
+        shift = start - first.offset
+        for key, (seq, wal_offset) in list(self._mem_seq.items()):
+            if first.seq <= seq <= last.seq:
+                self._index[key] = wal_offset + shift
+                del self._mem_seq[key]
+        self._boundaries[end] = last.seq
+        self._scanned_end = end
+        self._reset_wal_after(end)
+        _fault("checkpoint:after-wal-reset")
+        return Cut(end, self._seq, self._header.file_id)
+
+    def _write_segment(self, data: bytes, start: int) -> None:
+        """Append a checkpoint segment at ``start`` (over any debris) and make it durable."""
         _fault("checkpoint:before-main-write")
         _pwrite_all(self._main_fd, data, start)
         if os.fstat(self._main_fd).st_size > start + len(data):
@@ -808,6 +868,14 @@ class Prefix(MutableMapping[str, Any]):
         _fault("checkpoint:after-main-write")
         os.fsync(self._main_fd)
         _fault("checkpoint:after-main-fsync")
+
+    def _checkpoint_parsed(self, main_seq: int) -> Cut:
+        """Checkpoint by parsing the WAL: for a WAL this process has not seen written whole."""
+        batches = [batch for batch in self._wal_batches() if batch.seq > main_seq]
+        start = self._scanned_end
+        data = b"".join(batch.raw or b"" for batch in batches)
+        data += fmt.segment_trailer(start, batches)
+        self._write_segment(data, start)
         self._scan_main()
         if self._scanned_end != start + len(data):
             raise CorruptFileError(
@@ -829,6 +897,16 @@ class _Flock:
 
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def _contiguous(batches: list[_WalBatch], first_seq: int, last_seq: int) -> bool:
+    """Whether ``batches`` are exactly commits first_seq..last_seq, back to back in the WAL."""
+    if not batches or batches[0].seq != first_seq or batches[-1].seq != last_seq:
+        return False
+    return all(
+        later.seq == earlier.seq + 1 and later.offset == earlier.offset + earlier.size
+        for earlier, later in itertools.pairwise(batches)
+    )
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
