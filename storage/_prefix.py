@@ -173,6 +173,8 @@ class Prefix(MutableMapping[str, Any]):
         self._wal_index_ok = True
         self._mutex_fd = -1
         if mode == "rw":
+            # Whatever the lease provider, the mutation lock lives here (kernel-released).
+            (runtime_dir / "locks").mkdir(mode=0o700, parents=True, exist_ok=True)
             self._mutex_fd = os.open(
                 runtime_dir / "locks" / f"{name}.m", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
