@@ -1,0 +1,1106 @@
+"""The coordinator client: leases over a Unix socket, reads of shared memory without one.
+
+Mechanism notes (why it looks like this):
+
+* The acquiring thread itself sends the request and reads the reply, so an uncontended
+  acquire costs one round trip and no thread hand-off (a hand-off to a reader thread
+  costs more than the round trip). Several threads may wait at once: whoever is not
+  already receiving becomes *the* receiver and files replies for the others
+  (leader/followers), so nobody busy-polls.
+* A release is one-way: the connection is ordered, so the coordinator sees it before
+  anything this client sends next.
+* The acquiring thread polls briefly (adaptively, see ``_spin``) for the grant before it
+  blocks, which saves two context switches when client and coordinator run on
+  different cores.
+* If the coordinator dies, the thread that notices (EOF) reconnects, starting a successor
+  if needed, re-registers every held lease by token and re-sends pending requests.
+* A daemon "keeper" thread renews ttl leases at ttl/3 and notices a dead coordinator
+  while the client is idle (so held leases are re-registered within the grace period).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+
+from . import _protocol as p
+from ._errors import (
+    ClientClosed,
+    CoordinatorUnavailable,
+    LeaseTableFull,
+    LeaseTimeout,
+    WouldBlock,
+)
+from ._paths import RuntimePaths, peer_uid, unix_address
+from ._segment import SegmentReader
+from ._spin import AdaptiveSpin, spin_budget_from_env
+
+__all__ = ["Client", "ClientStatistics", "Lease", "connect"]
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT: Final = 15.0
+_KEEPALIVE: Final = 0.5  # how often an idle client holding leases checks the coordinator
+# Seconds before starting another candidate if the election is still free after ours
+# (it failed, or won and died already): the launcher has returned by then, so a live
+# candidate holds the election lock within milliseconds.
+_SPAWN_RETRY: Final = 0.5
+_REPLY_GRACE: Final = 30.0  # a nowait reply later than this means the coordinator hangs
+
+# This process's pid, kept current across fork(): cheaper than a getpid() syscall on
+# every operation, and a forked child must never act as its parent.
+_PID = [os.getpid()]
+_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    _PID[0] = os.getpid()
+    # Drop inherited client sockets at once: an open copy in a child would keep the
+    # parent's connection (and leases) alive past the parent's death until the
+    # coordinator's liveness sweep notices.
+    for client in list(_CLIENTS):
+        with contextlib.suppress(Exception):
+            client._forget_parent()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+_GRANT_SIZE: Final = 4 + 1 + p.GRANT_BODY.size
+_GRANT: Final = p.GRANT
+_GRANT_UNPACK = p.GRANT_BODY.unpack_from
+_ACQUIRE: Final = p.ACQUIRE
+_ACQUIRE_PACK = p.ACQUIRE_FRAME.pack
+_ACQUIRE_LEN: Final = 1 + p.ACQUIRE_BODY.size
+_MODE_CODES: Final = p.MODE_CODES
+_RELEASE: Final = p.RELEASE
+_RELEASE_PACK = p.RELEASE_FRAME.pack
+_REGISTERED_SIZE: Final = 4 + 1 + p.REGISTERED_BODY.size
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStatistics:
+    """A snapshot of one client's activity.
+
+    Attributes:
+        leases_held: Leases held now.
+        acquires: Leases granted.
+        waits: Grants that had to queue first.
+        timeouts: Requests that timed out.
+        would_block: ``lease_nowait`` refusals.
+        releases: Leases released.
+        renewals: Renewals sent for ttl leases.
+        reconnects: Reconnections after the coordinator went away.
+        fenced: Leases lost at a reconnect (the successor refused their token).
+    """
+
+    leases_held: int
+    acquires: int
+    waits: int
+    timeouts: int
+    would_block: int
+    releases: int
+    renewals: int
+    reconnects: int
+    fenced: int
+
+
+class Lease:
+    """A granted lease; a context manager that releases it on exit.
+
+    Attributes:
+        prefix: The leased prefix.
+        mode: ``"read"``, ``"snapshot"``, ``"write"`` or ``"exclusive"``.
+        token: The fencing token, larger than any granted before on this repository.
+        ttl: Seconds the lease survives without renewal, None for no expiry.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_client",
+        "_frame",
+        "_lost",
+        "_next_renew",
+        "_released",
+        "_req_id",
+        "_slot",
+        "mode",
+        "prefix",
+        "token",
+        "ttl",
+    )
+
+    def __init__(
+        self,
+        client: Client,
+        req_id: int,
+        prefix: str,
+        mode: str,
+        token: int,
+        slot: int,
+        ttl: float | None,
+        frame: bytes,
+    ) -> None:
+        self._client = client
+        self._req_id = req_id
+        self.prefix = prefix
+        self.mode = mode
+        self.token = token
+        self._slot = slot
+        self.ttl = ttl
+        self._frame = frame
+        self._released = False
+        self._lost = False
+        self._next_renew = time.monotonic() + ttl / 3 if ttl else 0.0
+
+    def release(self) -> None:
+        """Give the lease back (idempotent; one-way, no round trip)."""
+        if not self._released:
+            self._client._release(self)
+
+    def is_current(self) -> bool:
+        """Tell whether this lease's token is still granted, reading shared memory only.
+
+        False once released, expired (ttl without renewal), reclaimed, or refused by a
+        successor coordinator. Storage refuses commits of a lease that is not current.
+        """
+        if self._released or self._lost:
+            return False
+        segment = self._client._segment
+        if segment is None:
+            return False
+        return segment.lease_is_current(self._slot, self.token, time.monotonic())
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "lost" if self._lost else "held"
+        return f"<Lease {self.prefix!r} {self.mode} token={self.token} {state}>"
+
+
+class _Connection:
+    """One socket to the coordinator and its receive buffer."""
+
+    __slots__ = ("buf", "poller", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN)
+
+
+class Client:
+    """A connection to the coordinator of one repository (see :func:`connect`).
+
+    Thread-safe. Fork-aware: a child process that inherits a client does not touch the
+    parent's socket or leases; it reconnects with a fresh identity on first use.
+
+    Args:
+        root: The repository root (an existing directory).
+        connect_timeout: Seconds to wait for a coordinator to accept, starting one if
+            none runs.
+        start: Start a coordinator when none is reachable.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        start: bool = True,
+    ) -> None:
+        self._paths = RuntimePaths.for_root(root)
+        self._connect_timeout = connect_timeout
+        self._start = start
+        self._closed = False
+        self._conn: _Connection | None = None
+        self._segment: SegmentReader | None = None
+        self._pslots: dict[str, int] = {}
+        self._prefix_cache: dict[str, bytes] = {}
+        self._spin = AdaptiveSpin(spin_budget_from_env())
+        self._reset_process_state()
+        with self._mutex:
+            self._connect_locked()
+        _CLIENTS.add(self)
+
+    def _reset_process_state(self) -> None:
+        # Everything a forked child must not share with its parent.
+        self._pid = _PID[0]
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
+        self._receiving = False
+        self._sleepers = 0
+        self._client_id = secrets.randbits(64)
+        self._next_id = 1
+        self._pending: dict[int, bytes] = {}
+        self._replies: dict[int, tuple[int, int, int, int]] = {}
+        self._held: dict[int, Lease] = {}
+        self._keeper: threading.Thread | None = None
+        self._keeper_wake = threading.Event()
+        self._keep_interval = _KEEPALIVE
+        self._acquires = self._waits = self._timeouts = self._would_block = 0
+        self._releases = self._renewals = self._reconnects = self._fenced = 0
+
+    # -- public API --------------------------------------------------------------------
+
+    def lease(
+        self, prefix: str, mode: str, timeout: float | None = None, ttl: float | None = None
+    ) -> Lease:
+        """Acquire a lease, waiting (without polling) until it is granted.
+
+        Args:
+            prefix: The prefix to lease.
+            mode: ``"read"``, ``"snapshot"``, ``"write"`` or ``"exclusive"``.
+            timeout: Seconds to wait at most; None waits for ever.
+            ttl: Seconds the lease survives without renewal; the client renews it in the
+                background while this process runs, so it only expires if the process is
+                stopped or hung. None: held until released or the process dies.
+
+        Returns:
+            The granted lease (a context manager).
+
+        Raises:
+            LeaseTimeout: Not granted within ``timeout`` (the request is withdrawn).
+            LeaseTableFull: The coordinator's lease table is full.
+            CoordinatorUnavailable: No coordinator could be reached or started.
+            ClientClosed: The client was closed.
+            ValueError: Invalid prefix, mode, timeout or ttl.
+        """
+        # Fast path: one send, one receive, no condition variable, when this thread can
+        # take the receiver role at once. Anything unusual falls back to _acquire.
+        raw = self._prefix_cache.get(prefix)
+        code = _MODE_CODES.get(mode)
+        mutex = self._mutex
+        if (
+            raw is None
+            or code is None
+            or timeout is not None
+            or ttl is not None
+            or self._pid != _PID[0]
+        ):
+            return self._acquire(prefix, mode, timeout, ttl, nowait=False)
+        mutex.acquire()
+        conn = self._conn
+        if self._receiving or self._closed or conn is None:
+            mutex.release()
+            return self._acquire(prefix, mode, timeout, ttl, nowait=False)
+        req_id = self._take_id()
+        data = _ACQUIRE_PACK(_ACQUIRE_LEN + len(raw), _ACQUIRE, req_id, code, 0, 0) + raw
+        self._pending[req_id] = data
+        self._receiving = True
+        try:
+            conn.sock.sendall(data)
+        except OSError:
+            # The coordinator died: reconnecting re-sends pending requests.
+            try:
+                self._reconnect_locked()
+            except BaseException:
+                self._pending.pop(req_id, None)
+                self._receiving = False
+                if self._sleepers:
+                    self._cond.notify_all()
+                raise
+            finally:
+                mutex.release()
+            try:
+                reply = self._receive_until(req_id, None)
+            except BaseException:
+                self._withdraw(req_id)
+                raise
+        else:
+            mutex.release()
+            try:
+                try:
+                    chunk = self._spin_recv(conn.sock) if self._spin.should_spin() else None
+                    if chunk is None:
+                        chunk = conn.sock.recv(65536)
+                except OSError:
+                    chunk = b""
+                if (
+                    len(chunk) == _GRANT_SIZE
+                    and not conn.buf
+                    and chunk[4] == _GRANT
+                    and _GRANT_UNPACK(chunk, 5)[0] == req_id
+                ):
+                    _req, token, slot, waited = _GRANT_UNPACK(chunk, 5)
+                    lease = Lease(self, req_id, prefix, mode, token, slot, None, data)
+                    with mutex:
+                        self._receiving = False
+                        del self._pending[req_id]
+                        if self._sleepers:
+                            self._cond.notify_all()
+                        if self._closed:
+                            raise ClientClosed("the client was closed while acquiring")
+                        self._held[req_id] = lease
+                        self._acquires += 1
+                        self._waits += waited
+                        if self._keeper is None:
+                            self._start_keeper()
+                    return lease
+                # Not just our grant: file what came and carry on as the general receiver.
+                with mutex:
+                    if chunk:
+                        conn.buf += chunk
+                        self._dispatch_locked(conn)
+                    elif conn is self._conn and not self._closed:
+                        self._reconnect_locked()
+                    reply = self._replies.pop(req_id, None)
+            except BaseException:
+                # Interrupted (or the reconnect failed): give up the receiver role, or
+                # every other waiter in this process would wait for ever.
+                with mutex:
+                    self._receiving = False
+                    if self._sleepers:
+                        self._cond.notify_all()
+                self._withdraw(req_id)
+                raise
+            if reply is None:
+                try:
+                    reply = self._receive_until(req_id, None)
+                except BaseException:
+                    self._withdraw(req_id)
+                    raise
+            else:
+                with mutex:
+                    self._receiving = False
+                    if self._sleepers:
+                        self._cond.notify_all()
+        return self._finish_acquire(reply, req_id, prefix, mode, None, data)
+
+    def _spin_recv(self, sock: socket.socket) -> bytes | None:
+        """Poll the socket for up to the spin budget; None if nothing came (then block)."""
+        spin = self._spin
+        start = time.perf_counter()
+        until = start + spin.budget
+        recv = sock.recv
+        while True:
+            try:
+                chunk = recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if time.perf_counter() > until:
+                    spin.report(False)
+                    return None
+                continue
+            # Found, but only a success if we were not descheduled along the way.
+            spin.report(time.perf_counter() - start <= spin.budget)
+            return chunk
+
+    def lease_nowait(self, prefix: str, mode: str, ttl: float | None = None) -> Lease:
+        """Acquire a lease only if it can be granted at once.
+
+        Raises:
+            WouldBlock: It would have to wait (held incompatibly, or others queue first).
+            LeaseTableFull: The coordinator's lease table is full.
+            CoordinatorUnavailable: No coordinator could be reached or started.
+            ClientClosed: The client was closed.
+            ValueError: Invalid prefix, mode or ttl.
+        """
+        return self._acquire(prefix, mode, None, ttl, nowait=True)
+
+    def commit_seq(self, prefix: str) -> int:
+        """Return the last commit sequence published for ``prefix`` (0 if none).
+
+        Reads shared memory; no round trip. Publications are applied in order but
+        asynchronously, so a value published a moment ago may not be visible yet.
+        """
+        self._check_usable()
+        segment = self._segment
+        if segment is None:
+            return 0
+        pslot = self._pslots.get(prefix)
+        if pslot is None:
+            self._prefix_bytes(prefix)
+            pslot = segment.find_prefix(prefix)
+            if pslot is None:
+                return 0
+            self._pslots[prefix] = pslot  # slots never move within a segment
+        return segment.commit_at(pslot)
+
+    def publish_commit(self, prefix: str, seq: int) -> None:
+        """Tell the coordinator ``prefix`` reached commit ``seq`` (one-way; it keeps the max).
+
+        Raises:
+            ValueError: Invalid prefix or negative ``seq``.
+        """
+        self._check_usable()
+        raw = self._prefix_bytes(prefix)
+        if not 0 <= seq < 1 << 64:
+            raise ValueError(f"commit sequence {seq} out of range")
+        data = p.frame(p.PUBLISH, p.PUBLISH_BODY.pack(seq) + raw)
+        with self._mutex:
+            self._check_usable_locked()
+            self._send_locked(data, resend=True)
+
+    def statistics(self) -> ClientStatistics:
+        """Return a frozen snapshot of this client's counters."""
+        if _PID[0] != self._pid:
+            self._forget_parent()
+        with self._mutex:
+            return ClientStatistics(
+                leases_held=len(self._held),
+                acquires=self._acquires,
+                waits=self._waits,
+                timeouts=self._timeouts,
+                would_block=self._would_block,
+                releases=self._releases,
+                renewals=self._renewals,
+                reconnects=self._reconnects,
+                fenced=self._fenced,
+            )
+
+    def close(self) -> None:
+        """Close the connection, which releases every lease this client holds (idempotent)."""
+        self._close(join=True)
+
+    def _close(self, *, join: bool) -> None:
+        if _PID[0] != self._pid:
+            self._forget_parent()
+            self._closed = True
+            return
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            for lease in self._held.values():
+                lease._released = True
+            self._held.clear()
+            self._pending.clear()
+            self._cond.notify_all()
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv
+                conn.sock.close()
+        self._keeper_wake.set()
+        keeper = self._keeper
+        if join and keeper is not None and keeper is not threading.current_thread():
+            keeper.join()
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A fallback only: close() is the contract. Never act for another process.
+        with contextlib.suppress(Exception):
+            if getattr(self, "_pid", None) == _PID[0] and not self._closed:
+                self._close(join=False)  # never block in a finalizer
+
+    def __repr__(self) -> str:
+        return f"<Client root={str(self._paths.root)!r} closed={self._closed}>"
+
+    # -- acquiring ---------------------------------------------------------------------
+
+    def _take_id(self) -> int:
+        """Return a fresh request id (holding the mutex).
+
+        Ids are 32 bits and wrap after ~4 billion requests; one still in use (a lease
+        held for days) is skipped, as the coordinator refuses an id in flight twice.
+        """
+        req_id = self._next_id
+        while req_id in self._held or req_id in self._pending:
+            req_id = (req_id + 1) & 0xFFFFFFFF or 1
+        self._next_id = (req_id + 1) & 0xFFFFFFFF or 1
+        return req_id
+
+    def _prefix_bytes(self, prefix: str) -> bytes:
+        raw = self._prefix_cache.get(prefix)
+        if raw is None:
+            raw = p.validate_prefix(prefix)
+            if len(self._prefix_cache) < 4096:
+                self._prefix_cache[prefix] = raw
+        return raw
+
+    def _acquire(
+        self, prefix: str, mode: str, timeout: float | None, ttl: float | None, nowait: bool
+    ) -> Lease:
+        raw = self._prefix_bytes(prefix)
+        code = p.MODE_CODES.get(mode)
+        if code is None:
+            raise ValueError(f"invalid lease mode {mode!r}: use one of {', '.join(p.MODES)}")
+        if ttl is None:
+            ttl_ms = 0
+        elif ttl > 0:
+            ttl_ms = max(1, min(round(ttl * 1000), 0xFFFFFFFF))
+        else:
+            raise ValueError(f"ttl must be positive seconds or None, not {ttl!r}")
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None, not {timeout!r}")
+        now = time.monotonic()
+        if nowait:
+            deadline: float | None = now + _REPLY_GRACE
+        else:
+            deadline = None if timeout is None else now + timeout
+        self._check_usable()
+        with self._mutex:
+            self._check_usable_locked()
+            req_id = self._take_id()
+            data = (
+                p.ACQUIRE_FRAME.pack(
+                    p.ACQUIRE_BODY.size + 1 + len(raw),
+                    p.ACQUIRE,
+                    req_id,
+                    code,
+                    p.FLAG_NOWAIT if nowait else 0,
+                    ttl_ms,
+                )
+                + raw
+            )
+            self._pending[req_id] = data
+            self._send_locked(data, resend=False)  # a reconnect re-sends pending requests
+        try:
+            reply = self._await(req_id, deadline)
+        except BaseException:
+            self._withdraw(req_id)
+            raise
+        if reply is None:
+            with self._mutex:
+                reply = self._replies.pop(req_id, None)
+                if reply is None:
+                    # Withdraw: the coordinator drops it from the queue, or releases it if
+                    # its grant is in flight (we ignore grants for unknown requests).
+                    self._pending.pop(req_id, None)
+                    self._timeouts += 1
+                    with contextlib.suppress(CoordinatorUnavailable):
+                        self._send_locked(p.RELEASE_FRAME.pack(5, p.RELEASE, req_id), resend=False)
+            if reply is None:
+                if nowait:
+                    raise CoordinatorUnavailable(
+                        f"the coordinator of {str(self._paths.root)!r} did not answer within "
+                        f"{_REPLY_GRACE:.0f}s: is it stopped?",
+                        root=str(self._paths.root),
+                    )
+                raise LeaseTimeout(
+                    f"lease {mode!r} on prefix {prefix!r} not granted within {timeout}s",
+                    prefix=prefix,
+                    mode=mode,
+                    timeout=timeout,
+                )
+        return self._finish_acquire(reply, req_id, prefix, mode, ttl, data)
+
+    def _withdraw(self, req_id: int) -> None:
+        """Forget a request whose caller gave up on an error.
+
+        A request left behind would be re-sent by a reconnect and granted to nobody.
+        """
+        with self._mutex:
+            if self._pending.pop(req_id, None) is not None and self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._send_locked(p.RELEASE_FRAME.pack(5, p.RELEASE, req_id), resend=False)
+            self._replies.pop(req_id, None)
+
+    def _finish_acquire(
+        self,
+        reply: tuple[int, int, int, int] | None,
+        req_id: int,
+        prefix: str,
+        mode: str,
+        ttl: float | None,
+        data: bytes,
+    ) -> Lease:
+        if reply is None:  # pragma: no cover - only deadline-bound waits return None
+            raise LeaseTimeout(f"lease {mode!r} on prefix {prefix!r} not granted", prefix=prefix)
+        kind, token, slot, waited = reply
+        if kind == p.GRANT:
+            lease = Lease(self, req_id, prefix, mode, token, slot, ttl, data)
+            with self._mutex:
+                if self._closed:
+                    raise ClientClosed("the client was closed while acquiring")
+                self._held[req_id] = lease
+                self._acquires += 1
+                self._waits += waited
+                if self._keeper is None:
+                    # Renews ttl leases, and notices a dead coordinator while this client
+                    # idles, so held leases are re-registered within the grace period.
+                    self._start_keeper()
+                elif ttl is not None:
+                    self._keep_interval = min(self._keep_interval, ttl / 3)
+                    self._keeper_wake.set()
+            return lease
+        if token == p.REFUSED_WOULD_BLOCK:
+            with self._mutex:
+                self._would_block += 1
+            raise WouldBlock(
+                f"lease {mode!r} on prefix {prefix!r} would block",
+                prefix=prefix,
+                mode=mode,
+            )
+        if token == p.REFUSED_TABLE_FULL:
+            raise LeaseTableFull(
+                f"the coordinator's lease table is full; lease {mode!r} on {prefix!r} refused "
+                "(release leases, or raise LEASE_SLOTS)",
+                prefix=prefix,
+                mode=mode,
+            )
+        raise CoordinatorUnavailable(f"the coordinator refused the request (reason {token})")
+
+    def _await(self, req_id: int, deadline: float | None) -> tuple[int, int, int, int] | None:
+        """Wait for the reply to ``req_id``; None at the deadline."""
+        mutex = self._mutex
+        with mutex:
+            while True:
+                reply = self._replies.pop(req_id, None)
+                if reply is not None:
+                    return reply
+                if self._closed:
+                    raise ClientClosed("the client was closed while waiting")
+                if not self._receiving:
+                    self._receiving = True
+                    break
+                # Another thread receives for everybody: sleep until it files our reply
+                # or hands the role over.
+                self._sleepers += 1
+                try:
+                    if deadline is None:
+                        self._cond.wait()
+                    else:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return None
+                        self._cond.wait(remaining)
+                finally:
+                    self._sleepers -= 1
+        return self._receive_until(req_id, deadline)
+
+    def _receive_until(
+        self, req_id: int, deadline: float | None
+    ) -> tuple[int, int, int, int] | None:
+        """Receive for everybody until the reply to ``req_id`` (the caller is the receiver)."""
+        mutex = self._mutex
+        try:
+            while True:
+                conn = self._conn
+                if conn is None:
+                    raise ClientClosed("the client was closed while waiting")
+                eof = self._read(conn, deadline)
+                with mutex:
+                    if eof and conn is self._conn and not self._closed:
+                        self._reconnect_locked()
+                    if conn.buf:
+                        self._dispatch_locked(conn)
+                    reply = self._replies.pop(req_id, None)
+                    if reply is not None:
+                        return reply
+                    if self._closed:
+                        raise ClientClosed("the client was closed while waiting")
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return None
+        finally:
+            with mutex:
+                self._receiving = False
+                if self._sleepers:
+                    self._cond.notify_all()
+
+    def _read(self, conn: _Connection, deadline: float | None) -> bool:
+        """Receive into ``conn.buf`` once; True at EOF. Only the receiver calls this."""
+        try:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not conn.poller.poll(max(1, int(remaining * 1000) + 1)):
+                    return False
+            data = conn.sock.recv(65536)
+        except InterruptedError:
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+        conn.buf += data
+        return False
+
+    def _dispatch_locked(self, conn: _Connection) -> None:
+        """File every complete frame in ``conn.buf`` (holding the mutex)."""
+        buf = conn.buf
+        pos = 0
+        end = len(buf)
+        notify = False
+        while end - pos >= 5:
+            (length,) = p.LENGTH.unpack_from(buf, pos)
+            stop = pos + 4 + length
+            if stop > end:
+                break
+            kind = buf[pos + 4]
+            if kind == p.GRANT and stop - pos == _GRANT_SIZE:
+                req_id, token, slot, waited = p.GRANT_BODY.unpack_from(buf, pos + 5)
+                if self._pending.pop(req_id, None) is not None:
+                    self._replies[req_id] = (p.GRANT, token, slot, waited)
+                    notify = True
+            elif kind == p.REFUSED:
+                req_id, reason = p.REFUSED_BODY.unpack_from(buf, pos + 5)
+                if self._pending.pop(req_id, None) is not None:
+                    self._replies[req_id] = (p.REFUSED, reason, 0, 0)
+                    notify = True
+            elif kind == p.REGISTERED and stop - pos == _REGISTERED_SIZE:
+                req_id, ok, token, slot = p.REGISTERED_BODY.unpack_from(buf, pos + 5)
+                lease = self._held.get(req_id)
+                if lease is not None and lease.token == token:
+                    if ok:
+                        lease._slot = slot
+                    else:
+                        lease._lost = True
+                        del self._held[req_id]
+                        self._fenced += 1
+                        _log.warning(
+                            "lease lost across a coordinator restart prefix=%s token=%s",
+                            lease.prefix,
+                            token,
+                        )
+            else:
+                _log.warning("ignoring unexpected message type %#x from the coordinator", kind)
+            pos = stop
+        if pos:
+            del buf[:pos]
+        if notify and self._sleepers:
+            self._cond.notify_all()
+
+    # -- releasing and renewing --------------------------------------------------------
+
+    def _release(self, lease: Lease) -> None:
+        if _PID[0] != self._pid:
+            # The parent's lease, seen from a forked child: not ours to release, and the
+            # inherited mutex may have been held by a parent thread at fork time.
+            lease._released = True
+            return
+        with self._mutex:
+            if lease._released:
+                return
+            lease._released = True
+            if self._closed:
+                return  # closing already released everything
+            if self._held.pop(lease._req_id, None) is None:
+                return  # lost at a reconnect: the coordinator no longer knows it
+            self._releases += 1
+            # If the coordinator is gone, the successor never hears of this lease: not
+            # re-registering it is the release.
+            with contextlib.suppress(CoordinatorUnavailable):
+                self._send_locked(_RELEASE_PACK(5, _RELEASE, lease._req_id), resend=False)
+
+    def _start_keeper(self) -> None:
+        self._keeper_wake = threading.Event()
+        self._keep_interval = min(
+            [_KEEPALIVE] + [lease.ttl / 3 for lease in self._held.values() if lease.ttl]
+        )
+        # The thread holds only a weak reference, so a client dropped without close() can
+        # still be collected (its finalizer closes the socket, which stops the keeper).
+        self._keeper = threading.Thread(
+            target=Client._keep,
+            args=(weakref.ref(self), self._keeper_wake),
+            name=f"hotcopy-lease-keeper-{self._pid}",
+            daemon=True,
+        )
+        self._keeper.start()
+
+    @staticmethod
+    def _keep(ref: weakref.ref[Client], wake: threading.Event) -> None:
+        # The event is set to stop the keeper (close) or to make it reschedule at once
+        # (a new ttl lease may need renewing sooner than the current sleep ends).
+        client = ref()
+        interval = _KEEPALIVE if client is None else client._keep_interval
+        del client
+        while True:
+            wake.wait(interval)
+            wake.clear()
+            client = ref()
+            if client is None or client._closed or _PID[0] != client._pid:
+                return
+            try:
+                client._keep_once()
+            except Exception:
+                # The keeper must outlive a bad moment (say, a root being deleted); the
+                # calling threads see the same error on their next operation.
+                _log.exception("lease keeper failed root=%s", client._paths.root)
+            interval = client._keep_interval
+            del client
+
+    def _keep_once(self) -> None:
+        interval = _KEEPALIVE
+        try:
+            with self._mutex:
+                if self._closed or _PID[0] != self._pid:
+                    return
+                now = time.monotonic()
+                for lease in list(self._held.values()):
+                    if lease.ttl is None:
+                        continue
+                    if now >= lease._next_renew and self._conn is not None:
+                        lease._next_renew = now + lease.ttl / 3
+                        self._renewals += 1
+                        with contextlib.suppress(CoordinatorUnavailable):
+                            self._send_locked(
+                                p.RELEASE_FRAME.pack(5, p.RENEW, lease._req_id), resend=False
+                            )
+                    interval = min(interval, max(0.001, lease._next_renew - now))
+                if self._receiving:
+                    return  # a waiting thread reads the socket and will see EOF itself
+                if self._conn is not None:
+                    self._poll_idle_locked(self._conn)
+                elif self._held:
+                    # A reconnect failed earlier: keep trying while leases need re-registering.
+                    with contextlib.suppress(CoordinatorUnavailable):
+                        self._connect_locked()
+        finally:
+            self._keep_interval = interval
+
+    def _poll_idle_locked(self, conn: _Connection) -> None:
+        # Nobody is receiving: look for a dead coordinator (EOF) or stray replies.
+        try:
+            data = conn.sock.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            with contextlib.suppress(CoordinatorUnavailable):
+                self._reconnect_locked()
+            return
+        conn.buf += data
+        self._dispatch_locked(conn)
+
+    # -- connection management ---------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if _PID[0] != self._pid:
+            self._forget_parent()
+        if self._closed:
+            raise ClientClosed("the client is closed: open a new one with connect()")
+
+    def _check_usable_locked(self) -> None:
+        if self._closed:
+            raise ClientClosed("the client is closed: open a new one with connect()")
+        if _PID[0] != self._pid:
+            raise RuntimeError("internal: fork not handled before locking")
+        if self._conn is None:
+            self._connect_locked()
+
+    def _forget_parent(self) -> None:
+        """In a forked child: drop the parent's socket and leases, keep nothing shared."""
+        conn = self._conn
+        self._conn = None
+        if conn is not None:
+            # close(), never shutdown(): shutdown would cut the parent's connection too.
+            conn.sock.close()
+        for lease in self._held.values():
+            lease._released = True
+        self._reset_process_state()
+        self._pslots = {}
+
+    def _send_locked(self, data: bytes, *, resend: bool) -> None:
+        """Send one frame (holding the mutex), reconnecting once if the coordinator died."""
+        if _PID[0] != self._pid:
+            raise RuntimeError("internal: fork not handled before sending")
+        conn = self._conn
+        if conn is None:
+            raise ClientClosed("the client is closed")
+        try:
+            conn.sock.sendall(data)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                raise
+        self._reconnect_locked()
+        if resend and self._conn is not None:
+            self._conn.sock.sendall(data)
+
+    def _reconnect_locked(self) -> None:
+        """Replace a dead connection and restore this client's state on the new one."""
+        old = self._conn
+        self._conn = None
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.sock.shutdown(socket.SHUT_RDWR)  # wake the receiver, if another thread
+            old.sock.close()
+        _log.info("coordinator connection lost, reconnecting root=%s", self._paths.root)
+        self._reconnects += 1
+        self._connect_locked()
+
+    def _connect_locked(self) -> None:
+        parts = [p.frame(p.HELLO, p.HELLO_BODY.pack(p.PROTOCOL_VERSION, self._client_id))]
+        for req_id, lease in self._held.items():
+            parts.append(
+                p.frame(
+                    p.REGISTER,
+                    p.REGISTER_BODY.pack(
+                        req_id,
+                        p.MODE_CODES[lease.mode],
+                        round(lease.ttl * 1000) if lease.ttl else 0,
+                        lease.token,
+                    )
+                    + lease.prefix.encode("ascii"),
+                )
+            )
+        parts.append(p.frame(p.REGISTER_END))
+        parts.extend(self._pending.values())
+        sock = self._open_socket(b"".join(parts))
+        self._open_segment()
+        self._conn = _Connection(sock)
+
+    def _open_segment(self) -> None:
+        try:
+            path = self._paths.segment_path()
+            if path is None:
+                return
+            info = os.stat(path)
+        except FileNotFoundError:
+            return
+        if self._segment is not None and self._segment.inode == (info.st_dev, info.st_ino):
+            return
+        try:
+            segment = SegmentReader(path)
+        except (OSError, ValueError) as err:
+            _log.warning("cannot map shared memory path=%s error=%s", path, err)
+            return
+        old, self._segment = self._segment, segment
+        self._pslots = {}
+        if old is not None:
+            old.close()
+
+    def _open_socket(self, handshake: bytes) -> socket.socket:
+        """Connect to the coordinator, starting one if none answers, and send ``handshake``.
+
+        A connection that breaks while sending the handshake (a coordinator dying or
+        exiting while our connection sat in its backlog) counts as no answer: retry.
+        """
+        paths = self._paths
+        paths.ensure_runtime_dir()
+        deadline = time.monotonic() + self._connect_timeout
+        spawned_at: float | None = None
+        delay = 0.002
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                with unix_address(paths.socket) as address:
+                    sock.connect(address)
+                _pid, uid = peer_uid(sock)
+                if uid != os.getuid():
+                    sock.close()
+                    raise CoordinatorUnavailable(
+                        f"{str(paths.socket)!r} is served by uid {uid}, not by this user: "
+                        "refusing to talk to it",
+                        root=str(paths.root),
+                    )
+                sock.sendall(handshake)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError):
+                sock.close()
+            except BrokenPipeError:
+                sock.close()
+            except BaseException:
+                sock.close()
+                raise
+            now = time.monotonic()
+            if (
+                self._start
+                and (spawned_at is None or now - spawned_at > _SPAWN_RETRY)
+                and self._election_is_free()
+                and self._spawn_coordinator()
+            ):
+                spawned_at = time.monotonic()
+            if now >= deadline:
+                raise CoordinatorUnavailable(
+                    f"no coordinator answers for {str(paths.root)!r} after "
+                    f"{self._connect_timeout:.0f}s; see {str(paths.log)!r} or run "
+                    f"'hotcopy coordinator {paths.root}' to see why",
+                    root=str(paths.root),
+                )
+            time.sleep(delay)  # waiting for another process to bind: nothing to block on
+            delay = min(delay * 2, 0.02)
+
+    def _election_is_free(self) -> bool:
+        """True if no coordinator (running or starting) holds the election lock."""
+        try:
+            fd = os.open(self._paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)  # closing drops our probe lock, if we took it
+        return True
+
+    def _spawn_coordinator(self) -> bool:
+        """Start a coordinator candidate; False if another client is starting one now."""
+        # When a coordinator dies, every client notices at once; a second lock lets one
+        # of them start the successor instead of all of them racing interpreters up.
+        try:
+            fd = os.open(
+                self._paths.runtime_dir / "spawn.lock",
+                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                0o600,
+            )
+        except OSError:
+            fd = -1
+        try:
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False  # another client is starting one right now
+            _log.info("starting a coordinator root=%s", self._paths.root)
+            # The launcher forks the real coordinator into its own session and exits at
+            # once, so it is never our child (no zombie, no Popen left to reap).
+            subprocess.run(
+                [sys.executable, "-m", "hotcopy.coordinator", str(self._paths.root), "--detach"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+                check=False,
+                timeout=60,
+            )
+            return True
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+def connect(root: str | os.PathLike[str], *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Client:
+    """Connect to the coordinator of the repository at ``root``, starting it if none runs.
+
+    Args:
+        root: The repository root (an existing directory).
+        timeout: Seconds to wait for a coordinator to accept.
+
+    Returns:
+        A :class:`Client` (a context manager).
+
+    Raises:
+        CoordinatorUnavailable: No coordinator could be reached or started in time.
+        FileNotFoundError: ``root`` does not exist.
+    """
+    return Client(root, connect_timeout=timeout)

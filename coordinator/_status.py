@@ -1,0 +1,151 @@
+"""What the coordinator of a repository is doing, read from shared memory (no round trip)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import LeaseError
+from ._paths import RuntimePaths
+from ._process import ProcessIdentity, boot_id, is_alive
+from ._protocol import MODE_NAMES
+from ._segment import SegmentReader
+
+__all__ = ["LeaseStatus", "Status", "format_status", "read_status", "status_to_json"]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseStatus:
+    """One granted lease.
+
+    Attributes:
+        prefix: The leased prefix.
+        mode: Its mode name.
+        pid: The holder's pid.
+        age: Seconds since the grant.
+        token: The fencing token.
+        expires_in: Seconds until it expires without renewal, None without a ttl.
+    """
+
+    prefix: str
+    mode: str
+    pid: int
+    age: float
+    token: int
+    expires_in: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A snapshot of a repository's coordinator.
+
+    Attributes:
+        root: The repository root.
+        pid: The coordinator's pid, None if no coordinator runs.
+        uptime: Seconds since it started, None if none runs.
+        next_token: The next fencing token it will grant (0 if it never ran).
+        leases: Granted leases, by prefix then token.
+        waiters: Queued requests per prefix (only prefixes with waiters).
+    """
+
+    root: str
+    pid: int | None
+    uptime: float | None
+    next_token: int
+    leases: tuple[LeaseStatus, ...]
+    waiters: dict[str, int]
+
+
+def read_status(root: str | os.PathLike[str]) -> Status:
+    """Read the status of the coordinator of ``root`` from shared memory.
+
+    Never starts a coordinator and never raises because none runs: ``pid`` is then None.
+    Leases left in shared memory by a dead coordinator are still listed (a successor
+    will recover them).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+    """
+    paths = RuntimePaths.for_root(root)
+    try:
+        path = paths.segment_path()
+        if path is None:
+            raise FileNotFoundError("no coordinator ever ran here")
+        segment = SegmentReader(path)
+    except (FileNotFoundError, NotADirectoryError, LeaseError):
+        return Status(str(paths.root), None, None, 0, (), {})
+    with segment:
+        header = segment.header()
+        now = time.monotonic()
+        pid: int | None = None
+        uptime: float | None = None
+        if header.pid and is_alive(ProcessIdentity(header.pid, header.start_ticks, header.boot)):
+            pid = header.pid
+            uptime = max(0.0, now - header.started_monotonic)
+        leases = tuple(
+            sorted(
+                (
+                    LeaseStatus(
+                        prefix=r.prefix,
+                        mode=MODE_NAMES.get(r.mode, f"mode-{r.mode}"),
+                        pid=r.pid,
+                        age=max(0.0, now - r.granted_at),
+                        token=r.token,
+                        expires_in=(r.expires_at - now) if r.expires_at else None,
+                    )
+                    for r in segment.leases()
+                ),
+                key=lambda lease: (lease.prefix, lease.token),
+            )
+        )
+        waiters = {name: n for _, name, n, _ in segment.prefixes() if n}
+        if header.boot != boot_id():
+            leases = ()
+        return Status(str(paths.root), pid, uptime, header.next_token, leases, waiters)
+
+
+def status_to_json(status: Status) -> dict[str, Any]:
+    """Render ``status`` as a JSON-ready dict (the ``hotcopy status --json`` shape)."""
+    return {
+        "root": status.root,
+        "coordinator": {
+            "pid": status.pid,
+            "uptime": None if status.uptime is None else round(status.uptime, 3),
+            "next_token": status.next_token,
+        },
+        "leases": [
+            {
+                "prefix": lease.prefix,
+                "mode": lease.mode,
+                "pid": lease.pid,
+                "age": round(lease.age, 3),
+                "token": lease.token,
+                "expires_in": None if lease.expires_in is None else round(lease.expires_in, 3),
+            }
+            for lease in status.leases
+        ],
+        "waiters": dict(sorted(status.waiters.items())),
+    }
+
+
+def format_status(status: Status) -> str:
+    """Render ``status`` as a readable table for a terminal."""
+    if status.pid is None:
+        lines = [f"coordinator: not running ({status.root})"]
+    else:
+        lines = [f"coordinator: pid {status.pid}, up {status.uptime or 0.0:.1f}s ({status.root})"]
+    if status.leases:
+        width = max(6, *(len(lease.prefix) for lease in status.leases))
+        lines.append(f"{'PREFIX':<{width}}  {'MODE':<9}  {'PID':>7}  {'AGE':>9}  {'TOKEN':>8}")
+        for lease in status.leases:
+            lines.append(
+                f"{lease.prefix:<{width}}  {lease.mode:<9}  {lease.pid:>7}  "
+                f"{lease.age:>8.1f}s  {lease.token:>8}"
+            )
+    else:
+        lines.append("no leases held")
+    if status.waiters:
+        lines.append("waiters: " + ", ".join(f"{k}={v}" for k, v in sorted(status.waiters.items())))
+    return "\n".join(lines)
