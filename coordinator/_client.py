@@ -89,6 +89,7 @@ _MODE_CODES: Final = p.MODE_CODES
 _RELEASE: Final = p.RELEASE
 _RELEASE_PACK = p.RELEASE_FRAME.pack
 _REGISTERED_SIZE: Final = 4 + 1 + p.REGISTERED_BODY.size
+_PUBLISHED_SIZE: Final = 4 + 1 + p.REQ_BODY.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,20 +435,44 @@ class Client:
             self._pslots[prefix] = pslot  # slots never move within a segment
         return segment.commit_at(pslot)
 
-    def publish_commit(self, prefix: str, seq: int) -> None:
-        """Tell the coordinator ``prefix`` reached commit ``seq`` (one-way; it keeps the max).
+    def publish_commit(self, prefix: str, seq: int, *, wait: bool = False) -> None:
+        """Tell the coordinator ``prefix`` reached commit ``seq``; its counter moves on.
+
+        Args:
+            wait: Return only once the new counter is visible in shared memory (one round
+                trip). Without it the message is one-way: fast, but a reader may look at the
+                counter before it moves.
 
         Raises:
             ValueError: Invalid prefix or negative ``seq``.
+            CoordinatorUnavailable: ``wait`` and no coordinator answered in time.
         """
         self._check_usable()
         raw = self._prefix_bytes(prefix)
         if not 0 <= seq < 1 << 64:
             raise ValueError(f"commit sequence {seq} out of range")
-        data = p.frame(p.PUBLISH, p.PUBLISH_BODY.pack(seq) + raw)
+        if not wait:
+            data = p.frame(p.PUBLISH, p.PUBLISH_BODY.pack(seq) + raw)
+            with self._mutex:
+                self._check_usable_locked()
+                self._send_locked(data, resend=True)
+            return
         with self._mutex:
             self._check_usable_locked()
-            self._send_locked(data, resend=True)
+            req_id = self._take_id()
+            data = p.frame(p.PUBLISH_SYNC, p.PUBLISH_SYNC_BODY.pack(req_id, seq) + raw)
+            self._pending[req_id] = data  # a reconnect re-sends it: publishing is idempotent
+            self._send_locked(data, resend=False)
+        reply = self._await(req_id, time.monotonic() + _REPLY_GRACE)
+        if reply is None:
+            with self._mutex:
+                self._pending.pop(req_id, None)
+                self._replies.pop(req_id, None)
+            raise CoordinatorUnavailable(
+                f"the coordinator of {str(self._paths.root)!r} did not acknowledge a commit "
+                f"of {prefix!r} within {_REPLY_GRACE:.0f}s",
+                root=str(self._paths.root),
+            )
 
     def statistics(self) -> ClientStatistics:
         """Return a frozen snapshot of this client's counters."""
@@ -762,6 +787,11 @@ class Client:
                 req_id, reason = p.REFUSED_BODY.unpack_from(buf, pos + 5)
                 if self._pending.pop(req_id, None) is not None:
                     self._replies[req_id] = (p.REFUSED, reason, 0, 0)
+                    notify = True
+            elif kind == p.PUBLISHED and stop - pos == _PUBLISHED_SIZE:
+                (req_id,) = p.REQ_BODY.unpack_from(buf, pos + 5)
+                if self._pending.pop(req_id, None) is not None:
+                    self._replies[req_id] = (p.PUBLISHED, 0, 0, 0)
                     notify = True
             elif kind == p.REGISTERED and stop - pos == _REGISTERED_SIZE:
                 req_id, ok, token, slot = p.REGISTERED_BODY.unpack_from(buf, pos + 5)

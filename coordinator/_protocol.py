@@ -13,13 +13,15 @@ ACQUIRE               req u32, mode u8, flags u8, ttl ms u32,    GRANT or REFUSE
 RELEASE               req u32 (also withdraws a queued request)  none
 RENEW                 req u32                                    none
 PUBLISH               seq u64, prefix                            none
+PUBLISH_SYNC          req u32, seq u64, prefix                   PUBLISHED
 REGISTER              req u32, mode u8, ttl ms u32, token u64,   REGISTERED
                       prefix (a lease held before a reconnect)
 REGISTER_END          (every held lease was registered)          none
 ====================  =========================================  ===================
 
 Coordinator -> client: GRANT (req u32, token u64, slot u32, waited u8), REFUSED (req u32,
-reason u8), REGISTERED (req u32, ok u8, token u64, slot u32).
+reason u8), REGISTERED (req u32, ok u8, token u64, slot u32), PUBLISHED (req u32: the counter
+is visible in shared memory).
 
 Replies carry the client's request id, so one connection can have many requests in
 flight; releases need no reply because a Unix stream socket delivers in order.
@@ -52,15 +54,18 @@ RENEW: Final = 0x04
 PUBLISH: Final = 0x05
 REGISTER: Final = 0x06
 REGISTER_END: Final = 0x07
+PUBLISH_SYNC: Final = 0x08
 GRANT: Final = 0x81
 REFUSED: Final = 0x82
 REGISTERED: Final = 0x83
+PUBLISHED: Final = 0x84
 
 # Bodies, without the type byte.
 HELLO_BODY = struct.Struct("<HQ")
 ACQUIRE_BODY = struct.Struct("<IBBI")
 REQ_BODY = struct.Struct("<I")
 PUBLISH_BODY = struct.Struct("<Q")
+PUBLISH_SYNC_BODY = struct.Struct("<IQ")
 REGISTER_BODY = struct.Struct("<IBIQ")
 GRANT_BODY = struct.Struct("<IQIB")
 REFUSED_BODY = struct.Struct("<IB")

@@ -205,11 +205,10 @@ class CoordinatorServer:
             finally:
                 self._shutdown(listener)
                 tokens.close()  # clean exit: the successor continues without a gap
-                # Leases still held (a SIGTERM with clients connected) and commit counters
-                # are handed to the successor; an empty table is not worth a /dev/shm file.
-                keep_segment = not table.is_empty() or any(
-                    commit for _, _, _, commit in segment.prefixes()
-                )
+                # Leases still held (a SIGTERM with clients connected) are handed to the
+                # successor. Commit counters alone are not worth a /dev/shm file that outlives
+                # the repository: they are change hints, and a fresh counter reads as a change.
+                keep_segment = not table.is_empty()
                 header = segment.header()
                 segment.write_header(
                     0, 0, tokens.next, header.boot, header.lease_hwm,
@@ -481,6 +480,13 @@ class CoordinatorServer:
             (seq,) = p.PUBLISH_BODY.unpack_from(body)
             raw = body[p.PUBLISH_BODY.size :]
             table.publish_commit(p.decode_prefix(raw), raw, seq)
+        elif kind == p.PUBLISH_SYNC:
+            if not conn.hello:
+                raise _Drop("request before HELLO")
+            req_id, seq = p.PUBLISH_SYNC_BODY.unpack_from(body)
+            raw = body[p.PUBLISH_SYNC_BODY.size :]
+            table.publish_commit(p.decode_prefix(raw), raw, seq)
+            self._send(conn, p.frame(p.PUBLISHED, p.REQ_BODY.pack(req_id)))
         elif kind == p.HELLO:
             version, client_id = p.HELLO_BODY.unpack(body)
             if version != p.PROTOCOL_VERSION or conn.hello:

@@ -480,11 +480,15 @@ class LeaseTable:
     # -- commit counters -------------------------------------------------------------
 
     def publish_commit(self, prefix: str, prefix_bytes: bytes, seq: int) -> None:
-        """Raise the commit counter of ``prefix`` to ``seq`` (never lowers it)."""
+        """Move the commit counter of ``prefix`` to ``max(counter + 1, seq)``.
+
+        It changes with every publication, even one whose ``seq`` is lower than before (a
+        restored prefix starts again from an older commit), so a reader that remembers the
+        counter can trust "unchanged" to mean "nothing was committed"; and it is the commit
+        sequence itself while commits only move forward.
+        """
         state = self._prefix(prefix)
-        if seq <= state.commit:
-            return
-        state.commit = seq
+        state.commit = max(state.commit + 1, seq)
         self._write_prefix(prefix_bytes, state)
 
     def _publish_waiters(self, prefix: str, state: _Prefix) -> None:

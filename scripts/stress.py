@@ -346,7 +346,7 @@ def writers_of(name: str, writers: int, prefixes: int) -> list[int]:
 
 
 def final_checks(sup: Supervisor) -> dict[str, Any]:
-    from hotcopy.storage import Repository, verify_file
+    from hotcopy.storage import FileLeases, Repository, verify_file
     from hotcopy.workers import Catalog, restore
 
     a, work = sup.args, sup.work
@@ -400,7 +400,9 @@ def final_checks(sup: Supervisor) -> dict[str, Any]:
             last_seq[entry["prefix"]] = entry["seq"]
             shutil.rmtree(scratch, ignore_errors=True)
             try:
-                with Repository.init(scratch) as repo:
+                # A private scratch repository needs no coordinator: kernel file locks do.
+                scratch.mkdir(parents=True)
+                with Repository.init(scratch, leases=FileLeases(scratch / ".hotcopy")) as repo:
                     repo.restore_prefix(path, entry["prefix"])
                     px = repo.open_prefix(entry["prefix"], "r")
                     state = {key: px[key] for key in px}
@@ -430,7 +432,7 @@ def final_checks(sup: Supervisor) -> dict[str, Any]:
             except Exception as err:
                 violations.append(f"backup {manifest.id} does not restore: {err}")
                 continue
-            with Repository(scratch) as repo:
+            with Repository(scratch, leases=FileLeases(scratch / ".hotcopy")) as repo:
                 for name in repo.prefixes():
                     px = repo.open_prefix(name, "r")
                     state = {key: px[key] for key in px}

@@ -18,7 +18,7 @@ import os
 import struct
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from hotcopy.coordinator._errors import LeaseFenced, LeaseTimeout, WouldBlock
 
@@ -36,6 +36,19 @@ class HeldLease(Protocol):
     def __enter__(self) -> HeldLease: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """Optional side of a lease provider: per-prefix commit counters in shared memory.
+
+    ``publish_commit(..., wait=True)`` returns once the counter has moved, so a reader that
+    sees an unchanged counter knows that nothing was committed since it last looked.
+    """
+
+    def commit_seq(self, prefix: str) -> int: ...
+
+    def publish_commit(self, prefix: str, seq: int, *, wait: bool = False) -> None: ...
 
 
 class LeaseProvider(Protocol):
@@ -100,14 +113,12 @@ class FileLeases:
         }[mode]
         fds: list[int] = []
         try:
-            if os.environ.get("HOTCOPY_TEST_BREAK") == "lease-granted-twice" and mode == "write":
-                plan = []  # broken on purpose (scripts/stress.py --break): no exclusion at all
             for suffix, operation in plan:
                 path = self._dir / f"{prefix}.{suffix}"
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 fds.append(fd)
                 _flock_until(fd, operation, deadline, timeout == 0, prefix, mode)
-            token = _next_token(fds[0]) if fds and mode in ("write", "exclusive") else 0
+            token = _next_token(fds[0]) if mode in ("write", "exclusive") else 0
         except BaseException:
             for fd in fds:
                 os.close(fd)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hotcopy.coordinator._errors import LeaseFenced
+from hotcopy.coordinator._errors import HotcopyError, LeaseFenced
 from sortedcontainers import SortedDict
 
 from . import _format as fmt
@@ -38,9 +38,13 @@ from ._errors import (
     StorageError,
     TransactionConflict,
 )
-from ._leases import HeldLease, LeaseProvider
+from ._leases import ChangeFeed, HeldLease, LeaseProvider
 
 DEFAULT_CHECKPOINT_BYTES = 4 << 20
+_FULL_CHECK_EVERY = 1.0  # seconds a reader trusts an unchanged commit counter
+# A write lease outlives a stopped or hung holder by at most this long (the client renews it
+# in the background while the process runs); its commit is then refused (fencing).
+DEFAULT_LEASE_TTL = 30.0
 log = logging.getLogger(__name__)
 
 # Test-only fault injection: HOTCOPY_FAULT=<point>[,<point>] SIGKILLs this process at that point,
@@ -70,8 +74,8 @@ def _fault_due(point: str) -> bool:
 
 
 # Test-only broken builds, so the stress checker can show it catches real faults:
-# HOTCOPY_TEST_BREAK=ack-before-write | copy-without-checkpoint (| lease-granted-twice, in
-# _leases.py). Never set outside scripts/stress.py --break.
+# HOTCOPY_TEST_BREAK=ack-before-write | copy-without-checkpoint | lease-granted-twice.
+# Never set outside scripts/stress.py --break.
 _BREAK = os.environ.get("HOTCOPY_TEST_BREAK", "")
 
 
@@ -134,6 +138,7 @@ class Prefix(MutableMapping[str, Any]):
         *,
         checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
         lease_timeout: float | None = None,
+        lease_ttl: float | None = DEFAULT_LEASE_TTL,
     ) -> None:
         if mode not in ("r", "rw"):
             raise ValueError(f"mode must be 'r' or 'rw', not {mode!r}")
@@ -145,6 +150,7 @@ class Prefix(MutableMapping[str, Any]):
         self._leases = leases
         self._checkpoint_bytes = checkpoint_bytes
         self._lease_timeout = lease_timeout
+        self._lease_ttl = lease_ttl
         self._pid = os.getpid()
         self._closed = False
         self._lease: HeldLease | None = None
@@ -152,6 +158,11 @@ class Prefix(MutableMapping[str, Any]):
         # The oldest commit this object read at since its last commit or rollback: a write
         # built on it must not land on a newer state (no lost updates).
         self._read_seq: int | None = None
+        # The provider's commit counter when this view last looked at the files, and when:
+        # an unchanged counter means nothing was committed, so reads skip the file checks.
+        self._feed = leases if isinstance(leases, ChangeFeed) else None
+        self._seen_counter = -1
+        self._checked_at = 0.0
         self._deferred = b""  # only under HOTCOPY_TEST_BREAK=ack-before-write
         self._main_fd = -1
         self._main_ino = -1
@@ -335,6 +346,7 @@ class Prefix(MutableMapping[str, Any]):
                     op_at += len(op)
                 self._seq = seq
                 self._pending.clear()
+                self._publish()
                 if self._wal_pos - fmt.HEADER_SIZE >= self._checkpoint_bytes:
                     self._auto_checkpoint()
         finally:
@@ -390,7 +402,9 @@ class Prefix(MutableMapping[str, Any]):
         lease = self._lease
         owned = lease is None
         if lease is None:
-            lease = self._leases.lease(self.name, "write", timeout=self._lease_timeout)
+            lease = self._leases.lease(
+                self.name, "write", timeout=self._lease_timeout, ttl=self._lease_ttl
+            )
         try:
             with self._mutation():
                 # Not just a catch-up: a checkpoint killed before its WAL reset left a segment
@@ -420,7 +434,9 @@ class Prefix(MutableMapping[str, Any]):
                 prefix=self.name,
             )
         with (
-            self._leases.lease(self.name, "exclusive", timeout=self._lease_timeout),
+            self._leases.lease(
+                self.name, "exclusive", timeout=self._lease_timeout, ttl=self._lease_ttl
+            ),
             self._mutation(),
         ):
             self._catch_up(force=True)
@@ -440,6 +456,7 @@ class Prefix(MutableMapping[str, Any]):
             wal = fmt.WalHeader(header.file_id, header.salt, end, seq)
             write_durably(self._wal_path, fmt.pack_wal_header(wal))
             self._load()
+            self._publish()  # readers must move to the new file
             return Cut(self._scanned_end, self._seq, self._header.file_id)
 
     def _write_compacted(self, fd: int, header: fmt.MainHeader, seq: int) -> int:
@@ -522,7 +539,12 @@ class Prefix(MutableMapping[str, Any]):
     def _begin(self) -> None:
         self._require_writable()
         if self._lease is None:
-            self._lease = self._leases.lease(self.name, "write", timeout=self._lease_timeout)
+            if _BREAK == "lease-granted-twice":
+                self._lease = _NoExclusion()  # broken on purpose: every writer gets it
+            else:
+                self._lease = self._leases.lease(
+                    self.name, "write", timeout=self._lease_timeout, ttl=self._lease_ttl
+                )
             try:
                 self._catch_up(force=True)
                 read_seq, self._read_seq = self._read_seq, None
@@ -547,7 +569,9 @@ class Prefix(MutableMapping[str, Any]):
             lease.release()
 
     def _create(self) -> None:
-        lease = self._leases.lease(self.name, "write", timeout=self._lease_timeout)
+        lease = self._leases.lease(
+            self.name, "write", timeout=self._lease_timeout, ttl=self._lease_ttl
+        )
         try:
             if not self._main_path.exists():
                 create_prefix_files(self._root, self.name)
@@ -595,9 +619,28 @@ class Prefix(MutableMapping[str, Any]):
         self._sync_wal()
 
     def _catch_up(self, force: bool = False) -> None:
-        """See what other processes committed. A writer mid-transaction already has it all."""
+        """See what other processes committed. A writer mid-transaction already has it all.
+
+        Without ``force``, an unchanged commit counter in the coordinator's shared memory
+        answers "nothing new" without touching a file; the files are still checked at least
+        every ``_FULL_CHECK_EVERY`` seconds, in case a publication was lost.
+        """
         if self._lease is not None and not force:
             return
+        if self._feed is not None:
+            now = time.monotonic()
+            try:
+                counter = self._feed.commit_seq(self.name)
+            except HotcopyError:
+                counter = -1  # no coordinator to ask: look at the files
+            if (
+                not force
+                and counter == self._seen_counter
+                and counter > 0
+                and now - self._checked_at < _FULL_CHECK_EVERY
+            ):
+                return
+            self._seen_counter, self._checked_at = counter, now  # read before the files
         try:
             st = os.stat(self._main_path)
         except FileNotFoundError:
@@ -817,6 +860,20 @@ class Prefix(MutableMapping[str, Any]):
             batches.append(batch)
         return batches
 
+    def _publish(self) -> None:
+        """Move the shared commit counter (before the write lease goes), so that a reader who
+        sees it unchanged may trust that nothing was committed. The commit is durable already:
+        a coordinator that does not answer is logged, and readers' periodic full check covers
+        the gap."""
+        if self._feed is None:
+            return
+        try:
+            self._feed.publish_commit(self.name, self._seq, wait=True)
+        except HotcopyError as err:
+            log.warning(
+                "commit counter not published prefix=%s seq=%s error=%s", self.name, self._seq, err
+            )
+
     def _auto_checkpoint(self) -> None:
         """Checkpoint after a commit. The commit is already durable: a failure here is logged
         and left to the next checkpoint, never reported as a failed commit."""
@@ -886,6 +943,24 @@ class Prefix(MutableMapping[str, Any]):
         self._reset_wal_after(self._scanned_end)
         _fault("checkpoint:after-wal-reset")
         return Cut(self._scanned_end, self._seq, self._header.file_id)
+
+
+class _NoExclusion:
+    """The write lease of the lease-granted-twice broken build: excludes nobody."""
+
+    token = 0
+
+    def is_current(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> _NoExclusion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 class _Flock:

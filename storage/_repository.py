@@ -10,6 +10,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from hotcopy.coordinator import connect
+
 from ._copy import (
     DEFAULT_STEP,
     BaseRef,
@@ -20,8 +22,8 @@ from ._copy import (
 )
 from ._durable import sweep_stale_temps, write_durably
 from ._errors import ClosedError, InvalidPrefixName, RepositoryNotFound, StorageError
-from ._leases import FileLeases, LeaseProvider
-from ._prefix import DEFAULT_CHECKPOINT_BYTES, Cut, Prefix, main_path
+from ._leases import LeaseProvider
+from ._prefix import DEFAULT_CHECKPOINT_BYTES, DEFAULT_LEASE_TTL, Cut, Prefix, main_path
 
 MARKER = "hotcopy.json"
 RUNTIME_DIR = ".hotcopy"
@@ -49,9 +51,14 @@ class Repository:
 
     Args:
         root: The repository directory (must hold ``hotcopy.json``; see :meth:`init`).
-        leases: Where prefix leases come from; by default OS file locks in ``ROOT/.hotcopy``.
+        leases: Where prefix leases come from; by default the repository's coordinator
+            (started on demand). ``FileLeases(root / ".hotcopy")`` uses kernel file locks
+            instead, with no coordinator process.
         checkpoint_bytes: WAL size past which a commit checkpoints automatically.
         lease_timeout: How long a writer waits for a prefix's write lease (None: forever).
+        lease_ttl: Seconds a write lease survives its holder being stopped or hung (renewed in
+            the background while the process runs); after that another writer may commit and
+            the stopped one's commit is refused. None: held until released or the holder dies.
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class Repository:
         leases: LeaseProvider | None = None,
         checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
         lease_timeout: float | None = None,
+        lease_ttl: float | None = DEFAULT_LEASE_TTL,
     ) -> None:
         self.root = Path(root).absolute()
         marker = self.root / MARKER
@@ -87,9 +95,12 @@ class Repository:
         self.runtime_dir = self.root / RUNTIME_DIR
         self.runtime_dir.mkdir(mode=0o700, exist_ok=True)
         sweep_stale_temps(self.root)
-        self._leases = leases if leases is not None else FileLeases(self.runtime_dir)
+        # The coordinator's leases by default (started on demand): FIFO, fenced, visible in
+        # `hotcopy status`; FileLeases (kernel flock) remain for embedding without it.
+        self._leases = leases if leases is not None else connect(self.root)
         self._checkpoint_bytes = checkpoint_bytes
         self._lease_timeout = lease_timeout
+        self._lease_ttl = lease_ttl
         self._open: dict[str, Prefix] = {}
         self._closed = False
 
@@ -128,6 +139,7 @@ class Repository:
             self.runtime_dir,
             checkpoint_bytes=self._checkpoint_bytes,
             lease_timeout=self._lease_timeout,
+            lease_ttl=self._lease_ttl,
         )
         self._open[name] = prefix
         return prefix

@@ -53,16 +53,17 @@ def _source_bytes(repo: Repository, name: str = "p") -> dict[str, str | None]:
     return {"hc": _sha(main), "wal": _sha(main.with_name(f"{name}.hc-wal"))}
 
 
-def _tree(root: Path, *, runtime: bool = True) -> dict[str, str | None] | None:
+def _tree(root: Path) -> dict[str, str | None] | None:
     """Every path under ``root`` with the hash of each file: a before/after picture.
 
-    ``runtime=False`` leaves out a repository's ``.hotcopy`` dir (lock files whose fencing
-    counters move whenever a lease is taken; never data, never backed up)."""
+    Leaves out every repository's ``.hotcopy`` runtime dir (the coordinator's socket, log and
+    pid, lock files whose fencing counters move whenever a lease is taken; never data, never
+    backed up)."""
     if not root.exists():
         return None
     found: dict[str, str | None] = {}
     for directory, dirs, files in os.walk(root):
-        if not runtime and Path(directory) == root and ".hotcopy" in dirs:
+        if ".hotcopy" in dirs:
             dirs.remove(".hotcopy")
         for name in dirs:
             found[os.path.relpath(os.path.join(directory, name), root) + "/"] = None
@@ -533,11 +534,11 @@ def test_restore_of_a_damaged_copy_is_refused_and_changes_nothing(
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0x01
     copy.write_bytes(bytes(data))
-    before = _tree(repo.root, runtime=False)
+    before = _tree(repo.root)
     for name, force in (("p", True), ("fresh", False)):
         with pytest.raises(CorruptFileError):
             repo.restore_prefix(copy, name, force=force)
-        assert _tree(repo.root, runtime=False) == before
+        assert _tree(repo.root) == before
     with repo.open_prefix("p", "r") as px:
         assert px["newer"] == 1
 

@@ -24,6 +24,7 @@ from hotcopy.coordinator._errors import HotcopyError, LeaseTimeout
 from hotcopy.storage import (
     ClosedError,
     CorruptFileError,
+    FileLeases,
     InvalidPrefixName,
     PrefixNotFound,
     ReadOnlyError,
@@ -943,7 +944,11 @@ def test_an_older_main_copy_beside_a_newer_wal_opens_as_the_older_copy(tmp_path:
 
 def test_an_open_reader_follows_a_main_file_replaced_under_it(tmp_path: Path) -> None:
     """A restore or compaction replaces the main file with ``os.replace``: an open reader moves
-    to the new file at its next read, and the stale WAL left beside it is not applied."""
+    to the new file at its next read, and the stale WAL left beside it is not applied.
+
+    The reader uses kernel file locks: with the coordinator's commit counters it would trust an
+    unchanged counter for up to a second, and a replacement by hand (outside the protocol,
+    unlike restore_prefix) publishes nothing."""
     with _repo(tmp_path, checkpoint_bytes=BIG) as repo:
         px = repo.open_prefix("p", "rw")
         px["a"] = "old"
@@ -956,7 +961,8 @@ def test_an_open_reader_follows_a_main_file_replaced_under_it(tmp_path: Path) ->
         px.checkpoint()
         px["b"] = "wal only"
         px.commit()
-        with Repository(repo.root) as readers:
+        file_locks = FileLeases(repo.root / ".hotcopy")
+        with Repository(repo.root, leases=file_locks) as readers:
             reader = readers.open_prefix("p", "r")
             assert dict(reader.items()) == {"a": "new", "b": "wal only"} and reader.seq == 3
             shutil.copy(tmp_path / "old.hc", tmp_path / "staged.hc")

@@ -15,6 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from hotcopy.coordinator import format_status, read_status, status_to_json
+from hotcopy.coordinator import main as coordinator_main
 from hotcopy.coordinator._errors import HotcopyError
 from hotcopy.storage import (
     Repository,
@@ -163,6 +165,21 @@ def _build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--keep", type=_positive_int, required=True, metavar="N")
     cmd.add_argument("--json", action="store_true", help="print one JSON object")
     cmd.set_defaults(command=_prune)
+
+    cmd = sub.add_parser("status", help="coordinator, leases and waiters (from shared memory)")
+    cmd.add_argument("root", type=Path)
+    cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    cmd.set_defaults(command=_status)
+
+    cmd = sub.add_parser("coordinator", help="run the repository's coordinator in the foreground")
+    cmd.add_argument("root", type=Path)
+    cmd.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="S",
+        help="exit after S seconds with no clients (default: never in the foreground)",
+    )
+    cmd.set_defaults(command=_coordinator)
 
     cmd = sub.add_parser("verify", help="check every checksum of a .hc file or a repository")
     cmd.add_argument("path", type=Path)
@@ -318,6 +335,25 @@ def _prune(args: argparse.Namespace) -> int:
     else:
         print(f"removed {len(removed)} backup(s)" + "".join(f"\n  {r}" for r in removed))
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    if not (args.root / "hotcopy.json").exists():
+        raise CommandError(f"{args.root} is not a hotcopy repository (no hotcopy.json)")
+    status = read_status(args.root)  # shared memory only: no round trip, starts nothing
+    if args.json:
+        print(json.dumps(status_to_json(status)))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    if not (args.root / "hotcopy.json").exists():
+        raise CommandError(f"{args.root} is not a hotcopy repository (no hotcopy.json)")
+    # In the foreground a coordinator runs until stopped, unless told otherwise.
+    idle = args.idle_timeout if args.idle_timeout is not None else 10.0 * 365 * 86400
+    return coordinator_main([str(args.root), "--idle-timeout", str(idle)])
 
 
 def _ls(args: argparse.Namespace) -> int:

@@ -1,0 +1,167 @@
+"""Storage on the coordinator's leases: fencing of a stopped writer, readers on the shared
+commit counters, and the status and coordinator commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hotcopy.coordinator import Client, connect
+from hotcopy.storage import FileLeases, Repository
+from hotcopy.workers import main
+
+FENCED_WRITER = r"""
+import sys
+from hotcopy.coordinator import LeaseFenced
+from hotcopy.storage import FileLeases, Repository
+
+repo = Repository(sys.argv[1], lease_ttl=1.0)
+px = repo.open_prefix("p", "rw")
+px.begin()
+px["stale"] = 1
+print("holding", flush=True)
+sys.stdin.readline()  # the parent stops us here, lets another writer commit, continues us
+try:
+    px.commit()
+    print("committed", flush=True)
+except LeaseFenced:
+    print("fenced", flush=True)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_a_stopped_writer_loses_its_lease_after_the_ttl_and_its_commit_is_refused(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "repo"
+    Repository.init(root).close()
+    child = subprocess.Popen(
+        [sys.executable, "-c", FENCED_WRITER, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "holding"
+        os.kill(child.pid, signal.SIGSTOP)
+        with Repository(root, lease_timeout=20) as repo:
+            px = repo.open_prefix("p", "rw")
+            began = time.monotonic()
+            px["fresh"] = 2  # waits until the stopped holder's lease expires
+            px.commit()
+            assert time.monotonic() - began < 15
+        os.kill(child.pid, signal.SIGCONT)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "fenced"
+        with Repository(root) as repo:
+            px = repo.open_prefix("p")
+            assert px.get("fresh") == 2 and "stale" not in px and px.seq == 1
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGCONT)  # never leave a stopped process behind
+            child.kill()
+        child.wait()
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.mark.timeout(60)
+def test_readers_follow_commits_through_the_shared_counter(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    with Repository.init(root) as writer_repo, Repository(root) as reader_repo:
+        writer = writer_repo.open_prefix("p", "rw")
+        reader = reader_repo.open_prefix("p")
+        assert isinstance(reader_repo.leases, Client)
+        assert "k" not in reader
+        writer["k"] = 1
+        seq = writer.commit()
+        # The commit returned only after its counter moved: the reader sees it at once.
+        assert reader_repo.leases.commit_seq("p") >= seq
+        assert reader["k"] == 1
+        # With the counter unchanged, the reader trusts its view and touches no file: a
+        # replacement of the main file by hand (outside the protocol) is not noticed ...
+        old = tmp_path / "old.hc"
+        writer["k"] = 2
+        writer.commit()
+        writer.checkpoint()
+        shutil.copy(root / "p.hc", old)
+        writer["k"] = 3
+        writer.commit()
+        writer.checkpoint()
+        assert reader["k"] == 3
+        shutil.copy(old, tmp_path / "staged.hc")
+        os.replace(tmp_path / "staged.hc", root / "p.hc")
+        assert reader["k"] == 3
+        # ... while a restore through the protocol publishes, and the reader follows at once.
+        writer_repo.restore_prefix(old, "p", force=True)
+        assert reader["k"] == 2
+
+
+@pytest.mark.timeout(60)
+def test_status_shows_the_coordinator_and_a_held_lease(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "repo"
+    Repository.init(root).close()
+    with connect(root) as client, client.lease("users", "write") as lease:
+        assert main(["status", str(root), "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["coordinator"]["pid"] is not None
+        held = [entry for entry in status["leases"] if entry["prefix"] == "users"]
+        assert held and held[0]["mode"] == "write" and held[0]["token"] == lease.token
+        assert held[0]["pid"] == os.getpid()
+        assert main(["status", str(root)]) == 0
+        table = capsys.readouterr().out
+        assert "users" in table and "write" in table
+    assert main(["status", str(tmp_path / "nothing")]) == 1
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_the_coordinator_command_serves_in_the_foreground(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    # Created with kernel file locks, so that no coordinator is started on demand first.
+    Repository.init(root, leases=FileLeases(root / ".hotcopy")).close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hotcopy.workers", "coordinator", str(root), "--idle-timeout", "30"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # its log goes to stderr in the foreground
+            if "coordinator serving" in line:
+                break
+        else:
+            raise AssertionError(f"the coordinator exited with {proc.wait()}")
+        with connect(root) as client, client.lease("p", "read") as lease:
+            status = json.loads(
+                subprocess.run(
+                    [sys.executable, "-m", "hotcopy.workers", "status", str(root), "--json"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
+            assert status["coordinator"]["pid"] == proc.pid
+            assert [entry["token"] for entry in status["leases"]] == [lease.token]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
