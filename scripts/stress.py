@@ -232,6 +232,7 @@ class Supervisor:
     procs: list[Proc] = field(default_factory=list)
     killed: int = 0
     stopped: int = 0
+    coordinator_kills: int = 0
     kills: list[tuple[str, int, float]] = field(default_factory=list)  # role, index, when
 
     def command(self, role: str, index: int) -> list[str]:
@@ -275,6 +276,8 @@ class Supervisor:
             self.start("backup", 0)
 
     def chaos_step(self) -> None:
+        if self.rng.random() < 0.15 and self.kill_coordinator():
+            return
         alive = [p for p in self.procs if p.popen.poll() is None and not p.stopped]
         if not alive:
             return
@@ -294,6 +297,16 @@ class Supervisor:
             time.sleep(pause)
             victim.popen.send_signal(signal.SIGCONT)
             victim.stopped = False
+
+    def kill_coordinator(self) -> bool:
+        """SIGKILL the repository's coordinator; its clients start and elect a successor."""
+        try:
+            pid = int((self.work / "repo" / ".hotcopy" / "coordinator.pid").read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+            return False
+        self.coordinator_kills += 1
+        return True
 
     def restart_crashed(self) -> list[str]:
         """Processes that exited on their own are failures of the code under test."""
@@ -474,13 +487,19 @@ def final_checks(sup: Supervisor) -> dict[str, Any]:
         "backups_verified": backups,
         "processes_killed": sup.killed,
         "processes_stopped": sup.stopped,
-        "coordinator_restarts": 0,
+        "coordinator_restarts": sup.coordinator_kills,
         "commit_latency_p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
         "commit_latency_p99_ms": (
             1000 * latencies[int(len(latencies) * 0.99)] if latencies else None
         ),
         "copy_throughput_mib_s": copy_bytes / (1 << 20) / copy_seconds if copy_seconds else None,
     }
+
+
+def stop_coordinator(root: Path) -> None:
+    """SIGTERM the repository's coordinator (a clean exit removes its shared memory)."""
+    with contextlib.suppress(FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+        os.kill(int((root / ".hotcopy" / "coordinator.pid").read_text().split()[0]), signal.SIGTERM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sup.stop_all()
     results = final_checks(sup)
+    stop_coordinator(work / "repo")
     results["violation_details"] = unprompted + results["violation_details"]
     results["violations"] += len(unprompted)
     results.update(seed=seed, duration_s=round(time.monotonic() - began, 1), work=str(work))
