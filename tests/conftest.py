@@ -9,8 +9,11 @@ short idle timeout makes any other one exit by itself soon after its last client
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import sys
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,28 @@ import psutil
 import pytest
 
 os.environ.setdefault("HOTCOPY_COORDINATOR_IDLE_TIMEOUT", "5")
+
+
+def _register_support() -> None:
+    """Make tests/_storage_helpers.py importable by the test modules.
+
+    With --import-mode=importlib the tests directory is not on sys.path (by design: the repo
+    root must not be either), so the shared helpers are loaded here, once, and offered as
+    ``from hotcopy_test_support import storage_helpers``.
+    """
+    spec = importlib.util.spec_from_file_location(
+        "hotcopy_storage_test_helpers", Path(__file__).with_name("_storage_helpers.py")
+    )
+    assert spec is not None and spec.loader is not None
+    helpers = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = helpers
+    spec.loader.exec_module(helpers)
+    support = types.ModuleType("hotcopy_test_support")
+    support.storage_helpers = lambda: helpers  # type: ignore[attr-defined]
+    sys.modules[support.__name__] = support
+
+
+_register_support()
 
 
 def _coordinators_under(directory: Path) -> list[psutil.Process]:

@@ -20,41 +20,19 @@ from typing import Any
 
 import pytest
 from hotcopy.storage import CopyResult, Repository, verify_file
+from hotcopy_test_support import storage_helpers
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(60)]
 
 CTX = multiprocessing.get_context("fork")
 GRACE = 5.0
+h = storage_helpers()
 WRITERS = 3
 COPIES = 6
 WAIT = 20.0  # the longest any synchronisation may take before the test fails
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def _reap(processes: list[Any]) -> None:
-    """Terminate, join with a grace period, then kill: no child outlives its test."""
-    for proc in processes:
-        if proc.pid is not None and proc.is_alive():
-            proc.terminate()
-    for proc in processes:
-        if proc.pid is None:
-            continue
-        proc.join(GRACE)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(GRACE)
-
-
-def _reap_popen(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(GRACE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(GRACE)
 
 
 def _dump(px: Any) -> dict[str, Any]:
@@ -163,7 +141,7 @@ def test_copies_taken_while_three_writers_commit_are_each_an_exact_commit(
         assert [proc.exitcode for proc in writers] == [0] * WRITERS
     finally:
         stop.set()
-        _reap(writers)
+        h.reap(writers)
 
     lasts: list[list[int]] = []
     for k, result in enumerate(results):
@@ -283,7 +261,7 @@ class Reader:
         except (OSError, subprocess.TimeoutExpired):
             pass
         finally:
-            _reap_popen(self.proc)
+            h.reap_popen(self.proc)
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
 
@@ -415,7 +393,7 @@ def _replace_in_child(root: Path, action: str, copy: Path, timeout: float) -> st
     try:
         out, err = proc.communicate(timeout=WAIT)
     finally:
-        _reap_popen(proc)
+        h.reap_popen(proc)
     assert proc.returncode == 0, err
     return out.strip()
 

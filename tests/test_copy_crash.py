@@ -21,10 +21,12 @@ from typing import Any
 
 import pytest
 from hotcopy.storage import Repository, verify_file
+from hotcopy_test_support import storage_helpers
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.crash, pytest.mark.timeout(40)]
 
 GRACE = 5.0
+h = storage_helpers()
 BIG = 1 << 40  # a checkpoint threshold no test reaches: commits stay in the WAL
 
 
@@ -49,19 +51,6 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _reap(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(GRACE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(GRACE)
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-
-
 @pytest.fixture
 def children() -> Iterator[list[subprocess.Popen[str]]]:
     started: list[subprocess.Popen[str]] = []
@@ -69,7 +58,10 @@ def children() -> Iterator[list[subprocess.Popen[str]]]:
         yield started
     finally:
         for proc in started:
-            _reap(proc)
+            h.reap_popen(proc)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
 
 
 def _start(started: list[subprocess.Popen[str]], code: str, *args: object, **env: str) -> Any:

@@ -4,30 +4,15 @@ losing any. Real processes, real leases, real fsync; every child is reaped in ``
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import hotcopy.storage as hc
 import pytest
+from hotcopy_test_support import storage_helpers
 
-
-def _load_helpers() -> ModuleType:
-    name = "hotcopy_storage_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("_storage_helpers.py")
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-h = _load_helpers()
+h = storage_helpers()
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(90)]
 
 WORKERS = 3

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import enum
 import gc
-import importlib.util
 import math
 import os
 import random
@@ -15,7 +14,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import hotcopy.storage as hc
@@ -38,22 +36,9 @@ from hotcopy.storage import (
 from hotcopy.storage import _format as fmt
 from hotcopy.storage._codec import decode_value, encode_value
 from hotcopy.storage._durable import process_start_ticks, sweep_stale_temps, write_durably
+from hotcopy_test_support import storage_helpers
 
-
-def _load_helpers() -> ModuleType:
-    name = "hotcopy_storage_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("_storage_helpers.py")
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-h = _load_helpers()
+h = storage_helpers()
 pytestmark = pytest.mark.timeout(30)
 
 BIG = 1 << 40  # a checkpoint threshold no test reaches: keeps commits in the WAL

@@ -11,32 +11,16 @@ journal is exactly the set of acknowledged commits."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from hotcopy.storage import CorruptFileError, Prefix, Repository, verify_file
 from hotcopy.storage import _format as fmt
+from hotcopy_test_support import storage_helpers
 
-
-def _load_helpers() -> ModuleType:
-    name = "hotcopy_storage_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("_storage_helpers.py")
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-h = _load_helpers()
+h = storage_helpers()
 pytestmark = [pytest.mark.crash, pytest.mark.timeout(60)]
 
 CHECKPOINT_BYTES = 2048  # a checkpoint every ~6 transactions

@@ -4,34 +4,18 @@ checkpoints and WAL resets) without reopening and never sees a torn state."""
 
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing
-import sys
 import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 from hotcopy.storage import Repository, verify_file
+from hotcopy_test_support import storage_helpers
 
-
-def _load_helpers() -> ModuleType:
-    name = "hotcopy_storage_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("_storage_helpers.py")
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-h = _load_helpers()
+h = storage_helpers()
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(90)]
 
 CTX = multiprocessing.get_context("fork")
