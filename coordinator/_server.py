@@ -208,6 +208,7 @@ class CoordinatorServer:
                 # Leases still held (a SIGTERM with clients connected) are handed to the
                 # successor. Commit counters alone are not worth a /dev/shm file that outlives
                 # the repository: they are change hints, and a fresh counter reads as a change.
+                table.sweep()  # leases of dead holders are not worth handing over
                 keep_segment = not table.is_empty()
                 header = segment.header()
                 segment.write_header(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hotcopy.coordinator._paths import RuntimePaths
 
 os.environ.setdefault("HOTCOPY_COORDINATOR_IDLE_TIMEOUT", "5")
 
@@ -85,7 +86,18 @@ def stop_coordinators(directory: Path) -> None:
     _wait_gone(processes, timeout=5)
 
 
+def remove_segments(directory: Path) -> None:
+    """Remove the /dev/shm segments of the repositories under ``directory`` (their
+    coordinators are stopped): a segment kept for a successor must not outlive the test."""
+    for runtime in directory.glob("**/.hotcopy"):
+        with contextlib.suppress(Exception):
+            segment = RuntimePaths.for_root(runtime.parent).segment_path()
+            if segment is not None:
+                segment.unlink(missing_ok=True)
+
+
 @pytest.fixture(autouse=True)
 def _coordinators_stopped(tmp_path: Path) -> Iterator[None]:
     yield
     stop_coordinators(tmp_path)
+    remove_segments(tmp_path)
