@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import _format as fmt
-from ._durable import sweep_stale_temps, write_durably
+from ._durable import pwrite_all, sweep_stale_temps, write_all, write_durably
 from ._errors import (
     CorruptFileError,
     DestinationExists,
@@ -132,7 +132,7 @@ def copy_prefix(
                 nonlocal crc
                 if start == 0:
                     fresh = fmt.pack_main_header(replace(header, salt=secrets.randbits(64)))
-                    _write_all(out_fd, fresh)
+                    write_all(out_fd, fresh)
                     crc = zlib.crc32(fresh)
                     first = fmt.HEADER_SIZE
                 else:
@@ -293,7 +293,7 @@ def copy_range(
                     kernel_copy = False
             if not kernel_copy:
                 chunk = os.pread(src_fd, size, start + done)
-                _pwrite_all(out_fd, chunk, out_offset + done)
+                pwrite_all(out_fd, chunk, out_offset + done)
                 copied = len(chunk)
             if copied == 0:
                 raise CorruptFileError(
@@ -347,20 +347,6 @@ class _SourceChecksum:
         if self._error is not None:
             raise self._error
         return self._crc & 0xFFFFFFFF
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
 
 
 @dataclass(frozen=True)
@@ -431,7 +417,7 @@ def restore_chain(
                     fresh_header = replace(
                         fmt.unpack_main_header(original), salt=secrets.randbits(64)
                     )
-                    _write_all(out_fd, fmt.pack_main_header(fresh_header))
+                    write_all(out_fd, fmt.pack_main_header(fresh_header))
                     start, crc = fmt.HEADER_SIZE, zlib.crc32(original)
                 step = _shifted(progress, done + start, total)
                 crc = copy_range(src_fd, out_fd, start, piece.size, DEFAULT_STEP, step, crc=crc)

@@ -85,7 +85,7 @@ def write_durably(
     try:
         try:
             if isinstance(content, bytes | bytearray | memoryview):
-                _write_all(fd, content)
+                write_all(fd, content)
             else:
                 content(fd)
             if sync:
@@ -129,11 +129,26 @@ def _load_syncfs() -> Callable[[int], int] | None:
 _syncfs = _load_syncfs()
 
 
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """``os.write`` until every byte is written (a write may be short)."""
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte is written at ``offset``; a zero-byte write is EIO."""
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.pwrite(fd, view, offset)
+        except InterruptedError:
+            continue
+        if written == 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        view = view[written:]
+        offset += written
 
 
 def sweep_stale_temps(directory: Path) -> list[Path]:

@@ -11,7 +11,6 @@ a writer whose lease was fenced while it was stopped cannot interleave bytes wit
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import itertools
 import logging
@@ -29,7 +28,7 @@ from sortedcontainers import SortedDict
 
 from . import _format as fmt
 from ._codec import decode_value, encode_value
-from ._durable import write_durably
+from ._durable import pwrite_all, write_durably
 from ._errors import (
     ClosedError,
     CorruptFileError,
@@ -334,7 +333,7 @@ class Prefix(MutableMapping[str, Any]):
                     self._wal_index_ok = False
                 else:
                     frame, self._deferred = self._deferred + frame, b""
-                    _pwrite_all(self._wal_fd, frame, self._wal_pos)
+                    pwrite_all(self._wal_fd, frame, self._wal_pos)
                     _fault("commit:after-wal-write")
                     os.fdatasync(self._wal_fd)
                     _fault("commit:after-wal-fsync")
@@ -471,17 +470,17 @@ class Prefix(MutableMapping[str, Any]):
             else:
                 vtype, payload = entry
             op = fmt.encode_op(fmt.OP_PUT, key, vtype, payload)
-            _pwrite_all(fd, op, pos)
+            pwrite_all(fd, op, pos)
             body_crc = fmt.crc32(op, body_crc)
             pos += len(op)
             n_ops += 1
         body_len = pos - fmt.HEADER_SIZE - fmt.BATCH_SIZE
-        _pwrite_all(fd, fmt.encode_batch_header(seq, 0, n_ops, body_len, body_crc), fmt.HEADER_SIZE)
+        pwrite_all(fd, fmt.encode_batch_header(seq, 0, n_ops, body_len, body_crc), fmt.HEADER_SIZE)
         batch = fmt.read_batch(fmt.FileReader(fd, fmt.HEADER_SIZE, pos), load_values=False)
         if batch is None:
             raise CorruptFileError("compacted batch failed to read back", offset=fmt.HEADER_SIZE)
         trailer = fmt.segment_trailer(fmt.HEADER_SIZE, [batch])
-        _pwrite_all(fd, trailer, pos)
+        pwrite_all(fd, trailer, pos)
         return pos + len(trailer)
 
     def close(self) -> None:
@@ -921,7 +920,7 @@ class Prefix(MutableMapping[str, Any]):
     def _write_segment(self, data: bytes, start: int) -> None:
         """Append a checkpoint segment at ``start`` (over any debris) and make it durable."""
         _fault("checkpoint:before-main-write")
-        _pwrite_all(self._main_fd, data, start)
+        pwrite_all(self._main_fd, data, start)
         if os.fstat(self._main_fd).st_size > start + len(data):
             os.ftruncate(self._main_fd, start + len(data))  # debris of a crashed checkpoint
         _fault("checkpoint:after-main-write")
@@ -984,19 +983,6 @@ def _contiguous(batches: list[_WalBatch], first_seq: int, last_seq: int) -> bool
         later.seq == earlier.seq + 1 and later.offset == earlier.offset + earlier.size
         for earlier, later in itertools.pairwise(batches)
     )
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            written = os.pwrite(fd, view, offset)
-        except InterruptedError:
-            continue
-        if written == 0:
-            raise OSError(errno.EIO, "pwrite wrote nothing")
-        view = view[written:]
-        offset += written
 
 
 def _check_key(key: object) -> None:
