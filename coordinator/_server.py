@@ -18,6 +18,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 import filelock
@@ -124,6 +125,7 @@ class CoordinatorServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
@@ -235,19 +237,23 @@ class CoordinatorServer:
         os.chmod(path, 0o600)
         listener.listen(128)
         listener.setblocking(False)
+        self._bound = _file_id(path)
         return listener
 
     def _shutdown(self, listener: socket.socket) -> None:
         # Stop accepting first; queued connections are reset and their clients retry
-        # against a successor.
-        with contextlib.suppress(OSError):
-            os.unlink(self.paths.socket)
+        # against a successor. Remove only our own files: if the repository was deleted and
+        # recreated under us, these paths belong to a successor serving the new one.
+        if _file_id(self.paths.socket) == self._bound:
+            with contextlib.suppress(OSError):
+                os.unlink(self.paths.socket)
         listener.close()
         for conn in list(self._conns.values()):
             conn.sock.close()
         self._conns.clear()
         with contextlib.suppress(OSError):
-            os.unlink(self.paths.pid)
+            if self.paths.pid.read_text().split() == [str(os.getpid())]:
+                os.unlink(self.paths.pid)
         _log.info("coordinator stopped root=%s", self.paths.root)
 
     # -- the loop ----------------------------------------------------------------------
@@ -591,3 +597,11 @@ class CoordinatorServer:
         del conn.outbuf[:sent]
         if not conn.outbuf:
             self._poller.modify(conn.fd, select.EPOLLIN)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import socket
 import stat
@@ -358,6 +359,26 @@ def test_coordinator_exits_when_idle(root: Path, monkeypatch: pytest.MonkeyPatch
     assert not RuntimePaths.for_root(root).socket.exists()
     with connect(root) as again:  # started on demand again
         again.lease("p", "read").release()
+
+
+@pytest.mark.timeout(60)
+def test_coordinator_of_a_deleted_repository_leaves_its_successor_alone(root: Path) -> None:
+    with connect(root) as old_client:
+        old_client.lease("p", "read").release()
+        old_pid = coordinator_pid(root)
+    shutil.rmtree(root)  # deleted and recreated at the same path while its coordinator runs
+    root.mkdir()
+    paths = RuntimePaths.for_root(root)
+    with connect(root) as client:
+        new_pid = coordinator_pid(root)
+        assert new_pid != old_pid
+        kill_and_wait(old_pid, signal.SIGTERM)  # a clean exit removes its own files only
+        assert paths.socket.exists()
+        assert paths.pid.read_text().split() == [str(new_pid)]
+        with connect(root) as newcomer:
+            newcomer.lease("p", "write").release()
+        client.lease("p", "read").release()
+    assert coordinator_pid(root) == new_pid
 
 
 # -- multiple processes -------------------------------------------------------------------
