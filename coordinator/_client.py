@@ -294,17 +294,18 @@ class Client:
             raw is None
             or code is None
             or timeout is not None
-            or ttl is not None
+            or (ttl is not None and not 0.001 <= ttl < 1e6)
             or self._pid != _PID[0]
         ):
             return self._acquire(prefix, mode, timeout, ttl, nowait=False)
+        ttl_ms = round(ttl * 1000) if ttl is not None else 0
         mutex.acquire()
         conn = self._conn
         if self._receiving or self._closed or conn is None:
             mutex.release()
             return self._acquire(prefix, mode, timeout, ttl, nowait=False)
         req_id = self._take_id()
-        data = _ACQUIRE_PACK(_ACQUIRE_LEN + len(raw), _ACQUIRE, req_id, code, 0, 0) + raw
+        data = _ACQUIRE_PACK(_ACQUIRE_LEN + len(raw), _ACQUIRE, req_id, code, 0, ttl_ms) + raw
         self._pending[req_id] = data
         self._receiving = True
         try:
@@ -342,7 +343,7 @@ class Client:
                     and _GRANT_UNPACK(chunk, 5)[0] == req_id
                 ):
                     _req, token, slot, waited = _GRANT_UNPACK(chunk, 5)
-                    lease = Lease(self, req_id, prefix, mode, token, slot, None, data)
+                    lease = Lease(self, req_id, prefix, mode, token, slot, ttl, data)
                     with mutex:
                         self._receiving = False
                         del self._pending[req_id]
@@ -353,8 +354,7 @@ class Client:
                         self._held[req_id] = lease
                         self._acquires += 1
                         self._waits += waited
-                        if self._keeper is None:
-                            self._start_keeper()
+                        self._keep_locked(ttl)
                     return lease
                 # Not just our grant: file what came and carry on as the general receiver.
                 with mutex:
@@ -667,13 +667,7 @@ class Client:
                 self._held[req_id] = lease
                 self._acquires += 1
                 self._waits += waited
-                if self._keeper is None:
-                    # Renews ttl leases, and notices a dead coordinator while this client
-                    # idles, so held leases are re-registered within the grace period.
-                    self._start_keeper()
-                elif ttl is not None:
-                    self._keep_interval = min(self._keep_interval, ttl / 3)
-                    self._keeper_wake.set()
+                self._keep_locked(ttl)
             return lease
         if token == p.REFUSED_WOULD_BLOCK:
             with self._mutex:
@@ -837,6 +831,16 @@ class Client:
             # re-registering it is the release.
             with contextlib.suppress(CoordinatorUnavailable):
                 self._send_locked(_RELEASE_PACK(5, _RELEASE, lease._req_id), resend=False)
+
+    def _keep_locked(self, ttl: float | None) -> None:
+        """Make sure the keeper runs, and often enough for a lease of this ``ttl``."""
+        if self._keeper is None:
+            # Renews ttl leases, and notices a dead coordinator while this client idles,
+            # so held leases are re-registered within the grace period.
+            self._start_keeper()
+        elif ttl is not None and ttl / 3 < self._keep_interval:
+            self._keep_interval = ttl / 3
+            self._keeper_wake.set()
 
     def _start_keeper(self) -> None:
         self._keeper_wake = threading.Event()
