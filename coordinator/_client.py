@@ -46,7 +46,7 @@ from ._errors import (
     WouldBlock,
 )
 from ._paths import RuntimePaths, peer_uid, unix_address
-from ._segment import SegmentReader
+from ._segment import SegmentReader, SegmentTorn
 from ._spin import AdaptiveSpin, spin_budget_from_env
 
 __all__ = ["Client", "ClientStatistics", "Lease", "connect"]
@@ -60,6 +60,11 @@ _KEEPALIVE: Final = 0.5  # how often an idle client holding leases checks the co
 # candidate holds the election lock within milliseconds.
 _SPAWN_RETRY: Final = 0.5
 _REPLY_GRACE: Final = 30.0  # a nowait reply later than this means the coordinator hangs
+# A parked lease (see Lease.park) goes back to the coordinator as soon as anybody queues for
+# its prefix, checked this often, or after this long unused: a process stopped or busy
+# elsewhere holds a prefix no longer than it would holding it in a short transaction.
+_PARK_POLL: Final = 0.002
+_PARK_IDLE: Final = 0.05
 
 # This process's pid, kept current across fork(): cheaper than a getpid() syscall on
 # every operation, and a forked child must never act as its parent.
@@ -135,6 +140,8 @@ class Lease:
         "_frame",
         "_lost",
         "_next_renew",
+        "_parked",
+        "_parked_at",
         "_released",
         "_req_id",
         "_slot",
@@ -165,12 +172,30 @@ class Lease:
         self._frame = frame
         self._released = False
         self._lost = False
+        self._parked = False
+        self._parked_at = 0.0  # monotonic time it was last parked; 0.0 if never
         self._next_renew = time.monotonic() + ttl / 3 if ttl else 0.0
 
     def release(self) -> None:
         """Give the lease back (idempotent; one-way, no round trip)."""
         if not self._released:
             self._client._release(self)
+
+    def park(self) -> None:
+        """Keep the lease for a quick :meth:`resume` instead of releasing it.
+
+        The lease is given back at once if a request already queues for its prefix, and
+        later by the client's keeper thread as soon as one does, or after a short time
+        unused; so parking saves the next acquire's round trip without making anybody wait
+        for an idle holder. Meant for a holder that is likely to need the lease again soon
+        (a writer between two commits).
+        """
+        if not self._released:
+            self._client._park(self)
+
+    def resume(self) -> bool:
+        """Take a parked lease back into use; False if it is gone (then acquire anew)."""
+        return self._client._resume(self)
 
     def is_current(self) -> bool:
         """Tell whether this lease's token is still granted, reading shared memory only.
@@ -417,23 +442,42 @@ class Client:
         return self._acquire(prefix, mode, None, ttl, nowait=True)
 
     def commit_seq(self, prefix: str) -> int:
-        """Return the last commit sequence published for ``prefix`` (0 if none).
+        """Return the change counter of ``prefix`` (0 if it has none).
 
-        Reads shared memory; no round trip. Publications are applied in order but
-        asynchronously, so a value published a moment ago may not be visible yet.
+        Reads shared memory; no round trip. The counter is odd exactly while a ``write`` or
+        ``exclusive`` lease on the prefix is granted, and changes whenever one is granted or
+        released and with every :meth:`publish_commit`. So an even value equal to one read
+        earlier means that no lease that could change the prefix was granted in between.
         """
         self._check_usable()
         segment = self._segment
-        if segment is None:
+        pslot = self._pslot(prefix)
+        if segment is None or pslot is None:
             return 0
+        return segment.commit_at(pslot)
+
+    def _pslot(self, prefix: str) -> int | None:
+        segment = self._segment
+        if segment is None:
+            return None
         pslot = self._pslots.get(prefix)
         if pslot is None:
             self._prefix_bytes(prefix)
             pslot = segment.find_prefix(prefix)
-            if pslot is None:
-                return 0
-            self._pslots[prefix] = pslot  # slots never move within a segment
-        return segment.commit_at(pslot)
+            if pslot is not None:
+                self._pslots[prefix] = pslot  # slots never move within a segment
+        return pslot
+
+    def _wanted(self, prefix: str) -> bool:
+        """True if a request queues for ``prefix`` (or nobody can tell: assume one does)."""
+        segment = self._segment
+        pslot = self._pslot(prefix)
+        if segment is None or pslot is None:
+            return True
+        try:
+            return segment.waiters_at(pslot) > 0
+        except SegmentTorn:
+            return True
 
     def publish_commit(self, prefix: str, seq: int, *, wait: bool = False) -> None:
         """Tell the coordinator ``prefix`` reached commit ``seq``; its counter moves on.
@@ -819,18 +863,46 @@ class Client:
             lease._released = True
             return
         with self._mutex:
-            if lease._released:
+            self._release_locked(lease)
+
+    def _release_locked(self, lease: Lease) -> None:
+        if lease._released:
+            return
+        lease._released = True
+        lease._parked = False
+        if self._closed:
+            return  # closing already released everything
+        if self._held.pop(lease._req_id, None) is None:
+            return  # lost at a reconnect: the coordinator no longer knows it
+        self._releases += 1
+        # If the coordinator is gone, the successor never hears of this lease: not
+        # re-registering it is the release.
+        with contextlib.suppress(CoordinatorUnavailable):
+            self._send_locked(_RELEASE_PACK(5, _RELEASE, lease._req_id), resend=False)
+
+    def _park(self, lease: Lease) -> None:
+        with self._mutex:
+            if lease._released or lease._lost or self._held.get(lease._req_id) is not lease:
                 return
-            lease._released = True
-            if self._closed:
-                return  # closing already released everything
-            if self._held.pop(lease._req_id, None) is None:
-                return  # lost at a reconnect: the coordinator no longer knows it
-            self._releases += 1
-            # If the coordinator is gone, the successor never hears of this lease: not
-            # re-registering it is the release.
-            with contextlib.suppress(CoordinatorUnavailable):
-                self._send_locked(_RELEASE_PACK(5, _RELEASE, lease._req_id), resend=False)
+            if self._wanted(lease.prefix):
+                self._release_locked(lease)
+                return
+            lease._parked = True
+            lease._parked_at = time.monotonic()
+            if self._keep_interval > _PARK_POLL:  # the keeper polls while it is parkable
+                self._keep_interval = _PARK_POLL
+                self._keeper_wake.set()
+
+    def _resume(self, lease: Lease) -> bool:
+        with self._mutex:
+            if not lease._parked or lease._released:
+                return False
+            lease._parked = False
+            # A request queued meanwhile gets the lease when this holder parks it again.
+            if lease._lost or not lease.is_current():
+                self._release_locked(lease)
+                return False
+            return True
 
     def _keep_locked(self, ttl: float | None) -> None:
         """Make sure the keeper runs, and often enough for a lease of this ``ttl``."""
@@ -887,6 +959,13 @@ class Client:
                     return
                 now = time.monotonic()
                 for lease in list(self._held.values()):
+                    if lease._parked_at:  # parked now, or likely to be again soon
+                        if lease._parked and (
+                            now - lease._parked_at > _PARK_IDLE or self._wanted(lease.prefix)
+                        ):
+                            self._release_locked(lease)
+                            continue
+                        interval = min(interval, _PARK_POLL)
                     if lease.ttl is None:
                         continue
                     if now >= lease._next_renew and self._conn is not None:

@@ -224,9 +224,14 @@ class _SegmentBase:
         return None
 
     def commit_at(self, pslot: int) -> int:
-        """Read the commit counter of prefix slot ``pslot``."""
+        """Read the change counter of prefix slot ``pslot``."""
         fields, _ = self._read(self._prefix_base + pslot * PREFIX_SLOT_SIZE, _PREFIX)
         return int(fields[4])
+
+    def waiters_at(self, pslot: int) -> int:
+        """Read how many requests queue on the prefix of slot ``pslot``."""
+        fields, _ = self._read(self._prefix_base + pslot * PREFIX_SLOT_SIZE, _PREFIX)
+        return int(fields[3])
 
     def prefixes(self) -> list[tuple[int, str, int, int]]:
         """Return (slot, prefix, waiters, commit seq) of every used prefix slot."""

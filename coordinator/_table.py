@@ -219,13 +219,19 @@ class LeaseTable:
         heapq.heapify(self._free_slots)
 
     def load_commits(self, prefixes: list[tuple[int, str, int, int]]) -> None:
-        """Adopt the prefix slots (commit counters) a predecessor left; waiters restart at 0."""
+        """Adopt the prefix slots (change counters) a predecessor left; waiters restart at 0.
+
+        Called after :meth:`recover`, so that each counter's parity can be made to match the
+        write leases recovered.
+        """
         for pslot, name, waiters, commit in prefixes:
             state = self._prefix(name)
             state.pslot = pslot
             state.commit = commit
             if waiters:
                 self._segment.set_prefix_counters(pslot, state_bytes(name), 0, commit)
+        for name, state in self._prefixes.items():
+            self._mark_writing(state_bytes(name), state)
 
     # -- requests --------------------------------------------------------------------
 
@@ -292,6 +298,7 @@ class LeaseTable:
         state.granted.add(entry)
         state.counts[entry.mode] += 1
         self.granted_count += 1
+        self._mark_writing(entry.prefix_bytes, state)
         if entry.deadline:
             heapq.heappush(self._expiry, (entry.deadline, next(self._counter), entry))
         self.outbox.append((entry, GRANTED))
@@ -301,6 +308,7 @@ class LeaseTable:
         state.granted.discard(entry)
         state.counts[entry.mode] -= 1
         self.granted_count -= 1
+        self._mark_writing(entry.prefix_bytes, state)
         self._segment.clear_lease(entry.slot)
         heapq.heappush(self._free_slots, entry.slot)
         entry.slot = -1
@@ -414,6 +422,7 @@ class LeaseTable:
         state.granted.add(entry)
         state.counts[entry.mode] += 1
         self.granted_count += 1
+        self._mark_writing(entry.prefix_bytes, state)
         if entry.deadline:
             heapq.heappush(self._expiry, (entry.deadline, next(self._counter), entry))
         self._requests(entry.owner)[entry.req_id] = entry
@@ -480,16 +489,24 @@ class LeaseTable:
     # -- commit counters -------------------------------------------------------------
 
     def publish_commit(self, prefix: str, prefix_bytes: bytes, seq: int) -> None:
-        """Move the commit counter of ``prefix`` to ``max(counter + 1, seq)``.
+        """Announce a change of ``prefix`` made outside a write lease: move its counter on.
 
-        It changes with every publication, even one whose ``seq`` is lower than before (a
-        restored prefix starts again from an older commit), so a reader that remembers the
-        counter can trust "unchanged" to mean "nothing was committed"; and it is the commit
-        sequence itself while commits only move forward.
+        The counter of a prefix changes whenever its content may have: it becomes odd when a
+        ``write`` or ``exclusive`` lease is granted and even again when the last one goes,
+        and moves by two for a publication (``seq`` is not needed for that and is ignored).
+        So a reader that saw the same even value before may trust that nothing changed in
+        between, and an odd value tells it that a writer may be appending right now.
         """
         state = self._prefix(prefix)
-        state.commit = max(state.commit + 1, seq)
+        state.commit += 2
         self._write_prefix(prefix_bytes, state)
+
+    def _mark_writing(self, prefix_bytes: bytes, state: _Prefix) -> None:
+        """Keep the counter odd exactly while a write or exclusive lease is granted."""
+        writing = bool(state.counts[WRITE] or state.counts[EXCLUSIVE])
+        if writing != bool(state.commit & 1):
+            state.commit += 1
+            self._write_prefix(prefix_bytes, state)
 
     def _publish_waiters(self, prefix: str, state: _Prefix) -> None:
         self._write_prefix(state_bytes(prefix), state)

@@ -36,7 +36,6 @@ from ._errors import (
     SameFileError,
     StorageError,
 )
-from ._leases import ChangeFeed
 from ._prefix import Cut, Prefix, _fault, wal_path
 from ._verify import VerifyReport, verify_fd
 from ._writeback import Writeback
@@ -444,9 +443,8 @@ def restore_chain(
         write_durably(target, write)
         assert report is not None and fresh_header is not None
         wal = fmt.WalHeader(fresh_header.file_id, fresh_header.salt, report.size, report.seq)
+        # Readers move to the restored file: the exclusive lease changed the prefix's counter.
         write_durably(wal_path(repo.root, prefix), fmt.pack_wal_header(wal))
-        if isinstance(repo.leases, ChangeFeed):  # readers must move to the restored file
-            repo.leases.publish_commit(prefix, report.seq, wait=True)
     return report.seq
 
 

@@ -33,6 +33,12 @@ class HeldLease(Protocol):
 
     def release(self) -> None: ...
 
+    def park(self) -> None:
+        """Keep the lease for a quick :meth:`resume`; the provider may release it any time."""
+
+    def resume(self) -> bool:
+        """Take a parked lease back into use; False if it is gone."""
+
     def __enter__(self) -> HeldLease: ...
 
     def __exit__(self, *exc: object) -> None: ...
@@ -40,15 +46,15 @@ class HeldLease(Protocol):
 
 @runtime_checkable
 class ChangeFeed(Protocol):
-    """Optional side of a lease provider: per-prefix commit counters in shared memory.
+    """Optional side of a lease provider: per-prefix change counters in shared memory.
 
-    ``publish_commit(..., wait=True)`` returns once the counter has moved, so a reader that
-    sees an unchanged counter knows that nothing was committed since it last looked.
+    A prefix's counter is odd exactly while a ``write`` or ``exclusive`` lease on it is
+    granted, and changes whenever one is granted or released. So a reader that reads the
+    same even value as at its last look at the files knows that nothing changed since; an
+    odd value means a writer may be appending, and the files must be looked at.
     """
 
     def commit_seq(self, prefix: str) -> int: ...
-
-    def publish_commit(self, prefix: str, seq: int, *, wait: bool = False) -> None: ...
 
 
 class LeaseProvider(Protocol):
@@ -81,6 +87,12 @@ class FileLease:
         fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)  # closing the only descriptor releases its flock
+
+    def park(self) -> None:
+        self.release()  # nobody could tell a waiter to us: never keep a lock unused
+
+    def resume(self) -> bool:
+        return False
 
     def __enter__(self) -> FileLease:
         return self

@@ -153,12 +153,15 @@ class Prefix(MutableMapping[str, Any]):
         self._pid = os.getpid()
         self._closed = False
         self._lease: HeldLease | None = None
+        # The write lease kept between transactions (see HeldLease.park): a writer that
+        # commits again soon skips the acquire round trip.
+        self._parked: HeldLease | None = None
         self._pending: dict[str, tuple[int, bytes] | None] = {}
         # The oldest commit this object read at since its last commit or rollback: a write
         # built on it must not land on a newer state (no lost updates).
         self._read_seq: int | None = None
-        # The provider's commit counter when this view last looked at the files, and when:
-        # an unchanged counter means nothing was committed, so reads skip the file checks.
+        # The provider's change counter when this view last looked at the files, and when:
+        # the same even value means nothing was changed, so reads skip the file checks.
         self._feed = leases if isinstance(leases, ChangeFeed) else None
         self._seen_counter = -1
         self._checked_at = 0.0
@@ -345,7 +348,6 @@ class Prefix(MutableMapping[str, Any]):
                     op_at += len(op)
                 self._seq = seq
                 self._pending.clear()
-                self._publish()
                 if self._wal_pos - fmt.HEADER_SIZE >= self._checkpoint_bytes:
                     self._auto_checkpoint()
         finally:
@@ -401,9 +403,7 @@ class Prefix(MutableMapping[str, Any]):
         lease = self._lease
         owned = lease is None
         if lease is None:
-            lease = self._leases.lease(
-                self.name, "write", timeout=self._lease_timeout, ttl=self._lease_ttl
-            )
+            lease, _ = self._take_write_lease()
         try:
             with self._mutation():
                 # Not just a catch-up: a checkpoint killed before its WAL reset left a segment
@@ -416,7 +416,7 @@ class Prefix(MutableMapping[str, Any]):
                 return self._checkpoint_locked(), os.dup(self._main_fd)
         finally:
             if owned:
-                lease.release()
+                self._park(lease)
 
     def compact(self) -> Cut:
         """Rewrite the main file with only the live records of the latest commit.
@@ -432,6 +432,7 @@ class Prefix(MutableMapping[str, Any]):
                 f"prefix {self.name!r} has a transaction in progress; commit or roll back first",
                 prefix=self.name,
             )
+        self._release_parked()  # our own parked write lease would queue our exclusive
         with (
             self._leases.lease(
                 self.name, "exclusive", timeout=self._lease_timeout, ttl=self._lease_ttl
@@ -454,8 +455,7 @@ class Prefix(MutableMapping[str, Any]):
             write_durably(self._main_path, write)
             wal = fmt.WalHeader(header.file_id, header.salt, end, seq)
             write_durably(self._wal_path, fmt.pack_wal_header(wal))
-            self._load()
-            self._publish()  # readers must move to the new file
+            self._load()  # readers move too: the exclusive lease changed the prefix's counter
             return Cut(self._scanned_end, self._seq, self._header.file_id)
 
     def _write_compacted(self, fd: int, header: fmt.MainHeader, seq: int) -> int:
@@ -490,6 +490,7 @@ class Prefix(MutableMapping[str, Any]):
         if os.getpid() == self._pid:
             try:
                 self._end_transaction()
+                self._release_parked()
             finally:
                 self._close_fds()
         self._closed = True
@@ -538,14 +539,14 @@ class Prefix(MutableMapping[str, Any]):
     def _begin(self) -> None:
         self._require_writable()
         if self._lease is None:
+            held_on = False
             if _BREAK == "lease-granted-twice":
                 self._lease = _NoExclusion()  # broken on purpose: every writer gets it
             else:
-                self._lease = self._leases.lease(
-                    self.name, "write", timeout=self._lease_timeout, ttl=self._lease_ttl
-                )
+                self._lease, held_on = self._take_write_lease()
             try:
-                self._catch_up(force=True)
+                if not held_on:
+                    self._catch_up(force=True)
                 read_seq, self._read_seq = self._read_seq, None
                 if read_seq is not None and read_seq != self._seq:
                     raise TransactionConflict(
@@ -565,7 +566,30 @@ class Prefix(MutableMapping[str, Any]):
         self._pending.clear()
         lease, self._lease = self._lease, None
         if lease is not None:
-            lease.release()
+            self._park(lease)
+
+    def _take_write_lease(self) -> tuple[HeldLease, bool]:
+        """The parked write lease if it is still ours, else a new one; and which it is.
+
+        A lease held on since our last transaction kept every other writer, and every
+        checkpoint, compaction or restore, away: the files are as this view left them.
+        """
+        parked, self._parked = self._parked, None
+        if parked is not None and parked.resume():
+            return parked, True
+        lease = self._leases.lease(
+            self.name, "write", timeout=self._lease_timeout, ttl=self._lease_ttl
+        )
+        return lease, False
+
+    def _park(self, lease: HeldLease) -> None:
+        lease.park()
+        self._parked = lease
+
+    def _release_parked(self) -> None:
+        parked, self._parked = self._parked, None
+        if parked is not None:
+            parked.release()
 
     def _create(self) -> None:
         lease = self._leases.lease(
@@ -626,7 +650,7 @@ class Prefix(MutableMapping[str, Any]):
         """
         if self._lease is not None and not force:
             return
-        if self._feed is not None:
+        if self._feed is not None and self._lease is None:  # a writer's counter is odd anyway
             now = time.monotonic()
             try:
                 counter = self._feed.commit_seq(self.name)
@@ -636,6 +660,7 @@ class Prefix(MutableMapping[str, Any]):
                 not force
                 and counter == self._seen_counter
                 and counter > 0
+                and not counter & 1  # odd: a writer may be appending right now
                 and now - self._checked_at < _FULL_CHECK_EVERY
             ):
                 return
@@ -859,20 +884,6 @@ class Prefix(MutableMapping[str, Any]):
             batches.append(batch)
         return batches
 
-    def _publish(self) -> None:
-        """Move the shared commit counter (before the write lease goes), so that a reader who
-        sees it unchanged may trust that nothing was committed. The commit is durable already:
-        a coordinator that does not answer is logged, and readers' periodic full check covers
-        the gap."""
-        if self._feed is None:
-            return
-        try:
-            self._feed.publish_commit(self.name, self._seq, wait=True)
-        except HotcopyError as err:
-            log.warning(
-                "commit counter not published prefix=%s seq=%s error=%s", self.name, self._seq, err
-            )
-
     def _auto_checkpoint(self) -> None:
         """Checkpoint after a commit. The commit is already durable: a failure here is logged
         and left to the next checkpoint, never reported as a failed commit."""
@@ -954,6 +965,12 @@ class _NoExclusion:
 
     def release(self) -> None:
         pass
+
+    def park(self) -> None:
+        pass
+
+    def resume(self) -> bool:
+        return False
 
     def __enter__(self) -> _NoExclusion:
         return self

@@ -258,14 +258,23 @@ def test_timeout_withdraws_the_request(root: Path) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_commit_counters(root: Path) -> None:
+def test_change_counters_are_odd_exactly_while_a_writer_holds(root: Path) -> None:
     with connect(root) as writer, connect(root) as reader:
         assert reader.commit_seq("users") == 0
-        writer.publish_commit("users", 7)
-        wait_for(lambda: reader.commit_seq("users") == 7, 5.0, "commit 7 to be visible")
-        writer.publish_commit("users", 3)  # the coordinator keeps the maximum
-        writer.publish_commit("users", 9)
-        wait_for(lambda: reader.commit_seq("users") == 9, 5.0, "commit 9 to be visible")
+        seen = []
+        for mode in ("write", "exclusive"):
+            lease = writer.lease("users", mode)
+            seen.append(reader.commit_seq("users"))  # written before the grant is sent
+            assert seen[-1] % 2 == 1, (mode, seen)
+            lease.release()
+            wait_for(lambda: reader.commit_seq("users") % 2 == 0, 5.0, "an even counter")
+            seen.append(reader.commit_seq("users"))
+        with writer.lease("users", "read"), writer.lease("users", "snapshot"):
+            assert reader.commit_seq("users") == seen[-1]  # readers change nothing
+        writer.publish_commit("users", 3)  # a change made outside a write lease
+        wait_for(lambda: reader.commit_seq("users") != seen[-1], 5.0, "the publication")
+        assert reader.commit_seq("users") % 2 == 0
+        assert seen == sorted(set(seen))  # every grant and release moved it on
         assert reader.commit_seq("other") == 0
 
 
@@ -880,6 +889,10 @@ class _StorageLease(Protocol):
 
     def release(self) -> None: ...
 
+    def park(self) -> None: ...
+
+    def resume(self) -> bool: ...
+
     def __enter__(self) -> _StorageLease: ...
 
     def __exit__(self, *exc: object) -> None: ...
@@ -893,8 +906,6 @@ class _StorageLeaseClient(Protocol):
     ) -> _StorageLease: ...
 
     def commit_seq(self, prefix: str) -> int: ...
-
-    def publish_commit(self, prefix: str, seq: int) -> None: ...
 
     def close(self) -> None: ...
 
