@@ -90,6 +90,7 @@ def copy_prefix(
     base: BaseRef | None = None,
     cut: Cut | None = None,
     sync: bool = True,
+    sweep_temps: bool = True,
 ) -> CopyResult:
     """Write a consistent snapshot of ``prefix`` to the new file ``dest``.
 
@@ -99,6 +100,8 @@ def copy_prefix(
     prefix's snapshot lease, as a consistent multi-prefix backup does): no lease, no checkpoint.
     With ``sync=False`` the copy is not fsynced: the caller syncs the file system before it
     relies on the copy (a backup does, once, before its manifest).
+    With ``sweep_temps=False`` temps left in ``dest``'s directory by dead processes stay: for a
+    caller that sweeps once after many copies into one directory (a backup does).
     """
     began = time.monotonic()
     if page_io_step_size <= 0:
@@ -108,7 +111,8 @@ def copy_prefix(
         raise PrefixNotFound(f"prefix {prefix!r} does not exist in {repo.root}", prefix=prefix)
     dest = Path(dest).absolute()
     check_destination(source, dest)
-    sweep_stale_temps(dest.parent)
+    if sweep_temps:
+        sweep_stale_temps(dest.parent)
     with contextlib.ExitStack() as stack:
         if cut is None:
             stack.enter_context(repo.leases.lease(prefix, "snapshot", timeout=repo.lease_timeout))

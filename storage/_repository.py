@@ -162,6 +162,7 @@ class Repository:
         base: BaseRef | None = None,
         cut: Cut | None = None,
         sync: bool = True,
+        sweep_temps: bool = True,
     ) -> CopyResult:
         """Write a consistent copy of ``prefix`` to the new file ``dest`` while writers go on.
 
@@ -186,6 +187,7 @@ class Repository:
             base=base,
             cut=cut,
             sync=sync,
+            sweep_temps=sweep_temps,
         )
 
     def restore_prefix(

@@ -32,6 +32,7 @@ from hotcopy.workers import (
     prune,
     restore,
 )
+from hotcopy.workers._backup import BATCH_BYTES, BATCH_PREFIXES, _batches
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -466,6 +467,20 @@ def test_after_compaction_the_next_incremental_backup_of_that_prefix_is_full(
 
 
 # -- refusals -------------------------------------------------------------------------------------
+
+
+def test_prefixes_go_to_the_workers_in_bounded_batches_that_keep_every_worker_busy() -> None:
+    names = [f"p{n:04d}" for n in range(1000)]
+    sizes = dict.fromkeys(names, 1 << 20)
+    sizes["p0003"] = 100 << 20  # larger than a batch: alone
+    batches = _batches(names, sizes, workers=2)
+    assert [name for batch in batches for name in batch] == names  # each once, in order
+    assert ["p0003"] in batches
+    assert all(len(batch) <= BATCH_PREFIXES for batch in batches)
+    assert all(sum(sizes[n] for n in batch) <= BATCH_BYTES for batch in batches if len(batch) > 1)
+    few = [f"q{n}" for n in range(20)]
+    assert len(_batches(few, dict.fromkeys(few, 1), workers=2)) >= 8  # 4 per worker
+    assert _batches(["only"], {"only": 1}, workers=4) == [["only"]]
 
 
 def test_backup_refuses_an_unknown_prefix_before_writing_anything(

@@ -1,10 +1,10 @@
 """Bulk backup, restore to a point, and retention, over the catalog and a pool of copy workers.
 
-backup: one job per prefix on an executor (a :class:`CopyWorkerPool` by default; any
-``concurrent.futures.Executor`` will do). A failing job is retried and then reported without
-sinking the others; a job whose worker died is retried on the replacement worker. The manifest
-is written last: an interrupted run (SIGINT) records ``complete: false`` and a killed run leaves
-no manifest, so neither ever looks complete.
+backup: one job per batch of prefixes on an executor (a :class:`CopyWorkerPool` by default; any
+``concurrent.futures.Executor`` will do). A prefix whose copy fails is retried and then reported
+without sinking the others; the prefixes of a job whose worker died are retried on the
+replacement worker. The manifest is written last: an interrupted run (SIGINT) records
+``complete: false`` and a killed run leaves no manifest, so neither ever looks complete.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from hotcopy.storage import FileLeases, PrefixNotFound, Repository
 from hotcopy.storage._copy import DEFAULT_STEP, BaseRef, CopyResult, Piece, restore_chain
-from hotcopy.storage._durable import fsync_dir, sync_filesystem
+from hotcopy.storage._durable import fsync_dir, sweep_stale_temps, sync_filesystem
 from hotcopy.storage._prefix import Cut, Prefix
 from hotcopy.storage._repository import RUNTIME_DIR
 
@@ -35,6 +35,11 @@ BackupProgress = Callable[[int, int, int, int], None]  # prefixes done/total, by
 # Below this many bytes to copy, jobs run in the calling process: starting copy workers would
 # cost more than the copying (an incremental run of small deltas).
 INLINE_BELOW = 32 << 20
+# Prefixes go to the workers in batches: one job's fixed cost (a round trip to the worker, a
+# repository opened there) is paid per batch. Small enough batches keep both the progress
+# moving and every worker busy to the end.
+BATCH_PREFIXES = 16
+BATCH_BYTES = 16 << 20
 
 
 @dataclass
@@ -61,22 +66,48 @@ class BackupResult:
         }
 
 
-def copy_job(
-    root: str,
+# One prefix of a batch: its name, the base of a delta, the cut a consistent run took.
+BatchItem = tuple[str, BaseRef | None, Cut | None]
+
+
+def copy_batch(
+    root: str, backup_dir: str, batch: Sequence[BatchItem], step: int
+) -> list[CopyResult | Exception]:
+    """Snapshot several prefixes into a backup directory (runs in a copy worker).
+
+    One repository (one coordinator connection) serves the whole batch: opening one per
+    prefix cost more than copying a small prefix. Each prefix still gets the whole snapshot
+    protocol; a prefix that fails gives its exception in its place, the others go on.
+    """
+    outcomes: list[CopyResult | Exception] = []
+    directory = Path(backup_dir)
+    with Repository(root) as repo:
+        for prefix, base, cut in batch:
+            try:
+                outcomes.append(_copy_one(repo, prefix, directory, base, cut, step))
+            except Exception as err:  # an interrupt is the run's, not the prefix's
+                outcomes.append(err)
+    return outcomes
+
+
+def _copy_one(
+    repo: Repository,
     prefix: str,
-    backup_dir: str,
+    backup_dir: Path,
     base: BaseRef | None,
     cut: Cut | None,
     step: int,
 ) -> CopyResult:
-    """Snapshot one prefix into a backup directory (runs in a copy worker)."""
-    dest = Path(backup_dir) / f"{prefix}.hc"
-    delta = dest.with_name(f"{prefix}.hc-delta")
+    dest = backup_dir / f"{prefix}.hc"
+    delta = backup_dir / f"{prefix}.hc-delta"
     for leftover in (dest, delta):  # a finished file from a retried attempt
         leftover.unlink(missing_ok=True)
-    with Repository(root) as repo:
-        # Not fsynced here: the run syncs the file system once before its manifest.
-        result = repo.copy_prefix(dest, prefix, step, base=base, cut=cut, sync=False)
+    # Not fsynced here: the run syncs the file system once before its manifest. Temps left
+    # by a dead worker are swept once at the end of the run, not by every copy (a listing of
+    # the whole backup directory per prefix).
+    result = repo.copy_prefix(
+        dest, prefix, step, base=base, cut=cut, sync=False, sweep_temps=False
+    )
     if result.kind == "delta":
         os.rename(dest, delta)
         result = replace(result, path=str(delta))
@@ -105,7 +136,7 @@ def backup(
             backup, unless their chain already has ``max_deltas_before_full`` deltas.
         consistent: Cut every prefix at one instant (all write leases held together).
         retries: Further attempts for a prefix whose copy failed or whose worker died.
-        executor: Any ``concurrent.futures.Executor``; ``copy_job`` and its arguments pickle.
+        executor: Any ``concurrent.futures.Executor``; ``copy_batch`` and its arguments pickle.
     """
     began = time.monotonic()
     with Repository(root) as repo:
@@ -131,20 +162,27 @@ def backup(
                 try:
                     run.execute(
                         pool,
-                        lambda name: (
-                            copy_job,
+                        lambda batch: (
+                            copy_batch,
                             str(repo.root),
-                            name,
                             str(path),
-                            bases[name][1].base_ref() if name in bases else None,
-                            cuts.get(name),
+                            [
+                                (
+                                    name,
+                                    bases[name][1].base_ref() if name in bases else None,
+                                    cuts.get(name),
+                                )
+                                for name in batch
+                            ],
                             step,
                         ),
                         retries,
+                        workers=max(jobs, 1),
                     )
                 except KeyboardInterrupt:
                     if isinstance(pool, CopyWorkerPool):
                         pool.terminate()
+                    sweep_stale_temps(path)  # the killed workers' unfinished copies
                     manifest.interrupted = True
                     manifest.entries = _entries(run.results, bases)
                     catalog.write_manifest(manifest)
@@ -152,6 +190,8 @@ def backup(
                 finally:
                     if executor is None:
                         pool.shutdown(wait=True)
+            # Temps of workers that died mid-copy (their prefix was copied again since).
+            sweep_stale_temps(path)
             sync_filesystem(path)  # every copy durable before the manifest names it
             manifest.entries = _entries(run.results, bases)
             manifest.failed = run.failed
@@ -173,7 +213,7 @@ def backup(
 
 
 class _Run:
-    """Submits one job per prefix, retries failures, and tracks what finished."""
+    """Submits the prefixes in batches, retries failures, and tracks what finished."""
 
     def __init__(
         self, names: list[str], sizes: dict[str, int], progress: BackupProgress | None
@@ -188,33 +228,49 @@ class _Run:
     def execute(
         self,
         pool: Executor,
-        job: Callable[[str], tuple[Any, ...]],
+        job: Callable[[list[str]], tuple[Any, ...]],
         retries: int,
+        *,
+        workers: int,
     ) -> None:
         total_bytes = sum(self.sizes.values())
         attempts = dict.fromkeys(self.names, 0)
-        running: dict[Future[CopyResult], str] = {}
+        running: dict[Future[list[CopyResult | Exception]], list[str]] = {}
 
-        def submit(name: str) -> None:
-            fn, *args = job(name)
-            attempts[name] += 1
-            running[pool.submit(fn, *args)] = name
+        def submit(batch: list[str]) -> None:
+            fn, *args = job(batch)
+            for name in batch:
+                attempts[name] += 1
+            running[pool.submit(fn, *args)] = batch
 
-        for name in self.names:
-            submit(name)
+        def retry(name: str, err: BaseException) -> bool:
+            """Whether ``name`` has attempts left; if not, record its failure."""
+            if attempts[name] <= retries:
+                self.retries += 1
+                return True
+            self.failed[name] = f"{type(err).__name__}: {err}"
+            return False
+
+        for batch in _batches(self.names, self.sizes, workers):
+            submit(batch)
         self._report(total_bytes)
         while running:
             done, _ = wait(running, return_when="FIRST_COMPLETED")
             for future in done:
-                name = running.pop(future)
+                batch = running.pop(future)
+                again: list[str] = []
                 try:
-                    self.results[name] = future.result()
-                except Exception as err:
-                    if attempts[name] <= retries:
-                        self.retries += 1
-                        submit(name)
-                    else:
-                        self.failed[name] = f"{type(err).__name__}: {err}"
+                    outcomes = future.result()
+                except Exception as err:  # the whole batch: its worker died, say
+                    again = [name for name in batch if retry(name, err)]
+                else:
+                    for name, outcome in zip(batch, outcomes, strict=True):
+                        if not isinstance(outcome, Exception):
+                            self.results[name] = outcome
+                        elif retry(name, outcome):
+                            again.append(name)
+                if again:
+                    submit(again)
                 self._report(total_bytes)
 
     def _report(self, total_bytes: int) -> None:
@@ -222,6 +278,25 @@ class _Run:
             finished = len(self.results) + len(self.failed)
             done_bytes = sum(self.sizes[name] for name in self.results)
             self.progress(finished, len(self.names), done_bytes, total_bytes)
+
+
+def _batches(names: list[str], sizes: dict[str, int], workers: int) -> list[list[str]]:
+    """Consecutive runs of ``names`` of at most ``BATCH_PREFIXES`` prefixes and
+    ``BATCH_BYTES`` bytes (a larger prefix alone), and at least four batches per worker
+    while there are prefixes for them, so every worker stays busy to the end."""
+    limit = max(1, min(BATCH_PREFIXES, len(names) // (4 * workers)))
+    batches: list[list[str]] = []
+    current: list[str] = []
+    current_bytes = 0
+    for name in names:
+        if current and (len(current) >= limit or current_bytes + sizes[name] > BATCH_BYTES):
+            batches.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += sizes[name]
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _bases(
