@@ -24,7 +24,8 @@ from typing import Any
 from hotcopy.storage import FileLeases, PrefixNotFound, Repository
 from hotcopy.storage._copy import DEFAULT_STEP, BaseRef, CopyResult, Piece, restore_chain
 from hotcopy.storage._durable import fsync_dir, sweep_stale_temps, sync_filesystem
-from hotcopy.storage._prefix import Cut, Prefix
+from hotcopy.storage._format import HEADER_SIZE as WAL_HEADER_SIZE
+from hotcopy.storage._prefix import Cut, Prefix, wal_path
 from hotcopy.storage._repository import RUNTIME_DIR
 
 from ._catalog import Catalog, Entry, Manifest
@@ -318,8 +319,11 @@ def _bases(
 
 
 def _pending_bytes(repo: Repository, name: str, base: tuple[Manifest, Entry] | None) -> int:
-    """An estimate of what the job will write, for progress."""
+    """An estimate of what the job will write: the main file (past the base's end, for a
+    delta) and what its checkpoint will add from the WAL."""
     size = repo.prefix_path(name).stat().st_size
+    with contextlib.suppress(FileNotFoundError):
+        size += max(wal_path(repo.root, name).stat().st_size - WAL_HEADER_SIZE, 0)
     return max(size - base[1].end, 0) if base else size
 
 
