@@ -133,6 +133,42 @@ def test_another_repository_object_sees_commits_without_reopening(tmp_path: Path
         assert reader["k"] == "v2" and reader["j"] == "w" and reader.seq == 3
 
 
+def test_views_follow_another_process_checkpoint_of_batches_they_know_or_not(
+    tmp_path: Path,
+) -> None:
+    """A view that indexed every checkpointed batch from the WAL takes the new segment by
+    arithmetic (no parse); a view that lags parses it. Both must read exactly the same."""
+    with (
+        _repo(tmp_path, checkpoint_bytes=BIG) as writer_repo,
+        Repository(tmp_path / "repo") as other_repo,
+    ):
+        writer = writer_repo.open_prefix("p", "rw")
+        lagging = other_repo.open_prefix("p", "r")
+        expected: dict[str, Any] = {}
+        rng = random.Random(5)
+        for i in range(300):
+            key = f"k{rng.randrange(60)}"
+            if key in expected and rng.random() < 0.2:
+                del writer[key]
+                del expected[key]
+            else:
+                writer[key] = expected[key] = bytes([i % 256]) * (i % 40) if i % 3 else {"i": i}
+            writer.commit()
+            if i == 150:
+                assert lagging.seq == 151  # it read the first half of the WAL only
+        with Repository(tmp_path / "repo") as third_repo:
+            third_repo.open_prefix("p", "rw").checkpoint()  # another view's checkpoint
+        main_size = (tmp_path / "repo" / "p.hc").stat().st_size
+        writer.begin()  # catches up under the write lease: the fast path
+        assert writer._mem_seq == {} and writer._scanned_end == main_size
+        assert dict(writer.items()) == expected
+        writer.rollback()
+        assert dict(lagging.items()) == expected and lagging.seq == 300  # parsed
+        writer["after"] = 1  # and the writer goes on appending to the fresh WAL
+        writer.commit()
+        assert lagging["after"] == 1
+
+
 def test_read_only_and_closed_prefixes_refuse_changes(tmp_path: Path) -> None:
     with _repo(tmp_path) as repo:
         px = repo.open_prefix("p", "rw")
