@@ -206,12 +206,16 @@ class CoordinatorServer:
                 self._loop(listener)
             finally:
                 self._shutdown(listener)
-                tokens.close()  # clean exit: the successor continues without a gap
+                try:
+                    tokens.close()  # clean exit: the successor continues without a gap
+                except OSError as err:
+                    _log.warning("cannot record a clean exit in %s: %s", paths.tokens, err)
                 # Leases still held (a SIGTERM with clients connected) are handed to the
                 # successor. Commit counters alone are not worth a /dev/shm file that outlives
                 # the repository: they are change hints, and a fresh counter reads as a change.
+                # Nor is anything, once the repository was deleted: no successor can find it.
                 table.sweep()  # leases of dead holders are not worth handing over
-                keep_segment = not table.is_empty()
+                keep_segment = not table.is_empty() and paths.runtime_dir.is_dir()
                 header = segment.header()
                 segment.write_header(
                     0, 0, tokens.next, header.boot, header.lease_hwm,

@@ -390,6 +390,19 @@ def test_coordinator_of_a_deleted_repository_leaves_its_successor_alone(root: Pa
     assert coordinator_pid(root) == new_pid
 
 
+@pytest.mark.timeout(60)
+def test_coordinator_of_a_deleted_repository_removes_its_segment(root: Path) -> None:
+    with connect(root) as client:
+        client.lease("p", "write").release()
+        pid = coordinator_pid(root)
+        segment = RuntimePaths.for_root(root).segment_path()
+    assert segment is not None and segment.exists()
+    shutil.rmtree(root)
+    root.mkdir()  # for the fixture's clean-up
+    kill_and_wait(pid, signal.SIGTERM)
+    assert not segment.exists()  # 4.7 MB of /dev/shm nobody could ever use again
+
+
 # -- multiple processes -------------------------------------------------------------------
 
 
