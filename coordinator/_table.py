@@ -283,17 +283,22 @@ class LeaseTable:
             )  # fmt: skip
             self.outbox.append((entry, REFUSED_FULL))
             return False
-        now = self._clock()
-        entry.slot = heapq.heappop(self._free_slots)
-        entry.token = self._tokens.take()
-        entry.granted_at = now
-        entry.deadline = now + entry.ttl if entry.ttl > 0 else 0.0
         # The durable ceiling (TokenSource) already keeps a successor above this token;
         # the header's copy is refreshed by the server's periodic tick, not per grant.
+        self._add_granted(state, entry, self._tokens.take())
+        self.outbox.append((entry, GRANTED))
+        return True
+
+    def _add_granted(self, state: _Prefix, entry: Entry, token: int) -> None:
+        """Give ``entry`` a slot and ``token``; write it through to shared memory first."""
+        now = self._clock()
+        entry.slot = heapq.heappop(self._free_slots)
+        entry.token = token
+        entry.granted_at = now
+        entry.deadline = now + entry.ttl if entry.ttl > 0 else 0.0
         self._segment.write_lease(
             entry.slot, entry.prefix_bytes, entry.mode, entry.holder.pid,
-            entry.holder.start_ticks, entry.client_id, entry.token, now, entry.deadline,
-            entry.ttl,
+            entry.holder.start_ticks, entry.client_id, token, now, entry.deadline, entry.ttl,
         )  # fmt: skip
         state.granted.add(entry)
         state.counts[entry.mode] += 1
@@ -301,8 +306,6 @@ class LeaseTable:
         self._mark_writing(entry.prefix_bytes, state)
         if entry.deadline:
             heapq.heappush(self._expiry, (entry.deadline, next(self._counter), entry))
-        self.outbox.append((entry, GRANTED))
-        return True
 
     def _drop_granted(self, state: _Prefix, entry: Entry) -> None:
         state.granted.discard(entry)
@@ -411,20 +414,7 @@ class LeaseTable:
         state = self._prefix(entry.prefix)
         if not _compatible(state.counts, entry.mode) or not self._free_slots:
             return False
-        entry.slot = heapq.heappop(self._free_slots)
-        entry.token = token
-        entry.granted_at = now
-        entry.deadline = now + entry.ttl if entry.ttl > 0 else 0.0
-        self._segment.write_lease(
-            entry.slot, entry.prefix_bytes, entry.mode, entry.holder.pid,
-            entry.holder.start_ticks, entry.client_id, token, now, entry.deadline, entry.ttl,
-        )  # fmt: skip
-        state.granted.add(entry)
-        state.counts[entry.mode] += 1
-        self.granted_count += 1
-        self._mark_writing(entry.prefix_bytes, state)
-        if entry.deadline:
-            heapq.heappush(self._expiry, (entry.deadline, next(self._counter), entry))
+        self._add_granted(state, entry, token)
         self._requests(entry.owner)[entry.req_id] = entry
         return True
 
