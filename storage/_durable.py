@@ -19,30 +19,19 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from hotcopy.coordinator._process import ProcessIdentity
+
 _TEMP_RE = re.compile(r"\.tmp-(\d+)-(\d+)-[0-9a-f]{8}$")
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22), or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            raw = stat.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    return int(fields[19])
-
-
-_OWN_TICKS: tuple[int, int] | None = None
+_OWN: ProcessIdentity | None = None
 
 
 def _own_identity() -> tuple[int, int]:
-    global _OWN_TICKS
-    pid = os.getpid()
-    if _OWN_TICKS is None or _OWN_TICKS[0] != pid:  # recomputed after fork
-        _OWN_TICKS = (pid, process_start_ticks(pid) or 0)
-    return _OWN_TICKS
+    global _OWN
+    if _OWN is None or _OWN.pid != os.getpid():  # recomputed after fork
+        _OWN = ProcessIdentity.current()
+    return _OWN.pid, _OWN.start_ticks
 
 
 def temp_path_for(dest: Path) -> Path:
@@ -162,8 +151,8 @@ def sweep_stale_temps(directory: Path) -> list[Path]:
         match = _TEMP_RE.search(name)
         if match is None:
             continue
-        pid, ticks = int(match.group(1)), int(match.group(2))
-        if process_start_ticks(pid) == ticks:
+        writer = ProcessIdentity.of(int(match.group(1)))
+        if writer is not None and writer.start_ticks == int(match.group(2)):
             continue  # its writer is alive and may still rename it into place
         path = directory / name
         try:

@@ -18,6 +18,7 @@ from typing import Any
 
 import hotcopy.storage as hc
 import pytest
+from hotcopy.coordinator import ProcessIdentity
 from hotcopy.coordinator._errors import HotcopyError, LeaseTimeout
 from hotcopy.storage import (
     ClosedError,
@@ -35,7 +36,7 @@ from hotcopy.storage import (
 )
 from hotcopy.storage import _format as fmt
 from hotcopy.storage._codec import decode_value, encode_value
-from hotcopy.storage._durable import process_start_ticks, sweep_stale_temps, write_durably
+from hotcopy.storage._durable import sweep_stale_temps, write_durably
 from hotcopy_test_support import storage_helpers
 
 h = storage_helpers()
@@ -624,8 +625,9 @@ def test_stale_temps_of_dead_processes_are_swept_when_a_repository_opens(tmp_pat
     )
     dead_pid = int(dead.stdout)
     me = os.getpid()
-    my_ticks = process_start_ticks(me)
-    assert my_ticks is not None and process_start_ticks(dead_pid) is None
+    mine = ProcessIdentity.of(me)
+    assert mine is not None and ProcessIdentity.of(dead_pid) is None
+    my_ticks = mine.start_ticks
     names = {
         "dead": f"p.hc.tmp-{dead_pid}-12345-0badf00d",
         "reused": f"p.hc-wal.tmp-{me}-{my_ticks + 1}-deadbeef",  # our pid, another start time
