@@ -487,9 +487,12 @@ def final_checks(sup: Supervisor) -> dict[str, Any]:
                     )
             backups += 1
 
-    # No litter: temps of dead processes are swept on open; none may survive that.
+    # No litter: temps of dead processes are swept on open (and a killed backup run's at the
+    # next run, here by the same call); none may survive that.
     shutil.rmtree(scratch, ignore_errors=True)
     Repository(work / "repo").close()
+    if (work / "backups").exists():
+        Catalog(work / "backups").sweep_abandoned()
     for directory in (work / "repo", work / "copies", work / "backups"):
         if directory.exists():
             from hotcopy.storage._durable import sweep_stale_temps

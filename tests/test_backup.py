@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hotcopy.coordinator import ProcessIdentity
 from hotcopy.storage import PrefixNotFound, Repository
 from hotcopy.workers import (
     BackupError,
@@ -500,6 +501,27 @@ def test_a_backup_directory_belongs_to_one_repository(repo_root: Path, tmp_path:
     with pytest.raises(CatalogError, match="holds backups of repository"):
         backup(other, dest)
     assert len(Catalog(dest).backup_ids()) == 1
+
+
+def test_the_next_run_sweeps_what_a_killed_run_left_behind(repo_root: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "backups"
+    backup(repo_root, dest)
+    killed = Catalog(dest).new_backup_dir("backup")[1]  # a run killed before its manifest
+    dead_pid = int(
+        subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    me = ProcessIdentity.current()
+    dead = killed / f"big.hc.tmp-{dead_pid}-12345-0badf00d"
+    alive = killed / f"small.hc.tmp-{me.pid}-{me.start_ticks}-cafef00d"
+    for temp in (dead, alive):
+        temp.write_bytes(b"half a copy")
+    backup(repo_root, dest, incremental=True)
+    assert not dead.exists()  # its writer is gone: litter
+    assert alive.exists()  # its writer lives (it could still rename it into place)
+    assert len(Catalog(dest).manifests()) == 2  # the killed run is never taken for a backup
 
 
 def test_restore_needs_an_empty_root_or_force(repo_root: Path, tmp_path: Path) -> None:

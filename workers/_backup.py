@@ -147,6 +147,7 @@ def backup(
                 raise PrefixNotFound(f"prefix {name!r} does not exist in {repo.root}", prefix=name)
         catalog = Catalog.create(dest_dir, repo.id)
         with catalog.lock():
+            catalog.sweep_abandoned()  # unfinished copies of runs that were killed
             backup_id, path = catalog.new_backup_dir("delta" if incremental else "backup")
             manifest = Manifest(backup_id, time.time(), repo.id, False, consistent)
             bases = _bases(catalog, names, max_deltas_before_full) if incremental else {}

@@ -34,7 +34,7 @@ from typing import Any
 
 from filelock import FileLock
 from hotcopy.storage._copy import BaseRef, Piece
-from hotcopy.storage._durable import fsync_dir, write_durably
+from hotcopy.storage._durable import fsync_dir, sweep_stale_temps, write_durably
 
 from ._errors import BackupNotFound, CatalogError
 
@@ -171,6 +171,18 @@ class Catalog:
                 continue
             fsync_dir(self.path)
             return backup_id, path
+
+    def sweep_abandoned(self) -> list[Path]:
+        """Remove the temps that killed runs left in their manifest-less directories.
+
+        Only temps whose writer process is dead go; the caller holds :meth:`lock`, so no run
+        of its own is writing there. (The directories themselves go at the next prune.)
+        """
+        removed: list[Path] = []
+        for backup_id in self.backup_ids():
+            if not (self.path / backup_id / MANIFEST).exists():
+                removed += sweep_stale_temps(self.path / backup_id)
+        return removed
 
     def write_manifest(self, manifest: Manifest) -> None:
         body = manifest.to_json()
