@@ -52,6 +52,14 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 ">= 0.8x",
             )
         )
+        rows.append(
+            (
+                "commit rate, small commits",
+                f"{c['ratio_prealloc']:.2f}x",
+                "raw fdatasync into preallocated space",
+                "(stricter baseline)",
+            )
+        )
     leases = results.get("leases", {})
     if "latency" in leases:
         for key, value in leases["latency"]["ratios"].items():

@@ -255,10 +255,11 @@ class FileReader:
     CHUNK = 1 << 20
     SMALL = 4096
 
-    def __init__(self, fd: int, pos: int, end: int) -> None:
+    def __init__(self, fd: int, pos: int, end: int, chunk: int = CHUNK) -> None:
         self.fd = fd
         self.pos = pos
         self.end = end
+        self._chunk = chunk
         self._buf = b""
         self._buf_start = pos
 
@@ -271,7 +272,7 @@ class FileReader:
             # After a skip past the buffer (a large value), read a little: the next record is
             # a header, and a full chunk would drag in the next value too.
             skipped = self.pos > self._buf_start + len(self._buf)
-            want = min(max(size, self.SMALL if skipped else self.CHUNK), self.end - self.pos)
+            want = min(max(size, self.SMALL if skipped else self._chunk), self.end - self.pos)
             self._buf = _pread_upto(self.fd, want, self.pos)
             self._buf_start = self.pos
             offset = 0
@@ -361,6 +362,12 @@ def read_trailer(reader: FileReader) -> Trailer | None:
     if magic != TRAILER_MAGIC or crc32(raw[: _TRAILER.size]) != stored:
         return None
     return Trailer(last_seq, segment_start, n_batches, meta_crc)
+
+
+def batch_starts_at(fd: int, offset: int) -> bool:
+    """Whether the bytes at ``offset`` begin with a batch's magic (one small read)."""
+    raw = os.pread(fd, 4, offset)
+    return len(raw) == 4 and struct.unpack("<I", raw)[0] == BATCH_MAGIC
 
 
 def peek_is_trailer(reader: FileReader) -> bool:

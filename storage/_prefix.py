@@ -38,8 +38,10 @@ from ._errors import (
     TransactionConflict,
 )
 from ._leases import ChangeFeed, HeldLease, LeaseProvider
+from ._wal_space import reserve, tail_is_clear
 
 DEFAULT_CHECKPOINT_BYTES = 4 << 20
+_FOLLOW_CHUNK = 16 << 10  # bytes a view reads at once when it follows the WAL
 _FULL_CHECK_EVERY = 1.0  # seconds a reader trusts an unchanged commit counter
 # A write lease outlives a stopped or hung holder by at most this long (the client renews it
 # in the background while the process runs); its commit is then refused (fencing).
@@ -178,6 +180,10 @@ class Prefix(MutableMapping[str, Any]):
         self._wal_fd = -1
         self._wal_ino = -1
         self._wal_pos = fmt.HEADER_SIZE  # end of the last whole batch read from the WAL
+        self._wal_size = fmt.HEADER_SIZE  # the file's size: space reserved beyond _wal_pos
+        # The files are exactly as this writer's last commit left them (it has held the write
+        # lease since): the next commit may skip the checks of _prepare_wal_for_append.
+        self._files_as_left = False
         self._wal_valid = False
         self._wal_header: fmt.WalHeader
         # Every batch of the current WAL as this process wrote or read it, so a checkpoint
@@ -309,7 +315,8 @@ class Prefix(MutableMapping[str, Any]):
                         token=lease.token,
                     )
                 base_seq = self._seq
-                self._prepare_wal_for_append()
+                if not self._files_as_left:
+                    self._prepare_wal_for_append()
                 if self._seq != base_seq:
                     raise LeaseFenced(
                         f"commit to prefix {self.name!r} refused: another writer committed "
@@ -336,11 +343,16 @@ class Prefix(MutableMapping[str, Any]):
                     self._wal_index_ok = False
                 else:
                     frame, self._deferred = self._deferred + frame, b""
+                    end = self._wal_pos + len(frame)
+                    if end > self._wal_size:
+                        self._wal_size = reserve(self._wal_fd, self._wal_size, end)
+                    self._files_as_left = False
                     pwrite_all(self._wal_fd, frame, self._wal_pos)
                     _fault("commit:after-wal-write")
                     os.fdatasync(self._wal_fd)
                     _fault("commit:after-wal-fsync")
                     self._wal_pos += len(frame)
+                    self._wal_size = max(self._wal_size, self._wal_pos)
                     self._wal_index.append(_WalBatch(seq, batch_at, len(frame), meta_crc))
                 op_at = batch_at + fmt.BATCH_SIZE
                 for (key, pending), op in zip(self._pending.items(), ops, strict=True):
@@ -349,7 +361,9 @@ class Prefix(MutableMapping[str, Any]):
                 self._seq = seq
                 self._pending.clear()
                 if self._wal_pos - fmt.HEADER_SIZE >= self._checkpoint_bytes:
-                    self._auto_checkpoint()
+                    self._files_as_left = self._auto_checkpoint()
+                else:
+                    self._files_as_left = not self._deferred
         finally:
             self._end_transaction()
         return seq
@@ -404,6 +418,7 @@ class Prefix(MutableMapping[str, Any]):
         owned = lease is None
         if lease is None:
             lease, _ = self._take_write_lease()
+        self._files_as_left = False  # whatever happens below, the next commit checks again
         try:
             with self._mutation():
                 # Not just a catch-up: a checkpoint killed before its WAL reset left a segment
@@ -546,6 +561,7 @@ class Prefix(MutableMapping[str, Any]):
                 self._lease, held_on = self._take_write_lease()
             try:
                 if not held_on:
+                    self._files_as_left = False
                     self._catch_up(force=True)
                 read_seq, self._read_seq = self._read_seq, None
                 if read_seq is not None and read_seq != self._seq:
@@ -770,9 +786,11 @@ class Prefix(MutableMapping[str, Any]):
             self._open_wal()
         elif st.st_size == self._wal_pos:
             return  # nothing appended since we looked
-        if not self._wal_valid:
-            return
-        reader = fmt.FileReader(self._wal_fd, self._wal_pos, os.fstat(self._wal_fd).st_size)
+        if not self._wal_valid or not fmt.batch_starts_at(self._wal_fd, self._wal_pos):
+            return  # reserved space (zeros), a torn tail, or a write in progress
+        # Small reads: what follows the last batch is mostly space reserved for the next ones.
+        end = os.fstat(self._wal_fd).st_size
+        reader = fmt.FileReader(self._wal_fd, self._wal_pos, end, chunk=_FOLLOW_CHUNK)
         while True:
             start = reader.pos
             batch = fmt.read_batch(reader, load_values=True)
@@ -860,10 +878,12 @@ class Prefix(MutableMapping[str, Any]):
         if self._scanned_end > self._wal_header.base_len:
             self._recover_unsynced_checkpoint()
         size = os.fstat(self._wal_fd).st_size
-        if size > self._wal_pos:
+        if size > self._wal_pos and not tail_is_clear(self._wal_fd, self._wal_pos, size):
             # A writer died mid-append: its torn batch was never acknowledged.
             os.ftruncate(self._wal_fd, self._wal_pos)
             os.fsync(self._wal_fd)
+            size = self._wal_pos
+        self._wal_size = size
 
     def _recover_unsynced_checkpoint(self) -> None:
         """A checkpoint crashed between appending to the main file and resetting the WAL.
@@ -921,13 +941,16 @@ class Prefix(MutableMapping[str, Any]):
             batches.append(batch)
         return batches
 
-    def _auto_checkpoint(self) -> None:
-        """Checkpoint after a commit. The commit is already durable: a failure here is logged
-        and left to the next checkpoint, never reported as a failed commit."""
+    def _auto_checkpoint(self) -> bool:
+        """Checkpoint after a commit; False if it failed. The commit is already durable: a
+        failure here is logged and left to the next checkpoint, never reported as a failed
+        commit."""
         try:
             self._checkpoint_locked()
         except Exception as err:
             log.warning("automatic checkpoint failed prefix=%s error=%s", self.name, err)
+            return False
+        return True
 
     def _checkpoint_locked(self) -> Cut:
         main_seq = self._boundaries[self._scanned_end]

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import _format as fmt
 from ._errors import CorruptFileError
+from ._wal_space import tail_is_clear
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ def _verify_wal(
         start = reader.pos
         batch = fmt.read_batch(reader, load_values=True)
         if batch is None or batch.seq > seq + 1:
+            if tail_is_clear(fd, start, size):
+                break  # space reserved for the next commits
             tail = size - start
             note = f"{name}: torn tail of {tail} bytes at offset {start} (never acknowledged)"
             return replace(report, wal_commits=commits, notes=(note,))

@@ -82,3 +82,9 @@ def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> int:
         f.seek(offset)
         f.write(bytes([original ^ mask]))
     return original
+
+
+def wal_used(path: Path, header_size: int = 64) -> int:
+    """Bytes of a WAL in use: its header and batches, not the zeros reserved after them."""
+    data = path.read_bytes()
+    return header_size + len(data[header_size:].rstrip(b"\0"))

@@ -37,6 +37,7 @@ from hotcopy.storage import (
 from hotcopy.storage import _format as fmt
 from hotcopy.storage._codec import decode_value, encode_value
 from hotcopy.storage._durable import sweep_stale_temps, write_durably
+from hotcopy.storage._verify import verify_prefix
 from hotcopy_test_support import storage_helpers
 
 h = storage_helpers()
@@ -487,7 +488,7 @@ def test_commit_checkpoints_automatically_past_checkpoint_bytes(tmp_path: Path) 
                 checkpoints += 1
                 assert verify_file(main).seq == px.seq
             else:
-                assert os.path.getsize(wal) - fmt.HEADER_SIZE < threshold
+                assert h.wal_used(wal) - fmt.HEADER_SIZE < threshold
         assert checkpoints >= 3
         report = verify_file(main)
         assert report.ok and report.segments == checkpoints
@@ -863,8 +864,9 @@ def _three_commits(tmp_path: Path) -> tuple[Repository, dict[str, Any]]:
 def test_torn_wal_tail_recovers_to_the_last_whole_commit(tmp_path: Path, garbage_len: int) -> None:
     repo, model = _three_commits(tmp_path)
     _, wal = _paths(repo, "p")
-    whole = wal.read_bytes()
-    with open(wal, "ab") as f:
+    whole = wal.read_bytes()[: h.wal_used(wal)]
+    with open(wal, "r+b") as f:  # where the next batch goes: over the reserved zeros, if any
+        f.seek(len(whole))
         f.write(random.Random(garbage_len).randbytes(garbage_len))
     with Repository(repo.root) as again:
         reader = again.open_prefix("p", "r")
@@ -882,9 +884,33 @@ def test_torn_wal_tail_recovers_to_the_last_whole_commit(tmp_path: Path, garbage
     try:
         reader_ = fmt.FileReader(fd, len(whole), len(data))
         assert fmt.read_batch(reader_, load_values=True) is not None
-        assert reader_.pos == len(data)  # the garbage is gone: the WAL ends with the commit
+        # The garbage is gone: the WAL ends with the commit, then at most reserved zeros.
+        assert reader_.pos == h.wal_used(wal) and not data[reader_.pos :].strip(b"\0")
     finally:
         os.close(fd)
+    with Repository(repo.root) as again:
+        assert dict(again.open_prefix("p", "r").items()) == model
+
+
+def test_space_reserved_after_the_wal_is_neither_a_commit_nor_a_torn_tail(tmp_path: Path) -> None:
+    repo, model = _three_commits(tmp_path)
+    main, wal = _paths(repo, "p")
+    used = h.wal_used(wal)
+    assert wal.stat().st_size > used  # commits overwrite reserved zeros: no size change each
+    report = verify_prefix(main, wal)
+    assert report.ok and report.wal_commits == 3 and report.notes == ()
+    with open(wal, "r+b") as f:  # debris deep in the reserved space, zeros before it
+        f.seek(used + 5000)
+        f.write(b"debris")
+    assert "torn tail" in verify_prefix(main, wal).notes[0]
+    with Repository(repo.root) as again:
+        px = again.open_prefix("p", "rw")
+        assert dict(px.items()) == model
+        px["new"] = model["new"] = 4
+        assert px.commit() == 4
+    data = wal.read_bytes()
+    assert b"debris" not in data  # the next writer removed it before it appended
+    assert verify_prefix(main, wal).notes == ()
     with Repository(repo.root) as again:
         assert dict(again.open_prefix("p", "r").items()) == model
 
@@ -894,7 +920,7 @@ def test_a_wal_cut_at_every_byte_of_its_last_batch_drops_just_that_commit(
 ) -> None:
     repo, model = _three_commits(tmp_path)
     _, wal = _paths(repo, "p")
-    data = wal.read_bytes()
+    data = wal.read_bytes()[: h.wal_used(wal)]
     fd = os.open(wal, os.O_RDONLY)
     try:
         reader = fmt.FileReader(fd, fmt.HEADER_SIZE, len(data))
@@ -917,9 +943,10 @@ def test_a_wal_cut_at_every_byte_of_its_last_batch_drops_just_that_commit(
 def test_a_wal_ahead_of_the_main_file_is_ignored_batches_beyond_seq_too(tmp_path: Path) -> None:
     repo, model = _three_commits(tmp_path)
     _, wal = _paths(repo, "p")
-    with open(wal, "ab") as f:  # a whole, checksummed batch that does not follow commit 3
+    whole = wal.read_bytes()[: h.wal_used(wal)]
+    with open(wal, "r+b") as f:  # a whole, checksummed batch that does not follow commit 3
+        f.seek(len(whole))
         f.write(fmt.encode_batch(9, 1, [fmt.encode_op(fmt.OP_PUT, "ghost", 1, b"1")]))
-    whole = wal.read_bytes()[: -len(fmt.encode_batch(9, 1, [fmt.encode_op(1, "ghost", 1, b"1")]))]
     with Repository(repo.root) as again:
         px = again.open_prefix("p", "rw")
         assert "ghost" not in px and px.seq == 3

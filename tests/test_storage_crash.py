@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from hotcopy.storage import CorruptFileError, Prefix, Repository, verify_file
 from hotcopy.storage import _format as fmt
+from hotcopy.storage._verify import verify_prefix
 from hotcopy_test_support import storage_helpers
 
 h = storage_helpers()
@@ -82,7 +83,8 @@ def _journal(path: Path) -> list[int]:
 
 
 def _wal_shape(wal: Path) -> tuple[fmt.WalHeader, int, int]:
-    """The WAL's header, the end of its last whole batch, and its size."""
+    """The WAL's header, the end of its last whole batch, and the end of its non-zero bytes
+    (after them comes only space reserved for appends)."""
     data = wal.read_bytes()
     header = fmt.unpack_wal_header(data[: fmt.HEADER_SIZE])
     end = fmt.HEADER_SIZE
@@ -96,7 +98,7 @@ def _wal_shape(wal: Path) -> tuple[fmt.WalHeader, int, int]:
             end = reader.pos
     finally:
         os.close(fd)
-    return header, end, len(data)
+    return header, end, end + len(data[end:].rstrip(b"\0"))
 
 
 def _crash_child(root: Path, journal: Path, fault: str, after: int) -> None:
@@ -205,6 +207,33 @@ def test_repeated_crashes_each_recovered_by_the_next_writer(
         for fault in faults:
             _crash_child(root, journal, fault, POINTS[fault][0])
         _recover_and_check(root, journal, None, reader)
+    finally:
+        watcher_repo.close()
+
+
+def test_a_writer_that_committed_before_clears_the_torn_tail_of_a_writer_that_died(
+    tmp_path: Path,
+) -> None:
+    """A writer keeps its lease parked between commits and then trusts the files as it left
+    them; a lease given away meanwhile (here to a child killed mid-append) ends that trust."""
+    root, journal, watcher_repo, reader = _fresh(tmp_path)
+    try:
+        with Repository(root, checkpoint_bytes=1 << 30) as repo:
+            px = repo.open_prefix("p", "rw")
+            _write_txn(px, 1)
+            assert px.commit() == 1  # our lease is parked now; the child's request takes it
+            _crash_child(root, journal, "commit:torn-wal-write", 3)  # acknowledged 2 and 3
+            _, whole_end, data_end = _wal_shape(root / "p.hc-wal")
+            assert data_end > whole_end, "no torn tail"
+            px["small"] = 4  # a batch shorter than the torn one: it cannot cover it all
+            assert px.commit() == 4
+        _, whole_end, data_end = _wal_shape(root / "p.hc-wal")
+        assert data_end == whole_end, "debris of the torn batch is left after our commit"
+        assert verify_prefix(root / "p.hc", root / "p.hc-wal").notes == ()
+        with Repository(root) as repo:
+            px = repo.open_prefix("p", "r")
+            assert px.seq == 4 and px["small"] == 4 and px["txn"] == 3 == _journal(journal)[-1]
+        assert reader.seq == 4 and reader["small"] == 4  # open across it all, it follows
     finally:
         watcher_repo.close()
 

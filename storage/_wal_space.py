@@ -1,0 +1,54 @@
+"""Space reserved ahead of WAL appends, so that a commit's fdatasync need not commit the journal.
+
+An append that grows a file changes its size, and a journaling file system (ext4, XFS) must
+commit its journal before ``fdatasync`` may return; a write into blocks the file already owns
+needs only the data itself on disk. Reserving space ahead with ``fallocate`` makes nearly every
+commit the second kind: one size change per reservation instead of one per commit (measured by
+``scripts/bench_storage.py``: about 1.5x the commit rate of plain appends on ext4). PostgreSQL
+pre-allocates its WAL segments for the same reason.
+
+A reservation reads as zeros, and no batch starts with a zero byte, so readers stop there as
+they stop at the end of a file. The bytes after the last whole batch are therefore zeros, or
+the torn batch of a writer that died mid-append, which the next writer removes before it
+appends (:func:`tail_is_clear`): a stale batch must never follow a newer one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+RESERVE_MIN = 64 << 10
+RESERVE_MAX = 256 << 10  # also bounds what a new writer reads to check the tail
+_PAGE = 4096
+_NO_RESERVATION = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOSPC, errno.EFBIG)
+
+
+def reserve(fd: int, size: int, end: int) -> int:
+    """Reserve the WAL on ``fd`` (``size`` bytes now) to ``end`` and some beyond; its new size.
+
+    The reservation grows with the WAL, from ``RESERVE_MIN`` up to ``RESERVE_MAX`` ahead. Where
+    the file system cannot reserve (or has no room), nothing is reserved and appends grow the
+    file as before.
+    """
+    ahead = min(max(end, RESERVE_MIN), RESERVE_MAX)
+    target = -(-(end + ahead) // _PAGE) * _PAGE
+    try:
+        os.posix_fallocate(fd, size, target - size)
+    except OSError as err:
+        if err.errno not in _NO_RESERVATION:
+            raise
+        return size
+    return target
+
+
+def tail_is_clear(fd: int, start: int, end: int) -> bool:
+    """True when bytes ``[start, end)`` are all zeros: reserved space and nothing torn."""
+    while start < end:
+        chunk = os.pread(fd, min(RESERVE_MAX, end - start), start)
+        if not chunk:
+            return True  # the file shrank meanwhile
+        if chunk.count(0) != len(chunk):
+            return False
+        start += len(chunk)
+    return True
