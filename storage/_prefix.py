@@ -27,6 +27,7 @@ from hotcopy.coordinator._errors import HotcopyError, LeaseFenced
 from sortedcontainers import SortedDict
 
 from . import _format as fmt
+from ._closing import close_later
 from ._codec import decode_value, encode_value
 from ._durable import pwrite_all, write_durably
 from ._errors import (
@@ -623,7 +624,7 @@ class Prefix(MutableMapping[str, Any]):
                 f"prefix {self.name!r} does not exist in {self._root}", prefix=self.name
             ) from None
         if self._main_fd >= 0:
-            os.close(self._main_fd)
+            close_later(self._main_fd)  # replaced by a compaction or restore, mostly
         self._main_fd = fd
         self._main_ino = os.fstat(fd).st_ino
         self._header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
@@ -829,7 +830,9 @@ class Prefix(MutableMapping[str, Any]):
 
     def _drop_wal(self) -> None:
         if self._wal_fd >= 0:
-            os.close(self._wal_fd)
+            # Replaced or deleted: closing it may free its blocks (see _closing), which is
+            # no work for a writer that waits for its lease or a reader catching up.
+            close_later(self._wal_fd)
         self._wal_fd = -1
         self._wal_ino = -1
         self._wal_pos = fmt.HEADER_SIZE
