@@ -255,10 +255,12 @@ class FileReader:
     CHUNK = 1 << 20
     SMALL = 4096
 
-    def __init__(self, fd: int, pos: int, end: int) -> None:
+    def __init__(self, fd: int, pos: int, end: int, *, chunk: int = CHUNK) -> None:
+        """``chunk``: bytes read ahead; a walk that skips most bytes wants ``SMALL``."""
         self.fd = fd
         self.pos = pos
         self.end = end
+        self._chunk = chunk
         self._buf = b""
         self._buf_start = pos
 
@@ -271,7 +273,7 @@ class FileReader:
             # After a skip past the buffer (a large value), read a little: the next record is
             # a header, and a full chunk would drag in the next value too.
             skipped = self.pos > self._buf_start + len(self._buf)
-            want = min(max(size, self.SMALL if skipped else self.CHUNK), self.end - self.pos)
+            want = min(max(size, self.SMALL if skipped else self._chunk), self.end - self.pos)
             self._buf = _pread_upto(self.fd, want, self.pos)
             self._buf_start = self.pos
             offset = 0
