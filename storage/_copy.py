@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import _format as fmt
+from ._checkpoint import checkpoint_cut
 from ._durable import pwrite_all, sweep_stale_temps, write_all, write_durably
 from ._errors import (
     CorruptFileError,
@@ -37,7 +38,7 @@ from ._errors import (
     SameFileError,
     StorageError,
 )
-from ._prefix import Cut, Prefix, _fault, wal_path
+from ._prefix import DEFAULT_LEASE_TTL, Cut, Prefix, _fault, wal_path
 from ._verify import VerifyReport, verify_fd
 from ._writeback import Writeback
 
@@ -123,13 +124,15 @@ def copy_prefix(
             # changes the source's files (the exact check follows once the cut is known).
             least = source.stat().st_size - (base.end if base is not None else 0)
             _check_free_space(dest.parent, max(least, 0))
-            cut, src_fd = _checkpoint_and_open(repo, prefix)
+            cut, src_fd, checked = _checkpoint_and_open(repo, prefix)
         else:
-            src_fd = _open_at_cut(source, cut)
+            src_fd, checked = _open_at_cut(source, cut), True
         try:
             header = fmt.unpack_main_header(os.pread(src_fd, fmt.HEADER_SIZE, 0))
             boundary_crc = _crc_before(src_fd, cut.length)
             start = _delta_start(src_fd, header, cut, base)
+            if not checked:
+                _check_segments(src_fd, prefix, max(start, fmt.HEADER_SIZE), cut)
             _check_free_space(dest.parent, cut.length - start)
             crc = 0
 
@@ -240,12 +243,24 @@ def _check_free_space(directory: Path, needed: int) -> None:
         )
 
 
-def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int]:
-    """Checkpoint under the write lease and open the main file the cut belongs to."""
+def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, bool]:
+    """Checkpoint under the write lease and open the main file the cut belongs to; and
+    whether the segments before the cut were parsed on the way (a :class:`Prefix` view
+    parses them all to build its key index; the plain checkpoint reads none)."""
     open_prefix = repo.open_prefixes().get(name)
     if open_prefix is not None and open_prefix.mode == "rw":
         # Our own open prefix may hold the write lease (a transaction in progress): use it.
-        return open_prefix.checkpoint_and_open()
+        return *open_prefix.checkpoint_and_open(), True
+    plain = checkpoint_cut(
+        repo.root,
+        name,
+        repo.leases,
+        repo.runtime_dir,
+        lease_timeout=repo.lease_timeout,
+        lease_ttl=DEFAULT_LEASE_TTL,
+    )
+    if plain is not None:
+        return *plain, False
     with Prefix(
         repo.root,
         name,
@@ -254,7 +269,33 @@ def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int]:
         repo.runtime_dir,
         lease_timeout=repo.lease_timeout,
     ) as prefix:
-        return prefix.checkpoint_and_open()
+        return *prefix.checkpoint_and_open(), True
+
+
+def _check_segments(fd: int, prefix: str, start: int, cut: Cut) -> None:
+    """Refuse to copy ``[start, cut.length)`` unless it parses as whole segments ending at
+    commit ``cut.seq``: a copy never records damaged metadata as a good snapshot. Values are
+    skipped, as when a prefix opens (each carries its CRC, checked when read and by verify)."""
+    reader = fmt.FileReader(fd, start, cut.length, chunk=fmt.FileReader.SMALL)
+    seq: int | None = None
+    while reader.pos < cut.length:
+        at = reader.pos
+        segment = fmt.read_segment(reader, load_values=False)
+        if segment is None or (seq is not None and segment.batches[0].seq != seq + 1):
+            raise CorruptFileError(
+                f"prefix {prefix!r}: the main file is damaged at offset {at}; nothing copied. "
+                "Run `hotcopy verify` on the repository and restore the prefix from a backup",
+                prefix=prefix,
+                offset=at,
+            )
+        seq = segment.last_seq
+    if seq is not None and seq != cut.seq:
+        raise CorruptFileError(
+            f"prefix {prefix!r}: the main file holds commit {seq} at offset {cut.length}, "
+            f"not {cut.seq}; nothing copied",
+            prefix=prefix,
+            offset=cut.length,
+        )
 
 
 def copy_range(

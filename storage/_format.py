@@ -269,7 +269,8 @@ class FileReader:
     CHUNK = 1 << 20
     SMALL = 4096
 
-    def __init__(self, fd: int, pos: int, end: int, chunk: int = CHUNK) -> None:
+    def __init__(self, fd: int, pos: int, end: int, *, chunk: int = CHUNK) -> None:
+        """``chunk``: bytes read ahead; a walk that skips most bytes wants ``SMALL``."""
         self.fd = fd
         self.pos = pos
         self.end = end

@@ -126,6 +126,26 @@ def wal_path(root: Path, name: str) -> Path:
     return root / f"{name}.hc-wal"
 
 
+def open_mutex(runtime_dir: Path, name: str) -> int:
+    """A descriptor on the file whose ``flock`` serializes changes to a prefix's files."""
+    mutex = runtime_dir / "locks" / f"{name}.m"
+    mutex.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return os.open(mutex, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def append_segment(fd: int, data: bytes, start: int) -> int:
+    """Write a checkpoint segment at ``start`` of a main file (over any debris), durably;
+    return where it ends."""
+    _fault("checkpoint:before-main-write")
+    pwrite_all(fd, data, start)
+    if os.fstat(fd).st_size > start + len(data):
+        os.ftruncate(fd, start + len(data))  # debris of a crashed checkpoint
+    _fault("checkpoint:after-main-write")
+    os.fsync(fd)
+    _fault("checkpoint:after-main-fsync")
+    return start + len(data)
+
+
 def create_prefix_files(root: Path, name: str) -> None:
     """Create an empty prefix; ``FileExistsError`` if its main file exists."""
     header = fmt.MainHeader(secrets.token_bytes(16), secrets.randbits(64), time.time_ns())
@@ -204,10 +224,7 @@ class Prefix(MutableMapping[str, Any]):
         self._mutex_fd = -1
         if mode == "rw":
             # Whatever the lease provider, the mutation lock lives here (kernel-released).
-            (runtime_dir / "locks").mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._mutex_fd = os.open(
-                runtime_dir / "locks" / f"{name}.m", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
+            self._mutex_fd = open_mutex(runtime_dir, name)
         try:
             if mode == "rw" and not self._main_path.exists():
                 self._create()
@@ -1010,21 +1027,11 @@ class Prefix(MutableMapping[str, Any]):
         start = self._scanned_end
         trailer = fmt.trailer_for(start, [batch.meta_crc for batch in wanted], last.seq)
         end = start + len(data) + len(trailer)
-        self._write_segment(data + trailer, start)
+        append_segment(self._main_fd, data + trailer, start)
         self._point_index_at_segment(wanted, start, end)
         self._reset_wal_after(end)
         _fault("checkpoint:after-wal-reset")
         return Cut(end, self._seq, self._header.file_id)
-
-    def _write_segment(self, data: bytes, start: int) -> None:
-        """Append a checkpoint segment at ``start`` (over any debris) and make it durable."""
-        _fault("checkpoint:before-main-write")
-        pwrite_all(self._main_fd, data, start)
-        if os.fstat(self._main_fd).st_size > start + len(data):
-            os.ftruncate(self._main_fd, start + len(data))  # debris of a crashed checkpoint
-        _fault("checkpoint:after-main-write")
-        os.fsync(self._main_fd)
-        _fault("checkpoint:after-main-fsync")
 
     def _checkpoint_parsed(self, main_seq: int) -> Cut:
         """Checkpoint by parsing the WAL: for a WAL this process has not seen written whole."""
@@ -1032,7 +1039,7 @@ class Prefix(MutableMapping[str, Any]):
         start = self._scanned_end
         data = b"".join(batch.raw or b"" for batch in batches)
         data += fmt.segment_trailer(start, batches)
-        self._write_segment(data, start)
+        append_segment(self._main_fd, data, start)
         self._scan_main()
         if self._scanned_end != start + len(data):
             raise CorruptFileError(

@@ -176,6 +176,47 @@ def test_copy_of_an_empty_prefix_opens_empty(repo: Repository, tmp_path: Path) -
     assert _open_standalone(tmp_path / "empty.hc", tmp_path / "standalone") == (0, {})
 
 
+def test_a_copys_checkpoint_writes_what_a_prefix_checkpoint_writes(tmp_path: Path) -> None:
+    """copy_prefix checkpoints without building a key index; the main file and WAL it leaves
+    are byte for byte what ``Prefix.checkpoint`` leaves in a twin repository."""
+    files = []
+    for twin in ("a", "b"):
+        with Repository.init(tmp_path / twin, checkpoint_bytes=BIG) as repo:
+            seq, expected = _fill(repo)
+            main = repo.prefix_path("p")
+            if twin == "a":
+                cut = repo.copy_prefix(tmp_path / "copy.hc", "p")
+                assert (cut.seq, cut.length) == (seq, main.stat().st_size)
+            else:
+                with repo.open_prefix("p", "rw") as px:
+                    px.checkpoint()
+            data = bytearray(main.read_bytes())
+            data[: fmt.HEADER_SIZE] = b""  # the headers differ by file id and salt only
+            wal = fmt.unpack_wal_header((tmp_path / twin / "p.hc-wal").read_bytes())
+            files.append((bytes(data), wal.base_len, wal.base_seq))
+            with repo.open_prefix("p", "r") as px:
+                assert (px.seq, _dump(px)) == (seq, expected)
+    assert files[0] == files[1]
+    assert _open_standalone(tmp_path / "copy.hc", tmp_path / "standalone") == (seq, expected)
+
+
+def test_a_copy_refuses_a_main_file_with_damaged_metadata(repo: Repository, tmp_path: Path) -> None:
+    """The copy's checkpoint reads no segment; the copy itself still refuses to record a
+    range whose metadata does not parse (and leaves no destination behind)."""
+    _fill(repo)
+    repo.copy_prefix(tmp_path / "first.hc", "p")  # checkpointed: the WAL is empty now
+    main = repo.prefix_path("p")
+    with open(main, "r+b") as file:  # the first batch header's magic
+        file.seek(fmt.HEADER_SIZE)
+        first = file.read(1)
+        file.seek(fmt.HEADER_SIZE)
+        file.write(bytes([first[0] ^ 0xFF]))
+    dest = tmp_path / "second.hc"
+    with pytest.raises(CorruptFileError, match="damaged at offset 64"):
+        repo.copy_prefix(dest, "p")
+    assert sorted(os.listdir(tmp_path)) == ["first.hc", "repo"]
+
+
 # -- a copy taken inside this process's own transaction -----------------------------------
 
 

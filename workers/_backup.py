@@ -306,12 +306,14 @@ def _bases(
 ) -> dict[str, tuple[Manifest, Entry]]:
     """For each prefix, the latest backup entry a delta may continue, if its chain allows."""
     bases = {}
+    manifests = catalog.manifests()  # loaded once: a run may ask about thousands of prefixes
+    by_id = {manifest.id: manifest for manifest in manifests}
     for name in names:
-        latest = catalog.latest_entry(name)
+        latest = catalog.latest_entry(name, manifests)
         if latest is None:
             continue
         try:
-            deltas = len(catalog.chain(latest[0], name)) - 1
+            deltas = len(catalog.chain(latest[0], name, by_id)) - 1
         except BackupError:
             continue  # a broken chain is not continued: a full copy starts a new one
         if deltas < max_deltas:

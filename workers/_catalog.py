@@ -27,6 +27,7 @@ import re
 import shutil
 import time
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -228,14 +229,26 @@ class Catalog:
                     found.append(manifest)
         return found
 
-    def latest_entry(self, prefix: str) -> tuple[Manifest, Entry] | None:
-        for manifest in reversed(self.manifests()):
+    def latest_entry(
+        self, prefix: str, manifests: Sequence[Manifest] | None = None
+    ) -> tuple[Manifest, Entry] | None:
+        """The newest complete backup holding ``prefix``, and its entry there.
+
+        ``manifests``: what :meth:`manifests` returned, for a caller asking about many
+        prefixes (each call would otherwise load every manifest again).
+        """
+        for manifest in reversed(self.manifests() if manifests is None else manifests):
             if prefix in manifest.entries:
                 return manifest, manifest.entries[prefix]
         return None
 
-    def chain(self, manifest: Manifest, prefix: str) -> list[tuple[Manifest, Entry]]:
-        """The full copy and every delta leading to ``prefix`` in ``manifest``, oldest first."""
+    def chain(
+        self, manifest: Manifest, prefix: str, loaded: Mapping[str, Manifest] | None = None
+    ) -> list[tuple[Manifest, Entry]]:
+        """The full copy and every delta leading to ``prefix`` in ``manifest``, oldest first.
+
+        ``loaded``: manifests already loaded, by id, used instead of loading them again.
+        """
         if prefix not in manifest.entries:
             raise BackupNotFound(
                 f"backup {manifest.id} does not hold prefix {prefix!r}", prefix=prefix
@@ -245,7 +258,7 @@ class Catalog:
             later = links[-1][1]
             if later.base is None:
                 raise CatalogError(f"delta of {prefix!r} in {links[-1][0].id} names no base")
-            base = self.load(later.base)
+            base = loaded[later.base] if loaded and later.base in loaded else self.load(later.base)
             entry = base.entries.get(prefix)
             if (
                 not base.complete

@@ -1,0 +1,135 @@
+"""A checkpoint for a copy: the cut of a prefix without building its key index.
+
+A copy needs the cut ``(L, S)`` and a descriptor on the main file, not the key index a
+:class:`Prefix` builds on open by scanning the whole main file (most of the time of a small
+prefix's copy, and of an incremental backup of large ones). Under the ``write`` lease and
+the mutation lock, in the plain shape of a prefix (a WAL that matches the main file and starts
+exactly at its end, which a real trailer closes) the cut follows from the WAL alone: its
+header gives the boundary, its whole batches are what the checkpoint appends. Anything else
+(a crashed checkpoint's unsynced segment or debris, a WAL of another file, a damaged one)
+returns None and the caller checkpoints through a :class:`Prefix`, which repairs it.
+
+The segment written is byte for byte the one :meth:`Prefix.checkpoint` writes (WAL batches
+back to back and their trailer), at the same fault points, so the writers that follow a
+checkpoint by arithmetic and the crash tests see no difference.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import _format as fmt
+from ._closing import close_later
+from ._durable import write_durably
+from ._errors import CorruptFileError, PrefixNotFound
+from ._leases import LeaseProvider
+from ._prefix import (
+    _BREAK,
+    Cut,
+    _fault,
+    _Flock,
+    append_segment,
+    main_path,
+    open_mutex,
+    wal_path,
+)
+
+
+def checkpoint_cut(
+    root: Path,
+    name: str,
+    leases: LeaseProvider,
+    runtime_dir: Path,
+    *,
+    lease_timeout: float | None,
+    lease_ttl: float | None,
+) -> tuple[Cut, int] | None:
+    """Checkpoint ``name`` under its write lease; the cut and a descriptor on its main file.
+
+    None when the prefix's files are not in the plain shape (nothing was changed then): the
+    caller checkpoints through a :class:`Prefix`, which repairs whatever is unusual.
+    """
+    mutex_fd = open_mutex(runtime_dir, name)
+    try:
+        with leases.lease(name, "write", timeout=lease_timeout, ttl=lease_ttl), _Flock(mutex_fd):
+            return _checkpoint_plain(root, name)
+    finally:
+        os.close(mutex_fd)
+
+
+def _checkpoint_plain(root: Path, name: str) -> tuple[Cut, int] | None:
+    try:
+        main_fd = os.open(main_path(root, name), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise PrefixNotFound(f"prefix {name!r} does not exist in {root}", prefix=name) from None
+    keep = False
+    try:
+        result = _checkpoint_fd(main_fd, wal_path(root, name))
+        keep = result is not None
+        return None if result is None else (result, main_fd)
+    finally:
+        if not keep:
+            os.close(main_fd)
+
+
+def _checkpoint_fd(main_fd: int, wal: Path) -> Cut | None:
+    if _BREAK == "copy-without-checkpoint":
+        return None  # the broken build (scripts/stress.py --break) lives in Prefix alone
+    header = fmt.unpack_main_header(os.pread(main_fd, fmt.HEADER_SIZE, 0))
+    try:
+        wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    # Closed only after the WAL is replaced, and by the closing thread: freeing the old WAL's
+    # blocks then happens neither inside the rename nor under the write lease (see _closing).
+    try:
+        try:
+            wal_header = fmt.unpack_wal_header(os.pread(wal_fd, fmt.HEADER_SIZE, 0))
+        except CorruptFileError:
+            return None
+        base_len, base_seq = wal_header.base_len, wal_header.base_seq
+        if (
+            wal_header.file_id != header.file_id
+            or wal_header.main_salt != header.salt
+            or os.fstat(main_fd).st_size != base_len
+            or not _is_boundary(main_fd, header, base_len, base_seq)
+        ):
+            return None
+        batches = _whole_batches(wal_fd)
+        if any(batch.seq != base_seq + n for n, batch in enumerate(batches, 1)):
+            return None  # not the WAL a checkpoint leaves: let a full view sort it out
+        if not batches:
+            return Cut(base_len, base_seq, header.file_id)
+        last_seq = batches[-1].seq
+        data = b"".join(batch.raw or b"" for batch in batches)
+        end = append_segment(main_fd, data + fmt.segment_trailer(base_len, batches), base_len)
+        fresh_wal = fmt.WalHeader(header.file_id, header.salt, end, last_seq)
+        write_durably(wal, fmt.pack_wal_header(fresh_wal))
+        _fault("checkpoint:after-wal-reset")
+        return Cut(end, last_seq, header.file_id)
+    finally:
+        close_later(wal_fd)
+
+
+def _is_boundary(fd: int, header: fmt.MainHeader, length: int, seq: int) -> bool:
+    """Whether the main file's first ``length`` bytes end a segment holding commit ``seq``."""
+    if length == fmt.HEADER_SIZE:
+        return seq == header.base_seq
+    if length < fmt.HEADER_SIZE + fmt.BATCH_SIZE + fmt.TRAILER_SIZE:
+        return False
+    trailer = fmt.read_trailer(fmt.FileReader(fd, length - fmt.TRAILER_SIZE, length))
+    return (
+        trailer is not None
+        and trailer.last_seq == seq
+        and fmt.HEADER_SIZE <= trailer.segment_start < length - fmt.TRAILER_SIZE
+    )
+
+
+def _whole_batches(wal_fd: int) -> list[fmt.Batch]:
+    """The WAL's whole batches, values checked; a torn tail (never acknowledged) ends them."""
+    reader = fmt.FileReader(wal_fd, fmt.HEADER_SIZE, os.fstat(wal_fd).st_size)
+    batches = []
+    while (batch := fmt.read_batch(reader, load_values=True)) is not None:
+        batches.append(batch)
+    return batches
