@@ -50,22 +50,80 @@ def checkpoint_cut(
     None when the prefix's files are not in the plain shape (nothing was changed then): the
     caller checkpoints through a :class:`Prefix`, which repairs whatever is unusual.
     """
+    # The WAL's batches are read before the lease is asked for, while writers go on: a WAL
+    # only grows until a checkpoint replaces it, so under the lease only what was appended
+    # since needs reading (a full WAL of small commits takes a hundred milliseconds to parse,
+    # every one of which a writer would wait).
+    ahead = _WalReader.open(wal_path(root, name))
     mutex_fd = open_mutex(runtime_dir, name)
     try:
         with leases.lease(name, "write", timeout=lease_timeout, ttl=lease_ttl), _Flock(mutex_fd):
-            return _checkpoint_plain(root, name)
+            return _checkpoint_plain(root, name, ahead)
     finally:
         os.close(mutex_fd)
+        if ahead is not None:
+            # By the closing thread: the WAL may be replaced now, and its last close frees
+            # its blocks (see _closing), which no caller should wait for.
+            close_later(ahead.fd)
 
 
-def _checkpoint_plain(root: Path, name: str) -> tuple[Cut, int] | None:
+class _WalReader:
+    """A WAL's whole batches, read (values checked) up to ``pos``, and more on demand."""
+
+    def __init__(self, fd: int, header: fmt.WalHeader) -> None:
+        self.fd = fd
+        self.header = header
+        self.batches: list[fmt.Batch] = []
+        self.pos = fmt.HEADER_SIZE
+        self.read_on()
+
+    @classmethod
+    def open(cls, wal: Path) -> _WalReader | None:
+        """The WAL at ``wal`` read as far as it is whole; None if absent or unusable."""
+        try:
+            fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            return cls(fd, fmt.unpack_wal_header(os.pread(fd, fmt.HEADER_SIZE, 0)))
+        except (CorruptFileError, OSError):
+            os.close(fd)
+            return None
+
+    def is_current(self, wal: Path) -> bool:
+        """Whether ``wal`` is still the file read (no checkpoint replaced it meanwhile)."""
+        try:
+            return os.stat(wal).st_ino == os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def read_on(self) -> None:
+        """Read the whole batches appended since; a torn tail (never acknowledged) ends them."""
+        reader = fmt.FileReader(self.fd, self.pos, os.fstat(self.fd).st_size)
+        while (batch := fmt.read_batch(reader, load_values=True)) is not None:
+            self.batches.append(batch)
+            self.pos = reader.pos
+
+
+def _checkpoint_plain(root: Path, name: str, ahead: _WalReader | None) -> tuple[Cut, int] | None:
     try:
         main_fd = os.open(main_path(root, name), os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         raise PrefixNotFound(f"prefix {name!r} does not exist in {root}", prefix=name) from None
     keep = False
     try:
-        result = _checkpoint_fd(main_fd, wal_path(root, name))
+        wal = wal_path(root, name)
+        if ahead is None or not ahead.is_current(wal):
+            ahead = _WalReader.open(wal)  # replaced meanwhile: read it all, under the lease
+            if ahead is None:
+                return None
+            try:
+                result = _checkpoint_fd(main_fd, wal, ahead)
+            finally:
+                close_later(ahead.fd)
+        else:
+            ahead.read_on()
+            result = _checkpoint_fd(main_fd, wal, ahead)
         keep = result is not None
         return None if result is None else (result, main_fd)
     finally:
@@ -73,43 +131,30 @@ def _checkpoint_plain(root: Path, name: str) -> tuple[Cut, int] | None:
             os.close(main_fd)
 
 
-def _checkpoint_fd(main_fd: int, wal: Path) -> Cut | None:
+def _checkpoint_fd(main_fd: int, wal: Path, ahead: _WalReader) -> Cut | None:
     if _BREAK == "copy-without-checkpoint":
         return None  # the broken build (scripts/stress.py --break) lives in Prefix alone
     header = fmt.unpack_main_header(os.pread(main_fd, fmt.HEADER_SIZE, 0))
-    try:
-        wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    wal_header, batches = ahead.header, ahead.batches
+    base_len, base_seq = wal_header.base_len, wal_header.base_seq
+    if (
+        wal_header.file_id != header.file_id
+        or wal_header.main_salt != header.salt
+        or os.fstat(main_fd).st_size != base_len
+        or not _is_boundary(main_fd, header, base_len, base_seq)
+    ):
         return None
-    # Closed only after the WAL is replaced, and by the closing thread: freeing the old WAL's
-    # blocks then happens neither inside the rename nor under the write lease (see _closing).
-    try:
-        try:
-            wal_header = fmt.unpack_wal_header(os.pread(wal_fd, fmt.HEADER_SIZE, 0))
-        except CorruptFileError:
-            return None
-        base_len, base_seq = wal_header.base_len, wal_header.base_seq
-        if (
-            wal_header.file_id != header.file_id
-            or wal_header.main_salt != header.salt
-            or os.fstat(main_fd).st_size != base_len
-            or not _is_boundary(main_fd, header, base_len, base_seq)
-        ):
-            return None
-        batches = _whole_batches(wal_fd)
-        if any(batch.seq != base_seq + n for n, batch in enumerate(batches, 1)):
-            return None  # not the WAL a checkpoint leaves: let a full view sort it out
-        if not batches:
-            return Cut(base_len, base_seq, header.file_id)
-        last_seq = batches[-1].seq
-        data = b"".join(batch.raw or b"" for batch in batches)
-        end = append_segment(main_fd, data + fmt.segment_trailer(base_len, batches), base_len)
-        fresh_wal = fmt.WalHeader(header.file_id, header.salt, end, last_seq)
-        write_durably(wal, fmt.pack_wal_header(fresh_wal))
-        _fault("checkpoint:after-wal-reset")
-        return Cut(end, last_seq, header.file_id)
-    finally:
-        close_later(wal_fd)
+    if any(batch.seq != base_seq + n for n, batch in enumerate(batches, 1)):
+        return None  # not the WAL a checkpoint leaves: let a full view sort it out
+    if not batches:
+        return Cut(base_len, base_seq, header.file_id)
+    last_seq = batches[-1].seq
+    data = b"".join(batch.raw or b"" for batch in batches)
+    end = append_segment(main_fd, data + fmt.segment_trailer(base_len, batches), base_len)
+    fresh_wal = fmt.WalHeader(header.file_id, header.salt, end, last_seq)
+    write_durably(wal, fmt.pack_wal_header(fresh_wal))
+    _fault("checkpoint:after-wal-reset")
+    return Cut(end, last_seq, header.file_id)
 
 
 def _is_boundary(fd: int, header: fmt.MainHeader, length: int, seq: int) -> bool:
@@ -124,12 +169,3 @@ def _is_boundary(fd: int, header: fmt.MainHeader, length: int, seq: int) -> bool
         and trailer.last_seq == seq
         and fmt.HEADER_SIZE <= trailer.segment_start < length - fmt.TRAILER_SIZE
     )
-
-
-def _whole_batches(wal_fd: int) -> list[fmt.Batch]:
-    """The WAL's whole batches, values checked; a torn tail (never acknowledged) ends them."""
-    reader = fmt.FileReader(wal_fd, fmt.HEADER_SIZE, os.fstat(wal_fd).st_size)
-    batches = []
-    while (batch := fmt.read_batch(reader, load_values=True)) is not None:
-        batches.append(batch)
-    return batches

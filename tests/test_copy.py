@@ -29,9 +29,11 @@ from hotcopy.storage import (
     Repository,
     SameFileError,
     StorageError,
+    _checkpoint,
     verify_file,
 )
 from hotcopy.storage import _format as fmt
+from hotcopy.storage._prefix import _Flock, open_mutex
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -467,6 +469,44 @@ def test_a_copy_that_cannot_fit_is_refused_before_anything_is_touched(
         px["a"] = 1
         px.commit()
     assert verify_file(repo.copy_prefix(small_filesystem / "small.hc", "small").path).ok
+
+
+@pytest.mark.parametrize(
+    "replaced", [False, True], ids=["appended meanwhile", "replaced meanwhile"]
+)
+def test_a_copy_checkpoint_reads_the_wal_ahead_and_then_what_came_after(
+    repo: Repository, tmp_path: Path, replaced: bool
+) -> None:
+    """The copy's checkpoint reads the WAL before it asks for the write lease (so writers do
+    not wait for that); what was committed, or checkpointed, before the lease is granted must
+    still be in the cut."""
+    with repo.open_prefix("p", "rw") as px:
+        for i in range(3):
+            px[f"k{i}"] = i
+            px.commit()
+        ahead = _checkpoint._WalReader.open(repo.prefix_path("p").with_name("p.hc-wal"))
+        assert ahead is not None and [b.seq for b in ahead.batches] == [1, 2, 3]
+        if replaced:
+            px.checkpoint()  # a new WAL: what was read ahead is of no use
+        for i in range(3, 5):
+            px[f"k{i}"] = i
+            px.commit()
+        expected = _dump(px)
+    mutex = open_mutex(repo.runtime_dir, "p")
+    try:
+        with repo.leases.lease("p", "write", timeout=5), _Flock(mutex):
+            result = _checkpoint._checkpoint_plain(repo.root, "p", ahead)
+    finally:
+        os.close(mutex)
+        os.close(ahead.fd)
+    assert result is not None
+    cut, main_fd = result
+    os.close(main_fd)
+    assert cut.seq == 5 and cut.length == repo.prefix_path("p").stat().st_size
+    copy = repo.copy_prefix(tmp_path / "copy.hc", "p")
+    assert (copy.seq, copy.length) == (cut.seq, cut.length)
+    assert _open_standalone(tmp_path / "copy.hc", tmp_path / "standalone") == (5, expected)
+    assert verify_file(repo.prefix_path("p")).ok
 
 
 # -- restore ----------------------------------------------------------------------------------
