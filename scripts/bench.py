@@ -87,6 +87,7 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             (
                 "writer's longest stall during the copy",
                 f"{w['during_copy']['max_ms']:.0f} ms",
+                f"the copy's cut {w['during_copy']['cut_ms']:.0f} ms; "
                 f"{w['during_cp_sync']['max_ms']:.0f} ms during cp+sync",
                 "one checkpoint",
             )

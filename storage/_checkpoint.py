@@ -17,6 +17,7 @@ checkpoint by arithmetic and the crash tests see no difference.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from . import _format as fmt
@@ -44,8 +45,9 @@ def checkpoint_cut(
     *,
     lease_timeout: float | None,
     lease_ttl: float | None,
-) -> tuple[Cut, int] | None:
-    """Checkpoint ``name`` under its write lease; the cut and a descriptor on its main file.
+) -> tuple[Cut, int, float] | None:
+    """Checkpoint ``name`` under its write lease; the cut, a descriptor on its main file, and
+    the seconds spent waiting for and holding the lease (what writers may wait for).
 
     None when the prefix's files are not in the plain shape (nothing was changed then): the
     caller checkpoints through a :class:`Prefix`, which repairs whatever is unusual.
@@ -57,8 +59,10 @@ def checkpoint_cut(
     ahead = _WalReader.open(wal_path(root, name))
     mutex_fd = open_mutex(runtime_dir, name)
     try:
+        asked = time.monotonic()
         with leases.lease(name, "write", timeout=lease_timeout, ttl=lease_ttl), _Flock(mutex_fd):
-            return _checkpoint_plain(root, name, ahead)
+            result = _checkpoint_plain(root, name, ahead)
+        return None if result is None else (*result, time.monotonic() - asked)
     finally:
         os.close(mutex_fd)
         if ahead is not None:

@@ -78,6 +78,9 @@ class CopyResult:
     crc32: int  # of the bytes of ``path``
     boundary_crc: int  # CRC32 of the source bytes [length - 32, length)
     seconds: float
+    # Of ``seconds``, the time the cut waited for the write lease and then held it for the
+    # checkpoint: writers wait at most this long for the copy (0.0 when the caller cut).
+    cut_seconds: float = 0.0
 
     def base_ref(self) -> BaseRef:
         return BaseRef(self.file_id, self.salt, self.length, self.boundary_crc)
@@ -124,9 +127,10 @@ def copy_prefix(
             # changes the source's files (the exact check follows once the cut is known).
             least = source.stat().st_size - (base.end if base is not None else 0)
             _check_free_space(dest.parent, max(least, 0))
-            cut, src_fd, checked = _checkpoint_and_open(repo, prefix)
+            cut, src_fd, checked, cut_seconds = _checkpoint_and_open(repo, prefix)
         else:
             src_fd, checked = _open_at_cut(source, cut), True
+            cut_seconds = 0.0
         try:
             header = fmt.unpack_main_header(os.pread(src_fd, fmt.HEADER_SIZE, 0))
             boundary_crc = _crc_before(src_fd, cut.length)
@@ -172,6 +176,7 @@ def copy_prefix(
         crc32=crc,
         boundary_crc=boundary_crc,
         seconds=time.monotonic() - began,
+        cut_seconds=cut_seconds,
     )
 
 
@@ -243,14 +248,16 @@ def _check_free_space(directory: Path, needed: int) -> None:
         )
 
 
-def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, bool]:
-    """Checkpoint under the write lease and open the main file the cut belongs to; and
-    whether the segments before the cut were parsed on the way (a :class:`Prefix` view
-    parses them all to build its key index; the plain checkpoint reads none)."""
+def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, bool, float]:
+    """Checkpoint under the write lease and open the main file the cut belongs to; whether
+    the segments before the cut were parsed on the way (a :class:`Prefix` view parses them
+    all to build its key index; the plain checkpoint reads none); and the seconds the cut
+    waited for and held the write lease."""
+    began = time.monotonic()
     open_prefix = repo.open_prefixes().get(name)
     if open_prefix is not None and open_prefix.mode == "rw":
         # Our own open prefix may hold the write lease (a transaction in progress): use it.
-        return *open_prefix.checkpoint_and_open(), True
+        return *open_prefix.checkpoint_and_open(), True, time.monotonic() - began
     plain = checkpoint_cut(
         repo.root,
         name,
@@ -260,7 +267,9 @@ def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, bool]:
         lease_ttl=DEFAULT_LEASE_TTL,
     )
     if plain is not None:
-        return *plain, False
+        cut, fd, lease_seconds = plain
+        return cut, fd, False, lease_seconds
+    began = time.monotonic()  # an upper bound: opening the Prefix is not under the lease
     with Prefix(
         repo.root,
         name,
@@ -269,7 +278,7 @@ def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, bool]:
         repo.runtime_dir,
         lease_timeout=repo.lease_timeout,
     ) as prefix:
-        return *prefix.checkpoint_and_open(), True
+        return *prefix.checkpoint_and_open(), True, time.monotonic() - began
 
 
 def _check_segments(fd: int, prefix: str, start: int, cut: Cut) -> None:
