@@ -141,6 +141,9 @@ def _leave_marker(marker: Path) -> None:
         marker.unlink()
 
 
+_PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -148,11 +151,16 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie is dead for our purpose
+    # A zombie is dead for our purpose, and so is a process that is exiting (SIGKILLed): it
+    # closes its files, and with them its coordinator connection (which frees its leases),
+    # before it becomes a zombie, and runs no more code of its own meanwhile.
+    try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+            fields = stat.read().rsplit(")", 1)[1].split()
     except FileNotFoundError:
         return False
+    state, flags = fields[0], int(fields[6])
+    return state not in ("Z", "X") and not flags & _PF_EXITING
 
 
 def role_reader(work: Path, index: int, prefixes: int, writers: int) -> None:
