@@ -387,7 +387,8 @@ def check_prefix_state(state: dict[str, Any], writers: list[int], where: str) ->
         if records[w] != set(range(1, last + 1)):
             missing = sorted(set(range(1, last + 1)) - records[w])[:5]
             extra = sorted(records[w] - set(range(1, last + 1)))[:5]
-            problems.append(f"{where}: w{w} last={last} missing={missing} beyond={extra}")
+            found = (f"missing={missing}" if missing else "", f"beyond={extra}" if extra else "")
+            problems.append(f"{where}: w{w} last={last} " + " ".join(filter(None, found)))
     return problems
 
 
