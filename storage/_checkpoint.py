@@ -117,17 +117,18 @@ def _checkpoint_plain(root: Path, name: str, ahead: _WalReader | None) -> tuple[
     keep = False
     try:
         wal = wal_path(root, name)
+        fresh = None  # ours to close: the caller closes what it read ahead
         if ahead is None or not ahead.is_current(wal):
-            ahead = _WalReader.open(wal)  # replaced meanwhile: read it all, under the lease
+            ahead = fresh = _WalReader.open(wal)  # replaced meanwhile: read it all, now
             if ahead is None:
                 return None
-            try:
-                result = _checkpoint_fd(main_fd, wal, ahead)
-            finally:
-                close_later(ahead.fd)
         else:
             ahead.read_on()
+        try:
             result = _checkpoint_fd(main_fd, wal, ahead)
+        finally:
+            if fresh is not None:
+                close_later(fresh.fd)
         keep = result is not None
         return None if result is None else (result, main_fd)
     finally:
