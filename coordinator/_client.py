@@ -46,6 +46,7 @@ from ._errors import (
     WouldBlock,
 )
 from ._paths import RuntimePaths, peer_uid, unix_address
+from ._process import own_pid
 from ._segment import SegmentReader, SegmentTorn
 from ._spin import AdaptiveSpin, spin_budget_from_env
 
@@ -66,14 +67,10 @@ _REPLY_GRACE: Final = 30.0  # a nowait reply later than this means the coordinat
 _PARK_POLL: Final = 0.002
 _PARK_IDLE: Final = 0.05
 
-# This process's pid, kept current across fork(): cheaper than a getpid() syscall on
-# every operation, and a forked child must never act as its parent.
-_PID = [os.getpid()]
 _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    _PID[0] = os.getpid()
     # Drop inherited client sockets at once: an open copy in a child would keep the
     # parent's connection (and leases) alive past the parent's death until the
     # coordinator's liveness sweep notices.
@@ -269,7 +266,7 @@ class Client:
 
     def _reset_process_state(self) -> None:
         # Everything a forked child must not share with its parent.
-        self._pid = _PID[0]
+        self._pid = own_pid()
         self._mutex = threading.Lock()
         self._cond = threading.Condition(self._mutex)
         self._receiving = False
@@ -320,7 +317,7 @@ class Client:
             or code is None
             or timeout is not None
             or (ttl is not None and not 0.001 <= ttl < 1e6)
-            or self._pid != _PID[0]
+            or self._pid != own_pid()
         ):
             return self._acquire(prefix, mode, timeout, ttl, nowait=False)
         ttl_ms = round(ttl * 1000) if ttl is not None else 0
@@ -520,7 +517,7 @@ class Client:
 
     def statistics(self) -> ClientStatistics:
         """Return a frozen snapshot of this client's counters."""
-        if _PID[0] != self._pid:
+        if own_pid() != self._pid:
             self._forget_parent()
         with self._mutex:
             return ClientStatistics(
@@ -540,7 +537,7 @@ class Client:
         self._close(join=True)
 
     def _close(self, *, join: bool) -> None:
-        if _PID[0] != self._pid:
+        if own_pid() != self._pid:
             self._forget_parent()
             self._closed = True
             return
@@ -585,7 +582,7 @@ class Client:
     def __del__(self) -> None:
         # A fallback only: close() is the contract. Never act for another process.
         with contextlib.suppress(Exception):
-            if getattr(self, "_pid", None) == _PID[0] and not self._closed:
+            if getattr(self, "_pid", None) == own_pid() and not self._closed:
                 self._close(join=False)  # never block in a finalizer
 
     def __repr__(self) -> str:
@@ -857,7 +854,7 @@ class Client:
     # -- releasing and renewing --------------------------------------------------------
 
     def _release(self, lease: Lease) -> None:
-        if _PID[0] != self._pid:
+        if own_pid() != self._pid:
             # The parent's lease, seen from a forked child: not ours to release, and the
             # inherited mutex may have been held by a parent thread at fork time.
             lease._released = True
@@ -940,7 +937,7 @@ class Client:
             wake.wait(interval)
             wake.clear()
             client = ref()
-            if client is None or client._closed or _PID[0] != client._pid:
+            if client is None or client._closed or own_pid() != client._pid:
                 return
             try:
                 client._keep_once()
@@ -955,7 +952,7 @@ class Client:
         interval = _KEEPALIVE
         try:
             with self._mutex:
-                if self._closed or _PID[0] != self._pid:
+                if self._closed or own_pid() != self._pid:
                     return
                 now = time.monotonic()
                 for lease in list(self._held.values()):
@@ -1005,7 +1002,7 @@ class Client:
     # -- connection management ---------------------------------------------------------
 
     def _check_usable(self) -> None:
-        if _PID[0] != self._pid:
+        if own_pid() != self._pid:
             self._forget_parent()
         if self._closed:
             raise ClientClosed("the client is closed: open a new one with connect()")
@@ -1013,7 +1010,7 @@ class Client:
     def _check_usable_locked(self) -> None:
         if self._closed:
             raise ClientClosed("the client is closed: open a new one with connect()")
-        if _PID[0] != self._pid:
+        if own_pid() != self._pid:
             raise RuntimeError("internal: fork not handled before locking")
         if self._conn is None:
             self._connect_locked()
@@ -1032,7 +1029,7 @@ class Client:
 
     def _send_locked(self, data: bytes, *, resend: bool) -> None:
         """Send one frame (holding the mutex), reconnecting once if the coordinator died."""
-        if _PID[0] != self._pid:
+        if own_pid() != self._pid:
             raise RuntimeError("internal: fork not handled before sending")
         conn = self._conn
         if conn is None:

@@ -14,9 +14,25 @@ import functools
 import os
 from dataclasses import dataclass
 
-__all__ = ["ProcessIdentity", "boot_id", "is_alive"]
+__all__ = ["ProcessIdentity", "boot_id", "is_alive", "own_pid"]
 
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+# This process's pid, kept current across fork(): objects check it on every operation (a
+# forked child must never act as its parent), and a getpid() syscall each time costs more.
+_OWN_PID = [os.getpid()]
+
+
+def own_pid() -> int:
+    """Return the calling process's pid, without a system call."""
+    return _OWN_PID[0]
+
+
+def _after_fork_in_child() -> None:
+    _OWN_PID[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @functools.cache
@@ -64,7 +80,7 @@ class ProcessIdentity:
     @classmethod
     def current(cls) -> ProcessIdentity:
         """Return the identity of the calling process."""
-        identity = cls.of(os.getpid())
+        identity = cls.of(own_pid())
         if identity is None:  # pragma: no cover - /proc/self always exists on Linux
             raise RuntimeError("cannot read /proc/self/stat: is /proc mounted?")
         return identity

@@ -50,6 +50,7 @@ MAX_PREFIX: Final = 200
 HEADER_SIZE: Final = 4096
 _MAGIC = struct.Struct("<8sI")  # at 0
 _SEQ = struct.Struct("<I")
+_SEQ_UNPACK = _SEQ.unpack_from
 _SEQ_PACK = _SEQ.pack_into
 _HEADER_SEQ_AT: Final = 12
 # lease slots, prefix slots, lease high-water mark, pid, start ticks, next token, boot id,
@@ -157,21 +158,25 @@ class _SegmentBase:
 
     def _read(self, at: int, record: struct.Struct, tail: int = 0) -> tuple[tuple[Any, ...], bytes]:
         """Read one seqlocked record at ``at``: its fields and ``tail`` bytes after them."""
+        # Written for speed (a writer checks its lease several times per commit): one pass
+        # when no writer is mid-record, as nearly always.
         mm = self._mm
         unpack = record.unpack_from
-        body_at = at + 4
-        tail_at = body_at + record.size
-        for attempt in range(_READ_RETRIES):
-            (before,) = _SEQ.unpack_from(mm, at)
+        attempt = 0
+        while True:
+            before = _SEQ_UNPACK(mm, at)[0]
             if not before & 1:
-                fields = unpack(mm, body_at)
-                extra = mm[tail_at : tail_at + tail] if tail else b""
-                (after,) = _SEQ.unpack_from(mm, at)
-                if after == before:
+                fields = unpack(mm, at + 4)
+                extra = mm[at + 4 + record.size : at + 4 + record.size + tail] if tail else b""
+                if _SEQ_UNPACK(mm, at)[0] == before:
                     return fields, extra
+            attempt += 1
+            if attempt >= _READ_RETRIES:
+                raise SegmentTorn(
+                    f"shared memory record at offset {at} stays half-written", offset=at
+                )
             if attempt > 64:
                 os.sched_yield()  # the writer is mid-record: let it finish
-        raise SegmentTorn(f"shared memory record at offset {at} stays half-written", offset=at)
 
     def header(self) -> HeaderRecord:
         """Read the header."""

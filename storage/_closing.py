@@ -17,6 +17,8 @@ import os
 import queue
 import threading
 
+from hotcopy.coordinator._process import own_pid
+
 _queue: queue.SimpleQueue[int] = queue.SimpleQueue()
 _started_in = -1  # pid of the process whose closing thread serves _queue
 _start_lock = threading.Lock()
@@ -25,13 +27,13 @@ _start_lock = threading.Lock()
 def close_later(fd: int) -> None:
     """Close ``fd`` soon, on the closing thread; the caller must not use it again."""
     global _started_in
-    if _started_in != os.getpid():
+    if _started_in != own_pid():
         with _start_lock:
-            if _started_in != os.getpid():
+            if _started_in != own_pid():
                 threading.Thread(
                     target=_close_queued, args=(_queue,), name="hotcopy-closer", daemon=True
                 ).start()
-                _started_in = os.getpid()
+                _started_in = own_pid()
     _queue.put(fd)
 
 

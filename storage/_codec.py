@@ -13,6 +13,9 @@ VTYPE_BYTES = 0
 VTYPE_JSON = 1
 
 _SCALARS = (str, int, float, bool, type(None))
+# Made once: json.dumps with options builds a new encoder on every call.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_ENCODE_ASCII = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def encode_value(value: Any) -> tuple[int, bytes]:
@@ -21,11 +24,10 @@ def encode_value(value: Any) -> tuple[int, bytes]:
         return VTYPE_BYTES, value
     _check_json(value, "value")
     try:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        return VTYPE_JSON, text.encode("utf-8")
+        return VTYPE_JSON, _ENCODE(value).encode("utf-8")
     except UnicodeEncodeError:
         # Lone surrogates are valid in Python strings but not in UTF-8; escaping keeps them.
-        return VTYPE_JSON, json.dumps(value, separators=(",", ":")).encode("ascii")
+        return VTYPE_JSON, _ENCODE_ASCII(value).encode("ascii")
 
 
 def decode_value(vtype: int, payload: bytes) -> Any:

@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-from hotcopy.coordinator._process import ProcessIdentity
+from hotcopy.coordinator._process import ProcessIdentity, own_pid
 
 _TEMP_RE = re.compile(r"\.tmp-(\d+)-(\d+)-[0-9a-f]{8}$")
 
@@ -29,7 +29,7 @@ _OWN: ProcessIdentity | None = None
 
 def _own_identity() -> tuple[int, int]:
     global _OWN
-    if _OWN is None or _OWN.pid != os.getpid():  # recomputed after fork
+    if _OWN is None or _OWN.pid != own_pid():  # recomputed after fork
         _OWN = ProcessIdentity.current()
     return _OWN.pid, _OWN.start_ticks
 
@@ -128,16 +128,14 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     """``os.pwrite`` until every byte is written at ``offset``; a zero-byte write is EIO."""
-    view = memoryview(data)
-    while view:
-        try:
-            written = os.pwrite(fd, view, offset)
-        except InterruptedError:
-            continue
-        if written == 0:
-            raise OSError(errno.EIO, "pwrite wrote nothing")
-        view = view[written:]
-        offset += written
+    done = os.pwrite(fd, data, offset)  # nearly always all of it (EINTR is retried: PEP 475)
+    if done < len(data):
+        view = memoryview(data)
+        while done < len(view):
+            written = os.pwrite(fd, view[done:], offset + done)
+            if written == 0:
+                raise OSError(errno.EIO, "pwrite wrote nothing")
+            done += written
 
 
 def sweep_stale_temps(directory: Path) -> list[Path]:

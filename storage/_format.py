@@ -51,8 +51,8 @@ MAX_KEY_BYTES = 0xFFFF
 MAX_VALUE_BYTES = 0xFFFFFFFF
 
 
-def crc32(data: bytes | bytearray | memoryview, start: int = 0) -> int:
-    return zlib.crc32(data, start) & 0xFFFFFFFF
+# CRC-32 of ``data``, continuing from ``start``; unsigned (as zlib.crc32 always is in Python 3).
+crc32 = zlib.crc32
 
 
 @dataclass(frozen=True)

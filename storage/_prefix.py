@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from hotcopy.coordinator._errors import HotcopyError, LeaseFenced
+from hotcopy.coordinator._process import own_pid
 from sortedcontainers import SortedDict
 
 from . import _format as fmt
@@ -83,7 +84,7 @@ _BREAK = os.environ.get("HOTCOPY_TEST_BREAK", "")
 
 
 def _fault(point: str) -> None:
-    if _fault_due(point):
+    if _FAULTS and _fault_due(point):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -183,7 +184,7 @@ class Prefix(MutableMapping[str, Any]):
         self._checkpoint_bytes = checkpoint_bytes
         self._lease_timeout = lease_timeout
         self._lease_ttl = lease_ttl
-        self._pid = os.getpid()
+        self._pid = own_pid()
         self._closed = False
         self._lease: HeldLease | None = None
         # The write lease kept between transactions (see HeldLease.park): a writer that
@@ -530,7 +531,7 @@ class Prefix(MutableMapping[str, Any]):
         """Roll back anything pending and release every resource; idempotent."""
         if self._closed:
             return
-        if os.getpid() == self._pid:
+        if own_pid() == self._pid:
             try:
                 self._end_transaction()
                 self._release_parked()
@@ -540,7 +541,7 @@ class Prefix(MutableMapping[str, Any]):
 
     def __del__(self) -> None:
         # A fallback only: an abandoned transaction must not keep every other writer waiting.
-        if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == os.getpid():
+        if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == own_pid():
             with contextlib.suppress(Exception):
                 self.close()
 
@@ -559,7 +560,7 @@ class Prefix(MutableMapping[str, Any]):
     def _check_usable(self) -> None:
         if self._closed:
             raise ClosedError(f"prefix {self.name!r} is closed", prefix=self.name)
-        if os.getpid() != self._pid:
+        if own_pid() != self._pid:
             raise StorageError(
                 f"prefix {self.name!r} was opened in process {self._pid}; "
                 "open the repository again in this process",
@@ -1105,7 +1106,9 @@ def _check_key(key: object) -> None:
     if not isinstance(key, str):
         raise TypeError(f"keys must be str, not {type(key).__name__}")
     # Checked here, not only when the batch is encoded: at commit it would sink the whole
-    # transaction.
+    # transaction. A character is at most 4 bytes in UTF-8: short keys need no encoding.
+    if len(key) <= fmt.MAX_KEY_BYTES // 4:
+        return
     size = len(key.encode("utf-8", "surrogatepass"))
     if size > fmt.MAX_KEY_BYTES:
         raise ValueError(f"key is {size} bytes in UTF-8; the limit is {fmt.MAX_KEY_BYTES}")
