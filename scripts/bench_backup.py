@@ -1,10 +1,12 @@
 """Benchmark bulk and incremental backups and restores against cp -r + sync, in the same run.
 
-- bulk backup of N prefixes x 1 MiB with --jobs 1, 2, 4 / ``cp -r ROOT DEST && sync -f DEST``;
+- bulk backup of N prefixes x 1 MiB with --jobs 1, 2, 4 / ``cp -r ROOT DEST && sync -f DEST``
+  (alternated, medians of --rounds);
 - incremental backup after changing 1 % of a repository / a full backup of it (time and bytes);
 - restore of the full backup / ``cp -r`` + sync of the backup directory.
 
-    python scripts/bench_backup.py [--prefixes 1000] [--big-mib 1024] [--quick] [--json FILE]
+    python scripts/bench_backup.py [--prefixes 1000] [--big-mib 1024] [--rounds 2] [--quick]
+                                   [--json FILE]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,19 +57,27 @@ def timed_backup(root: Path, dest: Path, **options: Any) -> tuple[float, dict[st
     return time.monotonic() - began, result.to_json()
 
 
-def bench_bulk(work: Path, prefixes: int, jobs_list: list[int]) -> dict[str, Any]:
+def bench_bulk(work: Path, prefixes: int, jobs_list: list[int], rounds: int) -> dict[str, Any]:
+    """Alternate ``cp -r`` + sync and a backup per ``--jobs`` value, ``rounds`` times; medians.
+
+    Nothing is deleted until every run is timed: on a file system mounted with ``discard``,
+    freeing a GiB of extents slows the disk for seconds, and that would fall on whichever run
+    came next.
+    """
     root = work / "bulk"
     size = make_repo(root, prefixes, 1)
-    out: dict[str, Any] = {"prefixes": prefixes, "bytes": size}
-    out["cp_r_sync_s"] = cp_sync(root, work / "bulk-cp")
-    shutil.rmtree(work / "bulk-cp")
+    out: dict[str, Any] = {"prefixes": prefixes, "bytes": size, "rounds": rounds}
+    cp_times: list[float] = []
+    times: dict[int, list[float]] = {jobs: [] for jobs in jobs_list}
+    for n in range(rounds):
+        cp_times.append(cp_sync(root, work / f"bulk-cp-{n}"))
+        for jobs in jobs_list:
+            times[jobs].append(timed_backup(root, work / f"bulk-bk-{jobs}-{n}", jobs=jobs)[0])
+    out["cp_r_sync_s"] = statistics.median(cp_times)
     for jobs in jobs_list:
-        seconds, _ = timed_backup(root, work / f"bulk-bk-{jobs}", jobs=jobs)
-        out[f"jobs_{jobs}_s"] = seconds
-        out[f"jobs_{jobs}_ratio"] = out["cp_r_sync_s"] / seconds
-        if jobs != jobs_list[-1]:
-            shutil.rmtree(work / f"bulk-bk-{jobs}")
-    catalog = work / f"bulk-bk-{jobs_list[-1]}"
+        out[f"jobs_{jobs}_s"] = statistics.median(times[jobs])
+        out[f"jobs_{jobs}_ratio"] = out["cp_r_sync_s"] / out[f"jobs_{jobs}_s"]
+    catalog = work / f"bulk-bk-{jobs_list[-1]}-0"
     target = work / "bulk-restored"
     began = time.monotonic()
     restore(catalog, target)
@@ -107,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefixes", type=int, default=1000)
     parser.add_argument("--big-mib", type=int, default=1024)
     parser.add_argument("--jobs", default="1,2,4")
-    parser.add_argument("--quick", action="store_true", help="200 prefixes, 128 MiB")
+    parser.add_argument("--rounds", type=int, default=2, help="of each bulk run (medians)")
+    parser.add_argument("--quick", action="store_true", help="200 prefixes, 128 MiB, 1 round")
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -116,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [int(j) for j in args.jobs.split(",")]
     work = Path(tempfile.mkdtemp(prefix="hotcopy-bench-backup-", dir=args.dir))
     try:
-        results = {"bulk": bench_bulk(work, prefixes, jobs)}
+        rounds = 1 if args.quick else args.rounds
+        results = {"bulk": bench_bulk(work, prefixes, jobs, rounds)}
         shutil.rmtree(work)
         work.mkdir()
         results["incremental"] = bench_incremental(work, big)
@@ -130,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(results: dict[str, Any], jobs: list[int]) -> None:
     bulk, inc = results["bulk"], results["incremental"]
-    print(f"bulk backup: {bulk['prefixes']} prefixes x 1 MiB ({bulk['bytes'] / MIB:.0f} MiB)")
+    print(
+        f"bulk backup: {bulk['prefixes']} prefixes x 1 MiB ({bulk['bytes'] / MIB:.0f} MiB), "
+        f"medians of {bulk['rounds']} round(s)"
+    )
     print(f"  cp -r + sync                 {bulk['cp_r_sync_s']:7.2f} s")
     for j in jobs:
         ratio = bulk[f"jobs_{j}_ratio"]
