@@ -79,6 +79,11 @@ class _WalReader:
         self.header = header
         self.batches: list[fmt.Batch] = []
         self.pos = fmt.HEADER_SIZE
+        # Kept as batches are read, so that under the write lease nothing passes over them
+        # all again: whether they are commits base_seq + 1, + 2, ... in order (the WAL a
+        # checkpoint leaves), and the metadata CRC of the trailer that closes them.
+        self.in_order = True
+        self.meta_chain = 0
         self.read_on()
 
     @classmethod
@@ -104,8 +109,12 @@ class _WalReader:
     def read_on(self) -> None:
         """Read the whole batches appended since; a torn tail (never acknowledged) ends them."""
         reader = fmt.FileReader(self.fd, self.pos, os.fstat(self.fd).st_size)
+        batches = self.batches
         while (batch := fmt.read_batch(reader, load_values=True)) is not None:
-            self.batches.append(batch)
+            if batch.seq != self.header.base_seq + len(batches) + 1:
+                self.in_order = False
+            self.meta_chain = fmt.chain_meta_crc(batch.meta_crc, self.meta_chain)
+            batches.append(batch)
             self.pos = reader.pos
 
 
@@ -149,13 +158,14 @@ def _checkpoint_fd(main_fd: int, wal: Path, ahead: _WalReader) -> Cut | None:
         or not _is_boundary(main_fd, header, base_len, base_seq)
     ):
         return None
-    if any(batch.seq != base_seq + n for n, batch in enumerate(batches, 1)):
+    if not ahead.in_order:
         return None  # not the WAL a checkpoint leaves: let a full view sort it out
     if not batches:
         return Cut(base_len, base_seq, header.file_id)
     last_seq = batches[-1].seq
-    data = b"".join(batch.raw or b"" for batch in batches)
-    end = append_segment(main_fd, data + fmt.segment_trailer(base_len, batches), base_len)
+    data = b"".join([batch.raw or b"" for batch in batches])
+    trailer = fmt.encode_trailer(last_seq, base_len, len(batches), ahead.meta_chain)
+    end = append_segment(main_fd, data + trailer, base_len)
     fresh_wal = fmt.WalHeader(header.file_id, header.salt, end, last_seq)
     write_durably(wal, fmt.pack_wal_header(fresh_wal))
     _fault("checkpoint:after-wal-reset")

@@ -436,6 +436,15 @@ def segment_trailer(segment_start: int, batches: list[Batch]) -> bytes:
     return trailer_for(segment_start, [batch.meta_crc for batch in batches], batches[-1].seq)
 
 
+def chain_meta_crc(meta_crc: int, chain: int = 0) -> int:
+    """The trailer's metadata CRC of a run of batches, extended by one more batch's.
+
+    Kept as batches are indexed, it gives the trailer of the run at once
+    (``encode_trailer(last_seq, start, count, chain)``) instead of a pass over every batch.
+    """
+    return crc32(_CRC.pack(meta_crc), chain)
+
+
 def trailer_for(segment_start: int, meta_crcs: list[int], last_seq: int) -> bytes:
     """The trailer of a segment whose batches have these metadata CRCs."""
     # The CRC of the metadata CRCs back to back, packed in one call: a segment may hold

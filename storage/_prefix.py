@@ -103,6 +103,10 @@ class _WalBatch(NamedTuple):
     # process wrote or checked them: a checkpoint proves its re-read of the whole WAL by one
     # comparison instead of checking every batch again.
     wal_crc: int
+    # fmt.chain_meta_crc of the WAL's batches up to this one: the trailer of a segment made
+    # of them all, without a pass over them (a WAL holds tens of thousands of small commits,
+    # and a writer waits for this after a checkpoint).
+    meta_chain: int
 
 
 _SEQ_OF = operator.itemgetter(0)
@@ -222,6 +226,7 @@ class Prefix(MutableMapping[str, Any]):
         # copies WAL bytes without parsing them again; False when it cannot be trusted.
         self._wal_index: list[_WalBatch] = []
         self._wal_index_ok = True
+        self._wal_index_runs = True  # each indexed batch follows the one before, seq and bytes
         self._mutex_fd = -1
         if mode == "rw":
             # Whatever the lease provider, the mutation lock lives here (kernel-released).
@@ -745,17 +750,14 @@ class Prefix(MutableMapping[str, Any]):
         costs a writer following a copier's checkpoint of a full WAL about half a second).
         Values stay checked against their CRCs whenever they are read.
         """
-        if not (self._wal_valid and self._wal_index_ok):
+        if not self._wal_valid or self._wal_header.base_len != self._scanned_end:
             return
-        if self._wal_header.base_len != self._scanned_end:
-            return
-        main_seq = self._boundaries[self._scanned_end]
-        wanted = [batch for batch in self._wal_index if batch.seq > main_seq]
-        if not _contiguous(wanted, main_seq + 1, self._seq):
+        wanted = self._indexed_after(self._boundaries[self._scanned_end])
+        if wanted is None:
             return
         first, last = wanted[0], wanted[-1]
         start = self._scanned_end
-        trailer = fmt.trailer_for(start, [batch.meta_crc for batch in wanted], last.seq)
+        trailer = self._trailer_of(wanted, start)
         at = start + last.offset + last.size - first.offset
         if at + len(trailer) > size or os.pread(self._main_fd, len(trailer), at) != trailer:
             return  # not (only) our batches: parse it
@@ -848,8 +850,41 @@ class Prefix(MutableMapping[str, Any]):
     def _index_wal_batch(self, seq: int, offset: int, meta_crc: int, frame: bytes) -> None:
         """Remember a whole, checked batch ``frame`` of the WAL at ``offset``."""
         index = self._wal_index
-        wal_crc = zlib.crc32(frame, index[-1].wal_crc if index else 0)
-        index.append(_WalBatch(seq, offset, len(frame), meta_crc, wal_crc))
+        if index:
+            last = index[-1]
+            wal_crc, chain = last.wal_crc, last.meta_chain
+            if seq != last.seq + 1 or offset != last.offset + last.size:
+                self._wal_index_runs = False
+        else:
+            wal_crc = chain = 0
+        index.append(
+            _WalBatch(
+                seq,
+                offset,
+                len(frame),
+                meta_crc,
+                zlib.crc32(frame, wal_crc),
+                fmt.chain_meta_crc(meta_crc, chain),
+            )
+        )
+
+    def _indexed_after(self, main_seq: int) -> list[_WalBatch] | None:
+        """The indexed WAL batches of commits ``main_seq`` + 1 .. ``_seq``, back to back;
+        None when the index does not hold exactly those."""
+        index = self._wal_index
+        if not (self._wal_index_ok and index):
+            return None
+        if self._wal_index_runs and index[0].seq == main_seq + 1 and index[-1].seq == self._seq:
+            return index  # the usual case, checked batch by batch as the index grew
+        wanted = [batch for batch in index if batch.seq > main_seq]
+        return wanted if _contiguous(wanted, main_seq + 1, self._seq) else None
+
+    def _trailer_of(self, batches: list[_WalBatch], start: int) -> bytes:
+        """The trailer that closes ``batches`` (from :meth:`_indexed_after`) as a segment."""
+        last = batches[-1]
+        if batches[0] is self._wal_index[0]:
+            return fmt.encode_trailer(last.seq, start, len(batches), last.meta_chain)
+        return fmt.trailer_for(start, [batch.meta_crc for batch in batches], last.seq)
 
     def _open_wal(self) -> None:
         self._drop_wal()
@@ -901,6 +936,7 @@ class Prefix(MutableMapping[str, Any]):
         self._wal_valid = False
         self._wal_index = []
         self._wal_index_ok = True
+        self._wal_index_runs = True
 
     # -- internals: changing the files (write lease and mutation lock held) ---------------
 
@@ -1003,8 +1039,8 @@ class Prefix(MutableMapping[str, Any]):
         main_seq = self._boundaries[self._scanned_end]
         if self._seq == main_seq:
             return Cut(self._scanned_end, self._seq, self._header.file_id)
-        wanted = [batch for batch in self._wal_index if batch.seq > main_seq]
-        if self._wal_index_ok and _contiguous(wanted, main_seq + 1, self._seq):
+        wanted = self._indexed_after(main_seq)
+        if wanted is not None:
             return self._checkpoint_indexed(wanted)
         return self._checkpoint_parsed(main_seq)
 
@@ -1026,7 +1062,7 @@ class Prefix(MutableMapping[str, Any]):
                     offset=culprit.offset,
                 )
         start = self._scanned_end
-        trailer = fmt.trailer_for(start, [batch.meta_crc for batch in wanted], last.seq)
+        trailer = self._trailer_of(wanted, start)
         end = start + len(data) + len(trailer)
         append_segment(self._main_fd, data + trailer, start)
         self._point_index_at_segment(wanted, start, end)

@@ -223,6 +223,19 @@ def test_segment_round_trip(tmp_path: Path, load_values: bool) -> None:
     assert [b.seq for b in segment.batches] == [4, 5, 6]
 
 
+def test_a_chained_metadata_crc_gives_the_trailer_of_the_whole_run() -> None:
+    """Writers and copies keep the trailer's CRC as batches come (fmt.chain_meta_crc) instead
+    of passing over them all under the write lease: it must be the very trailer."""
+    meta_crcs = [int.from_bytes(os.urandom(4), "little") for _ in range(1000)]
+    chain = 0
+    for count, meta_crc in enumerate(meta_crcs, 1):
+        chain = fmt.chain_meta_crc(meta_crc, chain)
+        if count in (1, 2, 999, 1000):
+            assert fmt.encode_trailer(7 + count, 4096, count, chain) == fmt.trailer_for(
+                4096, meta_crcs[:count], 7 + count
+            )
+
+
 def test_segment_rules_gaps_wrong_start_and_missing_trailer(tmp_path: Path) -> None:
     assert _parse_segment(tmp_path, _segment_bytes(tmp_path, [1, 3]), load_values=True) is None
     body = _segment_body([1, 2])
