@@ -318,6 +318,7 @@ def copy_range(
     *,
     crc: int = 0,
     sync: bool = True,
+    paced: bool = True,
 ) -> int:
     """Append bytes ``[start, end)`` of ``src_fd`` to ``out_fd`` durably; return ``crc`` extended.
 
@@ -326,6 +327,8 @@ def copy_range(
     writers: the checksum is computed by a thread reading the (immutable) source range while
     the copy and its fsync run, and writeback of each copied step starts at once, so the final
     fsync is small and never holds the file system's journal for long behind a whole copy.
+    With ``paced=False`` (no writer can be waiting, and the caller syncs later) the copy is
+    left to the page cache as ``cp`` leaves it, where reading it back costs no disk read.
     """
     out_offset = os.fstat(out_fd).st_size
     total = end - start
@@ -335,7 +338,9 @@ def copy_range(
     # once before its manifest: waiting for each small file's first piece made a backup of
     # 1 MiB prefixes wait ~1.5 ms per prefix on the disk's latency. Its writeback still
     # starts at once, with more in flight.
-    writeback = Writeback(out_fd) if sync else Writeback(out_fd, depth=_UNSYNCED_DEPTH)
+    writeback: Writeback | None = None
+    if paced:
+        writeback = Writeback(out_fd) if sync else Writeback(out_fd, depth=_UNSYNCED_DEPTH)
     try:
         kernel_copy = True
         done = 0
@@ -359,7 +364,8 @@ def copy_range(
                 raise CorruptFileError(
                     f"source ended at {start + done}, before {end}", offset=start + done
                 )
-            writeback.wrote(out_offset + done, copied)
+            if writeback is not None:
+                writeback.wrote(out_offset + done, copied)
             done += copied
             _fault("copy:after-step")
             if progress is not None:
@@ -455,6 +461,7 @@ def restore_chain(
     force: bool = False,
     expect_seq: int | None = None,
     progress: Progress | None = None,
+    staged: bool = False,
 ) -> int:
     """Rebuild ``prefix`` from a full copy followed by its deltas; return its commit.
 
@@ -462,6 +469,11 @@ def restore_chain(
     verify (and hold commit ``expect_seq`` when given) before anything changes. The main file
     is replaced under the prefix's ``exclusive`` lease, so no process of this repository reads
     half a restore, and gets a fresh salt and WAL so nothing of the old history applies to it.
+
+    ``staged``: ``repo`` is a staging directory that goes live only when the caller renames
+    it into place, after making everything in it durable at once with
+    :func:`~hotcopy.storage._durable.sync_filesystem`; so nothing is fsynced here, and no
+    lease is taken (no other process knows the directory).
     """
     if not pieces:
         raise ValueError("a restore needs at least a full copy")
@@ -472,6 +484,7 @@ def restore_chain(
         )
     total = sum(piece.size for piece in pieces)
     _check_free_space(target.parent, total)
+    sync = not staged
     report: VerifyReport | None = None
     fresh_header: fmt.MainHeader | None = None
 
@@ -496,7 +509,19 @@ def restore_chain(
                     write_all(out_fd, fmt.pack_main_header(fresh_header))
                     start, crc = fmt.HEADER_SIZE, zlib.crc32(original)
                 step = _shifted(progress, done + start, total)
-                crc = copy_range(src_fd, out_fd, start, piece.size, DEFAULT_STEP, step, crc=crc)
+                crc = copy_range(
+                    src_fd,
+                    out_fd,
+                    start,
+                    piece.size,
+                    DEFAULT_STEP,
+                    step,
+                    crc=crc,
+                    sync=sync,
+                    # Staged, no writer of the repository can wait behind the copy's
+                    # writeback, and the verify below reads the copy from the page cache.
+                    paced=sync,
+                )
                 if crc != piece.crc32:
                     raise CorruptFileError(
                         f"{piece.path} fails its checksum; nothing restored", offset=0
@@ -516,12 +541,16 @@ def restore_chain(
                 offset=report.size,
             )
 
-    with repo.leases.lease(prefix, "exclusive", timeout=repo.lease_timeout):
-        write_durably(target, write)
+    with (
+        contextlib.nullcontext()
+        if staged
+        else repo.leases.lease(prefix, "exclusive", timeout=repo.lease_timeout)
+    ):
+        write_durably(target, write, sync=sync)
         assert report is not None and fresh_header is not None
         wal = fmt.WalHeader(fresh_header.file_id, fresh_header.salt, report.size, report.seq)
         # Readers move to the restored file: the exclusive lease changed the prefix's counter.
-        write_durably(wal_path(repo.root, prefix), fmt.pack_wal_header(wal))
+        write_durably(wal_path(repo.root, prefix), fmt.pack_wal_header(wal), sync=sync)
     return report.seq
 
 

@@ -1,5 +1,6 @@
 """Backups that meet faults: a copy worker SIGKILLed mid-copy, a prefix that can never be copied,
-a whole ``hotcopy backup`` run interrupted with SIGINT, and damage found by ``hotcopy verify``.
+a whole ``hotcopy backup`` run interrupted with SIGINT, damage found by ``hotcopy verify``, and a
+restore SIGKILLed midway.
 
 The mid-copy kill uses storage's test-only fault hook: ``HOTCOPY_FAULT=copy:after-step`` with
 ``HOTCOPY_FAULT_ONCE_FILE`` makes the first worker (across all processes) to reach that step
@@ -362,3 +363,37 @@ def test_a_refused_restore_can_be_retried_without_force(tmp_path: Path) -> None:
         restore(dest, target)
     piece.write_bytes(original)  # the damage is repaired (say, from another copy)
     assert restore(dest, target).id == delta.id
+
+
+# -- a restore killed midway ----------------------------------------------------------------------
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize("root_was", ["absent", "empty"])
+def test_a_restore_killed_midway_leaves_root_as_it_was(tmp_path: Path, root_was: str) -> None:
+    """Restored prefixes are not fsynced one by one (the staging directory is synced once,
+    then renamed): a restore killed after some prefixes must still leave nothing in ROOT."""
+    root, dest, target = tmp_path / "repo", tmp_path / "backups", tmp_path / "out"
+    for name in ("a", "b", "c", "d"):
+        fill(root, name, 40)
+    state = dump_repo(root)
+    backup(root, dest, jobs=1)
+    if root_was == "empty":
+        target.mkdir()
+    # Each prefix is one copy step: killed inside the third prefix, two are restored by then.
+    env = {**_env(), "HOTCOPY_FAULT": "copy:after-step", "HOTCOPY_FAULT_AFTER": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", _CLI, "restore", str(dest), str(target)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode == -signal.SIGKILL, f"the fault never fired: {done.stderr}"
+    if root_was == "empty":
+        assert os.listdir(target) == []
+    else:
+        assert not os.path.lexists(target)
+    assert restore(dest, target).prefixes == {name: seq for name, (seq, _) in state.items()}
+    assert dump_repo(target) == state
