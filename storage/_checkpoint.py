@@ -45,9 +45,11 @@ def checkpoint_cut(
     *,
     lease_timeout: float | None,
     lease_ttl: float | None,
-) -> tuple[Cut, int, float] | None:
-    """Checkpoint ``name`` under its write lease; the cut, a descriptor on its main file, and
-    the seconds spent waiting for and holding the lease (what writers may wait for).
+) -> tuple[Cut, Cut, int, float] | None:
+    """Checkpoint ``name`` under its write lease; the cut, the cut it started from, a
+    descriptor on its main file, and the seconds spent waiting for and holding the lease (what
+    writers may wait for). Between the two cuts is the segment this checkpoint appended from
+    WAL batches it read whole (every checksum checked); nothing before the first was parsed.
 
     None when the prefix's files are not in the plain shape (nothing was changed then): the
     caller checkpoints through a :class:`Prefix`, which repairs whatever is unusual.
@@ -118,7 +120,9 @@ class _WalReader:
             self.pos = reader.pos
 
 
-def _checkpoint_plain(root: Path, name: str, ahead: _WalReader | None) -> tuple[Cut, int] | None:
+def _checkpoint_plain(
+    root: Path, name: str, ahead: _WalReader | None
+) -> tuple[Cut, Cut, int] | None:
     try:
         main_fd = os.open(main_path(root, name), os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -139,13 +143,13 @@ def _checkpoint_plain(root: Path, name: str, ahead: _WalReader | None) -> tuple[
             if fresh is not None:
                 close_later(fresh.fd)
         keep = result is not None
-        return None if result is None else (result, main_fd)
+        return None if result is None else (*result, main_fd)
     finally:
         if not keep:
             os.close(main_fd)
 
 
-def _checkpoint_fd(main_fd: int, wal: Path, ahead: _WalReader) -> Cut | None:
+def _checkpoint_fd(main_fd: int, wal: Path, ahead: _WalReader) -> tuple[Cut, Cut] | None:
     if _BREAK == "copy-without-checkpoint":
         return None  # the broken build (scripts/stress.py --break) lives in Prefix alone
     header = fmt.unpack_main_header(os.pread(main_fd, fmt.HEADER_SIZE, 0))
@@ -160,8 +164,9 @@ def _checkpoint_fd(main_fd: int, wal: Path, ahead: _WalReader) -> Cut | None:
         return None
     if not ahead.in_order:
         return None  # not the WAL a checkpoint leaves: let a full view sort it out
+    base = Cut(base_len, base_seq, header.file_id)
     if not batches:
-        return Cut(base_len, base_seq, header.file_id)
+        return base, base
     last_seq = batches[-1].seq
     data = b"".join([batch.raw or b"" for batch in batches])
     trailer = fmt.encode_trailer(last_seq, base_len, len(batches), ahead.meta_chain)
@@ -169,7 +174,7 @@ def _checkpoint_fd(main_fd: int, wal: Path, ahead: _WalReader) -> Cut | None:
     fresh_wal = fmt.WalHeader(header.file_id, header.salt, end, last_seq)
     write_durably(wal, fmt.pack_wal_header(fresh_wal))
     _fault("checkpoint:after-wal-reset")
-    return Cut(end, last_seq, header.file_id)
+    return Cut(end, last_seq, header.file_id), base
 
 
 def _is_boundary(fd: int, header: fmt.MainHeader, length: int, seq: int) -> bool:

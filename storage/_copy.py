@@ -128,16 +128,16 @@ def copy_prefix(
             # changes the source's files (the exact check follows once the cut is known).
             least = source.stat().st_size - (base.end if base is not None else 0)
             _check_free_space(dest.parent, max(least, 0))
-            cut, src_fd, checked, cut_seconds = _checkpoint_and_open(repo, prefix)
+            cut, src_fd, unparsed, cut_seconds = _checkpoint_and_open(repo, prefix)
         else:
-            src_fd, checked = _open_at_cut(source, cut), True
+            src_fd, unparsed = _open_at_cut(source, cut), None
             cut_seconds = 0.0
         try:
             header = fmt.unpack_main_header(os.pread(src_fd, fmt.HEADER_SIZE, 0))
             boundary_crc = _crc_before(src_fd, cut.length)
             start = _delta_start(src_fd, header, cut, base)
-            if not checked:
-                _check_segments(src_fd, prefix, max(start, fmt.HEADER_SIZE), cut)
+            if unparsed is not None and start < unparsed.length:
+                _check_segments(src_fd, prefix, max(start, fmt.HEADER_SIZE), unparsed)
             _check_free_space(dest.parent, cut.length - start)
             crc = 0
 
@@ -249,16 +249,17 @@ def _check_free_space(directory: Path, needed: int) -> None:
         )
 
 
-def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, bool, float]:
-    """Checkpoint under the write lease and open the main file the cut belongs to; whether
-    the segments before the cut were parsed on the way (a :class:`Prefix` view parses them
-    all to build its key index; the plain checkpoint reads none); and the seconds the cut
-    waited for and held the write lease."""
+def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, Cut | None, float]:
+    """Checkpoint under the write lease and open the main file the cut belongs to; the part
+    of the file that was not parsed on the way, up to a cut (None: all of it was; a
+    :class:`Prefix` view parses every segment to build its key index, the plain checkpoint
+    only the WAL batches it appends); and the seconds the cut waited for and held the write
+    lease."""
     began = time.monotonic()
     open_prefix = repo.open_prefixes().get(name)
     if open_prefix is not None and open_prefix.mode == "rw":
         # Our own open prefix may hold the write lease (a transaction in progress): use it.
-        return *open_prefix.checkpoint_and_open(), True, time.monotonic() - began
+        return *open_prefix.checkpoint_and_open(), None, time.monotonic() - began
     plain = checkpoint_cut(
         repo.root,
         name,
@@ -268,8 +269,8 @@ def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, bool, f
         lease_ttl=DEFAULT_LEASE_TTL,
     )
     if plain is not None:
-        cut, fd, lease_seconds = plain
-        return cut, fd, False, lease_seconds
+        cut, unparsed, fd, lease_seconds = plain
+        return cut, fd, unparsed, lease_seconds
     began = time.monotonic()  # an upper bound: opening the Prefix is not under the lease
     with Prefix(
         repo.root,
@@ -279,7 +280,7 @@ def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, bool, f
         repo.runtime_dir,
         lease_timeout=repo.lease_timeout,
     ) as prefix:
-        return *prefix.checkpoint_and_open(), True, time.monotonic() - began
+        return *prefix.checkpoint_and_open(), None, time.monotonic() - began
 
 
 def _check_segments(fd: int, prefix: str, start: int, cut: Cut) -> None:

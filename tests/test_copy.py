@@ -219,6 +219,26 @@ def test_a_copy_refuses_a_main_file_with_damaged_metadata(repo: Repository, tmp_
     assert sorted(os.listdir(tmp_path)) == ["first.hc", "repo"]
 
 
+def test_a_copy_whose_checkpoint_appends_still_refuses_damage_before_it(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """The segment the copy's checkpoint appends is built from checked WAL batches and not
+    parsed again; what lies before it still is."""
+    _fill(repo)
+    repo.copy_prefix(tmp_path / "first.hc", "p")  # checkpointed: the WAL is empty now
+    with repo.open_prefix("p", "rw") as px:  # opened (so parsed) before the damage
+        with open(repo.prefix_path("p"), "r+b") as file:  # the first batch header's magic
+            file.seek(fmt.HEADER_SIZE)
+            first = file.read(1)
+            file.seek(fmt.HEADER_SIZE)
+            file.write(bytes([first[0] ^ 0xFF]))
+        px["more"] = 1
+        px.commit()  # in the WAL: the copy's checkpoint appends a segment
+        with Repository(repo.root) as other, pytest.raises(CorruptFileError, match="offset 64"):
+            other.copy_prefix(tmp_path / "second.hc", "p")
+    assert sorted(os.listdir(tmp_path)) == ["first.hc", "repo"]
+
+
 # -- a copy taken inside this process's own transaction -----------------------------------
 
 
@@ -500,9 +520,11 @@ def test_a_copy_checkpoint_reads_the_wal_ahead_and_then_what_came_after(
         os.close(mutex)
         os.close(ahead.fd)
     assert result is not None
-    cut, main_fd = result
+    cut, base, main_fd = result
     os.close(main_fd)
     assert cut.seq == 5 and cut.length == repo.prefix_path("p").stat().st_size
+    # Where the WAL began: the copy parses only the main file before it.
+    assert (base.seq, base.length < cut.length) == ((3 if replaced else 0), True)
     copy = repo.copy_prefix(tmp_path / "copy.hc", "p")
     assert (copy.seq, copy.length) == (cut.seq, cut.length)
     assert 0 < copy.cut_seconds <= copy.seconds
