@@ -481,6 +481,8 @@ def test_prefixes_go_to_the_workers_in_bounded_batches_that_keep_every_worker_bu
     assert all(sum(sizes[n] for n in batch) <= BATCH_BYTES for batch in batches if len(batch) > 1)
     few = [f"q{n}" for n in range(20)]
     assert len(_batches(few, dict.fromkeys(few, 1), workers=2)) >= 8  # 4 per worker
+    one_worker = [few[:BATCH_PREFIXES], few[BATCH_PREFIXES:]]  # only the limits apply
+    assert _batches(few, dict.fromkeys(few, 1), workers=1) == one_worker
     assert _batches(["only"], {"only": 1}, workers=4) == [["only"]]
 
 

@@ -179,7 +179,9 @@ def backup(
                             step,
                         ),
                         retries,
-                        workers=max(jobs, 1),
+                        # Inline, jobs run one by one, each opening a repository (a
+                        # coordinator connection): as few as the batch limits allow.
+                        workers=1 if isinstance(pool, InlineExecutor) else max(jobs, 1),
                     )
                 except KeyboardInterrupt:
                     if isinstance(pool, CopyWorkerPool):
@@ -284,9 +286,13 @@ class _Run:
 
 def _batches(names: list[str], sizes: dict[str, int], workers: int) -> list[list[str]]:
     """Consecutive runs of ``names`` of at most ``BATCH_PREFIXES`` prefixes and
-    ``BATCH_BYTES`` bytes (a larger prefix alone), and at least four batches per worker
-    while there are prefixes for them, so every worker stays busy to the end."""
-    limit = max(1, min(BATCH_PREFIXES, len(names) // (4 * workers)))
+    ``BATCH_BYTES`` bytes (a larger prefix alone), and, for several workers, at least four
+    batches per worker while there are prefixes for them, so every worker stays busy to the
+    end. One worker has nobody to wait for: smaller batches would only cost it more jobs."""
+    if workers == 1:
+        limit = BATCH_PREFIXES
+    else:
+        limit = max(1, min(BATCH_PREFIXES, len(names) // (4 * workers)))
     batches: list[list[str]] = []
     current: list[str] = []
     current_bytes = 0

@@ -144,8 +144,10 @@ class Catalog:
             raise CatalogError(f"backup directory {path} is not a directory", path=str(path))
         path.mkdir(parents=True, exist_ok=True)
         marker = {"format": CATALOG_FORMAT, "repository_id": repository_id}
-        with contextlib.suppress(FileExistsError):
-            write_durably(path / CATALOG_MARKER, json.dumps(marker).encode(), overwrite=False)
+        # Looked for first: the attempt alone costs a file and its fsync in every run.
+        if not (path / CATALOG_MARKER).exists():
+            with contextlib.suppress(FileExistsError):  # another run made it meanwhile
+                write_durably(path / CATALOG_MARKER, json.dumps(marker).encode(), overwrite=False)
         catalog = cls(path)
         if catalog.repository_id != repository_id:
             raise CatalogError(
