@@ -146,12 +146,8 @@ def sweep_stale_temps(directory: Path) -> list[Path]:
     except FileNotFoundError:
         return removed
     for name in names:
-        match = _TEMP_RE.search(name)
-        if match is None:
-            continue
-        writer = ProcessIdentity.of(int(match.group(1)))
-        if writer is not None and writer.start_ticks == int(match.group(2)):
-            continue  # its writer is alive and may still rename it into place
+        if not is_abandoned_temp(name):
+            continue  # not a temp, or its writer is alive and may still rename it into place
         path = directory / name
         try:
             os.unlink(path)
@@ -161,3 +157,12 @@ def sweep_stale_temps(directory: Path) -> list[Path]:
         else:
             removed.append(path)
     return removed
+
+
+def is_abandoned_temp(name: str) -> bool:
+    """Whether ``name`` is a temp name (:func:`temp_path_for`) whose creator is gone."""
+    match = _TEMP_RE.search(name)
+    if match is None:
+        return False
+    writer = ProcessIdentity.of(int(match.group(1)))
+    return writer is None or writer.start_ticks != int(match.group(2))

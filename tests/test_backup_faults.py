@@ -395,5 +395,7 @@ def test_a_restore_killed_midway_leaves_root_as_it_was(tmp_path: Path, root_was:
         assert os.listdir(target) == []
     else:
         assert not os.path.lexists(target)
+    assert [p.name for p in tmp_path.glob(".out.restoring*")], "the staging directory was left"
     assert restore(dest, target).prefixes == {name: seq for name, (seq, _) in state.items()}
     assert dump_repo(target) == state
+    assert not list(tmp_path.glob(".out.restoring*")), "the dead restore's staging was not swept"

@@ -10,10 +10,10 @@ replacement worker. The manifest is written last: an interrupted run (SIGINT) re
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, wait
@@ -23,7 +23,13 @@ from typing import Any
 
 from hotcopy.storage import FileLeases, PrefixNotFound, Repository
 from hotcopy.storage._copy import DEFAULT_STEP, BaseRef, CopyResult, Piece, restore_chain
-from hotcopy.storage._durable import fsync_dir, sweep_stale_temps, sync_filesystem
+from hotcopy.storage._durable import (
+    fsync_dir,
+    is_abandoned_temp,
+    sweep_stale_temps,
+    sync_filesystem,
+    temp_path_for,
+)
 from hotcopy.storage._format import HEADER_SIZE as WAL_HEADER_SIZE
 from hotcopy.storage._prefix import Cut, Prefix, wal_path
 from hotcopy.storage._repository import RUNTIME_DIR
@@ -448,7 +454,10 @@ def restore(
         # staging is live before the rename: one syncfs makes it all durable first, instead of
         # four device flushes per prefix.
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.restoring-", dir=target.parent))
+        _sweep_abandoned_restores(target)
+        # Named for this process, so that a later restore can tell it was abandoned.
+        staging = temp_path_for(target.parent / f".{target.name}.restoring")
+        staging.mkdir(mode=0o700)
         try:
             _restore_into(
                 staging, names, chains, manifest, force, progress, total, restored, staged=True
@@ -462,6 +471,13 @@ def restore(
     if progress is not None:
         progress(len(names), len(names), total, total)
     return RestoreResult(manifest.id, str(target), restored, total, time.monotonic() - began)
+
+
+def _sweep_abandoned_restores(target: Path) -> None:
+    """Remove the staging directories of restores into ``target`` whose process died."""
+    for staging in target.parent.glob(f".{glob.escape(target.name)}.restoring.tmp-*"):
+        if is_abandoned_temp(staging.name):
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _restore_into(
