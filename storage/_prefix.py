@@ -231,6 +231,7 @@ class Prefix(MutableMapping[str, Any]):
         if mode == "rw":
             # Whatever the lease provider, the mutation lock lives here (kernel-released).
             self._mutex_fd = open_mutex(runtime_dir, name)
+        self._mutex = _Flock(self._mutex_fd)  # one object for every commit
         try:
             if mode == "rw" and not self._main_path.exists():
                 self._create()
@@ -659,7 +660,7 @@ class Prefix(MutableMapping[str, Any]):
                 setattr(self, attr, -1)
 
     def _mutation(self) -> _Flock:
-        return _Flock(self._mutex_fd)
+        return self._mutex
 
     # -- internals: reading the files -----------------------------------------------------
 
@@ -857,16 +858,16 @@ class Prefix(MutableMapping[str, Any]):
                 self._wal_index_runs = False
         else:
             wal_crc = chain = 0
-        index.append(
-            _WalBatch(
-                seq,
-                offset,
-                len(frame),
-                meta_crc,
-                zlib.crc32(frame, wal_crc),
-                fmt.chain_meta_crc(meta_crc, chain),
-            )
+        # tuple.__new__: a NamedTuple's own constructor is a Python function (once per commit).
+        fields = (
+            seq,
+            offset,
+            len(frame),
+            meta_crc,
+            zlib.crc32(frame, wal_crc),
+            fmt.chain_meta_crc(meta_crc, chain),
         )
+        index.append(tuple.__new__(_WalBatch, fields))
 
     def _indexed_after(self, main_seq: int) -> list[_WalBatch] | None:
         """The indexed WAL batches of commits ``main_seq`` + 1 .. ``_seq``, back to back;
@@ -1113,6 +1114,8 @@ class _NoExclusion:
 
 class _Flock:
     """Hold an exclusive ``flock`` on an open descriptor for the length of a ``with`` block."""
+
+    __slots__ = ("_fd",)
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
