@@ -231,7 +231,7 @@ class Prefix(MutableMapping[str, Any]):
         if mode == "rw":
             # Whatever the lease provider, the mutation lock lives here (kernel-released).
             self._mutex_fd = open_mutex(runtime_dir, name)
-        self._mutex = _Flock(self._mutex_fd)  # one object for every commit
+        self._mutex = _Flock(self._mutex_fd)  # held by every change to the files
         try:
             if mode == "rw" and not self._main_path.exists():
                 self._create()
@@ -341,7 +341,7 @@ class Prefix(MutableMapping[str, Any]):
             self._end_transaction()
             return self._seq
         try:
-            with self._mutation():
+            with self._mutex:
                 if not lease.is_current():
                     raise LeaseFenced(
                         f"commit to prefix {self.name!r} refused: the write lease (token "
@@ -455,7 +455,7 @@ class Prefix(MutableMapping[str, Any]):
             lease, _ = self._take_write_lease()
         self._files_as_left = False  # whatever happens below, the next commit checks again
         try:
-            with self._mutation():
+            with self._mutex:
                 # Not just a catch-up: a checkpoint killed before its WAL reset left a segment
                 # that was never fsynced nor value-checked; finish that first, so the cut
                 # returned (what copy_prefix copies) is durable and sound.
@@ -487,7 +487,7 @@ class Prefix(MutableMapping[str, Any]):
             self._leases.lease(
                 self.name, "exclusive", timeout=self._lease_timeout, ttl=self._lease_ttl
             ),
-            self._mutation(),
+            self._mutex,
         ):
             self._catch_up(force=True)
             seq = self._seq
@@ -658,9 +658,6 @@ class Prefix(MutableMapping[str, Any]):
             if fd >= 0:
                 os.close(fd)
                 setattr(self, attr, -1)
-
-    def _mutation(self) -> _Flock:
-        return self._mutex
 
     # -- internals: reading the files -----------------------------------------------------
 
