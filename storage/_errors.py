@@ -27,6 +27,10 @@ class CorruptFileError(StorageError):
     """A file failed a checksum or structural check; ``offset`` names the first bad byte."""
 
 
+class NotRegularFile(StorageError, OSError):
+    """A path where hotcopy expects a data file is a link, FIFO, socket, device or directory."""
+
+
 class ReadOnlyError(StorageError, PermissionError):
     """A change was attempted on a prefix opened with mode ``"r"``."""
 

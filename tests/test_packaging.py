@@ -30,6 +30,7 @@ STORAGE_ALL = [
     "MemoIndex",
     "MemoList",
     "NotEnoughSpace",
+    "NotRegularFile",
     "ObjectNotFound",
     "Prefix",
     "PrefixNotFound",
