@@ -453,6 +453,17 @@ class Client:
             return 0
         return segment.commit_at(pslot)
 
+    def expired_token(self) -> int:
+        """The largest fencing token of a ``write`` or ``exclusive`` lease that expired, its
+        holder alive but not renewing (stopped, hung): such a holder may still act on it, and
+        storage fences it before it changes the prefix (0 if none ever expired). Reads
+        shared memory; no round trip."""
+        self._check_usable()
+        segment = self._segment
+        if segment is None:
+            raise CoordinatorUnavailable("no coordinator segment to read")
+        return segment.expired_token()
+
     def _pslot(self, prefix: str) -> int | None:
         segment = self._segment
         if segment is None:

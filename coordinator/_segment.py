@@ -57,6 +57,11 @@ _HEADER_SEQ_AT: Final = 12
 # started (monotonic), started (wall clock)
 _HEADER = struct.Struct("<IIIIQQ16sdd")
 _HEADER_AT: Final = 16
+# Its own seqlocked record in the header page: the largest fencing token of a write or
+# exclusive lease that expired (its holder alive, perhaps only stopped). Storage fences before
+# changing a prefix whose files were last fenced below it (see storage/_log.py).
+_EXPIRED = struct.Struct("<Q")
+_EXPIRED_AT: Final = 512
 
 LEASE_SLOT_SIZE: Final = 264
 # state, mode, prefix length, pid, (pad), start ticks, client id, token, granted at,
@@ -182,6 +187,11 @@ class _SegmentBase:
         """Read the header."""
         fields, _ = self._read(_HEADER_SEQ_AT, _HEADER)
         return HeaderRecord(*fields)
+
+    def expired_token(self) -> int:
+        """The largest token of a write or exclusive lease that expired (0: none did)."""
+        fields, _ = self._read(_EXPIRED_AT, _EXPIRED)
+        return int(fields[0])
 
     def lease_at(self, slot: int) -> LeaseRecord | None:
         """Read lease slot ``slot``; None if it is free."""
@@ -428,6 +438,11 @@ class SegmentWriter(_SegmentBase):
             mono,
             wall,
         )
+
+    def record_expired(self, token: int) -> None:
+        """Note that the lease of ``token`` expired (only ever raises the recorded token)."""
+        if token > self.expired_token():
+            self._write(_EXPIRED_AT, _EXPIRED, token)
 
     def set_next_token(self, next_token: int) -> None:
         """Record the next fencing token (called before the token is handed out)."""

@@ -452,6 +452,9 @@ class LeaseTable:
                 "lease expired, token fenced prefix=%s mode=%s token=%s pid=%s",
                 entry.prefix, MODE_NAMES[entry.mode], entry.token, entry.holder.pid,
             )  # fmt: skip
+            if entry.mode in (WRITE, EXCLUSIVE):
+                # Before anyone is granted what it held: the next holder must fence it.
+                self._segment.record_expired(entry.token)
             if entry.owner is not None:
                 self._forget(entry)
                 losers.append(entry.owner)

@@ -32,9 +32,10 @@ from ._errors import (
     TransactionConflict,
 )
 from ._leases import FileLeases, HeldLease, LeaseProvider
+from ._log import Cut
 from ._memo import memo, set_prefix
 from ._objects import fetch, get_prefix_of, getrefcount, uuid, weak_proxy
-from ._prefix import Cut, Prefix
+from ._prefix import Prefix
 from ._proxy import WeakProxy, expired
 from ._repository import Repository, validate_prefix_name
 from ._tags import Tags, find, tags

@@ -41,7 +41,7 @@ def open(name: str, mode: str = "rw") -> Prefix:
 
 def get_current_prefix() -> Prefix:
     """The prefix opened last; ``RuntimeError`` when none is open."""
-    if _current is None or _current._closed:
+    if _current is None or _current.closed:
         raise RuntimeError("no prefix is open: call hotcopy.storage.open(name) first")
     return _current
 

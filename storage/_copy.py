@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import secrets
 import sys
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import _format as fmt
-from ._checkpoint import checkpoint_cut
 from ._durable import pwrite_all, sweep_stale_temps, write_all, write_durably
 from ._errors import (
     CorruptFileError,
@@ -38,8 +38,11 @@ from ._errors import (
     SameFileError,
     StorageError,
 )
-from ._prefix import DEFAULT_LEASE_TTL, Cut, Prefix, _fault, wal_path
-from ._verify import VerifyReport, verify_fd
+from ._faults import BREAK, fault
+from ._files import open_regular
+from ._leases import expired_token
+from ._log import Cut, Damage, Log, check_main_file, install_files, iter_segments
+from ._prefix import DEFAULT_LEASE_TTL
 from ._writeback import Writeback
 
 if TYPE_CHECKING:
@@ -128,16 +131,13 @@ def copy_prefix(
             # changes the source's files (the exact check follows once the cut is known).
             least = source.stat().st_size - (base.end if base is not None else 0)
             _check_free_space(dest.parent, max(least, 0))
-            cut, src_fd, unparsed, cut_seconds = _checkpoint_and_open(repo, prefix)
+            cut, src_fd, cut_seconds = _checkpoint_and_open(repo, prefix)
         else:
-            src_fd, unparsed = _open_at_cut(source, cut), None
-            cut_seconds = 0.0
+            src_fd, cut_seconds = _open_at_cut(source, cut), 0.0
         try:
             header = fmt.unpack_main_header(os.pread(src_fd, fmt.HEADER_SIZE, 0))
             boundary_crc = _crc_before(src_fd, cut.length)
             start = _delta_start(src_fd, header, cut, base)
-            if unparsed is not None and start < unparsed.length:
-                _check_segments(src_fd, prefix, max(start, fmt.HEADER_SIZE), unparsed)
             _check_free_space(dest.parent, cut.length - start)
             crc = 0
 
@@ -147,9 +147,9 @@ def copy_prefix(
                     fresh = fmt.pack_main_header(replace(header, salt=secrets.randbits(64)))
                     write_all(out_fd, fresh)
                     crc = zlib.crc32(fresh)
-                    first = fmt.HEADER_SIZE
+                    first, after = header.size, header.base_seq
                 else:
-                    first = start
+                    first, after = start, None
                 crc = copy_range(
                     src_fd,
                     out_fd,
@@ -159,9 +159,10 @@ def copy_prefix(
                     progress,
                     crc=crc,
                     sync=sync,
+                    verify=functools.partial(_verify_source, cut=cut, after=after, prefix=prefix),
                 )
 
-            write_durably(dest, write, overwrite=False, sync=sync)
+            write_durably(dest, write, overwrite=False, mode=0o600, sync=sync)
         finally:
             os.close(src_fd)
     return CopyResult(
@@ -182,7 +183,7 @@ def copy_prefix(
 
 
 def _open_at_cut(source: Path, cut: Cut) -> int:
-    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(source)
     header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
     if header.file_id != cut.file_id or os.fstat(fd).st_size < cut.length:
         os.close(fd)
@@ -249,63 +250,54 @@ def _check_free_space(directory: Path, needed: int) -> None:
         )
 
 
-def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, Cut | None, float]:
-    """Checkpoint under the write lease and open the main file the cut belongs to; the part
-    of the file that was not parsed on the way, up to a cut (None: all of it was; a
-    :class:`Prefix` view parses every segment to build its key index, the plain checkpoint
-    only the WAL batches it appends); and the seconds the cut waited for and held the write
-    lease."""
+def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, float]:
+    """Checkpoint under the write lease and open the main file the cut belongs to; and the
+    seconds the cut waited for and held the write lease (what writers may wait for it)."""
     began = time.monotonic()
     open_prefix = repo.open_prefixes().get(name)
     if open_prefix is not None and open_prefix.mode == "rw":
         # Our own open prefix may hold the write lease (a transaction in progress): use it.
-        return *open_prefix.checkpoint_and_open(), None, time.monotonic() - began
-    plain = checkpoint_cut(
-        repo.root,
-        name,
-        repo.leases,
-        repo.runtime_dir,
-        lease_timeout=repo.lease_timeout,
-        lease_ttl=DEFAULT_LEASE_TTL,
-    )
-    if plain is not None:
-        cut, unparsed, fd, lease_seconds = plain
-        return cut, fd, unparsed, lease_seconds
-    began = time.monotonic()  # an upper bound: opening the Prefix is not under the lease
-    with Prefix(
-        repo.root,
-        name,
-        "rw",
-        repo.leases,
-        repo.runtime_dir,
-        lease_timeout=repo.lease_timeout,
-    ) as prefix:
-        return *prefix.checkpoint_and_open(), None, time.monotonic() - began
+        return *open_prefix.checkpoint_and_open(), time.monotonic() - began
+    # The log reads the WAL ahead, before the lease is asked for, while writers go on: a WAL
+    # only grows until a checkpoint replaces it, so under the lease only what was appended
+    # since needs reading (a full WAL of small commits takes a hundred milliseconds to parse,
+    # every one of which a writer would wait). No key index: the copy checks what it copies.
+    log = Log(repo.root, name, repo.id_bytes, writable=True)
+    try:
+        asked = time.monotonic()
+        with repo.leases.lease(
+            name, "write", timeout=repo.lease_timeout, ttl=DEFAULT_LEASE_TTL
+        ) as lease:
+            log.prepare(lease, expired_token(repo.leases))
+            cut = log.cut() if BREAK == "copy-without-checkpoint" else log.checkpoint(lease)
+            fd = log.dup_main_fd()
+        return cut, fd, time.monotonic() - asked
+    finally:
+        log.close()
 
 
-def _check_segments(fd: int, prefix: str, start: int, cut: Cut) -> None:
-    """Refuse to copy ``[start, cut.length)`` unless it parses as whole segments ending at
-    commit ``cut.seq``: a copy never records damaged metadata as a good snapshot. Values are
-    skipped, as when a prefix opens (each carries its CRC, checked when read and by verify)."""
-    reader = fmt.FileReader(fd, start, cut.length, chunk=fmt.FileReader.SMALL)
-    seq: int | None = None
-    while reader.pos < cut.length:
-        at = reader.pos
-        segment = fmt.read_segment(reader, load_values=False)
-        if segment is None or (seq is not None and segment.batches[0].seq != seq + 1):
+def _verify_source(
+    fd: int, start: int, end: int, *, cut: Cut, after: int | None, prefix: str
+) -> None:
+    """Refuse to copy ``[start, end)`` unless it is whole segments, every checksum right
+    (values too), following commit ``after`` (when known) and ending at the cut's commit."""
+    seq = after
+    for item in iter_segments(fd, start, end, after):
+        if isinstance(item, Damage):
             raise CorruptFileError(
-                f"prefix {prefix!r}: the main file is damaged at offset {at}; nothing copied. "
-                "Run `hotcopy verify` on the repository and restore the prefix from a backup",
+                f"prefix {prefix!r}: the main file is damaged at offset {item.offset} "
+                f"({item.reason}); nothing copied. Run `hotcopy verify` on the repository, then "
+                "`hotcopy salvage` or restore the prefix from a backup",
                 prefix=prefix,
-                offset=at,
+                offset=item.offset,
             )
-        seq = segment.last_seq
-    if seq is not None and seq != cut.seq:
+        seq = item.last_seq
+    if start < end and seq != cut.seq:
         raise CorruptFileError(
-            f"prefix {prefix!r}: the main file holds commit {seq} at offset {cut.length}, "
-            f"not {cut.seq}; nothing copied",
+            f"prefix {prefix!r}: the main file holds commit {seq} at offset {end}, not "
+            f"{cut.seq}; nothing copied",
             prefix=prefix,
-            offset=cut.length,
+            offset=end,
         )
 
 
@@ -320,8 +312,12 @@ def copy_range(
     crc: int = 0,
     sync: bool = True,
     paced: bool = True,
+    verify: Callable[[int, int, int], None] | None = None,
 ) -> int:
     """Append bytes ``[start, end)`` of ``src_fd`` to ``out_fd`` durably; return ``crc`` extended.
+
+    ``verify(fd, start, end)``, when given, checks the source's own checksums of the range on
+    the way (beside the CRC, in the same thread): a copy never records damage as a good copy.
 
     The bytes move by ``copy_file_range`` (in the kernel) where the file systems allow it,
     ``step`` bytes at a time. Two things keep this close to ``cp`` + ``sync`` and gentle on live
@@ -334,7 +330,9 @@ def copy_range(
     out_offset = os.fstat(out_fd).st_size
     total = end - start
     # A thread pays for itself only on copies long enough for the overlap to matter.
-    checksum = _SourceChecksum(src_fd, start, end, crc, threaded=total >= _THREAD_ABOVE)
+    checksum = _SourceChecksum(
+        src_fd, start, end, crc, threaded=total >= _THREAD_ABOVE, verify=verify
+    )
     # A copy that is not fsynced is one of the many of a backup, which syncs the file system
     # once before its manifest: waiting for each small file's first piece made a backup of
     # 1 MiB prefixes wait ~1.5 ms per prefix on the disk's latency. Its writeback still
@@ -368,7 +366,7 @@ def copy_range(
             if writeback is not None:
                 writeback.wrote(out_offset + done, copied)
             done += copied
-            _fault("copy:after-step")
+            fault("copy:after-step")
             if progress is not None:
                 progress(done, total)
         if sync:
@@ -379,13 +377,24 @@ def copy_range(
 
 
 class _SourceChecksum:
-    """CRC32 of a source range, computed by a thread (zlib releases the GIL on large data)
-    while the copy runs, or in :meth:`result` when not ``threaded``."""
+    """CRC32 of a source range (and its check, when asked), computed by a thread (zlib
+    releases the GIL on large data) while the copy runs, or in :meth:`result` when not
+    ``threaded``."""
 
-    def __init__(self, fd: int, start: int, end: int, crc: int, *, threaded: bool) -> None:
+    def __init__(
+        self,
+        fd: int,
+        start: int,
+        end: int,
+        crc: int,
+        *,
+        threaded: bool,
+        verify: Callable[[int, int, int], None] | None,
+    ) -> None:
         self._fd = os.dup(fd)  # ours to close, whatever the caller does with theirs
         self._start, self._end = start, end
         self._crc = crc
+        self._verify = verify
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if threaded:
@@ -396,6 +405,8 @@ class _SourceChecksum:
         if self._thread is not None:
             _yield_cpu_to_others()
         try:
+            if self._verify is not None:
+                self._verify(self._fd, self._start, self._end)
             pos = self._start
             while pos < self._end:
                 chunk = os.pread(self._fd, min(DEFAULT_STEP, self._end - pos), pos)
@@ -445,13 +456,33 @@ def restore_prefix_file(
     repo: Repository, source: str | os.PathLike[str], prefix: str, *, force: bool = False
 ) -> int:
     """Make the standalone copy ``source`` the content of ``prefix``; return its commit."""
-    source = Path(source)
-    size = source.stat().st_size
-    with open(source, "rb") as file:
-        crc = zlib.crc32(file.read(fmt.HEADER_SIZE))
-        while chunk := file.read(DEFAULT_STEP):
-            crc = zlib.crc32(chunk, crc)
-    return restore_chain(repo, [Piece(source, size, crc & 0xFFFFFFFF)], prefix, force=force)
+    source = Path(os.path.realpath(source))  # the caller named it: a link to a copy is fine
+    target = repo.prefix_path(prefix)
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.samestat(os.stat(source), os.stat(target)):
+            raise SameFileError(
+                f"{source} is the prefix's own main file; restore from a copy of it "
+                "(`hotcopy copy`), never from the live file, whose newest commits are in its WAL",
+                path=str(source),
+            )
+    fd = open_regular(source)
+    try:
+        size = os.fstat(fd).st_size
+        crc = _crc_of(fd, size)
+    finally:
+        os.close(fd)
+    return restore_chain(repo, [Piece(source, size, crc)], prefix, force=force)
+
+
+def _crc_of(fd: int, size: int) -> int:
+    crc, pos = 0, 0
+    while pos < size:
+        chunk = os.pread(fd, min(DEFAULT_STEP, size - pos), pos)
+        if not chunk:
+            break
+        crc = zlib.crc32(chunk, crc)
+        pos += len(chunk)
+    return crc & 0xFFFFFFFF
 
 
 def restore_chain(
@@ -467,9 +498,10 @@ def restore_chain(
     """Rebuild ``prefix`` from a full copy followed by its deltas; return its commit.
 
     Every piece must match its recorded size and CRC32 and the result must pass a complete
-    verify (and hold commit ``expect_seq`` when given) before anything changes. The main file
+    check (and hold commit ``expect_seq`` when given) before anything changes. The main file
     is replaced under the prefix's ``exclusive`` lease, so no process of this repository reads
-    half a restore, and gets a fresh salt and WAL so nothing of the old history applies to it.
+    half a restore; it names this repository and prefix, gets a fresh salt and a fresh WAL, so
+    nothing of the old history applies to it.
 
     ``staged``: ``repo`` is a staging directory that goes live only when the caller renames
     it into place, after making everything in it durable at once with
@@ -481,20 +513,29 @@ def restore_chain(
     target = repo.prefix_path(prefix)
     if target.exists() and not force:
         raise DestinationExists(
-            f"prefix {prefix!r} exists in {repo.root}; use force to replace it", path=str(target)
+            f"prefix {prefix!r} exists in {repo.root}; use --force to replace it",
+            path=str(target),
         )
     total = sum(piece.size for piece in pieces)
     _check_free_space(target.parent, total)
     sync = not staged
-    report: VerifyReport | None = None
-    fresh_header: fmt.MainHeader | None = None
+    fd = open_regular(pieces[0].path)
+    try:
+        original = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
+    finally:
+        os.close(fd)
+    # A format 1 copy keeps its layout (its offsets are absolute); anything newer is stamped
+    # with this repository and prefix.
+    header = replace(original, salt=secrets.randbits(64))
+    if original.version != 1:
+        header = replace(header, repository_id=repo.id_bytes, prefix=prefix)
 
-    def write(out_fd: int) -> None:
-        nonlocal report, fresh_header
+    def write(out_fd: int) -> tuple[int, int]:
+        write_all(out_fd, fmt.pack_main_header(header))
         done = 0
         for number, piece in enumerate(pieces):
-            with open(piece.path, "rb") as file:
-                src_fd = file.fileno()
+            src_fd = open_regular(piece.path)
+            try:
                 if os.fstat(src_fd).st_size != piece.size:
                     raise CorruptFileError(
                         f"{piece.path} is {os.fstat(src_fd).st_size} bytes, not {piece.size}; "
@@ -503,24 +544,19 @@ def restore_chain(
                     )
                 start, crc = 0, 0
                 if number == 0:
-                    original = os.pread(src_fd, fmt.HEADER_SIZE, 0)
-                    fresh_header = replace(
-                        fmt.unpack_main_header(original), salt=secrets.randbits(64)
-                    )
-                    write_all(out_fd, fmt.pack_main_header(fresh_header))
-                    start, crc = fmt.HEADER_SIZE, zlib.crc32(original)
-                step = _shifted(progress, done + start, total)
+                    start = original.size
+                    crc = zlib.crc32(os.pread(src_fd, start, 0))
                 crc = copy_range(
                     src_fd,
                     out_fd,
                     start,
                     piece.size,
                     DEFAULT_STEP,
-                    step,
+                    _shifted(progress, done + start, total),
                     crc=crc,
                     sync=sync,
                     # Staged, no writer of the repository can wait behind the copy's
-                    # writeback, and the verify below reads the copy from the page cache.
+                    # writeback, and the check below reads the copy from the page cache.
                     paced=sync,
                 )
                 if crc != piece.crc32:
@@ -528,31 +564,42 @@ def restore_chain(
                         f"{piece.path} fails its checksum; nothing restored", offset=0
                     )
                 done += piece.size
-        report = verify_fd(str(target), out_fd)
-        if not report.ok:
+            finally:
+                os.close(src_fd)
+        found = check_main_file(out_fd)
+        if found.error is not None or found.end != found.size:
             raise CorruptFileError(
-                f"the rebuilt prefix {prefix!r} is damaged at offset {report.offset}: "
-                f"{report.error}; nothing restored",
-                offset=report.offset,
+                f"the rebuilt prefix {prefix!r} is damaged at offset {found.offset}: "
+                f"{found.error}; nothing restored",
+                offset=found.offset,
             )
-        if expect_seq is not None and report.seq != expect_seq:
+        if expect_seq is not None and found.seq != expect_seq:
             raise CorruptFileError(
-                f"the rebuilt prefix {prefix!r} holds commit {report.seq}, not {expect_seq}; "
+                f"the rebuilt prefix {prefix!r} holds commit {found.seq}, not {expect_seq}; "
                 "nothing restored",
-                offset=report.size,
+                offset=found.size,
             )
+        return found.size, found.seq
 
-    with (
-        contextlib.nullcontext()
-        if staged
-        else repo.leases.lease(prefix, "exclusive", timeout=repo.lease_timeout)
-    ):
-        write_durably(target, write, sync=sync)
-        assert report is not None and fresh_header is not None
-        wal = fmt.WalHeader(fresh_header.file_id, fresh_header.salt, report.size, report.seq)
+    lease = None
+    with contextlib.ExitStack() as stack:
+        if not staged:
+            lease = stack.enter_context(
+                repo.leases.lease(
+                    prefix, "exclusive", timeout=repo.lease_timeout, ttl=DEFAULT_LEASE_TTL
+                )
+            )
         # Readers move to the restored file: the exclusive lease changed the prefix's counter.
-        write_durably(wal_path(repo.root, prefix), fmt.pack_wal_header(wal), sync=sync)
-    return report.seq
+        _, seq = install_files(
+            repo.root,
+            prefix,
+            header,
+            write,
+            lease=lease,
+            expired=expired_token(repo.leases),
+            sync=sync,
+        )
+    return seq
 
 
 def _shifted(progress: Progress | None, offset: int, total: int) -> Progress | None:

@@ -21,6 +21,9 @@ from pathlib import Path
 
 from hotcopy.coordinator._process import ProcessIdentity, own_pid
 
+from ._errors import SyncFailed
+from ._faults import fsync_fault
+
 _TEMP_RE = re.compile(r"\.tmp-(\d+)-(\d+)-[0-9a-f]{8}$")
 
 
@@ -40,11 +43,34 @@ def temp_path_for(dest: Path) -> Path:
     return dest.with_name(f"{dest.name}.tmp-{pid}-{ticks}-{secrets.token_hex(4)}")
 
 
+def sync_file(
+    fd: int, what: str | os.PathLike[str], *, data_only: bool = False, fault_point: str = ""
+) -> None:
+    """``fsync`` (or ``fdatasync``) ``fd``, the one way hotcopy makes bytes durable.
+
+    Raises:
+        SyncFailed: the kernel reported a writeback error. Linux reports one only once and may
+            have dropped the unwritten pages meanwhile, so a later sync that succeeds proves
+            nothing: whoever gets this must stop trusting what it wrote (see ``Log``).
+    """
+    try:
+        if fault_point:
+            fsync_fault(fault_point)
+        (os.fdatasync if data_only else os.fsync)(fd)
+    except OSError as err:
+        raise SyncFailed(
+            f"fsync of {what} failed: {os.strerror(err.errno or 0)}; what was written since "
+            "the last successful fsync may be lost",
+            path=str(what),
+            errno=err.errno,
+        ) from err
+
+
 def fsync_dir(directory: Path) -> None:
     """Make entries created, renamed or removed in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        sync_file(fd, directory)
     finally:
         os.close(fd)
 
@@ -56,6 +82,7 @@ def write_durably(
     overwrite: bool = True,
     mode: int = 0o644,
     sync: bool = True,
+    before_rename: Callable[[], None] | None = None,
 ) -> None:
     """Create ``dest`` atomically and durably.
 
@@ -68,6 +95,11 @@ def write_durably(
         sync: Skip both fsyncs when False: only for a caller that makes many files durable at
             once with :func:`sync_filesystem` before anything refers to them (a backup, whose
             manifest is written last).
+        before_rename: Called when the temp is complete, just before it is moved into place;
+            what it raises removes the temp. A writer whose right to replace ``dest`` may lapse
+            (a lease) checks it here; a successor that fenced it removes its temps
+            (:func:`remove_temps_of`), so a check that passed before the lapse cannot be
+            followed by a rename after the successor's takeover (the rename finds no temp).
     """
     temp = temp_path_for(dest)
     fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
@@ -78,9 +110,11 @@ def write_durably(
             else:
                 content(fd)
             if sync:
-                os.fsync(fd)
+                sync_file(fd, dest)
         finally:
             os.close(fd)
+        if before_rename is not None:
+            before_rename()
         if overwrite:
             os.replace(temp, dest)
         else:
@@ -157,6 +191,22 @@ def sweep_stale_temps(directory: Path) -> list[Path]:
         else:
             removed.append(path)
     return removed
+
+
+def remove_temps_of(dest: Path) -> None:
+    """Remove every temp of ``dest`` made by this user, whether its writer is alive or not.
+
+    For a successor fencing a writer that lost its lease: that writer may still be about to
+    rename one of these over ``dest`` (see ``write_durably``'s ``before_rename``).
+    """
+    stem = f"{dest.name}.tmp-"
+    uid = os.getuid()
+    for name in os.listdir(dest.parent):
+        if name.startswith(stem) and _TEMP_RE.search(name):
+            path = dest.parent / name
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(path).st_uid == uid:
+                    os.unlink(path)
 
 
 def is_abandoned_temp(name: str) -> bool:

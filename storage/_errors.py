@@ -31,6 +31,10 @@ class NotRegularFile(StorageError, OSError):
     """A path where hotcopy expects a data file is a link, FIFO, socket, device or directory."""
 
 
+class SyncFailed(StorageError, OSError):
+    """An fsync failed: what was written since the last good one may be lost (never retried)."""
+
+
 class ReadOnlyError(StorageError, PermissionError):
     """A change was attempted on a prefix opened with mode ``"r"``."""
 

@@ -1,7 +1,8 @@
 """Binary layouts of the main file (``.hc``) and the write-ahead log (``.hc-wal``).
 
-Both files start with a 64-byte header and hold *batches* (one commit each) in the same framing,
-so a checkpoint moves WAL batches into the main file byte for byte. Little-endian throughout.
+Both files start with a 512-byte header (64 bytes in format 1) and hold *batches* (one commit
+each) in the same framing, so a checkpoint moves WAL batches into the main file byte for byte.
+Little-endian throughout. Every header names the repository and the prefix its file belongs to.
 
 Main file: ``header | segment | segment | ...``; a segment is what one checkpoint appended:
 ``batch... trailer``. A trailer ends every segment, so a main file cut at any trailer end is the
@@ -10,8 +11,8 @@ batch header, op header and key of its segment, which lets a prefix open without
 bytes; each value carries its own CRC, checked when it is read.
 
 WAL: ``header | batch | batch | ...``. Its header names the main file it extends (file id, the
-main file's salt) and the main-file boundary it starts from (``base_len``, ``base_seq``). A WAL
-whose header does not match (see :func:`wal_matches`) is never applied (invariant 3).
+main file's salt) and the main-file boundary it starts from (``base_len``, ``base_seq``); a WAL
+that does not match its main file is never applied (invariant 3; see ``_log``).
 
 Batch: ``BATCH header (crc'd) | op... ``; op: ``OP header | key (utf-8) | value``.
 """
@@ -25,15 +26,24 @@ from dataclasses import dataclass, field
 
 from ._errors import CorruptFileError
 
-HEADER_SIZE = 64
-FORMAT_VERSION = 1
+# Format 2 headers name the repository and prefix a file belongs to (so a swapped, foreign or
+# shortened file is refused by name); format 1 files (64-byte headers, no names) are still read.
+HEADER_SIZE = 512
+V1_HEADER_SIZE = 64
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAIN_MAGIC = b"HCPXMAIN"
 WAL_MAGIC = b"HCPXWAL1"
 BATCH_MAGIC = 0x31424348  # b"HCB1"
 TRAILER_MAGIC = 0x31544348  # b"HCT1"
+MAX_NAME_BYTES = 200
 
-_MAIN_HEADER = struct.Struct("<8sHHI16sQQQ4x")  # + crc32 = 64 bytes
-_WAL_HEADER = struct.Struct("<8sHHI16sQQQ4x")  # + crc32 = 64 bytes
+_V1_HEADER = struct.Struct("<8sHHI16sQQQ4x")  # + crc32 = 64 bytes (main and WAL alike)
+# magic, version, header size, flags, repository id, file id, salt, created, base seq, name len
+_MAIN_HEADER = struct.Struct("<8sHHI16s16sQQQH")
+# magic, version, header size, flags, repository id, main file id, main salt, base len, base seq,
+# fenced through, name length
+_WAL_HEADER = struct.Struct("<8sHHI16s16sQQQQH")
 _CRC = struct.Struct("<I")
 _BATCH = struct.Struct("<IQQIII")  # magic, seq, token, n_ops, body_len, body_crc; + crc32
 _OP = struct.Struct("<BBHII")  # kind, vtype, key_len, value_len, value_crc
@@ -61,6 +71,14 @@ class MainHeader:
     salt: int  # 64 bits; a copy gets a new one, so a stale WAL never matches a restored copy
     created_ns: int
     base_seq: int = 0  # the commit the file starts from: 0, or S for a file rewritten at S - 1
+    repository_id: bytes | None = None  # 16 bytes; None only in a format 1 file
+    prefix: str | None = None  # the prefix's name; None only in a format 1 file
+    version: int = FORMAT_VERSION
+
+    @property
+    def size(self) -> int:
+        """Bytes of the header: where the first segment starts."""
+        return HEADER_SIZE if self.version >= 2 else V1_HEADER_SIZE
 
 
 @dataclass(frozen=True)
@@ -69,59 +87,124 @@ class WalHeader:
     main_salt: int
     base_len: int  # the main-file boundary this WAL continues from
     base_seq: int  # the commit sequence at that boundary
+    repository_id: bytes | None = None
+    prefix: str | None = None
+    # The largest fencing token of a lease that expired (its holder possibly only stopped) and
+    # was fenced before this WAL was made: see Log.prepare.
+    fenced_through: int = 0
+    version: int = FORMAT_VERSION
+
+    @property
+    def size(self) -> int:
+        """Bytes of the header: where the first batch starts."""
+        return HEADER_SIZE if self.version >= 2 else V1_HEADER_SIZE
 
 
 def pack_main_header(header: MainHeader) -> bytes:
+    if header.version == 1:  # a restored format 1 copy keeps its layout (offsets are absolute)
+        body = _V1_HEADER.pack(
+            MAIN_MAGIC, 1, 0, 0, header.file_id, header.salt, header.created_ns, header.base_seq
+        )
+        return body + _CRC.pack(crc32(body))
+    name = _name_bytes(header.prefix)
     body = _MAIN_HEADER.pack(
         MAIN_MAGIC,
         FORMAT_VERSION,
+        HEADER_SIZE,
         0,
-        0,
+        _id_bytes(header.repository_id),
         header.file_id,
         header.salt,
         header.created_ns,
         header.base_seq,
+        len(name),
     )
-    return body + _CRC.pack(crc32(body))
+    return _finish(body + name)
 
 
 def unpack_main_header(raw: bytes) -> MainHeader:
-    _check_header(raw, MAIN_MAGIC, "main file")
-    _, _, _, _, file_id, salt, created_ns, base_seq = _MAIN_HEADER.unpack_from(raw)
-    return MainHeader(file_id, salt, created_ns, base_seq)
+    version = _check_header(raw, MAIN_MAGIC, "main file")
+    if version == 1:
+        _, _, _, _, file_id, salt, created_ns, base_seq = _V1_HEADER.unpack_from(raw)
+        return MainHeader(file_id, salt, created_ns, base_seq, version=1)
+    fields = _MAIN_HEADER.unpack_from(raw)
+    repository_id, file_id, salt, created_ns, base_seq, name_len = fields[4:]
+    name = _name_of(raw, _MAIN_HEADER.size, name_len, "main file")
+    return MainHeader(file_id, salt, created_ns, base_seq, repository_id, name)
 
 
 def pack_wal_header(header: WalHeader) -> bytes:
+    name = _name_bytes(header.prefix)
     body = _WAL_HEADER.pack(
         WAL_MAGIC,
         FORMAT_VERSION,
+        HEADER_SIZE,
         0,
-        0,
+        _id_bytes(header.repository_id),
         header.file_id,
         header.main_salt,
         header.base_len,
         header.base_seq,
+        header.fenced_through,
+        len(name),
     )
-    return body + _CRC.pack(crc32(body))
+    return _finish(body + name)
 
 
 def unpack_wal_header(raw: bytes) -> WalHeader:
-    _check_header(raw, WAL_MAGIC, "WAL")
-    _, _, _, _, file_id, salt, base_len, base_seq = _WAL_HEADER.unpack_from(raw)
-    return WalHeader(file_id, salt, base_len, base_seq)
+    version = _check_header(raw, WAL_MAGIC, "WAL")
+    if version == 1:
+        _, _, _, _, file_id, salt, base_len, base_seq = _V1_HEADER.unpack_from(raw)
+        return WalHeader(file_id, salt, base_len, base_seq, version=1)
+    fields = _WAL_HEADER.unpack_from(raw)
+    repository_id, file_id, salt, base_len, base_seq, fenced_through, name_len = fields[4:]
+    name = _name_of(raw, _WAL_HEADER.size, name_len, "WAL")
+    return WalHeader(file_id, salt, base_len, base_seq, repository_id, name, fenced_through)
 
 
-def _check_header(raw: bytes, magic: bytes, what: str) -> None:
-    if len(raw) < HEADER_SIZE:
+def _id_bytes(repository_id: bytes | None) -> bytes:
+    if repository_id is None or len(repository_id) != 16:
+        raise ValueError("a format 2 header needs a 16-byte repository id")
+    return repository_id
+
+
+def _name_bytes(prefix: str | None) -> bytes:
+    name = (prefix or "").encode("ascii")
+    if not 0 < len(name) <= MAX_NAME_BYTES:
+        raise ValueError(f"a format 2 header needs a prefix name of 1-{MAX_NAME_BYTES} bytes")
+    return name
+
+
+def _name_of(raw: bytes, at: int, length: int, what: str) -> str:
+    if not 0 < length <= MAX_NAME_BYTES:
+        raise CorruptFileError(f"{what} header names a prefix of {length} bytes", offset=at)
+    try:
+        return raw[at : at + length].decode("ascii")
+    except UnicodeDecodeError:
+        raise CorruptFileError(f"{what} header names no valid prefix", offset=at) from None
+
+
+def _finish(body: bytes) -> bytes:
+    padded = body.ljust(HEADER_SIZE - _CRC.size, b"\0")
+    return padded + _CRC.pack(crc32(padded))
+
+
+def _check_header(raw: bytes, magic: bytes, what: str) -> int:
+    """The header's format version, once its magic, version and checksum are checked."""
+    if len(raw) < V1_HEADER_SIZE:
         raise CorruptFileError(f"{what} header is truncated ({len(raw)} bytes)", offset=0)
     if raw[:8] != magic:
         raise CorruptFileError(f"not a hotcopy {what} (bad magic)", offset=0)
-    (stored,) = _CRC.unpack_from(raw, HEADER_SIZE - 4)
-    if crc32(raw[: HEADER_SIZE - 4]) != stored:
-        raise CorruptFileError(f"{what} header checksum mismatch", offset=0)
     (version,) = struct.unpack_from("<H", raw, 8)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CorruptFileError(f"{what} format version {version} is not supported", offset=8)
+    size = HEADER_SIZE if version >= 2 else V1_HEADER_SIZE
+    if len(raw) < size:
+        raise CorruptFileError(f"{what} header is truncated ({len(raw)} bytes)", offset=0)
+    (stored,) = _CRC.unpack_from(raw, size - 4)
+    if crc32(raw[: size - 4]) != stored:
+        raise CorruptFileError(f"{what} header checksum mismatch", offset=0)
+    return int(version)
 
 
 def encode_op(kind: int, key: str, vtype: int, payload: bytes) -> bytes:
@@ -403,8 +486,12 @@ class Segment:
         return self.batches[-1].seq
 
 
-def read_segment(reader: FileReader, *, load_values: bool) -> Segment | None:
-    """Parse one checkpoint segment, or None if it is torn, damaged or absent."""
+def read_segment(reader: FileReader, *, load_values: bool, shift: int = 0) -> Segment | None:
+    """Parse one checkpoint segment, or None if it is torn, damaged or absent.
+
+    ``shift``: where the reader's offset 0 lies in the main file (a delta holds main-file bytes
+    from its start on; its trailers name main-file offsets).
+    """
     start = reader.pos
     segment = Segment(start, start)
     meta = 0
@@ -420,7 +507,7 @@ def read_segment(reader: FileReader, *, load_values: bool) -> Segment | None:
     if (
         trailer is None
         or not segment.batches
-        or trailer.segment_start != start
+        or trailer.segment_start != start + shift
         or trailer.n_batches != len(segment.batches)
         or trailer.last_seq != segment.last_seq
         or trailer.meta_crc != meta
@@ -450,15 +537,3 @@ def trailer_for(segment_start: int, meta_crcs: list[int], last_seq: int) -> byte
     # tens of thousands of batches, and a writer waits for this under the write lease.
     meta = crc32(struct.pack(f"<{len(meta_crcs)}I", *meta_crcs))
     return encode_trailer(last_seq, segment_start, len(meta_crcs), meta)
-
-
-def wal_matches(wal: WalHeader, main: MainHeader, boundaries: dict[int, int]) -> bool:
-    """Whether ``wal`` continues this main file: same file, same salt, from a real boundary.
-
-    ``boundaries`` maps each segment end of the main file (and the header end) to its sequence.
-    """
-    return (
-        wal.file_id == main.file_id
-        and wal.main_salt == main.salt
-        and boundaries.get(wal.base_len) == wal.base_seq
-    )

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from hotcopy.coordinator._errors import LeaseFenced, LeaseTimeout, WouldBlock
+from hotcopy.coordinator._errors import HotcopyError, LeaseFenced, LeaseTimeout, WouldBlock
 
 MODES = ("read", "snapshot", "write", "exclusive")
 
@@ -55,6 +55,31 @@ class ChangeFeed(Protocol):
     """
 
     def commit_seq(self, prefix: str) -> int: ...
+
+
+@runtime_checkable
+class FencingFeed(Protocol):
+    """Optional side of a lease provider whose leases can expire while their holder lives.
+
+    ``expired_token()`` is the largest fencing token of a ``write`` or ``exclusive`` lease that
+    expired: its holder may be stopped with a change pending, so the next holder of that prefix
+    fences it before changing anything (see ``_log``). A provider without expiry (kernel
+    locks, held until release or death) needs no fencing and does not implement this.
+    """
+
+    def expired_token(self) -> int: ...
+
+
+def expired_token(leases: object) -> int:
+    """What ``leases`` says of expired leases (see :class:`FencingFeed`): 0 for a provider
+    without expiry, and more than any token when it cannot tell (a needless fence costs one
+    checkpoint, a missed one can cost data)."""
+    if not isinstance(leases, FencingFeed):
+        return 0
+    try:
+        return leases.expired_token()
+    except HotcopyError:
+        return 1 << 62
 
 
 class LeaseProvider(Protocol):

@@ -22,13 +22,18 @@ from ._copy import (
 )
 from ._durable import sweep_stale_temps, write_durably
 from ._errors import ClosedError, InvalidPrefixName, RepositoryNotFound, StorageError
-from ._leases import LeaseProvider
-from ._prefix import DEFAULT_CHECKPOINT_BYTES, DEFAULT_LEASE_TTL, Cut, Prefix, main_path
+from ._leases import LeaseProvider, expired_token
+from ._log import Cut, Log, Salvaged, main_path
+from ._prefix import DEFAULT_CHECKPOINT_BYTES, DEFAULT_LEASE_TTL, Prefix
 
 MARKER = "hotcopy.json"
 RUNTIME_DIR = ".hotcopy"
 REPOSITORY_FORMAT = 1
 _PREFIX_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
+def _is_repository_id(value: object) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{32}", value) is not None
 
 
 def validate_prefix_name(name: object) -> str:
@@ -82,16 +87,19 @@ class Repository:
             ) from None
         except (ValueError, UnicodeDecodeError) as err:
             raise StorageError(f"{marker} is damaged: {err}", root=str(self.root)) from err
-        if not isinstance(info, dict) or not isinstance(info.get("id"), str):
-            raise StorageError(
-                f"{marker} is damaged: not an object with a repository id", root=str(self.root)
-            )
+        if not isinstance(info, dict):
+            raise StorageError(f"{marker} is damaged: not an object", root=str(self.root))
         if info.get("format") != REPOSITORY_FORMAT:
             raise StorageError(
                 f"{marker}: repository format {info.get('format')!r} is not supported",
                 root=str(self.root),
             )
+        if not _is_repository_id(info.get("id")):
+            raise StorageError(
+                f"{marker} is damaged: no repository id (32 hex digits)", root=str(self.root)
+            )
         self.id: str = info["id"]
+        self.id_bytes = bytes.fromhex(self.id)  # as every file's header names it
         self.runtime_dir = self.root / RUNTIME_DIR
         self.runtime_dir.mkdir(mode=0o700, exist_ok=True)
         sweep_stale_temps(self.root)
@@ -126,7 +134,7 @@ class Repository:
         if mode not in ("r", "rw"):  # checked here too: an open prefix would be returned as is
             raise ValueError(f"mode must be 'r' or 'rw', not {mode!r}")
         existing = self._open.get(name)
-        if existing is not None and not existing._closed:
+        if existing is not None and not existing.closed:
             if mode == "rw" and existing.mode == "r":
                 existing.close()
             else:
@@ -136,7 +144,7 @@ class Repository:
             name,
             mode,
             self._leases,
-            self.runtime_dir,
+            self.id_bytes,
             checkpoint_bytes=self._checkpoint_bytes,
             lease_timeout=self._lease_timeout,
             lease_ttl=self._lease_ttl,
@@ -146,7 +154,7 @@ class Repository:
 
     def open_prefixes(self) -> dict[str, Prefix]:
         """The prefixes this object has open, by name."""
-        return {name: px for name, px in self._open.items() if not px._closed}
+        return {name: px for name, px in self._open.items() if not px.closed}
 
     @property
     def lease_timeout(self) -> float | None:
@@ -197,7 +205,7 @@ class Repository:
         self._check_open()
         validate_prefix_name(prefix)
         open_prefix = self.open_prefixes().get(prefix)
-        if open_prefix is not None and open_prefix._lease is not None:
+        if open_prefix is not None and open_prefix.in_transaction:
             # Our own transaction holds the write lease the exclusive lease waits for: refuse
             # (as compaction does) rather than wait on ourselves for ever.
             raise StorageError(
@@ -205,6 +213,23 @@ class Repository:
                 prefix=prefix,
             )
         return restore_prefix_file(self, source, prefix, force=force)
+
+    def salvage_prefix(self, name: str) -> Salvaged:
+        """Keep what is provable of a damaged prefix (see ``hotcopy salvage``); a sound prefix
+        is left as it is (``damage`` is None then)."""
+        self._check_open()
+        validate_prefix_name(name)
+        open_prefix = self.open_prefixes().get(name)
+        if open_prefix is not None:
+            open_prefix.close()  # it would follow the files anyway; no transaction survives
+        with self._leases.lease(
+            name, "exclusive", timeout=self._lease_timeout, ttl=DEFAULT_LEASE_TTL
+        ) as lease:
+            log = Log(self.root, name, self.id_bytes, writable=True, scan=True, tolerant=True)
+            try:
+                return log.salvage(lease, expired_token(self._leases))
+            finally:
+                log.close()
 
     def prefixes(self) -> list[str]:
         """Names of every prefix in the repository, sorted."""
@@ -220,6 +245,10 @@ class Repository:
     def prefix_path(self, name: str) -> Path:
         """The main file of prefix ``name`` (validated; it need not exist)."""
         return main_path(self.root, validate_prefix_name(name))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """Close every prefix opened through this object; idempotent."""

@@ -185,7 +185,7 @@ class ObjectSpace:
     def _dropped(self, handle: Handle) -> None:
         # A finalizer: runs wherever the last handle went, perhaps mid-way through a prefix
         # operation, so it only notes the object for the next collect_garbage().
-        if handle.prefix is not None and handle.collectable and not self.repository._closed:
+        if handle.prefix is not None and handle.collectable and not self.repository.closed:
             self._doomed.add((handle.prefix, handle.uuid))
 
     def load(self, prefix: str, uuid: str, *, verify: bool = False) -> Any:

@@ -1,34 +1,38 @@
-"""End-to-end check of a main file: every checksum and every structural rule.
+"""End-to-end checks: every checksum and every structural rule of a main file, a copy, or a
+prefix's two files together.
 
-Opening a prefix trusts value bytes until they are read (each carries a CRC checked then);
-``verify_file`` reads everything, so a single flipped bit anywhere is reported with the offset
-of the first damaged record.
+Opening a prefix trusts value bytes until they are read (each carries a CRC checked then); a
+check reads everything, so a single flipped bit anywhere is reported with the file and the
+offset of the first damaged record. What is damage and what is not (a torn WAL tail, the
+debris of an unfinished checkpoint, a WAL left beside a copy that replaced its main file) is
+the log's rule (``_log``), applied here as everywhere else.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from . import _format as fmt
 from ._errors import CorruptFileError
-from ._wal_space import tail_is_clear
+from ._files import open_regular
+from ._log import Log, check_main_file, main_path
 
 
 @dataclass(frozen=True)
 class VerifyReport:
-    path: str
+    path: str  # the file checked, or the damaged one
     ok: bool
     size: int
     segments: int
-    seq: int  # the last commit in the file
-    keys: int  # live keys at that commit
+    seq: int  # the last commit in the main file
+    keys: int  # live keys at the last commit
     error: str | None = None
     offset: int | None = None  # of the first damaged record
     wal_commits: int = 0  # commits beyond ``seq`` that only the WAL holds (verify_prefix)
-    notes: tuple[str, ...] = ()  # findings that are not damage (a torn WAL tail, a stale WAL)
+    notes: tuple[str, ...] = ()  # findings that are not damage (a torn WAL tail, debris)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,120 +49,91 @@ class VerifyReport:
 
 
 def verify_file(path: str | os.PathLike[str]) -> VerifyReport:
-    """Check a ``.hc`` main file completely; never raises for damage, only reports it."""
+    """Check a standalone ``.hc`` file (a copy, a full backup) completely: it must be whole
+    segments to its last byte. Never raises for damage, only reports it."""
     path = Path(path)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(path)
     try:
-        return verify_fd(str(path), fd)
+        found = check_main_file(fd)
     finally:
         os.close(fd)
+    error, offset = found.error, found.offset
+    if error is None and found.end != found.size:
+        error, offset = "bytes after the last whole segment", found.end
+    return VerifyReport(
+        str(path), error is None, found.size, found.segments, found.seq, found.keys, error, offset
+    )
 
 
-def verify_prefix(main: str | os.PathLike[str], wal: str | os.PathLike[str]) -> VerifyReport:
-    """Check a prefix's main file completely, then its WAL if it belongs to that file.
+class _Keys:
+    """Counts the live keys as a log reads its commits (a sink for :class:`Log`)."""
 
-    A torn WAL tail (a commit that never returned, cut by a crash) and a WAL that belongs to
-    another main file (left beside a restored copy) are not damage: recovery ignores both.
-    """
-    fd = os.open(main, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        boundaries: dict[int, int] = {}
-        report = verify_fd(str(main), fd, boundaries)
-        if not report.ok:
-            return report
-        header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
-    finally:
-        os.close(fd)
-    try:
-        wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return report
-    try:
-        return _verify_wal(report, header, boundaries, str(wal), wal_fd)
-    finally:
-        os.close(wal_fd)
+    def __init__(self) -> None:
+        self.live: set[str] = set()
 
+    def reset(self) -> None:
+        self.live = set()
 
-def _verify_wal(
-    report: VerifyReport,
-    main: fmt.MainHeader,
-    boundaries: dict[int, int],
-    name: str,
-    fd: int,
-) -> VerifyReport:
-    try:
-        header = fmt.unpack_wal_header(os.pread(fd, fmt.HEADER_SIZE, 0))
-    except CorruptFileError as err:
-        return replace(report, notes=(f"{name}: unusable WAL ignored ({err.message})",))
-    if not fmt.wal_matches(header, main, boundaries):
-        return replace(report, notes=(f"{name}: WAL of another main file, ignored",))
-    size = os.fstat(fd).st_size
-    reader = fmt.FileReader(fd, fmt.HEADER_SIZE, size)
-    seq = report.seq
-    commits = 0
-    while reader.pos < size:
-        start = reader.pos
-        batch = fmt.read_batch(reader, load_values=True)
-        if batch is None or batch.seq > seq + 1:
-            if tail_is_clear(fd, start, size):
-                break  # space reserved for the next commits
-            tail = size - start
-            note = f"{name}: torn tail of {tail} bytes at offset {start} (never acknowledged)"
-            return replace(report, wal_commits=commits, notes=(note,))
-        if batch.seq == seq + 1:
-            seq += 1
-            commits += 1
-    return replace(report, wal_commits=commits)
-
-
-def verify_fd(name: str, fd: int, boundaries: dict[int, int] | None = None) -> VerifyReport:
-    """Check the main file on ``fd``; record its segment boundaries in ``boundaries``."""
-    if boundaries is None:
-        boundaries = {}
-    size = os.fstat(fd).st_size
-    live: dict[str, None] = {}
-    segments = 0
-    seq = 0
-
-    def damaged(error: str, offset: int) -> VerifyReport:
-        return VerifyReport(name, False, size, segments, seq, len(live), error, offset)
-
-    try:
-        header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
-    except CorruptFileError as err:
-        return damaged(err.message, err.fields.get("offset", 0))
-    seq = header.base_seq
-    boundaries[fmt.HEADER_SIZE] = seq
-    reader = fmt.FileReader(fd, fmt.HEADER_SIZE, size)
-    segment_start = reader.pos
-    batches: list[fmt.Batch] = []
-    while reader.pos < size:
-        record_start = reader.pos
-        if fmt.peek_is_trailer(reader):
-            trailer = fmt.read_trailer(reader)
-            if trailer is None:
-                return damaged("segment trailer checksum mismatch", record_start)
-            expected = fmt.segment_trailer(segment_start, batches) if batches else b""
-            raw = os.pread(fd, fmt.TRAILER_SIZE, record_start)
-            if raw != expected:
-                return damaged("segment trailer does not match its batches", record_start)
-            segments += 1
-            segment_start = reader.pos
-            boundaries[segment_start] = seq
-            batches = []
-            continue
-        batch = fmt.read_batch(reader, load_values=True)
-        if batch is None:
-            return damaged("batch is damaged or torn (checksum or structure)", record_start)
-        if batch.seq != seq + 1:
-            return damaged(f"commit {batch.seq} follows commit {seq}", record_start)
+    def apply_main(self, batch: fmt.Batch) -> None:
         for op in batch.ops:
             if op.kind == fmt.OP_PUT:
-                live[op.key] = None
+                self.live.add(op.key)
             else:
-                live.pop(op.key, None)
-        seq = batch.seq
-        batches.append(batch)
-    if batches:
-        return damaged("the last segment has no trailer (torn checkpoint)", segment_start)
-    return VerifyReport(name, True, size, segments, seq, len(live))
+                self.live.discard(op.key)
+
+    apply_wal = apply_main
+
+    def repoint(self, batch: fmt.Batch) -> None:
+        pass
+
+    def moved(self, first_seq: int, last_seq: int, shift: int) -> None:
+        pass
+
+
+def verify_prefix(
+    root: str | os.PathLike[str], name: str, repository_id: bytes | None = None
+) -> VerifyReport:
+    """Check prefix ``name`` of the repository at ``root``: its main file completely, its WAL
+    and how the two fit together. A torn WAL tail, an unfinished checkpoint and a WAL of
+    another main file are notes, not damage: recovery deals with each."""
+    root = Path(root)
+    main = main_path(root, name)
+    keys = _Keys()
+    try:
+        log = Log(root, name, repository_id, writable=False, sink=keys, tolerant=True)
+    except CorruptFileError as err:  # a file of another prefix or repository, a bad header
+        offset = int(err.fields.get("offset", 0))
+        return VerifyReport(
+            err.fields.get("path", str(main)), False, 0, 0, 0, 0, err.message, offset
+        )
+    try:
+        size = os.fstat(log.main_fd).st_size
+        if log.damage is not None:
+            return VerifyReport(
+                log.damage.path,
+                False,
+                size,
+                0,
+                0,
+                0,
+                f"{log.damage.reason} (run `hotcopy salvage {root} {name}` to keep what is "
+                "provable)",
+                log.damage.offset,
+            )
+        found = check_main_file(log.main_fd, end=log.cut().length)
+        if found.error is not None:
+            return VerifyReport(
+                str(main), False, size, found.segments, found.seq, 0, found.error, found.offset
+            )
+        return VerifyReport(
+            str(main),
+            True,
+            size,
+            found.segments,
+            found.seq,
+            len(keys.live),
+            wal_commits=log.seq - found.seq,
+            notes=tuple(log.notes()),
+        )
+    finally:
+        log.close()

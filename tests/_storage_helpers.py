@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hotcopy.storage import _format as fmt
+
 PYTHON = sys.executable
 GRACE = 5.0  # seconds a stopped child gets before it is killed
 
@@ -84,7 +86,9 @@ def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> int:
     return original
 
 
-def wal_used(path: Path, header_size: int = 64) -> int:
+def wal_used(path: Path, header_size: int | None = None) -> int:
     """Bytes of a WAL in use: its header and batches, not the zeros reserved after them."""
     data = path.read_bytes()
+    if header_size is None:
+        header_size = fmt.unpack_wal_header(data[: fmt.HEADER_SIZE]).size
     return header_size + len(data[header_size:].rstrip(b"\0"))

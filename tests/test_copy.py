@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import zlib
 from collections.abc import Callable, Iterator
@@ -29,11 +28,10 @@ from hotcopy.storage import (
     Repository,
     SameFileError,
     StorageError,
-    _checkpoint,
     verify_file,
 )
 from hotcopy.storage import _format as fmt
-from hotcopy.storage._prefix import _Flock, open_mutex
+from hotcopy.storage._log import Log
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -82,11 +80,11 @@ def _dump(px: Any) -> dict[str, Any]:
 
 
 def _open_standalone(copy: Path, where: Path, name: str = "p") -> tuple[int, dict[str, Any]]:
-    """Open a copy the way a user would: as ``<name>.hc`` of a fresh repository."""
-    Repository.init(where).close()
-    shutil.copyfile(copy, where / f"{name}.hc")
-    with Repository(where) as repo, repo.open_prefix(name, "r") as px:
-        return px.seq, _dump(px)
+    """Open a copy the way a user would in another repository: restored into a fresh one."""
+    with Repository.init(where) as repo:
+        repo.restore_prefix(copy, name)
+        with repo.open_prefix(name, "r") as px:
+            return px.seq, _dump(px)
 
 
 def _fill(repo: Repository, name: str = "p") -> tuple[int, dict[str, Any]]:
@@ -214,7 +212,7 @@ def test_a_copy_refuses_a_main_file_with_damaged_metadata(repo: Repository, tmp_
         file.seek(fmt.HEADER_SIZE)
         file.write(bytes([first[0] ^ 0xFF]))
     dest = tmp_path / "second.hc"
-    with pytest.raises(CorruptFileError, match="damaged at offset 64"):
+    with pytest.raises(CorruptFileError, match=f"damaged at offset {fmt.HEADER_SIZE}"):
         repo.copy_prefix(dest, "p")
     assert sorted(os.listdir(tmp_path)) == ["first.hc", "repo"]
 
@@ -234,7 +232,8 @@ def test_a_copy_whose_checkpoint_appends_still_refuses_damage_before_it(
             file.write(bytes([first[0] ^ 0xFF]))
         px["more"] = 1
         px.commit()  # in the WAL: the copy's checkpoint appends a segment
-        with Repository(repo.root) as other, pytest.raises(CorruptFileError, match="offset 64"):
+        damaged = f"offset {fmt.HEADER_SIZE}"
+        with Repository(repo.root) as other, pytest.raises(CorruptFileError, match=damaged):
             other.copy_prefix(tmp_path / "second.hc", "p")
     assert sorted(os.listdir(tmp_path)) == ["first.hc", "repo"]
 
@@ -504,27 +503,21 @@ def test_a_copy_checkpoint_reads_the_wal_ahead_and_then_what_came_after(
         for i in range(3):
             px[f"k{i}"] = i
             px.commit()
-        ahead = _checkpoint._WalReader.open(repo.prefix_path("p").with_name("p.hc-wal"))
-        assert ahead is not None and [b.seq for b in ahead.batches] == [1, 2, 3]
+        ahead = Log(repo.root, "p", repo.id_bytes, writable=True)  # as a copy opens it
+        assert ahead.seq == 3
         if replaced:
             px.checkpoint()  # a new WAL: what was read ahead is of no use
         for i in range(3, 5):
             px[f"k{i}"] = i
             px.commit()
         expected = _dump(px)
-    mutex = open_mutex(repo.runtime_dir, "p")
     try:
-        with repo.leases.lease("p", "write", timeout=5), _Flock(mutex):
-            result = _checkpoint._checkpoint_plain(repo.root, "p", ahead)
+        with repo.leases.lease("p", "write", timeout=5) as lease:
+            ahead.prepare(lease, 0)
+            cut = ahead.checkpoint(lease)
     finally:
-        os.close(mutex)
-        os.close(ahead.fd)
-    assert result is not None
-    cut, base, main_fd = result
-    os.close(main_fd)
+        ahead.close()
     assert cut.seq == 5 and cut.length == repo.prefix_path("p").stat().st_size
-    # Where the WAL began: the copy parses only the main file before it.
-    assert (base.seq, base.length < cut.length) == ((3 if replaced else 0), True)
     copy = repo.copy_prefix(tmp_path / "copy.hc", "p")
     assert (copy.seq, copy.length) == (cut.seq, cut.length)
     assert 0 < copy.cut_seconds <= copy.seconds

@@ -11,7 +11,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -40,10 +39,11 @@ def _dump(px: Any) -> dict[str, Any]:
 
 
 def _open_standalone(copy: Path, where: Path, name: str = "p") -> tuple[int, dict[str, Any]]:
-    Repository.init(where).close()
-    shutil.copyfile(copy, where / f"{name}.hc")
-    with Repository(where) as repo, repo.open_prefix(name, "r") as px:
-        return px.seq, _dump(px)
+    """Open a copy the way a user would in another repository: restored into a fresh one."""
+    with Repository.init(where) as repo:
+        repo.restore_prefix(copy, name)
+        with repo.open_prefix(name, "r") as px:
+            return px.seq, _dump(px)
 
 
 # -- three writers, six copies ----------------------------------------------------------------

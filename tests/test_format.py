@@ -15,8 +15,23 @@ from hotcopy.storage import _format as fmt
 
 pytestmark = pytest.mark.timeout(30)
 
-MAIN = fmt.MainHeader(file_id=bytes(range(16)), salt=0x0123456789ABCDEF, created_ns=1_700_000_000)
-WAL = fmt.WalHeader(file_id=bytes(range(16)), main_salt=0x0123456789ABCDEF, base_len=64, base_seq=0)
+REPO = bytes(range(100, 116))
+MAIN = fmt.MainHeader(
+    file_id=bytes(range(16)),
+    salt=0x0123456789ABCDEF,
+    created_ns=1_700_000_000,
+    repository_id=REPO,
+    prefix="users",
+)
+WAL = fmt.WalHeader(
+    file_id=bytes(range(16)),
+    main_salt=0x0123456789ABCDEF,
+    base_len=fmt.HEADER_SIZE,
+    base_seq=0,
+    repository_id=REPO,
+    prefix="users",
+    fenced_through=7,
+)
 
 
 def _ops() -> list[bytes]:
@@ -54,10 +69,11 @@ def _parse_segment(tmp_path: Path, data: bytes, *, load_values: bool) -> fmt.Seg
 # -- headers --------------------------------------------------------------------------------
 
 
-def test_main_and_wal_headers_round_trip_in_64_bytes() -> None:
+def test_main_and_wal_headers_name_their_repository_and_prefix_and_round_trip() -> None:
     main_raw = fmt.pack_main_header(MAIN)
     wal_raw = fmt.pack_wal_header(WAL)
-    assert len(main_raw) == len(wal_raw) == fmt.HEADER_SIZE == 64
+    assert len(main_raw) == len(wal_raw) == fmt.HEADER_SIZE == 512
+    assert MAIN.size == WAL.size == fmt.HEADER_SIZE
     assert main_raw[:8] == fmt.MAIN_MAGIC and wal_raw[:8] == fmt.WAL_MAGIC
     assert fmt.unpack_main_header(main_raw) == MAIN
     assert fmt.unpack_wal_header(wal_raw) == WAL
@@ -78,6 +94,8 @@ def test_headers_refuse_truncation_wrong_kind_and_future_version() -> None:
     raw = fmt.pack_main_header(MAIN)
     with pytest.raises(CorruptFileError, match="truncated"):
         fmt.unpack_main_header(raw[:63])
+    with pytest.raises(CorruptFileError, match="truncated"):
+        fmt.unpack_main_header(raw[:500])
     with pytest.raises(CorruptFileError, match="bad magic"):
         fmt.unpack_wal_header(raw)  # a main header is not a WAL header
     future = bytearray(raw[: fmt.HEADER_SIZE - 4])
@@ -294,11 +312,13 @@ def test_segment_meta_crc_covers_every_header_and_key_but_not_value_bytes(tmp_pa
 # -- the WAL/main match rule (invariant 3) --------------------------------------------------------
 
 
-def test_wal_matches_only_its_own_main_file_at_a_real_boundary() -> None:
-    boundaries = {64: 0, 500: 7}
-    assert fmt.wal_matches(WAL, MAIN, boundaries)
-    assert fmt.wal_matches(replace(WAL, base_len=500, base_seq=7), MAIN, boundaries)
-    assert not fmt.wal_matches(replace(WAL, base_len=500, base_seq=6), MAIN, boundaries)
-    assert not fmt.wal_matches(replace(WAL, base_len=600, base_seq=9), MAIN, boundaries)
-    assert not fmt.wal_matches(replace(WAL, main_salt=WAL.main_salt ^ 1), MAIN, boundaries)
-    assert not fmt.wal_matches(replace(WAL, file_id=bytes(16)), MAIN, boundaries)
+def test_format_1_headers_are_read_as_64_bytes_without_names() -> None:
+    v1 = replace(MAIN, repository_id=None, prefix=None, version=1)
+    raw = fmt.pack_main_header(v1)
+    assert len(raw) == fmt.V1_HEADER_SIZE == 64
+    header = fmt.unpack_main_header(raw + b"segments follow")
+    assert header == v1 and header.size == 64 and header.prefix is None
+    with pytest.raises(ValueError, match="repository id"):
+        fmt.pack_main_header(replace(MAIN, repository_id=None))
+    with pytest.raises(ValueError, match="prefix name"):
+        fmt.pack_wal_header(replace(WAL, prefix="x" * 201))

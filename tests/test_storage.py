@@ -13,6 +13,7 @@ import random
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,7 @@ def test_views_follow_another_process_checkpoint_of_batches_they_know_or_not(
             third_repo.open_prefix("p", "rw").checkpoint()  # another view's checkpoint
         main_size = (tmp_path / "repo" / "p.hc").stat().st_size
         writer.begin()  # catches up under the write lease: the fast path
-        assert writer._mem_seq == {} and writer._scanned_end == main_size
+        assert writer._mem_seq == {} and writer._log.cut().length == main_size
         assert dict(writer.items()) == expected
         writer.rollback()
         assert dict(lagging.items()) == expected and lagging.seq == 300  # parsed
@@ -516,12 +517,13 @@ def test_every_checkpoint_cut_is_the_exact_state_at_its_commit(tmp_path: Path) -
         data = main.read_bytes()
     assert len(cuts) >= 3
     for n, (cut, state) in enumerate(cuts):
-        target = Repository.init(tmp_path / f"cut{n}")
-        with target:
-            (target.root / "c.hc").write_bytes(data[: cut.length])  # no WAL beside it
+        standalone = tmp_path / f"cut{n}.hc"
+        standalone.write_bytes(data[: cut.length])
+        assert verify_file(standalone).seq == cut.seq
+        with Repository.init(tmp_path / f"cut{n}") as target:
+            assert target.restore_prefix(standalone, "c") == cut.seq
             px = target.open_prefix("c", "r")
             assert px.seq == cut.seq and dict(px.items()) == state
-        assert verify_file(target.root / "c.hc").seq == cut.seq
 
 
 # -- prefix names ---------------------------------------------------------------------------------
@@ -776,8 +778,8 @@ def test_a_reader_whose_main_file_check_came_just_before_a_checkpoint_follows_on
         px.checkpoint()
         px["c"] = 3
         px.commit()
-        reader._sync_wal()  # the WAL half of a catch-up, as if the main-file half came first
-        assert reader._seq == 3
+        reader._log._follow_wal()  # the WAL half of a catch-up, as if the main half came first
+        assert reader._log.seq == 3
         assert dict(reader.items()) == {"a": 1, "b": 2, "c": 3}
         px["d"] = 4
         px.commit()
@@ -897,12 +899,12 @@ def test_space_reserved_after_the_wal_is_neither_a_commit_nor_a_torn_tail(tmp_pa
     main, wal = _paths(repo, "p")
     used = h.wal_used(wal)
     assert wal.stat().st_size > used  # commits overwrite reserved zeros: no size change each
-    report = verify_prefix(main, wal)
+    report = verify_prefix(main.parent, "p")
     assert report.ok and report.wal_commits == 3 and report.notes == ()
     with open(wal, "r+b") as f:  # debris deep in the reserved space, zeros before it
         f.seek(used + 5000)
         f.write(b"debris")
-    assert "torn tail" in verify_prefix(main, wal).notes[0]
+    assert "torn tail" in verify_prefix(main.parent, "p").notes[0]
     with Repository(repo.root) as again:
         px = again.open_prefix("p", "rw")
         assert dict(px.items()) == model
@@ -910,7 +912,7 @@ def test_space_reserved_after_the_wal_is_neither_a_commit_nor_a_torn_tail(tmp_pa
         assert px.commit() == 4
     data = wal.read_bytes()
     assert b"debris" not in data  # the next writer removed it before it appended
-    assert verify_prefix(main, wal).notes == ()
+    assert verify_prefix(main.parent, "p").notes == ()
     with Repository(repo.root) as again:
         assert dict(again.open_prefix("p", "r").items()) == model
 
@@ -940,58 +942,6 @@ def test_a_wal_cut_at_every_byte_of_its_last_batch_drops_just_that_commit(
             assert dict(px.items()) == expected and px.seq == (3 if expected is model else 2)
 
 
-def test_a_wal_ahead_of_the_main_file_is_ignored_batches_beyond_seq_too(tmp_path: Path) -> None:
-    repo, model = _three_commits(tmp_path)
-    _, wal = _paths(repo, "p")
-    whole = wal.read_bytes()[: h.wal_used(wal)]
-    with open(wal, "r+b") as f:  # a whole, checksummed batch that does not follow commit 3
-        f.seek(len(whole))
-        f.write(fmt.encode_batch(9, 1, [fmt.encode_op(fmt.OP_PUT, "ghost", 1, b"1")]))
-    with Repository(repo.root) as again:
-        px = again.open_prefix("p", "rw")
-        assert "ghost" not in px and px.seq == 3
-        px["real"] = model["real"] = 1
-        assert px.commit() == 4
-    data = wal.read_bytes()  # the commit replaced the stray batch: nothing of it is left
-    assert data.startswith(whole) and b"ghost" not in data
-    with Repository(repo.root) as again:
-        px = again.open_prefix("p", "r")
-        assert dict(px.items()) == model and px.seq == 4
-
-
-def test_an_older_main_copy_beside_a_newer_wal_opens_as_the_older_copy(tmp_path: Path) -> None:
-    with _repo(tmp_path, checkpoint_bytes=BIG) as repo:
-        px = repo.open_prefix("p", "rw")
-        px["a"] = "old"
-        px.commit()
-        px.checkpoint()
-    main, wal = _paths(repo, "p")
-    old_copy = tmp_path / "old.hc"
-    shutil.copy(main, old_copy)  # taken while the prefix is closed
-    with Repository(repo.root, checkpoint_bytes=BIG) as again:
-        px = again.open_prefix("p", "rw")
-        px["a"] = "new"
-        px["b"] = "new"
-        px.commit()
-        px.checkpoint()
-        px["c"] = "only in the wal"
-        px.commit()
-    assert os.path.getsize(wal) > fmt.HEADER_SIZE
-    shutil.copy(old_copy, main)
-    with Repository(repo.root) as again:
-        px = again.open_prefix("p", "r")
-        assert dict(px.items()) == {"a": "old"} and px.seq == 1
-    with Repository(repo.root) as again:
-        px = again.open_prefix("p", "rw")
-        assert dict(px.items()) == {"a": "old"}
-        px["d"] = "after restore"
-        assert px.commit() == 2
-    with Repository(repo.root) as again:
-        px = again.open_prefix("p", "r")
-        assert dict(px.items()) == {"a": "old", "d": "after restore"} and px.seq == 2
-    assert verify_file(main).ok
-
-
 def test_an_open_reader_follows_a_main_file_replaced_under_it(tmp_path: Path) -> None:
     """A restore or compaction replaces the main file with ``os.replace``: an open reader moves
     to the new file at its next read, and the stale WAL left beside it is not applied.
@@ -1003,9 +953,8 @@ def test_an_open_reader_follows_a_main_file_replaced_under_it(tmp_path: Path) ->
         px = repo.open_prefix("p", "rw")
         px["a"] = "old"
         px.commit()
-        px.checkpoint()
         main, _ = _paths(repo, "p")
-        shutil.copy(main, tmp_path / "old.hc")
+        repo.copy_prefix(tmp_path / "old.hc", prefix="p")
         px["a"] = "new"
         px.commit()
         px.checkpoint()
@@ -1028,45 +977,42 @@ def _wal_with_commits(repo_root: Path, name: str, values: dict[str, Any]) -> Non
             px.commit()
 
 
-def test_foreign_mismatched_and_damaged_wals_are_never_applied(tmp_path: Path) -> None:
+def test_wals_of_another_main_file_are_ignored_and_foreign_or_damaged_ones_refused(
+    tmp_path: Path,
+) -> None:
     with _repo(tmp_path) as repo:
         root = repo.root
     _wal_with_commits(root, "p", {"mine": 1})
     with Repository(root) as again:
         again.open_prefix("p", "rw").checkpoint()  # p's state is now in p.hc alone
-    _wal_with_commits(root, "q", {"theirs": 2, "more": 3})  # q's WAL: same base_len as p's
+    _wal_with_commits(root, "q", {"theirs": 2, "more": 3})
     _, p_wal = _paths(repo, "p")
     _, q_wal = _paths(repo, "q")
     p_header = fmt.unpack_wal_header(p_wal.read_bytes()[: fmt.HEADER_SIZE])
     q_data = q_wal.read_bytes()
     q_header = fmt.unpack_wal_header(q_data[: fmt.HEADER_SIZE])
-    same_salt_other_file = fmt.pack_wal_header(
-        fmt.WalHeader(q_header.file_id, p_header.main_salt, p_header.base_len, p_header.base_seq)
-    )
-    same_file_other_salt = fmt.pack_wal_header(
-        fmt.WalHeader(
-            p_header.file_id, p_header.main_salt ^ 1, p_header.base_len, p_header.base_seq
-        )
-    )
-    damaged = bytearray(
-        fmt.pack_wal_header(
-            fmt.WalHeader(p_header.file_id, p_header.main_salt, p_header.base_len, 1)
-        )
-    )
-    damaged[20] ^= 0xFF
     body = q_data[fmt.HEADER_SIZE :]
     # q's batches are commits 1 and 2; p is at commit 1 after its checkpoint, so q's commit 2
-    # would apply as p's next commit if the header check were missing.
-    for header in (q_data[: fmt.HEADER_SIZE], same_salt_other_file, same_file_other_salt):
-        p_wal.write_bytes(header + body)
+    # would apply as p's next commit if the header checks were missing.
+    other_file = replace(p_header, file_id=q_header.file_id)
+    other_salt = replace(p_header, main_salt=p_header.main_salt ^ 1)
+    for header in (other_file, other_salt):  # what a copy replacing the main file leaves
+        p_wal.write_bytes(fmt.pack_wal_header(header) + body)
         with Repository(root) as again:
             px = again.open_prefix("p", "r")
             assert dict(px.items()) == {"mine": 1} and px.seq == 1, header
+    p_wal.write_bytes(q_data)  # another prefix's WAL
+    with Repository(root) as again, pytest.raises(CorruptFileError, match="prefix 'q'"):
+        again.open_prefix("p", "r")
+    damaged = bytearray(fmt.pack_wal_header(p_header))
+    damaged[20] ^= 0xFF
     p_wal.write_bytes(bytes(damaged) + body)
+    with Repository(root) as again, pytest.raises(CorruptFileError, match="header is damaged"):
+        again.open_prefix("p", "rw")
+    p_wal.write_bytes(fmt.pack_wal_header(other_salt) + body)
     with Repository(root) as again:
         px = again.open_prefix("p", "rw")
-        assert dict(px.items()) == {"mine": 1}
         px["next"] = 2
-        assert px.commit() == 2
+        assert px.commit() == 2  # the stale WAL was replaced, not applied
     with Repository(root) as again:
         assert dict(again.open_prefix("p", "r").items()) == {"mine": 1, "next": 2}

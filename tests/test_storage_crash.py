@@ -229,7 +229,7 @@ def test_a_writer_that_committed_before_clears_the_torn_tail_of_a_writer_that_di
             assert px.commit() == 4
         _, whole_end, data_end = _wal_shape(root / "p.hc-wal")
         assert data_end == whole_end, "debris of the torn batch is left after our commit"
-        assert verify_prefix(root / "p.hc", root / "p.hc-wal").notes == ()
+        assert verify_prefix(root, "p").notes == ()
         with Repository(root) as repo:
             px = repo.open_prefix("p", "r")
             assert px.seq == 4 and px["small"] == 4 and px["txn"] == 3 == _journal(journal)[-1]
@@ -303,7 +303,8 @@ def test_checkpoint_after_a_crashed_checkpoint_finishes_its_job(tmp_path: Path) 
             px = repo.open_prefix("p", "rw")
             cut = px.checkpoint()
             after, _, wal_size = _wal_shape(root / "p.hc-wal")
-            assert (after.base_len, after.base_seq, wal_size) == (cut.length, cut.seq, 64)
+            expected = (cut.length, cut.seq, fmt.HEADER_SIZE)
+            assert (after.base_len, after.base_seq, wal_size) == expected
             assert _check_state(px, _journal(journal)) == cut.seq
         assert verify_file(main).ok
     finally:

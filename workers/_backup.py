@@ -31,7 +31,8 @@ from hotcopy.storage._durable import (
     temp_path_for,
 )
 from hotcopy.storage._format import HEADER_SIZE as WAL_HEADER_SIZE
-from hotcopy.storage._prefix import Cut, Prefix, wal_path
+from hotcopy.storage._log import Cut, wal_path
+from hotcopy.storage._prefix import Prefix
 from hotcopy.storage._repository import RUNTIME_DIR
 
 from ._catalog import Catalog, Entry, Manifest
@@ -356,7 +357,7 @@ def _consistent_cuts(
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     for name in names:
         held.enter_context(repo.leases.lease(name, "snapshot", timeout=repo.lease_timeout))
-    prefixes = [Prefix(repo.root, name, "rw", repo.leases, repo.runtime_dir) for name in names]
+    prefixes = [Prefix(repo.root, name, "rw", repo.leases, repo.id_bytes) for name in names]
     for prefix in prefixes:
         held.callback(prefix.close)
     try:

@@ -181,6 +181,21 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     cmd.set_defaults(command=_coordinator)
 
+    cmd = sub.add_parser(
+        "salvage",
+        help="keep what is provable of a damaged prefix",
+        description=(
+            "Keep what is provable of a damaged prefix: its main file up to any damage in it and "
+            "the WAL's commits before any damage in that; the commits lost are printed and stay "
+            "taken (as empty commits), and the damaged files are moved aside under new names, "
+            "never deleted. A sound prefix is left as it is."
+        ),
+    )
+    cmd.add_argument("root", type=Path)
+    cmd.add_argument("prefix")
+    cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    cmd.set_defaults(command=_salvage)
+
     cmd = sub.add_parser("verify", help="check every checksum of a .hc file or a repository")
     cmd.add_argument("path", type=Path)
     cmd.add_argument("--json", action="store_true", help="print one JSON object")
@@ -390,8 +405,7 @@ def _verify(args: argparse.Namespace) -> int:
         return _verify_catalog(path, args.json)
     if path.is_dir():
         with Repository(path) as repo:
-            mains = [repo.prefix_path(name) for name in repo.prefixes()]
-        reports = [verify_prefix(main, main.with_suffix(".hc-wal")) for main in mains]
+            reports = [verify_prefix(repo.root, name, repo.id_bytes) for name in repo.prefixes()]
     elif path.exists():
         reports = [verify_file(path)]
     else:
@@ -417,6 +431,42 @@ def _verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _salvage(args: argparse.Namespace) -> int:
+    with Repository(args.root) as repo:
+        result = repo.salvage_prefix(args.prefix)
+    lost = f"{result.lost[0]}-{result.lost[1]}" if result.lost else None
+    if args.json:
+        payload = {
+            "prefix": args.prefix,
+            "damaged": result.damage is not None,
+            "kept": result.kept,
+            "lost": list(result.lost) if result.lost else None,
+            "moved_aside": [str(path) for path in result.moved_aside],
+        }
+        print(json.dumps(payload))
+        return 0
+    if result.damage is None:
+        print(f"prefix {args.prefix!r}: nothing to salvage (no damage found); nothing changed")
+        return 0
+    damage = result.damage
+    print(
+        f"prefix {args.prefix!r}: {damage.path} was damaged at offset {damage.offset}: "
+        f"{damage.reason}"
+    )
+    kept = f"kept commits 1-{result.kept}" if result.kept else "kept no commits"
+    print(
+        f"{kept}; "
+        + (
+            f"lost commits {lost} (their numbers stay taken, as empty commits)"
+            if lost
+            else "lost no commit found in the damaged part"
+        )
+    )
+    for path in result.moved_aside:
+        print(f"moved aside: {path}")
     return 0
 
 

@@ -29,6 +29,8 @@ from hotcopy.storage import Repository
 from hotcopy.storage import _format as fmt
 from hotcopy.storage._codec import decode_value
 from hotcopy.storage._durable import write_durably
+from hotcopy.storage._files import open_regular
+from hotcopy.storage._log import Damage, iter_segments
 
 from ._errors import BackupError
 
@@ -37,29 +39,30 @@ _DICT_KEY = "$dict"  # escapes a stored one-key dict whose key is one of these t
 _TAGS = (_BYTES_KEY, _DICT_KEY)
 
 
-def changes_in(path: str | os.PathLike[str], *, full: bool) -> tuple[dict[str, Any], list[str]]:
-    """``(upserts, deletes)`` made by the batches of a backup file (a full copy or a delta)."""
+def changes_in(
+    path: str | os.PathLike[str], *, full: bool, start: int = 0
+) -> tuple[dict[str, Any], list[str]]:
+    """``(upserts, deletes)`` made by the batches of a backup file (a full copy, or a delta of
+    the main-file bytes from offset ``start`` on)."""
     upserts: dict[str, Any] = {}
     deletes: dict[str, None] = {}
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(path)
     try:
-        size = os.fstat(fd).st_size
-        reader = fmt.FileReader(fd, fmt.HEADER_SIZE if full else 0, size)
-        while reader.pos < size:
-            if fmt.peek_is_trailer(reader):
-                if fmt.read_trailer(reader) is None:
-                    raise BackupError(f"{path}: damaged trailer at offset {reader.pos}")
-                continue
-            batch = fmt.read_batch(reader, load_values=True)
-            if batch is None:
-                raise BackupError(f"{path}: damaged batch at offset {reader.pos}")
-            for op in batch.ops:
-                if op.kind == fmt.OP_PUT:
-                    upserts[op.key] = _to_json(decode_value(op.vtype, op.value or b""))
-                    deletes.pop(op.key, None)
-                else:
-                    upserts.pop(op.key, None)
-                    deletes[op.key] = None
+        begin, after, shift = 0, None, start
+        if full:
+            header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
+            begin, after, shift = header.size, header.base_seq, 0
+        for item in iter_segments(fd, begin, os.fstat(fd).st_size, after, shift=shift):
+            if isinstance(item, Damage):
+                raise BackupError(f"{path}: damaged at offset {item.offset}: {item.reason}")
+            for batch in item.batches:
+                for op in batch.ops:
+                    if op.kind == fmt.OP_PUT:
+                        upserts[op.key] = _to_json(decode_value(op.vtype, op.value or b""))
+                        deletes.pop(op.key, None)
+                    else:
+                        upserts.pop(op.key, None)
+                        deletes[op.key] = None
     finally:
         os.close(fd)
     return upserts, [] if full else list(deletes)

@@ -204,7 +204,9 @@ class BackupManager:
         prefixes: dict[str, Any] = {}
         for name, entry in manifest.entries.items():
             prefixes[name] = changes_in(
-                catalog.path / result.id / entry.file, full=entry.kind == "full"
+                catalog.path / result.id / entry.file,
+                full=entry.kind == "full",
+                start=entry.start,
             )
         write_document(
             catalog.path / f"{result.id}.json",

@@ -1,0 +1,1134 @@
+"""The log of one prefix: its main file of checkpointed segments and the WAL of the commits since,
+owned by one object that knows batches, not keys.
+
+Everything that reads or changes a prefix's files goes through :class:`Log`: opening and
+recovery, appending a commit, following what other processes appended, the one checkpoint,
+fencing a writer that lost its lease while stopped, and the rules for where valid data ends.
+:class:`~hotcopy.storage._prefix.Prefix` keeps the key index and transactions on top of it;
+copies, verify, restore and salvage use it too.
+
+**Where valid data ends** (the damage model, README "Damage"):
+
+* The WAL holds commits ``base_seq + 1, + 2, ...`` back to back after its header. After the
+  last whole batch come zeros (space reserved for the next ones) or, after a crash, one
+  incomplete batch with nothing valid after it: a *torn tail*, never acknowledged, dropped.
+  A batch that fails a checksum or a structural rule with a whole batch after it, a whole
+  batch that does not follow, or a damaged header in front of batches is *damage*.
+* The main file holds whole segments after its header. The WAL that matches it names the
+  boundary it continues from (``base_len``): bytes after that boundary are an unfinished
+  checkpoint, whose commits the WAL still holds (debris, a note); unreadable bytes before it,
+  or a main file that ends before it, are damage.
+* Every header names its repository and prefix, and the WAL the main file (id and salt) and the
+  boundary it continues: a file of another prefix or repository is damage; a WAL of another
+  main file of the same prefix (left beside a copy that replaced the main file) is ignored.
+* Damage is reported with its file and offset; the prefix refuses to open and nothing ever
+  writes over it. ``hotcopy salvage`` keeps what is provable (``_salvage``).
+
+**A writer that lost its lease while stopped** cannot block anyone: no lock is held across a
+change of the files. It cannot change the files after its successor took over either:
+
+* Every change is checked against the lease just before it is made, and a lease is only lost
+  by expiry, recorded by the coordinator (``expired_token``). The first holder granted after an
+  expiry *fences* before it changes anything (:meth:`Log.prepare`): it removes the temps the
+  stopped process may still rename into place, and checkpoints, which replaces the WAL. A
+  stopped process's pending append then lands in a WAL nobody reads, its pending rename finds
+  no temp, and its pending checkpoint write puts the very bytes the fence put at the very
+  same offset (a checkpoint is determined by the WAL it reads: every whole batch, at its
+  ``base_len``), so none of them changes anything.
+* A commit whose lease lapsed between its write and the check after its ``fdatasync`` is
+  settled by taking the lease again (:meth:`Log.settle`): it is acknowledged if whoever fenced
+  first found it in the WAL, and refused, leaving no trace, if not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+from hotcopy.coordinator._errors import LeaseFenced
+
+from . import _format as fmt
+from ._closing import close_later
+from ._durable import fsync_dir, pwrite_all, remove_temps_of, sync_file, write_durably
+from ._errors import CorruptFileError, PrefixNotFound, StorageError, SyncFailed
+from ._faults import BREAK, fault, fault_due
+from ._files import open_regular
+from ._leases import HeldLease
+from ._wal_space import reserve, tail_is_clear
+
+_FOLLOW_CHUNK = 16 << 10  # bytes a follower reads at once: mostly reserved space follows
+_BATCH_MAGIC = struct.pack("<I", fmt.BATCH_MAGIC)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A commit boundary of a main file: its first ``length`` bytes hold exactly commit ``seq``."""
+
+    length: int
+    seq: int
+    file_id: bytes
+
+
+def main_path(root: Path, name: str) -> Path:
+    return root / f"{name}.hc"
+
+
+def wal_path(root: Path, name: str) -> Path:
+    return root / f"{name}.hc-wal"
+
+
+class CommitUnconfirmed(StorageError):
+    """A commit was written, but its lease lapsed before the write was confirmed and the lease
+    could not be taken again to settle it; whether it is in the log shows when the prefix is
+    next read (commit ``seq``)."""
+
+
+class LogSink(Protocol):
+    """What a log tells the key index built on it, as it reads commits."""
+
+    def reset(self) -> None:
+        """The main file was (re)opened: forget everything; its commits follow from the start."""
+
+    def apply_main(self, batch: fmt.Batch) -> None:
+        """A new commit, read from the main file (values stay there, at their op offsets)."""
+
+    def apply_wal(self, batch: fmt.Batch) -> None:
+        """A new commit, read from the WAL (values loaded)."""
+
+    def repoint(self, batch: fmt.Batch) -> None:
+        """A commit already applied from the WAL, found in the main file."""
+
+    def moved(self, first_seq: int, last_seq: int, shift: int) -> None:
+        """WAL commits ``first_seq..last_seq`` are now in the main file, each op ``shift``
+        bytes after its WAL offset."""
+
+
+class _WalBatch(NamedTuple):
+    seq: int
+    offset: int
+    size: int
+    meta_crc: int
+    # CRC32 of the WAL's bytes from the end of its header to the end of this batch, as this
+    # process wrote or checked them: a checkpoint proves its re-read of the whole WAL by one
+    # comparison instead of checking every batch again.
+    wal_crc: int
+    # fmt.chain_meta_crc of the WAL's batches up to this one: the trailer of a segment made of
+    # them all, without a pass over them (a writer waits for this after a checkpoint).
+    meta_chain: int
+
+
+@dataclass(frozen=True)
+class Damage:
+    path: str
+    offset: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Salvaged:
+    """What :meth:`Log.salvage` kept and lost."""
+
+    kept: int  # commits 1..kept are in the prefix
+    lost: tuple[int, int] | None  # commits first..last were lost (now empty commits)
+    damage: Damage | None  # None: nothing was damaged, nothing changed
+    moved_aside: list[Path]
+
+
+def _move_aside(path: Path) -> Path:
+    """Give ``path`` a new name beside it (``<name>.damaged-<time>``); the old name is free."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    aside = path.with_name(f"{path.name}.damaged-{stamp}-{secrets.token_hex(2)}")
+    os.link(path, aside)
+    fsync_dir(path.parent)
+    return aside
+
+
+class Log:
+    """The files of prefix ``name`` under ``root``; see the module docstring.
+
+    Args:
+        repository_id: The repository's id (16 bytes): files naming another are refused. None
+            only where no repository is known (a read-only check of loose files).
+        writable: Open the files for writing (a writer, a copy's checkpoint).
+        sink: Told every commit read (a key index).
+        scan: Read the main file's segments (by default when there is a sink). Without, those
+            before the WAL's boundary are not read at all: a copy's checkpoint needs only the
+            boundary, and the copy checks every byte it copies.
+        tolerant: Record damage (:attr:`damage`) and stop reading there instead of raising
+            (salvage and verify, which report it).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        repository_id: bytes | None,
+        *,
+        writable: bool,
+        sink: LogSink | None = None,
+        scan: bool | None = None,
+        tolerant: bool = False,
+    ) -> None:
+        self.name = name
+        self.main_path = main_path(root, name)
+        self.wal_path = wal_path(root, name)
+        self._repository_id = repository_id
+        self._writable = writable
+        self._sink = sink
+        self._scan = sink is not None if scan is None else scan
+        self._tolerant = tolerant
+        self.damage: Damage | None = None
+        self._main_fd = -1
+        self._main_ino = -1
+        self._header: fmt.MainHeader
+        self._scanned_end = 0  # the end of the last whole segment read
+        self._boundaries: dict[int, int] = {}  # segment end -> its commit
+        self._seq = 0  # the last commit read (or appended)
+        self._wal_fd = -1
+        self._wal_ino = -1
+        self._wal_header: fmt.WalHeader | None = None  # None: no WAL, or not read yet
+        self._wal_applies = False  # the WAL continues this main file
+        self._wal_pos = 0  # end of the last whole batch read from the WAL
+        self._wal_size = 0  # the WAL's size: space reserved beyond _wal_pos
+        self._wal_index: list[_WalBatch] = []  # every whole batch of the WAL, in order
+        # The files are exactly as this writer's last change left them (it has held the write
+        # lease since): the next commit skips the checks of prepare().
+        self._files_as_left = False
+        self._failed: str | None = None  # why this process stopped writing (an fsync failed)
+        self._fenced_through = 0
+        self._watch: tuple[int, int | None] = (0, None)  # a commit settle() looks for
+        self._deferred: tuple[int, bytes, int] | None = None  # HOTCOPY_TEST_BREAK only
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- what is known -----------------------------------------------------------------------
+
+    @property
+    def seq(self) -> int:
+        """The last commit read or appended."""
+        return self._seq
+
+    @property
+    def header(self) -> fmt.MainHeader:
+        return self._header
+
+    @property
+    def main_fd(self) -> int:
+        """The main file: values of checkpointed commits are read at their op offsets."""
+        return self._main_fd
+
+    @property
+    def wal_bytes(self) -> int:
+        """Bytes of commits in the WAL (what the next checkpoint moves)."""
+        return self._wal_pos - self._wal_header.size if self._wal_header is not None else 0
+
+    @property
+    def files_as_left(self) -> bool:
+        return self._files_as_left
+
+    def cut(self) -> Cut:
+        """The last boundary of the main file read."""
+        return Cut(self._scanned_end, self._boundaries[self._scanned_end], self._header.file_id)
+
+    def dup_main_fd(self) -> int:
+        """A new descriptor on the main file, the caller's to close: holding it, the bytes of
+        a cut stay readable whatever happens to the path (files are replaced, never edited)."""
+        return os.dup(self._main_fd)
+
+    def notes(self) -> list[str]:
+        """Findings that are not damage: a torn WAL tail, debris, a WAL left by another file."""
+        found = []
+        header = self._wal_header
+        if header is not None and not self._wal_applies:
+            found.append(f"{self.wal_path}: WAL of another main file of this prefix, ignored")
+        size = os.fstat(self._main_fd).st_size
+        if self._wal_applies and header is not None and self._scanned_end > header.base_len:
+            found.append(
+                f"{self.main_path}: an unfinished checkpoint after offset {header.base_len} "
+                "(its commits are in the WAL; the next checkpoint completes it)"
+            )
+        if size > self._scanned_end:
+            found.append(
+                f"{self.main_path}: {size - self._scanned_end} bytes of debris after offset "
+                f"{self._scanned_end} left by an unfinished checkpoint (its commits are in the "
+                "WAL; the next checkpoints write over it)"
+            )
+        if self._wal_fd >= 0 and self._wal_applies:
+            end = os.fstat(self._wal_fd).st_size
+            if end > self._wal_pos and not tail_is_clear(self._wal_fd, self._wal_pos, end):
+                found.append(
+                    f"{self.wal_path}: torn tail at offset {self._wal_pos} (a commit that never "
+                    "returned; dropped)"
+                )
+        return found
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def follow(self) -> None:
+        """See what other processes appended or replaced since this log last looked."""
+        try:
+            st = os.stat(self.main_path)
+        except FileNotFoundError:
+            raise PrefixNotFound(
+                f"prefix {self.name!r} no longer exists in {self.main_path.parent}",
+                prefix=self.name,
+            ) from None
+        if st.st_ino != self._main_ino:
+            self._load()  # replaced by a compaction or a restore
+            return
+        if st.st_size > self._scanned_end:
+            self._scan_main(st.st_size)
+        self._follow_wal()
+
+    def read_value(self, offset: int) -> tuple[int, bytes]:
+        """``(vtype, value)`` of the op at ``offset`` of the main file, CRC-checked."""
+        return fmt.read_op_value(self._main_fd, offset)
+
+    def _load(self) -> None:
+        """(Re)open the main file and read it, then the WAL."""
+        flags = os.O_RDWR if self._writable else os.O_RDONLY
+        try:
+            fd = open_regular(self.main_path, flags)
+        except FileNotFoundError:
+            raise PrefixNotFound(
+                f"prefix {self.name!r} does not exist in {self.main_path.parent}",
+                prefix=self.name,
+            ) from None
+        if self._main_fd >= 0:
+            close_later(self._main_fd)  # replaced by a compaction or restore, mostly
+        self._main_fd = fd
+        self._main_ino = os.fstat(fd).st_ino
+        try:
+            header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
+        except CorruptFileError as err:
+            raise self._error(self.main_path, 0, f"its header is damaged ({err.message})") from None
+        self._check_identity(self.main_path, header.repository_id, header.prefix)
+        self._header = header
+        self._seq = header.base_seq
+        self._scanned_end = header.size
+        self._boundaries = {header.size: header.base_seq}
+        if self._sink is not None:
+            self._sink.reset()
+        if self._scan:
+            self._scan_main(os.fstat(fd).st_size)
+        self._open_wal(strict=True)
+
+    def _check_identity(self, path: Path, repository_id: bytes | None, prefix: str | None) -> None:
+        if prefix is not None and prefix != self.name:
+            raise self._error(path, 0, f"it belongs to prefix {prefix!r}, not {self.name!r}")
+        if (
+            repository_id is not None
+            and self._repository_id is not None
+            and repository_id != self._repository_id
+        ):
+            raise self._error(
+                path,
+                0,
+                f"it belongs to repository {repository_id.hex()}, not {self._repository_id.hex()}",
+            )
+
+    def _scan_main(self, size: int) -> None:
+        """Read the whole segments after the last one read (up to ``size``)."""
+        self._adopt_known_checkpoint(size)
+        reader = fmt.FileReader(self._main_fd, self._scanned_end, size)
+        while reader.pos < size:
+            start = reader.pos
+            segment = fmt.read_segment(reader, load_values=False)
+            if segment is None:
+                break  # a checkpoint in progress, debris, or damage: see _check_main_tail
+            first = segment.batches[0].seq
+            if first != self._boundaries[start] + 1:
+                self._damaged(
+                    self.main_path,
+                    start,
+                    f"its segment starts at commit {first}, after commit {self._boundaries[start]}",
+                )
+                return
+            for batch in segment.batches:
+                self._deliver(batch, in_wal=False)
+            self._boundaries[segment.end] = segment.last_seq
+            self._scanned_end = segment.end
+
+    def _adopt_known_checkpoint(self, size: int) -> None:
+        """Take a segment another process checkpointed from WAL batches this log has read.
+
+        Such a segment is those batches' WAL bytes back to back, closed by the trailer their
+        metadata CRCs give; if the trailer found where it must be is exactly that one, the index
+        moves to the main file by arithmetic instead of a parse of every batch (a writer
+        following a copier's checkpoint of a full WAL would spend half a second parsing).
+        Values stay checked against their CRCs whenever they are read.
+        """
+        header = self._wal_header
+        index = self._wal_index
+        if not (self._wal_applies and header and index and header.base_len == self._scanned_end):
+            return
+        first, last = index[0], index[-1]
+        start = self._scanned_end
+        trailer = fmt.encode_trailer(last.seq, start, len(index), last.meta_chain)
+        at = start + last.offset + last.size - first.offset
+        if at + len(trailer) > size or os.pread(self._main_fd, len(trailer), at) != trailer:
+            return  # not (only) our batches: parse it
+        self._moved(index, start, at + len(trailer))
+
+    def _moved(self, batches: list[_WalBatch], start: int, end: int) -> None:
+        """The WAL ``batches`` now form the main-file segment ``[start, end)``."""
+        first, last = batches[0], batches[-1]
+        if self._sink is not None:
+            self._sink.moved(first.seq, last.seq, start - first.offset)
+        for boundary in [b for b in self._boundaries if start < b < end]:
+            del self._boundaries[boundary]  # of an unfinished checkpoint written over
+        self._boundaries[end] = last.seq
+        self._scanned_end = end
+
+    def _deliver(self, batch: fmt.Batch, *, in_wal: bool) -> None:
+        if batch.seq == self._watch[0]:
+            self._watch = (batch.seq, batch.token)
+        if batch.seq <= self._seq:
+            if not in_wal and self._sink is not None:
+                self._sink.repoint(batch)  # applied from the WAL before; now checkpointed
+            return
+        if self._sink is not None:
+            if in_wal:
+                self._sink.apply_wal(batch)
+            else:
+                self._sink.apply_main(batch)
+        self._seq = batch.seq
+
+    def _open_wal(self, *, strict: bool) -> None:
+        """(Re)open the WAL, check that it continues this main file, and read its batches."""
+        self._drop_wal()
+        flags = os.O_RDWR if self._writable else os.O_RDONLY
+        try:
+            fd = open_regular(self.wal_path, flags)
+        except FileNotFoundError:
+            return  # no WAL (a prefix created by a process that died before writing it)
+        self._wal_fd = fd
+        self._wal_ino = os.fstat(fd).st_ino
+        try:
+            header = fmt.unpack_wal_header(os.pread(fd, fmt.HEADER_SIZE, 0))
+        except CorruptFileError as err:
+            # It may hold commits that nothing else has: never taken for "no WAL".
+            self._damaged(self.wal_path, 0, f"its header is damaged ({err.message})")
+            return
+        self._check_identity(self.wal_path, header.repository_id, header.prefix)
+        self._wal_header = header
+        self._wal_pos = header.size
+        self._fenced_through = header.fenced_through
+        if header.file_id != self._header.file_id or header.main_salt != self._header.salt:
+            return  # of another main file of this prefix (replaced by a copy): never applied
+        if header.base_len not in self._boundaries and not self._find_boundary(header):
+            return
+        self._wal_applies = True
+        self._wal_size = os.fstat(fd).st_size
+        self._read_wal(strict=strict)
+        if strict:
+            self._check_main_tail()
+
+    def _find_boundary(self, header: fmt.WalHeader) -> bool:
+        """Make sure the WAL's ``base_len`` is a boundary holding ``base_seq``; False after
+        recording damage (tolerant)."""
+        size = os.fstat(self._main_fd).st_size
+        if not self._scan and self._scanned_end < header.base_len <= size:
+            # Not scanning the main file: trust the boundary the trailer ending there proves.
+            trailer = fmt.read_trailer(
+                fmt.FileReader(self._main_fd, header.base_len - fmt.TRAILER_SIZE, header.base_len)
+            )
+            if trailer is not None and trailer.last_seq == header.base_seq:
+                self._boundaries[header.base_len] = header.base_seq
+                self._scanned_end = header.base_len
+                self._seq = header.base_seq
+                self._scan_main(size)  # an unfinished checkpoint after it, if any
+                return True
+        elif header.base_len > self._scanned_end and size > self._scanned_end:
+            self._scan_main(size)  # a checkpoint landed after this log looked at the main file
+            if header.base_len in self._boundaries:
+                return True
+        if self._boundaries.get(header.base_len) == header.base_seq:
+            return True
+        if header.base_len > size:
+            reason = (
+                f"it ends at offset {size}, but its WAL shows it was durable up to offset "
+                f"{header.base_len} (commit {header.base_seq}): the main file was shortened"
+            )
+            self._damaged(self.main_path, size, reason)
+        elif header.base_len > self._scanned_end:
+            bad = _locate_damage(self._main_fd, self._scanned_end, size, 0)
+            reason = (
+                f"{bad.reason}, although its WAL shows it was durable up to offset "
+                f"{header.base_len} (commit {header.base_seq})"
+            )
+            self._damaged(self.main_path, bad.offset, reason)
+        else:
+            reason = (
+                f"it continues the main file from offset {header.base_len} (commit "
+                f"{header.base_seq}), which is not a commit boundary of it"
+            )
+            self._damaged(self.wal_path, 0, reason)
+        return False
+
+    def _follow_wal(self) -> None:
+        try:
+            st = os.stat(self.wal_path)
+        except FileNotFoundError:
+            self._drop_wal()
+            return
+        if st.st_ino != self._wal_ino:
+            self._open_wal(strict=False)
+        elif st.st_size != self._wal_pos:
+            self._read_wal(strict=False)
+
+    def _read_wal(self, *, strict: bool) -> None:
+        """Read the whole batches after the last one read; ``strict``: tell a torn tail from
+        damage there (following, a partial batch is a write in progress)."""
+        if not self._wal_applies or self._wal_header is None:
+            return
+        fd = self._wal_fd
+        end = os.fstat(fd).st_size
+        if not strict and not fmt.batch_starts_at(fd, self._wal_pos):
+            return  # reserved space (zeros), a torn tail, or a write in progress
+        chunk = fmt.FileReader.CHUNK if strict else _FOLLOW_CHUNK
+        reader = fmt.FileReader(fd, self._wal_pos, end, chunk=chunk)
+        expected = self._wal_header.base_seq + len(self._wal_index) + 1
+        while True:
+            start = reader.pos
+            batch = fmt.read_batch(reader, load_values=True)
+            if batch is None:
+                reader.pos = start
+                break
+            if batch.seq != expected:
+                self._wal_pos = start
+                self._damaged(
+                    self.wal_path, start, f"commit {batch.seq} where commit {expected} belongs"
+                )
+                return
+            self._index_wal_batch(batch.seq, batch.offset, batch.meta_crc, batch.raw or b"")
+            self._deliver(batch, in_wal=True)
+            expected += 1
+        self._wal_pos = reader.pos
+        if strict:
+            self._check_wal_tail()
+
+    def _check_wal_tail(self) -> bool:
+        """Whether the WAL ends cleanly after its last whole batch (zeros, or a torn tail that
+        can be dropped); damage after it is recorded or raised."""
+        fd = self._wal_fd
+        end = os.fstat(fd).st_size
+        if end <= self._wal_pos or tail_is_clear(fd, self._wal_pos, end):
+            return True
+        later = _valid_batch_after(fd, self._wal_pos, end, self._seq)
+        if later is not None:
+            self._damaged(
+                self.wal_path,
+                self._wal_pos,
+                f"the batch there fails its checksum or structure, and a whole batch (commit "
+                f"{later[1]}) follows at offset {later[0]}",
+            )
+            return False
+        return False
+
+    def _check_main_tail(self) -> None:
+        """Bytes after the last whole segment are an unfinished checkpoint's only where the
+        WAL holds its commits; and a checkpoint's whole segments there must be of them."""
+        size = os.fstat(self._main_fd).st_size
+        header = self._wal_header
+        covered = self._wal_applies and header is not None and header.base_len <= self._scanned_end
+        if size > self._scanned_end and not covered:
+            bad = _locate_damage(self._main_fd, self._scanned_end, size, 0)
+            reason = f"{bad.reason}; no WAL shows these bytes to be an unfinished checkpoint"
+            self._damaged(self.main_path, bad.offset, reason)
+            return
+        if covered and header is not None and self._scanned_end > header.base_len:
+            written = self._batches_between(header.base_len, self._scanned_end)
+            held = [(b.seq, b.meta_crc) for b in self._wal_index[: len(written)]]
+            if written != held:
+                self._damaged(
+                    self.main_path,
+                    header.base_len,
+                    "an unfinished checkpoint there does not match the WAL's commits",
+                )
+
+    def _batches_between(self, start: int, end: int) -> list[tuple[int, int]]:
+        reader = fmt.FileReader(self._main_fd, start, end)
+        found = []
+        while reader.pos < end:
+            segment = fmt.read_segment(reader, load_values=False)
+            if segment is None:
+                break
+            found += [(batch.seq, batch.meta_crc) for batch in segment.batches]
+        return found
+
+    def _index_wal_batch(self, seq: int, offset: int, meta_crc: int, frame: bytes) -> None:
+        """Remember a whole, checked batch ``frame`` of the WAL at ``offset``."""
+        index = self._wal_index
+        wal_crc, chain = (index[-1].wal_crc, index[-1].meta_chain) if index else (0, 0)
+        # tuple.__new__: a NamedTuple's own constructor is a Python function (once per commit).
+        fields = (
+            seq,
+            offset,
+            len(frame),
+            meta_crc,
+            zlib.crc32(frame, wal_crc),
+            fmt.chain_meta_crc(meta_crc, chain),
+        )
+        index.append(tuple.__new__(_WalBatch, fields))
+
+    def _drop_wal(self) -> None:
+        if self._wal_fd >= 0:
+            # Replaced or deleted: closing it may free its blocks (see _closing), which is no
+            # work for a writer that waits for its lease or a reader catching up.
+            close_later(self._wal_fd)
+        self._wal_fd = -1
+        self._wal_ino = -1
+        self._wal_header = None
+        self._wal_applies = False
+        self._wal_pos = 0
+        self._wal_index = []
+
+    # -- damage ------------------------------------------------------------------------------
+
+    def _error(self, path: Path, offset: int, reason: str) -> CorruptFileError:
+        root, name = path.parent, self.name
+        return CorruptFileError(
+            f"prefix {name!r}: {path} is damaged at offset {offset}: {reason}. Nothing was "
+            f"written over it; run `hotcopy salvage {root} {name}` to keep what is provable "
+            "(or restore the prefix from a backup)",
+            prefix=name,
+            path=str(path),
+            offset=offset,
+        )
+
+    def _damaged(self, path: Path, offset: int, reason: str) -> None:
+        """Record damage (tolerant) or raise it; callers stop reading that file there."""
+        if not self._tolerant:
+            raise self._error(path, offset, reason)
+        if self.damage is None:
+            self.damage = Damage(str(path), offset, reason)
+
+    # -- changing the files (under a write or exclusive lease) -------------------------------
+
+    def prepare(self, lease: HeldLease, expired: int) -> None:
+        """Make the files ready for ``lease``'s holder to change them; once per grant.
+
+        Follows what others did, refuses damage, fences when a lease has expired since the WAL
+        was made (``expired``: the largest token of an expired lease, from the coordinator),
+        finishes an unfinished checkpoint, and drops a torn WAL tail. A lease resumed after
+        parking needs none of it: nobody else could change anything meanwhile.
+        """
+        self._check_writable()
+        self._files_as_left = False
+        self.follow()
+        self._check_main_tail()
+        header = self._wal_header
+        clean = not self._wal_applies or self._check_wal_tail()
+        unfinished = (
+            self._wal_applies and header is not None and self._scanned_end > header.base_len
+        )
+        if expired > self._fenced_through:
+            # A holder may be stopped with a change pending: make it land nowhere.
+            remove_temps_of(self.main_path)
+            remove_temps_of(self.wal_path)
+            self._fenced_through = expired
+            self._checkpoint(lease, always=True)
+        elif unfinished or not self._wal_applies:
+            self._checkpoint(lease, always=True)  # finish it, or a WAL for this main file
+        elif not clean:
+            # A writer died mid-append: its torn batch was never acknowledged. Removed, so that
+            # nothing stale can follow the next batch.
+            os.ftruncate(self._wal_fd, self._wal_pos)
+            self._sync(self._wal_fd, self.wal_path, "prepare:wal-fsync")
+        self._wal_size = os.fstat(self._wal_fd).st_size
+        self._files_as_left = True
+
+    def append(self, lease: HeldLease, seq: int, frame: bytes, meta_crc: int) -> int:
+        """Append the batch ``frame`` of commit ``seq`` to the WAL durably; its offset there.
+
+        Raises:
+            LeaseFenced: the lease is not current; nothing was written.
+            CommitUnconfirmed: written, but the lease lapsed before the write was confirmed:
+                call :meth:`settle` with the lease taken again.
+            SyncFailed: the fdatasync failed; this process writes the prefix no more.
+        """
+        self._check_writable()
+        if not lease.is_current():
+            raise self._fenced(lease, "commit")
+        at = self._wal_pos
+        if BREAK == "ack-before-write" and self._deferred is None:
+            # Broken on purpose (scripts/stress.py --break): acknowledged now, written later.
+            self._deferred = (seq, frame, meta_crc)
+            self._seq = seq
+            self._files_as_left = False
+            return at
+        batches = [(seq, frame, meta_crc)]
+        if self._deferred is not None:
+            batches.insert(0, self._deferred)
+            self._deferred = None
+        data = b"".join(batch[1] for batch in batches)
+        end = at + len(data)
+        if end > self._wal_size:
+            self._wal_size = reserve(self._wal_fd, self._wal_size, end)
+        self._files_as_left = False
+        fault("commit:before-wal-write")
+        if fault_due("commit:torn-wal-write"):
+            os.pwrite(self._wal_fd, data[: len(data) // 2], at)
+            os.kill(os.getpid(), signal.SIGKILL)
+        pwrite_all(self._wal_fd, data, at)
+        fault("commit:after-wal-write")
+        self._sync(self._wal_fd, self.wal_path, "commit:wal-fsync", data_only=True)
+        fault("commit:after-wal-fsync")
+        if not lease.is_current():
+            self._watch = (seq, None)
+            raise CommitUnconfirmed(
+                f"commit {seq} to prefix {self.name!r} was written after its lease lapsed",
+                prefix=self.name,
+                seq=seq,
+            )
+        for batch_seq, batch_frame, batch_meta in batches:
+            self._index_wal_batch(batch_seq, at, batch_meta, batch_frame)
+            at += len(batch_frame)
+        self._wal_pos = end
+        self._wal_size = max(self._wal_size, end)
+        self._seq = seq
+        self._files_as_left = True
+        return end - len(frame)
+
+    def settle(self, lease: HeldLease, expired: int, token: int) -> bool:
+        """After :class:`CommitUnconfirmed`, with the lease taken again: whether the commit of
+        ``token`` written then is in the log (whoever fenced first found it in the WAL)."""
+        seq = self._watch[0]
+        main_fd = os.dup(self._main_fd)  # the main file a fence would have checkpointed into
+        base = self._wal_header.base_len if self._wal_header is not None else self._scanned_end
+        try:
+            self.prepare(lease, expired)  # reads the log as it is now (and fences, if due)
+            found = self._watch[1]
+            if not found:  # not read (or merged by a compaction, token 0): look where it was
+                found = _token_in_main(main_fd, base, seq)
+            return found == token
+        finally:
+            self._watch = (0, None)
+            os.close(main_fd)
+
+    def checkpoint(self, lease: HeldLease) -> Cut:
+        """Move the WAL's commits into the main file and start a fresh WAL; the cut reached."""
+        self._check_writable()
+        if not self._files_as_left:
+            raise StorageError(f"prefix {self.name!r}: checkpoint before prepare", prefix=self.name)
+        return self._checkpoint(lease, always=False)
+
+    def _checkpoint(self, lease: HeldLease, *, always: bool) -> Cut:
+        """The one checkpoint: every whole batch of the WAL, as one segment at the WAL's
+        ``base_len``, then a fresh WAL. What it writes is determined by the WAL it reads, so a
+        stopped checkpointer's late write of the same segment changes nothing."""
+        header = self._wal_header
+        batches = self._wal_index if self._wal_applies else []
+        base = header.base_len if self._wal_applies and header is not None else self._scanned_end
+        if not batches and not always:
+            return self.cut()
+        self._files_as_left = False
+        end, seq = base, self._boundaries[base]
+        if batches:
+            first, last = batches[0], batches[-1]
+            data = fmt.pread_exact(
+                self._wal_fd, last.offset + last.size - first.offset, first.offset
+            )
+            if zlib.crc32(data) != last.wal_crc:
+                bad = max(fmt.first_bad_frame(data, [batch.size for batch in batches]), 0)
+                raise self._error(
+                    self.wal_path, batches[bad].offset, "a batch failed its checksum on re-read"
+                )
+            trailer = fmt.encode_trailer(last.seq, base, len(batches), last.meta_chain)
+            self._require(lease, "checkpoint")
+            fault("checkpoint:before-main-write")
+            pwrite_all(self._main_fd, data + trailer, base)
+            fault("checkpoint:after-main-write")
+            self._sync(self._main_fd, self.main_path, "checkpoint:main-fsync")
+            fault("checkpoint:after-main-fsync")
+            end, seq = base + len(data) + len(trailer), last.seq
+            self._moved(batches, base, end)
+        self._new_wal(lease, end, seq)
+        fault("checkpoint:after-wal-reset")
+        self._files_as_left = True
+        return Cut(end, seq, self._header.file_id)
+
+    def _new_wal(self, lease: HeldLease, base_len: int, base_seq: int) -> None:
+        header = fmt.WalHeader(
+            self._header.file_id,
+            self._header.salt,
+            base_len,
+            base_seq,
+            self._repository_id or self._header.repository_id,
+            self.name,
+            self._fenced_through,
+        )
+        self._replace(self.wal_path, fmt.pack_wal_header(header), lease)
+        self._open_wal(strict=False)
+
+    def _replace(
+        self,
+        path: Path,
+        content: bytes | Callable[[int], None],
+        lease: HeldLease,
+        *,
+        sync: bool = True,
+    ) -> None:
+        """Replace ``path`` durably, unless ``lease`` lapsed first (then LeaseFenced)."""
+        try:
+            write_durably(
+                path,
+                content,
+                mode=0o600,
+                sync=sync,
+                before_rename=lambda: self._require(lease, "replacement of its files"),
+            )
+        except FileNotFoundError:
+            if not lease.is_current():  # a successor fenced us and removed our temp
+                raise self._fenced(lease, "replacement of its files") from None
+            raise
+        except SyncFailed as err:
+            self._fail(err)
+
+    def _require(self, lease: HeldLease, what: str) -> None:
+        if not lease.is_current():
+            raise self._fenced(lease, what)
+
+    def _fenced(self, lease: HeldLease, what: str) -> LeaseFenced:
+        return LeaseFenced(
+            f"{what} of prefix {self.name!r} refused: its lease (token {lease.token}) is no "
+            "longer current; nothing was written",
+            prefix=self.name,
+            token=lease.token,
+        )
+
+    def _sync(self, fd: int, path: Path, point: str, *, data_only: bool = False) -> None:
+        try:
+            sync_file(fd, path, data_only=data_only, fault_point=point)
+        except SyncFailed as err:
+            self._fail(err)
+
+    def _fail(self, err: SyncFailed) -> None:
+        """An fsync failed: Linux reports a writeback error once and may drop the pages, so a
+        later success would prove nothing. This process writes the prefix no more; the next
+        opener reads what the files prove."""
+        self._failed = err.message
+        raise SyncFailed(
+            f"prefix {self.name!r}: {err.message}; this process stopped writing the prefix: "
+            "close it and open it again to go on from what the files hold",
+            prefix=self.name,
+            path=err.fields.get("path"),
+        ) from err
+
+    def _check_writable(self) -> None:
+        if self._failed is not None:
+            raise SyncFailed(
+                f"prefix {self.name!r}: this process stopped writing the prefix after an fsync "
+                f"failed ({self._failed}); close it and open it again",
+                prefix=self.name,
+            )
+        if not self._writable:
+            raise StorageError(f"prefix {self.name!r} is open read-only", prefix=self.name)
+
+    def salvage(self, lease: HeldLease, expired: int) -> Salvaged:
+        """Keep what is provable of a damaged prefix (a log opened ``tolerant``), under its
+        exclusive ``lease``: the main file's whole segments before any damage in it, and the
+        WAL's batches before any damage in it (when the WAL continues what is kept). The
+        commits lost with the damage stay taken, as empty commits: a number is never handed
+        out twice. Damaged files are moved aside under new names, never deleted."""
+        self._check_writable()
+        damage = self.damage
+        if damage is None:
+            return Salvaged(self._seq, None, None, [])
+        remove_temps_of(self.main_path)  # fence, as prepare() would (exclusive: nobody else)
+        remove_temps_of(self.wal_path)
+        self._fenced_through = max(self._fenced_through, expired)
+        header = self._wal_header
+        main_intact = damage.path != str(self.main_path) or (
+            self._wal_applies and header is not None and damage.offset >= header.base_len
+        )
+        kept_batches = self._wal_index if main_intact and self._wal_applies else []
+        base = header.base_len if kept_batches and header is not None else self._scanned_end
+        kept = self._boundaries[base] + len(kept_batches)
+        lost_last = max([kept, *self._seqs_in_damage()])
+        aside = [_move_aside(self.wal_path)] if self._wal_fd >= 0 else []
+        token = lease.token
+        empty = [
+            fmt.encode_batch_with_meta(seq, token, []) for seq in range(kept + 1, lost_last + 1)
+        ]
+        if main_intact:
+            data, metas = b"", []
+            if kept_batches:
+                first, last = kept_batches[0], kept_batches[-1]
+                data = fmt.pread_exact(
+                    self._wal_fd, last.offset + last.size - first.offset, first.offset
+                )
+                metas = [batch.meta_crc for batch in kept_batches]
+            data += b"".join(frame for frame, _ in empty)
+            metas += [meta for _, meta in empty]
+            end = base
+            if metas:
+                data += fmt.trailer_for(base, metas, lost_last)
+                self._require(lease, "salvage")
+                pwrite_all(self._main_fd, data, base)
+                self._sync(self._main_fd, self.main_path, "salvage:main-fsync")
+                end = base + len(data)
+            self._new_wal(lease, end, lost_last)
+        else:
+            aside.append(_move_aside(self.main_path))
+            fresh = replace(self._header, salt=secrets.randbits(64))
+            tail = b"".join(frame for frame, _ in empty)
+            if empty:
+                tail += fmt.trailer_for(base, [meta for _, meta in empty], lost_last)
+
+            def write(fd: int) -> tuple[int, int]:
+                pwrite_all(fd, fmt.pack_main_header(fresh), 0)
+                at = fresh.size
+                while at < base:
+                    chunk = os.pread(self._main_fd, min(4 << 20, base - at), at)
+                    pwrite_all(fd, chunk, at)
+                    at += len(chunk)
+                pwrite_all(fd, tail, base)
+                return base + len(tail), lost_last
+
+            install_files(
+                self.main_path.parent, self.name, fresh, write, lease=lease, expired=expired
+            )
+        lost = (kept + 1, lost_last) if lost_last > kept else None
+        return Salvaged(kept, lost, damage, aside)
+
+    def _seqs_in_damage(self) -> list[int]:
+        """The commits of every whole batch found in the damaged parts (what the damage cost)."""
+        found = []
+        size = os.fstat(self._main_fd).st_size
+        if size > self._scanned_end:
+            found += [b.seq for b in wal_batches_after(self._main_fd, self._scanned_end, size)]
+        if self._wal_fd >= 0:
+            start = self._wal_pos if self._wal_applies else 0
+            end = os.fstat(self._wal_fd).st_size
+            found += [b.seq for b in wal_batches_after(self._wal_fd, start, end)]
+        return found
+
+    def close(self) -> None:
+        for attr in ("_main_fd", "_wal_fd"):
+            fd = getattr(self, attr, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
+
+
+# -- whole files: creation, replacement, checks ----------------------------------------------
+
+
+def new_main_header(repository_id: bytes, name: str, base_seq: int = 0) -> fmt.MainHeader:
+    """The header of a new main file (a new file id: a new chain of incremental backups)."""
+    return fmt.MainHeader(
+        secrets.token_bytes(16), secrets.randbits(64), time.time_ns(), base_seq, repository_id, name
+    )
+
+
+def create_prefix_files(root: Path, name: str, repository_id: bytes) -> None:
+    """Create an empty prefix; ``FileExistsError`` if its main file exists."""
+    header = new_main_header(repository_id, name)
+    write_durably(main_path(root, name), fmt.pack_main_header(header), overwrite=False, mode=0o600)
+    wal = fmt.WalHeader(header.file_id, header.salt, header.size, 0, repository_id, name)
+    with contextlib.suppress(FileExistsError):  # left by a creator that died: never replaced
+        write_durably(wal_path(root, name), fmt.pack_wal_header(wal), overwrite=False, mode=0o600)
+
+
+def install_files(
+    root: Path,
+    name: str,
+    header: fmt.MainHeader,
+    write_main: Callable[[int], tuple[int, int]],
+    *,
+    lease: HeldLease | None,
+    expired: int,
+    sync: bool = True,
+) -> tuple[int, int]:
+    """Make a new main file with ``header`` (written by ``write_main``, which returns the cut
+    ``(length, seq)`` it wrote) and a fresh WAL the files of prefix ``name``: a compaction, a
+    restore, a salvage. Returns that cut.
+
+    Under the prefix's exclusive ``lease``, whose holder may follow one that is stopped: the
+    stopped one's temps go first (see :class:`Log`), and every rename checks the lease. Without
+    a lease (a staged restore into a directory nobody else knows) neither is needed.
+    """
+    main, wal = main_path(root, name), wal_path(root, name)
+    check = None
+    if lease is not None:
+        held: HeldLease = lease
+
+        def check() -> None:
+            if not held.is_current():
+                raise LeaseFenced(
+                    f"replacement of prefix {name!r} refused: its lease is no longer current",
+                    prefix=name,
+                    token=held.token,
+                )
+
+        if expired > _fenced_through(wal):
+            remove_temps_of(main)
+            remove_temps_of(wal)
+    cut = (0, 0)
+
+    def write(fd: int) -> None:
+        nonlocal cut
+        cut = write_main(fd)
+
+    write_durably(main, write, mode=0o600, sync=sync, before_rename=check)
+    fresh = fmt.WalHeader(
+        header.file_id, header.salt, cut[0], cut[1], header.repository_id, name, expired
+    )
+    write_durably(wal, fmt.pack_wal_header(fresh), mode=0o600, sync=sync, before_rename=check)
+    return cut
+
+
+def _fenced_through(wal: Path) -> int:
+    """What the WAL at ``wal`` says was fenced; -1 if it cannot tell (then fence again)."""
+    try:
+        fd = open_regular(wal)
+    except (FileNotFoundError, StorageError):
+        return -1
+    try:
+        return fmt.unpack_wal_header(os.pread(fd, fmt.HEADER_SIZE, 0)).fenced_through
+    except CorruptFileError:
+        return -1
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class MainCheck:
+    """What a complete check of a main file's bytes found."""
+
+    size: int
+    segments: int
+    seq: int  # the last commit of the whole segments
+    keys: int  # live keys at that commit
+    end: int  # where the whole segments end
+    boundaries: dict[int, int]
+    error: str | None = None  # the first damage, at ``end``
+    offset: int | None = None
+
+
+def check_main_file(fd: int, *, end: int | None = None) -> MainCheck:
+    """Check every byte of the main file on ``fd`` (up to ``end``): header, every checksum
+    (values included), every structural rule. Stops at the first damage and reports it."""
+    size = os.fstat(fd).st_size if end is None else end
+    try:
+        header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
+    except CorruptFileError as err:
+        return MainCheck(size, 0, 0, 0, 0, {}, err.message, int(err.fields.get("offset", 0)))
+    live: dict[str, None] = {}
+    boundaries = {header.size: header.base_seq}
+    seq, at, segments = header.base_seq, header.size, 0
+    for item in iter_segments(fd, header.size, size, header.base_seq):
+        if isinstance(item, Damage):
+            return MainCheck(
+                size, segments, seq, len(live), at, boundaries, item.reason, item.offset
+            )
+        for batch in item.batches:
+            for op in batch.ops:
+                if op.kind == fmt.OP_PUT:
+                    live[op.key] = None
+                else:
+                    live.pop(op.key, None)
+        seq, at, segments = item.last_seq, item.end, segments + 1
+        boundaries[at] = seq
+    return MainCheck(size, segments, seq, len(live), at, boundaries)
+
+
+def iter_segments(
+    fd: int, start: int, end: int, after_seq: int | None, *, shift: int = 0
+) -> Iterator[fmt.Segment | Damage]:
+    """The whole segments of ``[start, end)`` of a main file, every checksum checked (values
+    too), each following the one before (and commit ``after_seq``, when given); a
+    :class:`Damage` ends them where one does not parse or follow. ``shift``: see
+    :func:`~hotcopy.storage._format.read_segment` (a delta's bytes)."""
+    reader = fmt.FileReader(fd, start, end)
+    seq = after_seq
+    while reader.pos < end:
+        at = reader.pos
+        segment = fmt.read_segment(reader, load_values=True, shift=shift)
+        if segment is None:
+            yield _locate_damage(fd, at, end, shift)
+            return
+        if seq is not None and segment.batches[0].seq != seq + 1:
+            yield Damage("", at, f"commit {segment.batches[0].seq} follows commit {seq}")
+            return
+        seq = segment.last_seq
+        yield segment
+
+
+def _locate_damage(fd: int, start: int, end: int, shift: int) -> Damage:
+    """The first bad record of the segment at ``start`` that does not parse, and why."""
+    reader = fmt.FileReader(fd, start, end)
+    batches: list[fmt.Batch] = []
+    while reader.pos < end:
+        at = reader.pos
+        if fmt.peek_is_trailer(reader):
+            if fmt.read_trailer(reader) is None:
+                return Damage("", at, "a segment trailer fails its checksum")
+            if not batches:
+                return Damage("", at, "a segment trailer closes no batch")
+            if os.pread(fd, fmt.TRAILER_SIZE, at) != fmt.segment_trailer(start + shift, batches):
+                return Damage("", at, "a segment trailer does not match its batches")
+            break
+        batch = fmt.read_batch(reader, load_values=True)
+        if batch is None:
+            return Damage("", at, "a batch fails its checksum or structure, or is cut short")
+        if batches and batch.seq != batches[-1].seq + 1:
+            return Damage("", at, f"commit {batch.seq} follows commit {batches[-1].seq}")
+        batches.append(batch)
+    return Damage("", start, "a segment without its trailer (an unfinished checkpoint)")
+
+
+def _token_in_main(fd: int, start: int, seq: int) -> int | None:
+    """The token of commit ``seq`` in the main file on ``fd``, looking from boundary ``start``."""
+    end = os.fstat(fd).st_size
+    reader = fmt.FileReader(fd, start, end)
+    while reader.pos < end:
+        segment = fmt.read_segment(reader, load_values=False)
+        if segment is None:
+            return None
+        for batch in segment.batches:
+            if batch.seq == seq:
+                return batch.token
+    return None
+
+
+def _valid_batch_after(fd: int, start: int, end: int, last_seq: int) -> tuple[int, int] | None:
+    """The offset and commit of a whole, valid batch that follows commit ``last_seq`` anywhere
+    in ``[start + 1, end)``: what tells damage from a torn tail. None if there is none."""
+    data = fmt.pread_exact(fd, end - start, start)
+    at = data.find(_BATCH_MAGIC, 1)
+    while at >= 0:
+        reader = fmt.FileReader(fd, start + at, end)
+        batch = fmt.read_batch(reader, load_values=True)
+        if batch is not None and batch.seq > last_seq:
+            return start + at, batch.seq
+        at = data.find(_BATCH_MAGIC, at + 1)
+    return None
+
+
+def wal_batches_after(fd: int, start: int, end: int) -> Iterator[fmt.Batch]:
+    """Every whole, valid batch found anywhere in ``[start, end)`` of a WAL (salvage counts
+    what damage cost with it)."""
+    data = fmt.pread_exact(fd, end - start, start)
+    at = data.find(_BATCH_MAGIC)
+    while at >= 0:
+        batch = fmt.read_batch(fmt.FileReader(fd, start + at, end), load_values=True)
+        if batch is not None:
+            yield batch
+            at = data.find(_BATCH_MAGIC, at + batch.size)
+        else:
+            at = data.find(_BATCH_MAGIC, at + 1)
