@@ -145,6 +145,23 @@ def test_errors_are_one_line_with_exit_1_and_no_traceback(
     assert cli.ok("get", root, "users", "name") == "alice\n"  # nothing changed by the failures
 
 
+def test_put_refuses_values_that_are_not_json_text_in_one_line(cli: Cli, root: Path) -> None:
+    deep = "[" * 60_000 + "]" * 60_000  # once a RecursionError traceback
+    assert "deeper than 512 levels" in cli.fails("put", root, "p", "k", deep, "--json")
+    just_over = "[" * 513 + "]" * 513
+    assert "deeper than 512 levels" in cli.fails("put", root, "p", "k", just_over, "--json")
+    for text in ("NaN", "[1, Infinity]", '{"a": -Infinity}'):
+        assert "not a JSON number" in cli.fails("put", root, "p", "k", text, "--json")
+    assert "lone surrogate U+D800" in cli.fails("put", root, "p", "k", '"\\ud800"', "--json")
+    # Arguments that are not UTF-8 reach Python as lone surrogates (surrogateescape).
+    assert "lone surrogate U+DCFF" in cli.fails("put", root, "p", "k", "v\udcff")
+    assert "key 'k\\udcff'" in cli.fails("put", root, "p", "k\udcff", "v")
+    assert "'k'" in cli.fails("get", root, "p", "k")  # nothing was stored
+    at_limit = "[" * 512 + "]" * 512
+    assert cli.ok("put", root, "p", "k", at_limit, "--json") == "1\n"
+    assert json.loads(cli.ok("get", root, "p", "k")) == json.loads(at_limit)
+
+
 def test_usage_errors_exit_2(cli: Cli) -> None:
     cli.usage_error()
     cli.usage_error("frobnicate")

@@ -23,6 +23,7 @@ from hotcopy.storage import (
     StorageError,
     verify_file,
 )
+from hotcopy.storage._codec import too_deep
 from hotcopy.storage._verify import verify_prefix
 
 from ._backup import backup, prune, restore
@@ -201,6 +202,8 @@ def _put(args: argparse.Namespace) -> int:
             value = json.loads(args.value)
         except json.JSONDecodeError as err:
             raise CommandError(f"VALUE is not valid JSON: {err}") from err
+        except RecursionError:  # json's C parser stops there, cleanly; the store refuses less
+            raise too_deep("VALUE") from None
     with Repository(args.root) as repo, repo.open_prefix(args.prefix, "rw") as prefix:
         prefix[args.key] = value
         print(prefix.commit())
