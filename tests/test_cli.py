@@ -181,10 +181,11 @@ def test_ls_lists_prefixes_with_size_seq_and_keys(cli: Cli, root: Path) -> None:
     cli.ok("put", root, "alpha", "k1", "v")
     cli.ok("put", root, "alpha", "k2", "v")
     listing = json.loads(cli.ok("ls", root, "--json"))
+    ok = {"damaged": False, "error": None}
     assert listing == {
         "prefixes": [
-            {"prefix": "alpha", "bytes": _sizes(root, "alpha"), "seq": 2, "keys": 2},
-            {"prefix": "beta", "bytes": _sizes(root, "beta"), "seq": 1, "keys": 1},
+            {"prefix": "alpha", "bytes": _sizes(root, "alpha"), "seq": 2, "keys": 2, **ok},
+            {"prefix": "beta", "bytes": _sizes(root, "beta"), "seq": 1, "keys": 1, **ok},
         ]
     }
     header, *rows = cli.ok("ls", root).splitlines()
@@ -193,6 +194,54 @@ def test_ls_lists_prefixes_with_size_seq_and_keys(cli: Cli, root: Path) -> None:
         ["alpha", str(_sizes(root, "alpha")), "2", "2"],
         ["beta", str(_sizes(root, "beta")), "1", "1"],
     ]
+
+
+def test_ls_lists_every_prefix_and_marks_the_damaged_ones_with_exit_1(
+    cli: Cli, root: Path
+) -> None:
+    names = ("a", "flipped", "header", "torn", "z")  # as listed: sorted
+    for name in names:
+        cli.ok("put", root, name, "k", "v")
+    with Repository(root) as repo:
+        for name in names:
+            repo.open_prefix(name, "rw").checkpoint()
+    with open(root / "flipped.hc", "r+b") as f:  # a flipped byte in the batch header's seq
+        f.seek(72)
+        byte = f.read(1)[0]
+        f.seek(72)
+        f.write(bytes([byte ^ 0x01]))
+    os.truncate(root / "torn.hc", (root / "torn.hc").stat().st_size - 10)  # inside a segment
+    os.truncate(root / "header.hc", 30)  # inside the file header
+    damaged = {name: verify_file(root / f"{name}.hc") for name in names[1:4]}
+    assert not any(report.ok for report in damaged.values())
+
+    done = cli.run("ls", root)
+    line = _check_fails(done)
+    assert "3 of 5 prefixes are damaged" in line and "'flipped'" in line
+    header, *rows = done.stdout.decode().splitlines()
+    assert header.split() == ["PREFIX", "BYTES", "SEQ", "KEYS"]
+    assert [row.split()[0] for row in rows] == list(names)
+    assert rows[0].split() == ["a", str(_sizes(root, "a")), "1", "1"]
+    assert rows[4].split() == ["z", str(_sizes(root, "z")), "1", "1"]
+    for row, (name, report) in zip(rows[1:4], damaged.items(), strict=True):
+        assert row.split()[:4] == [name, str(_sizes(root, name)), "-", "-"]
+        assert row.endswith(report.summary()) and f"DAMAGED at offset {report.offset}" in row
+
+    done = cli.run("ls", root, "--json")
+    _check_fails(done)
+    listing = {row["prefix"]: row for row in json.loads(done.stdout)["prefixes"]}
+    assert list(listing) == list(names)
+    for name in ("a", "z"):
+        assert listing[name] == {
+            "prefix": name, "bytes": _sizes(root, name), "seq": 1, "keys": 1,
+            "damaged": False, "error": None,
+        }  # fmt: skip
+    for name, report in damaged.items():
+        row = listing[name]
+        assert (row["damaged"], row["seq"], row["keys"]) == (True, None, None)
+        assert row["error"] == report.summary()
+        assert f"{root / name}.hc: DAMAGED at offset {report.offset}" in row["error"]
+    assert "exit status is 1" in " ".join(cli.ok("ls", "--help").split())
 
 
 # -- copy and restore -------------------------------------------------------------------------
