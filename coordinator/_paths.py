@@ -231,7 +231,9 @@ def trusted_owner(info: os.stat_result, place: os.stat_result) -> bool:
     return _shared_writable(place) and info.st_gid == place.st_gid
 
 
-def check_place(path: str | os.PathLike[str], info: os.stat_result) -> None:
+def check_place(
+    path: str | os.PathLike[str], info: os.stat_result, *, ancestor: bool = False
+) -> None:
     """Refuse the directory ``path`` (its ``stat`` is ``info``) if an untrusted user could
     change what is in it.
 
@@ -241,6 +243,9 @@ def check_place(path: str | os.PathLike[str], info: os.stat_result) -> None:
     (the sticky bit keeps others from removing our files, not from creating the names we
     would use next: a prefix's WAL, a backup); one its group may write without being shared
     with it.
+
+    With ``ancestor``, ``path`` is a directory on the way to the place: there a sticky one
+    that others may write is fine (``/tmp``), since they cannot rename what is ours in it.
 
     Raises:
         UnsafePlace: With the command that makes it safe.
@@ -257,6 +262,8 @@ def check_place(path: str | os.PathLike[str], info: os.stat_result) -> None:
             f"`chown {_login(os.geteuid())} {where}`",
             path=where,
         )
+    if ancestor and mode & stat.S_ISVTX:
+        return
     if mode & stat.S_IWOTH:
         sticky = " (the sticky bit does not help)" if mode & stat.S_ISVTX else ""
         raise UnsafePlace(

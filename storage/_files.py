@@ -147,18 +147,28 @@ def open_dir(path: str | os.PathLike[str], *, create: bool = False) -> int:
         os.close(parent_fd)
 
 
-def refuse_unsafe_place(path: str | os.PathLike[str]) -> None:
-    """Check the directory ``path`` that a user named (a repository, a backup catalog) with
-    :func:`check_place`; a path that does not exist is left to the caller to report.
+def refuse_unsafe_place(path: str | os.PathLike[str]) -> Path:
+    """Check the directory ``path`` that a user named (a repository, a backup catalog), and
+    every directory on the way to it, with :func:`check_place`: whoever could rename ``path``
+    or one of them could put a directory of their own in its place. A path that does not exist
+    is left to the caller to report.
+
+    Returns:
+        ``path`` resolved (symlinks the user's path goes through are followed once, here): a
+        caller that goes on with it cannot be redirected by a link changed after the check.
 
     Raises:
         UnsafePlace: Someone hotcopy does not trust could change what is in it.
     """
+    real = Path(os.path.realpath(path))
     try:
-        info = os.stat(path)  # a symlink the user gave us is followed: it is their path
+        info = os.stat(real)
     except FileNotFoundError:
-        return
+        return real
     check_place(path, info)
+    for ancestor in real.parents:
+        check_place(ancestor, os.stat(ancestor), ancestor=True)
+    return real
 
 
 def make_directory(path: str | os.PathLike[str], *, gid: int = -1, exist_ok: bool = True) -> bool:

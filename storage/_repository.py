@@ -110,8 +110,7 @@ class Repository:
         lease_timeout: float | None = None,
         lease_ttl: float | None = DEFAULT_LEASE_TTL,
     ) -> None:
-        self.root = Path(root).absolute()
-        refuse_unsafe_place(self.root)
+        self.root = refuse_unsafe_place(Path(root).absolute())
         marker = self.root / MARKER
         try:
             info = json.loads(read_regular(marker))
@@ -161,8 +160,8 @@ class Repository:
         """
         path = Path(root).absolute()
         gid = -1 if group is None else _group_id(group)
-        refuse_unsafe_place(path)
         created = make_directory(path, gid=gid)
+        refuse_unsafe_place(path)  # after: what is checked is what we go on with
         if gid != -1 and not created:
             _share_existing(path, gid, group)
         marker = {"format": REPOSITORY_FORMAT, "id": secrets.token_hex(16)}
