@@ -30,7 +30,7 @@ from hotcopy.storage._durable import (
     temp_path_for,
     temps_of,
 )
-from hotcopy.storage._files import make_directory
+from hotcopy.storage._files import make_directory, refuse_unsafe_place
 from hotcopy.storage._format import HEADER_SIZE as WAL_HEADER_SIZE
 from hotcopy.storage._prefix import Cut, Prefix, wal_path
 from hotcopy.storage._repository import RUNTIME_DIR
@@ -438,6 +438,7 @@ def restore(
             + (f" (they failed: {manifest.failed})" if manifest.failed else "")
         )
     target = Path(root)
+    refuse_unsafe_place(target)  # an existing ROOT (or a link to one) must be a safe place
     if not force and target.exists() and any(target.iterdir()):
         raise BackupError(
             f"{target} is not empty; restore into an empty directory or use --force",
