@@ -266,7 +266,8 @@ class Repository:
         self._check_open()
         names = []
         for entry in os.scandir(self.root):
-            if entry.name.endswith(".hc") and entry.is_file():
+            # A link is not a prefix: hotcopy never follows one it did not make.
+            if entry.name.endswith(".hc") and entry.is_file(follow_symlinks=False):
                 name = entry.name[: -len(".hc")]
                 if _PREFIX_NAME.fullmatch(name):
                     names.append(name)

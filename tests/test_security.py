@@ -502,6 +502,32 @@ def test_another_user_cannot_plant_files_in_a_repository(public: Path, umask: in
     assert hotcopy("get", victim, "q", "k", check=False).stdout != "forged\n"
 
 
+@pytest.mark.multiprocess
+def test_another_users_links_and_directories_in_a_shared_place_are_refused(public: Path) -> None:
+    """In a sticky world-writable directory (a /tmp, a /shared) another user got first."""
+    need_root_and("useradd", "userdel")
+    root, backups = repository(public / "repo"), public / "backups"
+    hotcopy("backup", root, backups)
+    shared, secret = sticky_dir(public / "shared"), public / "secret"
+    secret.write_bytes(b"root-only secret\n")
+    secret.chmod(0o600)
+    with throwaway_user() as stranger:
+
+        def plant() -> None:
+            (shared / "c.hc").symlink_to(secret)
+            (shared / "theirs").mkdir()
+            (shared / "r").symlink_to(shared / "theirs")
+            (shared / "bk").mkdir()
+
+        assert as_user(stranger, plant) is None
+        refused(hotcopy("copy", root, "p", shared / "c.hc", check=False), "exists")
+        refused(hotcopy("restore", backups, shared / "r", "--force", check=False), "belongs to")
+        refused(hotcopy("backup", root, shared / "bk", check=False), "belongs to")
+        refused(hotcopy("init", shared / "r", check=False), "belongs to")
+    assert secret.read_bytes() == b"root-only secret\n"
+    assert list((shared / "theirs").iterdir()) == [] and list((shared / "bk").iterdir()) == []
+
+
 # -- sharing with a group, explicitly ---------------------------------------------------------
 
 
@@ -569,3 +595,13 @@ def test_a_fifo_is_refused_at_once_by_verify_and_restore(tmp_path: Path) -> None
     wal.unlink()
     os.mkfifo(wal)
     assert "FIFO" in hotcopy("verify", root, check=False, timeout=20).stderr
+
+
+def test_a_link_in_a_repository_is_not_taken_for_a_prefix(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    with file_leases_repo(root) as repo, repo.open_prefix("p", "rw") as prefix:
+        prefix["k"] = "v"
+        prefix.commit()
+    (root / "q.hc").symlink_to(root / "p.hc")
+    with Repository(root, leases=FileLeases(root / ".hotcopy")) as repo:
+        assert repo.prefixes() == ["p"]
