@@ -38,6 +38,7 @@ from ._errors import (
     SameFileError,
     StorageError,
 )
+from ._files import open_regular
 from ._prefix import DEFAULT_LEASE_TTL, Cut, Prefix, _fault, wal_path
 from ._verify import VerifyReport, verify_fd
 from ._writeback import Writeback
@@ -446,8 +447,8 @@ def restore_prefix_file(
 ) -> int:
     """Make the standalone copy ``source`` the content of ``prefix``; return its commit."""
     source = Path(source)
-    size = source.stat().st_size
-    with open(source, "rb") as file:
+    with open(open_regular(source), "rb") as file:  # no FIFO hang, no link followed
+        size = os.fstat(file.fileno()).st_size
         crc = zlib.crc32(file.read(fmt.HEADER_SIZE))
         while chunk := file.read(DEFAULT_STEP):
             crc = zlib.crc32(chunk, crc)
@@ -493,7 +494,7 @@ def restore_chain(
         nonlocal report, fresh_header
         done = 0
         for number, piece in enumerate(pieces):
-            with open(piece.path, "rb") as file:
+            with open(open_regular(piece.path), "rb") as file:
                 src_fd = file.fileno()
                 if os.fstat(src_fd).st_size != piece.size:
                     raise CorruptFileError(

@@ -40,6 +40,7 @@ from ._errors import (
     StorageError,
     TransactionConflict,
 )
+from ._files import open_dir, open_regular_at
 from ._leases import ChangeFeed, HeldLease, LeaseProvider
 from ._wal_space import reserve, tail_is_clear
 
@@ -134,8 +135,11 @@ def wal_path(root: Path, name: str) -> Path:
 def open_mutex(runtime_dir: Path, name: str) -> int:
     """A descriptor on the file whose ``flock`` serializes changes to a prefix's files."""
     mutex = runtime_dir / "locks" / f"{name}.m"
-    mutex.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return os.open(mutex, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    locks = open_dir(mutex.parent, create=True)  # its policy mode: shared repositories too
+    try:
+        return open_regular_at(locks, mutex.name, os.O_RDWR | os.O_CREAT, path=mutex)
+    finally:
+        os.close(locks)
 
 
 def append_segment(fd: int, data: bytes, start: int) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import _format as fmt
 from ._errors import CorruptFileError
+from ._files import open_regular
 from ._wal_space import tail_is_clear
 
 
@@ -47,7 +48,7 @@ class VerifyReport:
 def verify_file(path: str | os.PathLike[str]) -> VerifyReport:
     """Check a ``.hc`` main file completely; never raises for damage, only reports it."""
     path = Path(path)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(path)
     try:
         return verify_fd(str(path), fd)
     finally:
@@ -60,7 +61,7 @@ def verify_prefix(main: str | os.PathLike[str], wal: str | os.PathLike[str]) -> 
     A torn WAL tail (a commit that never returned, cut by a crash) and a WAL that belongs to
     another main file (left beside a restored copy) are not damage: recovery ignores both.
     """
-    fd = os.open(main, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(main)
     try:
         boundaries: dict[int, int] = {}
         report = verify_fd(str(main), fd, boundaries)
@@ -70,7 +71,7 @@ def verify_prefix(main: str | os.PathLike[str], wal: str | os.PathLike[str]) -> 
     finally:
         os.close(fd)
     try:
-        wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+        wal_fd = open_regular(wal)
     except FileNotFoundError:
         return report
     try:

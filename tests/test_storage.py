@@ -706,9 +706,10 @@ def test_stale_temps_of_dead_processes_are_swept_when_a_repository_opens(tmp_pat
     assert mine is not None and ProcessIdentity.of(dead_pid) is None
     my_ticks = mine.start_ticks
     names = {
-        "dead": f"p.hc.tmp-{dead_pid}-12345-0badf00d",
-        "reused": f"p.hc-wal.tmp-{me}-{my_ticks + 1}-deadbeef",  # our pid, another start time
-        "alive": f"hotcopy.json.tmp-{me}-{my_ticks}-cafef00d",
+        "dead": f"p.hc.hotcopy-tmp-{dead_pid}-12345-0badf00d",
+        # our pid, another start time
+        "reused": f"p.hc-wal.hotcopy-tmp-{me}-{my_ticks + 1}-deadbeef",
+        "alive": f"hotcopy.json.hotcopy-tmp-{me}-{my_ticks}-cafef00d",
     }
     for name in names.values():
         (repo.root / name).write_bytes(b"litter")

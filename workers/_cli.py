@@ -70,6 +70,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     cmd = sub.add_parser("init", help="create a repository (or open the one there)")
     cmd.add_argument("root", type=Path)
+    cmd.add_argument(
+        "--group",
+        metavar="NAME",
+        help="share the repository with this group: its members read and write it "
+        "(directories 2770, files 0660); without it the repository is private (0700/0600)",
+    )
     cmd.set_defaults(command=_init)
 
     cmd = sub.add_parser("put", help="commit one key")
@@ -198,7 +204,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _init(args: argparse.Namespace) -> int:
-    with Repository.init(args.root) as repo:
+    with Repository.init(args.root, group=args.group) as repo:
         print(f"repository {repo.root} (id {repo.id})")
     return 0
 
