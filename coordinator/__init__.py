@@ -22,6 +22,7 @@ from ._errors import (
     LeaseFenced,
     LeaseTableFull,
     LeaseTimeout,
+    UnsafePlace,
     WouldBlock,
 )
 from ._main import main
@@ -44,6 +45,7 @@ __all__ = [
     "LeaseTimeout",
     "ProcessIdentity",
     "Status",
+    "UnsafePlace",
     "WouldBlock",
     "connect",
     "format_status",

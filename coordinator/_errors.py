@@ -68,3 +68,11 @@ class ClientClosed(LeaseError):
 
 class LeaseTableFull(LeaseError):
     """The coordinator's fixed-size lease table has no free slot left."""
+
+
+class UnsafePlace(HotcopyError, PermissionError):
+    """A directory or file hotcopy would use can be changed by someone it does not trust.
+
+    ``path`` names it; the message says how to make it safe (``chmod``, ``chown``, or running
+    as its owner). Nothing was read or written there.
+    """

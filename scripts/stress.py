@@ -512,7 +512,7 @@ def final_checks(sup: Supervisor) -> dict[str, Any]:
             from hotcopy.storage._durable import sweep_stale_temps
 
             sweep_stale_temps(directory)
-            for found in directory.rglob("*.tmp-*"):
+            for found in directory.rglob("*.hotcopy-tmp-*"):
                 violations.append(f"temp file left behind: {found}")
 
     latencies.sort()

@@ -162,7 +162,7 @@ def copy_prefix(
                     verify=functools.partial(_verify_source, cut=cut, after=after, prefix=prefix),
                 )
 
-            write_durably(dest, write, overwrite=False, mode=0o600, sync=sync)
+            write_durably(dest, write, overwrite=False, sync=sync)
         finally:
             os.close(src_fd)
     return CopyResult(

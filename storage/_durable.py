@@ -1,10 +1,17 @@
 """Durable file creation, written once and used by every path that creates a file.
 
-A file is written to ``DEST.tmp-<pid>-<start>-<rand>`` opened ``O_EXCL``, fsynced, moved into
-place (``os.replace``, or ``os.link`` when the destination must not exist yet), and the directory
-is fsynced so the new name survives a power cut. A failure removes the temp. Temps whose creator
-is dead are swept on open; the creator's (pid, start time) is in the name so a live writer's
-temp is never taken for litter.
+A file is written to a temp beside it, ``DEST.hotcopy-tmp-<pid>-<start>-<rand>``, created
+``O_EXCL`` relative to a descriptor of the directory (so no link is followed and the directory
+cannot be swapped under us) with the directory's policy mode, fsynced, moved into place
+(``os.replace``, or ``os.link`` when the destination must not exist yet), and the directory is
+fsynced so the new name survives a power cut. A failure removes the temp.
+
+Only temps provably ours are ever swept: a name of exactly this form (no user file is named
+``*.hotcopy-tmp-<digits>-<digits>-<8 hex>``), owned by this user, a regular file (or a directory,
+for a restore's staging directory), and whose creator, named in it by (pid, start time), is
+dead; anything else stays where it is. :func:`temps_of` lists the temps of one destination
+whatever their creator's state, for a caller that knows better than the process table (e.g.
+fencing a stopped writer).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import errno
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +31,13 @@ from hotcopy.coordinator._process import ProcessIdentity, own_pid
 
 from ._errors import SyncFailed
 from ._faults import fsync_fault
+from ._files import open_regular_at
 
-_TEMP_RE = re.compile(r"\.tmp-(\d+)-(\d+)-[0-9a-f]{8}$")
+TEMP_MARK = ".hotcopy-tmp-"
+# At most 13 + 7 + 1 + 11 + 1 + 8 = 41 characters: with a 200-character prefix name and
+# ".hc-wal", a temp name still fits in NAME_MAX (255).
+_TEMP_RE = re.compile(r"\.hotcopy-tmp-(\d+)-(\d+)-[0-9a-f]{8}$")
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 _OWN: ProcessIdentity | None = None
@@ -40,7 +53,7 @@ def _own_identity() -> tuple[int, int]:
 def temp_path_for(dest: Path) -> Path:
     """A fresh temp name beside ``dest`` that names this process."""
     pid, ticks = _own_identity()
-    return dest.with_name(f"{dest.name}.tmp-{pid}-{ticks}-{secrets.token_hex(4)}")
+    return dest.with_name(f"{dest.name}{TEMP_MARK}{pid}-{ticks}-{secrets.token_hex(4)}")
 
 
 def sync_file(
@@ -68,7 +81,7 @@ def sync_file(
 
 def fsync_dir(directory: Path) -> None:
     """Make entries created, renamed or removed in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(directory, _DIRECTORY)
     try:
         sync_file(fd, directory)
     finally:
@@ -80,18 +93,17 @@ def write_durably(
     content: bytes | Callable[[int], None],
     *,
     overwrite: bool = True,
-    mode: int = 0o644,
     sync: bool = True,
     before_rename: Callable[[], None] | None = None,
 ) -> None:
-    """Create ``dest`` atomically and durably.
+    """Create ``dest`` atomically and durably, with its directory's policy mode (0600 unless
+    the directory is shared with its group: see ``hotcopy.coordinator._paths.file_mode_in``).
 
     Args:
         dest: Final path.
         content: The bytes, or a function that writes them to the given file descriptor.
         overwrite: Replace an existing ``dest``; when False an existing ``dest`` raises
             ``FileExistsError`` and is left untouched (the link is the atomic existence check).
-        mode: Permission bits of the new file.
         sync: Skip both fsyncs when False: only for a caller that makes many files durable at
             once with :func:`sync_filesystem` before anything refers to them (a backup, whose
             manifest is written last).
@@ -101,31 +113,41 @@ def write_durably(
             (:func:`remove_temps_of`), so a check that passed before the lapse cannot be
             followed by a rename after the successor's takeover (the rename finds no temp).
     """
-    temp = temp_path_for(dest)
-    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    dir_fd = os.open(dest.parent, _DIRECTORY)
     try:
+        temp = temp_path_for(dest)
+        fd = open_regular_at(dir_fd, temp.name, os.O_RDWR | os.O_CREAT | os.O_EXCL, path=temp)
         try:
-            if isinstance(content, bytes | bytearray | memoryview):
-                write_all(fd, content)
+            try:
+                if isinstance(content, bytes | bytearray | memoryview):
+                    write_all(fd, content)
+                else:
+                    content(fd)
+                if sync:
+                    sync_file(fd, dest)
+            finally:
+                os.close(fd)
+            if before_rename is not None:
+                before_rename()
+            if overwrite:
+                os.replace(temp.name, dest.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             else:
-                content(fd)
-            if sync:
-                sync_file(fd, dest)
-        finally:
-            os.close(fd)
-        if before_rename is not None:
-            before_rename()
-        if overwrite:
-            os.replace(temp, dest)
-        else:
-            os.link(temp, dest)
-            os.unlink(temp)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    if sync:
-        fsync_dir(dest.parent)
+                os.link(
+                    temp.name,
+                    dest.name,
+                    src_dir_fd=dir_fd,
+                    dst_dir_fd=dir_fd,
+                    follow_symlinks=False,
+                )
+                os.unlink(temp.name, dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp.name, dir_fd=dir_fd)
+            raise
+        if sync:
+            sync_file(dir_fd, dest.parent)
+    finally:
+        os.close(dir_fd)
 
 
 def sync_filesystem(path: Path) -> None:
@@ -173,46 +195,77 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 
 
 def sweep_stale_temps(directory: Path) -> list[Path]:
-    """Remove temps left by dead processes in ``directory``; return what was removed."""
+    """Remove the temp files of ``directory`` that are provably ours and abandoned
+    (:func:`is_abandoned_temp`); return what was removed. Anything else stays."""
     removed: list[Path] = []
     try:
-        names = os.listdir(directory)
+        dir_fd = os.open(directory, _DIRECTORY)
     except FileNotFoundError:
         return removed
-    for name in names:
-        if not is_abandoned_temp(name):
-            continue  # not a temp, or its writer is alive and may still rename it into place
-        path = directory / name
-        try:
-            os.unlink(path)
-        except OSError as err:
-            if err.errno != errno.ENOENT:
-                raise
-        else:
-            removed.append(path)
+    try:
+        for name in os.listdir(dir_fd):
+            info = _our_temp(dir_fd, name)
+            if info is None or not stat.S_ISREG(info.st_mode) or not _creator_dead(name):
+                continue  # not ours, or its writer is alive and may still rename it into place
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except OSError as err:
+                if err.errno != errno.ENOENT:
+                    raise
+            else:
+                removed.append(directory / name)
+    finally:
+        os.close(dir_fd)
     return removed
 
 
+def is_abandoned_temp(path: Path) -> bool:
+    """Whether ``path`` is a temp (:func:`temp_path_for`) that this user made, a regular file
+    or a directory, and whose creator is gone: the only kind of file hotcopy deletes unasked."""
+    info = _our_temp(None, str(path))
+    return (
+        info is not None
+        and (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode))
+        and _creator_dead(path.name)
+    )
+
+
+def temps_of(dest: Path) -> list[Path]:
+    """The temps of ``dest`` in its directory that this user made, whatever their creator's
+    state (a caller that has fenced their creator may remove them)."""
+    try:
+        names = os.listdir(dest.parent)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in sorted(names):
+        if name.startswith(dest.name + TEMP_MARK) and _our_temp(None, str(dest.parent / name)):
+            found.append(dest.parent / name)
+    return found
+
+
 def remove_temps_of(dest: Path) -> None:
-    """Remove every temp of ``dest`` made by this user, whether its writer is alive or not.
-
-    For a successor fencing a writer that lost its lease: that writer may still be about to
-    rename one of these over ``dest`` (see ``write_durably``'s ``before_rename``).
-    """
-    stem = f"{dest.name}.tmp-"
-    uid = os.getuid()
-    for name in os.listdir(dest.parent):
-        if name.startswith(stem) and _TEMP_RE.search(name):
-            path = dest.parent / name
-            with contextlib.suppress(FileNotFoundError):
-                if os.lstat(path).st_uid == uid:
-                    os.unlink(path)
+    """Remove every temp of ``dest`` this user made, whether its writer is alive or not: for a
+    successor fencing a writer that lost its lease, which may still be about to rename one of
+    them over ``dest`` (see ``write_durably``'s ``before_rename``)."""
+    for temp in temps_of(dest):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
 
 
-def is_abandoned_temp(name: str) -> bool:
-    """Whether ``name`` is a temp name (:func:`temp_path_for`) whose creator is gone."""
+def _our_temp(dir_fd: int | None, name: str) -> os.stat_result | None:
+    """The ``lstat`` of ``name`` if it has a temp's name and is this user's, else None."""
+    if _TEMP_RE.search(name) is None:
+        return None
+    try:
+        info = os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    return info if info.st_uid == os.geteuid() else None
+
+
+def _creator_dead(name: str) -> bool:
     match = _TEMP_RE.search(name)
-    if match is None:
-        return False
+    assert match is not None
     writer = ProcessIdentity.of(int(match.group(1)))
     return writer is None or writer.start_ticks != int(match.group(2))

@@ -3,7 +3,12 @@
 Storage never talks to a lock mechanism directly, only to a :class:`LeaseProvider`; the
 coordinator's client satisfies the same Protocol structurally. :class:`FileLeases` is the
 embedded provider: ``flock`` locks on files under ``ROOT/.hotcopy/locks/``, released by the
-kernel when their holder dies, so a crashed writer never leaves a lock behind.
+kernel when their holder dies, so a crashed writer never leaves a lock behind. It is also the
+provider of a repository shared with a group (the coordinator serves one user only).
+
+The lock files are opened relative to a checked descriptor of ``locks/`` (see ``_files``):
+never through a symlink, never a file of a user we do not trust (its content is the fencing
+token), so a planted ``.hotcopy/locks`` can neither redirect our writes nor fake a token.
 
 Modes follow DESIGN.md: ``read`` and ``snapshot`` share with everything but ``exclusive``;
 ``write`` excludes ``write``; ``exclusive`` excludes everything. Two lock files per prefix give
@@ -16,11 +21,14 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from hotcopy.coordinator._errors import HotcopyError, LeaseFenced, LeaseTimeout, WouldBlock
+
+from ._files import open_dir, open_dir_at, open_regular_at
 
 MODES = ("read", "snapshot", "write", "exclusive")
 
@@ -127,12 +135,29 @@ class FileLease:
 
 
 class FileLeases:
-    """:class:`LeaseProvider` on ``flock``; waits poll with a short backoff (no broker)."""
+    """:class:`LeaseProvider` on ``flock``; waits poll with a short backoff (no broker).
+
+    Args:
+        runtime_dir: The repository's runtime directory (``ROOT/.hotcopy``); it and its
+            ``locks/`` are created or checked at the first lease, once the repository exists.
+    """
 
     def __init__(self, runtime_dir: Path) -> None:
-        self._dir = runtime_dir / "locks"
-        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._runtime_dir = runtime_dir
+        self._locks_fd = -1
+        self._opening = threading.Lock()
         self._closed = False
+
+    def _locks(self) -> int:
+        with self._opening:
+            if self._locks_fd < 0:
+                runtime_fd = open_dir(self._runtime_dir, create=True)
+                try:
+                    where = self._runtime_dir / "locks"
+                    self._locks_fd = open_dir_at(runtime_fd, "locks", where)
+                finally:
+                    os.close(runtime_fd)
+            return self._locks_fd
 
     def lease(
         self, prefix: str, mode: str, timeout: float | None = None, ttl: float | None = None
@@ -151,8 +176,9 @@ class FileLeases:
         fds: list[int] = []
         try:
             for suffix, operation in plan:
-                path = self._dir / f"{prefix}.{suffix}"
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                name = f"{prefix}.{suffix}"
+                where = self._runtime_dir / "locks" / name
+                fd = open_regular_at(self._locks(), name, os.O_RDWR | os.O_CREAT, path=where)
                 fds.append(fd)
                 _flock_until(fd, operation, deadline, timeout == 0, prefix, mode)
             token = _next_token(fds[0]) if mode in ("write", "exclusive") else 0
@@ -164,6 +190,10 @@ class FileLeases:
 
     def close(self) -> None:
         self._closed = True
+        with self._opening:
+            fd, self._locks_fd = self._locks_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def _flock_until(

@@ -787,7 +787,6 @@ class Log:
             write_durably(
                 path,
                 content,
-                mode=0o600,
                 sync=sync,
                 before_rename=lambda: self._require(lease, "replacement of its files"),
             )
@@ -938,10 +937,10 @@ def new_main_header(repository_id: bytes, name: str, base_seq: int = 0) -> fmt.M
 def create_prefix_files(root: Path, name: str, repository_id: bytes) -> None:
     """Create an empty prefix; ``FileExistsError`` if its main file exists."""
     header = new_main_header(repository_id, name)
-    write_durably(main_path(root, name), fmt.pack_main_header(header), overwrite=False, mode=0o600)
+    write_durably(main_path(root, name), fmt.pack_main_header(header), overwrite=False)
     wal = fmt.WalHeader(header.file_id, header.salt, header.size, 0, repository_id, name)
     with contextlib.suppress(FileExistsError):  # left by a creator that died: never replaced
-        write_durably(wal_path(root, name), fmt.pack_wal_header(wal), overwrite=False, mode=0o600)
+        write_durably(wal_path(root, name), fmt.pack_wal_header(wal), overwrite=False)
 
 
 def install_files(
@@ -984,11 +983,11 @@ def install_files(
         nonlocal cut
         cut = write_main(fd)
 
-    write_durably(main, write, mode=0o600, sync=sync, before_rename=check)
+    write_durably(main, write, sync=sync, before_rename=check)
     fresh = fmt.WalHeader(
         header.file_id, header.salt, cut[0], cut[1], header.repository_id, name, expired
     )
-    write_durably(wal, fmt.pack_wal_header(fresh), mode=0o600, sync=sync, before_rename=check)
+    write_durably(wal, fmt.pack_wal_header(fresh), sync=sync, before_rename=check)
     return cut
 
 

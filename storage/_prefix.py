@@ -23,7 +23,7 @@ from hotcopy.coordinator._process import own_pid
 from sortedcontainers import SortedDict
 
 from . import _format as fmt
-from ._codec import decode_value, encode_value
+from ._codec import check_text, decode_value, encode_value
 from ._durable import pwrite_all
 from ._errors import (
     ClosedError,
@@ -199,6 +199,7 @@ class Prefix(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         self._check_usable()
         _check_key(key)
+        check_text(key, "key")  # here, not in _check_key: a key stored before can be deleted
         encoded = encode_value(value)
         self._begin()
         self._pending[key] = encoded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hotcopy.coordinator import connect
+from hotcopy.coordinator._paths import shared_with_group
 
 from ._copy import (
     DEFAULT_STEP,
@@ -22,7 +24,8 @@ from ._copy import (
 )
 from ._durable import sweep_stale_temps, write_durably
 from ._errors import ClosedError, InvalidPrefixName, RepositoryNotFound, StorageError
-from ._leases import LeaseProvider, expired_token
+from ._files import make_directory, open_dir, read_regular, refuse_unsafe_place
+from ._leases import FileLeases, LeaseProvider, expired_token
 from ._log import Cut, Log, Salvaged, main_path
 from ._prefix import DEFAULT_CHECKPOINT_BYTES, DEFAULT_LEASE_TTL, Prefix
 
@@ -51,14 +54,51 @@ def validate_prefix_name(name: object) -> str:
     return name
 
 
+def _group_id(group: str) -> int:
+    """The gid of ``group`` (a name or a number), which this user must belong to."""
+    try:
+        gid = int(group) if str(group).isdigit() else grp.getgrnam(str(group)).gr_gid
+    except KeyError:
+        raise StorageError(f"no group named {group!r}: create it first (groupadd)") from None
+    if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        raise StorageError(
+            f"you are not a member of group {group!r}; only a member can share with it",
+            group=group,
+        )
+    return gid
+
+
+def _share_existing(path: Path, gid: int, group: str | None) -> None:
+    """Share the existing directory ``path`` with ``gid``: at once if it holds no repository
+    yet, never behind the back of one already in use (its files would keep their modes)."""
+    info = os.stat(path)
+    if shared_with_group(info) and info.st_gid == gid:
+        return
+    if (path / MARKER).exists() or any(path.iterdir()):
+        raise StorageError(
+            f"{path} is not empty; to share an existing repository with group {group!r}, close "
+            f"it everywhere, then: chgrp -R {group} {path} && chmod -R g+rwX,o-rwx {path} && "
+            f"find {path} -type d -exec chmod g+s {{}} +",
+            root=str(path),
+        )
+    os.chown(path, -1, gid)
+    os.chmod(path, 0o2770)
+
+
 class Repository:
     """A hotcopy repository rooted at a directory.
+
+    The repository directory must be safe (see ``hotcopy.coordinator._paths.check_place``):
+    nobody but its owner, root, and the group it is shared with may change it. Every file
+    created in it gets the mode the directory gives: 0600, or 0640/0660 when it is shared with
+    its group (set-group-ID, as ``hotcopy init --group`` makes it).
 
     Args:
         root: The repository directory (must hold ``hotcopy.json``; see :meth:`init`).
         leases: Where prefix leases come from; by default the repository's coordinator
-            (started on demand). ``FileLeases(root / ".hotcopy")`` uses kernel file locks
-            instead, with no coordinator process.
+            (started on demand), or kernel file locks for a repository shared with a group
+            (the coordinator serves its own user only). ``FileLeases(root / ".hotcopy")``
+            uses kernel file locks in any repository, with no coordinator process.
         checkpoint_bytes: WAL size past which a commit checkpoints automatically.
         lease_timeout: How long a writer waits for a prefix's write lease (None: forever).
         lease_ttl: Seconds a write lease survives its holder being stopped or hung (renewed in
@@ -75,10 +115,10 @@ class Repository:
         lease_timeout: float | None = None,
         lease_ttl: float | None = DEFAULT_LEASE_TTL,
     ) -> None:
-        self.root = Path(root).absolute()
+        self.root = refuse_unsafe_place(Path(root).absolute())
         marker = self.root / MARKER
         try:
-            info = json.loads(marker.read_text())
+            info = json.loads(read_regular(marker))
         except FileNotFoundError:
             raise RepositoryNotFound(
                 f"{self.root} is not a hotcopy repository (no {MARKER}); "
@@ -101,11 +141,15 @@ class Repository:
         self.id: str = info["id"]
         self.id_bytes = bytes.fromhex(self.id)  # as every file's header names it
         self.runtime_dir = self.root / RUNTIME_DIR
-        self.runtime_dir.mkdir(mode=0o700, exist_ok=True)
+        os.close(open_dir(self.runtime_dir, create=True))  # checked: no link, nobody else's
         sweep_stale_temps(self.root)
         # The coordinator's leases by default (started on demand): FIFO, fenced, visible in
-        # `hotcopy status`; FileLeases (kernel flock) remain for embedding without it.
-        self._leases = leases if leases is not None else connect(self.root)
+        # `hotcopy status`; FileLeases (kernel flock) remain for embedding without it, and
+        # serve a repository shared with a group, whose members the coordinator would refuse.
+        if leases is None:
+            shared = shared_with_group(os.stat(self.root))
+            leases = FileLeases(self.runtime_dir) if shared else connect(self.root)
+        self._leases = leases
         self._checkpoint_bytes = checkpoint_bytes
         self._lease_timeout = lease_timeout
         self._lease_ttl = lease_ttl
@@ -113,10 +157,21 @@ class Repository:
         self._closed = False
 
     @classmethod
-    def init(cls, root: str | os.PathLike[str], **options: Any) -> Repository:
-        """Create a repository at ``root`` (parents included) or open the one already there."""
+    def init(
+        cls, root: str | os.PathLike[str], *, group: str | None = None, **options: Any
+    ) -> Repository:
+        """Create a repository at ``root`` (parents included) or open the one already there.
+
+        A new ``root`` is 0700 (or shared like the directory it is made in, if that is shared
+        with its group). With ``group`` (a group name or number), ``root`` is shared with that
+        group on purpose: 2770, its files 0660, so its members read and write it.
+        """
         path = Path(root).absolute()
-        path.mkdir(parents=True, exist_ok=True)
+        gid = -1 if group is None else _group_id(group)
+        created = make_directory(path, gid=gid)
+        refuse_unsafe_place(path)  # after: what is checked is what we go on with
+        if gid != -1 and not created:
+            _share_existing(path, gid, group)
         marker = {"format": REPOSITORY_FORMAT, "id": secrets.token_hex(16)}
         # An existing marker means it is a repository already (perhaps made a moment ago).
         with contextlib.suppress(FileExistsError):
@@ -236,7 +291,8 @@ class Repository:
         self._check_open()
         names = []
         for entry in os.scandir(self.root):
-            if entry.name.endswith(".hc") and entry.is_file():
+            # A link is not a prefix: hotcopy never follows one it did not make.
+            if entry.name.endswith(".hc") and entry.is_file(follow_symlinks=False):
                 name = entry.name[: -len(".hc")]
                 if _PREFIX_NAME.fullmatch(name):
                     names.append(name)

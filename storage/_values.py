@@ -20,12 +20,22 @@ import base64
 import math
 from typing import Any
 
+from . import _codec as codec
 from ._enums import EnumValue, enum_type
 from ._errors import CrossPrefixReference, StorageError
 from ._proxy import WeakProxy
 from ._space import CONTAINER_TYPES, Handle, ObjectSpace, handle_of
 
 _SCALARS = (str, int, bool, type(None))
+
+
+# Half the codec's limit: the record wraps the value and "$dict" may wrap every level, and this
+# recursion (and decode's) takes two frames a level.
+MAX_DEPTH = codec.MAX_DEPTH // 2
+
+
+class _TooDeep(Exception):
+    pass
 
 
 def encode(value: Any, owner: Handle, path: str = "value") -> Any:
@@ -35,11 +45,16 @@ def encode(value: Any, owner: Handle, path: str = "value") -> Any:
         CrossPrefixReference: ``value`` (or something inside it) is an object of another prefix
             that cannot be moved to ``owner``'s prefix.
         TypeError: a value of a type that cannot be stored.
+        ValueError: a value that is not JSON text once encoded (see ``_codec``), or lists and
+            dicts nested deeper than :data:`MAX_DEPTH`.
     """
-    return _encode(value, owner, path)
+    try:
+        return _encode(value, owner, path, 1)
+    except _TooDeep:
+        raise codec.too_deep(path, MAX_DEPTH) from None
 
 
-def _encode(value: Any, owner: Handle, path: str) -> Any:
+def _encode(value: Any, owner: Handle, path: str, depth: int) -> Any:
     kind = type(value)
     if kind in _SCALARS:
         return value
@@ -49,14 +64,16 @@ def _encode(value: Any, owner: Handle, path: str) -> Any:
         return value
     if kind is bytes:
         return {"$bytes": base64.b64encode(value).decode("ascii")}
+    if (kind is list or kind is dict) and depth > MAX_DEPTH:
+        raise _TooDeep
     if kind is list:
-        return [_encode(item, owner, f"{path}[{i}]") for i, item in enumerate(value)]
+        return [_encode(item, owner, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
     if kind is dict:
         out = {}
         for key, item in value.items():
             if type(key) is not str:
                 raise TypeError(f"{path}: dict keys must be str, not {type(key).__name__}")
-            out[key] = _encode(item, owner, f"{path}[{key!r}]")
+            out[key] = _encode(item, owner, f"{path}[{key!r}]", depth + 1)
         return {"$dict": out} if any(key.startswith("$") for key in out) else out
     if isinstance(value, WeakProxy):
         return {"$weak": {"prefix": value._hc_prefix, "uuid": value._hc_uuid}}

@@ -516,8 +516,8 @@ def test_the_next_run_sweeps_what_a_killed_run_left_behind(repo_root: Path, tmp_
         ).stdout
     )  # fmt: skip
     me = ProcessIdentity.current()
-    dead = killed / f"big.hc.tmp-{dead_pid}-12345-0badf00d"
-    alive = killed / f"small.hc.tmp-{me.pid}-{me.start_ticks}-cafef00d"
+    dead = killed / f"big.hc.hotcopy-tmp-{dead_pid}-12345-0badf00d"
+    alive = killed / f"small.hc.hotcopy-tmp-{me.pid}-{me.start_ticks}-cafef00d"
     for temp in (dead, alive):
         temp.write_bytes(b"half a copy")
     backup(repo_root, dest, incremental=True)

@@ -145,6 +145,23 @@ def test_errors_are_one_line_with_exit_1_and_no_traceback(
     assert cli.ok("get", root, "users", "name") == "alice\n"  # nothing changed by the failures
 
 
+def test_put_refuses_values_that_are_not_json_text_in_one_line(cli: Cli, root: Path) -> None:
+    deep = "[" * 60_000 + "]" * 60_000  # once a RecursionError traceback
+    assert "deeper than 512 levels" in cli.fails("put", root, "p", "k", deep, "--json")
+    just_over = "[" * 513 + "]" * 513
+    assert "deeper than 512 levels" in cli.fails("put", root, "p", "k", just_over, "--json")
+    for text in ("NaN", "[1, Infinity]", '{"a": -Infinity}'):
+        assert "not a JSON number" in cli.fails("put", root, "p", "k", text, "--json")
+    assert "lone surrogate U+D800" in cli.fails("put", root, "p", "k", '"\\ud800"', "--json")
+    # Arguments that are not UTF-8 reach Python as lone surrogates (surrogateescape).
+    assert "lone surrogate U+DCFF" in cli.fails("put", root, "p", "k", "v\udcff")
+    assert "key 'k\\udcff'" in cli.fails("put", root, "p", "k\udcff", "v")
+    assert "'k'" in cli.fails("get", root, "p", "k")  # nothing was stored
+    at_limit = "[" * 512 + "]" * 512
+    assert cli.ok("put", root, "p", "k", at_limit, "--json") == "1\n"
+    assert json.loads(cli.ok("get", root, "p", "k")) == json.loads(at_limit)
+
+
 def test_usage_errors_exit_2(cli: Cli) -> None:
     cli.usage_error()
     cli.usage_error("frobnicate")
@@ -164,10 +181,11 @@ def test_ls_lists_prefixes_with_size_seq_and_keys(cli: Cli, root: Path) -> None:
     cli.ok("put", root, "alpha", "k1", "v")
     cli.ok("put", root, "alpha", "k2", "v")
     listing = json.loads(cli.ok("ls", root, "--json"))
+    ok = {"damaged": False, "error": None}
     assert listing == {
         "prefixes": [
-            {"prefix": "alpha", "bytes": _sizes(root, "alpha"), "seq": 2, "keys": 2},
-            {"prefix": "beta", "bytes": _sizes(root, "beta"), "seq": 1, "keys": 1},
+            {"prefix": "alpha", "bytes": _sizes(root, "alpha"), "seq": 2, "keys": 2, **ok},
+            {"prefix": "beta", "bytes": _sizes(root, "beta"), "seq": 1, "keys": 1, **ok},
         ]
     }
     header, *rows = cli.ok("ls", root).splitlines()
@@ -176,6 +194,54 @@ def test_ls_lists_prefixes_with_size_seq_and_keys(cli: Cli, root: Path) -> None:
         ["alpha", str(_sizes(root, "alpha")), "2", "2"],
         ["beta", str(_sizes(root, "beta")), "1", "1"],
     ]
+
+
+def test_ls_lists_every_prefix_and_marks_the_damaged_ones_with_exit_1(
+    cli: Cli, root: Path
+) -> None:
+    names = ("a", "flipped", "header", "torn", "z")  # as listed: sorted
+    for name in names:
+        cli.ok("put", root, name, "k", "v")
+    with Repository(root) as repo:
+        for name in names:
+            repo.open_prefix(name, "rw").checkpoint()
+    with open(root / "flipped.hc", "r+b") as f:  # a flipped byte in the batch header's seq
+        f.seek(72)
+        byte = f.read(1)[0]
+        f.seek(72)
+        f.write(bytes([byte ^ 0x01]))
+    os.truncate(root / "torn.hc", (root / "torn.hc").stat().st_size - 10)  # inside a segment
+    os.truncate(root / "header.hc", 30)  # inside the file header
+    damaged = {name: verify_file(root / f"{name}.hc") for name in names[1:4]}
+    assert not any(report.ok for report in damaged.values())
+
+    done = cli.run("ls", root)
+    line = _check_fails(done)
+    assert "3 of 5 prefixes are damaged" in line and "'flipped'" in line
+    header, *rows = done.stdout.decode().splitlines()
+    assert header.split() == ["PREFIX", "BYTES", "SEQ", "KEYS"]
+    assert [row.split()[0] for row in rows] == list(names)
+    assert rows[0].split() == ["a", str(_sizes(root, "a")), "1", "1"]
+    assert rows[4].split() == ["z", str(_sizes(root, "z")), "1", "1"]
+    for row, (name, report) in zip(rows[1:4], damaged.items(), strict=True):
+        assert row.split()[:4] == [name, str(_sizes(root, name)), "-", "-"]
+        assert row.endswith(report.summary()) and f"DAMAGED at offset {report.offset}" in row
+
+    done = cli.run("ls", root, "--json")
+    _check_fails(done)
+    listing = {row["prefix"]: row for row in json.loads(done.stdout)["prefixes"]}
+    assert list(listing) == list(names)
+    for name in ("a", "z"):
+        assert listing[name] == {
+            "prefix": name, "bytes": _sizes(root, name), "seq": 1, "keys": 1,
+            "damaged": False, "error": None,
+        }  # fmt: skip
+    for name, report in damaged.items():
+        row = listing[name]
+        assert (row["damaged"], row["seq"], row["keys"]) == (True, None, None)
+        assert row["error"] == report.summary()
+        assert f"{root / name}.hc: DAMAGED at offset {report.offset}" in row["error"]
+    assert "exit status is 1" in " ".join(cli.ok("ls", "--help").split())
 
 
 # -- copy and restore -------------------------------------------------------------------------

@@ -185,6 +185,7 @@ def test_public_surface_is_pinned() -> None:
         "LeaseTimeout",
         "ProcessIdentity",
         "Status",
+        "UnsafePlace",
         "WouldBlock",
         "connect",
         "format_status",
@@ -197,6 +198,7 @@ def test_public_surface_is_pinned() -> None:
     assert issubclass(hc.WouldBlock, BlockingIOError)
     assert issubclass(hc.CoordinatorUnavailable, ConnectionError)
     assert issubclass(hc.ClientClosed, hc.LeaseError)
+    assert issubclass(hc.UnsafePlace, PermissionError)
 
 
 @pytest.mark.timeout(30)

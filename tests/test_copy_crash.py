@@ -113,7 +113,7 @@ def _prefix_is_free_and_writable(root: Path) -> None:
 
 
 def _temps(directory: Path) -> list[str]:
-    return sorted(name for name in os.listdir(directory) if ".tmp-" in name)
+    return sorted(name for name in os.listdir(directory) if ".hotcopy-tmp-" in name)
 
 
 COPY_UNDER_FSIZE_LIMIT = r"""
@@ -196,7 +196,7 @@ def test_a_copy_killed_midway_leaves_a_temp_that_the_next_copy_sweeps(
     done, total = map(int, marker.read_text().split())
     assert 0 < done < total
     temps = _temps(dest_dir)
-    assert len(temps) == 1 and temps[0].startswith(f"c.hc.tmp-{child.pid}-"), temps
+    assert len(temps) == 1 and temps[0].startswith(f"c.hc.hotcopy-tmp-{child.pid}-"), temps
     child.send_signal(signal.SIGKILL)
     assert child.wait(GRACE) == -signal.SIGKILL
 

@@ -105,7 +105,7 @@ VALUES: dict[str, Any] = {
     "flag": True,
     "count": 2**70,
     "ratio": -0.25,
-    "text": "héllo \udcff",  # a lone surrogate survives too
+    "text": "héllo \U0001f389",
     "blob": b"\x00\xffraw",
     "nested": {"$ref": "not a reference", "list": [1, {"b": b"x"}], "": None},
     "items": [1, "two", [3.0], {"$dict": 4}],
@@ -125,6 +125,21 @@ def test_attributes_of_every_storable_type_survive_a_reopen(root: Path) -> None:
     assert loaded.name == "t" and hc.uuid(loaded) == uid
 
 
+def _nested(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+def test_values_nested_up_to_the_limit_survive_a_reopen(root: Path) -> None:
+    deepest = {"$dict": _nested(255)}  # 256 levels, the dict included
+    thing = Thing("t", deep=deepest)
+    uid = hc.uuid(thing)
+    reopen(root)
+    assert hc.fetch(Thing, uid).deep == deepest
+
+
 @pytest.mark.parametrize(
     ("value", "error"),
     [
@@ -134,7 +149,13 @@ def test_attributes_of_every_storable_type_survive_a_reopen(root: Path) -> None:
         ({1: "x"}, TypeError),
         (float("nan"), ValueError),
         ([b"ok", (1,)], TypeError),
+        ({"a": [float("inf")]}, ValueError),
+        ("lone \udcff", ValueError),
+        ({"lone \ud800": 1}, ValueError),
+        (_nested(257), ValueError),
+        (_nested(60_000), ValueError),
     ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else type(v).__name__,
 )
 def test_unstorable_values_are_refused_and_change_nothing(
     root: Path, value: Any, error: type[Exception]

@@ -10,7 +10,6 @@ replacement worker. The manifest is written last: an interrupted run (SIGINT) re
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import resource
 import shutil
@@ -29,7 +28,9 @@ from hotcopy.storage._durable import (
     sweep_stale_temps,
     sync_filesystem,
     temp_path_for,
+    temps_of,
 )
+from hotcopy.storage._files import make_directory, refuse_unsafe_place
 from hotcopy.storage._format import HEADER_SIZE as WAL_HEADER_SIZE
 from hotcopy.storage._log import Cut, wal_path
 from hotcopy.storage._prefix import Prefix
@@ -438,6 +439,7 @@ def restore(
             + (f" (they failed: {manifest.failed})" if manifest.failed else "")
         )
     target = Path(root)
+    refuse_unsafe_place(target)  # an existing ROOT (or a link to one) must be a safe place
     if not force and target.exists() and any(target.iterdir()):
         raise BackupError(
             f"{target} is not empty; restore into an empty directory or use --force",
@@ -454,11 +456,11 @@ def restore(
         # replaces an empty directory), so a failed restore leaves ROOT as it was. Nothing in
         # staging is live before the rename: one syncfs makes it all durable first, instead of
         # four device flushes per prefix.
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_directory(target.parent)
         _sweep_abandoned_restores(target)
         # Named for this process, so that a later restore can tell it was abandoned.
         staging = temp_path_for(target.parent / f".{target.name}.restoring")
-        staging.mkdir(mode=0o700)
+        make_directory(staging, exist_ok=False)
         try:
             _restore_into(
                 staging, names, chains, manifest, force, progress, total, restored, staged=True
@@ -476,8 +478,8 @@ def restore(
 
 def _sweep_abandoned_restores(target: Path) -> None:
     """Remove the staging directories of restores into ``target`` whose process died."""
-    for staging in target.parent.glob(f".{glob.escape(target.name)}.restoring.tmp-*"):
-        if is_abandoned_temp(staging.name):
+    for staging in temps_of(target.parent / f".{target.name}.restoring"):
+        if is_abandoned_temp(staging):
             shutil.rmtree(staging, ignore_errors=True)
 
 

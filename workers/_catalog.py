@@ -36,6 +36,7 @@ from typing import Any
 from filelock import FileLock
 from hotcopy.storage._copy import BaseRef, Piece
 from hotcopy.storage._durable import fsync_dir, sweep_stale_temps, write_durably
+from hotcopy.storage._files import make_directory, open_regular, refuse_unsafe_place
 
 from ._errors import BackupNotFound, CatalogError
 
@@ -118,6 +119,7 @@ class Catalog:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).absolute()
+        refuse_unsafe_place(self.path)
         marker = self.path / CATALOG_MARKER
         try:
             info = json.loads(marker.read_text())
@@ -142,7 +144,8 @@ class Catalog:
         path = Path(path).absolute()
         if path.exists() and not path.is_dir():
             raise CatalogError(f"backup directory {path} is not a directory", path=str(path))
-        path.mkdir(parents=True, exist_ok=True)
+        make_directory(path)
+        refuse_unsafe_place(path)
         marker = {"format": CATALOG_FORMAT, "repository_id": repository_id}
         # Looked for first: the attempt alone costs a file and its fsync in every run.
         if not (path / CATALOG_MARKER).exists():
@@ -159,6 +162,7 @@ class Catalog:
 
     def lock(self, timeout: float = -1) -> FileLock:
         """The catalog lock: one backup run or prune at a time."""
+        os.close(open_regular(self.path / "catalog.lock", os.O_RDWR | os.O_CREAT))  # its mode
         return FileLock(self.path / "catalog.lock", timeout=timeout, poll_interval=0.01)
 
     def new_backup_dir(self, kind: str) -> tuple[str, Path]:
@@ -168,7 +172,7 @@ class Catalog:
             backup_id = f"hotcopy_{kind}_{now // 1_000_000}_{now % 1_000_000:06d}"
             path = self.path / backup_id
             try:
-                path.mkdir()
+                make_directory(path, exist_ok=False)
             except FileExistsError:
                 now += 1
                 continue

@@ -19,10 +19,13 @@ from hotcopy.coordinator import format_status, read_status, status_to_json
 from hotcopy.coordinator import main as coordinator_main
 from hotcopy.coordinator._errors import HotcopyError
 from hotcopy.storage import (
+    CorruptFileError,
+    NotRegularFile,
     Repository,
     StorageError,
     verify_file,
 )
+from hotcopy.storage._codec import too_deep
 from hotcopy.storage._verify import verify_prefix
 
 from ._backup import backup, prune, restore
@@ -67,6 +70,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     cmd = sub.add_parser("init", help="create a repository (or open the one there)")
     cmd.add_argument("root", type=Path)
+    cmd.add_argument(
+        "--group",
+        metavar="NAME",
+        help="share the repository with this group: its members read and write it "
+        "(directories 2770, files 0660); without it the repository is private (0700/0600)",
+    )
     cmd.set_defaults(command=_init)
 
     cmd = sub.add_parser("put", help="commit one key")
@@ -83,7 +92,13 @@ def _build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("key")
     cmd.set_defaults(command=_get)
 
-    cmd = sub.add_parser("ls", help="list prefixes with size and commit sequence")
+    cmd = sub.add_parser(
+        "ls",
+        help="list prefixes with size and commit sequence; exit 1 if any is damaged",
+        description="List every prefix with its size, commit sequence and number of keys. A "
+        "prefix that cannot be read is listed as damaged, with the file and offset of the "
+        "damage, and the exit status is 1.",
+    )
     cmd.add_argument("root", type=Path)
     cmd.add_argument("--json", action="store_true", help="print one JSON object")
     cmd.set_defaults(command=_ls)
@@ -204,7 +219,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _init(args: argparse.Namespace) -> int:
-    with Repository.init(args.root) as repo:
+    with Repository.init(args.root, group=args.group) as repo:
         print(f"repository {repo.root} (id {repo.id})")
     return 0
 
@@ -216,6 +231,8 @@ def _put(args: argparse.Namespace) -> int:
             value = json.loads(args.value)
         except json.JSONDecodeError as err:
             raise CommandError(f"VALUE is not valid JSON: {err}") from err
+        except RecursionError:  # json's C parser stops there, cleanly; the store refuses less
+            raise too_deep("VALUE") from None
     with Repository(args.root) as repo, repo.open_prefix(args.prefix, "rw") as prefix:
         prefix[args.key] = value
         print(prefix.commit())
@@ -375,21 +392,45 @@ def _ls(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     with Repository(args.root) as repo:
         for name in repo.prefixes():
-            size = _file_size(repo.prefix_path(name))
-            size += _file_size(repo.prefix_path(name).with_suffix(".hc-wal"))
-            with repo.open_prefix(name, "r") as prefix:
-                rows.append({"prefix": name, "bytes": size, "seq": prefix.seq, "keys": len(prefix)})
+            main = repo.prefix_path(name)
+            size = _file_size(main) + _file_size(main.with_suffix(".hc-wal"))
+            row: dict[str, Any] = {"prefix": name, "bytes": size, "seq": None, "keys": None}
+            row.update(damaged=False, error=None)
+            try:
+                with repo.open_prefix(name, "r") as prefix:
+                    row.update(seq=prefix.seq, keys=len(prefix))
+            except (CorruptFileError, NotRegularFile) as err:
+                row.update(damaged=True, error=_damage(main, err))
+            rows.append(row)
+    damaged = [row["prefix"] for row in rows if row["damaged"]]
     if args.json:
         print(json.dumps({"prefixes": rows}))
-        return 0
-    if not rows:
+    elif not rows:
         print("no prefixes")
-        return 0
-    width = max(len("PREFIX"), *(len(row["prefix"]) for row in rows))
-    print(f"{'PREFIX':<{width}}  {'BYTES':>12}  {'SEQ':>8}  {'KEYS':>8}")
-    for row in rows:
-        print(f"{row['prefix']:<{width}}  {row['bytes']:>12}  {row['seq']:>8}  {row['keys']:>8}")
+    else:
+        width = max(len("PREFIX"), *(len(row["prefix"]) for row in rows))
+        print(f"{'PREFIX':<{width}}  {'BYTES':>12}  {'SEQ':>8}  {'KEYS':>8}")
+        for row in rows:
+            seq, keys = ("-", "-") if row["damaged"] else (row["seq"], row["keys"])
+            line = f"{row['prefix']:<{width}}  {row['bytes']:>12}  {seq:>8}  {keys:>8}"
+            print(f"{line}  {row['error']}" if row["damaged"] else line)
+    if damaged:
+        print(
+            f"hotcopy: error: {len(damaged)} of {len(rows)} prefixes are damaged: "
+            f"{', '.join(map(repr, damaged))}; `hotcopy verify {args.root}` checks every file",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _damage(main: Path, err: StorageError) -> str:
+    """What kept a prefix from opening, with the file and offset as ``verify`` reports them."""
+    if isinstance(err, CorruptFileError):
+        report = verify_file(main)  # the main file: where all that opening refuses lies today
+        if not report.ok:
+            return report.summary()
+    return _one_line(err)
 
 
 def _file_size(path: Path) -> int:
