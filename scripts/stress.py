@@ -12,7 +12,14 @@ journals and that rule, not against hotcopy's own bookkeeping:
 - no two writers were ever inside the write lease of one prefix at once (an O_EXCL marker);
 - no commit waited longer than the promised bound for its lease, though holders and the
   coordinator were killed and stopped around it (a dead holder's lease is freed in time);
-- no temp file is left behind.
+- no temp file is left behind;
+- damage is never silently dropped: every few seconds a byte is flipped in a snapshot of a live
+  prefix's files (a WAL batch with whole batches after it, or a checkpointed segment), and
+  both `verify` and opening the prefix must report it.
+
+With --chaos, some stops outlast the writers' lease TTL (2 s by default), so a writer stopped
+inside a commit loses its lease while its successor fences it: its commit must then be
+refused or ordered before the successor's, never lost or applied late.
 
     python scripts/stress.py --duration 60 --chaos --json
     python scripts/stress.py --break ack-before-write --chaos   # a broken build must fail
@@ -39,6 +46,7 @@ from typing import Any
 
 ROLES = ("writer", "reader", "copier", "backup")
 LEASE_BOUND_S = 5.0  # no commit waits longer for its write lease (holders die, stop, restart)
+LONG_STOPS = 0.3  # the share of chaos stops that outlast the writers' lease TTL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +79,7 @@ def prefix_of(writer: int, prefixes: int) -> str:
     return f"s{writer % prefixes}"
 
 
-def role_writer(work: Path, index: int, prefixes: int) -> None:
+def role_writer(work: Path, index: int, prefixes: int, lease_ttl: float) -> None:
     from hotcopy.coordinator._errors import LeaseError
     from hotcopy.storage import Repository, TransactionConflict
 
@@ -79,7 +87,7 @@ def role_writer(work: Path, index: int, prefixes: int) -> None:
     name = prefix_of(index, prefixes)
     marker = work / "markers" / name
     key = f"w{index}"
-    with Repository.init(work / "repo") as repo:
+    with Repository.init(work / "repo", lease_ttl=lease_ttl) as repo:
         px = repo.open_prefix(name, "rw")
         acknowledged = [int(line.split()[0]) for line in _read_lines(journal)]
         n = max([px.get(f"{key}/last", 0), *acknowledged])
@@ -256,6 +264,7 @@ class Supervisor:
     killed: int = 0
     stopped: int = 0
     coordinator_kills: int = 0
+    damages: int = 0
 
     def command(self, role: str, index: int) -> list[str]:
         a = self.args
@@ -274,6 +283,8 @@ class Supervisor:
             str(a.writers),
             "--backup-interval",
             str(a.backup_interval),
+            "--lease-ttl",
+            str(a.lease_ttl),
         ]
 
     def start(self, role: str, index: int) -> Proc:
@@ -316,11 +327,72 @@ class Supervisor:
             self.event("stop", victim)
             victim.stopped = True
             self.stopped += 1
-            pause = self.rng.uniform(0.05, 1.0)
+            if self.rng.random() < LONG_STOPS:  # its lease expires: it is fenced meanwhile
+                pause = self.rng.uniform(self.args.lease_ttl + 0.2, self.args.lease_ttl + 1.5)
+            else:
+                pause = self.rng.uniform(0.05, 1.0)
             time.sleep(pause)
             victim.popen.send_signal(signal.SIGCONT)
             self.event("cont", victim)
             victim.stopped = False
+
+    def inject_damage(self) -> list[str]:
+        """Flip one byte in a snapshot of a live prefix's files; it must be reported.
+
+        The snapshot is taken under the prefix's write lease (so it is a state the prefix was
+        in) into a scratch repository of the same id. The byte is in a WAL batch that whole
+        batches follow, or in the main file's durable segments: damage either way, never a
+        torn tail. Returns violations (damage neither `verify` nor an open reported).
+        """
+        from hotcopy.storage import CorruptFileError, FileLeases, Repository
+        from hotcopy.storage import _format as fmt
+        from hotcopy.storage._verify import verify_prefix
+
+        root, scratch = self.work / "repo", self.work / "damage"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(mode=0o700)
+        with Repository(root) as repo:
+            names = repo.prefixes()
+            if not names:
+                return []
+            name = self.rng.choice(names)
+            with repo.leases.lease(name, "write", timeout=10, ttl=10):
+                for suffix in (".hc", ".hc-wal"):
+                    with contextlib.suppress(FileNotFoundError):
+                        shutil.copyfile(root / f"{name}{suffix}", scratch / f"{name}{suffix}")
+            shutil.copyfile(root / "hotcopy.json", scratch / "hotcopy.json")
+        before = verify_prefix(scratch, name)
+        if not before.ok:
+            return [f"live prefix {name} is damaged: {before.summary()}"]
+        wal, main = scratch / f"{name}.hc-wal", scratch / f"{name}.hc"
+        batches = _whole_batches(wal, fmt)
+        in_wal = len(batches) >= 2 and self.rng.random() < 0.5
+        if in_wal:
+            batch = self.rng.choice(batches[:-1])
+            at, target = batch.offset + self.rng.randrange(batch.size), wal
+        else:
+            header = fmt.unpack_wal_header(wal.read_bytes()[: fmt.HEADER_SIZE])
+            first = fmt.unpack_main_header(main.read_bytes()[: fmt.HEADER_SIZE]).size
+            if header.base_len <= first:
+                return []  # nothing checkpointed yet
+            at, target = self.rng.randrange(first, header.base_len), main
+        with open(target, "r+b") as file:
+            file.seek(at)
+            byte = file.read(1)[0]
+            file.seek(at)
+            file.write(bytes([byte ^ (1 << self.rng.randrange(8))]))
+        self.damages += 1
+        problems = []
+        if verify_prefix(scratch, name).ok:
+            problems.append(f"damage at {target.name}:{at} not reported by verify")
+        if in_wal:
+            try:
+                with Repository(scratch, leases=FileLeases(scratch / ".hotcopy")) as repo:
+                    repo.open_prefix(name, "r")
+                problems.append(f"damage at {target.name}:{at} opened as a valid prefix")
+            except CorruptFileError:
+                pass
+        return problems
 
     def kill_coordinator(self) -> bool:
         """SIGKILL the repository's coordinator; its clients start and elect a successor."""
@@ -364,6 +436,20 @@ class Supervisor:
                 proc.popen.wait()
 
 
+def _whole_batches(wal: Path, fmt: Any) -> list[Any]:
+    data = wal.read_bytes()
+    header = fmt.unpack_wal_header(data[: fmt.HEADER_SIZE])
+    fd = os.open(wal, os.O_RDONLY)
+    try:
+        reader = fmt.FileReader(fd, header.size, len(data))
+        found = []
+        while (batch := fmt.read_batch(reader, load_values=False)) is not None:
+            found.append(batch)
+        return found
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------------------------------------
 # the checks
 
@@ -396,19 +482,42 @@ def writers_of(name: str, writers: int, prefixes: int) -> list[int]:
     return [w for w in range(writers) if prefix_of(w, prefixes) == name]
 
 
+def _stop_windows(chaos_log: Path) -> dict[int, list[tuple[float, float]]]:
+    """Each writer's stopped intervals (wall clock), from the chaos log."""
+    windows: dict[int, list[tuple[float, float]]] = {}
+    stopped_at: dict[int, float] = {}
+    for line in _read_lines(chaos_log):
+        moment, action, *who = line.split()
+        if who[0] != "writer":
+            continue
+        index = int(who[1])
+        if action == "stop":
+            stopped_at[index] = float(moment)
+        elif action == "cont" and index in stopped_at:
+            windows.setdefault(index, []).append((stopped_at.pop(index), float(moment)))
+    return windows
+
+
+def _overlaps(windows: list[tuple[float, float]], start: float, end: float) -> bool:
+    return any(begin < end and start < until for begin, until in windows)
+
+
 def final_checks(sup: Supervisor) -> dict[str, Any]:
-    from hotcopy.storage import FileLeases, Repository, verify_file
+    from hotcopy.storage import CorruptFileError, FileLeases, Repository, verify_file
     from hotcopy.workers import Catalog, restore
 
     a, work = sup.args, sup.work
     violations = _read_lines(work / "violations.log")
     acknowledged = 0
     latencies: list[float] = []
+    stops = _stop_windows(work / "chaos.log")
     with Repository(work / "repo") as repo:
         states = {}
         for name in repo.prefixes():
-            px = repo.open_prefix(name, "r")
-            states[name] = prefix_state(px)
+            try:
+                states[name] = prefix_state(repo.open_prefix(name, "r"))
+            except CorruptFileError as err:
+                violations.append(f"live {name} is damaged: {err}")
         for w in range(a.writers):
             name = prefix_of(w, a.prefixes)
             rows = [line.split() for line in _read_lines(work / f"journal-{w}.log")]
@@ -422,6 +531,8 @@ def final_checks(sup: Supervisor) -> dict[str, Any]:
                 f"(acknowledged at {float(row[3]):.3f})"
                 for row in rows
                 if float(row[2]) > LEASE_BOUND_S
+                # ...unless it was the one stopped: that is its own pause, not a lease's.
+                and not _overlaps(stops.get(w, []), float(row[3]) - float(row[2]), float(row[3]))
             ]
             if not rows:
                 continue
@@ -525,6 +636,7 @@ def final_checks(sup: Supervisor) -> dict[str, Any]:
         "processes_killed": sup.killed,
         "processes_stopped": sup.stopped,
         "coordinator_restarts": sup.coordinator_kills,
+        "damage_injected_and_reported": sup.damages,
         "commit_latency_p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
         "commit_latency_p99_ms": (
             1000 * latencies[int(len(latencies) * 0.99)] if latencies else None
@@ -553,6 +665,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backup-interval", type=float, default=5.0, help="0: no backups")
     parser.add_argument("--chaos", action="store_true", help="SIGKILL/SIGSTOP processes")
     parser.add_argument("--chaos-interval", type=float, default=1.0)
+    parser.add_argument(
+        "--lease-ttl", type=float, default=2.0, help="the writers' lease TTL (seconds)"
+    )
+    parser.add_argument(
+        "--damage-interval",
+        type=float,
+        default=3.0,
+        help="with --chaos: seconds between damage injections into snapshots (0: none)",
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -570,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role is not None:
         random.seed(os.getpid() ^ int(time.time() * 1000))
         if args.role == "writer":
-            role_writer(args.work, args.index, args.prefixes)
+            role_writer(args.work, args.index, args.prefixes, args.lease_ttl)
         elif args.role == "reader":
             role_reader(args.work, args.index, args.prefixes, args.writers)
         elif args.role == "copier":
@@ -592,12 +713,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sup.start_all()
         next_chaos = began + args.chaos_interval
+        next_damage = began + args.damage_interval
         while time.monotonic() - began < args.duration:
             time.sleep(0.05)
             unprompted += sup.restart_crashed()
             if args.chaos and time.monotonic() >= next_chaos:
                 sup.chaos_step()
                 next_chaos = time.monotonic() + sup.rng.uniform(0.2, 2 * args.chaos_interval)
+            if args.chaos and args.damage_interval > 0 and time.monotonic() >= next_damage:
+                unprompted += sup.inject_damage()
+                next_damage = time.monotonic() + args.damage_interval
     finally:
         sup.stop_all()
     results = final_checks(sup)

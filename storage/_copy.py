@@ -269,7 +269,10 @@ def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, float]:
             name, "write", timeout=repo.lease_timeout, ttl=DEFAULT_LEASE_TTL
         ) as lease:
             log.prepare(lease, expired_token(repo.leases))
-            cut = log.cut() if BREAK == "copy-without-checkpoint" else log.checkpoint(lease)
+            if BREAK == "copy-without-checkpoint":  # broken on purpose: claims the WAL's commits
+                cut = Cut(log.cut().length, log.seq, log.header.file_id)
+            else:
+                cut = log.checkpoint(lease)
             fd = log.dup_main_fd()
         return cut, fd, time.monotonic() - asked
     finally:
@@ -596,7 +599,6 @@ def restore_chain(
             header,
             write,
             lease=lease,
-            expired=expired_token(repo.leases),
             sync=sync,
         )
     return seq

@@ -89,8 +89,8 @@ class WalHeader:
     base_seq: int  # the commit sequence at that boundary
     repository_id: bytes | None = None
     prefix: str | None = None
-    # The largest fencing token of a lease that expired (its holder possibly only stopped) and
-    # was fenced before this WAL was made: see Log.prepare.
+    # Leases of a token up to this were fenced before this WAL was made (their holders, perhaps
+    # only stopped, can change nothing any more): see Log.prepare.
     fenced_through: int = 0
     version: int = FORMAT_VERSION
 

@@ -494,13 +494,18 @@ class Log:
         damage there (following, a partial batch is a write in progress)."""
         if not self._wal_applies or self._wal_header is None:
             return
-        fd = self._wal_fd
-        end = os.fstat(fd).st_size
-        if not strict and not fmt.batch_starts_at(fd, self._wal_pos):
+        if not strict and not fmt.batch_starts_at(self._wal_fd, self._wal_pos):
             return  # reserved space (zeros), a torn tail, or a write in progress
-        chunk = fmt.FileReader.CHUNK if strict else _FOLLOW_CHUNK
-        reader = fmt.FileReader(fd, self._wal_pos, end, chunk=chunk)
-        expected = self._wal_header.base_seq + len(self._wal_index) + 1
+        self._read_batches(fmt.FileReader.CHUNK if strict else _FOLLOW_CHUNK)
+        if strict:
+            self._check_wal_tail()
+
+    def _read_batches(self, chunk: int = _FOLLOW_CHUNK) -> None:
+        header = self._wal_header
+        assert header is not None
+        fd = self._wal_fd
+        reader = fmt.FileReader(fd, self._wal_pos, os.fstat(fd).st_size, chunk=chunk)
+        expected = header.base_seq + len(self._wal_index) + 1
         while True:
             start = reader.pos
             batch = fmt.read_batch(reader, load_values=True)
@@ -517,18 +522,26 @@ class Log:
             self._deliver(batch, in_wal=True)
             expected += 1
         self._wal_pos = reader.pos
-        if strict:
-            self._check_wal_tail()
 
     def _check_wal_tail(self) -> bool:
         """Whether the WAL ends cleanly after its last whole batch (zeros, or a torn tail that
         can be dropped); damage after it is recorded or raised."""
         fd = self._wal_fd
-        end = os.fstat(fd).st_size
-        if end <= self._wal_pos or tail_is_clear(fd, self._wal_pos, end):
-            return True
-        later = _valid_batch_after(fd, self._wal_pos, end, self._seq)
-        if later is not None:
+        while True:
+            end = os.fstat(fd).st_size
+            if end <= self._wal_pos or tail_is_clear(fd, self._wal_pos, end):
+                return True
+            later = _valid_batch_after(fd, self._wal_pos, end, self._seq)
+            if later is None:
+                return False  # a torn tail (or, without the lease, a write in progress)
+            # Read again, afresh: without the lease, a writer may have completed the batch
+            # here since it was read (and appended the one after it), which is no damage.
+            before = self._wal_pos
+            self._read_batches()
+            if self.damage is not None:
+                return False
+            if self._wal_pos != before:
+                continue
             self._damaged(
                 self.wal_path,
                 self._wal_pos,
@@ -536,7 +549,6 @@ class Log:
                 f"{later[1]}) follows at offset {later[0]}",
             )
             return False
-        return False
 
     def _check_main_tail(self) -> None:
         """Bytes after the last whole segment are an unfinished checkpoint's only where the
@@ -636,10 +648,11 @@ class Log:
             self._wal_applies and header is not None and self._scanned_end > header.base_len
         )
         if expired > self._fenced_through:
-            # A holder may be stopped with a change pending: make it land nowhere.
+            # A holder may be stopped with a change pending: make it land nowhere. Every
+            # holder before this one had a smaller token, and all of them are fenced now.
             remove_temps_of(self.main_path)
             remove_temps_of(self.wal_path)
-            self._fenced_through = expired
+            self._fenced_through = max(lease.token - 1, 0)
             self._checkpoint(lease, always=True)
         elif unfinished or not self._wal_applies:
             self._checkpoint(lease, always=True)  # finish it, or a WAL for this main file
@@ -837,7 +850,7 @@ class Log:
         if not self._writable:
             raise StorageError(f"prefix {self.name!r} is open read-only", prefix=self.name)
 
-    def salvage(self, lease: HeldLease, expired: int) -> Salvaged:
+    def salvage(self, lease: HeldLease) -> Salvaged:
         """Keep what is provable of a damaged prefix (a log opened ``tolerant``), under its
         exclusive ``lease``: the main file's whole segments before any damage in it, and the
         WAL's batches before any damage in it (when the WAL continues what is kept). The
@@ -849,7 +862,7 @@ class Log:
             return Salvaged(self._seq, None, None, [])
         remove_temps_of(self.main_path)  # fence, as prepare() would (exclusive: nobody else)
         remove_temps_of(self.wal_path)
-        self._fenced_through = max(self._fenced_through, expired)
+        self._fenced_through = max(lease.token - 1, 0)
         header = self._wal_header
         main_intact = damage.path != str(self.main_path) or (
             self._wal_applies and header is not None and damage.offset >= header.base_len
@@ -898,9 +911,7 @@ class Log:
                 pwrite_all(fd, tail, base)
                 return base + len(tail), lost_last
 
-            install_files(
-                self.main_path.parent, self.name, fresh, write, lease=lease, expired=expired
-            )
+            install_files(self.main_path.parent, self.name, fresh, write, lease=lease)
         lost = (kept + 1, lost_last) if lost_last > kept else None
         return Salvaged(kept, lost, damage, aside)
 
@@ -950,19 +961,20 @@ def install_files(
     write_main: Callable[[int], tuple[int, int]],
     *,
     lease: HeldLease | None,
-    expired: int,
     sync: bool = True,
 ) -> tuple[int, int]:
     """Make a new main file with ``header`` (written by ``write_main``, which returns the cut
     ``(length, seq)`` it wrote) and a fresh WAL the files of prefix ``name``: a compaction, a
     restore, a salvage. Returns that cut.
 
-    Under the prefix's exclusive ``lease``, whose holder may follow one that is stopped: the
-    stopped one's temps go first (see :class:`Log`), and every rename checks the lease. Without
-    a lease (a staged restore into a directory nobody else knows) neither is needed.
+    Under the prefix's exclusive ``lease``, whose holder may follow one that is stopped: both
+    files are new (whatever a stopped holder writes goes to the old ones), its temps go first
+    (see :class:`Log`), and every rename checks the lease. Without a lease (a staged restore
+    into a directory nobody else knows) none of it is needed.
     """
     main, wal = main_path(root, name), wal_path(root, name)
     check = None
+    fenced = 0
     if lease is not None:
         held: HeldLease = lease
 
@@ -974,9 +986,9 @@ def install_files(
                     token=held.token,
                 )
 
-        if expired > _fenced_through(wal):
-            remove_temps_of(main)
-            remove_temps_of(wal)
+        remove_temps_of(main)
+        remove_temps_of(wal)
+        fenced = max(lease.token - 1, 0)
     cut = (0, 0)
 
     def write(fd: int) -> None:
@@ -985,24 +997,10 @@ def install_files(
 
     write_durably(main, write, sync=sync, before_rename=check)
     fresh = fmt.WalHeader(
-        header.file_id, header.salt, cut[0], cut[1], header.repository_id, name, expired
+        header.file_id, header.salt, cut[0], cut[1], header.repository_id, name, fenced
     )
     write_durably(wal, fmt.pack_wal_header(fresh), sync=sync, before_rename=check)
     return cut
-
-
-def _fenced_through(wal: Path) -> int:
-    """What the WAL at ``wal`` says was fenced; -1 if it cannot tell (then fence again)."""
-    try:
-        fd = open_regular(wal)
-    except (FileNotFoundError, StorageError):
-        return -1
-    try:
-        return fmt.unpack_wal_header(os.pread(fd, fmt.HEADER_SIZE, 0)).fenced_through
-    except CorruptFileError:
-        return -1
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

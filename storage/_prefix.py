@@ -370,8 +370,9 @@ class Prefix(MutableMapping[str, Any]):
         if lease is None:
             lease = self._take_write_lease()
         try:
-            if BREAK == "copy-without-checkpoint":  # broken on purpose
-                return self._log.cut(), self._log.dup_main_fd()
+            if BREAK == "copy-without-checkpoint":  # broken on purpose: claims the WAL's commits
+                cut = Cut(self._log.cut().length, self._log.seq, self._log.header.file_id)
+                return cut, self._log.dup_main_fd()
             return self._log.checkpoint(lease), self._log.dup_main_fd()
         finally:
             if owned:
@@ -395,8 +396,7 @@ class Prefix(MutableMapping[str, Any]):
         with self._leases.lease(
             self.name, "exclusive", timeout=self._lease_timeout, ttl=self._lease_ttl
         ) as lease:
-            expired = expired_token(self._leases)
-            self._log.prepare(lease, expired)
+            self._log.prepare(lease, expired_token(self._leases))
             seq = self._log.seq
             if seq == 0:
                 return self._log.cut()  # nothing committed
@@ -412,7 +412,7 @@ class Prefix(MutableMapping[str, Any]):
             def write(fd: int) -> tuple[int, int]:
                 return self._write_compacted(fd, header, seq), seq
 
-            install_files(self._root, self.name, header, write, lease=lease, expired=expired)
+            install_files(self._root, self.name, header, write, lease=lease)
             self._catch_up(force=True)  # readers move too: the exclusive lease changed the counter
             return self._log.cut()
 
@@ -541,13 +541,14 @@ class Prefix(MutableMapping[str, Any]):
         checkpoint, compaction or restore, away: the files are as this view left them.
         """
         parked, self._parked = self._parked, None
-        if parked is not None and parked.resume() and self._log.files_as_left:
-            return parked
-        if parked is not None:
-            parked.release()
-        lease = self._leases.lease(
-            self.name, "write", timeout=self._lease_timeout, ttl=self._lease_ttl
-        )
+        if parked is not None and parked.resume():
+            lease = parked
+            if self._log.files_as_left:
+                return lease
+        else:
+            lease = self._leases.lease(
+                self.name, "write", timeout=self._lease_timeout, ttl=self._lease_ttl
+            )
         try:
             self._log.prepare(lease, expired_token(self._leases))
         except BaseException:

@@ -25,7 +25,7 @@ from ._copy import (
 from ._durable import sweep_stale_temps, write_durably
 from ._errors import ClosedError, InvalidPrefixName, RepositoryNotFound, StorageError
 from ._files import make_directory, open_dir, read_regular, refuse_unsafe_place
-from ._leases import FileLeases, LeaseProvider, expired_token
+from ._leases import FileLeases, LeaseProvider
 from ._log import Cut, Log, Salvaged, main_path
 from ._prefix import DEFAULT_CHECKPOINT_BYTES, DEFAULT_LEASE_TTL, Prefix
 
@@ -282,7 +282,7 @@ class Repository:
         ) as lease:
             log = Log(self.root, name, self.id_bytes, writable=True, scan=True, tolerant=True)
             try:
-                return log.salvage(lease, expired_token(self._leases))
+                return log.salvage(lease)
             finally:
                 log.close()
 

@@ -36,6 +36,21 @@ def _ten_commits(root: Path, name: str = "p", *, checkpointed: int = 0) -> dict[
     return model
 
 
+def _six_commits(root: Path, checkpointed: int) -> list[int]:
+    """Commits ``k1..k6 = 1..6``, each of the first ``checkpointed`` in a segment of its own;
+    the main file's size after each of those checkpoints."""
+    ends = []
+    with Repository.init(root, checkpoint_bytes=BIG) as repo:
+        px = repo.open_prefix("p", "rw")
+        for i in range(1, 7):
+            px[f"k{i}"] = i
+            px.commit()
+            if i <= checkpointed:
+                px.checkpoint()
+                ends.append((root / "p.hc").stat().st_size)
+    return ends
+
+
 def _wal_batches(wal: Path) -> list[fmt.Batch]:
     data = wal.read_bytes()
     header = fmt.unpack_wal_header(data[: fmt.HEADER_SIZE])
@@ -101,12 +116,7 @@ def test_a_flipped_byte_in_a_checkpointed_segment_with_later_segments_is_damage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = tmp_path / "repo"
-    with Repository.init(root, checkpoint_bytes=BIG) as repo:
-        px = repo.open_prefix("p", "rw")
-        for i in range(1, 7):
-            px[f"k{i}"] = i
-            px.commit()
-            px.checkpoint()  # six segments
+    _six_commits(root, checkpointed=6)
     main = root / "p.hc"
     size = main.stat().st_size
     h.flip_byte(main, fmt.HEADER_SIZE + fmt.BATCH_SIZE + 2)  # the first segment's op header
@@ -326,6 +336,7 @@ def test_salvage_of_a_sound_prefix_changes_nothing(
 ) -> None:
     root = tmp_path / "repo"
     _ten_commits(root, checkpointed=4)
+
     def files() -> list[tuple[str, bytes]]:
         return sorted((p.name, p.read_bytes()) for p in root.iterdir() if p.is_file())
 
@@ -396,3 +407,30 @@ def test_after_an_fsync_failure_the_process_stops_writing_and_the_next_opener_re
         px.commit()
         px.checkpoint()
     assert verify_file(root / "p.hc").ok
+
+
+def test_salvage_of_a_damaged_main_file_keeps_the_segments_before_the_damage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "repo"
+    second_end = _six_commits(root, checkpointed=4)[1]  # commits 5 and 6 in the WAL
+    main = root / "p.hc"
+    damaged = bytearray(main.read_bytes())
+    damaged[second_end + fmt.BATCH_SIZE + 2] ^= 0x40  # commit 3's op header
+    main.write_bytes(bytes(damaged))
+    capsys.readouterr()
+    assert cli(["salvage", str(root), "p"]) == 0
+    output = capsys.readouterr().out
+    assert "kept commits 1-2" in output and "lost commits 3-6" in output, output
+    aside = {
+        path.name.split(".damaged-")[0]: path for path in root.iterdir() if ".damaged-" in path.name
+    }
+    assert sorted(aside) == ["p.hc", "p.hc-wal"]
+    assert aside["p.hc"].read_bytes() == bytes(damaged)
+    with Repository(root) as repo:
+        px = repo.open_prefix("p", "rw")
+        assert dict(px.items()) == {"k1": 1, "k2": 2} and px.seq == 6
+        px["after"] = 1
+        assert px.commit() == 7
+    status, output = _verify(root, capsys)
+    assert status == 0, output

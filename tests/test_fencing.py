@@ -65,13 +65,26 @@ def _journal(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.endswith("}")]
 
 
-def _start_writer(root: Path, journal: Path, env: dict[str, str] | None = None, *,
-                  checkpoint_bytes: int = 64 << 10) -> subprocess.Popen[bytes]:
+def _start_writer(
+    root: Path,
+    journal: Path,
+    env: dict[str, str] | None = None,
+    *,
+    checkpoint_bytes: int = 64 << 10,
+) -> subprocess.Popen[bytes]:
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(root), str(journal), "a", str(checkpoint_bytes),
-         str(TTL)],
+        [
+            sys.executable,
+            "-c",
+            WRITER,
+            str(root),
+            str(journal),
+            "a",
+            str(checkpoint_bytes),
+            str(TTL),
+        ],
         env=full_env,
     )
 
@@ -217,3 +230,67 @@ def test_a_writer_stopped_just_before_or_after_its_fdatasync_is_fenced(
         assert straddling == {"fenced": "a-5"}
     acked, fenced = _outcomes(entries)
     _check_files(root, acked | {"b": seq}, fenced)
+
+
+# -- the fence's bookkeeping ---------------------------------------------------------------
+
+
+def _fenced_through(root: Path) -> int:
+    return fmt.unpack_wal_header((root / "p.hc-wal").read_bytes()[: fmt.HEADER_SIZE]).fenced_through
+
+
+@pytest.mark.timeout(60)
+def test_a_fence_records_its_own_grant_not_the_expiry_it_was_told_of(tmp_path: Path) -> None:
+    """Whatever ``expired_token`` said (even "unknown", which reads as more than any token),
+    a fence vouches for the leases granted before its own, and the next expiry of any lease
+    granted since makes the next holder fence again."""
+    from hotcopy.storage._log import Log
+
+    root = tmp_path / "repo"
+    with Repository.init(root) as repo:
+        with repo.open_prefix("p", "rw") as px:
+            px["a"] = 1
+            px.commit()
+        log = Log(root, "p", repo.id_bytes, writable=True)
+        try:
+            with repo.leases.lease("p", "write", timeout=5) as lease:
+                log.prepare(lease, 1 << 62)  # an expiry it cannot tell: fence
+                assert _fenced_through(root) == lease.token - 1
+                first = lease.token
+            wal_before = (root / "p.hc-wal").stat().st_ino
+            with repo.leases.lease("p", "write", timeout=5) as lease:
+                log.prepare(lease, first - 1)  # nothing expired since that fence
+                assert (root / "p.hc-wal").stat().st_ino == wal_before
+                log.prepare(lease, first)  # the fencer's own lease expired: fence again
+                assert (root / "p.hc-wal").stat().st_ino != wal_before
+                assert _fenced_through(root) == lease.token - 1
+        finally:
+            log.close()
+
+
+READER = r"""
+import sys
+from hotcopy.storage import Repository
+
+with Repository(sys.argv[1]) as repo:
+    for _ in range(int(sys.argv[2])):
+        repo.open_prefix("p", "r").close()
+print("ok")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_opening_while_a_writer_appends_never_reports_damage(tmp_path: Path) -> None:
+    """An opener without the lease reads the WAL while a writer appends to it: a batch it saw
+    half-written, with a whole one after it by the time it looks again, is a write in
+    progress, not damage."""
+    root = tmp_path / "repo"
+    Repository.init(root).close()
+    journal = tmp_path / "a.journal"
+    writer = _start_writer(root, journal, checkpoint_bytes=1 << 30)
+    try:
+        _wait_for(lambda: len(_journal(journal)) >= 5, 30, "the writer's first commits")
+        result = h.run_python(READER, str(root), "300", timeout=100)
+        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    finally:
+        h.reap_popen(writer)
