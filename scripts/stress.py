@@ -97,13 +97,14 @@ def role_writer(work: Path, index: int, prefixes: int, lease_ttl: float) -> None
             began = began or time.monotonic()
             try:
                 with px.transaction():
-                    _enter_marker(marker, work, px._lease.token if px._lease else 0)
+                    token = px._lease.token if px._lease else 0
+                    _enter_marker(marker, work, token)
                     # Give the other writers of this prefix the CPU while we are inside: a
                     # lease granted twice then shows as an overlap within seconds, not by luck.
                     os.sched_yield()
                     px[f"{key}/{n}"] = {"n": n, "pad": "x" * 64}
                     px[f"{key}/last"] = n
-                    _leave_marker(marker)
+                    _leave_marker(marker, token)
             except (TransactionConflict, LeaseError):
                 n -= 1  # refused before anything was written: try the same n again
                 continue
@@ -117,7 +118,9 @@ def _enter_marker(marker: Path, work: Path, token: int) -> None:
     lease is held.
 
     The file names the holder's pid and lease token, so that a violation says which grants
-    overlapped (a token's high bits name the coordinator generation that granted it).
+    overlapped (a token's high bits name the coordinator generation that granted it). A holder
+    still inside whose lease is no longer granted was stopped past its TTL and fenced: no
+    overlap (the journals show whether its commit was then refused or ordered before ours).
     """
     mine = marker.with_name(f"{marker.name}.{os.getpid()}")
     mine.write_text(f"{os.getpid()} {token}")
@@ -129,7 +132,7 @@ def _enter_marker(marker: Path, work: Path, token: int) -> None:
                 holder, holder_token = (int(x) for x in marker.read_text().split())
             except FileNotFoundError:
                 continue  # just removed
-            if _pid_alive(holder):
+            if _pid_alive(holder) and (holder_token == 0 or _granted(work, holder_token)):
                 _append_fsynced(
                     work / "violations.log",
                     f"lease overlap on {marker.name}: pid {os.getpid()} (token {token}) entered "
@@ -138,15 +141,24 @@ def _enter_marker(marker: Path, work: Path, token: int) -> None:
                 mine.unlink()
                 return
             with contextlib.suppress(FileNotFoundError):
-                marker.unlink()  # left by a killed holder
+                marker.unlink()  # left by a killed holder, or one fenced while stopped
             continue
         mine.unlink()
         return
 
 
-def _leave_marker(marker: Path) -> None:
+def _granted(work: Path, token: int) -> bool:
+    """Whether the lease of ``token`` is still granted (the coordinator's shared memory)."""
+    from hotcopy.coordinator import read_status
+
+    return any(lease.token == token for lease in read_status(work / "repo").leases)
+
+
+def _leave_marker(marker: Path, token: int) -> None:
+    """Remove the marker if it is still ours (a successor of a fenced holder replaced it)."""
     with contextlib.suppress(FileNotFoundError):
-        marker.unlink()
+        if marker.read_text() == f"{os.getpid()} {token}":
+            marker.unlink()
 
 
 _PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
@@ -482,6 +494,37 @@ def writers_of(name: str, writers: int, prefixes: int) -> list[int]:
     return [w for w in range(writers) if prefix_of(w, prefixes) == name]
 
 
+def _tokens_by_seq(root: Path, name: str) -> list[tuple[int, int]]:
+    """``(lease token, commit)`` of each commit of the prefix, in commit order (main file's
+    segments, then the WAL): with fencing, tokens never go down along the commits."""
+    from hotcopy.storage import _format as fmt
+
+    found: dict[int, int] = {}
+    for path in (root / f"{name}.hc", root / f"{name}.hc-wal"):
+        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = len(data)
+            start = (
+                fmt.unpack_main_header(data[: fmt.HEADER_SIZE]).size
+                if path.suffix == ".hc"
+                else fmt.unpack_wal_header(data[: fmt.HEADER_SIZE]).size
+            )
+            reader = fmt.FileReader(fd, start, size)
+            while reader.pos < size:
+                if fmt.peek_is_trailer(reader):
+                    if fmt.read_trailer(reader) is None:
+                        break
+                    continue
+                batch = fmt.read_batch(reader, load_values=False)
+                if batch is None:
+                    break
+                found.setdefault(batch.seq, batch.token)
+        finally:
+            os.close(fd)
+    return [(found[seq], seq) for seq in sorted(found)]
+
+
 def _stop_windows(chaos_log: Path) -> dict[int, list[tuple[float, float]]]:
     """Each writer's stopped intervals (wall clock), from the chaos log."""
     windows: dict[int, list[tuple[float, float]]] = {}
@@ -545,6 +588,14 @@ def final_checks(sup: Supervisor) -> dict[str, Any]:
                 )
         for name, state in states.items():
             violations += check_prefix_state(state, writers_of(name, a.writers, a.prefixes), name)
+            tokens = _tokens_by_seq(work / "repo", name)
+            late = [seq for seq in range(1, len(tokens)) if tokens[seq] < tokens[seq - 1]]
+            violations += [
+                f"live {name}: commit {tokens[seq][1]} (lease token {tokens[seq][0]}) follows a "
+                f"commit of a newer lease (token {tokens[seq - 1][0]}): a fenced writer's "
+                "commit landed late"
+                for seq in late[:5]
+            ]
 
     # Copies: each standalone copy holds exactly its claimed commit, consistently.
     snapshots = 0
