@@ -92,6 +92,10 @@ class Repository:
                 root=str(self.root),
             )
         self.id: str = info["id"]
+        # Where the repository came from when a restore created it (None otherwise): a backup
+        # catalog lets a restored repository go on backing up where its backup came from.
+        lineage = info.get("lineage")
+        self.lineage: dict[str, Any] | None = lineage if isinstance(lineage, dict) else None
         self.runtime_dir = self.root / RUNTIME_DIR
         self.runtime_dir.mkdir(mode=0o700, exist_ok=True)
         sweep_stale_temps(self.root)
@@ -105,11 +109,22 @@ class Repository:
         self._closed = False
 
     @classmethod
-    def init(cls, root: str | os.PathLike[str], **options: Any) -> Repository:
-        """Create a repository at ``root`` (parents included) or open the one already there."""
+    def init(
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        lineage: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Repository:
+        """Create a repository at ``root`` (parents included) or open the one already there.
+
+        ``lineage``: recorded in a repository this call creates (see :attr:`lineage`).
+        """
         path = Path(root).absolute()
         path.mkdir(parents=True, exist_ok=True)
-        marker = {"format": REPOSITORY_FORMAT, "id": secrets.token_hex(16)}
+        marker: dict[str, Any] = {"format": REPOSITORY_FORMAT, "id": secrets.token_hex(16)}
+        if lineage is not None:
+            marker["lineage"] = lineage
         # An existing marker means it is a repository already (perhaps made a moment ago).
         with contextlib.suppress(FileExistsError):
             write_durably(path / MARKER, json.dumps(marker).encode() + b"\n", overwrite=False)
