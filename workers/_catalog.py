@@ -824,7 +824,7 @@ class Record:
     status: str  # COMPLETE, PARTIAL, UNFINISHED (no manifest) or INVALID (refused)
     manifest: Manifest | None = None
     problem: str | None = None  # why an UNFINISHED or INVALID one cannot be used
-    is_link: bool = False
+    foreign: bool = False  # a symbolic link or not a directory: not hotcopy's
 
     @property
     def time(self) -> float:
@@ -864,8 +864,9 @@ class CatalogView:
         except BackupNotFound as err:
             return Record(backup_id, time_us, UNFINISHED, problem=str(err))
         except CatalogError as err:
-            link = os.path.islink(self.catalog.path / backup_id)
-            return Record(backup_id, time_us, INVALID, problem=str(err), is_link=link)
+            path = self.catalog.path / backup_id
+            foreign = os.path.islink(path) or not os.path.isdir(path)
+            return Record(backup_id, time_us, INVALID, problem=str(err), foreign=foreign)
         status = COMPLETE if manifest.complete else PARTIAL
         return Record(backup_id, time_us, status, manifest)
 

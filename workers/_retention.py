@@ -175,9 +175,9 @@ def plan(view: CatalogView, rules: Rules, now: float) -> list[Decision]:
             f"base of {', '.join(sorted(set(ids)))} ({prefix})"
             for prefix, ids in sorted(needed.items())
         ]
-        if record.is_link:
+        if record.foreign:
             decision.action = "leave"
-            decision.reasons = ["a symbolic link: not hotcopy's; left in place"]
+            decision.reasons = [f"not hotcopy's, left in place: {record.problem}"]
         elif keep[record.id]:
             pass
         elif needed:
