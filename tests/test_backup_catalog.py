@@ -280,6 +280,9 @@ def test_each_retention_rule_over_60_simulated_days(
             assert status == 0
             rows = json.loads(out)["backups"]
             assert {ids.index(r["id"]) for r in rows if r["action"] == "keep"} == kept
+    # No rule empties a catalog: when the rules keep nothing, the newest backup stays.
+    report = prune(dest, keep_within="1h", clock=clock, dry_run=True)
+    assert report.kept == [ids[-1]] and "no rule kept any" in report.decisions[-1].reasons[0]
     # Rules combine (a backup kept by any rule is kept), and a real run removes the rest.
     report = prune(dest, keep_daily=7, keep_weekly=4, keep_monthly=2, clock=clock)
     rules = [("daily", 7), ("weekly", 4), ("monthly", 2)]
