@@ -29,6 +29,7 @@ from hotcopy.storage import Repository
 from hotcopy.storage import _format as fmt
 from hotcopy.storage._codec import decode_value
 from hotcopy.storage._durable import write_durably
+from hotcopy.storage._files import open_regular, read_regular
 
 from ._errors import BackupError
 
@@ -41,7 +42,7 @@ def changes_in(path: str | os.PathLike[str], *, full: bool) -> tuple[dict[str, A
     """``(upserts, deletes)`` made by the batches of a backup file (a full copy or a delta)."""
     upserts: dict[str, Any] = {}
     deletes: dict[str, None] = {}
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size
         reader = fmt.FileReader(fd, fmt.HEADER_SIZE if full else 0, size)
@@ -88,8 +89,8 @@ def apply_delta(repo: Repository | str | os.PathLike[str], path: str | os.PathLi
     Each prefix changes in one transaction. A ``full`` document, or a prefix marked ``full`` in
     a delta document, also deletes the records it does not hold.
     """
-    document = json.loads(Path(path).read_text())
-    if document.get("type") not in ("delta", "full"):
+    document = json.loads(read_regular(path))
+    if not isinstance(document, dict) or document.get("type") not in ("delta", "full"):
         raise BackupError(f"{path} is not a hotcopy delta or full document")
     owned = not isinstance(repo, Repository)
     repository = Repository.init(repo) if not isinstance(repo, Repository) else repo
