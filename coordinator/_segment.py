@@ -43,8 +43,11 @@ _log = logging.getLogger(__name__)
 
 MAGIC: Final = b"HCSHM\x00\x00\x01"
 VERSION: Final = 1
-LEASE_SLOTS: Final = 4096
 PREFIX_SLOTS: Final = 16384
+# One lease on every prefix the table counts (a consistent backup holds a write lease on each
+# prefix at its cut) and 4096 more for everybody else. Pages of the segment are allocated as
+# slots are first used: the low slots are taken first.
+LEASE_SLOTS: Final = PREFIX_SLOTS + 4096
 MAX_PREFIX: Final = 200
 
 HEADER_SIZE: Final = 4096
@@ -341,11 +344,16 @@ class SegmentWriter(_SegmentBase):
             self.write_header(0, 0, 0, b"\0" * 16, 0, 0.0, 0.0)
         else:
             self._repair_torn()
-        # The only writer caches each lease slot's counter instead of reading it back.
-        self._lease_seq = [
-            _SEQ.unpack_from(self._mm, self._lease_base + slot * LEASE_SLOT_SIZE)[0]
-            for slot in range(lease_slots)
-        ]
+        # The only writer caches each lease slot's counter instead of reading it back. A fresh
+        # segment's are all 0: reading them would allocate every page of the table.
+        self._lease_seq = (
+            [
+                _SEQ.unpack_from(self._mm, self._lease_base + slot * LEASE_SLOT_SIZE)[0]
+                for slot in range(lease_slots)
+            ]
+            if self.recovered
+            else [0] * lease_slots
+        )
         self._lease_hwm = self.header().lease_hwm
 
     def _open_existing(self, path: Path, size: int) -> int | None:

@@ -241,15 +241,22 @@ def role_copier(work: Path, index: int, prefixes: int) -> None:
 
 
 def role_backup(work: Path, interval: float) -> None:
-    from hotcopy.workers import backup
+    from hotcopy.workers import BackupError, backup, prune
 
     incremental = False
+    runs = 0
     while not _stop_requested(work):
-        result = backup(work / "repo", work / "backups", jobs=2, incremental=incremental)
-        _append_fsynced(
-            work / "backups.log", json.dumps({"id": result.id, "failed": result.failed})
-        )
+        try:
+            result = backup(work / "repo", work / "backups", jobs=2, incremental=incremental)
+            line = {"id": result.id, "complete": result.complete, "failed": result.failed}
+        except BackupError as err:  # nothing could be copied: the run leaves nothing
+            line = {"id": None, "error": str(err)}
+        _append_fsynced(work / "backups.log", json.dumps(line))
         incremental = True
+        runs += 1
+        if runs % 4 == 0:  # retention under chaos too: a prune killed midway must be harmless
+            report = prune(work / "backups", 3)
+            _append_fsynced(work / "backups.log", json.dumps({"pruned": report.removed}))
         deadline = time.monotonic() + interval
         while time.monotonic() < deadline and not _stop_requested(work):
             time.sleep(0.05)
@@ -545,6 +552,18 @@ def _overlaps(windows: list[tuple[float, float]], start: float, end: float) -> b
     return any(begin < end and start < until for begin, until in windows)
 
 
+def rot_a_backup(catalog: Path) -> None:
+    """Flip one bit in the middle of the largest piece of the catalog."""
+    pieces = [p for p in catalog.glob("*/*.hc*") if p.is_file() and p.stat().st_size]
+    if pieces:
+        piece = max(pieces, key=lambda p: p.stat().st_size)
+        with open(piece, "r+b") as file:
+            file.seek(piece.stat().st_size // 2)
+            byte = file.read(1)[0]
+            file.seek(-1, os.SEEK_CUR)
+            file.write(bytes([byte ^ 0x10]))
+
+
 def final_checks(sup: Supervisor) -> dict[str, Any]:
     from hotcopy.storage import CorruptFileError, FileLeases, Repository, verify_file
     from hotcopy.workers import Catalog, restore
@@ -636,30 +655,42 @@ def final_checks(sup: Supervisor) -> dict[str, Any]:
             copy_bytes += entry["bytes"]
             copy_seconds += entry["seconds"]
 
-    # Backups: the catalog verifies, and every complete backup restores consistently.
+    # Backups: the catalog verifies, and every backup that `hotcopy backups` calls restorable
+    # restores, consistently: one that is called restorable and does not is a violation.
     backups = 0
     if (work / "backups").exists():
         catalog = Catalog(work / "backups")
+        view = catalog.scan()
         violations += [
-            f"backup catalog: {problem}"
-            for problem in catalog.verify()
-            if "no manifest" not in problem
-        ]  # a killed run leaves no manifest: fine
-        for manifest in catalog.manifests():
+            f"backup catalog: {problem}" for problem in view.check(checksums=True).problems
+        ]
+        for row in view.listing()["backups"]:
+            if not row["restorable"]:
+                continue
             shutil.rmtree(scratch, ignore_errors=True)
+            manifest = view.manifest(row["id"])
             try:
-                restore(work / "backups", scratch, at=manifest.id)
+                restore(
+                    work / "backups",
+                    scratch,
+                    at=row["id"],
+                    allow_partial=row["status"] == "partial",
+                )
             except Exception as err:
-                violations.append(f"backup {manifest.id} does not restore: {err}")
+                violations.append(
+                    f"backup {row['id']} is called restorable and does not restore: {err}"
+                )
                 continue
             with Repository(scratch, leases=FileLeases(scratch / ".hotcopy")) as repo:
+                if sorted(repo.prefixes()) != sorted(manifest.entries):
+                    violations.append(f"backup {row['id']}: restores other prefixes than it holds")
                 for name in repo.prefixes():
                     px = repo.open_prefix(name, "r")
                     state = prefix_state(px)
                     if px.seq != manifest.entries[name].seq:
-                        violations.append(f"backup {manifest.id}/{name}: wrong commit restored")
+                        violations.append(f"backup {row['id']}/{name}: wrong commit restored")
                     violations += check_prefix_state(
-                        state, writers_of(name, a.writers, a.prefixes), f"backup {manifest.id}"
+                        state, writers_of(name, a.writers, a.prefixes), f"backup {row['id']}"
                     )
             backups += 1
 
@@ -731,8 +762,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--break",
         dest="broken",
-        choices=("ack-before-write", "copy-without-checkpoint", "lease-granted-twice"),
-        help="run a deliberately broken build (test-only switch): the checks must fail",
+        choices=(
+            "ack-before-write",
+            "copy-without-checkpoint",
+            "lease-granted-twice",
+            "backup-bit-rot",
+        ),
+        help="run a deliberately broken build (test-only switch): the checks must fail; "
+        "backup-bit-rot flips a byte of a backup piece before the checks (the listing, which "
+        "reads sizes, still calls it restorable)",
     )
     parser.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -776,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
                 next_damage = time.monotonic() + args.damage_interval
     finally:
         sup.stop_all()
+    if args.broken == "backup-bit-rot":
+        rot_a_backup(work / "backups")
     results = final_checks(sup)
     stop_coordinator(work / "repo")
     results["violation_details"] = unprompted + results["violation_details"]

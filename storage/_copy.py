@@ -40,7 +40,7 @@ from ._errors import (
 )
 from ._faults import BREAK, fault
 from ._files import open_regular
-from ._leases import expired_token
+from ._leases import HeldLease, expired_token
 from ._log import Cut, Damage, Log, check_main_file, install_files, iter_segments
 from ._prefix import DEFAULT_LEASE_TTL
 from ._writeback import Writeback
@@ -268,15 +268,29 @@ def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, float]:
         with repo.leases.lease(
             name, "write", timeout=repo.lease_timeout, ttl=DEFAULT_LEASE_TTL
         ) as lease:
-            log.prepare(lease, expired_token(repo.leases))
-            if BREAK == "copy-without-checkpoint":  # broken on purpose: claims the WAL's commits
-                cut = Cut(log.cut().length, log.seq, log.header.file_id)
-            else:
-                cut = log.checkpoint(lease)
-            fd = log.dup_main_fd()
+            cut, fd = _cut_under(log, lease, repo)
         return cut, fd, time.monotonic() - asked
     finally:
         log.close()
+
+
+def cut_prefix(repo: Repository, name: str, lease: HeldLease) -> tuple[Cut, int]:
+    """Checkpoint prefix ``name`` under ``lease``, its write lease that the caller holds (and
+    keeps); the cut, and a descriptor on the main file it is in (the caller's to close)."""
+    log = Log(repo.root, name, repo.id_bytes, writable=True)
+    try:
+        return _cut_under(log, lease, repo)
+    finally:
+        log.close()
+
+
+def _cut_under(log: Log, lease: HeldLease, repo: Repository) -> tuple[Cut, int]:
+    log.prepare(lease, expired_token(repo.leases))
+    if BREAK == "copy-without-checkpoint":  # broken on purpose: claims the WAL's commits
+        cut = Cut(log.cut().length, log.seq, log.header.file_id)
+    else:
+        cut = log.checkpoint(lease)
+    return cut, log.dup_main_fd()
 
 
 def _verify_source(

@@ -253,9 +253,14 @@ def remove_temps_of(dest: Path) -> None:
             os.unlink(temp)
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` has the form of a temp's name (:func:`temp_path_for`), whoever made it."""
+    return _TEMP_RE.search(name) is not None
+
+
 def _our_temp(dir_fd: int | None, name: str) -> os.stat_result | None:
     """The ``lstat`` of ``name`` if it has a temp's name and is this user's, else None."""
-    if _TEMP_RE.search(name) is None:
+    if not is_temp_name(name):
         return None
     try:
         info = os.lstat(name, dir_fd=dir_fd)

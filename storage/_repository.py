@@ -140,6 +140,10 @@ class Repository:
             )
         self.id: str = info["id"]
         self.id_bytes = bytes.fromhex(self.id)  # as every file's header names it
+        # Where the repository came from when a restore created it (None otherwise): a backup
+        # catalog lets a restored repository go on backing up where its backup came from.
+        lineage = info.get("lineage")
+        self.lineage: dict[str, Any] | None = lineage if isinstance(lineage, dict) else None
         self.runtime_dir = self.root / RUNTIME_DIR
         os.close(open_dir(self.runtime_dir, create=True))  # checked: no link, nobody else's
         sweep_stale_temps(self.root)
@@ -158,13 +162,19 @@ class Repository:
 
     @classmethod
     def init(
-        cls, root: str | os.PathLike[str], *, group: str | None = None, **options: Any
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        group: str | None = None,
+        lineage: dict[str, Any] | None = None,
+        **options: Any,
     ) -> Repository:
         """Create a repository at ``root`` (parents included) or open the one already there.
 
         A new ``root`` is 0700 (or shared like the directory it is made in, if that is shared
         with its group). With ``group`` (a group name or number), ``root`` is shared with that
         group on purpose: 2770, its files 0660, so its members read and write it.
+        ``lineage``: recorded in a repository this call creates (see :attr:`lineage`).
         """
         path = Path(root).absolute()
         gid = -1 if group is None else _group_id(group)
@@ -172,7 +182,9 @@ class Repository:
         refuse_unsafe_place(path)  # after: what is checked is what we go on with
         if gid != -1 and not created:
             _share_existing(path, gid, group)
-        marker = {"format": REPOSITORY_FORMAT, "id": secrets.token_hex(16)}
+        marker: dict[str, Any] = {"format": REPOSITORY_FORMAT, "id": secrets.token_hex(16)}
+        if lineage is not None:
+            marker["lineage"] = lineage
         # An existing marker means it is a repository already (perhaps made a moment ago).
         with contextlib.suppress(FileExistsError):
             write_durably(path / MARKER, json.dumps(marker).encode() + b"\n", overwrite=False)

@@ -92,3 +92,20 @@ def wal_used(path: Path, header_size: int | None = None) -> int:
     if header_size is None:
         header_size = fmt.unpack_wal_header(data[: fmt.HEADER_SIZE]).size
     return header_size + len(data[header_size:].rstrip(b"\0"))
+
+
+def dump_repository(
+    root: Path, names: Iterable[str] | None = None, *, kernel_locks: bool = False
+) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Each prefix of the repository at ``root`` (or just ``names``): its commit seq and
+    contents. ``kernel_locks``: through file locks, without starting a coordinator (for the
+    many short-lived repositories a test restores)."""
+    from hotcopy.storage import FileLeases, Repository
+
+    leases = FileLeases(root / ".hotcopy") if kernel_locks else None
+    with Repository(root, leases=leases) as repo:
+        found = {}
+        for name in repo.prefixes() if names is None else names:
+            with repo.open_prefix(name, "r") as px:
+                found[name] = (px.seq, {key: px[key] for key in px})
+        return found

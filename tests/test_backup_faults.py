@@ -143,21 +143,26 @@ def test_a_prefix_that_always_fails_is_reported_and_the_others_are_backed_up(
     assert "CorruptFileError" in result.failed["bad"]
     assert result.retries == 2  # both further attempts went to the failing prefix
     assert sorted(result.prefixes) == ["a", "c", "d"]
+    assert not result.complete
     manifest = Catalog(dest).load(result.id)
-    assert manifest.complete and sorted(manifest.failed) == ["bad"]
+    assert not manifest.complete and sorted(manifest.failed) == ["bad"]
     assert sorted(manifest.entries) == ["a", "c", "d"]
 
-    restored = restore(dest, tmp_path / "out")
-    assert restored.id == result.id
+    # A partial backup is never restored by default; by its id, what it holds.
+    with pytest.raises(BackupNotFound, match="no complete"):
+        restore(dest, tmp_path / "out")
+    restored = restore(dest, tmp_path / "out", at=result.id, allow_partial=True)
+    assert restored.id == result.id and sorted(restored.missing) == ["bad"]
     assert dump_repo(tmp_path / "out") == healthy
-    with pytest.raises(BackupError, match="they failed"):
-        restore(dest, tmp_path / "out2", ["bad"])
+    with pytest.raises(BackupError, match="bad failed"):
+        restore(dest, tmp_path / "out2", ["bad"], at=result.id, allow_partial=True)
 
     capsys.readouterr()
     status = main(["backup", str(root), str(dest)])
     err = capsys.readouterr().err
     assert status == 1
-    assert "hotcopy: error: prefix 'bad' was not backed up" in err
+    assert err.startswith("hotcopy: error: backup") and "partial" in err
+    assert "'bad'" in err and len(err.splitlines()) == 1
     assert "Traceback" not in err
 
 
@@ -235,12 +240,12 @@ def test_sigint_of_a_backup_run_leaves_an_incomplete_backup_and_no_worker(
     assert "z-held" not in manifest["prefixes"]
     catalog = Catalog(dest)
     assert [m.id for m in catalog.manifests()] == [before.id]
-    with pytest.raises(BackupNotFound):
+    with pytest.raises(BackupError, match="--allow-partial"):
         catalog.pick(run.name)
     restored = restore(dest, tmp_path / "out")
     assert restored.id == before.id
     assert dump_repo(tmp_path / "out") == {name: state_before[name] for name in names}
-    assert prune(dest, keep=1) == [run.name]
+    assert prune(dest, 1).removed == [run.name]
 
 
 # -- hotcopy verify of a backup directory ---------------------------------------------------------
@@ -295,8 +300,9 @@ def test_verify_of_a_backup_directory_finds_damage(
     expected = "missing" if damage == "remove" else "checksum"
     assert any(expected in problem for problem in report["problems"]), report
     assert captured.err.startswith("hotcopy: error:") and len(captured.err.splitlines()) == 1
-    # A restore through the damaged piece refuses before creating anything.
-    with pytest.raises(CorruptFileError if damage == "flip" else FileNotFoundError):
+    # A restore through the damaged piece refuses before creating anything: a missing one is
+    # seen in the catalog, a damaged one by its checksum.
+    with pytest.raises(CorruptFileError if damage == "flip" else CatalogError):
         restore(dest, tmp_path / "out", at=delta.id)
     assert not (tmp_path / "out" / "p.hc").exists()
 
@@ -330,7 +336,7 @@ def test_verify_reports_a_manifest_of_the_wrong_shape_without_a_traceback(
     capsys.readouterr()
     assert main(["verify", str(dest)]) == 1
     captured = capsys.readouterr()
-    assert delta.id in captured.out and "damaged" in captured.out
+    assert delta.id in captured.out and "field 'complete' is missing" in captured.out
     assert captured.err.startswith("hotcopy: error:") and len(captured.err.splitlines()) == 1
     # The undamaged backup is still restorable by id.
     assert restore(dest, tmp_path / "out", at=full.id).id == full.id
@@ -339,7 +345,7 @@ def test_verify_reports_a_manifest_of_the_wrong_shape_without_a_traceback(
 def test_verify_catches_a_flipped_digit_in_a_manifest(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    dest, _, delta = _chain(tmp_path)
+    dest, full, delta = _chain(tmp_path)
     manifest = Path(delta.path) / MANIFEST
     data = json.loads(manifest.read_text())
     seq = data["prefixes"]["p"]["seq"]
@@ -348,7 +354,8 @@ def test_verify_catches_a_flipped_digit_in_a_manifest(
     assert text.count(needle) == 1
     manifest.write_text(text.replace(needle, f'"seq": {seq ^ 1}'))  # one bit of one digit
     with pytest.raises(CatalogError, match="checksum"):
-        restore(dest, tmp_path / "out")  # the manifest's own checksum refuses it
+        restore(dest, tmp_path / "out", at=delta.id)  # the manifest's own checksum refuses it
+    assert restore(dest, tmp_path / "older").id == full.id  # and the default passes it over
     capsys.readouterr()
     assert main(["verify", str(dest)]) == 1
 

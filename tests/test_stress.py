@@ -72,11 +72,11 @@ def test_a_sound_build_survives_chaos_with_no_violation(tmp_path: Path) -> None:
         ("ack-before-write", ("acknowledged", "missing=[", "damaged")),
         ("copy-without-checkpoint", ("copy_prefix said",)),
         ("lease-granted-twice", ("lease overlap",)),
+        # A backup piece damaged after the run: listed restorable (sizes), refused by restore.
+        ("backup-bit-rot", ("called restorable and does not restore",)),
     ],
 )
-def test_a_broken_build_is_reported(
-    tmp_path: Path, broken: str, symptoms: tuple[str, ...]
-) -> None:
+def test_a_broken_build_is_reported(tmp_path: Path, broken: str, symptoms: tuple[str, ...]) -> None:
     code, result = _run(tmp_path, "--break", broken)
     assert code == 1
     details = result["violation_details"]

@@ -1,12 +1,13 @@
 """hotcopy workers: copy-worker pools, bulk and scheduled backups, restore, and the CLI."""
 
-from ._backup import BackupResult, RestoreResult, backup, prune, restore
-from ._catalog import Catalog
+from ._backup import BackupResult, RestoreResult, backup, restore
+from ._catalog import Catalog, list_backups
 from ._cli import main
 from ._errors import BackupError, BackupNotFound, CatalogError, WorkerDied
 from ._logical import apply_delta
 from ._manager import BackupManager
 from ._pool import CopyWorkerPool
+from ._retention import PruneReport, prune
 
 __all__ = [
     "BackupError",
@@ -16,10 +17,12 @@ __all__ = [
     "Catalog",
     "CatalogError",
     "CopyWorkerPool",
+    "PruneReport",
     "RestoreResult",
     "WorkerDied",
     "apply_delta",
     "backup",
+    "list_backups",
     "main",
     "prune",
     "restore",

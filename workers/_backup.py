@@ -1,10 +1,16 @@
-"""Bulk backup, restore to a point, and retention, over the catalog and a pool of copy workers.
+"""Bulk backup and restore to a point, over the catalog and a pool of copy workers.
 
 backup: one job per batch of prefixes on an executor (a :class:`CopyWorkerPool` by default; any
 ``concurrent.futures.Executor`` will do). A prefix whose copy fails is retried and then reported
 without sinking the others; the prefixes of a job whose worker died are retried on the
-replacement worker. The manifest is written last: an interrupted run (SIGINT) records
-``complete: false`` and a killed run leaves no manifest, so neither ever looks complete.
+replacement worker. The manifest is written last: a run that lost a prefix is recorded as
+*partial* (never restored by default, never kept by retention, never a base), an interrupted
+run (SIGINT) as partial and interrupted, a killed run leaves no manifest, and a run that fails
+before it copied anything leaves nothing.
+
+An incremental run proves each chain before it adds a delta to it: every link's manifest and
+size (and with ``verify_chain`` every byte); a prefix whose chain fails gets a full copy, and
+the result says why.
 """
 
 from __future__ import annotations
@@ -14,14 +20,21 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from hotcopy.storage import FileLeases, PrefixNotFound, Repository
-from hotcopy.storage._copy import DEFAULT_STEP, BaseRef, CopyResult, Piece, restore_chain
+from hotcopy.storage._copy import (
+    DEFAULT_STEP,
+    BaseRef,
+    CopyResult,
+    Piece,
+    cut_prefix,
+    restore_chain,
+)
 from hotcopy.storage._durable import (
     fsync_dir,
     is_abandoned_temp,
@@ -32,11 +45,21 @@ from hotcopy.storage._durable import (
 )
 from hotcopy.storage._files import make_directory, refuse_unsafe_place
 from hotcopy.storage._format import HEADER_SIZE as WAL_HEADER_SIZE
-from hotcopy.storage._log import Cut, wal_path
-from hotcopy.storage._prefix import Prefix
+from hotcopy.storage._leases import HeldLease
+from hotcopy.storage._log import Cut, main_path, wal_path
+from hotcopy.storage._prefix import DEFAULT_LEASE_TTL
 from hotcopy.storage._repository import RUNTIME_DIR
 
-from ._catalog import Catalog, Entry, Manifest
+from ._catalog import (
+    COMPLETE,
+    Catalog,
+    CatalogView,
+    Entry,
+    Manifest,
+    is_own_file,
+    remove_own_files,
+    sha256_of,
+)
 from ._errors import BackupError
 from ._pool import CopyWorkerPool, InlineExecutor
 
@@ -55,12 +78,19 @@ BATCH_BYTES = 16 << 20
 class BackupResult:
     id: str
     path: str
-    complete: bool
+    complete: bool  # every prefix it set out to copy is in it
     bytes: int
     seconds: float
     prefixes: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     retries: int = 0
+    # Prefixes whose chain could not be continued (a link missing, damaged or unreadable), and
+    # why: each got a full copy in this backup.
+    chain_restarts: dict[str, str] = field(default_factory=dict)
+    # --consistent: seconds from the first write lease taken to the last released (writers
+    # of each prefix waited at most this long for the cut).
+    cut_seconds: float = 0.0
+    took_over: str | None = None  # the catalog was taken over from the repository restored
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,7 +102,18 @@ class BackupResult:
             "prefixes": self.prefixes,
             "failed": self.failed,
             "retries": self.retries,
+            "chain_restarts": self.chain_restarts,
+            "cut_seconds": round(self.cut_seconds, 6),
+            "took_over": self.took_over,
         }
+
+
+@dataclass(frozen=True)
+class Copied:
+    """One prefix's copy as a worker reports it."""
+
+    result: CopyResult
+    sha256: str | None  # of the piece, for an authenticated catalog
 
 
 # One prefix of a batch: its name, the base of a delta, the cut a consistent run took.
@@ -80,20 +121,23 @@ BatchItem = tuple[str, BaseRef | None, Cut | None]
 
 
 def copy_batch(
-    root: str, backup_dir: str, batch: Sequence[BatchItem], step: int
-) -> list[CopyResult | Exception]:
+    root: str, backup_dir: str, batch: Sequence[BatchItem], step: int, hash_pieces: bool = False
+) -> list[Copied | Exception]:
     """Snapshot several prefixes into a backup directory (runs in a copy worker).
 
     One repository (one coordinator connection) serves the whole batch: opening one per
     prefix cost more than copying a small prefix. Each prefix still gets the whole snapshot
     protocol; a prefix that fails gives its exception in its place, the others go on.
+    ``hash_pieces``: also the SHA-256 of each piece (read back from the page cache).
     """
-    outcomes: list[CopyResult | Exception] = []
+    outcomes: list[Copied | Exception] = []
     directory = Path(backup_dir)
     with Repository(root) as repo:
         for prefix, base, cut in batch:
             try:
-                outcomes.append(_copy_one(repo, prefix, directory, base, cut, step))
+                result = _copy_one(repo, prefix, directory, base, cut, step)
+                digest = sha256_of(Path(result.path)) if hash_pieces else None
+                outcomes.append(Copied(result, digest))
             except Exception as err:  # an interrupt is the run's, not the prefix's
                 outcomes.append(err)
     return outcomes
@@ -114,9 +158,7 @@ def _copy_one(
     # Not fsynced here: the run syncs the file system once before its manifest. Temps left
     # by a dead worker are swept once at the end of the run, not by every copy (a listing of
     # the whole backup directory per prefix).
-    result = repo.copy_prefix(
-        dest, prefix, step, base=base, cut=cut, sync=False, sweep_temps=False
-    )
+    result = repo.copy_prefix(dest, prefix, step, base=base, cut=cut, sync=False, sweep_temps=False)
     if result.kind == "delta":
         os.rename(dest, delta)
         result = replace(result, path=str(delta))
@@ -136,16 +178,31 @@ def backup(
     step: int = DEFAULT_STEP,
     progress: BackupProgress | None = None,
     executor: Executor | None = None,
+    verify_chain: bool = False,
+    key_file: str | os.PathLike[str] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> BackupResult:
     """Back up ``prefixes`` (default: all) of the repository at ``root`` into ``dest_dir``.
 
     Args:
         jobs: Copy-worker processes when no ``executor`` is given.
         incremental: Write deltas for prefixes whose main file is unchanged since their latest
-            backup, unless their chain already has ``max_deltas_before_full`` deltas.
-        consistent: Cut every prefix at one instant (all write leases held together).
+            complete backup, unless their chain already has ``max_deltas_before_full`` deltas.
+        consistent: Cut every prefix at one instant (all write leases held together, for the
+            cut alone).
         retries: Further attempts for a prefix whose copy failed or whose worker died.
         executor: Any ``concurrent.futures.Executor``; ``copy_batch`` and its arguments pickle.
+        verify_chain: Read every byte of each chain an incremental run continues (without it,
+            each link's manifest and size are checked).
+        key_file: Authenticate the catalog with this key (default ``$HOTCOPY_BACKUP_KEY_FILE``).
+        clock: Wall-clock time (unix seconds) that names the backup.
+
+    Returns:
+        The result; ``complete`` is False (and ``failed`` says why) when a prefix could not be
+        copied: the backup is then recorded as partial.
+
+    Raises:
+        BackupError: Nothing could be copied (the run leaves nothing behind).
     """
     began = time.monotonic()
     with Repository(root) as repo:
@@ -153,101 +210,165 @@ def backup(
         for name in names:
             if not repo.prefix_path(name).exists():
                 raise PrefixNotFound(f"prefix {name!r} does not exist in {repo.root}", prefix=name)
-        catalog = Catalog.create(dest_dir, repo.id)
+        catalog = Catalog.create(dest_dir, repo.id, key_file=key_file)
         with catalog.lock():
+            took_over = catalog.admit(repo.id, repo.lineage, clock())
             catalog.sweep_abandoned()  # unfinished copies of runs that were killed
-            backup_id, path = catalog.new_backup_dir("delta" if incremental else "backup")
-            manifest = Manifest(backup_id, time.time(), repo.id, False, consistent)
-            bases = _bases(catalog, names, max_deltas_before_full) if incremental else {}
-            with contextlib.ExitStack() as held:
-                cuts = _consistent_cuts(repo, names, held) if consistent else {}
-                sizes = {name: _pending_bytes(repo, name, bases.get(name)) for name in names}
-                run = _Run(names, sizes, progress)
-                if executor is not None:
-                    pool: Executor = executor
-                elif sum(sizes.values()) < INLINE_BELOW:
-                    pool = InlineExecutor()
-                else:
-                    pool = CopyWorkerPool(max(min(jobs, len(names)), 1))
-                try:
-                    run.execute(
-                        pool,
-                        lambda batch: (
-                            copy_batch,
-                            str(repo.root),
-                            str(path),
-                            [
-                                (
-                                    name,
-                                    bases[name][1].base_ref() if name in bases else None,
-                                    cuts.get(name),
-                                )
-                                for name in batch
-                            ],
-                            step,
-                        ),
-                        retries,
-                        # Inline, jobs run one by one, each opening a repository (a
-                        # coordinator connection): as few as the batch limits allow.
-                        workers=1 if isinstance(pool, InlineExecutor) else max(jobs, 1),
-                    )
-                except KeyboardInterrupt:
-                    if isinstance(pool, CopyWorkerPool):
-                        pool.terminate()
-                    sweep_stale_temps(path)  # the killed workers' unfinished copies
-                    manifest.interrupted = True
-                    manifest.entries = _entries(run.results, bases)
-                    catalog.write_manifest(manifest)
-                    raise
-                finally:
-                    if executor is None:
-                        pool.shutdown(wait=True)
-            # Temps of workers that died mid-copy (their prefix was copied again since).
-            sweep_stale_temps(path)
+            bases: dict[str, tuple[Manifest, Entry]] = {}
+            restarts: dict[str, str] = {}
+            if incremental:
+                bases, restarts = _bases(
+                    catalog.scan(), names, max_deltas_before_full, checksums=verify_chain
+                )
+            created = clock()
+            backup_id, path = catalog.new_backup_dir(created)
+            manifest = Manifest(backup_id, created, repo.id, names, consistent)
+            run = _Run(names, progress)
+            try:
+                cut_seconds = _copy_all(
+                    repo, path, run, bases, consistent, jobs, retries, step, executor,
+                    hash_pieces=catalog.key is not None,
+                )  # fmt: skip
+            except KeyboardInterrupt:
+                manifest.interrupted = True
+                manifest.entries = _entries(run.results, bases)
+                manifest.failed = run.failed
+                catalog.write_manifest(manifest)
+                raise
+            except BaseException:
+                _discard(path)
+                raise
+            if names and not run.results:
+                _discard(path)
+                raise BackupError(
+                    f"no prefix could be backed up into {catalog.path}: "
+                    + "; ".join(f"{name}: {error}" for name, error in sorted(run.failed.items()))
+                )
             sync_filesystem(path)  # every copy durable before the manifest names it
             manifest.entries = _entries(run.results, bases)
             manifest.failed = run.failed
-            manifest.complete = True
             catalog.write_manifest(manifest)
     return BackupResult(
         id=backup_id,
         path=str(path),
-        complete=True,
-        bytes=sum(result.size for result in run.results.values()),
+        complete=manifest.complete,
+        bytes=sum(copied.result.size for copied in run.results.values()),
         seconds=time.monotonic() - began,
         prefixes={
-            name: {"kind": result.kind, "bytes": result.size, "seq": result.seq}
-            for name, result in sorted(run.results.items())
+            name: {
+                "kind": copied.result.kind,
+                "bytes": copied.result.size,
+                "seq": copied.result.seq,
+            }
+            for name, copied in sorted(run.results.items())
         },
         failed=run.failed,
         retries=run.retries,
+        chain_restarts={name: why for name, why in restarts.items() if name in run.results},
+        cut_seconds=cut_seconds,
+        took_over=took_over,
     )
+
+
+def _copy_all(
+    repo: Repository,
+    path: Path,
+    run: _Run,
+    bases: Mapping[str, tuple[Manifest, Entry]],
+    consistent: bool,
+    jobs: int,
+    retries: int,
+    step: int,
+    executor: Executor | None,
+    *,
+    hash_pieces: bool,
+) -> float:
+    """Copy every prefix of ``run`` into ``path``; the seconds of a consistent run's cut."""
+    with contextlib.ExitStack() as held:
+        cuts: dict[str, Cut] = {}
+        cut_seconds = 0.0
+        if consistent:
+            cuts, cut_seconds = _consistent_cuts(repo, run.names, held, run.failed)
+        names = [name for name in run.names if name not in run.failed]
+        sizes = {name: _pending_bytes(repo, name, bases.get(name)) for name in names}
+        if executor is not None:
+            pool: Executor = executor
+        elif sum(sizes.values()) < INLINE_BELOW:
+            pool = InlineExecutor()
+        else:
+            pool = CopyWorkerPool(max(min(jobs, len(names)), 1))
+        try:
+            run.execute(
+                pool,
+                names,
+                sizes,
+                lambda batch: (
+                    copy_batch,
+                    str(repo.root),
+                    str(path),
+                    [
+                        (
+                            name,
+                            bases[name][1].base_ref() if name in bases else None,
+                            cuts.get(name),
+                        )
+                        for name in batch
+                    ],
+                    step,
+                    hash_pieces,
+                ),
+                retries,
+                # Inline, jobs run one by one, each opening a repository (a coordinator
+                # connection): as few as the batch limits allow.
+                workers=1 if isinstance(pool, InlineExecutor) else max(jobs, 1),
+            )
+        except BaseException:
+            if isinstance(pool, CopyWorkerPool):
+                pool.terminate()
+            sweep_stale_temps(path)  # the killed workers' unfinished copies
+            raise
+        finally:
+            if executor is None:
+                pool.shutdown(wait=True)
+    # Temps of workers that died mid-copy (their prefix was copied again since).
+    sweep_stale_temps(path)
+    return cut_seconds
+
+
+def _discard(path: Path) -> None:
+    """Remove the directory of a run that failed: what it wrote, then the directory."""
+    with contextlib.suppress(OSError):
+        remove_own_files(path, is_own_file)
+        os.rmdir(path)
+        fsync_dir(path.parent)
 
 
 class _Run:
     """Submits the prefixes in batches, retries failures, and tracks what finished."""
 
-    def __init__(
-        self, names: list[str], sizes: dict[str, int], progress: BackupProgress | None
-    ) -> None:
+    def __init__(self, names: list[str], progress: BackupProgress | None) -> None:
         self.names = names
-        self.sizes = sizes
+        self.sizes: dict[str, int] = {}
         self.progress = progress
-        self.results: dict[str, CopyResult] = {}
+        self.results: dict[str, Copied] = {}
         self.failed: dict[str, str] = {}
         self.retries = 0
 
     def execute(
         self,
         pool: Executor,
+        names: list[str],
+        sizes: dict[str, int],
         job: Callable[[list[str]], tuple[Any, ...]],
         retries: int,
         *,
         workers: int,
     ) -> None:
-        total_bytes = sum(self.sizes.values())
-        attempts = dict.fromkeys(self.names, 0)
-        running: dict[Future[list[CopyResult | Exception]], list[str]] = {}
+        """Copy ``names`` (of :attr:`names`, the others failed already)."""
+        self.sizes = sizes
+        total_bytes = sum(sizes.values())
+        attempts = dict.fromkeys(names, 0)
+        running: dict[Future[list[Copied | Exception]], list[str]] = {}
 
         def submit(batch: list[str]) -> None:
             fn, *args = job(batch)
@@ -263,7 +384,7 @@ class _Run:
             self.failed[name] = f"{type(err).__name__}: {err}"
             return False
 
-        for batch in _batches(self.names, self.sizes, workers):
+        for batch in _batches(names, sizes, workers):
             submit(batch)
         self._report(total_bytes)
         while running:
@@ -288,7 +409,7 @@ class _Run:
     def _report(self, total_bytes: int) -> None:
         if self.progress is not None:
             finished = len(self.results) + len(self.failed)
-            done_bytes = sum(self.sizes[name] for name in self.results)
+            done_bytes = sum(self.sizes.get(name, 0) for name in self.results)
             self.progress(finished, len(self.names), done_bytes, total_bytes)
 
 
@@ -316,23 +437,31 @@ def _batches(names: list[str], sizes: dict[str, int], workers: int) -> list[list
 
 
 def _bases(
-    catalog: Catalog, names: Iterable[str], max_deltas: int
-) -> dict[str, tuple[Manifest, Entry]]:
-    """For each prefix, the latest backup entry a delta may continue, if its chain allows."""
-    bases = {}
-    manifests = catalog.manifests()  # loaded once: a run may ask about thousands of prefixes
-    by_id = {manifest.id: manifest for manifest in manifests}
+    view: CatalogView, names: Iterable[str], max_deltas: int, *, checksums: bool
+) -> tuple[dict[str, tuple[Manifest, Entry]], dict[str, str]]:
+    """For each prefix, the entry of its newest complete backup that a delta may continue;
+    and the prefixes whose chain is not sound (each gets a full copy), with the reason.
+
+    A chain is proved before it is extended: every link's manifest, its place in the chain
+    and its size, and with ``checksums`` every byte.
+    """
+    newest: dict[str, tuple[Manifest, Entry]] = {}
+    for record in view.ordered():  # oldest first: the newest complete backup wins
+        if record.status == COMPLETE and record.manifest is not None:
+            for name, entry in record.manifest.entries.items():
+                newest[name] = (record.manifest, entry)
+    bases: dict[str, tuple[Manifest, Entry]] = {}
+    restarts: dict[str, str] = {}
     for name in names:
-        latest = catalog.latest_entry(name, manifests)
-        if latest is None:
+        if name not in newest:
             continue
-        try:
-            deltas = len(catalog.chain(latest[0], name, by_id)) - 1
-        except BackupError:
-            continue  # a broken chain is not continued: a full copy starts a new one
-        if deltas < max_deltas:
-            bases[name] = latest
-    return bases
+        manifest, entry = newest[name]
+        problem = view.check_chain(manifest.id, name, checksums=checksums)
+        if problem is not None:
+            restarts[name] = f"its chain ending at backup {manifest.id} is not sound: {problem}"
+        elif len(view.chain(manifest.id, name)) - 1 < max_deltas:
+            bases[name] = (manifest, entry)
+    return bases, restarts
 
 
 def _pending_bytes(repo: Repository, name: str, base: tuple[Manifest, Entry] | None) -> int:
@@ -344,42 +473,81 @@ def _pending_bytes(repo: Repository, name: str, base: tuple[Manifest, Entry] | N
     return max(size - base[1].end, 0) if base else size
 
 
-def _consistent_cuts(
-    repo: Repository, names: list[str], held: contextlib.ExitStack
-) -> dict[str, Cut]:
-    """Cut every prefix at one instant: checkpoints under simultaneously held write leases.
+def _cut(repo: Repository, name: str) -> None:
+    """Checkpoint ``name`` under its own write lease (what a consistent cut does beforehand)."""
+    with repo.leases.lease(
+        name, "write", timeout=repo.lease_timeout, ttl=DEFAULT_LEASE_TTL
+    ) as lease:
+        os.close(cut_prefix(repo, name, lease)[1])
 
-    Snapshot leases stay held (on ``held``) until the copies are done, so no cut file can be
-    replaced meanwhile; write leases are dropped as soon as every cut is taken. Leases are
-    taken in name order, so two consistent runs cannot deadlock each other.
+
+def _consistent_cuts(
+    repo: Repository, names: list[str], held: contextlib.ExitStack, failed: dict[str, str]
+) -> tuple[dict[str, Cut], float]:
+    """Cut every prefix at one instant; the cuts, and the seconds the cut held write leases.
+
+    The cut instant is when the last of the write leases is granted: each prefix is
+    checkpointed as soon as its own write lease is held (nothing can commit to it until the
+    lease goes), and every write lease goes as soon as the last is taken, so writers wait for
+    the cut alone, never for a copy. Leases are taken in name order, so two consistent runs
+    cannot deadlock each other. Most prefixes' WALs are checkpointed beforehand, outside the
+    window, so that under the leases there is little left to append.
+
+    A cut is then protected for its copy by a snapshot lease (held on ``held`` until the
+    copies are done): between the write lease's release and the snapshot's grant, a
+    compaction or restore could replace the main file, which the descriptor opened at the cut
+    (kept until the snapshot lease is held) shows; such a prefix is recorded in ``failed``.
+    So at most one lease per prefix is held at any instant.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:  # a lease may hold a descriptor or two per prefix
+    if soft < hard:  # a descriptor per prefix is kept from its cut to its snapshot lease
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    for name in names:
-        held.enter_context(repo.leases.lease(name, "snapshot", timeout=repo.lease_timeout))
-    prefixes = [Prefix(repo.root, name, "rw", repo.leases, repo.id_bytes) for name in names]
-    for prefix in prefixes:
-        held.callback(prefix.close)
+    for name in names:  # outside the window: what is in the WALs now
+        with contextlib.suppress(Exception):  # the cut below reports a prefix that fails
+            _cut(repo, name)
+    writes: dict[str, HeldLease] = {}
+    fds: dict[str, int] = {}
+    cuts: dict[str, Cut] = {}
+    began = time.monotonic()
     try:
-        for prefix in prefixes:
-            prefix.begin()  # takes the write lease; all are held before the first cut
-        cuts = {}
-        for prefix in prefixes:
-            cut, fd = prefix.checkpoint_and_open()
+        for name in names:
+            writes[name] = repo.leases.lease(
+                name, "write", timeout=repo.lease_timeout, ttl=DEFAULT_LEASE_TTL
+            )
+            try:
+                cuts[name], fds[name] = cut_prefix(repo, name, writes[name])
+            except Exception as err:  # a damaged prefix: the others are cut all the same
+                failed[name] = f"{type(err).__name__}: {err}"
+    except BaseException:
+        for fd in fds.values():
             os.close(fd)
-            cuts[prefix.name] = cut
+        raise
     finally:
-        for prefix in prefixes:
-            prefix.rollback()  # nothing pending: this only drops the write lease
-    return cuts
+        for lease in writes.values():
+            lease.release()
+    seconds = time.monotonic() - began
+    try:
+        for name in cuts.copy():
+            held.enter_context(repo.leases.lease(name, "snapshot", timeout=repo.lease_timeout))
+            cut_file, now = os.fstat(fds[name]), os.stat(main_path(repo.root, name))
+            if (cut_file.st_dev, cut_file.st_ino) != (now.st_dev, now.st_ino):
+                failed[name] = (
+                    "StorageError: the prefix was compacted or restored between the "
+                    "consistent cut and its copy; back it up again"
+                )
+                del cuts[name]
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return cuts, seconds
 
 
 def _entries(
-    results: dict[str, CopyResult], bases: dict[str, tuple[Manifest, Entry]]
+    results: Mapping[str, Copied], bases: Mapping[str, tuple[Manifest, Entry]]
 ) -> dict[str, Entry]:
     entries = {}
-    for name, result in sorted(results.items()):
+    for name, copied in sorted(results.items()):
+        result = copied.result
         entries[name] = Entry(
             kind=result.kind,
             file=Path(result.path).name,
@@ -392,6 +560,7 @@ def _entries(
             size=result.size,
             crc32=result.crc32,
             boundary_crc=result.boundary_crc,
+            sha256=copied.sha256,
         )
     return entries
 
@@ -403,6 +572,8 @@ class RestoreResult:
     prefixes: dict[str, int]  # name -> commit restored
     bytes: int
     seconds: float
+    missing: dict[str, str] = field(default_factory=dict)  # partial backup: what it lacks
+    passed_over: list[str] = field(default_factory=list)  # newer backups not taken, and why
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -411,6 +582,8 @@ class RestoreResult:
             "prefixes": self.prefixes,
             "bytes": self.bytes,
             "seconds": round(self.seconds, 6),
+            "missing": self.missing,
+            "passed_over": self.passed_over,
         }
 
 
@@ -421,22 +594,33 @@ def restore(
     *,
     at: str | None = None,
     force: bool = False,
+    allow_partial: bool = False,
     progress: BackupProgress | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> RestoreResult:
-    """Rebuild prefixes in ``root`` from the newest backup at or before ``at``.
+    """Rebuild prefixes in ``root`` from a backup of the catalog ``dest_dir``.
 
-    ``root`` must be empty or absent unless ``force``, which replaces each prefix under its
-    ``exclusive`` lease. Every piece is checked before a prefix goes live.
+    ``at``: a backup id, ``latest`` (the default), an ISO time or a duration ago (``2h``,
+    ``7d``): the newest complete, restorable backup at or before it. A partial backup is
+    restored (what it holds) only by its id and with ``allow_partial``. ``root`` must be
+    empty or absent unless ``force``, which replaces each prefix under its ``exclusive``
+    lease. Every piece is checked before a prefix goes live. A repository created by the
+    restore records where it came from (its lineage), so it can go on backing up into this
+    catalog.
     """
     began = time.monotonic()
-    catalog = Catalog(dest_dir)
-    manifest = catalog.pick(at)
+    catalog = Catalog(dest_dir, key_file=key_file)
+    view = catalog.scan()
+    choice = view.pick(at, clock=clock, allow_partial=allow_partial)
+    manifest = choice.manifest
     names = sorted(set(prefixes)) if prefixes else sorted(manifest.entries)
-    missing = [name for name in names if name not in manifest.entries]
-    if missing:
+    absent = [name for name in names if name not in manifest.entries]
+    if absent:
+        missing = manifest.missing
         raise BackupError(
-            f"backup {manifest.id} does not hold prefix(es) {', '.join(missing)}"
-            + (f" (they failed: {manifest.failed})" if manifest.failed else "")
+            f"backup {manifest.id} does not hold prefix(es) {', '.join(absent)}"
+            + "".join(f"; {name} failed: {missing[name]}" for name in absent if name in missing)
         )
     target = Path(root)
     refuse_unsafe_place(target)  # an existing ROOT (or a link to one) must be a safe place
@@ -445,7 +629,9 @@ def restore(
             f"{target} is not empty; restore into an empty directory or use --force",
             root=str(target),
         )
-    chains = {name: catalog.pieces(manifest, name) for name in names}
+    # With a key every piece's SHA-256 is checked here (restore_chain checks the CRC-32).
+    checksums = catalog.key is not None
+    chains = {name: view.pieces(manifest.id, name, checksums=checksums) for name in names}
     total = sum(piece.size for pieces in chains.values() for piece in pieces)
     restored: dict[str, int] = {}
     fresh = not target.exists() or not any(target.iterdir())
@@ -461,9 +647,26 @@ def restore(
         # Named for this process, so that a later restore can tell it was abandoned.
         staging = temp_path_for(target.parent / f".{target.name}.restoring")
         make_directory(staging, exist_ok=False)
+        lineage = {
+            "restored_from": {
+                "repository_id": manifest.repository_id,
+                "backup": manifest.id,
+                "catalog": str(catalog.path),
+            },
+            "time": clock(),
+        }
         try:
             _restore_into(
-                staging, names, chains, manifest, force, progress, total, restored, staged=True
+                staging,
+                names,
+                chains,
+                manifest,
+                force,
+                progress,
+                total,
+                restored,
+                staged=True,
+                lineage=lineage,
             )
             sync_filesystem(staging)
             os.rename(staging, target)
@@ -473,7 +676,15 @@ def restore(
             raise
     if progress is not None:
         progress(len(names), len(names), total, total)
-    return RestoreResult(manifest.id, str(target), restored, total, time.monotonic() - began)
+    return RestoreResult(
+        manifest.id,
+        str(target),
+        restored,
+        total,
+        time.monotonic() - began,
+        missing=manifest.missing,
+        passed_over=choice.passed_over,
+    )
 
 
 def _sweep_abandoned_restores(target: Path) -> None:
@@ -494,12 +705,14 @@ def _restore_into(
     restored: dict[str, int],
     *,
     staged: bool = False,
+    lineage: dict[str, Any] | None = None,
 ) -> None:
-    """``staged``: ``target`` is a staging directory (see ``restore_chain``)."""
+    """``staged``: ``target`` is a staging directory (see ``restore_chain``), made a new
+    repository that records ``lineage``."""
     done_bytes = 0
     # Nobody else can know a staging directory: no coordinator for it, kernel locks will do.
     leases = FileLeases(target / RUNTIME_DIR) if staged else None
-    with Repository.init(target, leases=leases) as repo:
+    with Repository.init(target, leases=leases, lineage=lineage) as repo:
         for number, name in enumerate(names):
 
             def step(done: int, _: int, base: int = done_bytes, number: int = number) -> None:
@@ -516,10 +729,3 @@ def _restore_into(
                 staged=staged,
             )
             done_bytes += sum(piece.size for piece in chains[name])
-
-
-def prune(dest_dir: str | os.PathLike[str], keep: int) -> list[str]:
-    """Drop the oldest backups beyond ``keep``, never one a kept backup's chain needs."""
-    catalog = Catalog(dest_dir)
-    with catalog.lock():
-        return catalog.prune(keep)

@@ -1,49 +1,359 @@
-"""The backup catalog: a directory of backups, each with a manifest written last, atomically.
+"""The backup catalog: a directory of backups, read as untrusted input through one loader.
 
 ```
-DEST/hotcopy-backups.json                 marker: format, the repository these backups are of
-DEST/catalog.lock                         held by a backup run or a prune (filelock)
-DEST/hotcopy_backup_<sec>_<usec>/         a backup whose prefixes are all full copies
-DEST/hotcopy_delta_<sec>_<usec>/          an incremental backup (deltas where possible)
-    MANIFEST.json                         what the backup holds; absent = never finished
-    <prefix>.hc                           full copy: a standalone main file
-    <prefix>.hc-delta                     delta: main-file bytes [start, end) after its base
+DEST/hotcopy-backups.json          marker: format, the repository writing here, its lineage
+DEST/catalog.lock                  held by a backup run or a prune (filelock)
+DEST/20261204T163000.123456Z/      one backup, named by its start time (UTC, microseconds);
+                                   catalogs of format 1 named them hotcopy_<kind>_<sec>_<usec>
+    MANIFEST.json                  what the backup holds; absent = a run that never finished
+    <prefix>.hc                    full copy: a standalone main file
+    <prefix>.hc-delta              delta: main-file bytes [start, end) after its base
 ```
 
-A backup is usable only once its manifest says ``"complete": true``; a directory without a
-manifest is a run that died (swept by prune). A delta names the backup it continues
-(``base``); a chain is followed only while every link matches the previous one exactly (same
-main file id and salt, ``start`` equal to the base's ``end``), so a stale delta or one from
-another chain is never applied.
+A backup is *complete* when it holds every prefix it set out to copy, else *partial* (a prefix
+failed, the run was interrupted, or prune trimmed it to the links other backups need). A delta
+names the backup it continues (``base``); a chain is followed only while every link matches the
+one before it (same repository, main file id and salt, ``start`` equal to the base's ``end``).
+
+Everything in a catalog is checked before it is used, here and nowhere else: the marker and
+every manifest field by type and range (an error names the backup and the field), a piece must
+be its prefix's own file in its own backup's directory, a base must be an older backup of this
+catalog, every backup must be of this catalog's repository or of one its lineage records, a
+backup directory that is a symbolic link and any file that is not a regular one are refused.
+Manifests carry a SHA-256 of their content, which finds damage; with a key, an HMAC-SHA256
+instead and a SHA-256 of every piece, which a writer of the catalog without the key cannot
+forge.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
+import hmac
 import json
+import math
 import os
 import re
-import shutil
-import time
+import stat
 import zlib
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+from hotcopy.storage import NotRegularFile, StorageError
 from hotcopy.storage._copy import BaseRef, Piece
-from hotcopy.storage._durable import fsync_dir, sweep_stale_temps, write_durably
-from hotcopy.storage._files import make_directory, open_regular, refuse_unsafe_place
+from hotcopy.storage._durable import fsync_dir, is_temp_name, sweep_stale_temps, write_durably
+from hotcopy.storage._files import make_directory, open_regular, read_regular, refuse_unsafe_place
+from hotcopy.storage._format import HEADER_SIZE
+from hotcopy.storage._repository import validate_prefix_name
 
-from ._errors import BackupNotFound, CatalogError
+from ._errors import BackupError, BackupNotFound, CatalogError
 
 CATALOG_MARKER = "hotcopy-backups.json"
 MANIFEST = "MANIFEST.json"
-CATALOG_FORMAT = 1
-_ID = re.compile(r"hotcopy_(backup|delta)_(\d+)_(\d{6})")
+LOCK = "catalog.lock"
+CATALOG_FORMAT = 2  # format 1 (no lineage, no checksum of its own) is still read
+MANIFEST_FORMAT = 2  # format 1 (no "planned", "complete" despite failures) is still read
+KEY_ENV = "HOTCOPY_BACKUP_KEY_FILE"
+MIN_KEY_BYTES = 16
+_MAX_JSON = 256 << 20  # a manifest of 16,384 prefixes is ~10 MiB
+
+_ID = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
+_OLD_ID = re.compile(r"hotcopy_(?:backup|delta)_(\d{1,11})_(\d{6})")
+_REPOSITORY_ID = re.compile(r"[0-9a-f]{32}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_DURATION = re.compile(r"(?:(\d+)([smhdw]))+")
+_DURATION_PART = re.compile(r"(\d+)([smhdw])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_ID_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+
+
+# -- ids, times, durations ------------------------------------------------------------------------
+
+
+def is_backup_id(name: object) -> bool:
+    return isinstance(name, str) and (_ID.fullmatch(name) or _OLD_ID.fullmatch(name)) is not None
+
+
+@functools.lru_cache(maxsize=65536)  # every delta names its base: ids repeat
+def backup_time_us(backup_id: str) -> int:
+    """Microseconds since the epoch (UTC) at which the backup ``backup_id`` started."""
+    if _ID.fullmatch(backup_id):
+        moment = datetime.strptime(backup_id, _ID_FORMAT).replace(tzinfo=UTC)
+        return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    match = _OLD_ID.fullmatch(backup_id)
+    if match is None:
+        raise CatalogError(f"{backup_id!r} is not a backup id (e.g. 20261204T163000.123456Z)")
+    return int(match.group(1)) * 1_000_000 + int(match.group(2))
+
+
+def new_backup_id(time_us: int) -> str:
+    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=time_us)
+    return moment.strftime(_ID_FORMAT)
+
+
+def iso_utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat()
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: ``90s``, ``15m``, ``36h``, ``7d``, ``2w``, or sums like ``1d12h``."""
+    if _DURATION.fullmatch(text) is None:
+        raise ValueError(f"{text!r} is not a duration (e.g. 36h, 7d, 2w, 1d12h)")
+    return float(sum(int(n) * _SECONDS[unit] for n, unit in _DURATION_PART.findall(text)))
+
+
+def parse_moment(text: str, now: float) -> float:
+    """Unix time of ``text``: an ISO 8601 time (without a zone: local time) or a duration ago."""
+    with contextlib.suppress(ValueError):
+        return now - parse_duration(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise CatalogError(
+            f"--at {text!r} is neither a backup id, 'latest', a duration ago (2h, 7d) nor an "
+            "ISO time (2026-11-22T07:30:00, local time unless it has a zone)"
+        ) from None
+    return moment.timestamp()  # a naive datetime is local time
+
+
+# -- the key --------------------------------------------------------------------------------------
+
+
+def load_key(key_file: str | os.PathLike[str] | None) -> bytes | None:
+    """The catalog key in ``key_file``, or in the file ``$HOTCOPY_BACKUP_KEY_FILE`` names; None
+    when neither is given (the catalog is then checksummed, not authenticated)."""
+    path = key_file if key_file is not None else os.environ.get(KEY_ENV) or None
+    if path is None:
+        return None
+    try:
+        key = read_regular(path, limit=1 << 16)
+    except (OSError, StorageError) as err:
+        raise CatalogError(f"cannot read the backup key file {path}: {err}") from err
+    if len(key) < MIN_KEY_BYTES:
+        raise CatalogError(
+            f"the backup key file {path} holds {len(key)} bytes; a key is at least "
+            f"{MIN_KEY_BYTES} (make one with: head -c 32 /dev/urandom > {path})"
+        )
+    return key
+
+
+def _canonical(body: Mapping[str, Any]) -> bytes:
+    content = {key: value for key, value in body.items() if key not in ("checksum", "hmac")}
+    return json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _seal(body: dict[str, Any], key: bytes | None) -> bytes:
+    """``body`` as stored: with the SHA-256 of its content, or with a key its HMAC-SHA256."""
+    if key is None:
+        body["checksum"] = hashlib.sha256(_canonical(body)).hexdigest()
+    else:
+        body["hmac"] = hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
+    return json.dumps(body, indent=1, sort_keys=True).encode()
+
+
+def _check_seal(body: Mapping[str, Any], key: bytes | None, what: str, *, required: bool) -> None:
+    if key is None:
+        if "hmac" in body:
+            raise CatalogError(
+                f"{what} is authenticated with a key; give it with --key-file or {KEY_ENV}"
+            )
+        checksum = body.get("checksum")
+        if checksum is None and not required:
+            return
+        if not isinstance(checksum, str) or not hmac.compare_digest(
+            checksum, hashlib.sha256(_canonical(body)).hexdigest()
+        ):
+            raise CatalogError(f"{what} is damaged: checksum mismatch")
+        return
+    mac = body.get("hmac")
+    if not isinstance(mac, str):
+        raise CatalogError(
+            f"{what} is not authenticated (no HMAC): written without a key (authenticated "
+            "backups go into a new backup directory), or forged"
+        )
+    if not hmac.compare_digest(mac, hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()):
+        raise CatalogError(f"{what} fails its authentication (HMAC): damaged or forged")
+
+
+# -- validated fields -----------------------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+class _Fields:
+    """The fields of one JSON object, each checked before it is used; an error names the
+    object (``where``: a backup, a prefix of a backup, the marker) and the field."""
+
+    def __init__(self, data: object, where: str) -> None:
+        if not isinstance(data, dict):
+            raise CatalogError(f"{where} is {_show(data)}, not a JSON object")
+        self.data: dict[str, Any] = data
+        self.where = where
+
+    def bad(self, name: str, expected: str) -> CatalogError:
+        value = self.data.get(name)
+        return CatalogError(
+            f"{self.where}: field {name!r} is {_show(value)}, not {expected}", field=name
+        )
+
+    def get(self, name: str) -> Any:
+        if name not in self.data:
+            raise CatalogError(f"{self.where}: field {name!r} is missing", field=name)
+        return self.data[name]
+
+    def integer(self, name: str, low: int = 0, high: int = (1 << 63) - 1) -> int:
+        value = self.get(name)
+        if type(value) is not int or not low <= value <= high:
+            raise self.bad(name, f"an integer in [{low}, {high}]")
+        return value
+
+    def boolean(self, name: str, default: bool | None = None) -> bool:
+        value = self.data.get(name, default) if default is not None else self.get(name)
+        if type(value) is not bool:
+            raise self.bad(name, "true or false")
+        return value
+
+    def text(self, name: str, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
+        value = self.get(name)
+        if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
+            raise self.bad(name, what or "a string")
+        return value
+
+    def moment(self, name: str) -> float:
+        value = self.get(name)
+        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise self.bad(name, "a time in seconds since 1970")
+        return float(value)
+
+    def names(self, name: str, default: object = None) -> list[str]:
+        value = self.data.get(name, default) if default is not None else self.get(name)
+        if not isinstance(value, list) or not all(_is_prefix(item) for item in value):
+            raise self.bad(name, "a list of prefix names")
+        if value != sorted(set(value)):
+            raise self.bad(name, "a sorted list without repeats")
+        return value
+
+    def texts_by_name(self, name: str, default: object = None) -> dict[str, str]:
+        value = self.data.get(name, default) if default is not None else self.get(name)
+        if not isinstance(value, dict) or not all(
+            _is_prefix(key) and isinstance(item, str) for key, item in value.items()
+        ):
+            raise self.bad(name, "an object of prefix names to messages")
+        return value
+
+    def objects_by_name(self, name: str) -> dict[str, Any]:
+        value = self.get(name)
+        if not isinstance(value, dict) or not all(_is_prefix(key) for key in value):
+            raise self.bad(name, "an object of prefix names to entries")
+        return value
+
+
+def _is_prefix(name: object) -> bool:
+    try:
+        validate_prefix_name(name)
+    except StorageError:
+        return False
+    return True
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON in the regular file ``path`` (never a link, FIFO or device)."""
+    try:
+        raw = read_regular(path, limit=_MAX_JSON)
+    except NotRegularFile as err:
+        raise CatalogError(f"{what}: {err}") from None
+    except StorageError as err:  # larger than any catalog file
+        raise CatalogError(f"{what}: {err}") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CatalogError(f"{what} is damaged: {err}") from None
+
+
+# -- the marker -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Succession:
+    """A repository that stopped writing into the catalog: a restore of one of its backups
+    (``restored_from``) created the repository that took over."""
+
+    repository_id: str
+    succeeded_by: str
+    restored_from: str
+    time: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "repository_id": self.repository_id,
+            "succeeded_by": self.succeeded_by,
+            "restored_from": self.restored_from,
+            "time": self.time,
+        }
+
+
+@dataclass(frozen=True)
+class Marker:
+    repository_id: str  # the repository that writes into the catalog now
+    lineage: tuple[Succession, ...] = ()  # the ones before it, oldest first
+
+    @property
+    def repositories(self) -> frozenset[str]:
+        """Every repository whose backups this catalog holds."""
+        return frozenset({self.repository_id, *(s.repository_id for s in self.lineage)})
+
+    def succession_of(self, repository_id: str) -> Succession | None:
+        return next((s for s in self.lineage if s.repository_id == repository_id), None)
+
+
+def _parse_marker(data: object, where: str) -> Marker:
+    fields = _Fields(data, where)
+    version = fields.get("format")
+    if type(version) is not int or version not in (1, CATALOG_FORMAT):
+        raise fields.bad("format", f"a catalog format this hotcopy reads (1 or {CATALOG_FORMAT})")
+    repository_id = fields.text("repository_id", _REPOSITORY_ID, "a repository id (32 hex digits)")
+    raw = fields.data.get("lineage", [])
+    if not isinstance(raw, list):
+        raise fields.bad("lineage", "a list of successions")
+    lineage = []
+    for number, item in enumerate(raw):
+        entry = _Fields(item, f"{where}: lineage[{number}]")
+        lineage.append(
+            Succession(
+                entry.text("repository_id", _REPOSITORY_ID, "a repository id"),
+                entry.text("succeeded_by", _REPOSITORY_ID, "a repository id"),
+                entry.text("restored_from", _ID_OR_OLD, "a backup id"),
+                entry.moment("time"),
+            )
+        )
+    return Marker(repository_id, tuple(lineage))
+
+
+_ID_OR_OLD = re.compile(f"{_ID.pattern}|{_OLD_ID.pattern}")
+
+
+def _write_marker(path: Path, marker: Marker, key: bytes | None, *, overwrite: bool) -> None:
+    body = {
+        "format": CATALOG_FORMAT,
+        "repository_id": marker.repository_id,
+        "lineage": [succession.to_json() for succession in marker.lineage],
+    }
+    write_durably(path / CATALOG_MARKER, _seal(body, key), overwrite=overwrite)
+
+
+# -- manifests ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -61,9 +371,32 @@ class Entry:
     size: int  # bytes of ``file``
     crc32: int  # of ``file``
     boundary_crc: int  # of the source bytes [end - 32, end): lets the next delta continue
+    sha256: str | None = None  # of ``file``, in an authenticated (keyed) catalog
 
     def base_ref(self) -> BaseRef:
         return BaseRef(self.file_id, self.salt, self.end, self.boundary_crc)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {
+            "kind": self.kind,
+            "file": self.file,
+            "base": self.base,
+            "file_id": self.file_id,
+            "salt": self.salt,
+            "start": self.start,
+            "end": self.end,
+            "seq": self.seq,
+            "size": self.size,
+            "crc32": self.crc32,
+            "boundary_crc": self.boundary_crc,
+        }
+        if self.sha256 is not None:
+            data["sha256"] = self.sha256
+        return data
+
+
+def piece_name(prefix: str, kind: str) -> str:
+    return f"{prefix}.hc" if kind == "full" else f"{prefix}.hc-delta"
 
 
 @dataclass
@@ -71,113 +404,353 @@ class Manifest:
     id: str
     created: float  # unix time the backup started
     repository_id: str
-    complete: bool
+    planned: list[str]  # every prefix the run set out to copy
     consistent: bool = False  # all prefixes cut at one instant (--consistent)
     interrupted: bool = False
     entries: dict[str, Entry] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # prefix -> why it was not copied
+    pruned: dict[str, str] = field(default_factory=dict)  # prefix -> why prune removed it
 
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["format"] = CATALOG_FORMAT
-        data["created_iso"] = datetime.fromtimestamp(self.created).astimezone().isoformat()
-        data["prefixes"] = data.pop("entries")
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
-        if data.get("format") != CATALOG_FORMAT:
-            raise CatalogError(f"manifest format {data.get('format')!r} is not supported")
-        return cls(
-            id=data["id"],
-            created=data["created"],
-            repository_id=data["repository_id"],
-            complete=data["complete"],
-            consistent=data.get("consistent", False),
-            interrupted=data.get("interrupted", False),
-            entries={name: Entry(**entry) for name, entry in data["prefixes"].items()},
-            failed=data.get("failed", {}),
+    @property
+    def complete(self) -> bool:
+        """Whether it holds every prefix it set out to copy (only then is it restorable whole)."""
+        return (
+            not self.interrupted
+            and not self.failed
+            and not self.pruned
+            and set(self.entries) == set(self.planned)
         )
 
+    @property
+    def missing(self) -> dict[str, str]:
+        """Prefixes it set out to copy and does not hold, with the reason."""
+        reasons = {**self.failed, **self.pruned}
+        return {
+            name: reasons.get(name, "not reached: the run was interrupted")
+            for name in self.planned
+            if name not in self.entries
+        }
 
-def _manifest_checksum(body: dict[str, Any]) -> str:
-    """SHA-256 of the manifest's canonical JSON without its checksum: any flipped byte shows."""
-    content = {key: value for key, value in body.items() if key != "checksum"}
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(canonical).hexdigest()
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "id": self.id,
+            "created": self.created,
+            "created_iso": iso_utc(self.created),
+            "repository_id": self.repository_id,
+            "complete": self.complete,
+            "consistent": self.consistent,
+            "interrupted": self.interrupted,
+            "planned": sorted(self.planned),
+            "prefixes": {name: self.entries[name].to_json() for name in sorted(self.entries)},
+            "failed": dict(sorted(self.failed.items())),
+            "pruned": dict(sorted(self.pruned.items())),
+        }
 
 
-def backup_time(backup_id: str) -> float:
-    match = _ID.fullmatch(backup_id)
-    if match is None:
-        raise CatalogError(f"{backup_id!r} is not a backup id")
-    return int(match.group(2)) + int(match.group(3)) / 1e6
+def _parse_entry(data: object, backup_id: str, prefix: str, *, keyed: bool) -> Entry:
+    fields = _Fields(data, f"backup {backup_id}, prefix {prefix!r}")
+    kind = fields.get("kind")
+    if kind not in ("full", "delta"):
+        raise fields.bad("kind", "'full' or 'delta'")
+    expected = piece_name(prefix, kind)
+    if fields.get("file") != expected:
+        raise fields.bad(
+            "file", f"{expected!r} (a piece is its prefix's own file in its backup's directory)"
+        )
+    base = fields.get("base")
+    if kind == "full" and base is not None:
+        raise fields.bad("base", "null (a full copy continues nothing)")
+    if kind == "delta" and (
+        not is_backup_id(base) or backup_time_us(base) >= backup_time_us(backup_id)
+    ):
+        raise fields.bad("base", "the id of an earlier backup of this catalog")
+    start = fields.integer("start", 0 if kind == "full" else HEADER_SIZE)
+    if kind == "full" and start != 0:
+        raise fields.bad("start", "0 (a full copy starts at the beginning)")
+    end = fields.integer("end", max(start, HEADER_SIZE))
+    size = fields.integer("size")
+    if size != end - start:
+        raise fields.bad("size", f"end - start = {end - start}")
+    sha256 = fields.data.get("sha256")
+    if (keyed or sha256 is not None) and (
+        not isinstance(sha256, str) or not _SHA256.fullmatch(sha256)
+    ):
+        raise fields.bad("sha256", "a SHA-256 in hex (64 digits)")
+    return Entry(
+        kind=kind,
+        file=expected,
+        base=base,
+        file_id=fields.text("file_id", _REPOSITORY_ID, "a file id (32 hex digits)"),
+        salt=fields.integer("salt", 0, (1 << 64) - 1),
+        start=start,
+        end=end,
+        seq=fields.integer("seq"),
+        size=size,
+        crc32=fields.integer("crc32", 0, 0xFFFFFFFF),
+        boundary_crc=fields.integer("boundary_crc", 0, 0xFFFFFFFF),
+        sha256=sha256,
+    )
+
+
+def _parse_manifest(data: object, backup_id: str, *, keyed: bool) -> Manifest:
+    fields = _Fields(data, f"backup {backup_id}")
+    version = fields.get("format")
+    if type(version) is not int or version not in (1, MANIFEST_FORMAT):
+        raise fields.bad("format", f"a manifest format this hotcopy reads (1 or {MANIFEST_FORMAT})")
+    if fields.get("id") != backup_id:
+        raise fields.bad("id", f"{backup_id!r}, the name of its directory (a copied backup?)")
+    raw_entries = fields.objects_by_name("prefixes")
+    entries = {
+        name: _parse_entry(raw, backup_id, name, keyed=keyed)
+        for name, raw in sorted(raw_entries.items())
+    }
+    failed = fields.texts_by_name("failed", {} if version == 1 else None)
+    complete = fields.boolean("complete")
+    interrupted = fields.boolean("interrupted", False if version == 1 else None)
+    if version == 1:
+        # Format 1 wrote neither what it set out to copy nor "partial": a run that lost a
+        # prefix was recorded as complete. Read as what it is.
+        planned = sorted({*entries, *failed})
+        pruned: dict[str, str] = {}
+        if not complete:
+            interrupted = True
+    else:
+        planned = fields.names("planned")
+        pruned = fields.texts_by_name("pruned")
+    manifest = Manifest(
+        id=backup_id,
+        created=fields.moment("created"),
+        repository_id=fields.text("repository_id", _REPOSITORY_ID, "a repository id"),
+        planned=planned,
+        consistent=fields.boolean("consistent", False if version == 1 else None),
+        interrupted=interrupted,
+        entries=entries,
+        failed=failed,
+        pruned=pruned,
+    )
+    if not set(entries) | set(failed) | set(pruned) <= set(planned):
+        raise fields.bad("planned", "every prefix the backup holds, failed or pruned")
+    if version != 1 and complete != manifest.complete:
+        raise fields.bad("complete", f"{str(manifest.complete).lower()}, as its prefixes say")
+    return manifest
+
+
+# -- the catalog ----------------------------------------------------------------------------------
 
 
 class Catalog:
-    """The backups of one repository under ``path``."""
+    """The backups of one repository (and its lineage) under ``path``.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    Args:
+        path: The catalog directory.
+        key_file: The key of an authenticated catalog (default: ``$HOTCOPY_BACKUP_KEY_FILE``).
+        key: The key itself, already loaded (overrides ``key_file``).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        key_file: str | os.PathLike[str] | None = None,
+        key: bytes | None = None,
+    ) -> None:
         self.path = Path(path).absolute()
         refuse_unsafe_place(self.path)
-        marker = self.path / CATALOG_MARKER
-        try:
-            info = json.loads(marker.read_text())
-        except FileNotFoundError:
+        self.key = key if key is not None else load_key(key_file)
+        self.marker = self._read_marker()
+
+    @property
+    def repository_id(self) -> str:
+        return self.marker.repository_id
+
+    def _read_marker(self) -> Marker:
+        path = self.path / CATALOG_MARKER
+        if not os.path.lexists(path):
+            advice = "" if self.path.is_dir() else "; back up into it first (`hotcopy backup`)"
             raise CatalogError(
-                f"{self.path} is not a hotcopy backup directory (no {CATALOG_MARKER})",
+                f"{self.path} is not a hotcopy backup directory (no {CATALOG_MARKER}){advice}",
                 path=str(self.path),
-            ) from None
-        except ValueError as err:
-            raise CatalogError(f"{marker} is damaged: {err}", path=str(self.path)) from err
-        if info.get("format") != CATALOG_FORMAT:
-            raise CatalogError(f"{marker}: format {info.get('format')!r} is not supported")
-        self.repository_id: str = info["repository_id"]
+            )
+        data = _read_json(path, str(path))
+        marker = _parse_marker(data, str(path))
+        _check_seal(data, self.key, str(path), required=data.get("format") != 1)
+        return marker
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], repository_id: str) -> Catalog:
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        repository_id: str,
+        *,
+        key_file: str | os.PathLike[str] | None = None,
+        key: bytes | None = None,
+    ) -> Catalog:
         """Open the catalog at ``path``, creating it for ``repository_id`` if there is none.
 
-        Raises:
-            CatalogError: ``path`` is a file, or holds the backups of another repository.
+        Whether that repository may write here is decided by :meth:`admit`.
         """
         path = Path(path).absolute()
         if path.exists() and not path.is_dir():
             raise CatalogError(f"backup directory {path} is not a directory", path=str(path))
         make_directory(path)
         refuse_unsafe_place(path)
-        marker = {"format": CATALOG_FORMAT, "repository_id": repository_id}
-        # Looked for first: the attempt alone costs a file and its fsync in every run.
-        if not (path / CATALOG_MARKER).exists():
+        key = key if key is not None else load_key(key_file)
+        if not os.path.lexists(path / CATALOG_MARKER):
             with contextlib.suppress(FileExistsError):  # another run made it meanwhile
-                write_durably(path / CATALOG_MARKER, json.dumps(marker).encode(), overwrite=False)
-        catalog = cls(path)
-        if catalog.repository_id != repository_id:
+                _write_marker(path, Marker(repository_id), key, overwrite=False)
+        return cls(path, key=key)
+
+    def admit(
+        self, repository_id: str, lineage: Mapping[str, Any] | None, now: float
+    ) -> str | None:
+        """Let ``repository_id`` write here, or refuse; the caller holds :meth:`lock`.
+
+        The catalog's own repository may. So may a repository restored from one of its backups
+        (``lineage["restored_from"]``), which takes the catalog over: from then on the
+        repository it came from is refused, so two live repositories never write into one
+        catalog. Returns a note when the catalog was taken over.
+        """
+        self.marker = self._read_marker()  # as it is now, under the lock
+        marker = self.marker
+        if repository_id == marker.repository_id:
+            return None
+        superseded = marker.succession_of(repository_id)
+        if superseded is not None:
             raise CatalogError(
-                f"{path} holds backups of repository {catalog.repository_id}, not "
-                f"{repository_id}; use another backup directory",
-                path=str(path),
+                f"repository {repository_id} was superseded in {self.path} by repository "
+                f"{superseded.succeeded_by} (restored from its backup {superseded.restored_from} "
+                f"on {iso_utc(superseded.time)}); its backups would mix with that one's: "
+                "back it up into another directory",
+                path=str(self.path),
             )
-        return catalog
+        source = lineage.get("restored_from") if isinstance(lineage, Mapping) else None
+        origin = source.get("repository_id") if isinstance(source, Mapping) else None
+        backup_id = source.get("backup") if isinstance(source, Mapping) else None
+        if origin == marker.repository_id and is_backup_id(backup_id):
+            assert isinstance(backup_id, str)
+            succession = Succession(marker.repository_id, repository_id, backup_id, now)
+            self.marker = Marker(repository_id, (*marker.lineage, succession))
+            _write_marker(self.path, self.marker, self.key, overwrite=True)
+            return (
+                f"repository {repository_id} (restored from backup {backup_id}) takes over "
+                f"this catalog from repository {marker.repository_id}, which can no longer "
+                "back up here"
+            )
+        if isinstance(origin, str) and marker.succession_of(origin) is not None:
+            raise CatalogError(
+                f"repository {repository_id} was restored from a backup of repository {origin}, "
+                f"which repository {marker.succession_of(origin).succeeded_by} "  # type: ignore[union-attr]
+                f"has since superseded in {self.path}; back it up into another directory",
+                path=str(self.path),
+            )
+        raise CatalogError(
+            f"{self.path} holds backups of repository {marker.repository_id}, not "
+            f"{repository_id}; use another backup directory",
+            path=str(self.path),
+        )
 
     def lock(self, timeout: float = -1) -> FileLock:
         """The catalog lock: one backup run or prune at a time."""
-        os.close(open_regular(self.path / "catalog.lock", os.O_RDWR | os.O_CREAT))  # its mode
-        return FileLock(self.path / "catalog.lock", timeout=timeout, poll_interval=0.01)
+        os.close(open_regular(self.path / LOCK, os.O_RDWR | os.O_CREAT))  # its policy mode
+        return FileLock(self.path / LOCK, timeout=timeout, poll_interval=0.01)
 
-    def new_backup_dir(self, kind: str) -> tuple[str, Path]:
-        """A fresh, empty backup directory named by the current time in microseconds."""
-        now = time.time_ns() // 1000
+    # -- backups on disk ----------------------------------------------------------------------
+
+    def backup_ids(self) -> list[str]:
+        """Every entry named like a backup (finished or not, valid or not), oldest first."""
+        ids = [entry.name for entry in os.scandir(self.path) if is_backup_id(entry.name)]
+        return sorted(ids, key=lambda backup_id: (backup_time_us(backup_id), backup_id))
+
+    def backup_dir(self, backup_id: str) -> Path:
+        """The directory of backup ``backup_id``: a real directory inside the catalog."""
+        if not is_backup_id(backup_id):
+            raise CatalogError(f"{backup_id!r} is not a backup id (e.g. 20261204T163000.123456Z)")
+        path = self.path / backup_id
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise BackupNotFound(
+                f"no backup {backup_id} in {self.path}", backup=backup_id
+            ) from None
+        if stat.S_ISLNK(mode):
+            raise CatalogError(
+                f"backup {backup_id}: {path} is a symbolic link; refusing to use it",
+                backup=backup_id,
+            )
+        if not stat.S_ISDIR(mode):
+            raise CatalogError(f"backup {backup_id}: {path} is not a directory", backup=backup_id)
+        return path
+
+    def new_backup_dir(self, moment: float) -> tuple[str, Path]:
+        """A fresh, empty backup directory named by ``moment`` (unix time), made unique."""
+        time_us = round(moment * 1_000_000)
         while True:
-            backup_id = f"hotcopy_{kind}_{now // 1_000_000}_{now % 1_000_000:06d}"
+            backup_id = new_backup_id(time_us)
             path = self.path / backup_id
             try:
                 make_directory(path, exist_ok=False)
             except FileExistsError:
-                now += 1
+                time_us += 1
                 continue
             fsync_dir(self.path)
             return backup_id, path
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Write (or replace) the manifest of a backup, sealed (with the key, authenticated)."""
+        write_durably(
+            self.backup_dir(manifest.id) / MANIFEST,
+            _seal(manifest.to_json(), self.key),
+        )
+
+    def load(self, backup_id: str) -> Manifest:
+        """The manifest of ``backup_id``, every field checked.
+
+        Raises:
+            BackupNotFound: No such backup, or it has no manifest (a run that never finished).
+            CatalogError: Its directory or manifest is not usable (the message says why).
+        """
+        path = self.backup_dir(backup_id) / MANIFEST
+        if not os.path.lexists(path):
+            raise BackupNotFound(
+                f"backup {backup_id} has no manifest (a run that never finished)", backup=backup_id
+            )
+        data = _read_json(path, f"manifest of backup {backup_id}")
+        manifest = _parse_manifest(data, backup_id, keyed=self.key is not None)
+        _check_seal(data, self.key, f"manifest of backup {backup_id}", required=True)
+        if manifest.repository_id not in self.marker.repositories:
+            raise CatalogError(
+                f"backup {backup_id}: field 'repository_id' names repository "
+                f"{manifest.repository_id}, whose backups this catalog does not hold (it holds "
+                f"{', '.join(sorted(self.marker.repositories))})",
+                field="repository_id",
+            )
+        return manifest
+
+    def scan(self) -> CatalogView:
+        """Every backup as it is now, loaded once."""
+        return CatalogView(self)
+
+    def manifests(self) -> list[Manifest]:
+        """Complete backups with a valid manifest, oldest first."""
+        return [m for m in self.scan().manifests() if m.complete]
+
+    def chain(self, manifest: Manifest | str, prefix: str) -> list[tuple[Manifest, Entry]]:
+        backup_id = manifest if isinstance(manifest, str) else manifest.id
+        return self.scan().chain(backup_id, prefix)
+
+    def pick(
+        self,
+        at: str | None,
+        *,
+        clock: Callable[[], float] | None = None,
+        allow_partial: bool = False,
+    ) -> Manifest:
+        return self.scan().pick(at, clock=clock, allow_partial=allow_partial).manifest
+
+    def verify(self) -> list[str]:
+        """Every problem found (every piece's checksum read); empty when sound."""
+        return self.scan().check(checksums=True).problems
 
     def sweep_abandoned(self) -> list[Path]:
         """Remove the temps that killed runs left in their manifest-less directories.
@@ -187,197 +760,449 @@ class Catalog:
         """
         removed: list[Path] = []
         for backup_id in self.backup_ids():
-            if not (self.path / backup_id / MANIFEST).exists():
-                removed += sweep_stale_temps(self.path / backup_id)
+            with contextlib.suppress(CatalogError):
+                path = self.backup_dir(backup_id)
+                if not os.path.lexists(path / MANIFEST):
+                    removed += sweep_stale_temps(path)
         return removed
 
-    def write_manifest(self, manifest: Manifest) -> None:
-        body = manifest.to_json()
-        body["checksum"] = _manifest_checksum(body)
-        data = json.dumps(body, indent=1, sort_keys=True).encode()
-        write_durably(self.path / manifest.id / MANIFEST, data)
 
-    def load(self, backup_id: str) -> Manifest:
-        try:
-            data = json.loads((self.path / backup_id / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise BackupNotFound(
-                f"backup {backup_id} has no manifest in {self.path}", backup=backup_id
-            ) from None
-        except ValueError as err:
-            raise CatalogError(f"manifest of {backup_id} is damaged: {err}") from err
-        if not isinstance(data, dict) or data.get("checksum") != _manifest_checksum(data):
-            raise CatalogError(f"manifest of {backup_id} is damaged: checksum mismatch")
-        try:
-            manifest = Manifest.from_json(data)
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            # Valid JSON of the wrong shape (a damaged key, a missing field) is damage too, not
-            # a crash of every command that lists the catalog.
-            raise CatalogError(
-                f"manifest of {backup_id} is damaged: {type(err).__name__}: {err}"
-            ) from err
-        if manifest.id != backup_id:
-            raise CatalogError(f"manifest in {backup_id} names backup {manifest.id}")
-        return manifest
+def list_backups(
+    dest_dir: str | os.PathLike[str],
+    *,
+    verify: bool = False,
+    key_file: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Every backup of the catalog ``dest_dir``, oldest first, as ``hotcopy backups --json``
+    prints it: whether each is restorable is judged from the manifests and the pieces' sizes,
+    with ``verify`` from every byte."""
+    return Catalog(dest_dir, key_file=key_file).scan().listing(checksums=verify)
 
-    def backup_ids(self) -> list[str]:
-        """Every backup directory, finished or not, oldest first."""
-        ids = [entry.name for entry in os.scandir(self.path) if _ID.fullmatch(entry.name)]
-        return sorted(ids, key=backup_time)
+
+def remove_own_files(directory: Path, ours: Callable[[str], bool]) -> list[Path]:
+    """Unlink the entries of ``directory`` that ``ours`` accepts; never follows a link (an
+    entry that is one is unlinked itself, never what it points to), never enters a
+    subdirectory."""
+    removed = []
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for name in os.listdir(fd):
+            if not ours(name):
+                continue
+            try:
+                os.unlink(name, dir_fd=fd)
+            except OSError as err:
+                if err.errno not in (errno.ENOENT, errno.EISDIR, errno.EPERM):
+                    raise
+            else:
+                removed.append(directory / name)
+    finally:
+        os.close(fd)
+    return removed
+
+
+def is_piece_name(name: str) -> bool:
+    """Whether ``name`` is a piece hotcopy writes (``<prefix>.hc`` or ``<prefix>.hc-delta``)."""
+    for suffix in (".hc", ".hc-delta"):
+        if name.endswith(suffix) and _is_prefix(name[: -len(suffix)]):
+            return True
+    return False
+
+
+def is_own_file(name: str) -> bool:
+    """Whether hotcopy writes files named ``name`` into a backup directory."""
+    return name == MANIFEST or is_piece_name(name) or is_temp_name(name)
+
+
+# -- the catalog as it is now ---------------------------------------------------------------------
+
+COMPLETE, PARTIAL, UNFINISHED, INVALID = "complete", "partial", "unfinished", "invalid"
+
+
+@dataclass
+class Record:
+    """One backup-named entry of the catalog."""
+
+    id: str
+    time_us: int
+    status: str  # COMPLETE, PARTIAL, UNFINISHED (no manifest) or INVALID (refused)
+    manifest: Manifest | None = None
+    problem: str | None = None  # why an UNFINISHED or INVALID one cannot be used
+    foreign: bool = False  # a symbolic link or not a directory: not hotcopy's
+
+    @property
+    def time(self) -> float:
+        return self.time_us / 1_000_000
+
+
+@dataclass
+class Choice:
+    manifest: Manifest
+    passed_over: list[str]  # newer backups not taken, and why
+
+
+@dataclass
+class Check:
+    problems: list[str]  # damage: what cannot be restored that should be
+    notes: list[str]  # not damage: unfinished runs, partial backups
+    counts: dict[str, int]  # backups by status
+    restorable: int  # complete backups that restore as a whole
+
+
+class CatalogView:
+    """Every backup of a catalog, loaded once, with chains and pieces checked on demand
+    (each at most once)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.records: dict[str, Record] = {}
+        for backup_id in catalog.backup_ids():
+            self.records[backup_id] = self._record(backup_id)
+        self._chains: dict[tuple[str, str], list[tuple[Manifest, Entry]] | CatalogError] = {}
+        self._pieces: dict[tuple[str, bool], str | None] = {}
+        self._root = str(catalog.path)  # paths of pieces as strings: pathlib costs 15 us each
+
+    def _record(self, backup_id: str) -> Record:
+        time_us = backup_time_us(backup_id)
+        try:
+            manifest = self.catalog.load(backup_id)
+        except BackupNotFound as err:
+            return Record(backup_id, time_us, UNFINISHED, problem=str(err))
+        except CatalogError as err:
+            path = self.catalog.path / backup_id
+            foreign = os.path.islink(path) or not os.path.isdir(path)
+            return Record(backup_id, time_us, INVALID, problem=str(err), foreign=foreign)
+        status = COMPLETE if manifest.complete else PARTIAL
+        return Record(backup_id, time_us, status, manifest)
+
+    def ordered(self) -> list[Record]:
+        return list(self.records.values())
 
     def manifests(self) -> list[Manifest]:
-        """Complete backups, oldest first."""
-        found = []
-        for backup_id in self.backup_ids():
-            with contextlib.suppress(BackupNotFound):
-                manifest = self.load(backup_id)
-                if manifest.complete:
-                    found.append(manifest)
+        """Every valid manifest (complete or partial), oldest first."""
+        return [r.manifest for r in self.records.values() if r.manifest is not None]
+
+    def manifest(self, backup_id: str) -> Manifest:
+        record = self.records.get(backup_id)
+        if record is None:
+            raise BackupNotFound(f"no backup {backup_id} in {self.catalog.path}", backup=backup_id)
+        if record.manifest is None:
+            assert record.problem is not None
+            if record.status == UNFINISHED:
+                raise BackupNotFound(record.problem, backup=backup_id)
+            raise CatalogError(record.problem, backup=backup_id)
+        return record.manifest
+
+    # -- chains and pieces --------------------------------------------------------------------
+
+    def chain(self, backup_id: str, prefix: str) -> list[tuple[Manifest, Entry]]:
+        """The full copy and every delta leading to ``prefix`` in ``backup_id``, oldest first.
+
+        Raises:
+            CatalogError: A link is missing, invalid or does not continue the one before it.
+        """
+        key = (backup_id, prefix)
+        if key not in self._chains:
+            try:
+                self._chains[key] = self._chain(backup_id, prefix)
+            except CatalogError as err:
+                self._chains[key] = err
+        found = self._chains[key]
+        if isinstance(found, CatalogError):
+            raise found
         return found
 
-    def latest_entry(
-        self, prefix: str, manifests: Sequence[Manifest] | None = None
-    ) -> tuple[Manifest, Entry] | None:
-        """The newest complete backup holding ``prefix``, and its entry there.
+    def _chain(self, backup_id: str, prefix: str) -> list[tuple[Manifest, Entry]]:
+        manifest = self.manifest(backup_id)
+        entry = manifest.entries.get(prefix)
+        if entry is None:
+            raise BackupNotFound(
+                f"backup {backup_id} does not hold prefix {prefix!r}", prefix=prefix
+            )
+        if entry.kind == "full":
+            return [(manifest, entry)]
+        assert entry.base is not None
+        try:
+            base = self.manifest(entry.base)
+        except CatalogError as err:
+            raise CatalogError(
+                f"backup {backup_id}, prefix {prefix!r}: its base {entry.base} is not usable: "
+                f"{err}",
+                prefix=prefix,
+            ) from None
+        below = base.entries.get(prefix)
+        if (
+            below is None
+            or base.repository_id != manifest.repository_id
+            or (below.file_id, below.salt, below.end) != (entry.file_id, entry.salt, entry.start)
+        ):
+            raise CatalogError(
+                f"backup {backup_id}, prefix {prefix!r}: the chain is broken at its base "
+                f"{entry.base}, which does not end where the delta starts",
+                prefix=prefix,
+            )
+        return [*self.chain(entry.base, prefix), (manifest, entry)]
 
-        ``manifests``: what :meth:`manifests` returned, for a caller asking about many
-        prefixes (each call would otherwise load every manifest again).
-        """
-        for manifest in reversed(self.manifests() if manifests is None else manifests):
-            if prefix in manifest.entries:
-                return manifest, manifest.entries[prefix]
+    def piece_path(self, manifest: Manifest, entry: Entry) -> str:
+        return os.path.join(self._root, manifest.id, entry.file)
+
+    def piece_problem(self, manifest: Manifest, entry: Entry, *, checksums: bool) -> str | None:
+        """Why the piece of ``entry`` is not the one recorded, or None. Without ``checksums``
+        only that it is a regular file of the recorded size."""
+        path = self.piece_path(manifest, entry)
+        key = (path, checksums)
+        if key not in self._pieces:
+            self._pieces[key] = _piece_problem(path, entry, checksums, self.catalog.key)
+        return self._pieces[key]
+
+    def check_chain(self, backup_id: str, prefix: str, *, checksums: bool) -> str | None:
+        """Why ``prefix`` of ``backup_id`` does not restore (from the manifests and each
+        link's size; with ``checksums``, every byte), or None."""
+        try:
+            links = self.chain(backup_id, prefix)
+        except CatalogError as err:
+            return str(err)
+        for manifest, entry in links:
+            problem = self.piece_problem(manifest, entry, checksums=checksums)
+            if problem is not None:
+                return f"{manifest.id}/{entry.file}: {problem}"
         return None
 
-    def chain(
-        self, manifest: Manifest, prefix: str, loaded: Mapping[str, Manifest] | None = None
-    ) -> list[tuple[Manifest, Entry]]:
-        """The full copy and every delta leading to ``prefix`` in ``manifest``, oldest first.
+    def restorable_problem(self, backup_id: str, *, checksums: bool = False) -> str | None:
+        """Why backup ``backup_id`` does not restore (what it holds), or None."""
+        try:
+            manifest = self.manifest(backup_id)
+        except CatalogError as err:
+            return str(err)
+        for prefix in sorted(manifest.entries):
+            problem = self.check_chain(backup_id, prefix, checksums=checksums)
+            if problem is not None:
+                return f"prefix {prefix!r}: {problem}"
+        return None
 
-        ``loaded``: manifests already loaded, by id, used instead of loading them again.
+    def pieces(self, backup_id: str, prefix: str, *, checksums: bool) -> list[Piece]:
+        """The pieces that rebuild ``prefix`` of ``backup_id``, each checked first.
+
+        Raises:
+            CatalogError: A link is missing or not the one recorded.
         """
-        if prefix not in manifest.entries:
-            raise BackupNotFound(
-                f"backup {manifest.id} does not hold prefix {prefix!r}", prefix=prefix
-            )
-        links = [(manifest, manifest.entries[prefix])]
-        while links[-1][1].kind == "delta":
-            later = links[-1][1]
-            if later.base is None:
-                raise CatalogError(f"delta of {prefix!r} in {links[-1][0].id} names no base")
-            base = loaded[later.base] if loaded and later.base in loaded else self.load(later.base)
-            entry = base.entries.get(prefix)
-            if (
-                not base.complete
-                or entry is None
-                or (entry.file_id, entry.salt, entry.end)
-                != (later.file_id, later.salt, later.start)
-            ):
+        links = self.chain(backup_id, prefix)
+        for manifest, entry in links:
+            problem = self.piece_problem(manifest, entry, checksums=checksums)
+            if problem is not None:
                 raise CatalogError(
-                    f"the chain of prefix {prefix!r} is broken at {later.base}: its base does "
-                    "not end where the delta starts",
+                    f"backup {backup_id}, prefix {prefix!r}: {manifest.id}/{entry.file}: {problem}",
                     prefix=prefix,
                 )
-            links.append((base, entry))
-        links.reverse()
-        return links
-
-    def pieces(self, manifest: Manifest, prefix: str) -> list[Piece]:
         return [
-            Piece(self.path / link.id / entry.file, entry.size, entry.crc32)
-            for link, entry in self.chain(manifest, prefix)
+            Piece(Path(self.piece_path(manifest, entry)), entry.size, entry.crc32)
+            for manifest, entry in links
         ]
 
-    def pick(self, at: str | None) -> Manifest:
-        """The backup named ``at``, or the newest at or before the ISO time ``at``."""
-        if at is None:
-            manifests = self.manifests()
-            if not manifests:
-                raise BackupNotFound(f"no complete backup in {self.path}")
-            return manifests[-1]
-        if _ID.fullmatch(at):
-            manifest = self.load(at)
-            if not manifest.complete:
-                raise BackupNotFound(f"backup {at} is incomplete; it cannot be restored")
-            return manifest
-        try:
-            moment = datetime.fromisoformat(at).timestamp()
-        except ValueError:
-            raise CatalogError(
-                f"--at {at!r} is neither a backup id nor an ISO time (e.g. 2026-11-22T07:30:00)"
-            ) from None
-        # Only a choice by time needs every manifest: one backup named by its id is found (or
-        # not) by itself, even if another backup's manifest is damaged.
-        earlier = [manifest for manifest in self.manifests() if manifest.created <= moment]
-        if not earlier:
-            raise BackupNotFound(f"no complete backup at or before {at} in {self.path}")
-        return earlier[-1]
+    def depends_on(self, backup_id: str) -> list[str]:
+        """Every backup whose pieces ``backup_id`` needs (following bases as far as they go;
+        a base is always older, so every walk ends)."""
+        found: set[str] = set()
+        manifest = self.records[backup_id].manifest
+        for prefix, entry in manifest.entries.items() if manifest else ():
+            base = entry.base
+            while base is not None:
+                found.add(base)
+                record = self.records.get(base)
+                below = record.manifest.entries.get(prefix) if record and record.manifest else None
+                base = below.base if below is not None else None
+        return sorted(found, key=lambda i: (backup_time_us(i), i))
 
-    def prune(self, keep: int) -> list[str]:
-        """Drop all but the newest ``keep`` complete backups, sparing what their chains need.
+    # -- choosing a backup --------------------------------------------------------------------
 
-        A backup is dropped by removing its manifest first (durably), so an interrupted prune
-        leaves at worst a manifest-less directory, which no chain can depend on; those are
-        swept here too. The caller holds :meth:`lock`, so no run is in progress.
+    def newest_restorable(self, before_us: int | None = None) -> Choice:
+        passed: list[str] = []
+        for record in reversed(self.ordered()):
+            if before_us is not None and record.time_us > before_us:
+                continue
+            if record.status != COMPLETE:
+                if record.status != UNFINISHED:
+                    why = record.problem or "partial, without " + ", ".join(
+                        sorted(record.manifest.missing if record.manifest else ())
+                    )
+                    passed.append(f"{record.id}: {why}")
+                continue
+            problem = self.restorable_problem(record.id)
+            if problem is None:
+                assert record.manifest is not None
+                return Choice(record.manifest, passed)
+            passed.append(f"{record.id}: not restorable: {problem}")
+        when = "" if before_us is None else f" at or before {iso_utc(before_us / 1e6)}"
+        raise BackupNotFound(
+            f"no complete, restorable backup{when} in {self.catalog.path}"
+            + (f" (passed over {'; '.join(passed[:3])})" if passed else "")
+        )
+
+    def pick(
+        self,
+        at: str | None,
+        *,
+        clock: Callable[[], float] | None = None,
+        allow_partial: bool = False,
+    ) -> Choice:
+        """The backup ``at`` names: an id, ``latest`` (also None), an ISO time or a duration
+        ago (the newest complete, restorable backup at or before it).
+
+        A partial backup is taken only by its id and with ``allow_partial``.
         """
-        if keep < 1:
-            raise ValueError(f"keep must be at least 1, not {keep}")
-        manifests = self.manifests()
-        needed = {manifest.id for manifest in manifests[-keep:]}
-        for manifest in manifests[-keep:]:
-            for prefix in manifest.entries:
-                needed.update(link.id for link, _ in self.chain(manifest, prefix))
-        removed = []
-        for backup_id in self.backup_ids():
-            if backup_id in needed:
-                continue
-            manifest_path = self.path / backup_id / MANIFEST
-            if manifest_path.exists():
-                manifest_path.unlink()
-                fsync_dir(manifest_path.parent)
-            shutil.rmtree(self.path / backup_id)
-            (self.path / f"{backup_id}.json").unlink(missing_ok=True)  # its logical document
-            removed.append(backup_id)
-        if removed:
-            fsync_dir(self.path)
-        return removed
+        if at is None or at == "latest":
+            return self.newest_restorable()
+        if is_backup_id(at):
+            manifest = self.manifest(at)
+            if not manifest.complete and not allow_partial:
+                missing = "; ".join(f"{n} ({why})" for n, why in manifest.missing.items())
+                raise BackupError(
+                    f"backup {at} is partial: it does not hold {missing}; restore what it holds "
+                    "with --allow-partial",
+                    backup=at,
+                )
+            problem = self.restorable_problem(at)
+            if problem is not None:
+                raise CatalogError(f"backup {at} is not restorable: {problem}", backup=at)
+            return Choice(manifest, [])
+        moment = parse_moment(at, (clock or _wall_clock)())
+        return self.newest_restorable(before_us=math.floor(moment * 1_000_000))
 
-    def verify(self) -> list[str]:
-        """Every problem found: manifests, file sizes and checksums, chains. Empty when sound."""
-        problems = []
-        for backup_id in self.backup_ids():
-            try:
-                manifest = self.load(backup_id)
-            except BackupNotFound:
-                problems.append(f"{backup_id}: no manifest (a run that never finished)")
+    # -- checking and listing -----------------------------------------------------------------
+
+    def check(self, *, checksums: bool) -> Check:
+        """Every problem: invalid manifests, pieces not as recorded, broken chains, and every
+        complete backup that does not restore whole because of a link below it."""
+        problems: list[str] = []
+        notes: list[str] = []
+        counts = dict.fromkeys((COMPLETE, PARTIAL, UNFINISHED, INVALID), 0)
+        restorable = 0
+        for record in self.ordered():
+            counts[record.status] += 1
+            if record.status == UNFINISHED:
+                notes.append(
+                    f"{record.id}: a run that never finished (no manifest); prune removes it"
+                )
                 continue
-            except CatalogError as err:
-                problems.append(f"{backup_id}: {err}")
+            if record.manifest is None:
+                problems.append(f"{record.id}: {record.problem}")
                 continue
-            if not manifest.complete:
-                continue  # recorded as incomplete: nothing in it is relied on
-            for prefix, entry in manifest.entries.items():
-                problem = _check_file(self.path / backup_id / entry.file, entry)
-                if problem:
-                    problems.append(f"{backup_id}/{entry.file}: {problem}")
+            manifest = record.manifest
+            damaged = False
+            for prefix, entry in sorted(manifest.entries.items()):
+                problem = self.piece_problem(manifest, entry, checksums=checksums)
+                if problem is not None:
+                    problems.append(f"{record.id}/{entry.file}: {problem}")
+                    damaged = True
                 try:
-                    self.chain(manifest, prefix)
-                except (CatalogError, BackupNotFound) as err:
-                    problems.append(f"{backup_id}: {err}")
-        return problems
+                    self.chain(record.id, prefix)
+                except CatalogError as err:
+                    problems.append(f"{record.id}: {err}")
+                    damaged = True
+            if record.status == PARTIAL:
+                missing = ", ".join(sorted(manifest.missing))
+                notes.append(f"{record.id}: partial, without {missing}; never restored by default")
+                continue
+            below = None if damaged else self.restorable_problem(record.id, checksums=checksums)
+            if below is not None:
+                problems.append(f"{record.id}: not restorable: {below}")
+            elif not damaged:
+                restorable += 1
+        return Check(problems, notes, counts, restorable)
+
+    def listing(self, *, checksums: bool = False) -> dict[str, Any]:
+        """The catalog as ``hotcopy backups --json`` prints it (schema version 1, README)."""
+        marker = self.catalog.marker
+        rows = []
+        for record in self.ordered():
+            manifest = record.manifest
+            problem = record.problem
+            if manifest is not None:
+                problem = self.restorable_problem(record.id, checksums=checksums)
+            kinds = [entry.kind for entry in manifest.entries.values()] if manifest else []
+            rows.append(
+                {
+                    "id": record.id,
+                    "time": iso_utc(record.time),
+                    "status": record.status,
+                    "consistent": bool(manifest and manifest.consistent),
+                    "repository_id": manifest.repository_id if manifest else None,
+                    "prefixes": len(kinds),
+                    "full": kinds.count("full"),
+                    "delta": kinds.count("delta"),
+                    "missing": dict(manifest.missing) if manifest else {},
+                    "bytes": sum(e.size for e in manifest.entries.values()) if manifest else 0,
+                    "depends_on": self.depends_on(record.id),
+                    "restorable": manifest is not None and problem is None,
+                    "problem": problem,
+                }
+            )
+        return {
+            "version": 1,
+            "catalog": str(self.catalog.path),
+            "repository_id": marker.repository_id,
+            "lineage": [
+                {**succession.to_json(), "time": iso_utc(succession.time)}
+                for succession in marker.lineage
+            ],
+            "backups": rows,
+        }
 
 
-def _check_file(path: Path, entry: Entry) -> str | None:
+def _wall_clock() -> float:
+    return datetime.now(UTC).timestamp()
+
+
+def _piece_problem(path: str, entry: Entry, checksums: bool, key: bytes | None) -> str | None:
+    if not checksums:  # one lstat: a regular file (never a link followed) of the right size
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return "missing"
+        except OSError as err:
+            return f"unreadable: {err.strerror}"
+        if not stat.S_ISREG(info.st_mode):
+            try:  # refused at once, with what it is (a FIFO is opened without blocking)
+                os.close(open_regular(path))
+            except (NotRegularFile, OSError) as err:
+                return str(err)
+        if info.st_size != entry.size:
+            return f"{info.st_size} bytes, the manifest says {entry.size}"
+        return None
     try:
-        with open(path, "rb") as file:
-            crc = 0
-            size = 0
-            while chunk := file.read(4 << 20):
-                crc = zlib.crc32(chunk, crc)
-                size += len(chunk)
+        fd = open_regular(path)
     except FileNotFoundError:
         return "missing"
-    if size != entry.size:
-        return f"{size} bytes, the manifest says {entry.size}"
-    if crc & 0xFFFFFFFF != entry.crc32:
+    except NotRegularFile as err:
+        return str(err)
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
+    try:
+        size = os.fstat(fd).st_size
+        if size != entry.size:
+            return f"{size} bytes, the manifest says {entry.size}"
+        crc = 0
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, 4 << 20):
+            crc = zlib.crc32(chunk, crc)
+            if key is not None:
+                digest.update(chunk)
+    finally:
+        os.close(fd)
+    if crc != entry.crc32:
         return "checksum mismatch (the file is damaged)"
+    if key is not None and not hmac.compare_digest(digest.hexdigest(), entry.sha256 or ""):
+        return "SHA-256 mismatch (the file is damaged or was replaced)"
     return None
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 of the regular file ``path``, in hex."""
+    digest = hashlib.sha256()
+    fd = open_regular(path)
+    try:
+        while chunk := os.read(fd, 4 << 20):
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -28,9 +29,10 @@ from hotcopy.storage import (
 from hotcopy.storage._codec import too_deep
 from hotcopy.storage._verify import verify_prefix
 
-from ._backup import backup, prune, restore
-from ._catalog import CATALOG_MARKER, Catalog
+from ._backup import backup, restore
+from ._catalog import CATALOG_MARKER, KEY_ENV, Catalog, list_backups, parse_duration
 from ._progress import ProgressBar
+from ._retention import prune
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -149,6 +151,12 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="longest chain of deltas before a full copy (default 10)",
     )
+    cmd.add_argument(
+        "--verify-chain",
+        action="store_true",
+        help="read every byte of each chain before adding a delta to it",
+    )
+    _key_option(cmd)
     cmd.add_argument("--json", action="store_true", help="print one JSON object")
     cmd.set_defaults(command=_backup)
 
@@ -164,22 +172,57 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument(
         "--at",
-        metavar="BACKUP_ID|ISO_TIME",
-        help="the backup with this id, or the newest at or before this time",
+        metavar="WHEN",
+        help="a backup id, 'latest', a duration ago (2h, 7d) or an ISO time (local time "
+        "unless it has a zone): the newest complete, restorable backup at or before it",
+    )
+    cmd.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="restore what a partial backup (named by --at) holds",
     )
     cmd.add_argument(
         "--force",
         action="store_true",
         help="replace prefixes of a non-empty ROOT (under their exclusive lease)",
     )
+    _key_option(cmd)
     cmd.add_argument("--json", action="store_true", help="print one JSON object")
     cmd.set_defaults(command=_restore)
 
-    cmd = sub.add_parser("prune", help="drop old backups, keeping what kept backups need")
+    cmd = sub.add_parser("prune", help="apply retention rules; never breaks a chain")
     cmd.add_argument("dest_dir", type=Path)
-    cmd.add_argument("--keep", type=_positive_int, required=True, metavar="N")
+    cmd.add_argument(
+        "--keep-last", "--keep", type=_positive_int, metavar="N", help="the N newest backups"
+    )
+    for period in ("hourly", "daily", "weekly", "monthly"):
+        cmd.add_argument(
+            f"--keep-{period}",
+            type=_positive_int,
+            metavar="N",
+            help=f"the newest backup of each of the last N {period} periods (UTC) with one",
+        )
+    cmd.add_argument(
+        "--keep-within",
+        type=_duration,
+        metavar="DURATION",
+        help="every backup younger than DURATION (36h, 7d, 2w)",
+    )
+    cmd.add_argument(
+        "--dry-run", action="store_true", help="say what would be kept and removed; change nothing"
+    )
+    _key_option(cmd)
     cmd.add_argument("--json", action="store_true", help="print one JSON object")
     cmd.set_defaults(command=_prune)
+
+    cmd = sub.add_parser("backups", help="list the backups of a backup directory")
+    cmd.add_argument("dest_dir", type=Path)
+    cmd.add_argument(
+        "--verify", action="store_true", help="judge restorability from every byte, not sizes"
+    )
+    _key_option(cmd)
+    cmd.add_argument("--json", action="store_true", help="print one JSON object (schema 1)")
+    cmd.set_defaults(command=_backups)
 
     cmd = sub.add_parser("status", help="coordinator, leases and waiters (from shared memory)")
     cmd.add_argument("root", type=Path)
@@ -213,9 +256,27 @@ def _build_parser() -> argparse.ArgumentParser:
 
     cmd = sub.add_parser("verify", help="check every checksum of a .hc file or a repository")
     cmd.add_argument("path", type=Path)
+    _key_option(cmd)
     cmd.add_argument("--json", action="store_true", help="print one JSON object")
     cmd.set_defaults(command=_verify)
     return parser
+
+
+def _key_option(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--key-file",
+        type=Path,
+        metavar="PATH",
+        help=f"the key of an authenticated backup catalog (default: ${KEY_ENV})",
+    )
+
+
+def _duration(text: str) -> str:
+    try:
+        parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -299,27 +360,40 @@ def _backup(args: argparse.Namespace) -> int:
             incremental=args.incremental,
             consistent=args.consistent,
             max_deltas_before_full=args.max_deltas,
+            verify_chain=args.verify_chain,
+            key_file=args.key_file,
             progress=lambda done, total, done_bytes, total_bytes: bar.update(
                 done, done_bytes, total_bytes=total_bytes, total_items=total
             ),
         )
     except KeyboardInterrupt:
         bar.close()
-        print("hotcopy: interrupted; the backup is recorded as incomplete", file=sys.stderr)
+        print("hotcopy: interrupted; the backup is recorded as partial", file=sys.stderr)
         return 130
     bar.close()
     if args.json:
         print(json.dumps(result.to_json()))
     else:
+        if result.took_over:
+            print(result.took_over)
+        for name, why in sorted(result.chain_restarts.items()):
+            print(f"prefix {name!r}: {why}; full copy taken, a new chain starts")
         kinds = [entry["kind"] for entry in result.prefixes.values()]
         print(
-            f"backup {result.id}: {len(result.prefixes)} prefixes "
-            f"({kinds.count('full')} full, {kinds.count('delta')} delta), "
-            f"{result.bytes} bytes in {result.seconds:.2f} s -> {result.path}"
+            f"backup {result.id} ({'complete' if result.complete else 'PARTIAL'}): "
+            f"{len(result.prefixes)} prefixes ({kinds.count('full')} full, "
+            f"{kinds.count('delta')} delta), {result.bytes} bytes in {result.seconds:.2f} s "
+            f"-> {result.path}"
         )
-    for name, error in sorted(result.failed.items()):
-        print(f"hotcopy: error: prefix {name!r} was not backed up: {error}", file=sys.stderr)
-    return 1 if result.failed else 0
+    if result.failed:
+        failures = "; ".join(f"{name!r}: {error}" for name, error in sorted(result.failed.items()))
+        print(
+            f"hotcopy: error: backup {result.id} is partial (never restored by default nor "
+            f"kept by retention): {len(result.failed)} prefix(es) not backed up: {failures}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -344,6 +418,8 @@ def _restore(args: argparse.Namespace) -> int:
                 args.prefixes,
                 at=args.at,
                 force=args.force,
+                allow_partial=args.allow_partial,
+                key_file=args.key_file,
                 progress=lambda done, total, done_bytes, total_bytes: bar.update(
                     done, done_bytes, total_bytes=total_bytes, total_items=total
                 ),
@@ -351,6 +427,13 @@ def _restore(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         payload = result.to_json()
+        if not args.json:
+            if args.at in (None, "latest"):
+                print(f"took backup {result.id}, the newest complete and restorable one")
+            for why in result.passed_over:
+                print(f"passed over {why}")
+            for name, why in sorted(result.missing.items()):
+                print(f"not in this partial backup: {name} ({why})")
     if args.json:
         print(json.dumps(payload))
     else:
@@ -361,11 +444,64 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    removed = prune(args.dest_dir, args.keep)
+    rules = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly")
+    if all(getattr(args, rule) is None for rule in rules) and args.keep_within is None:
+        raise CommandError(
+            "prune needs a rule: --keep-last N (or --keep N), --keep-hourly, --keep-daily, "
+            "--keep-weekly, --keep-monthly N, or --keep-within DURATION"
+        )
+    report = prune(
+        args.dest_dir,
+        args.keep_last,
+        keep_hourly=args.keep_hourly,
+        keep_daily=args.keep_daily,
+        keep_weekly=args.keep_weekly,
+        keep_monthly=args.keep_monthly,
+        keep_within=args.keep_within,
+        dry_run=args.dry_run,
+        key_file=args.key_file,
+    )
     if args.json:
-        print(json.dumps({"removed": removed}))
-    else:
-        print(f"removed {len(removed)} backup(s)" + "".join(f"\n  {r}" for r in removed))
+        print(json.dumps(report.to_json()))
+        return 0
+    width = max([len("BACKUP"), *(len(d.id) for d in report.decisions)])
+    print(f"{'BACKUP':<{width}}  ACTION  WHY")
+    for decision in report.decisions:
+        print(f"{decision.id:<{width}}  {decision.action:<6}  {'; '.join(decision.reasons)}")
+    verb = "would remove" if report.dry_run else "removed"
+    print(
+        f"{verb} {len(report.removed)} backup(s), trimmed {len(report.trimmed)} to the links "
+        f"kept backups need, kept {len(report.kept)}"
+        + (" (dry run: nothing changed)" if report.dry_run else "")
+    )
+    return 0
+
+
+def _backups(args: argparse.Namespace) -> int:
+    listing = list_backups(args.dest_dir, verify=args.verify, key_file=args.key_file)
+    if args.json:
+        print(json.dumps(listing))
+        return 0
+    origin = "".join(
+        f"; before it {s['repository_id']} (until restored from its backup "
+        f"{s['restored_from']} on {s['time']})"
+        for s in reversed(listing["lineage"])
+    )
+    print(f"catalog {listing['catalog']} of repository {listing['repository_id']}{origin}")
+    rows = listing["backups"]
+    width = max([len("BACKUP"), *(len(row["id"]) for row in rows)])
+    print(
+        f"{'BACKUP':<{width}}  {'TIME (UTC)':<32}  {'STATUS':<10}  FULL  DELTA  {'BYTES':>12}  "
+        "RESTORABLE  DEPENDS ON"
+    )
+    for row in rows:
+        restorable = "yes" if row["restorable"] else f"no: {row['problem']}"
+        print(
+            f"{row['id']:<{width}}  {row['time']:<32}  {row['status']:<10}  {row['full']:>4}  "
+            f"{row['delta']:>5}  {row['bytes']:>12}  {restorable}  "
+            f"{', '.join(row['depends_on']) or '-'}"
+            + (f"  (without {', '.join(row['missing'])})" if row["missing"] else "")
+        )
     return 0
 
 
@@ -389,6 +525,8 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
+    if os.path.lexists(args.root / CATALOG_MARKER):
+        raise CommandError(f"{args.root} is a backup directory; list it with `hotcopy backups`")
     rows: list[dict[str, Any]] = []
     with Repository(args.root) as repo:
         for name in repo.prefixes():
@@ -442,8 +580,8 @@ def _file_size(path: Path) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     path: Path = args.path
-    if path.is_dir() and (path / CATALOG_MARKER).exists():
-        return _verify_catalog(path, args.json)
+    if path.is_dir() and os.path.lexists(path / CATALOG_MARKER):
+        return _verify_catalog(path, args.key_file, args.json)
     if path.is_dir():
         with Repository(path) as repo:
             reports = [verify_prefix(repo.root, name, repo.id_bytes) for name in repo.prefixes()]
@@ -511,22 +649,43 @@ def _salvage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify_catalog(path: Path, as_json: bool) -> int:
-    catalog = Catalog(path)
+def _verify_catalog(path: Path, key_file: Path | None, as_json: bool) -> int:
+    catalog = Catalog(path, key_file=key_file)
     bar = ProgressBar("verify")
     try:
-        problems = catalog.verify()
+        check = catalog.scan().check(checksums=True)
     finally:
         bar.close()
-    backups = catalog.backup_ids()
+    found = ", ".join(f"{n} {status}" for status, n in check.counts.items())
     if as_json:
-        print(json.dumps({"ok": not problems, "backups": len(backups), "problems": problems}))
+        print(
+            json.dumps(
+                {
+                    "ok": not check.problems and check.restorable > 0,
+                    "backups": sum(check.counts.values()),
+                    "found": check.counts,
+                    "restorable": check.restorable,
+                    "problems": check.problems,
+                    "notes": check.notes,
+                }
+            )
+        )
     else:
-        for problem in problems:
-            print(problem)
-        print(f"{len(backups)} backup(s) checked, {len(problems)} problem(s)")
-    if problems:
-        print(f"hotcopy: error: {path}: {problems[0]}", file=sys.stderr)
+        for line in (*check.problems, *check.notes):
+            print(line)
+        print(
+            f"{sum(check.counts.values())} backup(s) checked ({found}): {check.restorable} "
+            f"complete and restorable, {len(check.problems)} problem(s)"
+        )
+    if check.restorable == 0:
+        first = f"; {check.problems[0]}" if check.problems else ""
+        print(
+            f"hotcopy: error: {path}: no complete, restorable backup (found {found}){first}",
+            file=sys.stderr,
+        )
+        return 1
+    if check.problems:
+        print(f"hotcopy: error: {path}: {check.problems[0]}", file=sys.stderr)
         return 1
     return 0
 

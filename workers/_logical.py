@@ -29,7 +29,7 @@ from hotcopy.storage import Repository
 from hotcopy.storage import _format as fmt
 from hotcopy.storage._codec import decode_value
 from hotcopy.storage._durable import write_durably
-from hotcopy.storage._files import open_regular
+from hotcopy.storage._files import open_regular, read_regular
 from hotcopy.storage._log import Damage, iter_segments
 
 from ._errors import BackupError
@@ -91,8 +91,8 @@ def apply_delta(repo: Repository | str | os.PathLike[str], path: str | os.PathLi
     Each prefix changes in one transaction. A ``full`` document, or a prefix marked ``full`` in
     a delta document, also deletes the records it does not hold.
     """
-    document = json.loads(Path(path).read_text())
-    if document.get("type") not in ("delta", "full"):
+    document = json.loads(read_regular(path))
+    if not isinstance(document, dict) or document.get("type") not in ("delta", "full"):
         raise BackupError(f"{path} is not a hotcopy delta or full document")
     owned = not isinstance(repo, Repository)
     repository = Repository.init(repo) if not isinstance(repo, Repository) else repo

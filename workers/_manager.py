@@ -42,6 +42,11 @@ class BackupManager:
         incremental: Periodic and triggered backups are deltas where possible.
         max_deltas_before_full: Longest chain of deltas before a full backup is forced.
         jobs: Copy-worker processes per backup.
+        verify_chain_every: Every N-th incremental backup (the first one included) reads every
+            byte of each chain it continues; the others check each link's manifest and size.
+            A prefix whose chain fails gets a full copy.
+        key_file: The key of an authenticated catalog (default ``$HOTCOPY_BACKUP_KEY_FILE``).
+        clock: The monotonic clock that times periodic and triggered backups.
     """
 
     def __init__(
@@ -56,11 +61,15 @@ class BackupManager:
         max_deltas_before_full: int = 10,
         jobs: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        verify_chain_every: int = 10,
+        key_file: str | os.PathLike[str] | None = None,
     ) -> None:
         if file_format not in ("native", "json"):
             raise ValueError(f"file_format must be 'native' or 'json', not {file_format!r}")
         if backup_interval <= 0 or min_backup_interval < 0:
             raise ValueError("backup_interval must be positive and min_backup_interval >= 0")
+        if verify_chain_every < 1:
+            raise ValueError(f"verify_chain_every must be at least 1, not {verify_chain_every}")
         self.root = str(
             root_or_repo.root if isinstance(root_or_repo, Repository) else Path(root_or_repo)
         )
@@ -72,7 +81,10 @@ class BackupManager:
         self.incremental = incremental
         self.max_deltas_before_full = max_deltas_before_full
         self.jobs = jobs
+        self.verify_chain_every = verify_chain_every
+        self.key_file = key_file
         self.consecutive_failures = 0
+        self.incremental_runs = 0
         self.deltas_since_full = 0
         self.backups_taken = 0
         self.last_result: BackupResult | None = None
@@ -160,6 +172,8 @@ class BackupManager:
 
     def _run(self, *, incremental: bool) -> BackupResult | None:
         with self._backup_lock:
+            verify_chain = incremental and self.incremental_runs % self.verify_chain_every == 0
+            self.incremental_runs += incremental
             try:
                 result = backup(
                     self.root,
@@ -167,10 +181,13 @@ class BackupManager:
                     jobs=self.jobs,
                     incremental=incremental,
                     max_deltas_before_full=self.max_deltas_before_full,
+                    verify_chain=verify_chain,
+                    key_file=self.key_file,
                 )
-                if result.failed:
+                if not result.complete:
                     raise BackupError(
-                        f"backup {result.id} could not copy {len(result.failed)} prefix(es): "
+                        f"backup {result.id} is partial: it could not copy "
+                        f"{len(result.failed)} prefix(es): "
                         + "; ".join(f"{k}: {v}" for k, v in sorted(result.failed.items()))
                     )
                 if self.file_format == "json":
@@ -198,7 +215,7 @@ class BackupManager:
             return result
 
     def _write_logical(self, result: BackupResult) -> None:
-        catalog = Catalog(self.backup_dir)
+        catalog = Catalog(self.backup_dir, key_file=self.key_file)
         manifest = catalog.load(result.id)
         full = all(entry.kind == "full" for entry in manifest.entries.values())
         prefixes: dict[str, Any] = {}

@@ -1,0 +1,376 @@
+"""Retention: which backups a prune keeps, and deleting the rest without breaking a chain.
+
+Rules (any combination; a backup kept by any rule is kept) count only *complete, restorable*
+backups, newest first, as restic and borg do: ``last N`` keeps the N newest; ``hourly``,
+``daily``, ``weekly`` (ISO weeks), ``monthly N`` keep the newest backup of each of the last N
+UTC periods that have one; ``within D`` keeps every backup taken less than D before now.
+When the rules keep none, the newest restorable backup is kept anyway: no rule empties a
+catalog. Two things are kept whatever the rules say: for a prefix whose newest attempt failed
+(a partial backup), its newest complete copy and the backup that records the failure; and,
+per prefix, every link a kept backup's chain needs.
+
+A backup kept only as a link for some of its prefixes is *trimmed*: its manifest is rewritten
+to hold just those (it becomes partial), then the other pieces are deleted. Everything else
+goes: manifest-less directories of runs that died, invalid ones, partial ones, and complete
+ones no rule keeps.
+
+Deletion order makes a prune killed at any instant harmless: (1) newest first, each durably,
+a trimmed backup's manifest is rewritten or a removed backup's manifest unlinked; a backup
+depends only on older ones, so none is ever left naming a link that is gone; (2) then the
+removed backups' files and directories go, and the pieces trims dropped. A backup a killed
+prune did not finish is therefore complete and restorable, trimmed, or without a manifest,
+and the next prune finishes the job. Only files hotcopy writes are deleted (manifests,
+pieces, its temps); a directory holding anything else is left in place, and no link is ever
+followed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from hotcopy.storage._durable import fsync_dir
+from hotcopy.storage._faults import fault
+
+from ._catalog import (
+    COMPLETE,
+    MANIFEST,
+    UNFINISHED,
+    Catalog,
+    CatalogView,
+    Manifest,
+    Record,
+    is_own_file,
+    is_piece_name,
+    iso_utc,
+    parse_duration,
+    remove_own_files,
+)
+
+# The fault point between two steps of a prune's deletions (tests SIGKILL a prune there).
+FAULT_POINT = "prune:step"
+
+PERIODS: dict[str, Callable[[datetime], tuple[Any, str]]] = {
+    "hourly": lambda t: ((t.year, t.month, t.day, t.hour), t.strftime("%Y-%m-%dT%Hh")),
+    "daily": lambda t: ((t.year, t.month, t.day), t.strftime("%Y-%m-%d")),
+    "weekly": lambda t: (t.isocalendar()[:2], t.strftime("%G-W%V")),
+    "monthly": lambda t: ((t.year, t.month), t.strftime("%Y-%m")),
+}
+
+
+@dataclass(frozen=True)
+class Rules:
+    last: int | None = None
+    hourly: int | None = None
+    daily: int | None = None
+    weekly: int | None = None
+    monthly: int | None = None
+    within: str | None = None  # a duration: 36h, 7d
+
+    def __post_init__(self) -> None:
+        for name in ("last", *PERIODS):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value < 1):
+                raise ValueError(f"keep-{name} must be a count >= 1, not {value!r}")
+        if self.within is not None:
+            parse_duration(self.within)
+        if all(getattr(self, name) is None for name in ("last", *PERIODS, "within")):
+            raise ValueError(
+                "prune needs at least one rule: --keep-last N (or --keep N), --keep-hourly, "
+                "--keep-daily, --keep-weekly, --keep-monthly N, or --keep-within DURATION"
+            )
+
+
+@dataclass
+class Decision:
+    id: str
+    time: float
+    action: str  # "keep", "trim" (kept as a link for some prefixes), "remove", "leave"
+    reasons: list[str] = field(default_factory=list)
+    keep_prefixes: set[str] = field(default_factory=set)  # for "trim"
+    drop_prefixes: list[str] = field(default_factory=list)  # for "trim"
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "time": iso_utc(self.time),
+            "action": self.action,
+            "reasons": self.reasons,
+        }
+        if self.action == "trim":
+            data["drops"] = self.drop_prefixes
+        return data
+
+
+@dataclass
+class PruneReport:
+    decisions: list[Decision]  # every backup, oldest first
+    dry_run: bool
+
+    def ids(self, action: str) -> list[str]:
+        return [d.id for d in self.decisions if d.action == action]
+
+    @property
+    def removed(self) -> list[str]:
+        return self.ids("remove")
+
+    @property
+    def trimmed(self) -> list[str]:
+        return self.ids("trim")
+
+    @property
+    def kept(self) -> list[str]:
+        return self.ids("keep")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "dry_run": self.dry_run,
+            "backups": [decision.to_json() for decision in self.decisions],
+            "removed": self.removed,
+            "trimmed": self.trimmed,
+            "kept": self.kept,
+            "left": self.ids("leave"),
+        }
+
+
+def plan(view: CatalogView, rules: Rules, now: float) -> list[Decision]:
+    """What a prune does to each backup of ``view``, and why (nothing is changed here)."""
+    records = view.ordered()
+    eligible = [
+        r for r in records if r.status == COMPLETE and view.restorable_problem(r.id) is None
+    ]
+    keep: dict[str, list[str]] = {r.id: [] for r in records}
+    for record, reason in _by_rules(eligible, rules, now):
+        keep[record.id].append(reason)
+    if eligible and not any(keep[r.id] for r in eligible):
+        keep[eligible[-1].id].append("the newest restorable backup (no rule kept any)")
+    for backup_id, reason in _failure_protection(view, eligible):
+        keep[backup_id].append(reason)
+
+    # Per prefix, every link that a backup kept whole needs.
+    links: dict[str, dict[str, list[str]]] = {r.id: {} for r in records}
+    for record in records:
+        if keep[record.id] and record.manifest is not None:
+            for prefix, entry in record.manifest.entries.items():
+                base = entry.base
+                while base is not None and base in links:
+                    below = view.records[base].manifest
+                    if below is None or prefix not in below.entries:
+                        break
+                    links[base].setdefault(prefix, []).append(record.id)
+                    base = below.entries[prefix].base
+
+    decisions = []
+    for record in records:
+        decision = Decision(record.id, record.time, "keep", list(keep[record.id]))
+        needed = links[record.id]
+        decision.reasons += [
+            f"base of {', '.join(sorted(set(ids)))} ({prefix})"
+            for prefix, ids in sorted(needed.items())
+        ]
+        if record.foreign:
+            decision.action = "leave"
+            decision.reasons = [f"not hotcopy's, left in place: {record.problem}"]
+        elif keep[record.id]:
+            pass
+        elif needed:
+            assert record.manifest is not None
+            dropped = sorted(set(record.manifest.entries) - set(needed))
+            if dropped:
+                decision.action = "trim"
+                decision.keep_prefixes = set(needed)
+                decision.drop_prefixes = dropped
+                decision.reasons.append(f"drops {', '.join(dropped)}")
+        else:
+            decision.action = "remove"
+            decision.reasons = [_why_removed(view, record)]
+        decisions.append(decision)
+    if not eligible:
+        # Nothing restorable: keep everything but the debris of dead runs until something is.
+        for decision in decisions:
+            if (
+                decision.action in ("remove", "trim")
+                and view.records[decision.id].status != UNFINISHED
+            ):
+                decision.action = "keep"
+                decision.reasons = [
+                    "nothing in this catalog is restorable: prune removes no backup until "
+                    "one is (see `hotcopy verify`)"
+                ]
+    return decisions
+
+
+def _by_rules(eligible: list[Record], rules: Rules, now: float) -> Iterable[tuple[Record, str]]:
+    newest_first = list(reversed(eligible))
+    if rules.last:
+        for record in newest_first[: rules.last]:
+            yield record, f"keep-last {rules.last}"
+    for name, period in PERIODS.items():
+        count = getattr(rules, name)
+        seen: set[Any] = set()
+        for record in newest_first:
+            if not count or len(seen) >= count:
+                break
+            bucket, label = period(datetime.fromtimestamp(record.time, UTC))
+            if bucket not in seen:
+                seen.add(bucket)
+                yield record, f"{name} {label}"
+    if rules.within is not None:
+        since = now - parse_duration(rules.within)
+        for record in newest_first:
+            if record.time >= since:
+                yield record, f"within {rules.within}"
+
+
+def _failure_protection(view: CatalogView, eligible: list[Record]) -> Iterable[tuple[str, str]]:
+    """For each prefix whose newest attempt failed: the backup that records the failure, and
+    the newest complete, restorable backup holding the prefix."""
+    manifests = view.manifests()
+    prefixes = {name for m in manifests for name in (*m.entries, *m.failed)}
+    for prefix in sorted(prefixes):
+        attempt = next(
+            (m for m in reversed(manifests) if prefix in m.entries or prefix in m.failed), None
+        )
+        if attempt is None or prefix not in attempt.failed:
+            continue
+        yield attempt.id, f"records that {prefix} failed"
+        copy = next(
+            (
+                r
+                for r in reversed(eligible)
+                if r.manifest is not None and prefix in r.manifest.entries
+            ),
+            None,
+        )
+        if copy is not None:
+            yield copy.id, f"newest complete copy of {prefix}, which {attempt.id} failed to take"
+
+
+def _why_removed(view: CatalogView, record: Record) -> str:
+    if record.status == UNFINISHED:
+        return "a run that never finished (no manifest)"
+    if record.manifest is None:
+        return f"not usable: {record.problem}"
+    if record.status != COMPLETE:
+        return "partial: never kept by retention"
+    problem = view.restorable_problem(record.id)
+    if problem is not None:
+        return f"not restorable: {problem}"
+    return "kept by no rule"
+
+
+def prune(
+    dest_dir: str | os.PathLike[str],
+    keep_last: int | None = None,
+    *,
+    keep_hourly: int | None = None,
+    keep_daily: int | None = None,
+    keep_weekly: int | None = None,
+    keep_monthly: int | None = None,
+    keep_within: str | None = None,
+    dry_run: bool = False,
+    key_file: str | os.PathLike[str] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> PruneReport:
+    """Apply retention rules to the catalog ``dest_dir`` (see the module docstring).
+
+    With ``dry_run`` nothing changes: the report says what would be kept and removed.
+    """
+    rules = Rules(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_within)
+    catalog = Catalog(dest_dir, key_file=key_file)
+    with catalog.lock():
+        view = catalog.scan()
+        decisions = plan(view, rules, clock())
+        if not dry_run:
+            _execute(catalog, view, decisions, clock())
+    return PruneReport(decisions, dry_run)
+
+
+def _execute(catalog: Catalog, view: CatalogView, decisions: list[Decision], now: float) -> None:
+    removals = [d for d in decisions if d.action == "remove"]
+    # 1. Manifests, newest first: a trim's new one, or a removed backup's unlinked. A backup
+    #    only ever depends on older ones, so whatever depended on what goes has gone first.
+    for decision in reversed(decisions):
+        if decision.action == "trim":
+            _trim(catalog, view.records[decision.id], decision, now)
+        elif decision.action == "remove":
+            directory = catalog.path / decision.id
+            try:
+                os.unlink(directory / MANIFEST)  # the name only: never followed
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            fsync_dir(directory)
+        else:
+            continue
+        fault(FAULT_POINT)
+    # 2. Then their files and directories, and the pieces no manifest names any more.
+    for decision in removals:
+        left = _remove_backup_dir(catalog.path / decision.id)
+        if left:
+            decision.reasons.append(
+                f"directory left in place: it holds files hotcopy did not write ({', '.join(left)})"
+            )
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            os.unlink(catalog.path / f"{decision.id}.json")  # its logical document, if any
+        fsync_dir(catalog.path)
+        fault(FAULT_POINT)
+    for decision in decisions:
+        manifest = view.records[decision.id].manifest
+        if decision.action in ("keep", "trim") and manifest is not None:
+            kept = decision.keep_prefixes if decision.action == "trim" else set(manifest.entries)
+            if _remove_unnamed_pieces(catalog.path / decision.id, manifest, kept):
+                fault(FAULT_POINT)
+
+
+def _trim(catalog: Catalog, record: Record, decision: Decision, now: float) -> None:
+    """Rewrite the manifest of ``record`` to hold only what kept backups need (partial)."""
+    manifest = record.manifest
+    assert manifest is not None
+    reason = f"removed by prune on {iso_utc(now)}: no kept backup needs it"
+    catalog.write_manifest(
+        Manifest(
+            id=manifest.id,
+            created=manifest.created,
+            repository_id=manifest.repository_id,
+            planned=manifest.planned,
+            consistent=manifest.consistent,
+            interrupted=manifest.interrupted,
+            entries={p: e for p, e in manifest.entries.items() if p in decision.keep_prefixes},
+            failed=manifest.failed,
+            pruned={**manifest.pruned, **dict.fromkeys(decision.drop_prefixes, reason)},
+        )
+    )
+
+
+def _remove_unnamed_pieces(directory: Path, manifest: Manifest, kept: set[str]) -> bool:
+    """Remove the pieces in ``directory`` that its manifest no longer names (dropped by a
+    trim, perhaps by a prune killed before it got here)."""
+    named = {manifest.entries[prefix].file for prefix in kept}
+
+    def unnamed(name: str) -> bool:
+        return is_piece_name(name) and name not in named
+
+    if remove_own_files(directory, unnamed):
+        fsync_dir(directory)
+        return True
+    return False
+
+
+def _remove_backup_dir(directory: Path) -> list[str]:
+    """Remove what hotcopy wrote in ``directory``, and the directory if that empties it;
+    the names of anything else (left in place, with the directory)."""
+    try:
+        remove_own_files(directory, is_own_file)
+        os.rmdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []  # gone already, or a file named like a backup: not ours
+    except OSError:
+        return sorted(os.listdir(directory))
+    return []
