@@ -152,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         copy_report = verify_file(work / "p0-copy.hc")
         problems += not copy_report.ok
         with Repository(root) as repo:
-            live = [
-                verify_prefix(repo.prefix_path(n), repo.prefix_path(n).with_suffix(".hc-wal"))
-                for n in repo.prefixes()
-            ]
+            live = [verify_prefix(repo.root, n, repo.id_bytes) for n in repo.prefixes()]
         problems += sum(not report.ok for report in live)
         print(
             f"verify: catalog {len(catalog_problems)} problem(s); copy of p0 "

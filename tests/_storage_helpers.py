@@ -73,6 +73,9 @@ def run_python(
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
         reap_popen(proc)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
