@@ -360,6 +360,7 @@ def test_with_a_key_a_forged_manifest_or_piece_is_refused(
     root, dest = tmp_path / "repo", tmp_path / "bk"
     key = tmp_path / "key"
     key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
     commit(root, "p", {"n": 0})
     first = backup(root, dest, jobs=1, key_file=key)
     commit(root, "p", {"n": 1})
@@ -392,3 +393,17 @@ def test_with_a_key_a_forged_manifest_or_piece_is_refused(
     with pytest.raises(CatalogError, match="SHA-256"):
         restore(dest, tmp_path / "forged", key_file=key)
     assert not (tmp_path / "forged").exists()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o606, 0o660])
+def test_a_key_file_others_can_read_or_write_is_refused(tmp_path: Path, mode: int) -> None:
+    """As ssh refuses a private key others can read: a key that is not secret authenticates
+    nothing, and one others can write lets them choose it."""
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    os.chmod(key, mode)
+    Repository.init(tmp_path / "repo").close()
+    with pytest.raises(CatalogError, match="chmod 600"):
+        backup(tmp_path / "repo", tmp_path / "bk", key_file=key)
+    os.chmod(key, 0o600)
+    assert backup(tmp_path / "repo", tmp_path / "bk", key_file=key).complete

@@ -133,8 +133,15 @@ def load_key(key_file: str | os.PathLike[str] | None) -> bytes | None:
         return None
     try:
         key = read_regular(path, limit=1 << 16)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
     except (OSError, StorageError) as err:
         raise CatalogError(f"cannot read the backup key file {path}: {err}") from err
+    if mode & 0o027:
+        # A key others can read authenticates nothing; one others can write, they choose.
+        raise CatalogError(
+            f"the backup key file {path} is mode {mode:04o}: others can read or change it; "
+            f"make it private (chmod 600 {path}, or 640 to share it with its group)"
+        )
     if len(key) < MIN_KEY_BYTES:
         raise CatalogError(
             f"the backup key file {path} holds {len(key)} bytes; a key is at least "
