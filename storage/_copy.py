@@ -42,7 +42,6 @@ from ._faults import BREAK, fault
 from ._files import open_regular
 from ._leases import HeldLease, expired_token
 from ._log import Cut, Damage, Log, check_main_file, install_files, iter_segments
-from ._prefix import DEFAULT_LEASE_TTL
 from ._writeback import Writeback
 
 if TYPE_CHECKING:
@@ -125,7 +124,13 @@ def copy_prefix(
         sweep_stale_temps(dest.parent)
     with contextlib.ExitStack() as stack:
         if cut is None:
-            stack.enter_context(repo.leases.lease(prefix, "snapshot", timeout=repo.lease_timeout))
+            # With the repository's TTL too: the copy reads through its own descriptor on a
+            # file that is replaced, never edited, so a stopped copy needs keep nobody waiting.
+            stack.enter_context(
+                repo.leases.lease(
+                    prefix, "snapshot", timeout=repo.lease_timeout, ttl=repo.lease_ttl
+                )
+            )
             # Under the snapshot lease the main file only grows, so its size now is a lower
             # bound of what the copy needs: refuse a copy that cannot fit before the checkpoint
             # changes the source's files (the exact check follows once the cut is known).
@@ -266,7 +271,7 @@ def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, float]:
     try:
         asked = time.monotonic()
         with repo.leases.lease(
-            name, "write", timeout=repo.lease_timeout, ttl=DEFAULT_LEASE_TTL
+            name, "write", timeout=repo.lease_timeout, ttl=repo.lease_ttl
         ) as lease:
             cut, fd = _cut_under(log, lease, repo)
         return cut, fd, time.monotonic() - asked
@@ -603,7 +608,7 @@ def restore_chain(
         if not staged:
             lease = stack.enter_context(
                 repo.leases.lease(
-                    prefix, "exclusive", timeout=repo.lease_timeout, ttl=DEFAULT_LEASE_TTL
+                    prefix, "exclusive", timeout=repo.lease_timeout, ttl=repo.lease_ttl
                 )
             )
         # Readers move to the restored file: the exclusive lease changed the prefix's counter.

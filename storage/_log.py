@@ -92,6 +92,16 @@ class CommitUnconfirmed(StorageError):
     next read (commit ``seq``)."""
 
 
+class _Stale(Exception):
+    """The WAL was replaced while this log read it: what it read after the replacement may be
+    a fenced writer's late append. Nothing of the pass was delivered; read afresh."""
+
+
+class _Diverged(Exception):
+    """This log delivered a commit the files no longer hold (read from a WAL after a fence had
+    read it): start over from the files."""
+
+
 class LogSink(Protocol):
     """What a log tells the key index built on it, as it reads commits."""
 
@@ -278,6 +288,17 @@ class Log:
 
     def follow(self) -> None:
         """See what other processes appended or replaced since this log last looked."""
+        while True:
+            try:
+                self._follow_once()
+                return
+            except _Stale:
+                continue  # the WAL was replaced meanwhile: its successor tells what holds
+            except _Diverged:
+                self._load()  # rebuild the view from the files
+                return
+
+    def _follow_once(self) -> None:
         try:
             st = os.stat(self.main_path)
         except FileNotFoundError:
@@ -294,10 +315,23 @@ class Log:
 
     def read_value(self, offset: int) -> tuple[int, bytes]:
         """``(vtype, value)`` of the op at ``offset`` of the main file, CRC-checked."""
-        return fmt.read_op_value(self._main_fd, offset)
+        try:
+            return fmt.read_op_value(self._main_fd, offset)
+        except CorruptFileError as err:
+            raise self._error(
+                self.main_path, int(err.fields.get("offset", offset)), err.message
+            ) from None
 
     def _load(self) -> None:
         """(Re)open the main file and read it, then the WAL."""
+        while True:
+            try:
+                self._load_once()
+                return
+            except _Stale:
+                continue  # a fence replaced the WAL while it was read: read the files again
+
+    def _load_once(self) -> None:
         flags = os.O_RDWR if self._writable else os.O_RDONLY
         try:
             fd = open_regular(self.main_path, flags)
@@ -485,6 +519,12 @@ class Log:
             self._drop_wal()
             return
         if st.st_ino != self._wal_ino:
+            # Replaced by a checkpoint, which put every commit of the old WAL in the main file
+            # first: one this log read there but the main file lacks was appended to the old
+            # WAL after the checkpoint read it (a fenced writer's late append).
+            self._scan_main(os.fstat(self._main_fd).st_size)
+            if self._wal_index and self._seq > self._boundaries[self._scanned_end]:
+                raise _Diverged
             self._open_wal(strict=False)
         elif st.st_size != self._wal_pos:
             self._read_wal(strict=False)
@@ -506,22 +546,37 @@ class Log:
         fd = self._wal_fd
         reader = fmt.FileReader(fd, self._wal_pos, os.fstat(fd).st_size, chunk=chunk)
         expected = header.base_seq + len(self._wal_index) + 1
+        batches: list[fmt.Batch] = []
+        wrong = None
         while True:
             start = reader.pos
             batch = fmt.read_batch(reader, load_values=True)
             if batch is None:
                 reader.pos = start
                 break
-            if batch.seq != expected:
-                self._wal_pos = start
-                self._damaged(
-                    self.wal_path, start, f"commit {batch.seq} where commit {expected} belongs"
-                )
-                return
+            if batch.seq != expected + len(batches):
+                reader.pos, wrong = start, batch.seq
+                break
+            batches.append(batch)
+        if (batches or wrong is not None) and not self._wal_is_current():
+            raise _Stale  # read after a fence replaced it: nothing of it is trusted
+        for batch in batches:
             self._index_wal_batch(batch.seq, batch.offset, batch.meta_crc, batch.raw or b"")
             self._deliver(batch, in_wal=True)
-            expected += 1
         self._wal_pos = reader.pos
+        if wrong is not None:
+            self._damaged(
+                self.wal_path,
+                reader.pos,
+                f"commit {wrong} where commit {expected + len(batches)} belongs",
+            )
+
+    def _wal_is_current(self) -> bool:
+        """Whether the WAL path still names the file this log reads."""
+        try:
+            return os.stat(self.wal_path).st_ino == self._wal_ino
+        except FileNotFoundError:
+            return False
 
     def _check_wal_tail(self) -> bool:
         """Whether the WAL ends cleanly after its last whole batch (zeros, or a torn tail that
@@ -549,6 +604,16 @@ class Log:
                 f"{later[1]}) follows at offset {later[0]}",
             )
             return False
+
+    def _tail_is_clean(self) -> bool:
+        """:meth:`_check_wal_tail`, reading on if the WAL is replaced meanwhile (which only a
+        fenced writer's stale rename could do under a write lease: it finds no temp)."""
+        while self._wal_applies:
+            try:
+                return self._check_wal_tail()
+            except _Stale:
+                self.follow()
+        return True
 
     def _check_main_tail(self) -> None:
         """Bytes after the last whole segment are an unfinished checkpoint's only where the
@@ -643,7 +708,7 @@ class Log:
         self.follow()
         self._check_main_tail()
         header = self._wal_header
-        clean = not self._wal_applies or self._check_wal_tail()
+        clean = not self._wal_applies or self._tail_is_clean()
         unfinished = (
             self._wal_applies and header is not None and self._scanned_end > header.base_len
         )

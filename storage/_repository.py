@@ -227,6 +227,11 @@ class Repository:
     def lease_timeout(self) -> float | None:
         return self._lease_timeout
 
+    @property
+    def lease_ttl(self) -> float | None:
+        """The TTL of every lease this repository object takes (see the class docstring)."""
+        return self._lease_ttl
+
     def copy_prefix(
         self,
         dest: str | os.PathLike[str],
@@ -290,7 +295,7 @@ class Repository:
         if open_prefix is not None:
             open_prefix.close()  # it would follow the files anyway; no transaction survives
         with self._leases.lease(
-            name, "exclusive", timeout=self._lease_timeout, ttl=DEFAULT_LEASE_TTL
+            name, "exclusive", timeout=self._lease_timeout, ttl=self._lease_ttl
         ) as lease:
             log = Log(self.root, name, self.id_bytes, writable=True, scan=True, tolerant=True)
             try:

@@ -47,7 +47,6 @@ from hotcopy.storage._files import make_directory, refuse_unsafe_place
 from hotcopy.storage._format import HEADER_SIZE as WAL_HEADER_SIZE
 from hotcopy.storage._leases import HeldLease
 from hotcopy.storage._log import Cut, main_path, wal_path
-from hotcopy.storage._prefix import DEFAULT_LEASE_TTL
 from hotcopy.storage._repository import RUNTIME_DIR
 
 from ._catalog import (
@@ -475,9 +474,7 @@ def _pending_bytes(repo: Repository, name: str, base: tuple[Manifest, Entry] | N
 
 def _cut(repo: Repository, name: str) -> None:
     """Checkpoint ``name`` under its own write lease (what a consistent cut does beforehand)."""
-    with repo.leases.lease(
-        name, "write", timeout=repo.lease_timeout, ttl=DEFAULT_LEASE_TTL
-    ) as lease:
+    with repo.leases.lease(name, "write", timeout=repo.lease_timeout, ttl=repo.lease_ttl) as lease:
         os.close(cut_prefix(repo, name, lease)[1])
 
 
@@ -512,7 +509,7 @@ def _consistent_cuts(
     try:
         for name in names:
             writes[name] = repo.leases.lease(
-                name, "write", timeout=repo.lease_timeout, ttl=DEFAULT_LEASE_TTL
+                name, "write", timeout=repo.lease_timeout, ttl=repo.lease_ttl
             )
             try:
                 cuts[name], fds[name] = cut_prefix(repo, name, writes[name])
@@ -528,7 +525,9 @@ def _consistent_cuts(
     seconds = time.monotonic() - began
     try:
         for name in cuts.copy():
-            held.enter_context(repo.leases.lease(name, "snapshot", timeout=repo.lease_timeout))
+            held.enter_context(
+                repo.leases.lease(name, "snapshot", timeout=repo.lease_timeout, ttl=repo.lease_ttl)
+            )
             cut_file, now = os.fstat(fds[name]), os.stat(main_path(repo.root, name))
             if (cut_file.st_dev, cut_file.st_ino) != (now.st_dev, now.st_ino):
                 failed[name] = (
