@@ -461,6 +461,17 @@ def read_trailer(reader: FileReader) -> Trailer | None:
     return Trailer(last_seq, segment_start, n_batches, meta_crc)
 
 
+def frame_size(head: bytes) -> int | None:
+    """The size of the batch frame whose header ``head`` (``BATCH_SIZE`` bytes) is, or None
+    if it is not a valid batch header."""
+    if len(head) < BATCH_SIZE:
+        return None
+    magic, _, _, _, body_len, _ = _BATCH.unpack_from(head)
+    if magic != BATCH_MAGIC or crc32(head[: _BATCH.size]) != _CRC.unpack_from(head, _BATCH.size)[0]:
+        return None
+    return BATCH_SIZE + int(body_len)
+
+
 def batch_starts_at(fd: int, offset: int) -> bool:
     """Whether the bytes at ``offset`` begin with a batch's magic (one small read)."""
     raw = os.pread(fd, 4, offset)

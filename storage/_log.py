@@ -347,7 +347,11 @@ class Log:
         try:
             header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
         except CorruptFileError as err:
-            raise self._error(self.main_path, 0, f"its header is damaged ({err.message})") from None
+            reason = f"its header is damaged ({err.message})"
+            if not self._tolerant:
+                raise self._error(self.main_path, 0, reason) from None
+            self._damaged(self.main_path, 0, reason)
+            header = self._rebuilt_header(fd)
         self._check_identity(self.main_path, header.repository_id, header.prefix)
         self._header = header
         self._seq = header.base_seq
@@ -358,6 +362,27 @@ class Log:
         if self._scan:
             self._scan_main(os.fstat(fd).st_size)
         self._open_wal(strict=True)
+
+    def _rebuilt_header(self, fd: int) -> fmt.MainHeader:
+        """A main header for salvage to read a file whose own header is damaged: the first
+        commit after it tells where it starts; the WAL, if it names this prefix, tells which
+        main file it continues (so its commits can still be kept)."""
+        first = fmt.read_batch(
+            fmt.FileReader(fd, fmt.HEADER_SIZE, os.fstat(fd).st_size), load_values=False
+        )
+        base_seq = first.seq - 1 if first is not None else 0
+        file_id, salt = secrets.token_bytes(16), secrets.randbits(64)
+        with contextlib.suppress(FileNotFoundError, StorageError):
+            wal_fd = open_regular(self.wal_path)
+            try:
+                wal = fmt.unpack_wal_header(os.pread(wal_fd, fmt.HEADER_SIZE, 0))
+                if wal.prefix in (None, self.name):
+                    file_id, salt = wal.file_id, wal.main_salt
+            finally:
+                os.close(wal_fd)
+        return fmt.MainHeader(
+            file_id, salt, time.time_ns(), base_seq, self._repository_id, self.name
+        )
 
     def _check_identity(self, path: Path, repository_id: bytes | None, prefix: str | None) -> None:
         if prefix is not None and prefix != self.name:
@@ -588,6 +613,13 @@ class Log:
                 return True
             later = _valid_batch_after(fd, self._wal_pos, end, self._seq)
             if later is None:
+                if _whole_but_damaged(fd, self._wal_pos, end):
+                    self._damaged(
+                        self.wal_path,
+                        self._wal_pos,
+                        "the last batch is whole (its header checks, every part of it was "
+                        "written) but fails its checksum: damage, not a torn write",
+                    )
                 return False  # a torn tail (or, without the lease, a write in progress)
             # Read again, afresh: without the lease, a writer may have completed the batch
             # here since it was read (and appended the one after it), which is no damage.
@@ -917,68 +949,95 @@ class Log:
 
     def salvage(self, lease: HeldLease) -> Salvaged:
         """Keep what is provable of a damaged prefix (a log opened ``tolerant``), under its
-        exclusive ``lease``: the main file's whole segments before any damage in it, and the
-        WAL's batches before any damage in it (when the WAL continues what is kept). The
-        commits lost with the damage stay taken, as empty commits: a number is never handed
-        out twice. Damaged files are moved aside under new names, never deleted."""
+        exclusive ``lease``: the main file's whole segments before any damage in it (values
+        checked too), and the WAL's batches before any damage in it when the WAL continues
+        what is kept. Whole segments are never written over. The commits lost with the damage
+        stay taken, as empty commits: a number is never handed out twice. Damaged files are
+        moved aside under new names, never deleted."""
         self._check_writable()
-        damage = self.damage
+        damage = self.damage or self._value_damage()
         if damage is None:
             return Salvaged(self._seq, None, None, [])
         remove_temps_of(self.main_path)  # fence, as prepare() would (exclusive: nobody else)
         remove_temps_of(self.wal_path)
         self._fenced_through = max(lease.token - 1, 0)
         header = self._wal_header
-        main_intact = damage.path != str(self.main_path) or (
-            self._wal_applies and header is not None and damage.offset >= header.base_len
-        )
-        kept_batches = self._wal_index if main_intact and self._wal_applies else []
-        base = header.base_len if kept_batches and header is not None else self._scanned_end
-        kept = self._boundaries[base] + len(kept_batches)
-        lost_last = max([kept, *self._seqs_in_damage()])
+        in_main = damage.path == str(self.main_path)
+        # Whole segments after the WAL's boundary that do not match it: the main file is
+        # provable, the WAL (an older or foreign one) is what is wrong.
+        wal_behind = (
+            in_main and self._wal_applies and header is not None
+            and header.base_len < self._scanned_end
+        )  # fmt: skip
+        rewrite = in_main and not wal_behind  # never write where damage is: a new main file
+        kept_end = self._scanned_end
+        if rewrite and 0 < damage.offset < kept_end:  # a damaged value inside whole segments
+            kept_end = max(end for end in self._boundaries if end <= damage.offset)
+        main_seq = self._boundaries[kept_end]
+        usable = (
+            self._wal_applies and header is not None and header.base_len <= kept_end
+            and (not in_main or damage.offset == 0)  # a header rebuilt from the WAL's
+        )  # fmt: skip
+        kept_batches = [b for b in self._wal_index if b.seq > main_seq] if usable else []
+        kept = main_seq + len(kept_batches)
+        lost_last = max([kept, self._seq, *self._seqs_in_damage()])
+        segment = self._salvaged_segment(kept_end, kept_batches, kept, lost_last, lease.token)
         aside = [_move_aside(self.wal_path)] if self._wal_fd >= 0 else []
-        token = lease.token
-        empty = [
-            fmt.encode_batch_with_meta(seq, token, []) for seq in range(kept + 1, lost_last + 1)
-        ]
-        if main_intact:
-            data, metas = b"", []
-            if kept_batches:
-                first, last = kept_batches[0], kept_batches[-1]
-                data = fmt.pread_exact(
-                    self._wal_fd, last.offset + last.size - first.offset, first.offset
-                )
-                metas = [batch.meta_crc for batch in kept_batches]
-            data += b"".join(frame for frame, _ in empty)
-            metas += [meta for _, meta in empty]
-            end = base
-            if metas:
-                data += fmt.trailer_for(base, metas, lost_last)
+        if not rewrite:
+            end = kept_end
+            if segment:
                 self._require(lease, "salvage")
-                pwrite_all(self._main_fd, data, base)
+                pwrite_all(self._main_fd, segment, kept_end)
                 self._sync(self._main_fd, self.main_path, "salvage:main-fsync")
-                end = base + len(data)
+                end += len(segment)
             self._new_wal(lease, end, lost_last)
         else:
             aside.append(_move_aside(self.main_path))
             fresh = replace(self._header, salt=secrets.randbits(64))
-            tail = b"".join(frame for frame, _ in empty)
-            if empty:
-                tail += fmt.trailer_for(base, [meta for _, meta in empty], lost_last)
 
             def write(fd: int) -> tuple[int, int]:
                 pwrite_all(fd, fmt.pack_main_header(fresh), 0)
                 at = fresh.size
-                while at < base:
-                    chunk = os.pread(self._main_fd, min(4 << 20, base - at), at)
+                while at < kept_end:
+                    chunk = os.pread(self._main_fd, min(4 << 20, kept_end - at), at)
                     pwrite_all(fd, chunk, at)
                     at += len(chunk)
-                pwrite_all(fd, tail, base)
-                return base + len(tail), lost_last
+                pwrite_all(fd, segment, kept_end)
+                return kept_end + len(segment), lost_last
 
             install_files(self.main_path.parent, self.name, fresh, write, lease=lease)
         lost = (kept + 1, lost_last) if lost_last > kept else None
         return Salvaged(kept, lost, damage, aside)
+
+    def _value_damage(self) -> Damage | None:
+        """Damage a scan of keys does not see: a value of the main file's whole segments."""
+        found = check_main_file(self._main_fd, end=self._scanned_end)
+        if found.error is None or found.offset is None:
+            return None
+        self.damage = Damage(str(self.main_path), found.offset, found.error)
+        return self.damage
+
+    def _salvaged_segment(
+        self, start: int, kept: list[_WalBatch], after: int, last: int, token: int
+    ) -> bytes:
+        """The segment salvage appends at ``start``: the WAL ``kept`` batches, then an empty
+        commit for each lost number ``after + 1 .. last``; empty if there is neither."""
+        frames, metas = [], []
+        if kept:
+            first, final = kept[0], kept[-1]
+            frames.append(
+                fmt.pread_exact(
+                    self._wal_fd, final.offset + final.size - first.offset, first.offset
+                )
+            )
+            metas = [batch.meta_crc for batch in kept]
+        for seq in range(after + 1, last + 1):
+            frame, meta = fmt.encode_batch_with_meta(seq, token, [])
+            frames.append(frame)
+            metas.append(meta)
+        if not metas:
+            return b""
+        return b"".join(frames) + fmt.trailer_for(start, metas, last)
 
     def _seqs_in_damage(self) -> list[int]:
         """The commits of every whole batch found in the damaged parts (what the damage cost)."""
@@ -1166,6 +1225,26 @@ def _token_in_main(fd: int, start: int, seq: int) -> int | None:
             if batch.seq == seq:
                 return batch.token
     return None
+
+
+_SECTOR = 512  # the unit a disk writes whole, or not at all
+
+
+def _whole_but_damaged(fd: int, start: int, end: int) -> bool:
+    """Whether the bytes at ``start`` are a batch whose header checks and whose every part was
+    written, yet which fails its checksum: damaged, where a torn write would have left a part
+    of it as the zeros of reserved space (its end, or a whole sector) or cut the file short."""
+    size = fmt.frame_size(os.pread(fd, fmt.BATCH_SIZE, start))
+    if size is None or start + size > end:
+        return False
+    frame = fmt.pread_exact(fd, size, start)
+    if not frame[-8:].strip(b"\0"):
+        return False  # its end never written
+    first = -(-start // _SECTOR) * _SECTOR
+    for sector in range(first, start + size - _SECTOR + 1, _SECTOR):
+        if not frame[sector - start : sector - start + _SECTOR].strip(b"\0"):
+            return False  # a sector of it never written
+    return True
 
 
 def _valid_batch_after(fd: int, start: int, end: int, last_seq: int) -> tuple[int, int] | None:
