@@ -141,9 +141,13 @@ class HotcopyWriter:
 
     def frame_size(self) -> int:
         """Bytes one small commit appends to the WAL (measured, not assumed)."""
-        before = self.prefix._wal_pos  # the file's size includes space reserved ahead
+        before = self._wal_used()
         self.commit_one()
-        return self.prefix._wal_pos - before
+        return self._wal_used() - before
+
+    def _wal_used(self) -> int:
+        # Not the file's size: that includes space reserved ahead, which reads as zeros.
+        return len(self.wal.read_bytes().rstrip(b"\0"))
 
     def loop(self, n: int) -> list[float]:
         latencies = []
