@@ -388,11 +388,14 @@ class FileReader:
         return True
 
 
-def read_batch(reader: FileReader, *, load_values: bool) -> Batch | None:
+def read_batch(
+    reader: FileReader, *, load_values: bool, keep_raw: bool = True
+) -> Batch | None:
     """Parse the batch at the reader's position, or None if it is torn or not a batch.
 
-    With ``load_values`` the body CRC and every value CRC are checked and the raw frame kept;
-    without, values are skipped (their CRCs are checked when they are read).
+    With ``load_values`` the body CRC is checked (it covers every op header, key and value
+    byte) and, with ``keep_raw``, the whole frame kept; without, values are skipped (their own
+    CRCs are checked when they are read).
     """
     start = reader.pos
     head = reader.read(BATCH_SIZE)
@@ -406,6 +409,7 @@ def read_batch(reader: FileReader, *, load_values: bool) -> Batch | None:
     if body_end > reader.end:
         return None
     meta = crc32(head)
+    body = 0
     ops: list[Op] = []
     body_parts: list[bytes] = []
     for _ in range(n_ops):
@@ -421,9 +425,11 @@ def read_batch(reader: FileReader, *, load_values: bool) -> Batch | None:
         value: bytes | None = None
         if load_values:
             value = reader.read(value_len)
-            if value is None or crc32(value) != value_crc:
+            if value is None:
                 return None
-            body_parts += (op_head, key_bytes, value)
+            body = crc32(value, crc32(key_bytes, crc32(op_head, body)))
+            if keep_raw:
+                body_parts += (op_head, key_bytes, value)
         elif not reader.skip(value_len):
             return None
         try:
@@ -435,10 +441,10 @@ def read_batch(reader: FileReader, *, load_values: bool) -> Batch | None:
         return None
     raw = None
     if load_values:
-        body = b"".join(body_parts)
-        if crc32(body) != body_crc:
+        if body != body_crc:
             return None
-        raw = head + body
+        if keep_raw:
+            raw = head + b"".join(body_parts)
     return Batch(seq, token, start, reader.pos - start, ops, meta, raw)
 
 
@@ -497,7 +503,9 @@ class Segment:
         return self.batches[-1].seq
 
 
-def read_segment(reader: FileReader, *, load_values: bool, shift: int = 0) -> Segment | None:
+def read_segment(
+    reader: FileReader, *, load_values: bool, shift: int = 0, keep_raw: bool = True
+) -> Segment | None:
     """Parse one checkpoint segment, or None if it is torn, damaged or absent.
 
     ``shift``: where the reader's offset 0 lies in the main file (a delta holds main-file bytes
@@ -507,7 +515,7 @@ def read_segment(reader: FileReader, *, load_values: bool, shift: int = 0) -> Se
     segment = Segment(start, start)
     meta = 0
     while not peek_is_trailer(reader):
-        batch = read_batch(reader, load_values=load_values)
+        batch = read_batch(reader, load_values=load_values, keep_raw=keep_raw)
         if batch is None:
             return None
         if segment.batches and batch.seq != segment.batches[-1].seq + 1:

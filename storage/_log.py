@@ -1179,7 +1179,7 @@ def iter_segments(
     seq = after_seq
     while reader.pos < end:
         at = reader.pos
-        segment = fmt.read_segment(reader, load_values=True, shift=shift)
+        segment = fmt.read_segment(reader, load_values=True, shift=shift, keep_raw=False)
         if segment is None:
             yield _locate_damage(fd, at, end, shift)
             return
