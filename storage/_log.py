@@ -612,14 +612,7 @@ class Log:
             if end <= self._wal_pos or tail_is_clear(fd, self._wal_pos, end):
                 return True
             later = _valid_batch_after(fd, self._wal_pos, end, self._seq)
-            if later is None:
-                if _whole_but_damaged(fd, self._wal_pos, end):
-                    self._damaged(
-                        self.wal_path,
-                        self._wal_pos,
-                        "the last batch is whole (its header checks, every part of it was "
-                        "written) but fails its checksum: damage, not a torn write",
-                    )
+            if later is None and not _whole_but_damaged(fd, self._wal_pos, end):
                 return False  # a torn tail (or, without the lease, a write in progress)
             # Read again, afresh: without the lease, a writer may have completed the batch
             # here since it was read (and appended the one after it), which is no damage.
@@ -629,12 +622,17 @@ class Log:
                 return False
             if self._wal_pos != before:
                 continue
-            self._damaged(
-                self.wal_path,
-                self._wal_pos,
-                f"the batch there fails its checksum or structure, and a whole batch (commit "
-                f"{later[1]}) follows at offset {later[0]}",
-            )
+            if later is None:
+                reason = (
+                    "the last batch is whole (its header checks, every part of it was "
+                    "written) but fails its checksum: damage, not a torn write"
+                )
+            else:
+                reason = (
+                    f"the batch there fails its checksum or structure, and a whole batch "
+                    f"(commit {later[1]}) follows at offset {later[0]}"
+                )
+            self._damaged(self.wal_path, self._wal_pos, reason)
             return False
 
     def _tail_is_clean(self) -> bool:
@@ -1238,6 +1236,8 @@ def _whole_but_damaged(fd: int, start: int, end: int) -> bool:
     if size is None or start + size > end:
         return False
     frame = fmt.pread_exact(fd, size, start)
+    if fmt.read_batch(fmt.FileReader(fd, start, start + size), load_values=True) is not None:
+        return False  # whole and sound (written since it was first read)
     if not frame[-8:].strip(b"\0"):
         return False  # its end never written
     first = -(-start // _SECTOR) * _SECTOR
