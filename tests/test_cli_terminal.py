@@ -18,6 +18,7 @@ import sys
 import termios
 import time
 from collections.abc import Iterator, Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import pyte
@@ -333,3 +334,92 @@ def test_a_backup_waiting_for_the_catalog_lock_reports_the_wait_apart(tmp_path: 
     assert screen[0].startswith("hotcopy: waiting for the lock of backup directory")
     assert f"pid {holder.pid} (" in screen[0]
     assert "100%" in screen[-1] and "2/2 prefixes" in screen[-1]
+
+
+def _run(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PROGRAM, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env or _env(),
+    )
+
+
+def _one_error(done: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    assert done.returncode == code, done
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("hotcopy: error: ") and "Traceback" not in done.stderr
+    return line
+
+
+def test_timeouts_fail_naming_the_holder_and_its_state(tmp_path: Path) -> None:
+    root, dest = tmp_path / "repo", tmp_path / "backups"
+    _fill(root, ["orders"], 100)
+    assert _run("backup", root, dest).returncode == 0
+    with holding(root, "write", "orders") as holder:
+        os.kill(holder.pid, signal.SIGSTOP)
+        line = _one_error(_run("put", root, "orders", "x", "1", "--timeout", "0.3"))
+        assert "gave up after 0.3 s waiting for the write lease on prefix 'orders'" in line
+        assert f"held by pid {holder.pid} (python" in line and "stopped) with a write" in line
+        line = _one_error(_run("copy", root, "orders", tmp_path / "c.hc", "--timeout", "0.3"))
+        assert f"held by pid {holder.pid} (" in line and not (tmp_path / "c.hc").exists()
+        line = _one_error(_run("restore", dest, root, "--force", "--timeout", "0.3"))
+        assert "'orders'" in line and f"held by pid {holder.pid} (" in line
+    with holding(dest, "lock") as holder:
+        for args in (("backup", root, dest), ("prune", dest, "--keep-last", "1")):
+            line = _one_error(_run(*args, "--timeout", "0.2"))
+            assert "gave up after 0.2 s waiting for the lock of backup directory" in line
+            assert f"held by pid {holder.pid} (python" in line and "running)" in line
+
+
+def test_a_wait_is_logged_with_v_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    _fill(root, ["orders"], 100)
+    with holding(root, "write", "orders") as holder:
+        done = _run("put", root, "orders", "x", "1", "--timeout", "1.5", "-v")
+        assert done.returncode == 1
+        first, last = done.stderr.splitlines()
+        assert "INFO" in first and "waiting for the write lease on prefix 'orders'" in first
+        assert f"pid {holder.pid}" in first and last.startswith("hotcopy: error: gave up")
+
+
+def test_status_names_each_holders_program_and_shows_a_stopped_one(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    _fill(root, ["orders"], 100)
+    with holding(root, "write", "orders") as holder:
+        done = _run("status", root, "--json")
+        (lease,) = json.loads(done.stdout)["leases"]
+        assert lease["holder"]["state"] == "running"
+        os.kill(holder.pid, signal.SIGSTOP)
+        status = json.loads(_run("status", root, "--json").stdout)
+        assert status["version"] == 1
+        (lease,) = status["leases"]
+        assert (lease["prefix"], lease["mode"], lease["pid"]) == ("orders", "write", holder.pid)
+        assert lease["holder"]["state"] == "stopped"
+        assert lease["holder"]["name"].startswith("python")
+        assert lease["holder"]["cmdline"][-1] == "hotcopy-test-holder"
+        assert lease["age"] >= 0
+        table = _run("status", root).stdout.splitlines()
+        assert table[1].split()[:6] == ["PREFIX", "MODE", "PID", "STATE", "HELD", "TOKEN"]
+        row = table[2].split()
+        assert row[:4] == ["orders", "write", str(holder.pid), "stopped"]
+        assert row[-1] == "hotcopy-test-holder" and row[6].startswith("python")
+
+
+def test_version_quiet_verbose_and_the_log_environment_variable(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    _fill(root, ["users"], 100)
+    done = _run("--version")
+    assert (done.returncode, done.stdout) == (0, f"hotcopy {version('hotcopy')}\n")
+    done = _run("get", root, "users", "nope", "-vv")
+    assert done.returncode == 1
+    assert "DEBUG" in done.stderr and "Traceback" in done.stderr  # the cause, when asked
+    assert done.stderr.splitlines()[-1].startswith("hotcopy: error: key 'nope'")
+    debug = _run("get", root, "users", "nope", env=_env(HOTCOPY_LOG="debug"))
+    assert "DEBUG" in debug.stderr and "Traceback" in debug.stderr
+    plain = _run("get", root, "users", "nope")
+    assert plain.stderr == "hotcopy: error: key 'nope' not found in prefix 'users'\n"
+    quiet = _run("-q", "ls", root)
+    assert (quiet.returncode, quiet.stderr) == (0, "") and "users" in quiet.stdout
