@@ -1,11 +1,15 @@
-"""What the coordinator of a repository is doing, read from shared memory (no round trip)."""
+"""What the coordinator of a repository is doing, read from shared memory (no round trip),
+and who the lease holders are (program, command line, state), read with psutil."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from typing import Any
+
+import psutil
 
 from ._errors import LeaseError
 from ._paths import RuntimePaths
@@ -13,7 +17,91 @@ from ._process import ProcessIdentity, boot_id, is_alive
 from ._protocol import MODE_NAMES
 from ._segment import SegmentReader
 
-__all__ = ["LeaseStatus", "Status", "format_status", "read_status", "status_to_json"]
+__all__ = [
+    "STATUS_VERSION",
+    "LeaseStatus",
+    "ProcessInfo",
+    "Status",
+    "describe_process",
+    "format_status",
+    "read_status",
+    "status_to_json",
+]
+
+STATUS_VERSION = 1  # of ``hotcopy status --json`` (README); a change of meaning gets a new one
+
+# psutil's process states, as an operator chasing a stuck lease needs them: a sleeping
+# process is running as far as its lease goes; a stopped one (SIGSTOP, a debugger) holds its
+# leases until their TTL; a zombie has exited (its leases went with its connection).
+_STATES = {
+    psutil.STATUS_STOPPED: "stopped",
+    psutil.STATUS_TRACING_STOP: "stopped",
+    psutil.STATUS_ZOMBIE: "zombie",
+    psutil.STATUS_DEAD: "gone",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """Who a process is, for a person: its program, command line and state.
+
+    Attributes:
+        pid: The process id.
+        name: The program's name (``python3``), None if it could not be read.
+        cmdline: Its command line, empty if it could not be read.
+        state: ``running``, ``stopped``, ``zombie`` or ``gone`` (no such process any more,
+            or another process with its pid).
+    """
+
+    pid: int
+    name: str | None
+    cmdline: tuple[str, ...]
+    state: str
+
+    def __str__(self) -> str:
+        """``pid 123 (python3 app.py, stopped)``: one phrase for a message."""
+        if self.state == "gone":
+            return f"pid {self.pid} (gone)"
+        program = self.program()
+        if len(program) > 100:
+            program = program[:97] + "..."
+        return f"pid {self.pid} ({program}, {self.state})"
+
+    def program(self) -> str:
+        """The command line on one line (the program by its name), or the name alone."""
+        if not self.cmdline:
+            return self.name or "?"
+        return " ".join(shlex.join([os.path.basename(self.cmdline[0]), *self.cmdline[1:]]).split())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "name": self.name,
+            "cmdline": list(self.cmdline),
+            "state": self.state,
+        }
+
+
+def describe_process(pid: int, start_ticks: int | None = None) -> ProcessInfo:
+    """Describe process ``pid``; with ``start_ticks`` (its identity, see ``_process``), a
+    process that reuses the pid is reported ``gone``, not mistaken for the holder."""
+    current = ProcessIdentity.of(pid) if start_ticks is not None else None
+    if current is not None and current.start_ticks != start_ticks:  # the pid was reused
+        return ProcessInfo(pid, None, (), "gone")
+    try:
+        process = psutil.Process(pid)
+        with process.oneshot():
+            status = process.status()
+            name = process.name()
+            try:
+                cmdline = tuple(process.cmdline())
+            except psutil.AccessDenied:
+                cmdline = ()
+    except psutil.NoSuchProcess:
+        return ProcessInfo(pid, None, (), "gone")
+    except psutil.AccessDenied:
+        return ProcessInfo(pid, None, (), "running")
+    return ProcessInfo(pid, name, cmdline, _STATES.get(status, "running"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +115,7 @@ class LeaseStatus:
         age: Seconds since the grant.
         token: The fencing token.
         expires_in: Seconds until it expires without renewal, None without a ttl.
+        holder: Who holds it (program, command line, state).
     """
 
     prefix: str
@@ -35,6 +124,7 @@ class LeaseStatus:
     age: float
     token: int
     expires_in: float | None
+    holder: ProcessInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +184,7 @@ def read_status(root: str | os.PathLike[str]) -> Status:
                         age=max(0.0, now - r.granted_at),
                         token=r.token,
                         expires_in=(r.expires_at - now) if r.expires_at else None,
+                        holder=describe_process(r.pid, r.start_ticks),
                     )
                     for r in segment.leases()
                 ),
@@ -109,6 +200,7 @@ def read_status(root: str | os.PathLike[str]) -> Status:
 def status_to_json(status: Status) -> dict[str, Any]:
     """Render ``status`` as a JSON-ready dict (the ``hotcopy status --json`` shape)."""
     return {
+        "version": STATUS_VERSION,
         "root": status.root,
         "coordinator": {
             "pid": status.pid,
@@ -123,6 +215,7 @@ def status_to_json(status: Status) -> dict[str, Any]:
                 "age": round(lease.age, 3),
                 "token": lease.token,
                 "expires_in": None if lease.expires_in is None else round(lease.expires_in, 3),
+                "holder": lease.holder.to_json(),
             }
             for lease in status.leases
         ],
@@ -138,11 +231,15 @@ def format_status(status: Status) -> str:
         lines = [f"coordinator: pid {status.pid}, up {status.uptime or 0.0:.1f}s ({status.root})"]
     if status.leases:
         width = max(6, *(len(lease.prefix) for lease in status.leases))
-        lines.append(f"{'PREFIX':<{width}}  {'MODE':<9}  {'PID':>7}  {'AGE':>9}  {'TOKEN':>8}")
+        lines.append(
+            f"{'PREFIX':<{width}}  {'MODE':<9}  {'PID':>7}  {'STATE':<8}  {'HELD':>9}  "
+            f"{'TOKEN':>8}  PROGRAM"
+        )
         for lease in status.leases:
+            holder = lease.holder
             lines.append(
-                f"{lease.prefix:<{width}}  {lease.mode:<9}  {lease.pid:>7}  "
-                f"{lease.age:>8.1f}s  {lease.token:>8}"
+                f"{lease.prefix:<{width}}  {lease.mode:<9}  {lease.pid:>7}  {holder.state:<8}  "
+                f"{lease.age:>8.1f}s  {lease.token:>8}  {holder.program()}"
             )
     else:
         lines.append("no leases held")

@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+from hotcopy.coordinator import read_status
 from hotcopy.storage import Repository, verify_file
 from hotcopy.storage._verify import verify_prefix
 from hotcopy.workers import Catalog, backup, restore
-from hotcopy.workers._progress import ProgressBar
+from hotcopy.workers._progress import Progress
 
 PREFIXES = 3
 
@@ -57,21 +59,29 @@ def consistent(state: dict[str, Any], writers: int, name: str) -> tuple[bool, in
     return ok, total
 
 
+def stop_coordinator(root: Path) -> None:
+    """Stop the coordinator that the demo's use of ``root`` started (terminate, a grace
+    period, kill): it would otherwise wait out its idle timeout for a deleted directory."""
+    pid = read_status(root).pid  # None when none runs
+    if pid is None:
+        return
+    try:
+        process = psutil.Process(pid)
+        process.terminate()
+        try:
+            process.wait(5)
+        except psutil.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    except psutil.NoSuchProcess:
+        pass
+
+
 def take_backup(root: Path, dest: Path, incremental: bool) -> dict[str, Any]:
     label = "incremental backup" if incremental else "full backup"
-    bar = ProgressBar(label)
-    try:
-        result = backup(
-            root,
-            dest,
-            jobs=2,
-            incremental=incremental,
-            progress=lambda done, total, done_bytes, total_bytes: bar.update(
-                done, done_bytes, total_bytes=total_bytes, total_items=total
-            ),
-        )
-    finally:
-        bar.close()
+    with Progress(label) as bar:
+        result = backup(root, dest, jobs=2, incremental=incremental, progress=bar.update)
+        bar.finish(len(result.prefixes), len(result.prefixes), result.bytes, result.seconds)
     kinds = [entry["kind"] for entry in result.prefixes.values()]
     print(
         f"  {label:<19} {result.id}: {result.bytes / 1024:8.1f} KiB "
@@ -89,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="hotcopy-demo-"))
     root, backups = work / "repo", work / "backups"
+    repositories = [root]  # each gets a coordinator when used; stopped at the end
     try:
         Repository.init(root).close()
         print(f"repository {root}: {args.writers} writer processes on {PREFIXES} prefixes")
@@ -137,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print("restore and check every backup:")
         for entry in taken:
             target = work / "restored" / entry["id"]
+            repositories.append(target)
             result = restore(backups, target, at=entry["id"])
             records = 0
             with Repository(target) as repo:
@@ -162,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         print("demo OK" if problems == 0 else f"demo FAILED: {problems} problem(s)")
         return 0 if problems == 0 else 1
     finally:
+        for repository in repositories:
+            stop_coordinator(repository)
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -54,6 +54,7 @@ from ._catalog import (
     Catalog,
     CatalogView,
     Entry,
+    LockWait,
     Manifest,
     is_own_file,
     remove_own_files,
@@ -90,6 +91,7 @@ class BackupResult:
     # of each prefix waited at most this long for the cut).
     cut_seconds: float = 0.0
     took_over: str | None = None  # the catalog was taken over from the repository restored
+    waited: float = 0.0  # seconds waiting for the catalog lock (not counted in ``seconds``)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -104,6 +106,7 @@ class BackupResult:
             "chain_restarts": self.chain_restarts,
             "cut_seconds": round(self.cut_seconds, 6),
             "took_over": self.took_over,
+            "waited": round(self.waited, 6),
         }
 
 
@@ -120,7 +123,12 @@ BatchItem = tuple[str, BaseRef | None, Cut | None]
 
 
 def copy_batch(
-    root: str, backup_dir: str, batch: Sequence[BatchItem], step: int, hash_pieces: bool = False
+    root: str,
+    backup_dir: str,
+    batch: Sequence[BatchItem],
+    step: int,
+    hash_pieces: bool = False,
+    lease_timeout: float | None = None,
 ) -> list[Copied | Exception]:
     """Snapshot several prefixes into a backup directory (runs in a copy worker).
 
@@ -131,7 +139,7 @@ def copy_batch(
     """
     outcomes: list[Copied | Exception] = []
     directory = Path(backup_dir)
-    with Repository(root) as repo:
+    with Repository(root, lease_timeout=lease_timeout) as repo:
         for prefix, base, cut in batch:
             try:
                 result = _copy_one(repo, prefix, directory, base, cut, step)
@@ -180,6 +188,8 @@ def backup(
     verify_chain: bool = False,
     key_file: str | os.PathLike[str] | None = None,
     clock: Callable[[], float] = time.time,
+    lease_timeout: float | None = None,
+    acquire_lock: LockWait | None = None,
 ) -> BackupResult:
     """Back up ``prefixes`` (default: all) of the repository at ``root`` into ``dest_dir``.
 
@@ -195,6 +205,10 @@ def backup(
             each link's manifest and size are checked).
         key_file: Authenticate the catalog with this key (default ``$HOTCOPY_BACKUP_KEY_FILE``).
         clock: Wall-clock time (unix seconds) that names the backup.
+        lease_timeout: Seconds to wait at most for each lease (None: as long as it takes); a
+            prefix whose lease is not granted in time fails (the backup is then partial).
+        acquire_lock: Takes the catalog lock (see ``Catalog.locked``); the wait is reported
+            as ``waited`` and not counted in ``seconds``.
 
     Returns:
         The result; ``complete`` is False (and ``failed`` says why) when a prefix could not be
@@ -204,13 +218,13 @@ def backup(
         BackupError: Nothing could be copied (the run leaves nothing behind).
     """
     began = time.monotonic()
-    with Repository(root) as repo:
+    with Repository(root, lease_timeout=lease_timeout) as repo:
         names = sorted(set(prefixes)) if prefixes else repo.prefixes()
         for name in names:
             if not repo.prefix_path(name).exists():
                 raise PrefixNotFound(f"prefix {name!r} does not exist in {repo.root}", prefix=name)
         catalog = Catalog.create(dest_dir, repo.id, key_file=key_file)
-        with catalog.lock():
+        with catalog.locked(acquire_lock) as waited:
             took_over = catalog.admit(repo.id, repo.lineage, clock())
             catalog.sweep_abandoned()  # unfinished copies of runs that were killed
             bases: dict[str, tuple[Manifest, Entry]] = {}
@@ -252,7 +266,7 @@ def backup(
         path=str(path),
         complete=manifest.complete,
         bytes=sum(copied.result.size for copied in run.results.values()),
-        seconds=time.monotonic() - began,
+        seconds=time.monotonic() - began - waited,
         prefixes={
             name: {
                 "kind": copied.result.kind,
@@ -266,6 +280,7 @@ def backup(
         chain_restarts={name: why for name, why in restarts.items() if name in run.results},
         cut_seconds=cut_seconds,
         took_over=took_over,
+        waited=waited,
     )
 
 
@@ -315,6 +330,7 @@ def _copy_all(
                     ],
                     step,
                     hash_pieces,
+                    repo.lease_timeout,
                 ),
                 retries,
                 # Inline, jobs run one by one, each opening a repository (a coordinator
@@ -597,6 +613,7 @@ def restore(
     progress: BackupProgress | None = None,
     key_file: str | os.PathLike[str] | None = None,
     clock: Callable[[], float] = time.time,
+    lease_timeout: float | None = None,
 ) -> RestoreResult:
     """Rebuild prefixes in ``root`` from a backup of the catalog ``dest_dir``.
 
@@ -606,7 +623,8 @@ def restore(
     empty or absent unless ``force``, which replaces each prefix under its ``exclusive``
     lease. Every piece is checked before a prefix goes live. A repository created by the
     restore records where it came from (its lineage), so it can go on backing up into this
-    catalog.
+    catalog. ``lease_timeout``: seconds to wait at most for each exclusive lease (None: as
+    long as it takes).
     """
     began = time.monotonic()
     catalog = Catalog(dest_dir, key_file=key_file)
@@ -635,7 +653,10 @@ def restore(
     restored: dict[str, int] = {}
     fresh = not target.exists() or not any(target.iterdir())
     if not fresh:  # --force into a repository: prefix by prefix, each under its exclusive lease
-        _restore_into(target, names, chains, manifest, force, progress, total, restored)
+        _restore_into(
+            target, names, chains, manifest, force, progress, total, restored,
+            lease_timeout=lease_timeout,
+        )  # fmt: skip
     else:
         # All or nothing: build the repository beside ROOT, then rename it into place (rename
         # replaces an empty directory), so a failed restore leaves ROOT as it was. Nothing in
@@ -705,13 +726,15 @@ def _restore_into(
     *,
     staged: bool = False,
     lineage: dict[str, Any] | None = None,
+    lease_timeout: float | None = None,
 ) -> None:
     """``staged``: ``target`` is a staging directory (see ``restore_chain``), made a new
     repository that records ``lineage``."""
     done_bytes = 0
     # Nobody else can know a staging directory: no coordinator for it, kernel locks will do.
     leases = FileLeases(target / RUNTIME_DIR) if staged else None
-    with Repository.init(target, leases=leases, lineage=lineage) as repo:
+    init = Repository.init
+    with init(target, leases=leases, lineage=lineage, lease_timeout=lease_timeout) as repo:
         for number, name in enumerate(names):
 
             def step(done: int, _: int, base: int = done_bytes, number: int = number) -> None:

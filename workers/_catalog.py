@@ -37,14 +37,15 @@ import math
 import os
 import re
 import stat
+import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import BaseFileLock, FileLock
 from hotcopy.storage import NotRegularFile, StorageError
 from hotcopy.storage._copy import BaseRef, Piece
 from hotcopy.storage._durable import fsync_dir, is_temp_name, sweep_stale_temps, write_durably
@@ -53,6 +54,9 @@ from hotcopy.storage._format import HEADER_SIZE
 from hotcopy.storage._repository import validate_prefix_name
 
 from ._errors import BackupError, BackupNotFound, CatalogError
+
+# Takes a catalog lock (see Catalog.locked): bounded or reported as the caller wants.
+LockWait = Callable[[BaseFileLock], None]
 
 CATALOG_MARKER = "hotcopy-backups.json"
 MANIFEST = "MANIFEST.json"
@@ -661,6 +665,24 @@ class Catalog:
         """The catalog lock: one backup run or prune at a time."""
         os.close(open_regular(self.path / LOCK, os.O_RDWR | os.O_CREAT))  # its policy mode
         return FileLock(self.path / LOCK, timeout=timeout, poll_interval=0.01)
+
+    @contextlib.contextmanager
+    def locked(self, acquire: LockWait | None = None) -> Iterator[float]:
+        """Hold the catalog lock; yields the seconds spent waiting for it.
+
+        ``acquire`` takes the lock on the caller's terms (a timeout, a notice naming the
+        holder: the command line's ``--timeout``); by default it is waited for without end.
+        """
+        lock = self.lock()
+        asked = time.monotonic()
+        if acquire is None:
+            lock.acquire()
+        else:
+            acquire(lock)
+        try:
+            yield time.monotonic() - asked
+        finally:
+            lock.release()
 
     # -- backups on disk ----------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from ._catalog import (
     UNFINISHED,
     Catalog,
     CatalogView,
+    LockWait,
     Manifest,
     Record,
     is_own_file,
@@ -278,14 +279,16 @@ def prune(
     dry_run: bool = False,
     key_file: str | os.PathLike[str] | None = None,
     clock: Callable[[], float] = time.time,
+    acquire_lock: LockWait | None = None,
 ) -> PruneReport:
     """Apply retention rules to the catalog ``dest_dir`` (see the module docstring).
 
     With ``dry_run`` nothing changes: the report says what would be kept and removed.
+    ``acquire_lock`` takes the catalog lock (see ``Catalog.locked``).
     """
     rules = Rules(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_within)
     catalog = Catalog(dest_dir, key_file=key_file)
-    with catalog.lock():
+    with catalog.locked(acquire_lock):
         view = catalog.scan()
         decisions = plan(view, rules, clock())
         if not dry_run:
