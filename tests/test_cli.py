@@ -79,9 +79,9 @@ def _check_fails(done: subprocess.CompletedProcess[bytes]) -> str:
     return lines[0]
 
 
-def _check_partial(done: subprocess.CompletedProcess[bytes]) -> str:
-    """Exit 3 (some prefixes failed, the others are done) and one error line naming them."""
-    assert done.returncode == 3, done
+def _check_damage_found(done: subprocess.CompletedProcess[bytes]) -> str:
+    """Exit 1 (damage found is an error, whatever else is sound) and one error line."""
+    assert done.returncode == 1, done
     lines = done.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hotcopy: error: "), done.stderr
     return lines[0]
@@ -205,7 +205,7 @@ def test_ls_lists_prefixes_with_size_seq_and_keys(cli: Cli, root: Path) -> None:
     ]
 
 
-def test_ls_lists_every_prefix_and_marks_the_damaged_ones_with_exit_3(cli: Cli, root: Path) -> None:
+def test_ls_lists_every_prefix_and_marks_the_damaged_ones_with_exit_1(cli: Cli, root: Path) -> None:
     names = ("a", "flipped", "header", "torn", "z")  # as listed: sorted
     for name in names:
         cli.ok("put", root, name, "k", "v")
@@ -223,7 +223,7 @@ def test_ls_lists_every_prefix_and_marks_the_damaged_ones_with_exit_3(cli: Cli, 
     assert not any(report.ok for report in damaged.values())
 
     done = cli.run("ls", root)
-    line = _check_partial(done)
+    line = _check_damage_found(done)
     assert "3 of 5 prefixes are damaged" in line and "'flipped'" in line
     header, *rows = done.stdout.decode().splitlines()
     assert header.split() == ["PREFIX", "BYTES", "SEQ", "KEYS"]
@@ -235,7 +235,7 @@ def test_ls_lists_every_prefix_and_marks_the_damaged_ones_with_exit_3(cli: Cli, 
         assert row.endswith(report.summary()) and f"DAMAGED at offset {report.offset}" in row
 
     done = cli.run("ls", root, "--json")
-    _check_partial(done)
+    _check_damage_found(done)
     listing = {row["prefix"]: row for row in json.loads(done.stdout)["prefixes"]}
     assert list(listing) == list(names)
     for name in ("a", "z"):
@@ -248,7 +248,7 @@ def test_ls_lists_every_prefix_and_marks_the_damaged_ones_with_exit_3(cli: Cli, 
         assert (row["damaged"], row["seq"], row["keys"]) == (True, None, None)
         assert row["error"] == report.summary()
         assert f"{root / name}.hc: DAMAGED at offset {report.offset}" in row["error"]
-    assert "exit status is 3 (partial)" in " ".join(cli.ok("ls", "--help").split())
+    assert "exit status is 1" in " ".join(cli.ok("ls", "--help").split())
 
 
 # -- copy and restore -------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def test_verify_a_copy_a_repository_and_a_damaged_file(
     live[-10] ^= 0x04
     (root / "q.hc").write_bytes(bytes(live))
     offset = verify_file(root / "q.hc").offset
-    line = _check_partial(cli.run("verify", root))  # p is sound: q alone is damaged
+    line = _check_damage_found(cli.run("verify", root))  # p is sound: q alone is damaged
     assert f"offset {offset}" in line and "q.hc" in line
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from hotcopy.coordinator import LeaseTimeout
 from hotcopy.storage import Repository, StorageError, verify_file
+from hotcopy.storage._files import open_regular
 from hotcopy.storage._format import MAIN_MAGIC
 from hotcopy.storage._verify import VerifyReport, verify_prefix
 
@@ -419,6 +420,7 @@ def run_verify(args: argparse.Namespace, console: Console) -> int:
         return _verify_repository(path, args.json, console)
     if not os.path.lexists(path):
         raise StorageError(f"nothing to verify at {path}: no such file or directory")
+    path = Path(os.path.realpath(path))  # the user named it: a link to a copy is followed
     if not _is_hotcopy_file(path):
         raise CommandError(
             f"{path} is not a hotcopy file: give a .hc file, a repository or a backup directory"
@@ -435,12 +437,13 @@ def run_verify(args: argparse.Namespace, console: Console) -> int:
 
 
 def _is_hotcopy_file(path: Path) -> bool:
-    """Whether ``path`` starts like a hotcopy main file (a copy, a full backup piece)."""
+    """Whether ``path`` starts like a hotcopy main file (a copy, a full backup piece); a FIFO,
+    socket or device is refused at once (NotRegularFile), never waited on."""
+    fd = open_regular(path)
     try:
-        with open(path, "rb") as file:
-            return file.read(len(MAIN_MAGIC)) == MAIN_MAGIC
-    except IsADirectoryError:
-        return False
+        return os.pread(fd, len(MAIN_MAGIC), 0) == MAIN_MAGIC
+    finally:
+        os.close(fd)
 
 
 def _verify_repository(root: Path, as_json: bool, console: Console) -> int:
@@ -469,7 +472,7 @@ def _verify_repository(root: Path, as_json: bool, console: Console) -> int:
             f"{len(damaged)} of {len(reports)} prefixes damaged; the first: {first.path} at "
             f"offset {first.offset}: {first.error}"
         )
-        return EXIT_PARTIAL
+        return EXIT_ERROR  # damage found is an error, whatever else is sound
     return EXIT_OK
 
 
@@ -519,5 +522,5 @@ def _report_check(path: Path, check: Check, as_json: bool, console: Console) -> 
         return EXIT_ERROR
     if check.problems:
         console.error(f"{path}: {len(check.problems)} problem(s); the first: {check.problems[0]}")
-        return EXIT_PARTIAL
+        return EXIT_ERROR
     return EXIT_OK

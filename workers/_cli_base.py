@@ -31,7 +31,8 @@ exit status:
   1    error, told in one line "hotcopy: error: ..." on stderr
   2    usage: the command line is wrong
   3    partial: some prefixes failed, the others are done (backup, restore
-       --allow-partial, verify of a directory, ls); the line on stderr names them
+       --allow-partial); the line on stderr names them. Damage that verify or ls
+       finds is an error (1)
   130  interrupted (Ctrl-C)"""
 
 JSON_VERSION = 1  # of every --json output (README); a change of meaning gets a new version

@@ -26,8 +26,8 @@ from hotcopy.storage._repository import MARKER
 
 from ._catalog import CATALOG_MARKER
 from ._cli_base import (
+    EXIT_ERROR,
     EXIT_OK,
-    EXIT_PARTIAL,
     CommandError,
     Console,
     add_json,
@@ -99,13 +99,13 @@ def register(sub: Any) -> None:
     cmd = command_parser(
         sub,
         "ls",
-        "list prefixes with size and commit sequence; exit 3 if any is damaged",
+        "list prefixes with size and commit sequence; exit 1 if any is damaged",
         """\
   hotcopy ls /data/repo
   hotcopy ls /data/repo --json | jq '.prefixes[] | select(.damaged)'""",
         description="List every prefix with its size, commit sequence and number of keys. A "
         "prefix that cannot be read is listed as damaged, with the file and offset of the "
-        "damage, and the exit status is 3 (partial).",
+        "damage, and the exit status is 1.",
     )
     cmd.add_argument("root", type=Path, help="the repository")
     add_json(cmd)
@@ -377,7 +377,7 @@ def run_ls(args: argparse.Namespace, console: Console) -> int:
             f"{len(damaged)} of {len(rows)} prefixes are damaged: "
             f"{', '.join(map(repr, damaged))}; `hotcopy verify {args.root}` checks every file"
         )
-        return EXIT_PARTIAL
+        return EXIT_ERROR
     return EXIT_OK
 
 
