@@ -320,7 +320,7 @@ def _restore_copy(args: argparse.Namespace, console: Console) -> int:
     prefixes = args.prefixes or [source.name.removesuffix(".hc")]
     if len(prefixes) != 1 or args.at:
         raise CommandError("restoring one .hc file takes at most one --prefix and no --at")
-    if not _is_hotcopy_file(source):
+    if not _is_hotcopy_file(Path(os.path.realpath(source))):  # the user's link is followed
         raise CommandError(f"{source} is not a hotcopy file (neither a .hc copy nor a directory)")
     with Repository.init(args.root) as repo:
         repo.close()
