@@ -206,7 +206,17 @@ class Repository:
                 existing.close()
             else:
                 return existing
-        prefix = Prefix(
+        prefix = self.open_view(name, mode)
+        self._open[name] = prefix
+        return prefix
+
+    def open_view(self, name: str, mode: str = "r") -> Prefix:
+        """A view of a prefix of its own, with this repository's settings, that the caller
+        closes: unlike :meth:`open_prefix`, never the view (and transaction) other code of
+        this process shares."""
+        self._check_open()
+        validate_prefix_name(name)
+        return Prefix(
             self.root,
             name,
             mode,
@@ -216,8 +226,6 @@ class Repository:
             lease_timeout=self._lease_timeout,
             lease_ttl=self._lease_ttl,
         )
-        self._open[name] = prefix
-        return prefix
 
     def open_prefixes(self) -> dict[str, Prefix]:
         """The prefixes this object has open, by name."""

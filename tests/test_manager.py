@@ -18,7 +18,15 @@ from typing import Any
 
 import pytest
 from hotcopy.storage import Repository
-from hotcopy.workers import BackupError, BackupManager, Catalog, CatalogError, apply_delta
+from hotcopy.workers import (
+    BackupError,
+    BackupManager,
+    BackupResult,
+    Catalog,
+    CatalogError,
+    apply_delta,
+)
+from hotcopy.workers._catalog import backup_time_us
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(60)]
 
@@ -42,6 +50,14 @@ def commit(root: Path, name: str, changes: dict[str, Any]) -> int:
             else:
                 px[key] = value
         return px.commit()
+
+
+def document_of(dest: Path, result: BackupResult | None) -> Path:
+    """The logical document of ``result``, found as a DictDB user finds one: by name."""
+    assert result is not None
+    seconds, micros = divmod(backup_time_us(result.id), 1_000_000)
+    (found,) = dest.glob(f"hotcopy_*_{seconds}_{micros:06d}.json")
+    return found
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
@@ -113,28 +129,20 @@ def test_notify_change_is_debounced_by_min_backup_interval(root: Path, tmp_path:
     manager = BackupManager(root, dest, backup_interval=1000, min_backup_interval=10, clock=clock)
     manager.start()
     try:
-        clock.wait_for_reads(1)  # the thread is up and has noted "now" as its start
-        for moment in (1.0, 3.0, 5.0, 9.0):  # a burst within min_backup_interval of the start
+        clock.wait_for_reads(1)  # the thread is up
+        clock.now = 1.0
+        manager.notify_change()  # no backup yet: taken at once
+        assert wait_until(lambda: manager.backups_taken == 1)
+        for moment in (3.0, 5.0, 9.0, 10.0):  # a burst within min_backup_interval of it
             reads = clock.reads
             clock.now = moment
             manager.notify_change()
             clock.wait_for_reads(reads + 1)  # the thread has looked at the time again
         # Had any notification started a backup, the thread would have read the clock only
-        # after it (so the catalog would exist by now).
-        assert manager.backups_taken == 0
-        assert not dest.exists()
-
-        clock.now = 10.0  # min_backup_interval after the start: due
-        manager.notify_change()
-        assert wait_until(lambda: manager.backups_taken == 1)
-
-        # Another change right after: deferred until min_backup_interval after that backup.
-        reads = clock.reads
-        clock.now = 15.0
-        manager.notify_change()
-        clock.wait_for_reads(reads + 1)
+        # after it.
         assert manager.backups_taken == 1
-        clock.now = 20.0
+
+        clock.now = 11.0  # min_backup_interval after that backup: due
         manager.notify_change()
         assert wait_until(lambda: manager.backups_taken == 2)
     finally:
@@ -237,9 +245,10 @@ def test_incremental_backups_are_deltas_counted_until_a_full_one(
     commit(root, "users", {"n4": 4})
     assert kinds(manager.backup_now()) == {"full"}  # the chain is as long as allowed
     assert manager.deltas_since_full == 0
+    commit(root, "users", {"n5": 5})
     assert kinds(manager.backup_delta()) == {"delta"}
     assert manager.deltas_since_full == 1
-    assert kinds(manager.backup_full()) == {"full"}
+    assert kinds(manager.backup_full()) == {"full"}  # even when nothing changed
     assert manager.deltas_since_full == 0
     catalog = Catalog(dest)
     for manifest in catalog.manifests():
@@ -269,7 +278,7 @@ def test_json_documents_replayed_with_apply_delta_reproduce_the_repository(
     results.append(manager.backup_now())
 
     assert all(result is not None for result in results)
-    docs = [dest / f"{result.id}.json" for result in results if result is not None]
+    docs = [document_of(dest, result) for result in results]
     loaded = [json.loads(doc.read_text()) for doc in docs]
     assert [doc["type"] for doc in loaded] == ["full", "delta", "delta"]
     users = loaded[1]["prefixes"]["users"]
@@ -329,15 +338,15 @@ def test_a_replay_after_compaction_drops_what_the_compaction_dropped(
     assert first is not None and second is not None
     assert second.prefixes["users"]["kind"] == "full"
     assert second.prefixes["blobs"]["kind"] == "delta"
-    document = json.loads((dest / f"{second.id}.json").read_text())
+    document = json.loads(document_of(dest, second).read_text())
     assert document["type"] == "delta"
     assert document["prefixes"]["users"]["full"] is True
     assert "full" not in document["prefixes"]["blobs"]
 
     fresh = tmp_path / "fresh-repo"
-    apply_delta(fresh, dest / f"{first.id}.json")
+    apply_delta(fresh, document_of(dest, first))
     # users: 6 live records (bob, u1..u5) upserted, 2 deleted (u0, alice); blobs: one upsert.
-    assert apply_delta(fresh, dest / f"{second.id}.json") == 6 + 2 + 1
+    assert apply_delta(fresh, document_of(dest, second)) == 6 + 2 + 1
     assert dump_repo(fresh) == dump_repo(root)
 
 
@@ -350,5 +359,166 @@ def test_a_dict_shaped_like_the_bytes_encoding_survives_a_replay(
     result = BackupManager(root, dest, file_format="json").backup_full()
     assert result is not None
     fresh = tmp_path / "fresh-repo"
-    apply_delta(fresh, dest / f"{result.id}.json")
+    apply_delta(fresh, document_of(dest, result))
     assert dump_repo(fresh)["users"]["tricky"] == lookalike
+
+
+# -- as DictDB's documents use it (issue 16) ----------------------------------------------------
+
+
+def test_the_manager_takes_dictdbs_arguments_by_name(root: Path, tmp_path: Path) -> None:
+    with Repository(root) as db:
+        backup = BackupManager(
+            db=db,
+            backup_dir=tmp_path / "backups",
+            backup_interval=300,
+            file_format="json",
+            min_backup_interval=5.0,
+            on_backup_failure=lambda error, count: None,
+            incremental=False,
+            max_deltas_before_full=10,
+        )
+        assert backup.backup_now() is not None
+    assert backup.consecutive_failures == 0 and backup.deltas_since_full == 0
+
+
+def test_notify_change_without_start_backs_up_at_once_respecting_min_backup_interval(
+    root: Path, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    backup = BackupManager(db=root, backup_dir=tmp_path / "b", min_backup_interval=10, clock=clock)
+    backup.notify_change()  # never backed up: now, in this thread
+    assert backup.backups_taken == 1
+    clock.now = 5.0
+    backup.notify_change()  # within min_backup_interval of that backup: not now
+    assert backup.backups_taken == 1
+    clock.now = 10.0
+    backup.notify_change()
+    assert backup.backups_taken == 2
+    assert _no_manager_thread()
+    assert len(Catalog(tmp_path / "b").manifests()) == 2
+
+
+def test_the_first_change_after_start_is_backed_up_without_waiting_min_backup_interval(
+    root: Path, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    backup = BackupManager(
+        db=root,
+        backup_dir=tmp_path / "b",
+        backup_interval=1000,
+        min_backup_interval=60,
+        clock=clock,
+    )
+    backup.start()
+    try:
+        clock.wait_for_reads(1)
+        clock.now = 1.0  # one second after start, no backup ever taken
+        backup.notify_change()
+        assert wait_until(lambda: backup.backups_taken == 1)
+    finally:
+        backup.stop()
+
+
+def test_an_incremental_backup_of_an_unchanged_repository_is_skipped(
+    root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dest = tmp_path / "b"
+    backup = BackupManager(db=root, backup_dir=dest, incremental=True, max_deltas_before_full=2)
+    first = backup.backup_now()
+    assert first is not None
+    commit(root, "users", {"carol": 1})
+    assert backup.backup_now() is not None and backup.deltas_since_full == 1
+    with caplog.at_level("INFO", logger="hotcopy.workers._manager"):
+        for _ in range(3):
+            assert backup.backup_now() is None  # nothing changed: no backup written
+    assert "nothing changed" in caplog.text
+    assert backup.backups_skipped == 3 and backup.backups_taken == 2
+    assert backup.deltas_since_full == 1 and backup.consecutive_failures == 0
+    assert len(Catalog(dest).manifests()) == 2
+    assert sorted(p.name for p in dest.iterdir() if p.is_dir()) == sorted(
+        m.id for m in Catalog(dest).manifests()
+    )  # and no directory was left behind
+    commit(root, "users", {"carol": 2})
+    assert backup.backup_now() is not None and backup.deltas_since_full == 2
+
+
+def test_json_documents_are_named_as_dictdb_names_them_by_what_they_hold(
+    root: Path, tmp_path: Path
+) -> None:
+    backup_dir = tmp_path / "backups"
+    backup = BackupManager(db=root, backup_dir=backup_dir, file_format="json", incremental=True)
+    assert backup.backup_now() is not None  # the first incremental run: all full copies
+    commit(root, "users", {"carol": 1})
+    assert backup.backup_delta() is not None
+    fulls = sorted(backup_dir.glob("hotcopy_backup_*.json"))
+    deltas = sorted(backup_dir.glob("hotcopy_delta_*.json"))
+    assert len(fulls) == 1 and len(deltas) == 1
+    assert json.loads(fulls[0].read_text())["type"] == "full"
+    assert json.loads(deltas[0].read_text())["type"] == "delta"
+
+    # DictDB's restore recipe: the latest full one, then the deltas in order.
+    fresh = tmp_path / "restored"
+    apply_delta(fresh, fulls[-1])
+    for delta_file in sorted(backup_dir.glob("hotcopy_delta_*.json")):
+        apply_delta(fresh, delta_file)
+    assert dump_repo(fresh) == dump_repo(root)
+
+
+def test_apply_delta_leaves_the_callers_open_prefix_and_its_pending_writes_alone(
+    root: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "b"
+    result = BackupManager(db=root, backup_dir=dest, file_format="json").backup_full()
+    assert result is not None
+    (document,) = dest.glob("hotcopy_backup_*.json")
+    fresh = tmp_path / "fresh"
+    commit(fresh, "blobs", {"old": 1})  # a full document drops it
+    with Repository.init(fresh) as db:
+        users = db.open_prefix("users", "rw")
+        users["pending"] = 1
+        with pytest.raises(BackupError, match="uncommitted"):
+            apply_delta(db, document)
+        assert not users.closed and users["pending"] == 1 and users.in_transaction
+        assert "pending" not in _read_in_another_process(fresh, "users")
+        users.rollback()
+
+        reader = db.open_prefix("blobs", "r")  # open read-only by the caller
+        assert apply_delta(db, document) == 4  # users alice, bob; blobs b, and old deleted
+        assert not users.closed and not reader.closed and reader.mode == "r"
+        assert users["alice"] == {"age": 3} and reader["b"] == b"\x00\x01" and "old" not in reader
+        users["mine"] = 2  # the caller's prefix is still usable
+        users.commit()
+    assert _read_in_another_process(fresh, "users")["mine"] == 2
+
+
+def _read_in_another_process(root: Path, name: str) -> dict[str, Any]:
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\nfrom hotcopy.storage import Repository\n"
+        "with Repository(sys.argv[1]) as r, r.open_prefix(sys.argv[2], 'r') as p:\n"
+        "    print(json.dumps({k: p[k] for k in p if not isinstance(p[k], bytes)}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(root), name],
+        capture_output=True, text=True, timeout=WAIT, check=True,
+    )  # fmt: skip
+    found: dict[str, Any] = json.loads(out.stdout)
+    return found
+
+
+def test_prune_removes_the_logical_document_of_each_backup_it_removes(
+    root: Path, tmp_path: Path
+) -> None:
+    from hotcopy.workers import prune
+
+    dest = tmp_path / "b"
+    backup = BackupManager(db=root, backup_dir=dest, file_format="json")
+    old, new = backup.backup_full(), backup.backup_full()
+    assert old is not None and new is not None
+    kept = document_of(dest, new)
+    prune(dest, keep_last=1)
+    assert [m.id for m in Catalog(dest).manifests()] == [new.id]
+    assert list(dest.glob("hotcopy_*.json")) == [kept]

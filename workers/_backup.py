@@ -92,6 +92,8 @@ class BackupResult:
     cut_seconds: float = 0.0
     took_over: str | None = None  # the catalog was taken over from the repository restored
     waited: float = 0.0  # seconds waiting for the catalog lock (not counted in ``seconds``)
+    # ``skip_unchanged``: nothing changed since backup ``id``, so none was written.
+    skipped: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +109,7 @@ class BackupResult:
             "cut_seconds": round(self.cut_seconds, 6),
             "took_over": self.took_over,
             "waited": round(self.waited, 6),
+            "skipped": self.skipped,
         }
 
 
@@ -190,6 +193,7 @@ def backup(
     clock: Callable[[], float] = time.time,
     lease_timeout: float | None = None,
     acquire_lock: LockWait | None = None,
+    skip_unchanged: bool = False,
 ) -> BackupResult:
     """Back up ``prefixes`` (default: all) of the repository at ``root`` into ``dest_dir``.
 
@@ -209,6 +213,9 @@ def backup(
             prefix whose lease is not granted in time fails (the backup is then partial).
         acquire_lock: Takes the catalog lock (see ``Catalog.locked``); the wait is reported
             as ``waited`` and not counted in ``seconds``.
+        skip_unchanged: With ``incremental``: when no prefix changed since the newest complete
+            backup and it holds exactly these prefixes, write nothing and return that backup's
+            id with ``skipped`` set.
 
     Returns:
         The result; ``complete`` is False (and ``failed`` says why) when a prefix could not be
@@ -229,10 +236,13 @@ def backup(
             catalog.sweep_abandoned()  # unfinished copies of runs that were killed
             bases: dict[str, tuple[Manifest, Entry]] = {}
             restarts: dict[str, str] = {}
+            newest: Manifest | None = None
             if incremental:
+                view = catalog.scan()
                 bases, restarts = _bases(
-                    catalog.scan(), names, max_deltas_before_full, checksums=verify_chain
+                    view, names, max_deltas_before_full, checksums=verify_chain
                 )
+                newest = _newest_complete(view)
             created = clock()
             backup_id, path = catalog.new_backup_dir(created)
             manifest = Manifest(backup_id, created, repo.id, names, consistent)
@@ -256,6 +266,18 @@ def backup(
                 raise BackupError(
                     f"no prefix could be backed up into {catalog.path}: "
                     + "; ".join(f"{name}: {error}" for name, error in sorted(run.failed.items()))
+                )
+            if skip_unchanged and newest is not None and _unchanged(newest, names, run, bases):
+                _discard(path)
+                return BackupResult(
+                    id=newest.id,
+                    path=str(catalog.path / newest.id),
+                    complete=True,
+                    bytes=0,
+                    seconds=time.monotonic() - began - waited,
+                    took_over=took_over,
+                    waited=waited,
+                    skipped=True,
                 )
             sync_filesystem(path)  # every copy durable before the manifest names it
             manifest.entries = _entries(run.results, bases)
@@ -477,6 +499,30 @@ def _bases(
         elif len(view.chain(manifest.id, name)) - 1 < max_deltas:
             bases[name] = (manifest, entry)
     return bases, restarts
+
+
+def _newest_complete(view: CatalogView) -> Manifest | None:
+    complete = [r.manifest for r in view.ordered() if r.status == COMPLETE and r.manifest]
+    return complete[-1] if complete else None
+
+
+def _unchanged(
+    newest: Manifest, names: list[str], run: _Run, bases: Mapping[str, tuple[Manifest, Entry]]
+) -> bool:
+    """Whether ``run`` copied nothing new: ``newest`` holds exactly ``names``, and each copy is
+    an empty delta continuing ``newest`` (a main file is append-only between rewrites, so no
+    new bytes past the base's end means no new commit)."""
+    if set(newest.entries) != set(names) or set(run.results) != set(names):
+        return False
+    for name, copied in run.results.items():
+        result = copied.result
+        if (
+            result.kind != "delta"
+            or result.start != result.length
+            or bases[name][0].id != newest.id
+        ):
+            return False
+    return True
 
 
 def _pending_bytes(repo: Repository, name: str, base: tuple[Manifest, Entry] | None) -> int:

@@ -1,14 +1,17 @@
-"""BackupManager: periodic, change-triggered and incremental backups in the background.
+"""BackupManager: periodic, change-triggered and incremental backups, as DictDB's.
 
-One daemon thread decides when to back up: every ``backup_interval`` seconds, and soon after
-:meth:`notify_change` — but never sooner than ``min_backup_interval`` after the previous backup,
-so a burst of notifications becomes one backup. Manual calls (:meth:`backup_now` and friends)
-run in the caller's thread; a lock keeps backups one at a time.
+Once started, one daemon thread decides when to back up: every ``backup_interval`` seconds,
+and after :meth:`notify_change` -- at once if no backup was taken yet, else no sooner than
+``min_backup_interval`` after the previous one, so a burst of notifications becomes one backup.
+Not started, :meth:`notify_change` backs up in the caller's thread under the same rule. Manual
+calls (:meth:`backup_now` and friends) run in the caller's thread; a lock keeps backups one at
+a time. An incremental run that finds nothing changed since the newest backup writes none.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -32,7 +35,7 @@ class BackupManager:
     """Keeps the backups of one repository in ``backup_dir``.
 
     Args:
-        root_or_repo: The repository (or its root directory).
+        db: The repository (or its root directory); named as DictDB names it.
         backup_dir: The backup catalog directory (created if absent).
         backup_interval: Seconds between periodic backups once started.
         file_format: ``"native"``, or ``"json"`` to also write each backup's logical document
@@ -51,7 +54,7 @@ class BackupManager:
 
     def __init__(
         self,
-        root_or_repo: Repository | str | os.PathLike[str],
+        db: Repository | str | os.PathLike[str],
         backup_dir: str | os.PathLike[str],
         backup_interval: float = 300,
         file_format: str = "native",
@@ -70,9 +73,7 @@ class BackupManager:
             raise ValueError("backup_interval must be positive and min_backup_interval >= 0")
         if verify_chain_every < 1:
             raise ValueError(f"verify_chain_every must be at least 1, not {verify_chain_every}")
-        self.root = str(
-            root_or_repo.root if isinstance(root_or_repo, Repository) else Path(root_or_repo)
-        )
+        self.root = str(db.root if isinstance(db, Repository) else Path(db))
         self.backup_dir = Path(backup_dir)
         self.backup_interval = backup_interval
         self.file_format = file_format
@@ -87,9 +88,11 @@ class BackupManager:
         self.incremental_runs = 0
         self.deltas_since_full = 0
         self.backups_taken = 0
+        self.backups_skipped = 0  # incremental runs that found nothing changed
         self.last_result: BackupResult | None = None
         self._clock = clock
         self._last_backup_at: float | None = None
+        self._started_at: float | None = None
         self._change_pending = False
         self._stopping = False
         self._wakeup = threading.Condition()
@@ -99,7 +102,11 @@ class BackupManager:
     # -- manual backups -------------------------------------------------------------------
 
     def backup_now(self) -> BackupResult | None:
-        """Back up now: a delta in incremental mode (until the chain is long), else full."""
+        """Back up now: a delta in incremental mode (until the chain is long), else full.
+
+        Returns None when the backup failed (see ``consecutive_failures``) or, incremental,
+        when nothing changed since the newest backup (see ``backups_skipped``).
+        """
         full = not self.incremental or self.deltas_since_full >= self.max_deltas_before_full
         return self._run(incremental=not full)
 
@@ -112,10 +119,21 @@ class BackupManager:
         return self._run(incremental=True)
 
     def notify_change(self) -> None:
-        """Ask for a backup soon; debounced by ``min_backup_interval``."""
+        """Ask for a backup after a change; debounced by ``min_backup_interval``.
+
+        Started, the thread takes it; not started, it is taken here and now when due (a
+        notification within ``min_backup_interval`` of the last backup is left pending for
+        the next one, or for the thread once started).
+        """
         with self._wakeup:
             self._change_pending = True
-            self._wakeup.notify()
+            if self._thread is not None:
+                self._wakeup.notify()
+                return
+            if self._seconds_until_due() > 0:
+                return
+            self._change_pending = False
+        self.backup_now()
 
     # -- the background thread ------------------------------------------------------------
 
@@ -125,6 +143,7 @@ class BackupManager:
             if self._thread is not None:
                 raise RuntimeError("BackupManager is already started")
             self._stopping = False
+            self._started_at = self._clock()  # the first periodic backup is one interval in
             self._thread = threading.Thread(target=self._loop, name="hotcopy-backup", daemon=True)
             self._thread.start()
 
@@ -145,9 +164,6 @@ class BackupManager:
         self.stop()
 
     def _loop(self) -> None:
-        with self._wakeup:
-            if self._last_backup_at is None:
-                self._last_backup_at = self._clock()  # the first periodic backup is one interval in
         while True:
             with self._wakeup:
                 while not self._stopping:
@@ -157,21 +173,25 @@ class BackupManager:
                     self._wakeup.wait(delay)
                 if self._stopping:
                     return
-                self._change_pending = False
             self.backup_now()
 
     def _seconds_until_due(self) -> float:
-        last = self._last_backup_at if self._last_backup_at is not None else self._clock()
+        """Seconds until a backup is due (<= 0: now); the caller holds ``_wakeup``."""
         now = self._clock()
-        due = last + self.backup_interval
+        last = self._last_backup_at
+        due = math.inf
+        if self._thread is not None:
+            due = (last if last is not None else self._started_at or now) + self.backup_interval
         if self._change_pending:
-            due = min(due, last + self.min_backup_interval)
+            due = min(due, last + self.min_backup_interval if last is not None else now)
         return due - now
 
     # -- one backup -----------------------------------------------------------------------
 
     def _run(self, *, incremental: bool) -> BackupResult | None:
         with self._backup_lock:
+            with self._wakeup:
+                self._change_pending = False  # this backup covers every change notified so far
             verify_chain = incremental and self.incremental_runs % self.verify_chain_every == 0
             self.incremental_runs += incremental
             try:
@@ -183,6 +203,7 @@ class BackupManager:
                     max_deltas_before_full=self.max_deltas_before_full,
                     verify_chain=verify_chain,
                     key_file=self.key_file,
+                    skip_unchanged=incremental,
                 )
                 if not result.complete:
                     raise BackupError(
@@ -190,7 +211,7 @@ class BackupManager:
                         f"{len(result.failed)} prefix(es): "
                         + "; ".join(f"{k}: {v}" for k, v in sorted(result.failed.items()))
                     )
-                if self.file_format == "json":
+                if self.file_format == "json" and not result.skipped:
                     self._write_logical(result)
             except Exception as err:
                 self.consecutive_failures += 1
@@ -207,6 +228,10 @@ class BackupManager:
                 with self._wakeup:
                     self._last_backup_at = self._clock()
             self.consecutive_failures = 0
+            if result.skipped:
+                self.backups_skipped += 1
+                log.info("backup skipped: nothing changed since backup %s", result.id)
+                return None
             self.backups_taken += 1
             self.last_result = result
             kinds = {entry["kind"] for entry in result.prefixes.values()}
@@ -214,10 +239,9 @@ class BackupManager:
             log.info("backup done id=%s bytes=%s", result.id, result.bytes)
             return result
 
-    def _write_logical(self, result: BackupResult) -> None:
+    def _write_logical(self, result: BackupResult) -> Path:
         catalog = Catalog(self.backup_dir, key_file=self.key_file)
         manifest = catalog.load(result.id)
-        full = all(entry.kind == "full" for entry in manifest.entries.values())
         prefixes: dict[str, Any] = {}
         for name, entry in manifest.entries.items():
             prefixes[name] = changes_in(
@@ -225,9 +249,9 @@ class BackupManager:
                 full=entry.kind == "full",
                 start=entry.start,
             )
-        write_document(
-            catalog.path / f"{result.id}.json",
-            "full" if full else "delta",
+        return write_document(
+            catalog.path,
+            result.id,
             manifest.created,
             prefixes,
             # A full copy inside a delta backup (a new or compacted prefix): applying it must

@@ -53,6 +53,7 @@ from ._catalog import (
     parse_duration,
     remove_own_files,
 )
+from ._logical import document_name
 
 # The fault point between two steps of a prune's deletions (tests SIGKILL a prune there).
 FAULT_POINT = "prune:step"
@@ -320,8 +321,9 @@ def _execute(catalog: Catalog, view: CatalogView, decisions: list[Decision], now
             decision.reasons.append(
                 f"directory left in place: it holds files hotcopy did not write ({', '.join(left)})"
             )
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            os.unlink(catalog.path / f"{decision.id}.json")  # its logical document, if any
+        for kind in ("full", "delta"):  # its logical document, if any
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(catalog.path / document_name(decision.id, kind))
         fsync_dir(catalog.path)
         fault(FAULT_POINT)
     for decision in decisions:
