@@ -112,10 +112,14 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     f"bulk backup {b['prefixes']} x 1 MiB, --jobs {jobs}",
                     f"{b[key]:.2f}x",
                     "cp -r + sync",
-                    ">= 0.8x (jobs 2)",
+                    ">= 1.0x (jobs 2)",
                 )
             )
-        rows.append(("restore", f"{b['restore_ratio']:.2f}x", "cp -r + sync", "-"))
+        for key in sorted(k for k in b if k.startswith("restore_jobs_") and k.endswith("_ratio")):
+            jobs = key.split("_")[2]
+            rows.append(
+                (f"restore, --jobs {jobs}", f"{b[key]:.2f}x", "cp -r + sync", ">= 0.9x (jobs 2)")
+            )
         i = backup["incremental"]
         rows.append(
             (

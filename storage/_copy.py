@@ -41,7 +41,7 @@ from ._errors import (
 from ._faults import BREAK, fault
 from ._files import open_regular
 from ._leases import HeldLease, expired_token
-from ._log import Cut, Damage, Log, check_main_file, install_files, iter_segments
+from ._log import Cut, Damage, Log, install_files, iter_segments
 from ._writeback import Writeback
 
 if TYPE_CHECKING:
@@ -555,6 +555,7 @@ def restore_chain(
     def write(out_fd: int) -> tuple[int, int]:
         write_all(out_fd, fmt.pack_main_header(header))
         done = 0
+        seq = original.base_seq
         for number, piece in enumerate(pieces):
             src_fd = open_regular(piece.path)
             try:
@@ -568,6 +569,11 @@ def restore_chain(
                 if number == 0:
                     start = original.size
                     crc = zlib.crc32(os.pread(src_fd, start, 0))
+                # Each piece is checked as it is read for its CRC, in the checksum thread and
+                # overlapped with the copy: whole segments, every checksum, each following the
+                # last. A piece lands at the offset it had in the main file it came from
+                # (``done``), so the result is never read back to be checked again.
+                checked = _PieceCheck(piece, seq, shift=done if number else 0)
                 crc = copy_range(
                     src_fd,
                     out_fd,
@@ -578,30 +584,25 @@ def restore_chain(
                     crc=crc,
                     sync=sync,
                     # Staged, no writer of the repository can wait behind the copy's
-                    # writeback, and the check below reads the copy from the page cache.
+                    # writeback.
                     paced=sync,
+                    verify=checked,
                 )
                 if crc != piece.crc32:
                     raise CorruptFileError(
                         f"{piece.path} fails its checksum; nothing restored", offset=0
                     )
+                seq = checked.seq
                 done += piece.size
             finally:
                 os.close(src_fd)
-        found = check_main_file(out_fd)
-        if found.error is not None or found.end != found.size:
+        if expect_seq is not None and seq != expect_seq:
             raise CorruptFileError(
-                f"the rebuilt prefix {prefix!r} is damaged at offset {found.offset}: "
-                f"{found.error}; nothing restored",
-                offset=found.offset,
-            )
-        if expect_seq is not None and found.seq != expect_seq:
-            raise CorruptFileError(
-                f"the rebuilt prefix {prefix!r} holds commit {found.seq}, not {expect_seq}; "
+                f"the rebuilt prefix {prefix!r} holds commit {seq}, not {expect_seq}; "
                 "nothing restored",
-                offset=found.size,
+                offset=done,
             )
-        return found.size, found.seq
+        return done, seq
 
     lease = None
     with contextlib.ExitStack() as stack:
@@ -621,6 +622,27 @@ def restore_chain(
             sync=sync,
         )
     return seq
+
+
+class _PieceCheck:
+    """Checks one piece of a restore chain (``verify`` of :func:`copy_range`): its bytes are
+    whole segments, every checksum right, following commit ``after``; ``seq`` is the commit
+    it ends at. ``shift``: the piece's offset in the main file it came from (a delta's)."""
+
+    def __init__(self, piece: Piece, after: int, *, shift: int) -> None:
+        self._piece = piece
+        self._shift = shift
+        self.seq = after
+
+    def __call__(self, fd: int, start: int, end: int) -> None:
+        for item in iter_segments(fd, start, end, self.seq, shift=self._shift):
+            if isinstance(item, Damage):
+                raise CorruptFileError(
+                    f"{self._piece.path} is damaged at offset {item.offset}: {item.reason}; "
+                    "nothing restored",
+                    offset=item.offset,
+                )
+            self.seq = item.last_seq
 
 
 def _shifted(progress: Progress | None, offset: int, total: int) -> Progress | None:

@@ -33,7 +33,7 @@ from hotcopy.workers import (
     prune,
     restore,
 )
-from hotcopy.workers._backup import BATCH_BYTES, BATCH_PREFIXES, _batches
+from hotcopy.workers._backup import BATCH_BYTES, BATCH_PREFIXES, INLINE_BELOW, _batches
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -639,3 +639,31 @@ def test_cli_backup_as_a_program_prints_one_json_object(repo_root: Path, tmp_pat
         "small": "full",
     }
     assert Catalog(dest).pick(None).id == report["id"]
+
+
+def test_a_restore_by_copy_workers_rebuilds_every_prefix_and_refuses_a_damaged_piece(
+    tmp_path: Path,
+) -> None:
+    # Above INLINE_BELOW bytes a restore with --jobs 2 goes to two copy workers.
+    root, dest = tmp_path / "repo", tmp_path / "bk"
+    Repository.init(root).close()
+    value = os.urandom(1 << 20)
+    for p in range(6):
+        commit(root, f"p{p}", {f"k{i}": value[i:] + value[:i] for i in range(6)})
+        commit(root, f"p{p}", {"last": p})
+    first = backup(root, dest, jobs=2)
+    commit(root, "p0", {"later": True})
+    backup(root, dest, jobs=2, incremental=True)  # p0 a delta, the others unchanged deltas
+    pieces = Catalog(dest).scan().pieces(first.id, "p0", checksums=False)
+    assert sum(piece.size for piece in pieces) * 6 > INLINE_BELOW
+    result = restore(dest, tmp_path / "new", jobs=2)
+    assert dump_repo(tmp_path / "new") == dump_repo(root)
+    assert result.prefixes == {name: seq for name, (seq, _) in dump_repo(root).items()}
+
+    piece = dest / first.id / "p3.hc"
+    data = bytearray(piece.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    piece.write_bytes(bytes(data))
+    with pytest.raises(BackupError, match="p3"):
+        restore(dest, tmp_path / "again", jobs=2)
+    assert not (tmp_path / "again").exists()

@@ -407,3 +407,26 @@ def test_a_key_file_others_can_read_or_write_is_refused(tmp_path: Path, mode: in
         backup(tmp_path / "repo", tmp_path / "bk", key_file=key)
     os.chmod(key, 0o600)
     assert backup(tmp_path / "repo", tmp_path / "bk", key_file=key).complete
+
+
+@pytest.mark.parametrize("which", ["full", "delta"])
+def test_a_damaged_piece_with_its_crc_rerecorded_is_never_restored(
+    catalog: tuple[Path, Path, str, str], tmp_path: Path, which: str
+) -> None:
+    # The piece CRC is the catalog's word; the segments' own checksums are the file's. A
+    # restore checks both, so one rewritten to match the other is still refused.
+    _, dest, full_id, delta_id = catalog
+    backup_id = full_id if which == "full" else delta_id
+    entry = Catalog(dest).load(backup_id).entries["p"]
+    piece = dest / backup_id / entry.file
+    data = bytearray(piece.read_bytes())
+    data[data.index(b"ours" if which == "full" else b"n")] ^= 0x01
+    piece.write_bytes(bytes(data))
+    crc = zlib.crc32(bytes(data))
+    rewrite_manifest(
+        dest / backup_id / MANIFEST,
+        lambda body: body["prefixes"]["p"].update(crc32=crc),
+    )
+    with pytest.raises(Exception, match="damaged"):
+        restore(dest, tmp_path / "new", at=delta_id)
+    assert not (tmp_path / "new").exists()

@@ -123,6 +123,14 @@ def register(sub: Any) -> None:
         action="store_true",
         help="replace prefixes of a non-empty ROOT (under their exclusive lease)",
     )
+    cmd.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="copy-worker processes restoring prefixes side by side (default 1; more help "
+        "where the CPU, not the disk, limits a restore)",
+    )
     add_timeout(cmd, "each prefix's exclusive lease (with --force)")
     add_key_file(cmd)
     add_json(cmd)
@@ -288,6 +296,7 @@ def run_restore(args: argparse.Namespace, console: Console) -> int:
                 key_file=args.key_file,
                 progress=bar.update,
                 lease_timeout=args.timeout,
+                jobs=args.jobs,
             )
         except LeaseTimeout as err:
             raise _lease_timeout(args.root, err) from None
