@@ -6,9 +6,11 @@ Figures are ratios against baselines measured in the same run (the machine is sh
 - a writer's commit latency p99 while a copy runs / the same writer's p99 with no copy, and its
   longest stall during the copy (split into the wait for the write lease and the commit)
   next to the copy's checkpoint time;
-- copy time by prefix size.
+- copy time by prefix size;
+- with ``--rate-limits``, the curve of the writer's p99 against the copy's throughput.
 
     python scripts/bench_copy.py [--size-mib 1024] [--quick] [--json FILE] [--dir DIR]
+                                 [--rate-limits 25,50,100,200]
 """
 
 from __future__ import annotations
@@ -66,12 +68,12 @@ def build_prefix(root: Path, size_mib: int) -> int:
     return (root / "big.hc").stat().st_size
 
 
-def time_copy(root: Path, dest: Path) -> tuple[float, float]:
+def time_copy(root: Path, dest: Path, rate_limit: float | None = None) -> tuple[float, float]:
     """Seconds for one copy_prefix (incl. fsync), and the seconds its cut took (the wait for
     the write lease and the checkpoint under it: what a writer may wait for the copy)."""
     with Repository(root) as repo:
         began = time.monotonic()
-        result = repo.copy_prefix(dest, "big")
+        result = repo.copy_prefix(dest, "big", rate_limit=rate_limit)
         return time.monotonic() - began, result.cut_seconds
 
 
@@ -95,8 +97,11 @@ def median_pair(root: Path, work: Path, rounds: int) -> dict[str, float]:
     return {"copy_s": statistics.median(ours), "cp_sync_s": statistics.median(theirs)}
 
 
-def writer_latency(root: Path, work: Path, during: str, seconds: float) -> dict[str, Any]:
-    """Run the writer for ``seconds``, or ``during`` one "copy" (copy_prefix) or "cp" (+ sync)."""
+def writer_latency(
+    root: Path, work: Path, during: str, seconds: float, rate_limit: float | None = None
+) -> dict[str, Any]:
+    """Run the writer for ``seconds``, or ``during`` one "copy" (copy_prefix, at most
+    ``rate_limit`` bytes/s) or "cp" (+ sync)."""
     stop, out, ready = work / "stop", work / "samples.json", work / "ready"
     for path in (stop, out, ready):
         path.unlink(missing_ok=True)
@@ -114,7 +119,7 @@ def writer_latency(root: Path, work: Path, during: str, seconds: float) -> dict[
             time.sleep(0.5)  # some commits before the copy starts, for the plot
             began = time.monotonic()
             if during == "copy":
-                _, cut_s = time_copy(root, work / "during.hc")
+                _, cut_s = time_copy(root, work / "during.hc", rate_limit)
             else:
                 time_cp_sync(root / "big.hc", work / "during.hc")
             window = (began, time.monotonic())
@@ -164,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", action="store_true", help="also 64 MiB ... size")
     parser.add_argument("--dir", type=Path, default=None, help="where to put data (a disk)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--rate-limits",
+        default="",
+        metavar="MIB/S,...",
+        help="also a copy at each of these rate limits: its throughput and the writer's p99",
+    )
     args = parser.parse_args(argv)
     size = 128 if args.quick else args.size_mib
     rounds = 2 if args.quick else args.rounds
@@ -190,6 +201,19 @@ def main(argv: list[str] | None = None) -> int:
             "p99_ratio": busy["p99_ms"] / quiet["p99_ms"],
         }
         results["latency_trace"] = {"samples": busy["samples"], "window": busy["window"]}
+        curve = []
+        for mib_s in [float(rate) for rate in args.rate_limits.split(",") if rate]:
+            paced = writer_latency(root, work, "copy", seconds=0, rate_limit=mib_s * MIB)
+            curve.append(
+                {
+                    "rate_limit_mib_s": mib_s,
+                    "copy_mib_s": file_size / MIB / paced["copy_window_s"],
+                    "p99_ms": paced["p99_ms"],
+                    "p99_ratio": paced["p99_ms"] / quiet["p99_ms"],
+                    "max_ms": paced["max_ms"],
+                }
+            )
+        results["rate_limits"] = curve
         if args.scaling:
             scaling = []
             mib = 64
@@ -213,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(results: dict[str, Any]) -> None:
     copy = results["copy"]
     writer = results["writer"]
+    quiet_p99 = writer["without_copy"]["p99_ms"]
     print(f"prefix of {results['size_mib']} MiB ({copy['bytes']} bytes)")
     for label, key in (("copy_prefix incl. fsync", "copy"), ("cp + sync FILE", "cp_sync")):
         print(f"  {label:<24}  {copy[key + '_s']:7.3f} s  {copy[key + '_mib_s']:8.0f} MiB/s")
@@ -241,6 +266,18 @@ def print_table(results: dict[str, Any]) -> None:
     )
     for row in results.get("scaling", []):
         print(f"  {row['mib']:5d} MiB  {row['seconds']:7.3f} s  {row['mib_s']:7.0f} MiB/s")
+    if results.get("rate_limits"):
+        print(f"  rate limit   copy MiB/s   writer p99 (x no copy: {quiet_p99:.2f} ms)   max")
+        unlimited = copy["copy_mib_s"]
+        print(
+            f"  none         {unlimited:10.0f}   {during['p99_ms']:7.2f} ms "
+            f"{writer['p99_ratio']:5.2f}x   {during['max_ms']:7.1f} ms"
+        )
+    for row in results.get("rate_limits", []):
+        print(
+            f"  {row['rate_limit_mib_s']:5.0f} MiB/s  {row['copy_mib_s']:10.0f}   "
+            f"{row['p99_ms']:7.2f} ms {row['p99_ratio']:5.2f}x   {row['max_ms']:7.1f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from ._faults import BREAK, fault
 from ._files import open_regular
 from ._leases import HeldLease, expired_token
 from ._log import Cut, Damage, Log, install_files, iter_segments
-from ._writeback import Writeback
+from ._writeback import RateLimit, Writeback
 
 if TYPE_CHECKING:
     from ._repository import Repository
@@ -100,6 +100,7 @@ def copy_prefix(
     cut: Cut | None = None,
     sync: bool = True,
     sweep_temps: bool = True,
+    rate_limit: float | None = None,
 ) -> CopyResult:
     """Write a consistent snapshot of ``prefix`` to the new file ``dest``.
 
@@ -111,8 +112,11 @@ def copy_prefix(
     relies on the copy (a backup does, once, before its manifest).
     With ``sweep_temps=False`` temps left in ``dest``'s directory by dead processes stay: for a
     caller that sweeps once after many copies into one directory (a backup does).
+    With ``rate_limit`` (bytes per second) the bytes are copied no faster than that on
+    average (the cut, under the write lease, is never slowed).
     """
     began = time.monotonic()
+    pace = RateLimit(rate_limit) if rate_limit is not None else None
     if page_io_step_size <= 0:
         raise ValueError(f"page_io_step_size must be positive, not {page_io_step_size}")
     source = repo.prefix_path(prefix)
@@ -165,6 +169,7 @@ def copy_prefix(
                     crc=crc,
                     sync=sync,
                     verify=functools.partial(_verify_source, cut=cut, after=after, prefix=prefix),
+                    rate=pace,
                 )
 
             write_durably(dest, write, overwrite=False, sync=sync)
@@ -335,11 +340,13 @@ def copy_range(
     sync: bool = True,
     paced: bool = True,
     verify: Callable[[int, int, int], None] | None = None,
+    rate: RateLimit | None = None,
 ) -> int:
     """Append bytes ``[start, end)`` of ``src_fd`` to ``out_fd`` durably; return ``crc`` extended.
 
     ``verify(fd, start, end)``, when given, checks the source's own checksums of the range on
     the way (beside the CRC, in the same thread): a copy never records damage as a good copy.
+    ``rate`` paces the steps (an operator's rate limit).
 
     The bytes move by ``copy_file_range`` (in the kernel) where the file systems allow it,
     ``step`` bytes at a time. Two things keep this close to ``cp`` + ``sync`` and gentle on live
@@ -351,6 +358,8 @@ def copy_range(
     """
     out_offset = os.fstat(out_fd).st_size
     total = end - start
+    if rate is not None:
+        step = min(step, rate.smooth_step())
     # A thread pays for itself only on copies long enough for the overlap to matter.
     checksum = _SourceChecksum(
         src_fd, start, end, crc, threaded=total >= _THREAD_ABOVE, verify=verify
@@ -387,6 +396,8 @@ def copy_range(
                 )
             if writeback is not None:
                 writeback.wrote(out_offset + done, copied)
+            if rate is not None:
+                rate.wrote(copied)
             done += copied
             fault("copy:after-step")
             if progress is not None:

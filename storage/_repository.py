@@ -251,11 +251,13 @@ class Repository:
         cut: Cut | None = None,
         sync: bool = True,
         sweep_temps: bool = True,
+        rate_limit: float | None = None,
     ) -> CopyResult:
         """Write a consistent copy of ``prefix`` to the new file ``dest`` while writers go on.
 
         The prefix need not be open. Without ``prefix``, the only prefix open through this
-        object is copied; with none or several open, ``RuntimeError``.
+        object is copied; with none or several open, ``RuntimeError``. ``rate_limit``: bytes
+        per second at most, on average.
         """
         self._check_open()
         if prefix is None:
@@ -276,6 +278,7 @@ class Repository:
             cut=cut,
             sync=sync,
             sweep_temps=sweep_temps,
+            rate_limit=rate_limit,
         )
 
     def restore_prefix(

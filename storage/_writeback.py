@@ -16,6 +16,7 @@ import collections
 import ctypes
 import ctypes.util
 import os
+import time
 from collections.abc import Callable
 
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
@@ -71,3 +72,40 @@ class Writeback:
         if _sync_file_range(self._fd, offset, size, flags) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
+
+
+class RateLimit:
+    """Paces a copy to ``bytes_per_second`` on average (an operator's "be gentle"): after each
+    step, :meth:`wrote` sleeps until the bytes so far would have taken that long.
+
+    One per copy: each of a backup's workers gets its share of the run's limit.
+    """
+
+    def __init__(
+        self,
+        bytes_per_second: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not bytes_per_second > 0:
+            raise ValueError(f"a rate limit must be positive, not {bytes_per_second}")
+        self.bytes_per_second = bytes_per_second
+        self._clock = clock
+        self._sleep = sleep
+        self._began: float | None = None
+        self._done = 0
+
+    def smooth_step(self) -> int:
+        """The largest step that keeps the pace smooth: 10 ms of the rate (at least 64 KiB).
+        A live writer's commit waits behind a burst written at the disk's full speed."""
+        return max(64 << 10, int(self.bytes_per_second / 100))
+
+    def wrote(self, size: int) -> None:
+        now = self._clock()
+        if self._began is None:
+            self._began = now
+        self._done += size
+        ahead = self._done / self.bytes_per_second - (now - self._began)
+        if ahead > 0:
+            self._sleep(ahead)

@@ -177,6 +177,16 @@ def test_usage_errors_exit_2(cli: Cli) -> None:
     cli.usage_error("copy", "r", "p", "d", "--step-size", "0")
     cli.usage_error("copy", "r", "p", "d", "--step-size", "many")
     cli.usage_error("ls", "r", "--no-such-option")
+    for rate in ("0", "-5", "fast", "inf"):
+        cli.usage_error("copy", "r", "p", "d", "--rate-limit", rate)
+        cli.usage_error("backup", "r", "b", "--rate-limit", rate)
+
+
+def test_copy_and_backup_take_a_rate_limit(cli: Cli, root: Path, tmp_path: Path) -> None:
+    cli.ok("put", root, "p", "k", json.dumps("x" * 5000))
+    assert "commit 1" in cli.ok("copy", root, "p", tmp_path / "a.hc", "--rate-limit", "0.5")
+    assert verify_file(tmp_path / "a.hc").seq == 1
+    assert "(complete)" in cli.ok("backup", root, tmp_path / "bk", "--rate-limit", "100")
 
 
 # -- ls ---------------------------------------------------------------------------------------

@@ -168,6 +168,8 @@ def test_bad_settings_are_refused(root: Path, tmp_path: Path) -> None:
         BackupManager(root, tmp_path / "b", file_format="pickle")
     with pytest.raises(ValueError, match="backup_interval"):
         BackupManager(root, tmp_path / "b", backup_interval=0)
+    with pytest.raises(ValueError, match="rate_limit"):
+        BackupManager(root, tmp_path / "b", rate_limit=0)
 
 
 # -- failures -----------------------------------------------------------------------------------

@@ -133,6 +133,7 @@ def copy_batch(
     step: int,
     hash_pieces: bool = False,
     lease_timeout: float | None = None,
+    rate_limit: float | None = None,
 ) -> list[Copied | Exception]:
     """Snapshot several prefixes into a backup directory (runs in a copy worker).
 
@@ -140,13 +141,14 @@ def copy_batch(
     prefix cost more than copying a small prefix. Each prefix still gets the whole snapshot
     protocol; a prefix that fails gives its exception in its place, the others go on.
     ``hash_pieces``: also the SHA-256 of each piece (read back from the page cache).
+    ``rate_limit``: this worker's bytes per second.
     """
     outcomes: list[Copied | Exception] = []
     directory = Path(backup_dir)
     with Repository(root, lease_timeout=lease_timeout) as repo:
         for prefix, base, cut in batch:
             try:
-                result = _copy_one(repo, prefix, directory, base, cut, step)
+                result = _copy_one(repo, prefix, directory, base, cut, step, rate_limit)
                 digest = sha256_of(Path(result.path)) if hash_pieces else None
                 outcomes.append(Copied(result, digest))
             except Exception as err:  # an interrupt is the run's, not the prefix's
@@ -161,6 +163,7 @@ def _copy_one(
     base: BaseRef | None,
     cut: Cut | None,
     step: int,
+    rate_limit: float | None,
 ) -> CopyResult:
     dest = backup_dir / f"{prefix}.hc"
     delta = backup_dir / f"{prefix}.hc-delta"
@@ -169,7 +172,16 @@ def _copy_one(
     # Not fsynced here: the run syncs the file system once before its manifest. Temps left
     # by a dead worker are swept once at the end of the run, not by every copy (a listing of
     # the whole backup directory per prefix).
-    result = repo.copy_prefix(dest, prefix, step, base=base, cut=cut, sync=False, sweep_temps=False)
+    result = repo.copy_prefix(
+        dest,
+        prefix,
+        step,
+        base=base,
+        cut=cut,
+        sync=False,
+        sweep_temps=False,
+        rate_limit=rate_limit,
+    )
     if result.kind == "delta":
         os.rename(dest, delta)
         result = replace(result, path=str(delta))
@@ -195,6 +207,7 @@ def backup(
     lease_timeout: float | None = None,
     acquire_lock: LockWait | None = None,
     skip_unchanged: bool = False,
+    rate_limit: float | None = None,
 ) -> BackupResult:
     """Back up ``prefixes`` (default: all) of the repository at ``root`` into ``dest_dir``.
 
@@ -217,6 +230,8 @@ def backup(
         skip_unchanged: With ``incremental``: when no prefix changed since the newest complete
             backup and it holds exactly these prefixes, write nothing and return that backup's
             id with ``skipped`` set.
+        rate_limit: Bytes per second at most that the run copies, on average (shared among
+            its workers); the cuts are never slowed.
 
     Returns:
         The result; ``complete`` is False (and ``failed`` says why) when a prefix could not be
@@ -251,7 +266,7 @@ def backup(
             try:
                 cut_seconds = _copy_all(
                     repo, path, run, bases, consistent, jobs, retries, step, executor,
-                    hash_pieces=catalog.key is not None,
+                    hash_pieces=catalog.key is not None, rate_limit=rate_limit,
                 )  # fmt: skip
             except KeyboardInterrupt:
                 manifest.interrupted = True
@@ -319,6 +334,7 @@ def _copy_all(
     executor: Executor | None,
     *,
     hash_pieces: bool,
+    rate_limit: float | None,
 ) -> float:
     """Copy every prefix of ``run`` into ``path``; the seconds of a consistent run's cut."""
     with contextlib.ExitStack() as held:
@@ -329,8 +345,10 @@ def _copy_all(
         names = [name for name in run.names if name not in run.failed]
         sizes = {name: _pending_bytes(repo, name, bases.get(name)) for name in names}
         inline = executor is None and sum(sizes.values()) < INLINE_BELOW
+        workers = 1 if inline else max(min(jobs, len(names)), 1)
+        share = rate_limit / workers if rate_limit is not None else None
         try:
-            with _copy_workers(max(min(jobs, len(names)), 1), inline, executor) as pool:
+            with _copy_workers(workers, inline, executor) as pool:
                 run.execute(
                     pool,
                     names,
@@ -350,6 +368,7 @@ def _copy_all(
                         step,
                         hash_pieces,
                         repo.lease_timeout,
+                        share,
                     ),
                     retries,
                     # Inline, jobs run one by one, each opening a repository (a coordinator

@@ -27,6 +27,7 @@ from ._cli_base import (
     add_json,
     add_key_file,
     add_prefixes,
+    add_rate_limit,
     add_timeout,
     command_parser,
     duration,
@@ -73,6 +74,7 @@ def register(sub: Any) -> None:
     cmd.add_argument(
         "--consistent", action="store_true", help="cut every prefix at the same instant"
     )
+    add_rate_limit(cmd)
     cmd.add_argument(
         "--max-deltas",
         type=positive_int,
@@ -229,6 +231,7 @@ def run_backup(args: argparse.Namespace, console: Console) -> int:
                 progress=bar.update,
                 lease_timeout=args.timeout,
                 acquire_lock=waits.acquire_lock,
+                rate_limit=args.rate_limit,
             )
         except KeyboardInterrupt:
             bar.abandon()

@@ -157,6 +157,27 @@ def add_key_file(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_rate_limit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rate-limit",
+        type=mib_per_second,
+        metavar="MIB/S",
+        help="copy at most this many MiB per second on average, to spare live writers "
+        "(default: as fast as the disk allows)",
+    )
+
+
+def mib_per_second(text: str) -> float:
+    """A rate in MiB/s, returned in bytes per second."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of MiB/s, not {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of MiB/s, not {text}")
+    return value * (1 << 20)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:

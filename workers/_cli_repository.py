@@ -31,6 +31,7 @@ from ._cli_base import (
     CommandError,
     Console,
     add_json,
+    add_rate_limit,
     add_timeout,
     command_parser,
     one_line,
@@ -132,6 +133,7 @@ def register(sub: Any) -> None:
         metavar="N",
         help="bytes copied per step (default 4 MiB)",
     )
+    add_rate_limit(cmd)
     add_timeout(cmd, "each lease (the copy's snapshot lease, the checkpoint's write lease)")
     add_json(cmd)
     cmd.set_defaults(command=run_copy)
@@ -266,6 +268,7 @@ def run_copy(args: argparse.Namespace, console: Console) -> int:
             args.prefix,
             args.step_size,
             progress=lambda done, total: bar.update(0, 0, done, total),
+            rate_limit=args.rate_limit,
         )
         seconds = max(result.seconds - waits.waited, 0.0)  # the copy's own time, waits apart
         done = bar.finish(0, 0, result.size, seconds)
