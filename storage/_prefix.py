@@ -476,6 +476,16 @@ class Prefix(MutableMapping[str, Any]):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # A prefix is identified by its repository and name, as dbzero's are: two prefixes holding
+    # the same items are still two prefixes (Mapping's __eq__ would compare the items).
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Prefix):
+            return NotImplemented
+        return (self._repository_id, self.name) == (other._repository_id, other.name)
+
+    def __hash__(self) -> int:
+        return hash((self._repository_id, self.name))
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"seq={self._log.seq}"
         return f"<Prefix {self.name!r} mode={self.mode!r} {state}>"
