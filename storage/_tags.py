@@ -13,7 +13,7 @@ from typing import Any
 from . import _api
 from ._enums import EnumValue, enum_type
 from ._memo import memo_info, place
-from ._space import TAG, Handle, handle_of
+from ._space import TAG, handle_of
 
 Tag = str | EnumValue
 
@@ -37,8 +37,12 @@ def _tag_value(key: str) -> Tag:
 class Tags:
     """The tags of one object: ``tags(obj).add(Role.ADMIN)``, ``"x" in tags(obj)``."""
 
-    def __init__(self, handle: Handle) -> None:
-        self._handle = handle
+    def __init__(self, obj: Any) -> None:
+        # The object itself, not only its handle, is held: ``hc.tags(found_again).remove(t)``
+        # must not let the object's last handle go before the tag does, or the finalizer sees a
+        # tagged object, keeps it, and nothing ever collects it once untagged.
+        self._obj = obj
+        self._handle = handle_of(obj)
 
     def add(self, *values: Tag) -> None:
         """Add tags; adding one the object already has changes nothing."""
@@ -90,7 +94,7 @@ def tags(obj: Any) -> Tags:
     handle = handle_of(obj)
     if handle.prefix is None:
         place(obj, handle, None)
-    return Tags(handle)
+    return Tags(obj)
 
 
 def find(cls: type, *values: Tag, prefix: str | None = None) -> list[Any]:

@@ -76,3 +76,36 @@ def test_prefixes_are_equal_only_to_themselves_whatever_they_hold(root: Path) ->
         assert same == a and hash(same) == hash(a)
         assert same != again.open_prefix("b", "r")
     hc.commit()
+
+
+# -- lifetime ------------------------------------------------------------------------------------
+
+
+def test_removing_the_last_tag_through_a_temporary_deletes_the_object(root: Path) -> None:
+    hc.open("notes", "rw")
+    hc.tags(Note("scratch")).add("todo")
+    hc.commit()
+    uid = hc.uuid(hc.find(Note, "todo")[0])
+    hc.tags(hc.find(Note, "todo")[0]).remove("todo")  # nothing else holds the object
+    hc.commit()
+    with pytest.raises(hc.ObjectNotFound):
+        hc.fetch(Note, uid)
+    hc.close()
+    hc.init(root)
+    hc.open("notes", "r")
+    with pytest.raises(hc.ObjectNotFound):
+        hc.fetch(Note, uid)
+    assert [key for key in hc.get_current_prefix() if key.startswith("obj/")] == []
+
+
+def test_removing_the_last_tag_through_a_variable_deletes_the_object(root: Path) -> None:
+    hc.open("notes", "rw")
+    hc.tags(Note("scratch")).add("todo")
+    hc.commit()
+    note = hc.find(Note, "todo")[0]
+    uid = hc.uuid(note)
+    hc.tags(note).remove("todo")
+    del note
+    hc.commit()
+    with pytest.raises(hc.ObjectNotFound):
+        hc.fetch(Note, uid)
