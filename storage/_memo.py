@@ -180,16 +180,18 @@ def _undo_creation(handle: Handle) -> None:
         space.collect(handle.placed_prefix(), released)
 
 
-def set_prefix(obj: Any, prefix: str) -> None:
+def set_prefix(obj: Any, prefix: str | None) -> None:
     """Place ``obj`` on ``prefix`` (created or opened ``"rw"``); the first statement of
-    ``__init__``, before any attribute is set.
+    ``__init__``, before any attribute is set. ``None`` means no dynamic scope (as in dbzero):
+    the class's ``@memo(prefix=...)``, else the current prefix.
 
     Raises:
         ScopeError: called after the object was placed (an attribute was set, or ``__init__``
             returned), or naming another prefix than the class's ``@memo(prefix=...)``.
     """
     handle = handle_of(obj)
-    validate_prefix_name(prefix)
+    if prefix is not None:
+        validate_prefix_name(prefix)
     cls_name = type(obj).__qualname__
     if handle.prefix is not None:
         raise ScopeError(
@@ -200,7 +202,7 @@ def set_prefix(obj: Any, prefix: str) -> None:
             placed=handle.prefix,
         )
     scope = memo_info(type(obj)).prefix
-    if scope is not None and scope != prefix:
+    if scope is not None and prefix is not None and scope != prefix:
         raise ScopeError(
             f"{cls_name} is scoped to prefix {scope!r} by @memo(prefix=...); set_prefix cannot "
             f"move its instances to {prefix!r}. Drop prefix= from @memo to scope dynamically",

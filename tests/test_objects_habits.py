@@ -109,3 +109,14 @@ def test_removing_the_last_tag_through_a_variable_deletes_the_object(root: Path)
     hc.commit()
     with pytest.raises(hc.ObjectNotFound):
         hc.fetch(Note, uid)
+
+
+# -- scoping -------------------------------------------------------------------------------------
+
+
+def test_set_prefix_none_means_no_dynamic_scope(root: Path) -> None:
+    hc.open("work", "rw")
+    assert hc.get_prefix_of(Cache()).name == "work"  # the current prefix
+    assert hc.get_prefix_of(Cache("client_a")).name == "client_a"
+    assert hc.get_prefix_of(ScopedCache()).name == "settings"  # the class's static scope
+    hc.commit()
