@@ -26,9 +26,10 @@ Rules (the contract; see the modules named for the mechanism):
 
 * Placement (``_memo``): ``set_prefix(self, name)`` if called first in ``__init__``, else
   ``@memo(prefix=...)``, else the current prefix; decided at the first attribute write (or the
-  end of ``__init__``). Scoped prefixes are opened ``"rw"`` on demand; the current prefix is
-  never changed. Containers start on the current prefix, or inside a ``@memo`` ``__init__`` on
-  that object's prefix.
+  end of ``__init__``). A prefix that is needed and not open is opened on demand: read-only
+  to read from it, reopened for writing in place at its first change (created if it does not
+  exist); the current prefix is never changed. Containers start on the current prefix, or
+  inside a ``@memo`` ``__init__`` on that object's prefix.
 * References (``_values``): attributes hold JSON types, bytes, enum values, weak proxies, and
   strong references to ``@memo`` objects and containers *of the same prefix*; any other strong
   reference raises :class:`CrossPrefixReference` -- except an empty, unreferenced, untagged
@@ -42,7 +43,8 @@ Rules (the contract; see the modules named for the mechanism):
   (:class:`SingletonExists` if there is one), ``fetch(Cls)`` returns it
   (:class:`ObjectNotFound` before it was created; never created implicitly).
 * Durability: writes are pending in each prefix's transaction (holding its write lease) until
-  ``commit()``, which commits every open prefix, one atomic commit per prefix. Concurrent
+  ``commit()``, which commits every open prefix, one atomic commit per prefix; ``close()``
+  commits what is pending on the prefixes it closes, as dbzero's does. Concurrent
   writers on one prefix use ``with hc.get_prefix_of(obj).transaction():`` around
   read-modify-write code, or retry on :class:`TransactionConflict`.
 * Storage: records are JSON under ``obj/<uuid>``, tag lists under ``tag/<tag>``, singleton
@@ -110,7 +112,8 @@ def uuid(obj: Any) -> str:
 
 
 def get_prefix_of(obj: Any) -> Prefix:
-    """The prefix ``obj`` belongs to, opened (``"rw"``) if need be; its ``.name`` names it.
+    """The prefix ``obj`` belongs to, opened if need be (read-only until its first change);
+    its ``.name`` names it. Prefixes are equal when they are the same prefix.
 
     ``obj`` is a persisted object, a container, a weak proxy (its target's prefix), a
     ``@memo`` class or an enum or enum value (their scope; the current prefix if unscoped).

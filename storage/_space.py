@@ -22,7 +22,7 @@ import importlib
 import secrets
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -149,12 +149,18 @@ class ObjectSpace:
         return self._current_prefix().name
 
     def prefix(self, name: str) -> Prefix:
-        """The open prefix ``name``; opened ``"rw"`` (created if need be) when it is not open.
+        """The open prefix ``name``. One that is not open is opened read-only, as dbzero opens
+        the prefix of an object accessed after its prefix was closed, and reopened for writing
+        in place at its first change; one that does not exist yet is created (``"rw"``).
 
         Opening does not change the current prefix: scoped objects are fire-and-forget.
         """
         prefix = self.repository.open_prefixes().get(name)
-        return prefix if prefix is not None else self.repository.open_prefix(name, "rw")
+        if prefix is not None:
+            return prefix
+        if self.repository.prefix_path(name).exists():
+            return self.repository.open_prefix(name, "r", writable_on_demand=True)
+        return self.repository.open_prefix(name, "rw")
 
     # -- identity and lifetime --------------------------------------------------------------
 
@@ -330,18 +336,24 @@ class ObjectSpace:
                 released.append(target)
         return released
 
-    def collect_garbage(self) -> None:
-        """Delete the objects whose last handle went since the previous call and that nothing
-        keeps alive. Called by ``hotcopy.storage.commit()`` before it commits."""
+    def collect_garbage(self, prefixes: Collection[str] | None = None) -> None:
+        """Delete the objects (of ``prefixes`` only, if given) whose last handle went since the
+        previous call and that nothing keeps alive. Called by ``hotcopy.storage.commit()`` and
+        ``close()`` before they commit."""
+        # Swapped, never iterated in place: a finalizer may add to it at any moment.
         doomed, self._doomed = self._doomed, set()
+        if prefixes is not None:
+            later = {key for key in doomed if key[0] not in prefixes}
+            self._doomed |= later
+            doomed -= later
         by_prefix: dict[str, list[str]] = {}
         for prefix, uuid in doomed:
             by_prefix.setdefault(prefix, []).append(uuid)
         open_prefixes = self.repository.open_prefixes()
         for name, uuids in sorted(by_prefix.items()):
             px = open_prefixes.get(name)
-            if px is None or px.mode != "rw":
-                continue  # closed (or read-only) since: not ours to change now
+            if px is None or not (px.mode == "rw" or px.writable_on_demand):
+                continue  # closed (or opened read-only by the application): not ours to change
             try:
                 px.begin()
             except TransactionConflict:

@@ -66,7 +66,7 @@ def root(tmp_path: Path) -> Iterator[Path]:
 def test_prefixes_are_equal_only_to_themselves_whatever_they_hold(root: Path) -> None:
     a = hc.open("a", "rw")
     b = hc.open("b", "rw")  # both empty: equal contents
-    assert a != b and not (a == b)
+    assert a != b and (a == b) is False
     assert len({a, b}) == 2 and {a: "a", b: "b"}[b] == "b"
     hc.open("a", "rw")
     on_a = Note("on a")
@@ -120,3 +120,84 @@ def test_set_prefix_none_means_no_dynamic_scope(root: Path) -> None:
     assert hc.get_prefix_of(Cache("client_a")).name == "client_a"
     assert hc.get_prefix_of(ScopedCache()).name == "settings"  # the class's static scope
     hc.commit()
+
+
+# -- close ---------------------------------------------------------------------------------------
+
+
+def test_close_commits_what_is_pending_like_dbzero(root: Path) -> None:
+    hc.open("notes", "rw")
+    kept = Note("kept")
+    hc.tags(kept).add("mine")
+    dropped = Note("dropped")  # unreferenced: deleted at close, before its commit
+    settings = Settings("dark")  # pending on another prefix, opened on demand
+    ids = hc.uuid(kept), hc.uuid(dropped), hc.uuid(settings)
+    del dropped
+    hc.close()  # no commit() first: dbzero's close commits read-write prefixes
+
+    hc.init(root)
+    hc.open("notes", "r")
+    assert [note.text for note in hc.find(Note, "mine")] == ["kept"]
+    assert hc.fetch(Settings, ids[2]).theme == "dark"
+    with pytest.raises(hc.ObjectNotFound):
+        hc.fetch(Note, ids[1])
+
+
+def test_close_of_one_prefix_commits_it_and_leaves_the_others_open(root: Path) -> None:
+    repo = hc.init(root)
+    hc.open("a", "rw")
+    on_a = Note("on a")
+    hc.open("b", "rw")
+    on_b = Note("on b")
+    hc.tags(on_b).add("b")
+    ids = hc.uuid(on_a), hc.uuid(on_b)
+    hc.close("b")
+    assert hc.get_current_prefix().name == "a" and "b" not in repo.open_prefixes()
+    with hc.Repository(root) as other:  # what is committed now, as another reader sees it
+        assert len(other.open_prefix("b", "r")) == 2  # the note and its tag
+        assert len(other.open_prefix("a", "r")) == 0  # "a" is still open, its change pending
+    hc.close()
+    hc.init(root)
+    hc.open("b", "r")
+    assert [note.text for note in hc.find(Note, "b")] == ["on b"]
+    assert hc.fetch(Note, ids[0], prefix="a").text == "on a"  # committed by close()
+    assert hc.fetch(Note, ids[1]).text == "on b"
+
+
+def test_prefix_close_of_the_object_api_rolls_back(root: Path) -> None:
+    repo = hc.init(root)
+    prefix = repo.open_prefix("plain", "rw")
+    prefix["committed"] = 1
+    prefix.commit()
+    prefix["pending"] = 2
+    prefix.close()  # the object API: explicit commits only
+    with repo.open_prefix("plain", "r") as again:
+        assert dict(again) == {"committed": 1}
+
+
+# -- the current prefix ----------------------------------------------------------------------------
+
+
+def test_closing_the_current_prefix_makes_the_previous_one_current(root: Path) -> None:
+    repo = hc.init(root)
+    hc.open("a", "rw")
+    hc.open("b", "rw")
+    on_b = Note("on b")
+    hc.open("c", "rw")
+    hc.commit()
+    hc.close("b")  # not the current one: "c" stays current
+    assert hc.get_current_prefix().name == "c"
+    hc.close("c")
+    assert hc.get_current_prefix().name == "a"  # "b" was closed too: back to "a"
+    assert on_b.text == "on b"  # its prefix is opened again, to read it ...
+    assert repo.open_prefixes()["b"].mode == "r"  # ... read-only
+    assert hc.get_current_prefix().name == "a"
+    on_b.text = "changed"  # a change reopens it for writing
+    assert repo.open_prefixes()["b"].mode == "rw"
+    hc.commit()
+    hc.close("a")
+    with pytest.raises(RuntimeError, match="no prefix is open"):
+        hc.get_current_prefix()
+    hc.close()
+    hc.init(root)
+    assert hc.fetch(Note, hc.uuid(on_b), prefix="b").text == "changed"
