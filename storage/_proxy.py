@@ -68,7 +68,7 @@ class WeakProxy:
         return hash((WeakProxy, self._hc_prefix, self._hc_uuid))
 
     def __repr__(self) -> str:
-        return f"<weak_proxy {self._hc_prefix}/{self._hc_uuid}>"
+        return f"<weak_proxy {self._hc_prefix}:{self._hc_uuid}>"
 
 
 def expired(proxy: WeakProxy) -> bool:

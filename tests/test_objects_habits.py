@@ -201,3 +201,32 @@ def test_closing_the_current_prefix_makes_the_previous_one_current(root: Path) -
     hc.close()
     hc.init(root)
     assert hc.fetch(Note, hc.uuid(on_b), prefix="b").text == "changed"
+
+
+# -- uuids ---------------------------------------------------------------------------------------
+
+
+def test_a_uuid_names_its_prefix(root: Path) -> None:
+    hc.open("a", "rw")
+    hc.open("b", "rw")
+    note = Note("on b")
+    uid = hc.uuid(note)
+    assert uid.startswith("b:") and len(uid.split(":")[1]) == 32
+    hc.commit()
+    hc.open("a", "rw")
+    assert hc.get_prefix_of(uid).name == "b"
+    assert hc.fetch(uid) is note
+    assert hc.fetch(Note, uid) is note
+    with pytest.raises(TypeError, match="not a Settings"):
+        hc.fetch(Settings, uid)
+    assert hc.uuid(hc.weak_proxy(note)) == uid
+    bare = uid.split(":")[1]  # an old uuid: still found where its prefix is known
+    assert hc.fetch(Note, bare, prefix="b") is note and hc.fetch(bare, prefix="b") is note
+    with pytest.raises(ValueError, match="prefix"):
+        hc.get_prefix_of(bare)
+    with pytest.raises(hc.ObjectNotFound, match="'b'"):
+        hc.fetch(Note, uid, prefix="a")
+    hc.close()
+    hc.init(root)
+    hc.open("a", "rw")  # "b" is not open: the uuid says where to look
+    assert hc.fetch(uid).text == "on b" and hc.fetch(Note, uid).text == "on b"
