@@ -42,6 +42,8 @@ OBJ = "obj/"
 SINGLETON = "singleton/"
 TAG = "tag/"
 CONTAINER_TYPES = frozenset({"$list", "$index"})
+# Plain collections other than list and dict, stored as {tag: [items]} (see _values).
+COLLECTION_TAGS: dict[type, str] = {tuple: "$tuple", set: "$set", frozenset: "$frozenset"}
 
 # type id -> builds the Python object for a record from its handle (set by @memo, containers).
 _builders: dict[str, Callable[[Handle], Any]] = {}
@@ -100,6 +102,9 @@ def collectable(record: dict[str, Any]) -> bool:
     return record.get("refs", 0) == 0 and not record.get("tags") and not record.get("singleton")
 
 
+_COLLECTION_TAG_NAMES = frozenset(COLLECTION_TAGS.values())
+
+
 def iter_refs(encoded: Any) -> Iterator[str]:
     """The uuids of the strong references (``{"$ref": uuid}``) inside an encoded value."""
     if isinstance(encoded, list):
@@ -110,6 +115,9 @@ def iter_refs(encoded: Any) -> Iterator[str]:
             ((tag, inner),) = encoded.items()
             if tag == "$ref":
                 yield inner
+                return
+            if tag in _COLLECTION_TAG_NAMES:
+                yield from iter_refs(inner)
                 return
             if tag == "$dict":
                 encoded = inner

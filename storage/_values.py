@@ -8,10 +8,12 @@ JSON types are stored as they are. Everything else is a one-key object whose key
     {"$weak": {"prefix": "p", "uuid": "u"}}      a weak proxy (any prefix)
     {"$enum": {"type": "<type id>", "value": "ADMIN"}}
     {"$dict": {...}}                             a plain dict that has a key starting with "$"
+    {"$tuple": [...]}, {"$set": [...]}, {"$frozenset": [...]}
 
-Plain lists and dicts are stored by value: mutating the list a read returned changes nothing
-stored; assign it back, or use ``hotcopy.storage.list()``. Tuples and other types are refused
-rather than silently turned into something else (as the prefix codec does).
+Plain lists, dicts, tuples and sets are stored by value: mutating the list a read returned
+changes nothing stored; assign it back, or use ``hotcopy.storage.list()``. They read back as the
+type they were (a tuple as a tuple, a set as a set, at any depth). Other types are refused rather
+than silently turned into something else.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from . import _codec as codec
 from ._enums import EnumValue, enum_type
 from ._errors import CrossPrefixReference, StorageError
 from ._proxy import WeakProxy
-from ._space import CONTAINER_TYPES, Handle, ObjectSpace, handle_of
+from ._space import COLLECTION_TAGS, CONTAINER_TYPES, Handle, ObjectSpace, handle_of
 
 _SCALARS = (str, int, bool, type(None))
+_NESTED = (list, dict, *COLLECTION_TAGS)
+_COLLECTIONS: dict[str, type] = {tag: kind for kind, tag in COLLECTION_TAGS.items()}
 
 
 # Half the codec's limit: the record wraps the value and "$dict" may wrap every level, and this
@@ -64,10 +68,14 @@ def _encode(value: Any, owner: Handle, path: str, depth: int) -> Any:
         return value
     if kind is bytes:
         return {"$bytes": base64.b64encode(value).decode("ascii")}
-    if (kind is list or kind is dict) and depth > MAX_DEPTH:
+    if kind in _NESTED and depth > MAX_DEPTH:
         raise _TooDeep
     if kind is list:
         return [_encode(item, owner, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+    if kind in COLLECTION_TAGS:
+        # Two levels: stored as a list inside a one-key dict, each counted by the codec's limit.
+        items = [_encode(item, owner, f"{path}[{i}]", depth + 2) for i, item in enumerate(value)]
+        return {COLLECTION_TAGS[kind]: items}
     if kind is dict:
         out = {}
         for key, item in value.items():
@@ -152,6 +160,8 @@ def decode(encoded: Any, space: ObjectSpace, prefix: str) -> Any:
             return WeakProxy(space, inner["prefix"], inner["uuid"])
         if tag == "$enum":
             return enum_type(inner["type"]).value(inner["value"])
+        if tag in _COLLECTIONS:
+            return _COLLECTIONS[tag](decode(item, space, prefix) for item in inner)
         if tag == "$dict":
             encoded = inner
     return {key: decode(item, space, prefix) for key, item in encoded.items()}

@@ -137,27 +137,37 @@ def _nested(levels: int) -> list[Any]:
     return value
 
 
+def _nested_tuples(levels: int) -> tuple[Any, ...]:
+    value: tuple[Any, ...] = ()
+    for _ in range(levels - 1):
+        value = (value,)
+    return value
+
+
 def test_values_nested_up_to_the_limit_survive_a_reopen(root: Path) -> None:
     deepest = {"$dict": _nested(255)}  # 256 levels, the dict included
-    thing = Thing("t", deep=deepest)
+    tuples = _nested_tuples(128)  # as deep: two levels each
+    thing = Thing("t", deep=deepest, tuples=tuples)
     uid = hc.uuid(thing)
     reopen(root)
     assert hc.fetch(Thing, uid).deep == deepest
+    assert hc.fetch(Thing, uid).tuples == tuples
 
 
 @pytest.mark.parametrize(
     ("value", "error"),
     [
-        ((1, 2), TypeError),
-        ({1, 2}, TypeError),
+        ((1, object()), TypeError),
+        ({1, frozenset({object()})}, TypeError),
         (object(), TypeError),
         ({1: "x"}, TypeError),
         (float("nan"), ValueError),
-        ([b"ok", (1,)], TypeError),
+        ([b"ok", (1, {"x": [object()]})], TypeError),
         ({"a": [float("inf")]}, ValueError),
         ("lone \udcff", ValueError),
         ({"lone \ud800": 1}, ValueError),
         (_nested(257), ValueError),
+        (_nested_tuples(129), ValueError),  # a tuple is stored as two levels
         (_nested(60_000), ValueError),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else type(v).__name__,

@@ -230,3 +230,33 @@ def test_a_uuid_names_its_prefix(root: Path) -> None:
     hc.init(root)
     hc.open("a", "rw")  # "b" is not open: the uuid says where to look
     assert hc.fetch(uid).text == "on b" and hc.fetch(Note, uid).text == "on b"
+
+
+# -- values --------------------------------------------------------------------------------------
+
+
+def test_tuples_and_sets_round_trip_with_their_type(root: Path) -> None:
+    hc.open("values", "rw")
+    values: dict[str, Any] = {
+        "pair": (1, "two"),
+        "empty": (),
+        "tags": {"a", "b"},
+        "frozen": frozenset({1, (2, 3)}),
+        "nested": [(1, (2, [3, {4}])), {"key": (frozenset({"x"}),)}],
+        "empty_set": set(),
+    }
+    note = Note("values", **values)
+    listed = hc.list([(1, 2), {3}])
+    note.listed = listed
+    uid = hc.uuid(note)
+    hc.close()
+    hc.init(root)
+    hc.open("values", "r")
+    loaded = hc.fetch(Note, uid)
+    for key, value in values.items():
+        assert getattr(loaded, key) == value
+        assert type(getattr(loaded, key)) is type(value)
+    nested = loaded.nested
+    assert type(nested[0][1]) is tuple and type(nested[0][1][1][1]) is set
+    assert type(nested[1]["key"][0]) is frozenset
+    assert list(loaded.listed) == [(1, 2), {3}]
