@@ -85,7 +85,7 @@ def memo(
         cls.__delattr__ = _memo_delattr  # type: ignore[method-assign,assignment]
         if "__reduce_ex__" not in cls.__dict__ and "__reduce__" not in cls.__dict__:
             cls.__reduce_ex__ = refuse_copy  # type: ignore[method-assign]
-        register_type(info.type_id, functools.partial(_instantiate, cls))
+        register_type(info.type_id, functools.partial(_instantiate, cls), cls)
         return cls
 
     return decorate if cls is None else decorate(cls)

@@ -47,12 +47,33 @@ COLLECTION_TAGS: dict[type, str] = {tuple: "$tuple", set: "$set", frozenset: "$f
 
 # type id -> builds the Python object for a record from its handle (set by @memo, containers).
 _builders: dict[str, Callable[[Handle], Any]] = {}
+# type id <-> @memo class: a class is a storable value, stored by its type id.
+_classes: dict[str, type] = {}
+_class_ids: dict[type, str] = {}
 
 
-def register_type(type_id: str, build: Callable[[Handle], Any]) -> None:
-    """Make records of class ``type_id`` loadable; a later registration replaces an earlier one
-    (a class redefined under the same name, as in a notebook or a reloaded module)."""
+def register_type(type_id: str, build: Callable[[Handle], Any], cls: type | None = None) -> None:
+    """Make records of class ``type_id`` loadable (and ``cls``, a ``@memo`` class, storable as a
+    value); a later registration replaces an earlier one (a class redefined under the same
+    name, as in a notebook or a reloaded module)."""
     _builders[type_id] = build
+    if cls is not None:
+        _classes[type_id] = cls
+        _class_ids[cls] = type_id
+
+
+def class_type_id(cls: type) -> str | None:
+    """The type id of a ``@memo`` class, or None for any other class."""
+    return _class_ids.get(cls)
+
+
+def stored_class(type_id: str) -> type:
+    """The ``@memo`` class registered as ``type_id`` (importing its module if need be)."""
+    _builder(type_id)  # imports the module, or raises naming the type id
+    cls = _classes.get(type_id)
+    if cls is None:
+        raise StorageError(f"{type_id!r} is not a @memo class", type_id=type_id)
+    return cls
 
 
 def _builder(type_id: str) -> Callable[[Handle], Any]:
@@ -122,7 +143,7 @@ def iter_refs(encoded: Any) -> Iterator[str]:
             if tag == "$dict":
                 encoded = inner
             elif tag.startswith("$"):
-                return  # $bytes, $weak, $enum hold no strong reference
+                return  # $bytes, $weak, $enum, $class hold no strong reference
         for item in encoded.values():
             yield from iter_refs(item)
 

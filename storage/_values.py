@@ -9,6 +9,7 @@ JSON types are stored as they are. Everything else is a one-key object whose key
     {"$enum": {"type": "<type id>", "value": "ADMIN"}}
     {"$dict": {...}}                             a plain dict that has a key starting with "$"
     {"$tuple": [...]}, {"$set": [...]}, {"$frozenset": [...]}
+    {"$class": "<type id>"}                      a @memo class (code, not an object: any prefix)
 
 Plain lists, dicts, tuples and sets are stored by value: mutating the list a read returned
 changes nothing stored; assign it back, or use ``hotcopy.storage.list()``. They read back as the
@@ -26,7 +27,15 @@ from . import _codec as codec
 from ._enums import EnumValue, enum_type
 from ._errors import CrossPrefixReference, StorageError
 from ._proxy import WeakProxy
-from ._space import COLLECTION_TAGS, CONTAINER_TYPES, Handle, ObjectSpace, handle_of
+from ._space import (
+    COLLECTION_TAGS,
+    CONTAINER_TYPES,
+    Handle,
+    ObjectSpace,
+    class_type_id,
+    handle_of,
+    stored_class,
+)
 
 _SCALARS = (str, int, bool, type(None))
 _NESTED = (list, dict, *COLLECTION_TAGS)
@@ -87,12 +96,16 @@ def _encode(value: Any, owner: Handle, path: str, depth: int) -> Any:
         return {"$weak": {"prefix": value._hc_prefix, "uuid": value._hc_uuid}}
     if isinstance(value, EnumValue):
         return {"$enum": {"type": value.type_id, "value": value.name}}
+    type_id = class_type_id(value) if isinstance(value, type) else None
+    if type_id is not None:
+        return {"$class": type_id}
     try:
         target = handle_of(value)
     except TypeError:
         raise TypeError(
-            f"{path}: {kind.__name__} is not storable; use JSON types, bytes, @memo objects, "
-            "hotcopy.storage.list()/index(), enum values or weak_proxy(obj)"
+            f"{path}: {kind.__name__} is not storable; use JSON types, tuples, sets, bytes, "
+            "@memo objects and classes, hotcopy.storage.list()/index(), enum values or "
+            "weak_proxy(obj)"
         ) from None
     return {"$ref": _strong_target(target, owner, path)}
 
@@ -162,6 +175,8 @@ def decode(encoded: Any, space: ObjectSpace, prefix: str) -> Any:
             return enum_type(inner["type"]).value(inner["value"])
         if tag in _COLLECTIONS:
             return _COLLECTIONS[tag](decode(item, space, prefix) for item in inner)
+        if tag == "$class":
+            return stored_class(inner)
         if tag == "$dict":
             encoded = inner
     return {key: decode(item, space, prefix) for key, item in encoded.items()}

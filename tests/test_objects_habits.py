@@ -260,3 +260,18 @@ def test_tuples_and_sets_round_trip_with_their_type(root: Path) -> None:
     assert type(nested[0][1]) is tuple and type(nested[0][1][1][1]) is set
     assert type(nested[1]["key"][0]) is frozenset
     assert list(loaded.listed) == [(1, 2), {3}]
+
+
+def test_a_memo_class_is_a_member_value(root: Path) -> None:
+    hc.open("types", "rw")
+    note = Note("factory", kind=Note)
+    settings = Settings("dark")
+    settings.kind = Settings  # on the class's own prefix
+    ids = hc.uuid(note), hc.uuid(settings)
+    hc.close()
+    hc.init(root)
+    hc.open("types", "rw")
+    assert hc.fetch(Note, ids[0]).kind is Note
+    assert hc.fetch(Settings, ids[1]).kind is Settings
+    made = hc.fetch(Note, ids[0]).kind("made from the stored class")
+    assert type(made) is Note
