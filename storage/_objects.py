@@ -158,8 +158,8 @@ def get_prefix_of(obj: Any) -> Prefix:
     its ``.name`` names it. Prefixes are equal when they are the same prefix.
 
     ``obj`` is a persisted object, a container, a weak proxy (its target's prefix), a uuid
-    from :func:`uuid`, a ``@memo`` class or an enum or enum value (their scope; the current
-    prefix if unscoped).
+    from :func:`uuid`, a ``@memo`` class or an enum (their scope; the current prefix if
+    unscoped), or an enum value (see ``_enums``: its scope, else the prefix it was taken on).
     """
     space = _api.object_space()
     if isinstance(obj, str):
@@ -172,6 +172,8 @@ def get_prefix_of(obj: Any) -> Prefix:
     if isinstance(obj, WeakProxy):
         return space.prefix(obj._hc_prefix)
     if isinstance(obj, EnumValue):
+        if obj.prefix is not None:
+            return space.prefix(obj.prefix)
         obj = obj.enum
     if isinstance(obj, EnumType):
         return space.prefix(obj.prefix) if obj.prefix else space.prefix(space.current_name())

@@ -27,11 +27,12 @@ def tag_key(value: object) -> str:
     raise TypeError(f"a tag is a str or an enum value, not {type(value).__name__}")
 
 
-def _tag_value(key: str) -> Tag:
+def _tag_value(key: str, prefix: str) -> Tag:
+    """The tag stored as ``key`` on an object of ``prefix`` (an enum value belongs to it)."""
     if key.startswith("s:"):
         return key[2:]
     type_id, name = key[2:].rsplit(".", 1)
-    return enum_type(type_id).value(name)
+    return enum_type(type_id).value(name, prefix)
 
 
 class Tags:
@@ -80,7 +81,8 @@ class Tags:
         return tag_key(value) in self._handle.space.read(self._handle)["tags"]
 
     def __iter__(self) -> Iterator[Tag]:
-        return iter([_tag_value(key) for key in self._handle.space.read(self._handle)["tags"]])
+        keys = self._handle.space.read(self._handle)["tags"]
+        return iter([_tag_value(key, self._handle.placed_prefix()) for key in keys])
 
     def __len__(self) -> int:
         return len(self._handle.space.read(self._handle)["tags"])

@@ -172,7 +172,7 @@ def decode(encoded: Any, space: ObjectSpace, prefix: str) -> Any:
         if tag == "$weak":
             return WeakProxy(space, inner["prefix"], inner["uuid"])
         if tag == "$enum":
-            return enum_type(inner["type"]).value(inner["value"])
+            return enum_type(inner["type"]).value(inner["value"], prefix)
         if tag in _COLLECTIONS:
             return _COLLECTIONS[tag](decode(item, space, prefix) for item in inner)
         if tag == "$class":

@@ -275,3 +275,27 @@ def test_a_memo_class_is_a_member_value(root: Path) -> None:
     assert hc.fetch(Settings, ids[1]).kind is Settings
     made = hc.fetch(Note, ids[0]).kind("made from the stored class")
     assert type(made) is Note
+
+
+# -- enums ---------------------------------------------------------------------------------------
+
+
+def test_unscoped_enum_values_belong_to_the_prefix_they_were_taken_on(root: Path) -> None:
+    hc.open("a", "rw")
+    on_a = Color.RED
+    hc.open("b", "rw")
+    on_b = Color.RED
+    assert hc.get_prefix_of(on_a).name == "a" and hc.get_prefix_of(on_b).name == "b"
+    assert on_a == on_b and (on_a != on_b) is False and hash(on_a) == hash(on_b)
+    assert on_a != Color.GREEN and Color.RED is on_b  # taken again on "b": the same value
+    assert on_b in {on_a} and {on_a: "red"}[on_b] == "red" and [on_a].index(on_b) == 0
+    settings = Settings("dark")
+    settings.color = on_b  # stored into an object: it becomes a value of the object's prefix
+    assert hc.get_prefix_of(settings.color).name == "settings"
+    assert settings.color == on_a
+    note = Note("tagged")
+    hc.tags(note).add(on_a)
+    assert hc.find(Note, on_b) == [note]  # a value of another prefix finds it
+    (tag,) = hc.tags(note)
+    assert tag == on_a and hc.get_prefix_of(tag).name == "b"  # the note's prefix
+    hc.commit()
