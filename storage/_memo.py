@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast, overload
 from . import _api
 from ._errors import ScopeError
 from ._repository import validate_prefix_name
-from ._space import Handle, handle_of, iter_refs, refuse_copy, register_type
+from ._space import Handle, handle_of, iter_refs, persisted_hash, refuse_copy, register_type
 from ._values import decode, encode
 
 T = TypeVar("T", bound=type)
@@ -85,6 +85,12 @@ def memo(
         cls.__delattr__ = _memo_delattr  # type: ignore[method-assign,assignment]
         if "__reduce_ex__" not in cls.__dict__ and "__reduce__" not in cls.__dict__:
             cls.__reduce_ex__ = refuse_copy  # type: ignore[method-assign]
+        eq: object = cls.__eq__  # typed as object: mypy cannot compare the two signatures
+        hash_: object = cls.__hash__
+        if eq is object.__eq__ and hash_ is object.__hash__:
+            # Equality stays identity (one Python object per record); the hash is the record
+            # id's so that it agrees with a weak proxy's, which equals its target.
+            cls.__hash__ = persisted_hash  # type: ignore[method-assign,assignment]
         register_type(info.type_id, functools.partial(_instantiate, cls), cls)
         return cls
 

@@ -401,6 +401,11 @@ def refuse_copy(obj: Any, protocol: object = None) -> Any:
     )
 
 
+def persisted_hash(obj: Any) -> int:
+    """The hash of a persisted object: its record id's, as a weak proxy to it hashes."""
+    return hash(handle_of(obj).uuid)
+
+
 def handle_of(obj: Any) -> Handle:
     """The handle of a persisted object; ``TypeError`` for anything else."""
     try:

@@ -299,3 +299,20 @@ def test_unscoped_enum_values_belong_to_the_prefix_they_were_taken_on(root: Path
     (tag,) = hc.tags(note)
     assert tag == on_a and hc.get_prefix_of(tag).name == "b"  # the note's prefix
     hc.commit()
+
+
+# -- weak proxies --------------------------------------------------------------------------------
+
+
+def test_a_weak_proxy_equals_its_target(root: Path) -> None:
+    hc.open("main", "rw")
+    target, other = Settings("dark"), Settings("light")
+    holder = Note("holder", link=hc.weak_proxy(target))
+    proxy = holder.link
+    assert proxy == target and target == proxy and (proxy != target) is False
+    assert hash(proxy) == hash(target)
+    assert proxy in {target} and target in {proxy} and {target: 1}[proxy] == 1
+    assert proxy != other and other != proxy
+    index = hc.index()  # a container too
+    assert hc.weak_proxy(index) == index and hash(hc.weak_proxy(index)) == hash(index)
+    hc.commit()
