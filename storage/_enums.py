@@ -15,7 +15,7 @@ import importlib
 from collections.abc import Callable, Iterable, Iterator
 
 from . import _api
-from ._errors import StorageError
+from ._errors import EnumRedefined, StorageError
 from ._repository import validate_prefix_name
 
 _types: dict[str, EnumType] = {}
@@ -125,6 +125,9 @@ def enum(
 ) -> Callable[[type], EnumType]:
     """Class decorator making an enum whose values belong to ``prefix`` (None: the current one).
 
+    Defining an enum again under the same type id with other values or another prefix raises
+    :class:`EnumRedefined` (the same definition again is fine).
+
     Args:
         values: The value names, Python identifiers.
         prefix: The prefix the enum is scoped to.
@@ -138,6 +141,18 @@ def enum(
         tid = type_id or f"{cls.__module__}:{cls.__qualname__}"
         made = EnumType(cls.__name__, tid, names, prefix)
         made.__doc__ = cls.__doc__
+        first = _types.get(tid)
+        # The same definition again (a module reloaded, a notebook cell run twice) replaces the
+        # first; another one would change what the values stored under this type id mean.
+        if first is not None and ([v.name for v in first], first.prefix) != (names, prefix):
+            raise EnumRedefined(
+                f"enum {tid!r} is defined already, with values {[v.name for v in first]} on "
+                f"prefix {first.prefix!r}; defining it again with values {names} on prefix "
+                f"{prefix!r} is refused, as the values stored under it would change meaning. "
+                "Give the new enum its own type_id=..., or restart the process to change it",
+                type_id=tid,
+                prefix=prefix,
+            )
         _types[tid] = made
         return made
 

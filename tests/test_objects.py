@@ -692,6 +692,7 @@ def test_restoring_the_source_side_restores_its_links(root: Path, tmp_path: Path
         (hc.ReferenceError, builtins.ReferenceError),
         (hc.ScopeError, RuntimeError),
         (hc.SingletonExists, ValueError),
+        (hc.EnumRedefined, ValueError),
     ],
 )
 def test_object_errors_subclass_their_builtin_and_pickle(

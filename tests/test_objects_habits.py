@@ -316,3 +316,26 @@ def test_a_weak_proxy_equals_its_target(root: Path) -> None:
     index = hc.index()  # a container too
     assert hc.weak_proxy(index) == index and hash(hc.weak_proxy(index)) == hash(index)
     hc.commit()
+
+
+# -- enum definitions ----------------------------------------------------------------------------
+
+
+def _define_palette(values: list[str]) -> hc.EnumType:
+    @hc.enum(values=values, prefix="palettes")
+    class Palette:
+        pass
+
+    return Palette
+
+
+def test_redefining_a_scoped_enum_with_other_values_is_refused(root: Path) -> None:
+    first = _define_palette(["WARM", "COLD"])
+    again = _define_palette(["WARM", "COLD"])  # the same definition again: fine
+    assert again.WARM == first.WARM
+    with pytest.raises(hc.EnumRedefined, match="WARM") as caught:
+        _define_palette(["WARM", "NEON"])
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, hc.StorageError)
+    hc.open("main", "rw")
+    note = Note("painted", palette=first.COLD)
+    assert note.palette == first.COLD  # the first definition is still the one in use
