@@ -36,8 +36,9 @@ Rules (the contract; see the modules named for the mechanism):
   container, which moves to the holder's prefix (auto-hardening).
 * Lifetime (``_space``): an object is kept by strong references stored on its prefix
   (``getrefcount``), by tags, or by being its class's singleton on the prefix. Without any of
-  these it lives while this process holds a handle; once the last handle is dropped, the next
-  ``hotcopy.storage.commit()`` deletes it, then whatever only it kept alive. Handles held by
+  these it lives while this process holds a handle (``hc.tags(obj)`` counts as one while it
+  is used); once the last handle is dropped, the next ``hotcopy.storage.commit()`` (or
+  ``close()`` of its prefix) deletes it, then whatever only it kept alive. Handles held by
   *other* processes do not count (each process decides for its own handles).
 * Singletons: ``@memo(singleton=True)``: ``Cls(...)`` creates the one instance of its prefix
   (:class:`SingletonExists` if there is one), ``fetch(Cls)`` returns it
