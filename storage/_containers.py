@@ -15,7 +15,7 @@ from typing import Any, overload
 
 from . import _api
 from ._memo import construction_prefix
-from ._space import Handle, iter_refs, refuse_copy, register_type
+from ._space import Handle, iter_refs, persisted_hash, refuse_copy, register_type
 from ._values import decode, encode
 
 LIST = "$list"
@@ -30,6 +30,7 @@ class _Container:
     _hc_state: Handle
 
     __reduce_ex__ = refuse_copy
+    __hash__ = persisted_hash  # agrees with a weak proxy's, which equals its target
 
     def _new(self, type_id: str) -> None:
         space = _api.object_space()

@@ -84,3 +84,8 @@ class ScopeError(StorageError, RuntimeError):
 
 class SingletonExists(StorageError, ValueError):
     """A singleton class already has its instance on the prefix; use ``fetch(Cls)``."""
+
+
+class EnumRedefined(StorageError, ValueError):
+    """An ``@enum`` was defined again under the same type id with other values or another
+    prefix; the first definition stays. Fields ``type_id`` and ``prefix`` name it."""

@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast, overload
 from . import _api
 from ._errors import ScopeError
 from ._repository import validate_prefix_name
-from ._space import Handle, handle_of, iter_refs, refuse_copy, register_type
+from ._space import Handle, handle_of, iter_refs, persisted_hash, refuse_copy, register_type
 from ._values import decode, encode
 
 T = TypeVar("T", bound=type)
@@ -85,7 +85,13 @@ def memo(
         cls.__delattr__ = _memo_delattr  # type: ignore[method-assign,assignment]
         if "__reduce_ex__" not in cls.__dict__ and "__reduce__" not in cls.__dict__:
             cls.__reduce_ex__ = refuse_copy  # type: ignore[method-assign]
-        register_type(info.type_id, functools.partial(_instantiate, cls))
+        eq: object = cls.__eq__  # typed as object: mypy cannot compare the two signatures
+        hash_: object = cls.__hash__
+        if eq is object.__eq__ and hash_ is object.__hash__:
+            # Equality stays identity (one Python object per record); the hash is the record
+            # id's so that it agrees with a weak proxy's, which equals its target.
+            cls.__hash__ = persisted_hash  # type: ignore[method-assign,assignment]
+        register_type(info.type_id, functools.partial(_instantiate, cls), cls)
         return cls
 
     return decorate if cls is None else decorate(cls)
@@ -180,16 +186,18 @@ def _undo_creation(handle: Handle) -> None:
         space.collect(handle.placed_prefix(), released)
 
 
-def set_prefix(obj: Any, prefix: str) -> None:
+def set_prefix(obj: Any, prefix: str | None) -> None:
     """Place ``obj`` on ``prefix`` (created or opened ``"rw"``); the first statement of
-    ``__init__``, before any attribute is set.
+    ``__init__``, before any attribute is set. ``None`` means no dynamic scope (as in dbzero):
+    the class's ``@memo(prefix=...)``, else the current prefix.
 
     Raises:
         ScopeError: called after the object was placed (an attribute was set, or ``__init__``
             returned), or naming another prefix than the class's ``@memo(prefix=...)``.
     """
     handle = handle_of(obj)
-    validate_prefix_name(prefix)
+    if prefix is not None:
+        validate_prefix_name(prefix)
     cls_name = type(obj).__qualname__
     if handle.prefix is not None:
         raise ScopeError(
@@ -200,7 +208,7 @@ def set_prefix(obj: Any, prefix: str) -> None:
             placed=handle.prefix,
         )
     scope = memo_info(type(obj)).prefix
-    if scope is not None and scope != prefix:
+    if scope is not None and prefix is not None and scope != prefix:
         raise ScopeError(
             f"{cls_name} is scoped to prefix {scope!r} by @memo(prefix=...); set_prefix cannot "
             f"move its instances to {prefix!r}. Drop prefix= from @memo to scope dynamically",

@@ -53,6 +53,8 @@ class Prefix(MutableMapping[str, Any]):
     """Dict-like view of one prefix. Not thread-safe: use one object per thread.
 
     Reads see the latest commit of any process; writes are buffered until :meth:`commit`.
+    A view opened read-only (``"r"``) refuses changes (:class:`ReadOnlyError`), unless it is
+    ``writable_on_demand``: then its first change reopens it for writing (``"rw"``) in place.
     """
 
     def __init__(
@@ -66,11 +68,15 @@ class Prefix(MutableMapping[str, Any]):
         checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
         lease_timeout: float | None = None,
         lease_ttl: float | None = DEFAULT_LEASE_TTL,
+        writable_on_demand: bool = False,
     ) -> None:
         if mode not in ("r", "rw"):
             raise ValueError(f"mode must be 'r' or 'rw', not {mode!r}")
         self.name = name
         self.mode = mode
+        # Read-only until the first change, which reopens it for writing instead of being
+        # refused: how the object layer opens the prefixes it only needs to read from so far.
+        self.writable_on_demand = writable_on_demand
         self._root = root
         self._repository_id = repository_id
         self._leases = leases
@@ -443,7 +449,8 @@ class Prefix(MutableMapping[str, Any]):
         return pos + len(trailer)
 
     def close(self) -> None:
-        """Roll back anything pending and release every resource; idempotent."""
+        """Roll back anything pending (changes not committed are lost) and release every
+        resource; idempotent. (The module API's ``hotcopy.storage.close()`` commits instead.)"""
         if self._closed:
             return
         if own_pid() == self._pid:
@@ -476,6 +483,16 @@ class Prefix(MutableMapping[str, Any]):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # A prefix is identified by its repository and name, as dbzero's are: two prefixes holding
+    # the same items are still two prefixes (Mapping's __eq__ would compare the items).
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Prefix):
+            return NotImplemented
+        return (self._repository_id, self.name) == (other._repository_id, other.name)
+
+    def __hash__(self) -> int:
+        return hash((self._repository_id, self.name))
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"seq={self._log.seq}"
         return f"<Prefix {self.name!r} mode={self.mode!r} {state}>"
@@ -493,11 +510,33 @@ class Prefix(MutableMapping[str, Any]):
             )
 
     def _require_writable(self) -> None:
-        if self.mode != "rw":
+        if self.mode == "rw":
+            return
+        if not self.writable_on_demand:
             raise ReadOnlyError(
                 f"prefix {self.name!r} is open read-only; open it with mode 'rw' to change it",
                 prefix=self.name,
             )
+        self.open_for_writing()
+
+    def open_for_writing(self) -> None:
+        """Reopen a read-only view for writing (``"rw"``), in place; a no-op if it is one.
+
+        What this view read so far still counts: a change built on it is refused with
+        :class:`TransactionConflict` if another process committed since, as in any writer.
+        """
+        self._check_usable()
+        if self.mode == "rw":
+            return
+        self._log.close()
+        try:
+            self._log = Log(self._root, self.name, self._repository_id, writable=True, sink=self)
+        except BaseException:
+            self._closed = True  # its old files are closed: this view cannot read any more
+            raise
+        self._sorted()
+        self.mode = "rw"
+        self.writable_on_demand = False
 
     def _read_view(self) -> None:
         """Catch up before a read, and remember the state read for the next transaction."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ObjectNotFound, ReferenceError
-from ._space import refuse_copy
+from ._space import handle_of, refuse_copy
 
 if TYPE_CHECKING:
     from ._space import ObjectSpace
@@ -60,15 +60,24 @@ class WeakProxy:
         delattr(self._hc_target(), name)
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, WeakProxy):
-            return NotImplemented
-        return (self._hc_prefix, self._hc_uuid) == (other._hc_prefix, other._hc_uuid)
+        # Equal to any proxy to the same object and to the object itself, which it stands in
+        # for (target == proxy too: the target's own __eq__ defers to this one).
+        target: tuple[str | None, str]
+        if isinstance(other, WeakProxy):
+            target = (other._hc_prefix, other._hc_uuid)
+        else:
+            try:
+                handle = handle_of(other)
+            except TypeError:
+                return NotImplemented
+            target = (handle.prefix, handle.uuid)
+        return (self._hc_prefix, self._hc_uuid) == target
 
     def __hash__(self) -> int:
-        return hash((WeakProxy, self._hc_prefix, self._hc_uuid))
+        return hash(self._hc_uuid)  # as its target hashes (_space.persisted_hash)
 
     def __repr__(self) -> str:
-        return f"<weak_proxy {self._hc_prefix}/{self._hc_uuid}>"
+        return f"<weak_proxy {self._hc_prefix}:{self._hc_uuid}>"
 
 
 def expired(proxy: WeakProxy) -> bool:

@@ -194,23 +194,34 @@ class Repository:
     def leases(self) -> LeaseProvider:
         return self._leases
 
-    def open_prefix(self, name: str, mode: str = "r") -> Prefix:
-        """Open (with ``"rw"``, create) a prefix. One object per prefix per repository object."""
+    def open_prefix(
+        self, name: str, mode: str = "r", *, writable_on_demand: bool = False
+    ) -> Prefix:
+        """Open (with ``"rw"``, create) a prefix. One object per prefix per repository object:
+        a prefix already open is returned, reopened for writing in place if ``"rw"`` is asked
+        of a read-only one.
+
+        Args:
+            writable_on_demand: With ``"r"``, reopen the prefix for writing at its first change
+                instead of refusing it (see :class:`Prefix`). Asking ``"r"`` without it of a
+                prefix open so makes it strictly read-only.
+        """
         self._check_open()
         validate_prefix_name(name)
         if mode not in ("r", "rw"):  # checked here too: an open prefix would be returned as is
             raise ValueError(f"mode must be 'r' or 'rw', not {mode!r}")
         existing = self._open.get(name)
         if existing is not None and not existing.closed:
-            if mode == "rw" and existing.mode == "r":
-                existing.close()
-            else:
-                return existing
-        prefix = self.open_view(name, mode)
+            if mode == "rw":
+                existing.open_for_writing()
+            elif not writable_on_demand:
+                existing.writable_on_demand = False
+            return existing
+        prefix = self.open_view(name, mode, writable_on_demand=writable_on_demand)
         self._open[name] = prefix
         return prefix
 
-    def open_view(self, name: str, mode: str = "r") -> Prefix:
+    def open_view(self, name: str, mode: str = "r", *, writable_on_demand: bool = False) -> Prefix:
         """A view of a prefix of its own, with this repository's settings, that the caller
         closes: unlike :meth:`open_prefix`, never the view (and transaction) other code of
         this process shares."""
@@ -225,6 +236,7 @@ class Repository:
             checkpoint_bytes=self._checkpoint_bytes,
             lease_timeout=self._lease_timeout,
             lease_ttl=self._lease_ttl,
+            writable_on_demand=writable_on_demand and mode == "r",
         )
 
     def open_prefixes(self) -> dict[str, Prefix]:
@@ -335,7 +347,8 @@ class Repository:
         return self._closed
 
     def close(self) -> None:
-        """Close every prefix opened through this object; idempotent."""
+        """Close every prefix opened through this object, rolling back what none of them
+        committed (as :meth:`Prefix.close` does); idempotent."""
         if self._closed:
             return
         self._closed = True

@@ -22,7 +22,7 @@ import importlib
 import secrets
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,15 +42,38 @@ OBJ = "obj/"
 SINGLETON = "singleton/"
 TAG = "tag/"
 CONTAINER_TYPES = frozenset({"$list", "$index"})
+# Plain collections other than list and dict, stored as {tag: [items]} (see _values).
+COLLECTION_TAGS: dict[type, str] = {tuple: "$tuple", set: "$set", frozenset: "$frozenset"}
 
 # type id -> builds the Python object for a record from its handle (set by @memo, containers).
 _builders: dict[str, Callable[[Handle], Any]] = {}
+# type id <-> @memo class: a class is a storable value, stored by its type id.
+_classes: dict[str, type] = {}
+_class_ids: dict[type, str] = {}
 
 
-def register_type(type_id: str, build: Callable[[Handle], Any]) -> None:
-    """Make records of class ``type_id`` loadable; a later registration replaces an earlier one
-    (a class redefined under the same name, as in a notebook or a reloaded module)."""
+def register_type(type_id: str, build: Callable[[Handle], Any], cls: type | None = None) -> None:
+    """Make records of class ``type_id`` loadable (and ``cls``, a ``@memo`` class, storable as a
+    value); a later registration replaces an earlier one (a class redefined under the same
+    name, as in a notebook or a reloaded module)."""
     _builders[type_id] = build
+    if cls is not None:
+        _classes[type_id] = cls
+        _class_ids[cls] = type_id
+
+
+def class_type_id(cls: type) -> str | None:
+    """The type id of a ``@memo`` class, or None for any other class."""
+    return _class_ids.get(cls)
+
+
+def stored_class(type_id: str) -> type:
+    """The ``@memo`` class registered as ``type_id`` (importing its module if need be)."""
+    _builder(type_id)  # imports the module, or raises naming the type id
+    cls = _classes.get(type_id)
+    if cls is None:
+        raise StorageError(f"{type_id!r} is not a @memo class", type_id=type_id)
+    return cls
 
 
 def _builder(type_id: str) -> Callable[[Handle], Any]:
@@ -100,6 +123,9 @@ def collectable(record: dict[str, Any]) -> bool:
     return record.get("refs", 0) == 0 and not record.get("tags") and not record.get("singleton")
 
 
+_COLLECTION_TAG_NAMES = frozenset(COLLECTION_TAGS.values())
+
+
 def iter_refs(encoded: Any) -> Iterator[str]:
     """The uuids of the strong references (``{"$ref": uuid}``) inside an encoded value."""
     if isinstance(encoded, list):
@@ -111,10 +137,13 @@ def iter_refs(encoded: Any) -> Iterator[str]:
             if tag == "$ref":
                 yield inner
                 return
+            if tag in _COLLECTION_TAG_NAMES:
+                yield from iter_refs(inner)
+                return
             if tag == "$dict":
                 encoded = inner
             elif tag.startswith("$"):
-                return  # $bytes, $weak, $enum hold no strong reference
+                return  # $bytes, $weak, $enum, $class hold no strong reference
         for item in encoded.values():
             yield from iter_refs(item)
 
@@ -149,12 +178,18 @@ class ObjectSpace:
         return self._current_prefix().name
 
     def prefix(self, name: str) -> Prefix:
-        """The open prefix ``name``; opened ``"rw"`` (created if need be) when it is not open.
+        """The open prefix ``name``. One that is not open is opened read-only, as dbzero opens
+        the prefix of an object accessed after its prefix was closed, and reopened for writing
+        in place at its first change; one that does not exist yet is created (``"rw"``).
 
         Opening does not change the current prefix: scoped objects are fire-and-forget.
         """
         prefix = self.repository.open_prefixes().get(name)
-        return prefix if prefix is not None else self.repository.open_prefix(name, "rw")
+        if prefix is not None:
+            return prefix
+        if self.repository.prefix_path(name).exists():
+            return self.repository.open_prefix(name, "r", writable_on_demand=True)
+        return self.repository.open_prefix(name, "rw")
 
     # -- identity and lifetime --------------------------------------------------------------
 
@@ -330,18 +365,24 @@ class ObjectSpace:
                 released.append(target)
         return released
 
-    def collect_garbage(self) -> None:
-        """Delete the objects whose last handle went since the previous call and that nothing
-        keeps alive. Called by ``hotcopy.storage.commit()`` before it commits."""
+    def collect_garbage(self, prefixes: Collection[str] | None = None) -> None:
+        """Delete the objects (of ``prefixes`` only, if given) whose last handle went since the
+        previous call and that nothing keeps alive. Called by ``hotcopy.storage.commit()`` and
+        ``close()`` before they commit."""
+        # Swapped, never iterated in place: a finalizer may add to it at any moment.
         doomed, self._doomed = self._doomed, set()
+        if prefixes is not None:
+            later = {key for key in doomed if key[0] not in prefixes}
+            self._doomed |= later
+            doomed -= later
         by_prefix: dict[str, list[str]] = {}
         for prefix, uuid in doomed:
             by_prefix.setdefault(prefix, []).append(uuid)
         open_prefixes = self.repository.open_prefixes()
         for name, uuids in sorted(by_prefix.items()):
             px = open_prefixes.get(name)
-            if px is None or px.mode != "rw":
-                continue  # closed (or read-only) since: not ours to change now
+            if px is None or not (px.mode == "rw" or px.writable_on_demand):
+                continue  # closed (or opened read-only by the application): not ours to change
             try:
                 px.begin()
             except TransactionConflict:
@@ -358,6 +399,11 @@ def refuse_copy(obj: Any, protocol: object = None) -> Any:
         f"a persisted {type(obj).__qualname__} cannot be copied or pickled: pass "
         "hotcopy.storage.uuid(obj) and fetch() it on the other side, or create a new object"
     )
+
+
+def persisted_hash(obj: Any) -> int:
+    """The hash of a persisted object: its record id's, as a weak proxy to it hashes."""
+    return hash(handle_of(obj).uuid)
 
 
 def handle_of(obj: Any) -> Handle:

@@ -13,7 +13,7 @@ from typing import Any
 from . import _api
 from ._enums import EnumValue, enum_type
 from ._memo import memo_info, place
-from ._space import TAG, Handle, handle_of
+from ._space import TAG, handle_of
 
 Tag = str | EnumValue
 
@@ -27,18 +27,23 @@ def tag_key(value: object) -> str:
     raise TypeError(f"a tag is a str or an enum value, not {type(value).__name__}")
 
 
-def _tag_value(key: str) -> Tag:
+def _tag_value(key: str, prefix: str) -> Tag:
+    """The tag stored as ``key`` on an object of ``prefix`` (an enum value belongs to it)."""
     if key.startswith("s:"):
         return key[2:]
     type_id, name = key[2:].rsplit(".", 1)
-    return enum_type(type_id).value(name)
+    return enum_type(type_id).value(name, prefix)
 
 
 class Tags:
     """The tags of one object: ``tags(obj).add(Role.ADMIN)``, ``"x" in tags(obj)``."""
 
-    def __init__(self, handle: Handle) -> None:
-        self._handle = handle
+    def __init__(self, obj: Any) -> None:
+        # The object itself, not only its handle, is held: ``hc.tags(found_again).remove(t)``
+        # must not let the object's last handle go before the tag does, or the finalizer sees a
+        # tagged object, keeps it, and nothing ever collects it once untagged.
+        self._obj = obj
+        self._handle = handle_of(obj)
 
     def add(self, *values: Tag) -> None:
         """Add tags; adding one the object already has changes nothing."""
@@ -76,7 +81,8 @@ class Tags:
         return tag_key(value) in self._handle.space.read(self._handle)["tags"]
 
     def __iter__(self) -> Iterator[Tag]:
-        return iter([_tag_value(key) for key in self._handle.space.read(self._handle)["tags"]])
+        keys = self._handle.space.read(self._handle)["tags"]
+        return iter([_tag_value(key, self._handle.placed_prefix()) for key in keys])
 
     def __len__(self) -> int:
         return len(self._handle.space.read(self._handle)["tags"])
@@ -90,7 +96,7 @@ def tags(obj: Any) -> Tags:
     handle = handle_of(obj)
     if handle.prefix is None:
         place(obj, handle, None)
-    return Tags(handle)
+    return Tags(obj)
 
 
 def find(cls: type, *values: Tag, prefix: str | None = None) -> list[Any]:

@@ -8,10 +8,13 @@ JSON types are stored as they are. Everything else is a one-key object whose key
     {"$weak": {"prefix": "p", "uuid": "u"}}      a weak proxy (any prefix)
     {"$enum": {"type": "<type id>", "value": "ADMIN"}}
     {"$dict": {...}}                             a plain dict that has a key starting with "$"
+    {"$tuple": [...]}, {"$set": [...]}, {"$frozenset": [...]}
+    {"$class": "<type id>"}                      a @memo class (code, not an object: any prefix)
 
-Plain lists and dicts are stored by value: mutating the list a read returned changes nothing
-stored; assign it back, or use ``hotcopy.storage.list()``. Tuples and other types are refused
-rather than silently turned into something else (as the prefix codec does).
+Plain lists, dicts, tuples and sets are stored by value: mutating the list a read returned
+changes nothing stored; assign it back, or use ``hotcopy.storage.list()``. They read back as the
+type they were (a tuple as a tuple, a set as a set, at any depth). Other types are refused rather
+than silently turned into something else.
 """
 
 from __future__ import annotations
@@ -24,9 +27,19 @@ from . import _codec as codec
 from ._enums import EnumValue, enum_type
 from ._errors import CrossPrefixReference, StorageError
 from ._proxy import WeakProxy
-from ._space import CONTAINER_TYPES, Handle, ObjectSpace, handle_of
+from ._space import (
+    COLLECTION_TAGS,
+    CONTAINER_TYPES,
+    Handle,
+    ObjectSpace,
+    class_type_id,
+    handle_of,
+    stored_class,
+)
 
 _SCALARS = (str, int, bool, type(None))
+_NESTED = (list, dict, *COLLECTION_TAGS)
+_COLLECTIONS: dict[str, type] = {tag: kind for kind, tag in COLLECTION_TAGS.items()}
 
 
 # Half the codec's limit: the record wraps the value and "$dict" may wrap every level, and this
@@ -64,10 +77,14 @@ def _encode(value: Any, owner: Handle, path: str, depth: int) -> Any:
         return value
     if kind is bytes:
         return {"$bytes": base64.b64encode(value).decode("ascii")}
-    if (kind is list or kind is dict) and depth > MAX_DEPTH:
+    if kind in _NESTED and depth > MAX_DEPTH:
         raise _TooDeep
     if kind is list:
         return [_encode(item, owner, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+    if kind in COLLECTION_TAGS:
+        # Two levels: stored as a list inside a one-key dict, each counted by the codec's limit.
+        items = [_encode(item, owner, f"{path}[{i}]", depth + 2) for i, item in enumerate(value)]
+        return {COLLECTION_TAGS[kind]: items}
     if kind is dict:
         out = {}
         for key, item in value.items():
@@ -79,12 +96,16 @@ def _encode(value: Any, owner: Handle, path: str, depth: int) -> Any:
         return {"$weak": {"prefix": value._hc_prefix, "uuid": value._hc_uuid}}
     if isinstance(value, EnumValue):
         return {"$enum": {"type": value.type_id, "value": value.name}}
+    type_id = class_type_id(value) if isinstance(value, type) else None
+    if type_id is not None:
+        return {"$class": type_id}
     try:
         target = handle_of(value)
     except TypeError:
         raise TypeError(
-            f"{path}: {kind.__name__} is not storable; use JSON types, bytes, @memo objects, "
-            "hotcopy.storage.list()/index(), enum values or weak_proxy(obj)"
+            f"{path}: {kind.__name__} is not storable; use JSON types, tuples, sets, bytes, "
+            "@memo objects and classes, hotcopy.storage.list()/index(), enum values or "
+            "weak_proxy(obj)"
         ) from None
     return {"$ref": _strong_target(target, owner, path)}
 
@@ -151,7 +172,11 @@ def decode(encoded: Any, space: ObjectSpace, prefix: str) -> Any:
         if tag == "$weak":
             return WeakProxy(space, inner["prefix"], inner["uuid"])
         if tag == "$enum":
-            return enum_type(inner["type"]).value(inner["value"])
+            return enum_type(inner["type"]).value(inner["value"], prefix)
+        if tag in _COLLECTIONS:
+            return _COLLECTIONS[tag](decode(item, space, prefix) for item in inner)
+        if tag == "$class":
+            return stored_class(inner)
         if tag == "$dict":
             encoded = inner
     return {key: decode(item, space, prefix) for key, item in encoded.items()}

@@ -21,6 +21,7 @@ STORAGE_ALL = [
     "CrossPrefixReference",
     "Cut",
     "DestinationExists",
+    "EnumRedefined",
     "EnumType",
     "EnumValue",
     "FileLeases",
