@@ -118,7 +118,7 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         for key in sorted(k for k in b if k.startswith("restore_jobs_") and k.endswith("_ratio")):
             jobs = key.split("_")[2]
             rows.append(
-                (f"restore, --jobs {jobs}", f"{b[key]:.2f}x", "cp -r + sync", ">= 0.9x (jobs 2)")
+                (f"restore, --jobs {jobs}", f"{b[key]:.2f}x", "cp -r + sync", ">= 0.9x")
             )
         i = backup["incremental"]
         rows.append(
