@@ -45,8 +45,9 @@ Rules (the contract; see the modules named for the mechanism):
   ``commit()``, which commits every open prefix, one atomic commit per prefix. Concurrent
   writers on one prefix use ``with hc.get_prefix_of(obj).transaction():`` around
   read-modify-write code, or retry on :class:`TransactionConflict`.
-* Storage: records are JSON under ``obj/<uuid>``, tag lists under ``tag/<tag>``, singleton
-  slots under ``singleton/<type id>`` of the object's prefix: a copy or restore of a prefix
+* Storage: records are JSON under ``obj/<uuid>``, tag members under ``tag/<tag>``, singleton
+  slots under ``singleton/<type id>`` of the object's prefix, containers and tag members as
+  trees whose nodes are records under ``node/`` (``_tree``): a copy or restore of a prefix
   carries exactly its objects. Weak proxies into a restored prefix may expire (``expired()``).
 """
 

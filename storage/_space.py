@@ -4,7 +4,11 @@ Every persisted object (a ``@memo`` instance, a ``list()`` or an ``index()``) is
 under ``obj/<uuid>`` on its prefix::
 
     {"class": "<type id>", "refs": 2, "tags": [...], "attrs": {...}}      # a @memo object
-    {"class": "$list", "refs": 1, "tags": [], "items": [...]}            # a container
+    {"class": "$list", "refs": 1, "tags": [], "items": [...]}            # a small container
+    {"class": "$list", "refs": 1, "tags": [], "children": [...], "next": 9}  # a larger one
+
+A container's record is the root of its tree (``_tree``): items inline while they fit in one
+node, else its nodes are records of their own.
 
 ``refs`` counts the strong references other records of the same prefix hold to it. The space
 keeps one Python object per record (an identity map of weak references) and decides lifetime:
@@ -33,6 +37,7 @@ from ._errors import (
     StorageError,
     TransactionConflict,
 )
+from ._tree import MemberSet, Tree
 
 if TYPE_CHECKING:
     from ._prefix import Prefix
@@ -117,15 +122,6 @@ def iter_refs(encoded: Any) -> Iterator[str]:
                 return  # $bytes, $weak, $enum hold no strong reference
         for item in encoded.values():
             yield from iter_refs(item)
-
-
-def record_refs(record: dict[str, Any]) -> list[str]:
-    """Every strong reference a record holds (attributes of an object, items of a container)."""
-    if "attrs" in record:
-        return list(iter_refs(list(record["attrs"].values())))
-    if record["class"] == "$index":
-        return list(iter_refs([value for _key, value in record["items"]]))
-    return list(iter_refs(record.get("items", [])))
 
 
 class ObjectSpace:
@@ -307,17 +303,17 @@ class ObjectSpace:
         """Delete one record with its tags and singleton slot; return the uuids it released."""
         px = self.prefix(prefix)
         for tag in record.get("tags", []):
-            members = [u for u in px.get(TAG + tag, []) if u != uuid]
-            if members:
-                px[TAG + tag] = members
-            elif TAG + tag in px:
-                del px[TAG + tag]
+            MemberSet(px, TAG + tag).remove(uuid)
         slot = SINGLETON + record["class"]
         if record.get("singleton") and px.get(slot) == uuid:
             del px[slot]
+        if "attrs" in record:
+            refs = list(iter_refs(list(record["attrs"].values())))
+        else:  # a container: its items are in its tree, whose nodes go with it
+            refs = list(iter_refs(Tree(px, OBJ + uuid, record).drop()))
         del px[OBJ + uuid]
         released = []
-        for target, count in Counter(record_refs(record)).items():
+        for target, count in Counter(refs).items():
             if target == uuid:
                 continue  # a reference to itself dies with it
             target_record = px.get(OBJ + target)

@@ -1,8 +1,9 @@
 """Tags: labels (``str`` or scoped enum values) on persisted objects, and lookup by tag.
 
 A tag lives on the tagged object's prefix, twice: in the object's record (``"tags"``) and in
-the prefix's tag index ``tag/<tag key>`` -> uuids in tagging order, which :func:`find` reads
-without scanning. A tagged object is kept alive by its tags (dbzero counts them as references).
+the tag's member set ``tag/<tag key>`` (a ``_tree.MemberSet``: the uuids in tagging order),
+which :func:`find` reads without scanning. A tagged object is kept alive by its tags (dbzero
+counts them as references).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from . import _api
 from ._enums import EnumValue, enum_type
 from ._memo import memo_info, place
 from ._space import TAG, Handle, handle_of
+from ._tree import MemberSet
 
 Tag = str | EnumValue
 
@@ -58,17 +60,12 @@ class Tags:
             if (key in record["tags"]) == add:
                 continue
             changed = True
-            members: list[str] = prefix.get(TAG + key, [])
             if add:
                 record["tags"].append(key)
-                members.append(handle.uuid)
+                MemberSet(prefix, TAG + key).add(handle.uuid)
             else:
                 record["tags"].remove(key)
-                members = [uuid for uuid in members if uuid != handle.uuid]
-            if members:
-                prefix[TAG + key] = members
-            else:
-                del prefix[TAG + key]
+                MemberSet(prefix, TAG + key).remove(handle.uuid)
         if changed:
             space.write(handle, record)
 
@@ -112,9 +109,10 @@ def find(cls: type, *values: Tag, prefix: str | None = None) -> list[Any]:
     name = prefix if prefix is not None else space.current_name()
     px = space.prefix(name)
     keys = [tag_key(value) for value in values]
-    found: list[str] = px.get(TAG + keys[0], [])
-    for key in keys[1:]:
-        others = set(px.get(TAG + key, []))
-        found = [uuid for uuid in found if uuid in others]
-    objects = [space.load(name, uuid) for uuid in found]
+    with px.pinned():
+        found = MemberSet(px, TAG + keys[0]).members()
+        for key in keys[1:]:
+            others = set(MemberSet(px, TAG + key).members())
+            found = [uuid for uuid in found if uuid in others]
+        objects = [space.load(name, uuid) for uuid in found]
     return [obj for obj in objects if isinstance(obj, cls)]

@@ -25,6 +25,7 @@ from ._enums import EnumValue, enum_type
 from ._errors import CrossPrefixReference, StorageError
 from ._proxy import WeakProxy
 from ._space import CONTAINER_TYPES, Handle, ObjectSpace, handle_of
+from ._tree import size
 
 _SCALARS = (str, int, bool, type(None))
 
@@ -127,7 +128,7 @@ def _harden(container: Handle, prefix: str) -> bool:
     old = container.placed_prefix()
     source = space.prefix(old)
     record = source.get(container.key)
-    if record is None or record["items"] or record.get("refs") or record.get("tags"):
+    if record is None or size(record) or record.get("refs") or record.get("tags"):
         return False
     del source[container.key]
     container.prefix = prefix

@@ -8,7 +8,6 @@ import builtins
 import copy
 import gc
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +75,6 @@ class Special(Thing):
 @hc.enum(values=["ADMIN", "USER", "GUEST"], prefix="roles")
 class Role:
     pass
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Iterator[Path]:
-    hc.init(tmp_path / "repo")
-    hc.open("main", "rw")
-    try:
-        yield tmp_path / "repo"
-    finally:
-        hc.close()
 
 
 def reopen(root: Path) -> hc.Repository:
