@@ -8,7 +8,8 @@ under ``obj/<uuid>`` on its prefix::
     {"class": "$list", "refs": 1, "tags": [], "children": [...], "next": 9}  # a larger one
 
 A container's record is the root of its tree (``_tree``): items inline while they fit in one
-node, else its nodes are records of their own.
+node, else its nodes are records of their own. A prefix also keeps, per class, the uuids of its
+instances (``instances/<type id>``, a ``_tree.MemberSet``) for ``find(cls)``.
 
 ``refs`` counts the strong references other records of the same prefix hold to it. The space
 keeps one Python object per record (an identity map of weak references) and decides lifetime:
@@ -46,6 +47,10 @@ if TYPE_CHECKING:
 OBJ = "obj/"
 SINGLETON = "singleton/"
 TAG = "tag/"
+INSTANCES = "instances/"
+# Present once every @memo object of the prefix is in its class's instance set: a prefix
+# written before instance sets existed gets them at its first new object (see _add_instance).
+INSTANCES_COMPLETE = INSTANCES  # the bare namespace: no type id is empty
 CONTAINER_TYPES = frozenset({"$list", "$index"})
 
 # type id -> builds the Python object for a record from its handle (set by @memo, containers).
@@ -256,6 +261,8 @@ class ObjectSpace:
         record.setdefault("refs", 0)
         record.setdefault("tags", [])
         prefix[handle.key] = record
+        if "attrs" in record:
+            _add_instance(prefix, handle.type_id, handle.uuid)
         handle.collectable = collectable(record)
 
     def retarget(self, prefix: str, added: Iterable[str], removed: Iterable[str]) -> None:
@@ -308,6 +315,7 @@ class ObjectSpace:
         if record.get("singleton") and px.get(slot) == uuid:
             del px[slot]
         if "attrs" in record:
+            MemberSet(px, INSTANCES + record["class"]).remove(uuid)
             refs = list(iter_refs(list(record["attrs"].values())))
         else:  # a container: its items are in its tree, whose nodes go with it
             refs = list(iter_refs(Tree(px, OBJ + uuid, record).drop()))
@@ -345,6 +353,36 @@ class ObjectSpace:
                 # the lease, which makes begin() a no-op): the collection reads afresh.
                 px.begin()
             self.collect(name, uuids)
+
+
+def instances(px: Prefix, type_id: str) -> list[str]:
+    """The uuids of the live ``type_id`` objects of ``px``, oldest first."""
+    with px.pinned():
+        if INSTANCES_COMPLETE not in px:
+            return _scan_instances(px).get(type_id, [])
+        return MemberSet(px, INSTANCES + type_id).members()
+
+
+def _add_instance(px: Prefix, type_id: str, uuid: str) -> None:
+    if INSTANCES_COMPLETE not in px:
+        # Objects stored before instance sets existed join theirs, once per prefix.
+        for old_type, uuids in _scan_instances(px).items():
+            MemberSet(px, INSTANCES + old_type).add(*uuids)
+        px[INSTANCES_COMPLETE] = True
+    MemberSet(px, INSTANCES + type_id).add(uuid)
+
+
+def _scan_instances(px: Prefix) -> dict[str, list[str]]:
+    """The uuids of every @memo object of ``px`` by type id, read from the records themselves
+    (a prefix from before instance sets; reads every key once)."""
+    found: dict[str, list[str]] = {}
+    with px.pinned():
+        for key in px:
+            if key.startswith(OBJ):
+                record = px[key]
+                if "attrs" in record:
+                    found.setdefault(record["class"], []).append(key[len(OBJ) :])
+    return found
 
 
 def refuse_copy(obj: Any, protocol: object = None) -> Any:

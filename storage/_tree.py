@@ -1,11 +1,11 @@
 """Counted B+ trees kept as records of a prefix: how every collection that grows is stored.
 
-A list, an index and the members of a tag are each one tree, so that
+A list, an index, the members of a tag and the instances of a class are each one tree, so that
 adding or removing an item rewrites the few small records on one path from the root to a leaf,
 never the whole collection (kept in one record, building a list of n items cost O(n^2)).
 
 The root node lives in the collection's own record, its *header* (``obj/<uuid>`` of a
-container, ``tag/<tag>``); every other node is a record
+container, ``tag/<tag>``, ``instances/<type id>``); every other node is a record
 ``node/<header key>/<node id>``::
 
     {"items": [...]}                                     a leaf: items, in order
@@ -406,8 +406,8 @@ class Tree:
 
 
 class MemberSet:
-    """The uuids of a tag's members on one prefix, in the order they were added: a sorted
-    tree of ``[uuid, ordinal]``, found by uuid, listed by ordinal.
+    """The uuids of a tag's members or of a class's instances on one prefix, in the order they
+    were added: a sorted tree of ``[uuid, ordinal]``, found by uuid, listed by ordinal.
 
     The header is deleted with the last member: an empty set leaves no key behind. Before the
     trees, a tag's members were one record, a list of uuids: read as it is, converted to a tree

@@ -452,8 +452,8 @@ def test_tags_add_remove_and_find(root: Path) -> None:
     assert "tag/s:red" not in hc.get_current_prefix()  # an empty tag leaves no key behind
     with pytest.raises(TypeError):
         hc.tags(a).add(3)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="at least one tag"):
-        hc.find(Thing)
+    with pytest.raises(TypeError, match="a class or a tag"):
+        hc.find()
     settings = Settings("x")
     hc.tags(settings).add("mine")
     hc.open("elsewhere", "rw")

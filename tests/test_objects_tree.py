@@ -1,4 +1,4 @@
-"""Collections that grow: ``hc.list``, ``hc.index`` and tags on large sizes.
+"""Collections that grow: ``hc.list``, ``hc.index``, tags and ``find(cls)`` on large sizes.
 
 What a change costs is measured in bytes committed (never in time): one append, add or remove
 writes the same few records at any size. Lists and indexes keep their semantics through every
@@ -41,10 +41,19 @@ class Holder:
 class Note:
     def __init__(self, number):
         self.number = number
+
+@hc.memo(type_id="tree.Memo")
+class Memo(Note):
+    pass
+
+@hc.memo(prefix="archive", type_id="tree.Archived")
+class Archived:
+    def __init__(self, number):
+        self.number = number
 """
 namespace: dict[str, Any] = {}
 exec(CLASSES, namespace)
-Holder, Note = namespace["Holder"], namespace["Note"]
+Holder, Note, Memo, Archived = (namespace[name] for name in ("Holder", "Note", "Memo", "Archived"))
 
 
 @pytest.fixture
@@ -103,6 +112,10 @@ CHANGES: dict[str, tuple[Callable[[Any, int], None], Callable[[Any], None]]] = {
     "tag remove": (
         lambda holder, i: hc.tags(Note(i)).add("many", "kept"),
         lambda holder: hc.tags(hc.find(Note, "many")[SIZE // 2]).remove("many"),
+    ),
+    "new object": (
+        lambda holder, i: hc.tags(Note(i)).add("kept"),
+        lambda holder: setattr(holder, "last", Note(-1)),
     ),
 }
 
@@ -274,6 +287,56 @@ def test_index_accepts_none_as_a_key_sorted_first(root: Path) -> None:
         idx.add("text", 1)  # a numbers index, though None keys come first
 
 
+# -- find by class ------------------------------------------------------------------------------
+
+
+def test_find_a_class_alone_finds_its_live_instances(root: Path) -> None:
+    notes = [Note(i) for i in range(5)]
+    memo = Memo(5)
+    hc.tags(notes[1]).add("red")
+    hc.tags(memo).add("red", "blue")
+    assert hc.find(Note) == [*notes, memo]  # a class and its subclasses, oldest first
+    assert hc.find(Memo) == [memo]
+    assert hc.find(Note, "red") == [notes[1], memo]
+    assert hc.find(Note, "red", "blue") == [memo] == hc.find(Memo, "red")
+    assert hc.find("red") == [notes[1], memo]  # tags alone: any class
+    assert hc.find("blue", Memo) == [memo]  # in any order
+    assert hc.find(Archived) == []
+    archived = Archived(1)  # a scoped class: found on its own prefix
+    assert hc.find(Archived) == [archived]
+    kept = hc.uuid(notes[3])
+    del notes[3]
+    hc.commit()  # the last handle went: deleted, and gone from its class
+    assert kept not in [hc.uuid(note) for note in hc.find(Note)]
+    assert len(hc.find(Note)) == 5
+    reopen(root)
+    assert sorted(note.number for note in hc.find(Note)) == [0, 1, 2, 4, 5]
+
+
+FINDER = (
+    CLASSES
+    + """
+import sys
+hc.init(sys.argv[1])
+hc.open("main", "rw")
+print(sorted(note.number for note in hc.find(Note)))
+hc.tags(Note(100)).add("kept")  # (an object no tag or reference keeps dies with its handle)
+hc.commit()
+hc.close()
+"""
+)
+
+
+def test_find_a_class_sees_instances_another_process_made(root: Path) -> None:
+    for i in range(3):
+        hc.tags(Note(i)).add("kept")
+    hc.commit()
+    result = h.run_python(FINDER, str(root))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[0, 1, 2]"
+    assert sorted(note.number for note in hc.find(Note)) == [0, 1, 2, 100]
+
+
 # -- lifetime ------------------------------------------------------------------------------------
 
 
@@ -295,14 +358,15 @@ def test_a_dropped_container_takes_its_nodes_and_what_only_it_kept(
     for uid in note_ids:
         with pytest.raises(hc.ObjectNotFound):
             hc.fetch(Note, uid)
+    assert hc.find(Note) == []
 
 
 # -- the layout of before ------------------------------------------------------------------------
 
 
 def test_a_prefix_in_the_one_record_layout_is_read_and_converted(root: Path) -> None:
-    """Records as hotcopy wrote them before trees: a list and an index each in one record
-    (longer than a node), a tag's members in one list."""
+    """Records as hotcopy wrote them before trees and instance sets: a list and an index each
+    in one record (longer than a node), a tag's members in one list."""
     px = hc.get_current_prefix()
     holder_id, other_id, list_id, index_id = (f"{n:032x}" for n in range(1, 5))
     old_items = [f"old-{i}" for i in range(150)]
@@ -322,11 +386,13 @@ def test_a_prefix_in_the_one_record_layout_is_read_and_converted(root: Path) -> 
     reopen(root)
 
     assert [note.number for note in hc.find(Note, "old")] == [2, 1]
+    assert sorted(note.number for note in hc.find(Note)) == [1, 2]  # read from the records
     holder = hc.fetch(Note, holder_id)
     assert list(holder.items) == old_items and holder.items[149] == "old-149"
     assert holder.index.range(98) == ["v98", "v99"]
     holder.items.append("new")  # the first change makes a tree of it
     holder.index.add(50, "v50b")
+    new = Note(3)  # the first new object enters the old ones in their class's set
     hc.tags(hc.fetch(Note, other_id)).remove("old")
     reopen(root)
 
@@ -334,10 +400,12 @@ def test_a_prefix_in_the_one_record_layout_is_read_and_converted(root: Path) -> 
     assert list(holder.items) == [*old_items, "new"]
     assert holder.index.range(50, 51) == ["v50", "v50b"]
     assert [note.number for note in hc.find(Note, "old")] == [1]
+    assert sorted(note.number for note in hc.find(Note)) == [1, 2, 3]
     px = hc.get_current_prefix()
     check_container(holder.items)
     check_container(holder.index)
     check_tree(px, "tag/s:old", keyed=True)
+    del new
 
 
 # -- crashes and concurrent readers --------------------------------------------------------------
@@ -404,10 +472,12 @@ def test_a_crash_mid_commit_leaves_each_tree_before_or_after(
     assert numbers == list(range(len(numbers)))
     assert sorted(value for value in holder.index) == numbers
     assert sorted(note.number for note in hc.find(Note, "crash")) == numbers
+    assert sorted(note.number for note in hc.find(Note)) == numbers
     px = hc.get_current_prefix()
     check_container(holder.items)
     check_container(holder.index)
     check_tree(px, "tag/s:crash", keyed=True)
+    check_tree(px, "instances/tree.Note", keyed=True)
     holder.items.append(len(numbers))  # and it goes on from there
     hc.commit()
     assert list(holder.items) == list(range(len(numbers) + 1))
