@@ -1,11 +1,12 @@
 """Persisted containers with their own identity: ``list()`` and ``index()``.
 
 Each is a tree on its prefix (``_tree``) whose root is the container's record
-(``{"class": "$list", "items": [...]}`` while small): appending, inserting or removing an item
-rewrites one leaf and the few nodes above it, whatever the size. Created on the current prefix,
-or, inside the ``__init__`` of a ``@memo`` object, on that object's prefix. Items are stored
-like attribute values (strong references count, same prefix only). An empty, unreferenced
-container assigned to an object of another prefix moves there (see ``_values._harden``).
+(``{"class": "$list", "items": [...]}`` while small): appending or removing an item rewrites
+its leaf and that record, whatever the size (an insert or delete inside a list also the nodes
+above it whose later children move). Created on the current prefix, or, inside the
+``__init__`` of a ``@memo`` object, on that object's prefix. Items are stored like attribute
+values (strong references count, same prefix only). An empty, unreferenced container
+assigned to an object of another prefix moves there (see ``_values._harden``).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ class _Container:
 class MemoList(_Container, MutableSequence[Any]):
     """A persisted list: a ``MutableSequence`` whose items are stored values.
 
-    Create one with ``hotcopy.storage.list(iterable)``. ``append``, ``insert``, ``pop`` and
-    ``lst[i]`` cost the same at any length.
+    Create one with ``hotcopy.storage.list(iterable)``. ``append``, ``pop()`` and ``lst[i]``
+    cost the same at any length; ``insert`` and ``del`` inside it nearly so.
     """
 
     __slots__ = ()
@@ -222,28 +223,18 @@ class MemoIndex(_Container):
     def remove(self, key: IndexKey, value: Any) -> None:
         """Remove the first ``value`` stored under ``key``; ``KeyError`` if there is none."""
         with self._tree() as tree:
-            position = self._find(tree, key, value)
-            if position is None:
+            removed = None
+            if _comparable(key, tree):
+                removed = tree.remove_first(key, lambda item: self._decode(item[1]) == value)
+            if removed is None:
                 raise KeyError(f"index has no value {value!r} under key {key!r}")
-            _key, encoded = tree.pop(position)
             tree.flush()
-        self._retarget([], [encoded])
-
-    def _find(self, tree: Tree, key: IndexKey, value: Any) -> int | None:
-        if not _comparable(key, tree):
-            return None
-        low, high = tree.bisect(key, right=False), tree.bisect(key, right=True)
-        for position, (_key, encoded) in enumerate(tree.slice(low, high), low):
-            if self._decode(encoded) == value:
-                return position
-        return None
+        self._retarget([], [removed])
 
     def items(self, lo: IndexKey = None, hi: IndexKey = None) -> list[tuple[IndexKey, Any]]:
         """``(key, value)`` pairs with ``lo <= key < hi`` in key order (None: unbounded)."""
         with self._tree() as tree:
-            start = 0 if lo is None else tree.bisect(lo, right=False)
-            stop = len(tree) if hi is None else tree.bisect(hi, right=False)
-            return [(key, self._decode(encoded)) for key, encoded in tree.slice(start, stop)]
+            return [(key, self._decode(encoded)) for key, encoded in tree.range(lo, hi)]
 
     def range(self, lo: IndexKey = None, hi: IndexKey = None) -> list[Any]:
         """Values with ``lo <= key < hi`` in key order (None: unbounded)."""
@@ -266,8 +257,7 @@ class MemoIndex(_Container):
 
 def _first_key(tree: Tree) -> IndexKey:
     """The lowest key that is not None, or None if there is none."""
-    position = tree.bisect(None, right=True)
-    return tree.get(position)[0] if position < len(tree) else None
+    return next((key for key, _value in tree.scan(None) if key is not None), None)
 
 
 def _comparable(key: object, tree: Tree) -> bool:

@@ -1,23 +1,28 @@
-"""Counted B+ trees kept as records of a prefix: how every collection that grows is stored.
+"""B+ trees kept as records of a prefix: how every collection that grows is stored.
 
 A list, an index, the members of a tag and the instances of a class are each one tree, so that
-adding or removing an item rewrites the few small records on one path from the root to a leaf,
-never the whole collection (kept in one record, building a list of n items cost O(n^2)).
+adding or removing an item rewrites its leaf and the collection's own record, never the whole
+collection (kept in one record, building a list of n items cost O(n^2)); a leaf that splits
+or merges rewrites its parent too.
 
 The root node lives in the collection's own record, its *header* (``obj/<uuid>`` of a
 container, ``tag/<tag>``, ``instances/<type id>``); every other node is a record
 ``node/<header key>/<node id>``::
 
-    {"items": [...]}                                     a leaf: items, in order
-    {"children": [[node id, items below, first key], ...]}   an internal node
+    {"items": [...]}                                   a leaf: the items, in order
+    {"children": [[node id, label], ...]}              an internal node
 
-The counts make positions cheap (``lst[i]``, ``len``). A *sorted* tree holds ``[key, value]``
-items in key order (equal keys in insertion order, ``None`` before every other key); each
-child's items have keys ``>= first key`` and the items before it keys ``<= first key`` (the
-first child's is not used). A list's first keys are null. A header that has nodes also keeps
-``next``, the next node id. A small collection is its header alone, items inline: exactly the
-one-record layout of before the trees, so old records are read as they are and become a tree
-when they first outgrow a node.
+A header with children also keeps ``size`` (its items) and ``next`` (the next node id). A small
+collection is its header alone, items inline: exactly the one-record layout of before the
+trees, so old records are read as they are and become a tree when they first outgrow a node.
+
+In a *list* a child's label is its offset: the items of the children before it in the same
+node. An item added after or removed from the last child of each node on its path (an append,
+a pop at the end) leaves every label alone; in the middle, the nodes on the path where the
+child is not the last are rewritten. In a *sorted* tree items are ``[key, value]`` in key order
+(equal keys in insertion order, ``None`` before every other key), found by key, not position,
+and a child's label is its first key: its items have keys ``>=`` it, the items before it keys
+``<=`` it (the first child's label is not used), so no change of a leaf changes a label.
 
 Node keys live under ``node/`` rather than under their header's key: a tag is any text, so a
 node key ``tag/x/n/1`` could be the header of the tag ``x/n/1``. No header starts with
@@ -31,6 +36,8 @@ A tree is read and changed through a :class:`Tree` made for one operation, under
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Iterator
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from ._errors import StorageError
@@ -41,13 +48,17 @@ if TYPE_CHECKING:
 NODE_MAX = 64  # items of a leaf, children of an internal node
 NODE = "node/"
 _ROOT = 0  # the id of the root node, which is the header
+_label = itemgetter(1)
+
+Path = list[tuple[int, int]]  # (node id, child slot) from the root down to a leaf's parent
 
 
-def size(node: dict[str, Any]) -> int:
-    """The number of items under a node (a header: in its whole tree)."""
-    if "items" in node:
-        return len(node["items"])
-    return sum(child[1] for child in node["children"])
+def size(header: dict[str, Any]) -> int:
+    """The number of items in the tree whose header this is."""
+    if "children" in header:
+        total: int = header["size"]
+        return total
+    return len(header["items"])
 
 
 def _entries(node: dict[str, Any]) -> list[Any]:
@@ -59,6 +70,10 @@ def _rank(key: Any) -> tuple[bool, Any]:
     return (key is not None, key)
 
 
+def _item_rank(item: list[Any]) -> tuple[bool, Any]:
+    return (item[0] is not None, item[0])
+
+
 class Tree:
     """One tree, for the length of one operation: nodes are read once and kept; the changed
     ones (and the header) are written by :meth:`flush`.
@@ -67,7 +82,7 @@ class Tree:
         px: The prefix holding the tree.
         key: The header's key.
         header: The header record as read (changed in place).
-        keyed: Items are ``[key, value]`` kept in key order (else: a list, in position order).
+        keyed: A sorted tree of ``[key, value]`` items (else: a list, by position).
     """
 
     def __init__(
@@ -87,59 +102,80 @@ class Tree:
     def __len__(self) -> int:
         return size(self.header)
 
+    def items(self) -> list[Any]:
+        """Every item, in order."""
+        return [item for _id, node, _depth in self._walk() for item in node.get("items", ())]
+
     def get(self, position: int) -> Any:
-        """The item at ``position`` (``0 <= position < len``)."""
+        """In a list: the item at ``position`` (``0 <= position < len``)."""
         if not 0 <= position < len(self):
             raise IndexError("list index out of range")
         _path, leaf_id, local = self._descend(position)
         return self._node(leaf_id)["items"][local]
 
     def slice(self, start: int, stop: int) -> list[Any]:
-        """The items at positions ``start <= p < stop``; reads only the nodes holding them."""
+        """In a list: the items at positions ``start <= p < stop``, reading only their nodes."""
         out: list[Any] = []
-        self._collect(self.header, max(start, 0), stop, out)
+        self._collect(self.header, len(self), max(start, 0), min(stop, len(self)), out)
         return out
 
-    def items(self) -> list[Any]:
-        return self.slice(0, len(self))
+    def scan(self, key: Any) -> Iterator[Any]:
+        """In a sorted tree: the items with a key ``>= key``, in order (``None``: all)."""
+        for _path, leaf_id, local in self._scan(key):
+            yield self._node(leaf_id)["items"][local]
 
-    def bisect(self, key: Any, *, right: bool) -> int:
-        """In a sorted tree: the first position whose key is ``> key`` (``right``) or
-        ``>= key``."""
-        return self._descend_key(key, right=right)[3]
+    def range(self, lo: Any, hi: Any) -> list[Any]:
+        """In a sorted tree: the items with ``lo <= key < hi`` (a ``None`` bound: none)."""
+        out = []
+        for item in self.scan(lo):
+            if hi is not None and _item_rank(item) >= _rank(hi):
+                break
+            out.append(item)
+        return out
 
-    def _collect(self, node: dict[str, Any], start: int, stop: int, out: list[Any]) -> None:
+    def find(self, key: Any) -> Any:
+        """In a sorted tree: the first item with this key, or None."""
+        for item in self.scan(key):
+            return item if _item_rank(item) == _rank(key) else None
+        return None
+
+    def _collect(
+        self, node: dict[str, Any], total: int, start: int, stop: int, out: list[Any]
+    ) -> None:
+        if start >= stop:
+            return
         if "items" in node:
             out.extend(node["items"][start:stop])
             return
-        for child_id, count, _first in node["children"]:
-            if stop <= 0:
-                return
-            if start < count:
-                self._collect(self._node(child_id), max(start, 0), stop, out)
-            start -= count
-            stop -= count
+        children = node["children"]
+        for slot, (child_id, offset) in enumerate(children):
+            end = children[slot + 1][1] if slot + 1 < len(children) else total
+            if end > start and offset < stop:
+                child = self._node(child_id)
+                first, last = max(start, offset) - offset, min(stop, end) - offset
+                self._collect(child, end - offset, first, last, out)
 
     # -- changing ---------------------------------------------------------------------------
 
     def insert(self, position: int, item: Any) -> None:
-        """Insert ``item`` before ``position`` (``0 <= position <= len``); lists only."""
+        """In a list: insert ``item`` before ``position`` (``0 <= position <= len``)."""
         appending = position == len(self)
         path, leaf_id, local = self._descend(position, inserting=True)
         self._node(leaf_id)["items"].insert(local, item)
-        self._grew(path, leaf_id, 1, appending)
+        self._resized(path, leaf_id, 1, appending)
 
     def insert_sorted(self, item: list[Any]) -> None:
-        """Insert ``[key, value]`` after the items with an equal key; sorted trees only."""
-        # Not through insert(position): at a boundary between two leaves, the key decides which
-        # one may take it (the right one's first key may be lower than its first item's).
-        path, leaf_id, local, position = self._descend_key(item[0], right=True)
-        appending = position == len(self)
-        self._node(leaf_id)["items"].insert(local, item)
-        self._grew(path, leaf_id, 1, appending)
+        """In a sorted tree: insert ``[key, value]`` after the items with an equal key."""
+        path, leaf_id, local = self._descend_key(item[0], right=True)
+        items = self._node(leaf_id)["items"]
+        appending = local == len(items) and all(
+            slot == len(self._node(node_id)["children"]) - 1 for node_id, slot in path
+        )
+        items.insert(local, item)
+        self._resized(path, leaf_id, 1, appending)
 
     def replace(self, position: int, item: Any) -> Any:
-        """Put ``item`` at ``position`` in place of the item there, which is returned."""
+        """In a list: put ``item`` at ``position`` in place of the item there, returned."""
         _path, leaf_id, local = self._descend(position)
         items = self._node(leaf_id)["items"]
         old, items[local] = items[local], item
@@ -147,11 +183,24 @@ class Tree:
         return old
 
     def pop(self, position: int) -> Any:
-        """Remove and return the item at ``position``."""
+        """In a list: remove and return the item at ``position``."""
         path, leaf_id, local = self._descend(position)
         item = self._node(leaf_id)["items"].pop(local)
-        self._grew(path, leaf_id, -1)
+        self._resized(path, leaf_id, -1)
         return item
+
+    def remove_first(self, key: Any, match: Callable[[Any], bool]) -> Any:
+        """In a sorted tree: remove and return the first item with this key that ``match``
+        accepts, or None."""
+        for path, leaf_id, local in self._scan(key):
+            items = self._node(leaf_id)["items"]
+            if _item_rank(items[local]) != _rank(key):
+                return None
+            if match(items[local]):
+                item = items.pop(local)
+                self._resized(list(path), leaf_id, -1)
+                return item
+        return None
 
     def flush(self) -> None:
         """Write the changed nodes and the header into the prefix's transaction."""
@@ -175,30 +224,12 @@ class Tree:
     # -- invariants -------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Raise ``AssertionError`` unless the tree is well formed: counts, key order, node
-        fill, all leaves at one depth, and no node record outside the tree. For tests and
+        """Raise ``AssertionError`` unless the tree is well formed: sizes, labels, key order,
+        node fill, all leaves at one depth, and no node record outside the tree. For tests and
         stress runs (it reads every node and every key of the prefix)."""
-        leaf_depths = set()
-        reachable = set()
-        ranks: list[tuple[bool, Any]] = []
-        for node_id, node, depth in self._walk():
-            reachable.add(node_id)
-            entries = _entries(node)
-            if node_id != _ROOT:
-                assert 0 < len(entries) <= NODE_MAX, f"node {node_id} holds {len(entries)}"
-            if "children" in node:
-                assert 2 <= len(entries) <= NODE_MAX or node_id != _ROOT, "root size"
-                for child_id, count, _first in entries:
-                    assert 0 < child_id < self.header.get("next", 1), f"node id {child_id}"
-                    assert count == size(self._node(child_id)), f"count of node {child_id}"
-            else:
-                leaf_depths.add(depth)
-                if self._keyed:
-                    ranks.extend(_rank(item[0]) for item in entries)
-        assert len(leaf_depths) <= 1, f"leaves at depths {sorted(leaf_depths)}"
-        assert ranks == sorted(ranks), "items out of key order"
-        if self._keyed and "children" in self.header:
-            self._check_first_keys(self.header)
+        reachable: set[int] = set()
+        total, _depth, _low, _high = self._check_node(_ROOT, reachable)
+        assert total == len(self), f"size {len(self)}, items {total}"
         start = f"{NODE}{self.key}/"
         stored = {
             int(key[len(start) :])
@@ -207,17 +238,34 @@ class Tree:
         }
         assert stored == reachable - {_ROOT}, f"node records {sorted(stored)}, tree {reachable}"
 
-    def _check_first_keys(self, node: dict[str, Any]) -> tuple[Any, Any]:
-        """The lowest and highest key rank under ``node``, asserting that each first key
-        bounds its child from below and the children before it from above."""
+    def _check_node(self, node_id: int, reachable: set[int]) -> tuple[int, int, Any, Any]:
+        """(items, height, lowest key rank, highest key rank) of a subtree, checked."""
+        reachable.add(node_id)
+        node = self._node(node_id)
+        entries = _entries(node)
+        if node_id != _ROOT:
+            assert 0 < len(entries) <= NODE_MAX, f"node {node_id} holds {len(entries)}"
         if "items" in node:
-            return _rank(node["items"][0][0]), _rank(node["items"][-1][0])
-        children = node["children"]
-        bounds = [self._check_first_keys(self._node(child[0])) for child in children]
-        for slot in range(1, len(children)):
-            first = _rank(children[slot][2])
-            assert bounds[slot - 1][1] <= first <= bounds[slot][0], f"first key {children[slot]}"
-        return bounds[0][0], bounds[-1][1]
+            if not (self._keyed and entries):
+                return len(entries), 0, None, None
+            ranks = [_item_rank(item) for item in entries]
+            assert ranks == sorted(ranks), f"items of node {node_id} out of key order"
+            return len(entries), 0, ranks[0], ranks[-1]
+        assert 2 <= len(entries) <= NODE_MAX or node_id != _ROOT, "root size"
+        total, heights, low, high = 0, set(), None, (False, None)
+        for slot, (child_id, label) in enumerate(entries):
+            assert 0 < child_id < self.header.get("next", 1), f"node id {child_id}"
+            count, height, child_low, child_high = self._check_node(child_id, reachable)
+            if not self._keyed:
+                assert label == total, f"offset of node {child_id}: {label}, not {total}"
+            elif slot:
+                assert high <= _rank(label) <= child_low, f"first key of node {child_id}"
+            else:
+                low = child_low
+            total, high = total + count, child_high
+            heights.add(height)
+        assert len(heights) == 1, f"leaves at several depths under node {node_id}"
+        return total, heights.pop() + 1, low, high
 
     # -- internals --------------------------------------------------------------------------
 
@@ -250,55 +298,70 @@ class Tree:
                 stack.extend((child[0], depth + 1) for child in reversed(node["children"]))
         return out
 
-    def _descend(
-        self, position: int, *, inserting: bool = False
-    ) -> tuple[list[tuple[int, int]], int, int]:
-        """The path ``[(node id, child slot)]`` to the leaf holding ``position``, that leaf's id
-        and the position in it. Inserting at a boundary between leaves goes to the left one
-        (so appends go to the last leaf)."""
+    def _descend(self, position: int, *, inserting: bool = False) -> tuple[Path, int, int]:
+        """In a list: the path to the leaf holding ``position``, that leaf's id and the
+        position in it. Inserting at a boundary between two children goes to the left one,
+        so that an append goes to the last leaf."""
         path = []
         node_id, node = _ROOT, self.header
         while "children" in node:
             children = node["children"]
-            slot = 0
-            while slot < len(children) - 1 and position >= children[slot][1] + inserting:
-                position -= children[slot][1]
-                slot += 1
+            if inserting:
+                slot = max(bisect.bisect_left(children, position, key=_label) - 1, 0)
+            else:
+                slot = bisect.bisect_right(children, position, key=_label) - 1
+            position -= children[slot][1]
             path.append((node_id, slot))
             node_id = children[slot][0]
             node = self._node(node_id)
         return path, node_id, position
 
-    def _descend_key(self, key: Any, *, right: bool) -> tuple[list[tuple[int, int]], int, int, int]:
-        """As :meth:`_descend`, by key: also returns the position in the whole tree."""
+    def _descend_key(self, key: Any, *, right: bool) -> tuple[Path, int, int]:
+        """In a sorted tree: the path to the leaf where ``key`` goes, that leaf's id and the
+        position in it, after the equal keys (``right``) or before them."""
+        find = bisect.bisect_right if right else bisect.bisect_left
         rank = _rank(key)
         path = []
-        offset = 0
         node_id, node = _ROOT, self.header
         while "children" in node:
             children = node["children"]
-            slot = 0
-            for candidate in range(1, len(children)):
-                first = _rank(children[candidate][2])
-                if not (first < rank or (right and first == rank)):
-                    break
-                slot = candidate
-            offset += sum(child[1] for child in children[:slot])
+            slot = find(children, rank, lo=1, key=lambda child: _rank(child[1])) - 1
             path.append((node_id, slot))
             node_id = children[slot][0]
             node = self._node(node_id)
-        find = bisect.bisect_right if right else bisect.bisect_left
-        local = find(node["items"], rank, key=lambda item: _rank(item[0]))
-        return path, node_id, local, offset + local
+        return path, node_id, find(node["items"], rank, key=_item_rank)
 
-    def _grew(
-        self, path: list[tuple[int, int]], leaf_id: int, delta: int, appending: bool = False
-    ) -> None:
-        """A leaf gained or lost ``delta`` items: count it on the path, then rebalance."""
+    def _scan(self, key: Any) -> Iterator[tuple[Path, int, int]]:
+        """In a sorted tree: where each item with a key ``>= key`` is, in order."""
+        path, leaf_id, start = self._descend_key(key, right=False)
+        while True:
+            for local in range(start, len(self._node(leaf_id)["items"])):
+                yield path, leaf_id, local
+            # The next leaf: up to the nearest node with a child after ours, then down its left.
+            while path and path[-1][1] == len(self._node(path[-1][0])["children"]) - 1:
+                path.pop()
+            if not path:
+                return
+            node_id, slot = path.pop()
+            path.append((node_id, slot + 1))
+            leaf_id = self._node(node_id)["children"][slot + 1][0]
+            while "children" in self._node(leaf_id):
+                path.append((leaf_id, 0))
+                leaf_id = self._node(leaf_id)["children"][0][0]
+            start = 0
+
+    def _resized(self, path: Path, leaf_id: int, delta: int, appending: bool = False) -> None:
+        """A leaf gained or lost ``delta`` items: move the offsets after it, then rebalance."""
         self._changed.add(leaf_id)
-        for node_id, slot in path:
-            self._node(node_id)["children"][slot][1] += delta
-            self._changed.add(node_id)
+        if "children" in self.header:
+            self.header["size"] += delta
+        if not self._keyed:
+            for node_id, slot in path:
+                later = self._node(node_id)["children"][slot + 1 :]
+                for entry in later:
+                    entry[1] += delta
+                if later:
+                    self._changed.add(node_id)
         node_id = leaf_id
         while path:
             parent_id, slot = path.pop()
@@ -307,12 +370,10 @@ class Tree:
             if len(entries) > NODE_MAX:
                 self._split(parent, slot, appending)
             elif not entries:
-                del parent["children"][slot]
-                self._drop(node_id)
-            elif len(entries) < NODE_MAX // 4:
-                self._merge(parent, slot)
-            else:
-                return  # the nodes above only changed counts
+                self._drop(parent["children"].pop(slot)[0])  # the offsets after it hold
+            elif len(entries) >= NODE_MAX // 4 or not self._merge(parent, slot):
+                return  # no node above changes
+            self._changed.add(parent_id)
             node_id = parent_id
         self._fix_root(appending)
 
@@ -325,39 +386,51 @@ class Tree:
         has full nodes (half as many as with halves) and its last leaf, which every append
         rewrites, holds half as many items on average.
         """
-        child_id = parent["children"][slot][0]
+        children = parent["children"]
+        child_id, offset = children[slot]
         child = self._node(child_id)
         kind = "items" if "items" in child else "children"
         entries = child[kind]
         pieces = -(-len(entries) // NODE_MAX)
         step = NODE_MAX if appending else -(-len(entries) // pieces)
         child[kind] = entries[:step]
-        parent["children"][slot][1] = size(child)
         self._changed.add(child_id)
         for at in range(step, len(entries), step):
             node = {kind: entries[at : at + step]}
+            if self._keyed:  # its first key (a first child's label is valid: it was not first)
+                label = node[kind][0][0] if kind == "items" else node[kind][0][1]
+            else:
+                before = at if kind == "items" else node[kind][0][1]  # items before it
+                if kind == "children":
+                    for entry in node[kind]:
+                        entry[1] -= before
+                label = offset + before
             slot += 1
-            parent["children"].insert(slot, [self._create(node), size(node), self._first(node)])
+            children.insert(slot, [self._create(node), label])
 
-    def _merge(self, parent: dict[str, Any], slot: int) -> None:
-        """Merge the underfull child at ``slot`` with a neighbour if both fit in one node.
-        One that does not fit has a neighbour over 3/4 full: the pair is at least half full."""
+    def _merge(self, parent: dict[str, Any], slot: int) -> bool:
+        """Merge the underfull child at ``slot`` into a neighbour if both fit in one node;
+        whether it did. One that does not fit has a neighbour over 3/4 full, so the pair is at
+        least half full."""
         children = parent["children"]
         if len(children) < 2:
-            return  # an only child: its parent is underfull too, and handled above
+            return False  # an only child: its parent is underfull too, and handled above
         left = slot - 1 if slot > 0 else slot
-        left_id, right_id = children[left][0], children[left + 1][0]
+        (left_id, left_label), (right_id, right_label) = children[left], children[left + 1]
         left_node, right_node = self._node(left_id), self._node(right_id)
-        if len(_entries(left_node)) + len(_entries(right_node)) > NODE_MAX:
-            return
-        if "children" in right_node:
-            # Its first child's first key was unused; after the merge it bounds that child.
-            right_node["children"][0][2] = children[left + 1][2]
-        _entries(left_node).extend(_entries(right_node))
-        children[left][1] += children[left + 1][1]
+        moved = _entries(right_node)
+        if len(_entries(left_node)) + len(moved) > NODE_MAX:
+            return False
+        if "children" in right_node and self._keyed:
+            moved[0][1] = right_label  # its first child's label was unused; now it bounds it
+        elif "children" in right_node:
+            for entry in moved:
+                entry[1] += right_label - left_label  # after the left node's items
+        _entries(left_node).extend(moved)
         del children[left + 1]
         self._changed.add(left_id)
         self._drop(right_id)
+        return True
 
     def _fix_root(self, appending: bool) -> None:
         """Grow the tree by a level while the root overflows; shrink it while the root is an
@@ -366,27 +439,25 @@ class Tree:
         while True:
             entries = _entries(root)
             if len(entries) > NODE_MAX:
+                total = size(root)
                 kind = "items" if "items" in root else "children"
                 child = {kind: root.pop(kind)}
-                root["children"] = [[self._create(child), size(child), self._first(child)]]
+                root["children"] = [[self._create(child), None if self._keyed else 0]]
+                root["size"] = total
                 self._split(root, 0, appending)
             elif "children" in root and len(entries) <= 1:
                 del root["children"]
+                total = root.pop("size")
                 if entries:
                     child_id = entries[0][0]
                     root.update(self._node(child_id))
+                    if "children" in root:
+                        root["size"] = total
                     self._drop(child_id)
                 else:
                     root["items"] = []
             else:
                 return
-
-    def _first(self, node: dict[str, Any]) -> Any:
-        """The first key of a node split off the right of another: its first item's key, or
-        its first child's (which was not a first child before, so its first key is valid)."""
-        if not self._keyed:
-            return None
-        return node["items"][0][0] if "items" in node else node["children"][0][2]
 
     def _create(self, node: dict[str, Any]) -> int:
         node_id: int = self.header.get("next", 1)
@@ -432,7 +503,7 @@ class MemberSet:
         with self._px.pinned():
             tree = self._open()
             for uuid in uuids:
-                if not self._has(tree, uuid):
+                if tree.find(uuid) is None:
                     ordinal = tree.header.get("added", 0)
                     tree.header["added"] = ordinal + 1
                     tree.insert_sorted([uuid, ordinal])
@@ -444,8 +515,7 @@ class MemberSet:
                 return
             tree = self._open()
             for uuid in uuids:
-                if self._has(tree, uuid):
-                    tree.pop(tree.bisect(uuid, right=False))
+                tree.remove_first(uuid, lambda _item: True)
             tree.flush()
             if not len(tree):
                 del self._px[self._key]
@@ -461,8 +531,3 @@ class MemberSet:
         if legacy:
             header["added"] = len(legacy)
         return tree
-
-    @staticmethod
-    def _has(tree: Tree, uuid: str) -> bool:
-        position = tree.bisect(uuid, right=False)
-        return position < len(tree) and tree.get(position)[0] == uuid
