@@ -36,11 +36,11 @@ class _Container:
 
     __reduce_ex__ = refuse_copy
 
-    def _new(self, type_id: str) -> None:
+    def _new(self, type_id: str, **fields: Any) -> None:
         space = _api.object_space()
         handle = space.new_handle(type_id)
         handle.prefix = construction_prefix() or space.current_name()
-        space.create(handle, {"class": type_id, "items": []})
+        space.create(handle, {"class": type_id, "items": [], **fields})
         space.track(self, handle)
         self._hc_state = handle
 
@@ -209,7 +209,7 @@ class MemoIndex(_Container):
     _keyed = True
 
     def __init__(self) -> None:
-        self._new(INDEX)
+        self._new(INDEX, keys=None)
 
     def add(self, key: IndexKey, value: Any) -> None:
         """Insert ``value`` under ``key`` (after any equal keys)."""
@@ -217,6 +217,8 @@ class MemoIndex(_Container):
             _check_key(key, tree)
             encoded = encode(value, self._hc_state)
             tree.insert_sorted([key, encoded])
+            if key is not None:
+                tree.header["keys"] = _kind(key)
             tree.flush()
         self._retarget([encoded], [])
 
@@ -228,6 +230,8 @@ class MemoIndex(_Container):
                 removed = tree.remove_first(key, lambda item: self._decode(item[1]) == value)
             if removed is None:
                 raise KeyError(f"index has no value {value!r} under key {key!r}")
+            if not len(tree):
+                tree.header["keys"] = None
             tree.flush()
         self._retarget([], [removed])
 
@@ -255,29 +259,47 @@ class MemoIndex(_Container):
         return f"hotcopy.index({self.items()!r})"
 
 
-def _first_key(tree: Tree) -> IndexKey:
-    """The lowest key that is not None, or None if there is none."""
-    return next((key for key, _value in tree.scan(None) if key is not None), None)
+def _kind(key: object) -> str | None:
+    """The kind of an index key: "str", "numbers", or None (for None, or a key of no kind)."""
+    if isinstance(key, str):
+        return "str"
+    if isinstance(key, int | float) and not isinstance(key, bool):
+        return "numbers"
+    return None
+
+
+def _keys_kind(tree: Tree) -> str | None:
+    """The kind of the index's keys, None while it has none but None keys.
+
+    Kept in the record (``"keys"``) from the first key that is not None until the index is
+    empty again, so that no add looks for a key, and a kind stays while old first keys of it
+    may still label nodes. An index stored before that field gets it from its lowest key.
+    """
+    if "keys" not in tree.header:
+        tree.header["keys"] = _kind(
+            next((k for k, _value in tree.scan(None) if k is not None), None)
+        )
+    kind: str | None = tree.header["keys"]
+    return kind
 
 
 def _comparable(key: object, tree: Tree) -> bool:
     """Whether ``key`` has a place among the keys of ``tree``."""
     if key is None:
         return True
-    if isinstance(key, bool) or not isinstance(key, str | int | float):
-        return False
-    first = _first_key(tree)
-    return first is None or isinstance(key, str) == isinstance(first, str)
+    kind = _keys_kind(tree)
+    return _kind(key) is not None and kind in (None, _kind(key))
 
 
 def _check_key(key: object, tree: Tree) -> None:
-    if key is not None and (isinstance(key, bool) or not isinstance(key, str | int | float)):
+    if key is not None and _kind(key) is None:
         raise TypeError(f"index keys are str, int, float or None, not {type(key).__name__}")
     if isinstance(key, float) and math.isnan(key):
         raise ValueError("an index key cannot be NaN: it has no place in the order")
     if not _comparable(key, tree):
-        kind = "str" if isinstance(_first_key(tree), str) else "numbers"
-        raise TypeError(f"this index has {kind} keys; {key!r} cannot be ordered among them")
+        raise TypeError(
+            f"this index has {_keys_kind(tree)} keys; {key!r} cannot be ordered among them"
+        )
 
 
 def _build_list(handle: Handle) -> MemoList:

@@ -5,9 +5,9 @@ under ``obj/<uuid>`` on its prefix::
 
     {"class": "<type id>", "refs": 2, "tags": [...], "attrs": {...}}      # a @memo object
     {"class": "$list", "refs": 1, "tags": [], "items": [...]}            # a small container
-    {"class": "$list", "refs": 1, "tags": [], "children": [...], "next": 9}  # a larger one
+    {"class": "$list", "refs": 1, "tags": [], "root": 7, "size": 900, "next": 9}  # larger
 
-A container's record is the root of its tree (``_tree``): items inline while they fit in one
+A container's record is the header of its tree (``_tree``): items inline while they fit in one
 node, else its nodes are records of their own. A prefix also keeps, per class, the uuids of its
 instances (``instances/<type id>``, a ``_tree.MemberSet``) for ``find(cls)``.
 

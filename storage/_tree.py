@@ -5,16 +5,17 @@ adding or removing an item rewrites its leaf and the collection's own record, ne
 collection (kept in one record, building a list of n items cost O(n^2)); a leaf that splits
 or merges rewrites its parent too.
 
-The root node lives in the collection's own record, its *header* (``obj/<uuid>`` of a
-container, ``tag/<tag>``, ``instances/<type id>``); every other node is a record
-``node/<header key>/<node id>``::
+Each collection has its own record, its *header* (``obj/<uuid>`` of a container,
+``tag/<tag>``, ``instances/<type id>``); its nodes are records ``node/<header key>/<node id>``::
 
     {"items": [...]}                                   a leaf: the items, in order
     {"children": [[node id, label], ...]}              an internal node
 
-A header with children also keeps ``size`` (its items) and ``next`` (the next node id). A small
-collection is its header alone, items inline: exactly the one-record layout of before the
-trees, so old records are read as they are and become a tree when they first outgrow a node.
+A small collection is its header alone, holding its one leaf's ``items`` inline: exactly the
+one-record layout of before the trees, so old records are read as they are and become a tree
+when they first outgrow a node. Then the header keeps ``root`` (the root node's id), ``size``
+(the items) and ``next`` (the next node id): small, it is the one record besides a leaf that
+every change rewrites (the root node changes only when its children do).
 
 In a *list* a child's label is its offset: the items of the children before it in the same
 node. An item added after or removed from the last child of each node on its path (an append,
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
 NODE_MAX = 64  # items of a leaf, children of an internal node
 NODE = "node/"
-_ROOT = 0  # the id of the root node, which is the header
+_HEADER = 0  # the node id of the header, which is the root while the tree is one leaf
 _label = itemgetter(1)
 
 Path = list[tuple[int, int]]  # (node id, child slot) from the root down to a leaf's parent
@@ -55,7 +56,7 @@ Path = list[tuple[int, int]]  # (node id, child slot) from the root down to a le
 
 def size(header: dict[str, Any]) -> int:
     """The number of items in the tree whose header this is."""
-    if "children" in header:
+    if "root" in header:
         total: int = header["size"]
         return total
     return len(header["items"])
@@ -92,7 +93,7 @@ class Tree:
         self.key = key
         self.header = header
         self._keyed = keyed
-        self._nodes: dict[int, dict[str, Any]] = {_ROOT: header}
+        self._nodes: dict[int, dict[str, Any]] = {_HEADER: header}
         self._changed: set[int] = set()
         self._new: set[int] = set()  # created by this operation: never written yet
         self._gone: set[int] = set()
@@ -116,7 +117,8 @@ class Tree:
     def slice(self, start: int, stop: int) -> list[Any]:
         """In a list: the items at positions ``start <= p < stop``, reading only their nodes."""
         out: list[Any] = []
-        self._collect(self.header, len(self), max(start, 0), min(stop, len(self)), out)
+        root = self._node(self._root_id())
+        self._collect(root, len(self), max(start, 0), min(stop, len(self)), out)
         return out
 
     def scan(self, key: Any) -> Iterator[Any]:
@@ -204,7 +206,7 @@ class Tree:
 
     def flush(self) -> None:
         """Write the changed nodes and the header into the prefix's transaction."""
-        for node_id in sorted(self._changed - {_ROOT}):
+        for node_id in sorted(self._changed - {_HEADER}):
             self._px[self._node_key(node_id)] = self._nodes[node_id]
         for node_id in sorted(self._gone):
             del self._px[self._node_key(node_id)]
@@ -217,7 +219,7 @@ class Tree:
         """Delete every node record (the header is the caller's); return the items held."""
         items = self.items()
         for node_id, _node, _depth in self._walk():
-            if node_id != _ROOT:
+            if node_id != _HEADER:
                 del self._px[self._node_key(node_id)]
         return items
 
@@ -228,7 +230,7 @@ class Tree:
         node fill, all leaves at one depth, and no node record outside the tree. For tests and
         stress runs (it reads every node and every key of the prefix)."""
         reachable: set[int] = set()
-        total, _depth, _low, _high = self._check_node(_ROOT, reachable)
+        total, _depth, _low, _high = self._check_node(self._root_id(), reachable)
         assert total == len(self), f"size {len(self)}, items {total}"
         start = f"{NODE}{self.key}/"
         stored = {
@@ -236,14 +238,15 @@ class Tree:
             for key in self._px
             if key.startswith(start) and key[len(start) :].isdigit()
         }
-        assert stored == reachable - {_ROOT}, f"node records {sorted(stored)}, tree {reachable}"
+        assert stored == reachable - {_HEADER}, f"node records {sorted(stored)}, tree {reachable}"
 
     def _check_node(self, node_id: int, reachable: set[int]) -> tuple[int, int, Any, Any]:
         """(items, height, lowest key rank, highest key rank) of a subtree, checked."""
         reachable.add(node_id)
         node = self._node(node_id)
         entries = _entries(node)
-        if node_id != _ROOT:
+        root = node_id == self._root_id()
+        if not root:
             assert 0 < len(entries) <= NODE_MAX, f"node {node_id} holds {len(entries)}"
         if "items" in node:
             if not (self._keyed and entries):
@@ -251,7 +254,7 @@ class Tree:
             ranks = [_item_rank(item) for item in entries]
             assert ranks == sorted(ranks), f"items of node {node_id} out of key order"
             return len(entries), 0, ranks[0], ranks[-1]
-        assert 2 <= len(entries) <= NODE_MAX or node_id != _ROOT, "root size"
+        assert 2 <= len(entries) <= NODE_MAX or not root, "root size"
         total, heights, low, high = 0, set(), None, (False, None)
         for slot, (child_id, label) in enumerate(entries):
             assert 0 < child_id < self.header.get("next", 1), f"node id {child_id}"
@@ -289,7 +292,7 @@ class Tree:
     def _walk(self) -> list[tuple[int, dict[str, Any], int]]:
         """Every node as (id, node, depth), parents before children, in item order."""
         out = []
-        stack = [(_ROOT, 0)]
+        stack = [(self._root_id(), 0)]
         while stack:
             node_id, depth = stack.pop()
             node = self._node(node_id)
@@ -303,7 +306,8 @@ class Tree:
         position in it. Inserting at a boundary between two children goes to the left one,
         so that an append goes to the last leaf."""
         path = []
-        node_id, node = _ROOT, self.header
+        node_id = self._root_id()
+        node = self._node(node_id)
         while "children" in node:
             children = node["children"]
             if inserting:
@@ -322,7 +326,8 @@ class Tree:
         find = bisect.bisect_right if right else bisect.bisect_left
         rank = _rank(key)
         path = []
-        node_id, node = _ROOT, self.header
+        node_id = self._root_id()
+        node = self._node(node_id)
         while "children" in node:
             children = node["children"]
             slot = find(children, rank, lo=1, key=lambda child: _rank(child[1])) - 1
@@ -353,7 +358,7 @@ class Tree:
     def _resized(self, path: Path, leaf_id: int, delta: int, appending: bool = False) -> None:
         """A leaf gained or lost ``delta`` items: move the offsets after it, then rebalance."""
         self._changed.add(leaf_id)
-        if "children" in self.header:
+        if "root" in self.header:
             self.header["size"] += delta
         if not self._keyed:
             for node_id, slot in path:
@@ -434,30 +439,35 @@ class Tree:
 
     def _fix_root(self, appending: bool) -> None:
         """Grow the tree by a level while the root overflows; shrink it while the root is an
-        internal node with one child (or none)."""
-        root = self.header
+        internal node with one child (or none). A root leaf lives in the header."""
         while True:
-            entries = _entries(root)
+            root_id = self._root_id()
+            entries = _entries(self._node(root_id))
             if len(entries) > NODE_MAX:
-                total = size(root)
-                kind = "items" if "items" in root else "children"
-                child = {kind: root.pop(kind)}
-                root["children"] = [[self._create(child), None if self._keyed else 0]]
-                root["size"] = total
-                self._split(root, 0, appending)
-            elif "children" in root and len(entries) <= 1:
-                del root["children"]
-                total = root.pop("size")
+                if root_id == _HEADER:
+                    self.header["size"] = len(entries)
+                    root_id = self._create({"items": self.header.pop("items")})
+                new_root = {"children": [[root_id, None if self._keyed else 0]]}
+                self.header["root"] = self._create(new_root)
+                self._split(new_root, 0, appending)
+            elif root_id != _HEADER and len(entries) <= 1:
+                self._drop(root_id)
+                leaf: dict[str, Any] = {"items": []}
                 if entries:
                     child_id = entries[0][0]
-                    root.update(self._node(child_id))
-                    if "children" in root:
-                        root["size"] = total
+                    if "children" in self._node(child_id):
+                        self.header["root"] = child_id
+                        continue
+                    leaf = self._node(child_id)
                     self._drop(child_id)
-                else:
-                    root["items"] = []
+                del self.header["root"], self.header["size"]
+                self.header["items"] = leaf["items"]  # one leaf left: back in the header
             else:
                 return
+
+    def _root_id(self) -> int:
+        root: int = self.header.get("root", _HEADER)
+        return root
 
     def _create(self, node: dict[str, Any]) -> int:
         node_id: int = self.header.get("next", 1)
