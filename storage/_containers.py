@@ -1,14 +1,17 @@
 """Persisted containers with their own identity: ``list()`` and ``index()``.
 
-Each is one record on its prefix (``{"class": "$list", "items": [...]}``), created on the current
-prefix, or, inside the ``__init__`` of a ``@memo`` object, on that object's prefix. Items are
-stored like attribute values (strong references count, same prefix only). An empty, unreferenced
-container assigned to an object of another prefix moves there (see ``_values._harden``).
+Each is a tree on its prefix (``_tree``) whose root is the container's record
+(``{"class": "$list", "items": [...]}`` while small): appending or removing an item rewrites
+its leaf and that record, whatever the size (an insert or delete inside a list also the nodes
+above it whose later children move). Created on the current prefix, or, inside the
+``__init__`` of a ``@memo`` object, on that object's prefix. Items are stored like attribute
+values (strong references count, same prefix only). An empty, unreferenced container
+assigned to an object of another prefix moves there (see ``_values._harden``).
 """
 
 from __future__ import annotations
 
-import bisect
+import contextlib
 import math
 from collections.abc import Iterable, Iterator, MutableSequence
 from typing import Any, overload
@@ -16,50 +19,60 @@ from typing import Any, overload
 from . import _api
 from ._memo import construction_prefix
 from ._space import Handle, iter_refs, persisted_hash, refuse_copy, register_type
+from ._tree import Tree
 from ._values import decode, encode
 
 LIST = "$list"
 INDEX = "$index"
 
-IndexKey = str | int | float
+IndexKey = str | int | float | None
 
 
 class _Container:
     __slots__ = ("__weakref__", "_hc_state")
 
     _hc_state: Handle
+    _keyed = False
 
     __reduce_ex__ = refuse_copy
     __hash__ = persisted_hash  # agrees with a weak proxy's, which equals its target
 
-    def _new(self, type_id: str) -> None:
+    def _new(self, type_id: str, **fields: Any) -> None:
         space = _api.object_space()
         handle = space.new_handle(type_id)
         handle.prefix = construction_prefix() or space.current_name()
-        space.create(handle, {"class": type_id, "items": []})
+        space.create(handle, {"class": type_id, "items": [], **fields})
         space.track(self, handle)
         self._hc_state = handle
 
-    def _read(self) -> list[Any]:
-        items: list[Any] = self._hc_state.space.read(self._hc_state)["items"]
-        return items
+    @contextlib.contextmanager
+    def _tree(self) -> Iterator[Tree]:
+        """The container's tree for one operation, all of it read from one commit; a change
+        is kept only if the operation calls ``flush()``."""
+        handle = self._hc_state
+        px = handle.space.prefix(handle.placed_prefix())
+        with px.pinned():
+            yield Tree(px, handle.key, handle.space.read(handle), keyed=self._keyed)
 
     def _decode(self, encoded: Any) -> Any:
         handle = self._hc_state
         return decode(encoded, handle.space, handle.placed_prefix())
 
-    def _store(self, items: list[Any], added: Iterable[str], removed: Iterable[str]) -> None:
+    def _retarget(self, added: list[Any], removed: list[Any]) -> None:
+        """Count the strong references gained and lost with these stored items."""
         handle = self._hc_state
-        record = handle.space.read(handle)
-        record["items"] = items
-        handle.space.write(handle, record)
-        handle.space.retarget(handle.placed_prefix(), added, removed)
+        handle.space.retarget(handle.placed_prefix(), iter_refs(added), iter_refs(removed))
+
+    def __len__(self) -> int:
+        with self._tree() as tree:
+            return len(tree)
 
 
 class MemoList(_Container, MutableSequence[Any]):
     """A persisted list: a ``MutableSequence`` whose items are stored values.
 
-    Create one with ``hotcopy.storage.list(iterable)``.
+    Create one with ``hotcopy.storage.list(iterable)``. ``append``, ``pop()`` and ``lst[i]``
+    cost the same at any length; ``insert`` and ``del`` inside it nearly so.
     """
 
     __slots__ = ()
@@ -75,48 +88,71 @@ class MemoList(_Container, MutableSequence[Any]):
     def __getitem__(self, index: slice) -> list[Any]: ...
 
     def __getitem__(self, index: int | slice) -> Any:
-        items = self._read()
-        if isinstance(index, slice):
-            return [self._decode(item) for item in items[index]]
-        return self._decode(items[index])
+        with self._tree() as tree:
+            if isinstance(index, slice):
+                return [self._decode(item) for item in _slice(tree, index)]
+            return self._decode(tree.get(_position(index, len(tree))))
 
     def __setitem__(self, index: Any, value: Any) -> None:
-        items = self._read()
         if isinstance(index, slice):
             new = [encode(item, self._hc_state) for item in value]
-            old = items[index]
+            with self._tree() as tree:
+                start, stop, step = index.indices(len(tree))
+                if step == 1:
+                    old = [tree.pop(start) for _ in range(start, stop)]
+                    for offset, item in enumerate(new):
+                        tree.insert(start + offset, item)
+                else:
+                    positions = range(start, stop, step)
+                    if len(positions) != len(new):
+                        raise ValueError(
+                            f"attempt to assign sequence of size {len(new)} to extended slice "
+                            f"of size {len(positions)}"
+                        )
+                    old = [tree.replace(p, item) for p, item in zip(positions, new, strict=True)]
+                tree.flush()
         else:
-            new = encode(value, self._hc_state)
-            old = items[index]
-        items = self._read()  # re-read: encoding may have moved a container here
-        items[index] = new
-        self._store(items, iter_refs(new), iter_refs(old))
+            new = [encode(value, self._hc_state)]
+            with self._tree() as tree:
+                old = [tree.replace(_position(index, len(tree)), new[0])]
+                tree.flush()
+        self._retarget(new, old)
 
     def __delitem__(self, index: int | slice) -> None:
-        items = self._read()
-        old = items[index]
-        del items[index]
-        self._store(items, [], iter_refs(old))
-
-    def __len__(self) -> int:
-        return len(self._read())
+        with self._tree() as tree:
+            if isinstance(index, slice):
+                positions = sorted(range(*index.indices(len(tree))), reverse=True)
+            else:
+                positions = [_position(index, len(tree))]
+            old = [tree.pop(position) for position in positions]
+            tree.flush()
+        self._retarget([], old)
 
     def __iter__(self) -> Iterator[Any]:
         # One read for the whole iteration: a consistent snapshot of the list.
-        return iter([self._decode(item) for item in self._read()])
+        with self._tree() as tree:
+            return iter([self._decode(item) for item in tree.items()])
 
     def insert(self, index: int, value: Any) -> None:
         encoded = encode(value, self._hc_state)
-        items = self._read()
-        items.insert(index, encoded)
-        self._store(items, iter_refs(encoded), [])
+        with self._tree() as tree:
+            size = len(tree)
+            position = min(max(index + size if index < 0 else index, 0), size)  # as list.insert
+            tree.insert(position, encoded)
+            tree.flush()
+        self._retarget([encoded], [])
+
+    def append(self, value: Any) -> None:
+        self.extend([value])
 
     def extend(self, values: Iterable[Any]) -> None:
         encoded = [encode(value, self._hc_state) for value in values]
         if encoded:
-            items = self._read()
-            items.extend(encoded)
-            self._store(items, iter_refs(encoded), [])
+            with self._tree() as tree:
+                for item in encoded:
+                    tree.insert(len(tree), item)
+                tree.flush()
+            self._retarget(encoded, [])
 
     def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
         # One read of the list, not one per position as the mixin's would.
@@ -137,95 +173,134 @@ class MemoList(_Container, MutableSequence[Any]):
         return f"hotcopy.list({list(self)!r})"
 
 
+def _position(index: int, size: int) -> int:
+    """``index`` (negative: from the end) as a position in ``range(size)``, as a list does."""
+    position = index + size if index < 0 else index
+    if not 0 <= position < size:
+        raise IndexError("list index out of range")
+    return position
+
+
+def _slice(tree: Tree, index: slice) -> list[Any]:
+    """The items ``index`` selects, reading only the nodes that hold them."""
+    positions = range(*index.indices(len(tree)))
+    if not positions:
+        return []
+    low, high = min(positions), max(positions)
+    chunk = tree.slice(low, high + 1)
+    return [chunk[position - low] for position in positions]
+
+
 class MemoIndex(_Container):
     """A persisted ordered index: keys kept sorted, each with a value; a key may repeat.
 
-    Keys are all ``str`` or all numbers (``int``/``float``, not ``bool``); values are stored
-    like attributes. Iteration yields values in key order (equal keys in insertion order).
+    Keys are all ``str`` or all numbers (``int``/``float``, not ``bool``), and ``None``, which
+    sorts before every other key; values are stored like attributes. Iteration yields values in
+    key order (equal keys in insertion order). ``add`` and ``remove`` cost the same at any size.
 
     Example::
 
         idx = hotcopy.storage.index()
-        idx.add(3, "c"); idx.add(1, "a"); idx.add(2, "b")
-        list(idx)            # ['a', 'b', 'c']
-        idx.range(2, None)   # ['b', 'c']   (lo <= key < hi; None: unbounded)
+        idx.add(3, "c"); idx.add(1, "a"); idx.add(2, "b"); idx.add(None, "none")
+        list(idx)            # ['none', 'a', 'b', 'c']
+        idx.range(2, None)   # ['b', 'c']   (lo <= key < hi; a None bound: unbounded)
     """
 
     __slots__ = ()
+    _keyed = True
 
     def __init__(self) -> None:
-        self._new(INDEX)
+        self._new(INDEX, keys=None)
 
     def add(self, key: IndexKey, value: Any) -> None:
         """Insert ``value`` under ``key`` (after any equal keys)."""
-        items = self._read()
-        _check_key(key, items)
-        encoded = encode(value, self._hc_state)
-        items = self._read()
-        position = bisect.bisect_right(items, key, key=_key_of)
-        items.insert(position, [key, encoded])
-        self._store(items, iter_refs(encoded), [])
+        with self._tree() as tree:
+            _check_key(key, tree)
+            encoded = encode(value, self._hc_state)
+            tree.insert_sorted([key, encoded])
+            if key is not None:
+                tree.header["keys"] = _kind(key)
+            tree.flush()
+        self._retarget([encoded], [])
 
     def remove(self, key: IndexKey, value: Any) -> None:
         """Remove the first ``value`` stored under ``key``; ``KeyError`` if there is none."""
-        items = self._read()
-        low = bisect.bisect_left(items, key, key=_key_of) if _comparable(key, items) else 0
-        for position in range(low, len(items)):
-            stored_key, encoded = items[position]
-            if stored_key != key:
-                break
-            if self._decode(encoded) == value:
-                del items[position]
-                self._store(items, [], iter_refs(encoded))
-                return
-        raise KeyError(f"index has no value {value!r} under key {key!r}")
+        with self._tree() as tree:
+            removed = None
+            if _comparable(key, tree):
+                removed = tree.remove_first(key, lambda item: self._decode(item[1]) == value)
+            if removed is None:
+                raise KeyError(f"index has no value {value!r} under key {key!r}")
+            if not len(tree):
+                tree.header["keys"] = None
+            tree.flush()
+        self._retarget([], [removed])
 
-    def items(
-        self, lo: IndexKey | None = None, hi: IndexKey | None = None
-    ) -> list[tuple[IndexKey, Any]]:
+    def items(self, lo: IndexKey = None, hi: IndexKey = None) -> list[tuple[IndexKey, Any]]:
         """``(key, value)`` pairs with ``lo <= key < hi`` in key order (None: unbounded)."""
-        items = self._read()
-        start = 0 if lo is None else bisect.bisect_left(items, lo, key=_key_of)
-        stop = len(items) if hi is None else bisect.bisect_left(items, hi, key=_key_of)
-        return [(key, self._decode(encoded)) for key, encoded in items[start:stop]]
+        with self._tree() as tree:
+            return [(key, self._decode(encoded)) for key, encoded in tree.range(lo, hi)]
 
-    def range(self, lo: IndexKey | None = None, hi: IndexKey | None = None) -> list[Any]:
+    def range(self, lo: IndexKey = None, hi: IndexKey = None) -> list[Any]:
         """Values with ``lo <= key < hi`` in key order (None: unbounded)."""
         return [value for _key, value in self.items(lo, hi)]
 
     def keys(self) -> list[IndexKey]:
         """Every key in order, repeats included."""
-        return [key for key, _encoded in self._read()]
+        with self._tree() as tree:
+            return [key for key, _encoded in tree.items()]
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.range())
 
-    def __len__(self) -> int:
-        return len(self._read())
-
     def __bool__(self) -> bool:
-        return bool(self._read())
+        return len(self) > 0
 
     def __repr__(self) -> str:
         return f"hotcopy.index({self.items()!r})"
 
 
-def _key_of(item: list[Any]) -> Any:
-    return item[0]
+def _kind(key: object) -> str | None:
+    """The kind of an index key: "str", "numbers", or None (for None, or a key of no kind)."""
+    if isinstance(key, str):
+        return "str"
+    if isinstance(key, int | float) and not isinstance(key, bool):
+        return "numbers"
+    return None
 
 
-def _comparable(key: object, items: list[Any]) -> bool:
-    return not items or isinstance(key, str) == isinstance(items[0][0], str)
+def _keys_kind(tree: Tree) -> str | None:
+    """The kind of the index's keys, None while it has none but None keys.
+
+    Kept in the record (``"keys"``) from the first key that is not None until the index is
+    empty again, so that no add looks for a key, and a kind stays while old first keys of it
+    may still label nodes. An index stored before that field gets it from its lowest key.
+    """
+    if "keys" not in tree.header:
+        tree.header["keys"] = _kind(
+            next((k for k, _value in tree.scan(None) if k is not None), None)
+        )
+    kind: str | None = tree.header["keys"]
+    return kind
 
 
-def _check_key(key: object, items: list[Any]) -> None:
-    if isinstance(key, bool) or not isinstance(key, str | int | float):
-        raise TypeError(f"index keys are str, int or float, not {type(key).__name__}")
+def _comparable(key: object, tree: Tree) -> bool:
+    """Whether ``key`` has a place among the keys of ``tree``."""
+    if key is None:
+        return True
+    kind = _keys_kind(tree)
+    return _kind(key) is not None and kind in (None, _kind(key))
+
+
+def _check_key(key: object, tree: Tree) -> None:
+    if key is not None and _kind(key) is None:
+        raise TypeError(f"index keys are str, int, float or None, not {type(key).__name__}")
     if isinstance(key, float) and math.isnan(key):
         raise ValueError("an index key cannot be NaN: it has no place in the order")
-    if not _comparable(key, items):
-        kind = "str" if isinstance(items[0][0], str) else "numbers"
-        raise TypeError(f"this index has {kind} keys; {key!r} cannot be ordered among them")
+    if not _comparable(key, tree):
+        raise TypeError(
+            f"this index has {_keys_kind(tree)} keys; {key!r} cannot be ordered among them"
+        )
 
 
 def _build_list(handle: Handle) -> MemoList:

@@ -18,6 +18,7 @@ Usage::
     hc.init(root); hc.open("work", "rw")
     s = Settings("dark"); p = Project("site", "acme")
     hc.tags(p).add("active"); hc.find(Project, "active", prefix="client_acme")  # [p]
+    hc.find(Project, prefix="client_acme")  # [p]: every live Project there
     s.owner = hc.weak_proxy(p)              # across prefixes: weak only
     hc.commit()                             # commits every open prefix with changes
     hc.fetch(Settings, hc.uuid(s)); hc.get_prefix_of(s).name  # "settings"
@@ -48,9 +49,11 @@ Rules (the contract; see the modules named for the mechanism):
   commits what is pending on the prefixes it closes, as dbzero's does. Concurrent
   writers on one prefix use ``with hc.get_prefix_of(obj).transaction():`` around
   read-modify-write code, or retry on :class:`TransactionConflict`.
-* Storage: records are JSON under ``obj/<uuid>``, tag lists under ``tag/<tag>``, singleton
-  slots under ``singleton/<type id>`` of the object's prefix: a copy or restore of a prefix
-  carries exactly its objects. Weak proxies into a restored prefix may expire (``expired()``).
+* Storage: records are JSON under ``obj/<uuid>``, tag members under ``tag/<tag>``, instances
+  of each class under ``instances/<type id>``, singleton slots under ``singleton/<type id>`` of
+  the object's prefix, containers and member sets as trees whose nodes are records under
+  ``node/`` (``_tree``): a copy or restore of a prefix carries exactly its objects. Weak proxies
+  into a restored prefix may expire (``expired()``).
 """
 
 from __future__ import annotations

@@ -96,6 +96,7 @@ class Prefix(MutableMapping[str, Any]):
         # The provider's change counter when this view last looked at the files, and when:
         # the same even value means nothing was changed, so reads skip the file checks.
         self._feed = leases if isinstance(leases, ChangeFeed) else None
+        self._pins = 0  # inside pinned(): reads do not move to newer commits
         self._seen_counter = -1
         self._checked_at = 0.0
         self._index: SortedDict = SortedDict()  # key -> _Entry, for the latest commit seen
@@ -347,6 +348,24 @@ class Prefix(MutableMapping[str, Any]):
             self.rollback()
             raise
         self.commit()
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[Prefix]:
+        """``with prefix.pinned():`` — every read in the block sees the same commit, the
+        latest as the block starts, though other processes commit meanwhile.
+
+        For a structure kept in several records (the nodes of a persisted list): read outside
+        a block, its first record could come from one commit and the next from a newer one.
+        Writes in the block take the write lease as usual, which raises
+        :class:`TransactionConflict` if the view they read is no longer the latest.
+        """
+        self._check_usable()
+        self._read_view()
+        self._pins += 1
+        try:
+            yield self
+        finally:
+            self._pins -= 1
 
     def rollback(self) -> None:
         """Drop the pending changes and release the write lease."""
@@ -632,7 +651,7 @@ class Prefix(MutableMapping[str, Any]):
         answers "nothing new" without touching a file; the files are still checked at least
         every ``_FULL_CHECK_EVERY`` seconds, in case a publication was lost.
         """
-        if self._lease is not None and not force:
+        if (self._lease is not None or self._pins) and not force:
             return
         if self._feed is not None and self._lease is None:  # a writer's counter is odd anyway
             now = time.monotonic()

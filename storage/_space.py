@@ -4,7 +4,12 @@ Every persisted object (a ``@memo`` instance, a ``list()`` or an ``index()``) is
 under ``obj/<uuid>`` on its prefix::
 
     {"class": "<type id>", "refs": 2, "tags": [...], "attrs": {...}}      # a @memo object
-    {"class": "$list", "refs": 1, "tags": [], "items": [...]}            # a container
+    {"class": "$list", "refs": 1, "tags": [], "items": [...]}            # a small container
+    {"class": "$list", "refs": 1, "tags": [], "root": 7, "size": 900, "next": 9}  # larger
+
+A container's record is the header of its tree (``_tree``): items inline while they fit in one
+node, else its nodes are records of their own. A prefix also keeps, per class, the uuids of its
+instances (``instances/<type id>``, a ``_tree.MemberSet``) for ``find(cls)``.
 
 ``refs`` counts the strong references other records of the same prefix hold to it. The space
 keeps one Python object per record (an identity map of weak references) and decides lifetime:
@@ -33,6 +38,7 @@ from ._errors import (
     StorageError,
     TransactionConflict,
 )
+from ._tree import MemberSet, Tree
 
 if TYPE_CHECKING:
     from ._prefix import Prefix
@@ -41,6 +47,10 @@ if TYPE_CHECKING:
 OBJ = "obj/"
 SINGLETON = "singleton/"
 TAG = "tag/"
+INSTANCES = "instances/"
+# Present once every @memo object of the prefix is in its class's instance set: a prefix
+# written before instance sets existed gets them at its first new object (see _add_instance).
+INSTANCES_COMPLETE = INSTANCES  # the bare namespace: no type id is empty
 CONTAINER_TYPES = frozenset({"$list", "$index"})
 # Plain collections other than list and dict, stored as {tag: [items]} (see _values).
 COLLECTION_TAGS: dict[type, str] = {tuple: "$tuple", set: "$set", frozenset: "$frozenset"}
@@ -146,15 +156,6 @@ def iter_refs(encoded: Any) -> Iterator[str]:
                 return  # $bytes, $weak, $enum, $class hold no strong reference
         for item in encoded.values():
             yield from iter_refs(item)
-
-
-def record_refs(record: dict[str, Any]) -> list[str]:
-    """Every strong reference a record holds (attributes of an object, items of a container)."""
-    if "attrs" in record:
-        return list(iter_refs(list(record["attrs"].values())))
-    if record["class"] == "$index":
-        return list(iter_refs([value for _key, value in record["items"]]))
-    return list(iter_refs(record.get("items", [])))
 
 
 class ObjectSpace:
@@ -295,6 +296,8 @@ class ObjectSpace:
         record.setdefault("refs", 0)
         record.setdefault("tags", [])
         prefix[handle.key] = record
+        if "attrs" in record:
+            _add_instance(prefix, handle.type_id, handle.uuid)
         handle.collectable = collectable(record)
 
     def retarget(self, prefix: str, added: Iterable[str], removed: Iterable[str]) -> None:
@@ -342,17 +345,18 @@ class ObjectSpace:
         """Delete one record with its tags and singleton slot; return the uuids it released."""
         px = self.prefix(prefix)
         for tag in record.get("tags", []):
-            members = [u for u in px.get(TAG + tag, []) if u != uuid]
-            if members:
-                px[TAG + tag] = members
-            elif TAG + tag in px:
-                del px[TAG + tag]
+            MemberSet(px, TAG + tag).remove(uuid)
         slot = SINGLETON + record["class"]
         if record.get("singleton") and px.get(slot) == uuid:
             del px[slot]
+        if "attrs" in record:
+            MemberSet(px, INSTANCES + record["class"]).remove(uuid)
+            refs = list(iter_refs(list(record["attrs"].values())))
+        else:  # a container: its items are in its tree, whose nodes go with it
+            refs = list(iter_refs(Tree(px, OBJ + uuid, record).drop()))
         del px[OBJ + uuid]
         released = []
-        for target, count in Counter(record_refs(record)).items():
+        for target, count in Counter(refs).items():
             if target == uuid:
                 continue  # a reference to itself dies with it
             target_record = px.get(OBJ + target)
@@ -390,6 +394,36 @@ class ObjectSpace:
                 # the lease, which makes begin() a no-op): the collection reads afresh.
                 px.begin()
             self.collect(name, uuids)
+
+
+def instances(px: Prefix, type_id: str) -> list[str]:
+    """The uuids of the live ``type_id`` objects of ``px``, oldest first."""
+    with px.pinned():
+        if INSTANCES_COMPLETE not in px:
+            return _scan_instances(px).get(type_id, [])
+        return MemberSet(px, INSTANCES + type_id).members()
+
+
+def _add_instance(px: Prefix, type_id: str, uuid: str) -> None:
+    if INSTANCES_COMPLETE not in px:
+        # Objects stored before instance sets existed join theirs, once per prefix.
+        for old_type, uuids in _scan_instances(px).items():
+            MemberSet(px, INSTANCES + old_type).add(*uuids)
+        px[INSTANCES_COMPLETE] = True
+    MemberSet(px, INSTANCES + type_id).add(uuid)
+
+
+def _scan_instances(px: Prefix) -> dict[str, list[str]]:
+    """The uuids of every @memo object of ``px`` by type id, read from the records themselves
+    (a prefix from before instance sets; reads every key once)."""
+    found: dict[str, list[str]] = {}
+    with px.pinned():
+        for key in px:
+            if key.startswith(OBJ):
+                record = px[key]
+                if "attrs" in record:
+                    found.setdefault(record["class"], []).append(key[len(OBJ) :])
+    return found
 
 
 def refuse_copy(obj: Any, protocol: object = None) -> Any:

@@ -1,8 +1,9 @@
 """Tags: labels (``str`` or scoped enum values) on persisted objects, and lookup by tag.
 
 A tag lives on the tagged object's prefix, twice: in the object's record (``"tags"``) and in
-the prefix's tag index ``tag/<tag key>`` -> uuids in tagging order, which :func:`find` reads
-without scanning. A tagged object is kept alive by its tags (dbzero counts them as references).
+the tag's member set ``tag/<tag key>`` (a ``_tree.MemberSet``: the uuids in tagging order),
+which :func:`find` reads without scanning. A tagged object is kept alive by its tags (dbzero
+counts them as references).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 from . import _api
 from ._enums import EnumValue, enum_type
 from ._memo import memo_info, place
-from ._space import TAG, handle_of
+from ._space import TAG, handle_of, instances
+from ._tree import MemberSet
 
 Tag = str | EnumValue
 
@@ -63,17 +65,12 @@ class Tags:
             if (key in record["tags"]) == add:
                 continue
             changed = True
-            members: list[str] = prefix.get(TAG + key, [])
             if add:
                 record["tags"].append(key)
-                members.append(handle.uuid)
+                MemberSet(prefix, TAG + key).add(handle.uuid)
             else:
                 record["tags"].remove(key)
-                members = [uuid for uuid in members if uuid != handle.uuid]
-            if members:
-                prefix[TAG + key] = members
-            else:
-                del prefix[TAG + key]
+                MemberSet(prefix, TAG + key).remove(handle.uuid)
         if changed:
             space.write(handle, record)
 
@@ -99,28 +96,52 @@ def tags(obj: Any) -> Tags:
     return Tags(obj)
 
 
-def find(cls: type, *values: Tag, prefix: str | None = None) -> list[Any]:
-    """Objects of ``cls`` (subclasses included) carrying every tag in ``values``.
+def find(*query: type | Tag, prefix: str | None = None) -> list[Any]:
+    """The objects matching every term of ``query``: instances of each class given (subclasses
+    included) that carry each tag given.
 
-    Looks on ``prefix``, else the class's ``@memo(prefix=...)``, else the current prefix; in
-    the order the first tag was given to them.
+    Looks on ``prefix``, else the first class's ``@memo(prefix=...)``, else the current prefix.
+    With a tag, objects come in the order the first tag was given to them; with classes only,
+    each class's instances oldest first (a class, then its subclasses defined in this process).
 
     Example::
 
-        hc.tags(user).add(Role.ADMIN)
-        hc.find(User, Role.ADMIN)  # [user]
+        hc.find(User)                    # every live User (and subclass) instance
+        hc.find(User, Role.ADMIN)        # those tagged Role.ADMIN
+        hc.find("active", "paid")        # any object with both tags
     """
-    if not values:
-        raise TypeError("find() needs at least one tag, e.g. find(User, 'active')")
+    classes = [term for term in query if isinstance(term, type)]
+    keys = [tag_key(term) for term in query if not isinstance(term, type)]
+    if not query:
+        raise TypeError("find() needs a class or a tag, e.g. find(User) or find(User, 'active')")
     space = _api.object_space()
-    if prefix is None and "__hc_memo__" in cls.__dict__:
-        prefix = memo_info(cls).prefix
+    if prefix is None:
+        scopes = [memo_info(cls).prefix for cls in classes if "__hc_memo__" in cls.__dict__]
+        prefix = next((scope for scope in scopes if scope is not None), None)
     name = prefix if prefix is not None else space.current_name()
     px = space.prefix(name)
-    keys = [tag_key(value) for value in values]
-    found: list[str] = px.get(TAG + keys[0], [])
-    for key in keys[1:]:
-        others = set(px.get(TAG + key, []))
-        found = [uuid for uuid in found if uuid in others]
-    objects = [space.load(name, uuid) for uuid in found]
-    return [obj for obj in objects if isinstance(obj, cls)]
+    with px.pinned():
+        if keys:
+            found = MemberSet(px, TAG + keys[0]).members()
+            for key in keys[1:]:
+                others = set(MemberSet(px, TAG + key).members())
+                found = [uuid for uuid in found if uuid in others]
+        else:
+            found = [uuid for type_id in _type_ids(classes[0]) for uuid in instances(px, type_id)]
+        objects = [space.load(name, uuid) for uuid in found]
+    return [obj for obj in objects if all(isinstance(obj, cls) for cls in classes)]
+
+
+def _type_ids(cls: type) -> list[str]:
+    """The type ids of ``cls`` and of its subclasses known to this process, if ``@memo``."""
+    found: list[str] = []
+    pending, seen = [cls], set()
+    while pending:
+        klass = pending.pop(0)
+        if klass in seen:
+            continue
+        seen.add(klass)
+        if "__hc_memo__" in klass.__dict__ and memo_info(klass).type_id not in found:
+            found.append(memo_info(klass).type_id)
+        pending.extend(type.__subclasses__(klass))
+    return found

@@ -36,6 +36,7 @@ from ._space import (
     handle_of,
     stored_class,
 )
+from ._tree import size
 
 _SCALARS = (str, int, bool, type(None))
 _NESTED = (list, dict, *COLLECTION_TAGS)
@@ -148,7 +149,7 @@ def _harden(container: Handle, prefix: str) -> bool:
     old = container.placed_prefix()
     source = space.prefix(old)
     record = source.get(container.key)
-    if record is None or record["items"] or record.get("refs") or record.get("tags"):
+    if record is None or size(record) or record.get("refs") or record.get("tags"):
         return False
     del source[container.key]
     container.prefix = prefix

@@ -17,6 +17,7 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import hotcopy.storage as hc
 import psutil
 import pytest
 from hotcopy.coordinator._paths import RuntimePaths
@@ -101,3 +102,15 @@ def _coordinators_stopped(tmp_path: Path) -> Iterator[None]:
     yield
     stop_coordinators(tmp_path)
     remove_segments(tmp_path)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Path]:
+    """For the object tests: a repository (module API, ``hotcopy.storage.init``) with prefix
+    "main" open and current; closed after the test. Test modules may define their own."""
+    hc.init(tmp_path / "repo")
+    hc.open("main", "rw")
+    try:
+        yield tmp_path / "repo"
+    finally:
+        hc.close()

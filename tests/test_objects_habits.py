@@ -154,7 +154,11 @@ def test_close_of_one_prefix_commits_it_and_leaves_the_others_open(root: Path) -
     hc.close("b")
     assert hc.get_current_prefix().name == "a" and "b" not in repo.open_prefixes()
     with hc.Repository(root) as other:  # what is committed now, as another reader sees it
-        assert len(other.open_prefix("b", "r")) == 2  # the note and its tag
+        committed = list(other.open_prefix("b", "r"))
+        assert [key for key in committed if key.startswith("obj/")] == [
+            "obj/" + ids[1].rpartition(":")[2]
+        ]
+        assert "tag/s:b" in committed  # the note and its tag
         assert len(other.open_prefix("a", "r")) == 0  # "a" is still open, its change pending
     hc.close()
     hc.init(root)
