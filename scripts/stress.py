@@ -120,7 +120,8 @@ def _enter_marker(marker: Path, work: Path, token: int) -> None:
     The file names the holder's pid and lease token, so that a violation says which grants
     overlapped (a token's high bits name the coordinator generation that granted it). A holder
     still inside whose lease is no longer granted was stopped past its TTL and fenced: no
-    overlap (the journals show whether its commit was then refused or ordered before ours).
+    overlap (the journals show whether its commit was then refused or ordered before ours). The
+    same for one that enters after its own lease was taken from it while it was stopped.
     """
     mine = marker.with_name(f"{marker.name}.{os.getpid()}")
     mine.write_text(f"{os.getpid()} {token}")
@@ -133,6 +134,11 @@ def _enter_marker(marker: Path, work: Path, token: int) -> None:
             except FileNotFoundError:
                 continue  # just removed
             if _pid_alive(holder) and (holder_token == 0 or _granted(work, holder_token)):
+                if token and not _granted(work, token):
+                    # We were stopped past our TTL before entering, and fenced: the holder
+                    # came after us. Our commit must now be refused (the journals check it).
+                    mine.unlink()
+                    return
                 _append_fsynced(
                     work / "violations.log",
                     f"lease overlap on {marker.name}: pid {os.getpid()} (token {token}) entered "
