@@ -524,3 +524,19 @@ def test_prune_removes_the_logical_document_of_each_backup_it_removes(
     prune(dest, keep_last=1)
     assert [m.id for m in Catalog(dest).manifests()] == [new.id]
     assert list(dest.glob("hotcopy_*.json")) == [kept]
+
+
+
+def test_the_first_periodic_backup_is_one_interval_after_start_whatever_the_clock_reads(
+    root: Path, tmp_path: Path
+) -> None:
+    clock = FakeClock()  # reads 0.0 at start: a falsy time is still a time
+    backup = BackupManager(db=root, backup_dir=tmp_path / "b", backup_interval=0.2, clock=clock)
+    backup.start()
+    try:
+        clock.wait_for_reads(1)  # started at 0.0; the thread rereads the clock every 0.2 s
+        assert backup.backups_taken == 0
+        clock.now = 0.2  # one interval after the start: due, with no change notified
+        assert wait_until(lambda: backup.backups_taken == 1)
+    finally:
+        backup.stop()

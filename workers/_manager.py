@@ -187,7 +187,8 @@ class BackupManager:
         last = self._last_backup_at
         due = math.inf
         if self._thread is not None:
-            due = (last if last is not None else self._started_at or now) + self.backup_interval
+            since = last if last is not None else self._started_at
+            due = (since if since is not None else now) + self.backup_interval
         if self._change_pending:
             due = min(due, last + self.min_backup_interval if last is not None else now)
         return due - now
