@@ -27,6 +27,10 @@ class CorruptFileError(StorageError):
     """A file failed a checksum or structural check; ``offset`` names the first bad byte."""
 
 
+class NeedsMigration(StorageError):
+    """A prefix's files are of an older format, read only to convert them (``hotcopy migrate``)."""
+
+
 class NotRegularFile(StorageError, OSError):
     """A path where hotcopy expects a data file is a link, FIFO, socket, device or directory."""
 

@@ -24,14 +24,18 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+from . import _index
 from ._errors import CorruptFileError
 
 # Format 2 headers name the repository and prefix a file belongs to (so a swapped, foreign or
 # shortened file is refused by name); format 1 files (64-byte headers, no names) are still read.
 HEADER_SIZE = 512
 V1_HEADER_SIZE = 64
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Format 3 ends every segment of the main file with a key index (``_index``): a prefix opens by
+# reading it, not the file. Files of formats 1 and 2 are only read to convert them
+# (``hotcopy migrate``); see ``_log.Log``.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MAIN_MAGIC = b"HCPXMAIN"
 WAL_MAGIC = b"HCPXWAL1"
 BATCH_MAGIC = 0x31424348  # b"HCB1"
@@ -109,7 +113,7 @@ def pack_main_header(header: MainHeader) -> bytes:
     name = _name_bytes(header.prefix)
     body = _MAIN_HEADER.pack(
         MAIN_MAGIC,
-        FORMAT_VERSION,
+        header.version,
         HEADER_SIZE,
         0,
         _id_bytes(header.repository_id),
@@ -130,7 +134,7 @@ def unpack_main_header(raw: bytes) -> MainHeader:
     fields = _MAIN_HEADER.unpack_from(raw)
     repository_id, file_id, salt, created_ns, base_seq, name_len = fields[4:]
     name = _name_of(raw, _MAIN_HEADER.size, name_len, "main file")
-    return MainHeader(file_id, salt, created_ns, base_seq, repository_id, name)
+    return MainHeader(file_id, salt, created_ns, base_seq, repository_id, name, version=version)
 
 
 def pack_wal_header(header: WalHeader) -> bytes:
@@ -294,6 +298,13 @@ class Batch:
     raw: bytes | None = None  # the whole frame, when values were loaded
 
 
+def index_target(op: Op) -> int:
+    """What a key index records for the put ``op`` (see ``_index.Entry``)."""
+    key = op.key.encode("utf-8", "surrogatepass")
+    head = _OP.pack(op.kind, op.vtype, len(key), op.value_len, op.value_crc)
+    return _index.target_of(op.offset, crc32(key, crc32(head)))
+
+
 def decode_op_value(record: bytes) -> tuple[int, int, bytes]:
     """Split an in-memory op record into ``(kind, vtype, value)``, checking the value's CRC."""
     kind, vtype, key_len, value_len, value_crc = _OP.unpack_from(record)
@@ -304,13 +315,24 @@ def decode_op_value(record: bytes) -> tuple[int, int, bytes]:
     return kind, vtype, value
 
 
-def read_op_value(fd: int, offset: int) -> tuple[int, bytes]:
-    """Read the op at ``offset`` of a file and return ``(vtype, value)``, CRC-checked."""
+def read_op_value(
+    fd: int, offset: int, key: bytes | None = None, op_crc: int = 0
+) -> tuple[int, bytes]:
+    """Read the op at ``offset`` of a file and return ``(vtype, value)``, CRC-checked; with
+    ``key``, the op must put that key and its header and key must have CRC ``op_crc`` (what a
+    key index entry says is checked against what it points to)."""
     head = os.pread(fd, 4096, offset)
     if len(head) < OP_SIZE:
         raise CorruptFileError("op header is truncated", offset=offset)
-    _, vtype, key_len, value_len, value_crc = _OP.unpack_from(head)
+    kind, vtype, key_len, value_len, value_crc = _OP.unpack_from(head)
     start = OP_SIZE + key_len
+    if key is not None:
+        record = head[:start] if start <= len(head) else _pread_upto(fd, start, offset)
+        if kind != OP_PUT or record[OP_SIZE:] != key or crc32(record) != op_crc:
+            raise CorruptFileError(
+                "the record the key index points to is damaged or of another key",
+                offset=offset,
+            )
     if start + value_len <= len(head):
         value = head[start : start + value_len]
     else:
@@ -388,9 +410,7 @@ class FileReader:
         return True
 
 
-def read_batch(
-    reader: FileReader, *, load_values: bool, keep_raw: bool = True
-) -> Batch | None:
+def read_batch(reader: FileReader, *, load_values: bool, keep_raw: bool = True) -> Batch | None:
     """Parse the batch at the reader's position, or None if it is torn or not a batch.
 
     With ``load_values`` the body CRC is checked (it covers every op header, key and value
@@ -497,10 +517,49 @@ class Segment:
     start: int
     end: int
     batches: list[Batch] = field(default_factory=list)
+    # The key index record before the trailer (format 3): where it ends, and its tail's CRC.
+    index_end: int | None = None
+    index_crc: int | None = None
 
     @property
     def last_seq(self) -> int:
         return self.batches[-1].seq
+
+
+def peek_is_index(reader: FileReader) -> bool:
+    raw = reader.read(_index.HEAD_SIZE)
+    if raw is None:
+        return False
+    reader.pos -= len(raw)
+    return _index.record_length(raw) is not None
+
+
+def read_index_record(reader: FileReader, *, check: bool, shift: int = 0) -> tuple[int, int] | None:
+    """Read the index record at the reader's position: ``(its end, its tail CRC)``, or None if
+    it is damaged or cut short. ``check``: every page of the runs it wrote too, not only its
+    tail (``shift``: see :func:`read_segment`)."""
+    start = reader.pos
+    head = reader.read(_index.HEAD_SIZE)
+    length = _index.record_length(head or b"")
+    if length is None:
+        return None
+    try:
+        if check:
+            raw = reader.read(length - _index.HEAD_SIZE)
+            if raw is None:
+                return None
+            return reader.pos, _index.check_record((head or b"") + raw, start + shift)
+        if not reader.skip(length - _index.HEAD_SIZE - _index.TAIL_SIZE):
+            return None
+        tail = reader.read(_index.TAIL_SIZE)
+        if tail is None:
+            return None
+        found, _, crc = _index.read_record_tail(tail, len(tail))
+        if found != -(length - _index.TAIL_SIZE):
+            return None
+        return reader.pos, crc
+    except CorruptFileError:
+        return None
 
 
 def read_segment(
@@ -509,12 +568,20 @@ def read_segment(
     """Parse one checkpoint segment, or None if it is torn, damaged or absent.
 
     ``shift``: where the reader's offset 0 lies in the main file (a delta holds main-file bytes
-    from its start on; its trailers name main-file offsets).
+    from its start on; its trailers name main-file offsets). With ``load_values``, the key
+    index record is checked completely too.
     """
     start = reader.pos
     segment = Segment(start, start)
     meta = 0
     while not peek_is_trailer(reader):
+        if segment.batches and peek_is_index(reader):
+            record = read_index_record(reader, check=load_values, shift=shift)
+            if record is None or not peek_is_trailer(reader):
+                return None
+            segment.index_end, segment.index_crc = record
+            meta = chain_meta_crc(segment.index_crc, meta)
+            break
         batch = read_batch(reader, load_values=load_values, keep_raw=keep_raw)
         if batch is None:
             return None
@@ -536,13 +603,19 @@ def read_segment(
     return segment
 
 
-def segment_trailer(segment_start: int, batches: list[Batch]) -> bytes:
-    """The trailer that closes a segment of ``batches`` starting at ``segment_start``."""
-    return trailer_for(segment_start, [batch.meta_crc for batch in batches], batches[-1].seq)
+def segment_trailer(
+    segment_start: int, batches: list[Batch], index_crc: int | None = None
+) -> bytes:
+    """The trailer that closes a segment of ``batches`` starting at ``segment_start`` (and an
+    index record whose tail has CRC ``index_crc``, in format 3)."""
+    return trailer_for(
+        segment_start, [batch.meta_crc for batch in batches], batches[-1].seq, index_crc
+    )
 
 
 def chain_meta_crc(meta_crc: int, chain: int = 0) -> int:
-    """The trailer's metadata CRC of a run of batches, extended by one more batch's.
+    """The trailer's metadata CRC of a run of batches, extended by one more batch's (or, last,
+    by the CRC of the segment's index record).
 
     Kept as batches are indexed, it gives the trailer of the run at once
     (``encode_trailer(last_seq, start, count, chain)``) instead of a pass over every batch.
@@ -550,9 +623,37 @@ def chain_meta_crc(meta_crc: int, chain: int = 0) -> int:
     return crc32(_CRC.pack(meta_crc), chain)
 
 
-def trailer_for(segment_start: int, meta_crcs: list[int], last_seq: int) -> bytes:
+def trailer_for(
+    segment_start: int, meta_crcs: list[int], last_seq: int, index_crc: int | None = None
+) -> bytes:
     """The trailer of a segment whose batches have these metadata CRCs."""
     # The CRC of the metadata CRCs back to back, packed in one call: a segment may hold
     # tens of thousands of batches, and a writer waits for this under the write lease.
     meta = crc32(struct.pack(f"<{len(meta_crcs)}I", *meta_crcs))
+    if index_crc is not None:
+        meta = chain_meta_crc(index_crc, meta)
     return encode_trailer(last_seq, segment_start, len(meta_crcs), meta)
+
+
+def frame_entries(data: bytes | memoryview, at: int) -> dict[bytes, int]:
+    """The keys the batch frames back to back in ``data`` change, each with the offset its last
+    op will have once ``data`` lies at offset ``at`` of the main file (0: deleted); what the
+    segment's key index records. The frames were checked before."""
+    view = memoryview(data)
+    entries: dict[bytes, int] = {}
+    unpack_batch, unpack_op = _BATCH.unpack_from, _OP.unpack_from
+    pos = 0
+    while pos < len(view):
+        _, _, _, n_ops, body_len, _ = unpack_batch(view, pos)
+        op = pos + BATCH_SIZE
+        for _ in range(n_ops):
+            kind, _, key_len, value_len, _ = unpack_op(view, op)
+            key = bytes(view[op + OP_SIZE : op + OP_SIZE + key_len])
+            entries[key] = (
+                _index.target_of(at + op, crc32(view[op : op + OP_SIZE + key_len]))
+                if kind == OP_PUT
+                else 0
+            )
+            op += OP_SIZE + key_len + value_len
+        pos += BATCH_SIZE + body_len
+    return entries

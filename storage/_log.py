@@ -43,6 +43,7 @@ change of the files. It cannot change the files after its successor took over ei
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import secrets
 import signal
@@ -57,9 +58,10 @@ from typing import NamedTuple, Protocol
 from hotcopy.coordinator._errors import LeaseFenced
 
 from . import _format as fmt
+from . import _index
 from ._closing import close_later
 from ._durable import fsync_dir, pwrite_all, remove_temps_of, sync_file, write_durably
-from ._errors import CorruptFileError, PrefixNotFound, StorageError, SyncFailed
+from ._errors import CorruptFileError, NeedsMigration, PrefixNotFound, StorageError, SyncFailed
 from ._faults import BREAK, fault, fault_due
 from ._files import open_regular
 from ._leases import HeldLease
@@ -122,6 +124,19 @@ class LogSink(Protocol):
         bytes after its WAL offset."""
 
 
+class IndexSink(Protocol):
+    """What a log tells a view that reads checkpointed keys through the main file's index."""
+
+    def reset(self) -> None:
+        """The main file was (re)opened: forget every commit read from the WAL."""
+
+    def apply_wal(self, batch: fmt.Batch) -> None:
+        """A new commit, read from the WAL (values loaded)."""
+
+    def indexed(self, seq: int) -> None:
+        """:attr:`Log.index` now holds every commit up to ``seq``."""
+
+
 class _WalBatch(NamedTuple):
     seq: int
     offset: int
@@ -175,6 +190,9 @@ class Log:
             boundary, and the copy checks every byte it copies.
         tolerant: Record damage (:attr:`damage`) and stop reading there instead of raising
             (salvage and verify, which report it).
+        index_sink: Instead of ``sink``: keep :attr:`index`, the key index of the last boundary
+            (format 3; older files are refused with :class:`NeedsMigration`), and tell the sink
+            WAL commits and each new boundary. The main file is never scanned for keys.
     """
 
     def __init__(
@@ -187,6 +205,7 @@ class Log:
         sink: LogSink | None = None,
         scan: bool | None = None,
         tolerant: bool = False,
+        index_sink: IndexSink | None = None,
     ) -> None:
         self.name = name
         self.main_path = main_path(root, name)
@@ -196,6 +215,11 @@ class Log:
         self._sink = sink
         self._scan = sink is not None if scan is None else scan
         self._tolerant = tolerant
+        self._index_sink = index_sink
+        # The main file mapped (up to a boundary): the key index is read through it.
+        self._map: mmap.mmap | None = None
+        self._index = _index.KeyIndex.empty()
+        self._index_end = -1  # the boundary the index is of
         self.damage: Damage | None = None
         self._main_fd = -1
         self._main_ino = -1
@@ -233,6 +257,35 @@ class Log:
     @property
     def header(self) -> fmt.MainHeader:
         return self._header
+
+    @property
+    def index(self) -> _index.KeyIndex:
+        """The key index of the last boundary read (with ``index_sink``)."""
+        return self._index
+
+    def index_at(self, end: int) -> _index.KeyIndex:
+        """The key index at boundary ``end`` of the main file (format 3)."""
+        if end == self._index_end:
+            return self._index
+        if end <= self._header.size:
+            return _index.KeyIndex.empty()
+        if self._map is None or len(self._map) < end:
+            self._map = mmap.mmap(self._main_fd, end, prot=mmap.PROT_READ)
+        try:
+            return _index.open_index(self._map, end - fmt.TRAILER_SIZE)
+        except CorruptFileError as err:
+            raise self._error(
+                self.main_path, int(err.fields.get("offset", end)), f"its key index: {err.message}"
+            ) from None
+
+    def _refresh_index(self) -> None:
+        """Follow the last boundary with the index (``index_sink``)."""
+        sink = self._index_sink
+        if sink is None or self._index_end == self._scanned_end:
+            return
+        self._index = self.index_at(self._scanned_end)
+        self._index_end = self._scanned_end
+        sink.indexed(self._boundaries[self._scanned_end])
 
     @property
     def main_fd(self) -> int:
@@ -291,12 +344,13 @@ class Log:
         while True:
             try:
                 self._follow_once()
-                return
+                break
             except _Stale:
                 continue  # the WAL was replaced meanwhile: its successor tells what holds
             except _Diverged:
                 self._load()  # rebuild the view from the files
-                return
+                break
+        self._refresh_index()
 
     def _follow_once(self) -> None:
         try:
@@ -315,8 +369,16 @@ class Log:
 
     def read_value(self, offset: int) -> tuple[int, bytes]:
         """``(vtype, value)`` of the op at ``offset`` of the main file, CRC-checked."""
+        return self._read_op(offset)
+
+    def read_indexed(self, key: bytes, target: int) -> tuple[int, bytes]:
+        """``(vtype, value)`` of ``key`` from its index ``target``, checked against it."""
+        offset, op_crc = _index.split(target)
+        return self._read_op(offset, key, op_crc)
+
+    def _read_op(self, offset: int, key: bytes | None = None, op_crc: int = 0) -> tuple[int, bytes]:
         try:
-            return fmt.read_op_value(self._main_fd, offset)
+            return fmt.read_op_value(self._main_fd, offset, key, op_crc)
         except CorruptFileError as err:
             raise self._error(
                 self.main_path, int(err.fields.get("offset", offset)), err.message
@@ -327,9 +389,10 @@ class Log:
         while True:
             try:
                 self._load_once()
-                return
+                break
             except _Stale:
                 continue  # a fence replaced the WAL while it was read: read the files again
+        self._refresh_index()
 
     def _load_once(self) -> None:
         flags = os.O_RDWR if self._writable else os.O_RDONLY
@@ -342,6 +405,8 @@ class Log:
             ) from None
         if self._main_fd >= 0:
             close_later(self._main_fd)  # replaced by a compaction or restore, mostly
+        self._map = None  # the old file's map goes with the last index read through it
+        self._index_end = -1
         self._main_fd = fd
         self._main_ino = os.fstat(fd).st_ino
         try:
@@ -353,15 +418,29 @@ class Log:
             self._damaged(self.main_path, 0, reason)
             header = self._rebuilt_header(fd)
         self._check_identity(self.main_path, header.repository_id, header.prefix)
+        if self._index_sink is not None and header.version < fmt.FORMAT_VERSION:
+            raise NeedsMigration(
+                f"prefix {self.name!r}: {self.main_path} is in format {header.version}, which "
+                f"this version of hotcopy reads only to convert it: run `hotcopy migrate "
+                f"{self.main_path.parent}` (it rewrites each prefix in format "
+                f"{fmt.FORMAT_VERSION}, with a key index)",
+                prefix=self.name,
+                version=header.version,
+            )
         self._header = header
         self._seq = header.base_seq
         self._scanned_end = header.size
         self._boundaries = {header.size: header.base_seq}
-        if self._sink is not None:
-            self._sink.reset()
+        for sink in (self._sink, self._index_sink):
+            if sink is not None:
+                sink.reset()
         if self._scan:
             self._scan_main(os.fstat(fd).st_size)
         self._open_wal(strict=True)
+        if not self._wal_applies and not self._scan and self.damage is None:
+            # No WAL names a boundary (a prefix whose creator died, a main file put back by
+            # hand): the last whole segment is found by reading them all, once.
+            self._scan_main(os.fstat(fd).st_size)
 
     def _rebuilt_header(self, fd: int) -> fmt.MainHeader:
         """A main header for salvage to read a file whose own header is damaged: the first
@@ -435,8 +514,15 @@ class Log:
             return
         first, last = index[0], index[-1]
         start = self._scanned_end
-        trailer = fmt.encode_trailer(last.seq, start, len(index), last.meta_chain)
         at = start + last.offset + last.size - first.offset
+        meta = last.meta_chain
+        if self._header.version >= 3:
+            record = fmt.read_index_record(fmt.FileReader(self._main_fd, at, size), check=False)
+            if record is None:
+                return  # not (only) our batches, or not written yet: parse it
+            at, index_crc = record
+            meta = fmt.chain_meta_crc(index_crc, meta)
+        trailer = fmt.encode_trailer(last.seq, start, len(index), meta)
         if at + len(trailer) > size or os.pread(self._main_fd, len(trailer), at) != trailer:
             return  # not (only) our batches: parse it
         self._moved(index, start, at + len(trailer))
@@ -463,6 +549,8 @@ class Log:
                 self._sink.apply_wal(batch)
             else:
                 self._sink.apply_main(batch)
+        elif in_wal and self._index_sink is not None:
+            self._index_sink.apply_wal(batch)  # checkpointed ones are in the index
         self._seq = batch.seq
 
     def _open_wal(self, *, strict: bool) -> None:
@@ -855,19 +943,38 @@ class Log:
                 raise self._error(
                     self.wal_path, batches[bad].offset, "a batch failed its checksum on re-read"
                 )
-            trailer = fmt.encode_trailer(last.seq, base, len(batches), last.meta_chain)
+            record, trailer = self._segment_close(
+                base, data, len(batches), last.meta_chain, last.seq
+            )
             self._require(lease, "checkpoint")
             fault("checkpoint:before-main-write")
-            pwrite_all(self._main_fd, data + trailer, base)
+            pwrite_all(self._main_fd, data, base)
+            fault("checkpoint:after-batches-write")
+            pwrite_all(self._main_fd, record, base + len(data))
+            fault("checkpoint:after-index-write")
+            pwrite_all(self._main_fd, trailer, base + len(data) + len(record))
             fault("checkpoint:after-main-write")
             self._sync(self._main_fd, self.main_path, "checkpoint:main-fsync")
             fault("checkpoint:after-main-fsync")
-            end, seq = base + len(data) + len(trailer), last.seq
+            end, seq = base + len(data) + len(record) + len(trailer), last.seq
             self._moved(batches, base, end)
         self._new_wal(lease, end, seq)
         fault("checkpoint:after-wal-reset")
+        self._refresh_index()
         self._files_as_left = True
         return Cut(end, seq, self._header.file_id)
+
+    def _segment_close(
+        self, start: int, data: bytes, n_batches: int, meta_chain: int, last_seq: int
+    ) -> tuple[bytes, bytes]:
+        """What closes the segment of the batch frames ``data`` at ``start`` (``meta_chain``:
+        their metadata CRCs chained): its key index record (format 3) and its trailer."""
+        if self._header.version < 3:
+            return b"", fmt.encode_trailer(last_seq, start, n_batches, meta_chain)
+        entries = fmt.frame_entries(data, start)
+        return close_segment(
+            self.index_at(start), start, start + len(data), n_batches, meta_chain, last_seq, entries
+        )
 
     def _new_wal(self, lease: HeldLease, base_len: int, base_seq: int) -> None:
         header = fmt.WalHeader(
@@ -1035,7 +1142,10 @@ class Log:
             metas.append(meta)
         if not metas:
             return b""
-        return b"".join(frames) + fmt.trailer_for(start, metas, last)
+        data = b"".join(frames)
+        chain = fmt.crc32(struct.pack(f"<{len(metas)}I", *metas))
+        record, trailer = self._segment_close(start, data, len(metas), chain, last)
+        return data + record + trailer
 
     def _seqs_in_damage(self) -> list[int]:
         """The commits of every whole batch found in the damaged parts (what the damage cost)."""
@@ -1050,6 +1160,8 @@ class Log:
         return found
 
     def close(self) -> None:
+        self._index = _index.KeyIndex.empty()
+        self._map = None
         for attr in ("_main_fd", "_wal_fd"):
             fd = getattr(self, attr, -1)
             if fd >= 0:
@@ -1125,6 +1237,114 @@ def install_files(
     return cut
 
 
+def close_segment(
+    previous: _index.KeyIndex,
+    start: int,
+    end: int,
+    n_batches: int,
+    meta_chain: int,
+    last_seq: int,
+    entries: dict[bytes, int],
+) -> tuple[bytes, bytes]:
+    """The key index record and the trailer that close a format 3 segment whose batches lie
+    in ``[start, end)`` (``previous``: the index at ``start``; ``entries``: the keys the
+    batches change, see :func:`~hotcopy.storage._format.frame_entries`)."""
+    record = _index.encode_record(previous, sorted(entries.items()), end)
+    meta = fmt.chain_meta_crc(_index.record_crc(record), meta_chain)
+    return record, fmt.encode_trailer(last_seq, start, n_batches, meta)
+
+
+def write_compacted(
+    fd: int, header: fmt.MainHeader, seq: int, records: Iterator[tuple[str, int, bytes]]
+) -> int:
+    """Write ``header`` and one segment holding ``records`` (key, vtype, value; sorted by key)
+    as commit ``seq`` to the new main file on ``fd``; where it ends."""
+    os.pwrite(fd, fmt.pack_main_header(header), 0)
+    start = header.size
+    pos = start + fmt.BATCH_SIZE  # the batch header goes in last
+    body_crc = 0
+    n_ops = 0
+    entries = {}
+    for key, vtype, payload in records:
+        op = fmt.encode_op(fmt.OP_PUT, key, vtype, payload)
+        pwrite_all(fd, op, pos)
+        encoded = key.encode("utf-8", "surrogatepass")
+        entries[encoded] = _index.target_of(pos, fmt.crc32(op[: fmt.OP_SIZE + len(encoded)]))
+        body_crc = fmt.crc32(op, body_crc)
+        pos += len(op)
+        n_ops += 1
+    body_len = pos - start - fmt.BATCH_SIZE
+    pwrite_all(fd, fmt.encode_batch_header(seq, 0, n_ops, body_len, body_crc), start)
+    batch = fmt.read_batch(fmt.FileReader(fd, start, pos), load_values=False)
+    if batch is None:
+        raise CorruptFileError("compacted batch failed to read back", offset=start)
+    chain = fmt.chain_meta_crc(batch.meta_crc)
+    record, trailer = close_segment(_index.KeyIndex.empty(), start, pos, 1, chain, seq, entries)
+    pwrite_all(fd, record + trailer, pos)
+    return pos + len(record) + len(trailer)
+
+
+class _Records:
+    """The live records of the last commit a log reads (a :class:`LogSink`): the offset of
+    each one in the main file, or its value read from the WAL."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, int | tuple[int, bytes]] = {}
+
+    def reset(self) -> None:
+        self.live = {}
+
+    def apply_main(self, batch: fmt.Batch) -> None:
+        for op in batch.ops:
+            if op.kind == fmt.OP_PUT:
+                self.live[op.key] = op.offset
+            else:
+                self.live.pop(op.key, None)
+
+    def apply_wal(self, batch: fmt.Batch) -> None:
+        for op in batch.ops:
+            if op.kind == fmt.OP_PUT:
+                self.live[op.key] = (op.vtype, op.value or b"")
+            else:
+                self.live.pop(op.key, None)
+
+    def repoint(self, batch: fmt.Batch) -> None:
+        pass  # the value read from the WAL is the same
+
+    def moved(self, first_seq: int, last_seq: int, shift: int) -> None:
+        pass
+
+
+def migrate_files(root: Path, name: str, repository_id: bytes, lease: HeldLease) -> int | None:
+    """Rewrite prefix ``name`` in the current format under its exclusive ``lease``, as a
+    compaction would (every live record as one commit, a new file id): the format it was in,
+    or None if it was current. Damage is refused (salvage first)."""
+    records = _Records()
+    log = Log(root, name, repository_id, writable=True, sink=records)
+    try:
+        version = log.header.version
+        if version >= fmt.FORMAT_VERSION:
+            return None
+        seq = log.seq
+        header = new_main_header(repository_id, name, max(seq - 1, 0))
+
+        def values() -> Iterator[tuple[str, int, bytes]]:
+            for key in sorted(records.live):
+                entry = records.live[key]
+                yield (key, *(log.read_value(entry) if isinstance(entry, int) else entry))
+
+        def write(fd: int) -> tuple[int, int]:
+            if seq == 0:
+                pwrite_all(fd, fmt.pack_main_header(header), 0)
+                return header.size, 0
+            return write_compacted(fd, header, seq, values()), seq
+
+        install_files(root, name, header, write, lease=lease)
+        return version
+    finally:
+        log.close()
+
+
 @dataclass(frozen=True)
 class MainCheck:
     """What a complete check of a main file's bytes found."""
@@ -1141,13 +1361,16 @@ class MainCheck:
 
 def check_main_file(fd: int, *, end: int | None = None) -> MainCheck:
     """Check every byte of the main file on ``fd`` (up to ``end``): header, every checksum
-    (values included), every structural rule. Stops at the first damage and reports it."""
+    (values included), every structural rule, and that the key index of the last boundary
+    (format 3) holds exactly the live keys, each at its last put. Stops at the first damage and
+    reports it."""
     size = os.fstat(fd).st_size if end is None else end
     try:
         header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
     except CorruptFileError as err:
         return MainCheck(size, 0, 0, 0, 0, {}, err.message, int(err.fields.get("offset", 0)))
-    live: dict[str, None] = {}
+    live: dict[str, int] = {}
+    targets: dict[str, int] = {}  # what the key index must say of each key (format 3)
     boundaries = {header.size: header.base_seq}
     seq, at, segments = header.base_seq, header.size, 0
     for item in iter_segments(fd, header.size, size, header.base_seq):
@@ -1155,15 +1378,48 @@ def check_main_file(fd: int, *, end: int | None = None) -> MainCheck:
             return MainCheck(
                 size, segments, seq, len(live), at, boundaries, item.reason, item.offset
             )
+        if header.version >= 3 and item.index_end is None:
+            reason = "a segment without its key index"
+            return MainCheck(size, segments, seq, len(live), at, boundaries, reason, item.start)
         for batch in item.batches:
             for op in batch.ops:
                 if op.kind == fmt.OP_PUT:
-                    live[op.key] = None
+                    live[op.key] = op.offset
                 else:
                     live.pop(op.key, None)
+                if header.version >= 3:
+                    targets[op.key] = fmt.index_target(op) if op.kind == fmt.OP_PUT else 0
         seq, at, segments = item.last_seq, item.end, segments + 1
         boundaries[at] = seq
+    if header.version >= 3 and segments:
+        wrong = _index_mismatch(fd, at, {key: targets[key] for key in live})
+        if wrong is not None:
+            return MainCheck(size, segments, seq, len(live), at, boundaries, wrong, at)
     return MainCheck(size, segments, seq, len(live), at, boundaries)
+
+
+def _index_mismatch(fd: int, end: int, live: dict[str, int]) -> str | None:
+    """Why the key index at boundary ``end`` does not hold exactly ``live`` (key -> target),
+    or None."""
+    with mmap.mmap(fd, end, prot=mmap.PROT_READ) as mapped:
+        try:
+            index = _index.open_index(mapped, end - fmt.TRAILER_SIZE)
+            found = {key.decode("utf-8", "surrogatepass"): at for key, at in index.items()}
+            counted = index.live
+        except CorruptFileError as err:
+            return f"its key index is damaged: {err.message}"
+        del index  # nothing may read the map once it is closed
+    if found != live:
+        missing = sorted(set(live) - set(found))[:3]
+        extra = sorted(set(found) - set(live))[:3]
+        moved = sorted(key for key in set(live) & set(found) if live[key] != found[key])[:3]
+        return (
+            f"its key index does not match the data (missing {missing}, extra {extra}, "
+            f"pointing elsewhere {moved})"
+        )
+    if counted != len(live):
+        return f"its key index counts {counted} live keys, the data {len(live)}"
+    return None
 
 
 def iter_segments(
@@ -1192,6 +1448,7 @@ def _locate_damage(fd: int, start: int, end: int, shift: int) -> Damage:
     """The first bad record of the segment at ``start`` that does not parse, and why."""
     reader = fmt.FileReader(fd, start, end)
     batches: list[fmt.Batch] = []
+    index_crc = None
     while reader.pos < end:
         at = reader.pos
         if fmt.peek_is_trailer(reader):
@@ -1199,9 +1456,16 @@ def _locate_damage(fd: int, start: int, end: int, shift: int) -> Damage:
                 return Damage("", at, "a segment trailer fails its checksum")
             if not batches:
                 return Damage("", at, "a segment trailer closes no batch")
-            if os.pread(fd, fmt.TRAILER_SIZE, at) != fmt.segment_trailer(start + shift, batches):
+            expected = fmt.segment_trailer(start + shift, batches, index_crc)
+            if os.pread(fd, fmt.TRAILER_SIZE, at) != expected:
                 return Damage("", at, "a segment trailer does not match its batches")
             break
+        if batches and index_crc is None and fmt.peek_is_index(reader):
+            record = fmt.read_index_record(reader, check=True, shift=shift)
+            if record is None:
+                return Damage("", at, "the segment's key index fails its checksums or structure")
+            index_crc = record[1]
+            continue
         batch = fmt.read_batch(reader, load_values=True)
         if batch is None:
             return Damage("", at, "a batch fails its checksum or structure, or is cut short")

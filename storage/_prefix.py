@@ -1,10 +1,11 @@
 """A prefix: one partition with its own commit history, as a dict-like view.
 
 The files and everything about them belong to the prefix's :class:`~hotcopy.storage._log.Log`;
-a :class:`Prefix` keeps the key index of the latest commit on top of it (values stay on disk and
-are read on demand) and runs transactions. Writers serialize on the prefix's ``write`` lease,
-held from a transaction's first change until commit or rollback; state lives in the files, never
-only in one process, and every process follows what the others commit without reopening.
+a :class:`Prefix` reads checkpointed keys through the main file's key index (mapped, shared by
+every process), keeps only the commits still in the WAL in memory, and runs transactions.
+Writers serialize on the prefix's ``write`` lease, held from a transaction's first change until
+commit or rollback; state lives in the files, never only in one process, and every process
+follows what the others commit without reopening.
 """
 
 from __future__ import annotations
@@ -20,21 +21,19 @@ from typing import Any
 
 from hotcopy.coordinator._errors import HotcopyError, LeaseFenced
 from hotcopy.coordinator._process import own_pid
-from sortedcontainers import SortedDict
 
 from . import _format as fmt
 from ._codec import check_text, decode_value, encode_value
-from ._durable import pwrite_all
 from ._errors import (
     ClosedError,
-    CorruptFileError,
     ReadOnlyError,
     StorageError,
     TransactionConflict,
 )
 from ._faults import BREAK
+from ._index import KeyIndex
 from ._leases import ChangeFeed, HeldLease, LeaseProvider, expired_token
-from ._log import CommitUnconfirmed, Cut, Log, create_prefix_files, install_files
+from ._log import CommitUnconfirmed, Cut, Log, create_prefix_files, install_files, write_compacted
 
 DEFAULT_CHECKPOINT_BYTES = 4 << 20
 _FULL_CHECK_EVERY = 1.0  # seconds a reader trusts an unchanged commit counter
@@ -43,9 +42,6 @@ _FULL_CHECK_EVERY = 1.0  # seconds a reader trusts an unchanged commit counter
 DEFAULT_LEASE_TTL = 30.0
 log = logging.getLogger(__name__)
 
-# An index entry: the offset of the op in the main file, or (vtype, payload) held in memory
-# for commits that are still only in the WAL.
-_Entry = int | tuple[int, bytes]
 _DELETED = None
 
 
@@ -99,75 +95,52 @@ class Prefix(MutableMapping[str, Any]):
         self._pins = 0  # inside pinned(): reads do not move to newer commits
         self._seen_counter = -1
         self._checked_at = 0.0
-        self._index: SortedDict = SortedDict()  # key -> _Entry, for the latest commit seen
-        # Keys whose entry is still only in the WAL -> (their commit, their op's WAL offset).
-        self._mem_seq: dict[str, tuple[int, int]] = {}
+        # Commits still only in the WAL (newer than the log's index): key -> its value, or
+        # None where deleted; and the commit of each key's last change there.
+        self._mem: dict[str, tuple[int, bytes] | None] = {}
+        self._mem_seq: dict[str, int] = {}
+        self._mem_live: int | None = None  # what _mem adds to the index's live keys; None: unknown
         self._log: Log
         if mode == "rw" and not (root / f"{name}.hc").exists():
             self._create()
-        # Filled as a plain dict and sorted once: a million sorted inserts cost seconds.
-        self._loading = True
-        self._log = Log(root, name, repository_id, writable=mode == "rw", sink=self)
-        self._sorted()
+        self._log = Log(root, name, repository_id, writable=mode == "rw", index_sink=self)
 
-    # -- the key index, as the log reads commits (LogSink) --------------------------------
+    # -- commits in the WAL, as the log reads them (IndexSink) ----------------------------
 
     def reset(self) -> None:
-        self._index = {}  # a plain dict while the main file is read; see _sorted
+        self._mem = {}
         self._mem_seq = {}
-        self._loading = True
-
-    def apply_main(self, batch: fmt.Batch) -> None:
-        index, mem_seq = self._index, self._mem_seq
-        for op in batch.ops:
-            if op.kind == fmt.OP_PUT:
-                index[op.key] = op.offset
-            else:
-                index.pop(op.key, None)
-            mem_seq.pop(op.key, None)
+        self._mem_live = None  # until the log's index is of this file (indexed)
 
     def apply_wal(self, batch: fmt.Batch) -> None:
         for op in batch.ops:
             value = None if op.kind == fmt.OP_DELETE else (op.vtype, op.value or b"")
-            self._apply_in_memory(op.key, value, batch.seq, op.offset)
+            self._apply_in_memory(op.key, value, batch.seq)
 
-    def repoint(self, batch: fmt.Batch) -> None:
-        for op in batch.ops:
-            entry = self._mem_seq.get(op.key)
-            if entry is not None and entry[0] == batch.seq:
-                del self._mem_seq[op.key]
-                self._index[op.key] = op.offset
+    def indexed(self, seq: int) -> None:
+        if len(self._mem_seq) and min(self._mem_seq.values()) <= seq:
+            kept = {key: at for key, at in self._mem_seq.items() if at > seq}
+            self._mem = {key: self._mem[key] for key in kept}
+            self._mem_seq = kept
+        self._mem_live = None
 
-    def moved(self, first_seq: int, last_seq: int, shift: int) -> None:
-        moved = {
-            key: wal_offset + shift
-            for key, (seq, wal_offset) in self._mem_seq.items()
-            if first_seq <= seq <= last_seq
-        }
-        if len(moved) == len(self._mem_seq):
-            self._mem_seq = {}
-        else:
-            for key in moved:
-                del self._mem_seq[key]
-        # Every key of _mem_seq is in the index already, so only values change and the
-        # SortedDict's key order stays valid: one dict update instead of a sorted insert per
-        # key (this runs while a writer waits for its first commit after a checkpoint).
-        dict.update(self._index, moved)
+    def _apply_in_memory(self, key: str, value: tuple[int, bytes] | None, seq: int) -> None:
+        if self._mem_live is not None:
+            if key in self._mem:
+                before = self._mem[key] is not None
+            else:
+                before = _in_index(self._log.index, key)
+            self._mem_live += (value is not None) - before
+        self._mem[key] = value
+        self._mem_seq[key] = seq
 
-    def _apply_in_memory(
-        self, key: str, value: tuple[int, bytes] | None, seq: int, wal_offset: int
-    ) -> None:
-        if value is None:
-            self._index.pop(key, None)
-            self._mem_seq.pop(key, None)
-        else:
-            self._index[key] = value
-            self._mem_seq[key] = (seq, wal_offset)
-
-    def _sorted(self) -> None:
-        if self._loading:
-            self._loading = False
-            self._index = SortedDict(self._index)
+    def _committed(self, key: str) -> tuple[int, bytes] | None:
+        """The latest committed value of ``key`` (vtype, payload), or None."""
+        if key in self._mem:
+            return self._mem[key]
+        encoded = key.encode("utf-8", "surrogatepass")
+        target = self._log.index.lookup(encoded)
+        return self._log.read_indexed(encoded, target) if target else None
 
     # -- mapping API --------------------------------------------------------------------
 
@@ -179,14 +152,10 @@ class Prefix(MutableMapping[str, Any]):
                 raise KeyError(key)
             return decode_value(*pending)
         self._read_view()
-        entry = self._index.get(key) if isinstance(key, str) else None
+        entry = self._committed(key) if isinstance(key, str) else None
         if entry is None:
             raise KeyError(key)
-        if isinstance(entry, int):
-            vtype, payload = self._log.read_value(entry)
-        else:
-            vtype, payload = entry
-        return decode_value(vtype, payload)
+        return decode_value(*entry)
 
     def get(self, key: str, default: Any = None) -> Any:
         try:
@@ -201,7 +170,9 @@ class Prefix(MutableMapping[str, Any]):
         if key in self._pending:
             return self._pending[key] is not _DELETED
         self._read_view()
-        return key in self._index
+        if key in self._mem:
+            return self._mem[key] is not None
+        return _in_index(self._log.index, key)
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._check_usable()
@@ -232,12 +203,24 @@ class Prefix(MutableMapping[str, Any]):
     def _committed_len(self) -> int:
         self._check_usable()
         self._read_view()
-        return len(self._index)
+        index = self._log.index
+        if self._mem_live is None:
+            self._mem_live = sum(
+                (value is not None) - _in_index(index, key) for key, value in self._mem.items()
+            )
+        return index.live + self._mem_live
 
     def _keys(self) -> list[str]:
         self._check_usable()
         self._read_view()
-        keys: list[str] = list(self._index.keys())
+        mem = self._mem
+        keys = [
+            name
+            for name in (key.decode("utf-8", "surrogatepass") for key, _ in self._log.index.items())
+            if name not in mem
+        ]
+        keys += [key for key, value in mem.items() if value is not None]
+        keys.sort()  # two sorted runs: a linear merge
         if not self._pending:
             return keys
         live = set(keys)
@@ -283,15 +266,13 @@ class Prefix(MutableMapping[str, Any]):
             ]
             frame, meta_crc = fmt.encode_batch_with_meta(seq, lease.token, ops)
             try:
-                batch_at = self._log.append(lease, seq, frame, meta_crc)
+                self._log.append(lease, seq, frame, meta_crc)
             except CommitUnconfirmed:
                 self._settle(lease, seq)  # raises LeaseFenced if it is not in the log
                 self._pending.clear()
                 return seq
-            op_at = batch_at + fmt.BATCH_SIZE
-            for (key, pending), op in zip(self._pending.items(), ops, strict=True):
-                self._apply_in_memory(key, pending, seq, op_at)
-                op_at += len(op)
+            for key, pending in self._pending.items():
+                self._apply_in_memory(key, pending, seq)
             self._pending.clear()
             if self._log.wal_bytes >= self._checkpoint_bytes:
                 self._auto_checkpoint(lease)
@@ -435,37 +416,18 @@ class Prefix(MutableMapping[str, Any]):
             )
 
             def write(fd: int) -> tuple[int, int]:
-                return self._write_compacted(fd, header, seq), seq
+                return write_compacted(fd, header, seq, self._records()), seq
 
             install_files(self._root, self.name, header, write, lease=lease)
             self._catch_up(force=True)  # readers move too: the exclusive lease changed the counter
             return self._log.cut()
 
-    def _write_compacted(self, fd: int, header: fmt.MainHeader, seq: int) -> int:
-        """Write ``header`` and one segment holding every live record as commit ``seq``."""
-        os.pwrite(fd, fmt.pack_main_header(header), 0)
-        start = header.size
-        pos = start + fmt.BATCH_SIZE  # the batch header goes in last
-        body_crc = 0
-        n_ops = 0
-        for key, entry in self._index.items():
-            if isinstance(entry, int):
-                vtype, payload = self._log.read_value(entry)
-            else:
-                vtype, payload = entry
-            op = fmt.encode_op(fmt.OP_PUT, key, vtype, payload)
-            pwrite_all(fd, op, pos)
-            body_crc = fmt.crc32(op, body_crc)
-            pos += len(op)
-            n_ops += 1
-        body_len = pos - start - fmt.BATCH_SIZE
-        pwrite_all(fd, fmt.encode_batch_header(seq, 0, n_ops, body_len, body_crc), start)
-        batch = fmt.read_batch(fmt.FileReader(fd, start, pos), load_values=False)
-        if batch is None:
-            raise CorruptFileError("compacted batch failed to read back", offset=start)
-        trailer = fmt.segment_trailer(start, [batch])
-        pwrite_all(fd, trailer, pos)
-        return pos + len(trailer)
+    def _records(self) -> Iterator[tuple[str, int, bytes]]:
+        """Every live record of the latest commit read, in key order."""
+        for key in self._keys():
+            entry = self._committed(key)
+            if entry is not None:
+                yield key, *entry
 
     def close(self) -> None:
         """Roll back anything pending (changes not committed are lost) and release every
@@ -549,11 +511,12 @@ class Prefix(MutableMapping[str, Any]):
             return
         self._log.close()
         try:
-            self._log = Log(self._root, self.name, self._repository_id, writable=True, sink=self)
+            self._log = Log(
+                self._root, self.name, self._repository_id, writable=True, index_sink=self
+            )
         except BaseException:
             self._closed = True  # its old files are closed: this view cannot read any more
             raise
-        self._sorted()
         self.mode = "rw"
         self.writable_on_demand = False
 
@@ -669,7 +632,6 @@ class Prefix(MutableMapping[str, Any]):
                 return
             self._seen_counter, self._checked_at = counter, now  # read before the files
         self._log.follow()
-        self._sorted()
 
 
 class _NoExclusion:
@@ -706,3 +668,7 @@ def _check_key(key: object) -> None:
     size = len(key.encode("utf-8", "surrogatepass"))
     if size > fmt.MAX_KEY_BYTES:
         raise ValueError(f"key is {size} bytes in UTF-8; the limit is {fmt.MAX_KEY_BYTES}")
+
+
+def _in_index(index: KeyIndex, key: str) -> bool:
+    return bool(index.lookup(key.encode("utf-8", "surrogatepass")))

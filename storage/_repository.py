@@ -26,7 +26,7 @@ from ._durable import sweep_stale_temps, write_durably
 from ._errors import ClosedError, InvalidPrefixName, RepositoryNotFound, StorageError
 from ._files import make_directory, open_dir, read_regular, refuse_unsafe_place
 from ._leases import FileLeases, LeaseProvider
-from ._log import Cut, Log, Salvaged, main_path
+from ._log import Cut, Log, Salvaged, main_path, migrate_files
 from ._prefix import DEFAULT_CHECKPOINT_BYTES, DEFAULT_LEASE_TTL, Prefix
 
 MARKER = "hotcopy.json"
@@ -325,6 +325,19 @@ class Repository:
                 return log.salvage(lease)
             finally:
                 log.close()
+
+    def migrate_prefix(self, name: str) -> int | None:
+        """Rewrite prefix ``name`` in the current file format (through a compaction, under its
+        exclusive lease): the format it was in, or None if it was current (nothing changed)."""
+        self._check_open()
+        validate_prefix_name(name)
+        open_prefix = self.open_prefixes().get(name)
+        if open_prefix is not None:
+            open_prefix.close()
+        with self._leases.lease(
+            name, "exclusive", timeout=self._lease_timeout, ttl=self._lease_ttl
+        ) as lease:
+            return migrate_files(self.root, name, self.id_bytes, lease)
 
     def prefixes(self) -> list[str]:
         """Names of every prefix in the repository, sorted."""

@@ -30,6 +30,7 @@ STORAGE_ALL = [
     "LeaseProvider",
     "MemoIndex",
     "MemoList",
+    "NeedsMigration",
     "NotEnoughSpace",
     "NotRegularFile",
     "ObjectNotFound",

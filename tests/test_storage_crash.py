@@ -121,6 +121,8 @@ POINTS: dict[str, tuple[int, int]] = {
     "commit:after-wal-write": (20, 1),  # whole batch in the page cache: survives a process crash
     "commit:after-wal-fsync": (20, 1),
     "checkpoint:before-main-write": (3, 1),  # the checkpoint runs inside a durable commit
+    "checkpoint:after-batches-write": (3, 1),  # the segment's batches, not its key index
+    "checkpoint:after-index-write": (3, 1),  # its key index, not its trailer
     "checkpoint:after-main-write": (3, 1),
     "checkpoint:after-main-fsync": (3, 1),
     "checkpoint:after-wal-reset": (3, 1),
@@ -136,7 +138,12 @@ def _on_disk_evidence(root: Path, fault: str) -> None:
         assert size > whole_end, "no torn tail"
     else:
         assert size == whole_end
-    if fault in ("checkpoint:after-main-write", "checkpoint:after-main-fsync"):
+    if fault in (
+        "checkpoint:after-batches-write",
+        "checkpoint:after-index-write",
+        "checkpoint:after-main-write",
+        "checkpoint:after-main-fsync",
+    ):
         assert main_size > header.base_len, "the new segment is not beyond the WAL's base"
     else:
         assert main_size == header.base_len

@@ -1,5 +1,5 @@
-"""``hotcopy`` subcommands on one repository: init, put, get, ls, copy, salvage, status,
-coordinator. Each ``run_*`` takes the parsed arguments and the console and returns the exit
+"""``hotcopy`` subcommands on one repository: init, put, get, ls, copy, salvage, migrate,
+status, coordinator. Each ``run_*`` takes the parsed arguments and the console and returns the exit
 status."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from hotcopy.storage import (
     verify_file,
 )
 from hotcopy.storage._codec import too_deep
+from hotcopy.storage._format import FORMAT_VERSION
 from hotcopy.storage._repository import MARKER
 
 from ._catalog import CATALOG_MARKER
@@ -160,6 +161,26 @@ def register(sub: Any) -> None:
 
     cmd = command_parser(
         sub,
+        "migrate",
+        "rewrite every prefix of an older file format in the current one",
+        """\
+  hotcopy migrate /data/repo
+  hotcopy migrate /data/repo --json --timeout 30""",
+        description=(
+            "Rewrite each prefix whose files are of an older format in the current one, through "
+            "a compaction under the prefix's exclusive lease (every live record as one commit; "
+            "a new file id, so the next incremental backup starts a new chain). Prefixes "
+            "already current are left as they are. A damaged prefix is refused: salvage it "
+            "first."
+        ),
+    )
+    cmd.add_argument("root", type=Path, help="the repository")
+    add_timeout(cmd, "each prefix's exclusive lease")
+    add_json(cmd)
+    cmd.set_defaults(command=run_migrate)
+
+    cmd = command_parser(
+        sub,
         "status",
         "coordinator, leases and their holders, waiters (from shared memory)",
         """\
@@ -286,6 +307,26 @@ def run_copy(args: argparse.Namespace, console: Console) -> int:
 def waited_text(waited: float, what: str) -> str:
     """``; waited 3.2 s for leases`` when a command waited noticeably, else nothing."""
     return f"; waited {waited:.1f} s for {what}" if waited >= 0.05 else ""
+
+
+def run_migrate(args: argparse.Namespace, console: Console) -> int:
+    migrated: dict[str, int] = {}
+    with open_repository(args.root, console.waits(args.timeout)) as repo:
+        names = repo.prefixes()
+        for name in names:
+            version = repo.migrate_prefix(name)
+            if version is not None:
+                migrated[name] = version
+                if not args.json:
+                    print(f"prefix {name!r}: format {version} -> {FORMAT_VERSION}")
+    if args.json:
+        print_json({"format": FORMAT_VERSION, "prefixes": len(names), "migrated": migrated})
+    else:
+        print(
+            f"{len(migrated)} of {len(names)} prefixes migrated to format {FORMAT_VERSION}; "
+            f"{len(names) - len(migrated)} were current"
+        )
+    return EXIT_OK
 
 
 def run_salvage(args: argparse.Namespace, console: Console) -> int:

@@ -1,0 +1,396 @@
+"""The persistent key index of a main file (format 3): what lets a prefix open without a scan.
+
+Every segment ends with an *index record* before its trailer: the runs this checkpoint wrote and
+a *directory* naming every run of the index at that boundary, newest first. A run is a sorted
+block of ``key -> op offset`` entries (offset 0: the key was deleted) with a hash table over
+them; a lookup probes the runs newest first, and the first run that knows the key answers. Runs
+pile up as a log-structured merge: a checkpoint's new run is merged with the run before it while
+that one is not more than twice its size, so there are about log2(keys per checkpoint) runs and
+every entry is rewritten that many times. Runs are only ever appended, inside segments, so the
+main file stays append-only and its first L bytes at a boundary are exactly that commit's state
+(index included); a compaction writes one run.
+
+Readers map the file (``mmap``): processes share the page cache instead of each holding the
+index. Nothing read through the map is trusted unchecked: the directory and every run header
+carry CRCs (checked at open), and the body of a run is covered by one CRC per 4 KiB page,
+checked the first time this process touches the page. A lookup that finds an offset is also
+checked against the op it points to (its key, its value's CRC).
+
+Record: ``head (magic, record_len) | run... | directory | tail (dir_len, record_len, dir_crc,
+magic; crc)``; the segment's trailer chains the tail's CRC after its batches' metadata CRCs.
+Run: ``header (magic, count, slots, entries_len, pages, pages_crc; crc) | slot hashes (u32 each)
+| slot entry offsets (u64 each, +1; 0 = empty) | entries (offset u64, op crc u32, key_len u16,
+key) | page
+CRCs (u32 each)``. Directory: ``magic, live keys, runs | (offset, length, count, header crc)...``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import mmap
+import struct
+import sys
+import zlib
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from ._errors import CorruptFileError
+
+PAGE = 4096
+RECORD_MAGIC = 0x31584348  # b"HCX1"
+_TAIL_MAGIC = 0x32584348  # b"HCX2"
+_RUN_MAGIC = 0x31524348  # b"HCR1"
+_DIR_MAGIC = 0x31444348  # b"HCD1"
+_HEAD = struct.Struct("<IQ")  # magic, record length
+_TAIL = struct.Struct("<IQII")  # directory length, record length, directory crc, magic; + crc
+_RUN = struct.Struct("<IQQQII")  # magic, count, slots, entries length, pages, pages crc; + crc
+_DIR = struct.Struct("<IQI")  # magic, live keys, runs
+_DIR_RUN = struct.Struct("<QQQI")  # offset, length, count, header crc
+_ENTRY = struct.Struct("<QIH")  # op offset, op crc, key length
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+HEAD_SIZE = _HEAD.size
+TAIL_SIZE = _TAIL.size + 4
+_RUN_SIZE = _RUN.size + 4
+# A run merges into the one before it while that one holds at most this many times its entries.
+_MERGE_RATIO = 2
+
+Buffer = bytes | memoryview | mmap.mmap
+# A key (utf-8) and its *target*: 0 if deleted, else the offset of its op in the main file plus
+# ``crc << 64``, the CRC of that op's header and key (see :func:`split`): the op an entry points
+# to is checked against it, so a damaged op header is never taken for another value or type.
+Entry = tuple[bytes, int]
+_OFFSET_MASK = (1 << 64) - 1
+
+
+def target_of(offset: int, op_crc: int) -> int:
+    return offset | op_crc << 64
+
+
+def split(target: int) -> tuple[int, int]:
+    """``(offset, op crc)`` of a nonzero target."""
+    return target & _OFFSET_MASK, target >> 64
+
+
+def _little(values: array) -> bytes:  # type: ignore[type-arg]
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values.tobytes()
+
+
+def encode_run(entries: list[Entry]) -> bytes:
+    """A run of ``entries`` (sorted by key, keys unique, at least one)."""
+    n_slots = 2 * len(entries)
+    parts: list[bytes] = []
+    hashes = array("I", bytes(4 * n_slots))
+    offsets = array("Q", bytes(8 * n_slots))
+    pack = _ENTRY.pack
+    crc32 = zlib.crc32
+    pos = 0
+    for key, target in entries:
+        slot = crc32(key) % n_slots
+        while offsets[slot]:
+            slot = slot + 1 if slot + 1 < n_slots else 0
+        hashes[slot] = crc32(key)
+        offsets[slot] = pos + 1
+        parts += (pack(target & _OFFSET_MASK, target >> 64, len(key)), key)
+        pos += _ENTRY.size + len(key)
+    body = _little(hashes) + _little(offsets) + b"".join(parts)
+    pages = array("I", (crc32(body[at : at + PAGE]) for at in range(0, len(body), PAGE)))
+    page_bytes = _little(pages)
+    head = _RUN.pack(_RUN_MAGIC, len(entries), n_slots, pos, len(pages), crc32(page_bytes))
+    return head + _U32.pack(crc32(head)) + body + page_bytes
+
+
+class Run:
+    """One run of an index, read through ``buf`` (the mapped main file) at ``offset``."""
+
+    def __init__(self, buf: Buffer, offset: int, length: int, count: int) -> None:
+        head = bytes(buf[offset : offset + _RUN_SIZE])
+        if (
+            len(head) < _RUN_SIZE
+            or zlib.crc32(head[: _RUN.size]) != _U32.unpack_from(head, _RUN.size)[0]
+        ):
+            raise CorruptFileError("an index run header fails its checksum", offset=offset)
+        magic, found, n_slots, entries_len, n_pages, pages_crc = _RUN.unpack_from(head)
+        self.header_crc = zlib.crc32(head)
+        self.count = found
+        body = offset + _RUN_SIZE
+        body_len = 12 * n_slots + entries_len
+        if (
+            magic != _RUN_MAGIC
+            or found != count
+            or n_slots != 2 * count
+            or n_pages != -(-body_len // PAGE)
+            or _RUN_SIZE + body_len + 4 * n_pages != length
+        ):
+            raise CorruptFileError("an index run does not match its directory", offset=offset)
+        self._buf = buf
+        self._body = body
+        self._slots = n_slots
+        self._slot_offsets = body + 4 * n_slots
+        self._entries_at = body + 12 * n_slots
+        self._entries_end = body + body_len
+        self._pages_at = body + body_len
+        self.offset = offset
+        self.length = length
+        if zlib.crc32(buf[self._pages_at : self._pages_at + 4 * n_pages]) != pages_crc:
+            raise CorruptFileError("an index run's page checksums are damaged", offset=offset)
+        self._checked: set[int] = set()
+
+    def _check(self, pos: int, size: int) -> None:
+        """Check the pages holding ``[pos, pos + size)`` once per process."""
+        first = (pos - self._body) // PAGE
+        last = (min(pos + size, self._pages_at) - 1 - self._body) // PAGE
+        if first == last and first in self._checked:
+            return
+        for page in range(first, last + 1):
+            if page in self._checked:
+                continue
+            at = self._body + page * PAGE
+            end = min(at + PAGE, self._pages_at)
+            (stored,) = _U32.unpack_from(self._buf, self._pages_at + 4 * page)
+            if zlib.crc32(self._buf[at:end]) != stored:
+                raise CorruptFileError("an index page fails its checksum", offset=at)
+            self._checked.add(page)
+
+    def lookup(self, key: bytes, hashed: int) -> int | None:
+        """The target of ``key`` (``hashed``: its crc32) in this run, or None if it has none."""
+        buf, body, checked = self._buf, self._body, self._checked
+        n_slots = self._slots
+        slot = hashed % n_slots
+        while True:
+            # A slot's hash and offset never straddle a page (4- and 8-byte aligned from body).
+            at = body + 4 * slot
+            if (at - body) // PAGE not in checked:
+                self._check(at, 4)
+            off_at = self._slot_offsets + 8 * slot
+            if (off_at - body) // PAGE not in checked:
+                self._check(off_at, 8)
+            offset = _U64.unpack_from(buf, off_at)[0]
+            if not offset:
+                return None
+            if _U32.unpack_from(buf, at)[0] == hashed:
+                entry = self._entries_at + offset - 1
+                size = _ENTRY.size + len(key)
+                self._check(entry, size)
+                offset, op_crc, key_len = _ENTRY.unpack_from(buf, entry)
+                if key_len == len(key) and buf[entry + _ENTRY.size : entry + size] == key:
+                    return int(offset | op_crc << 64)
+            slot = slot + 1 if slot + 1 < n_slots else 0
+
+    def items(self) -> Iterator[Entry]:
+        """Every entry, in key order."""
+        if self._entries_end > self._entries_at:
+            self._check(self._entries_at, self._entries_end - self._entries_at)
+        buf, pos, end = self._buf, self._entries_at, self._entries_end
+        unpack = _ENTRY.unpack_from
+        while pos < end:
+            offset, op_crc, key_len = unpack(buf, pos)
+            pos += _ENTRY.size
+            yield bytes(buf[pos : pos + key_len]), offset | op_crc << 64
+            pos += key_len
+
+    def check_all(self) -> None:
+        """Check every page and that the entries are sorted and each found through the table."""
+        self._check(self._body, self._pages_at - self._body)
+        before = None
+        seen = 0
+        for key, target in self.items():
+            if before is not None and key <= before:
+                raise CorruptFileError("an index run is not sorted", offset=self.offset)
+            if self.lookup(key, zlib.crc32(key)) != target:
+                raise CorruptFileError("an index run's table misses an entry", offset=self.offset)
+            before = key
+            seen += 1
+        if seen != self.count:
+            raise CorruptFileError("an index run holds a wrong count", offset=self.offset)
+
+
+@dataclass(frozen=True)
+class RunRef:
+    offset: int
+    length: int
+    count: int
+    header_crc: int
+
+
+class KeyIndex:
+    """The index at one boundary of a main file: its runs, newest first, and the live keys."""
+
+    def __init__(self, runs: list[Run], live: int) -> None:
+        self.runs = runs
+        self.live = live
+
+    @classmethod
+    def empty(cls) -> KeyIndex:
+        return cls([], 0)
+
+    def lookup(self, key: bytes) -> int | None:
+        """The op offset of ``key``'s record, 0 if the index shows it deleted, None if absent."""
+        hashed = zlib.crc32(key)
+        for run in self.runs:
+            found = run.lookup(key, hashed)
+            if found is not None:
+                return found
+        return None
+
+    def items(self) -> Iterator[Entry]:
+        """Live entries in key order (the newest run that knows a key decides)."""
+        return _merged([run.items() for run in self.runs], keep_deleted=False)
+
+
+def _merged(sources: list[Iterable[Entry]], *, keep_deleted: bool) -> Iterator[Entry]:
+    """Merge sorted ``sources`` (newest first): one entry per key, the newest one's."""
+    ranked = [_ranked(source, rank) for rank, source in enumerate(sources)]
+    last = None
+    for key, _, target in heapq.merge(*ranked):
+        if key == last:
+            continue
+        last = key
+        if target or keep_deleted:
+            yield key, target
+
+
+def _ranked(source: Iterable[Entry], rank: int) -> Iterator[tuple[bytes, int, int]]:
+    for key, target in source:
+        yield key, rank, target
+
+
+def read_record_tail(buf: Buffer, end: int) -> tuple[int, int, int]:
+    """``(record start, directory offset, tail crc)`` of the index record ending at ``end``."""
+    at = end - TAIL_SIZE
+    raw = bytes(buf[at:end])
+    if (
+        len(raw) != TAIL_SIZE
+        or zlib.crc32(raw[: _TAIL.size]) != _U32.unpack_from(raw, _TAIL.size)[0]
+    ):
+        raise CorruptFileError("an index record's tail fails its checksum", offset=at)
+    dir_len, record_len, _, magic = _TAIL.unpack_from(raw)
+    start = end - record_len
+    if magic != _TAIL_MAGIC or record_len < HEAD_SIZE + dir_len + TAIL_SIZE:
+        raise CorruptFileError("an index record's tail is not one", offset=at)
+    return start, at - dir_len, zlib.crc32(raw)
+
+
+def _directory(buf: Buffer, record_end: int, base: int = 0) -> tuple[list[RunRef], int, int]:
+    """The runs (newest first) and live keys named by the record ending at ``record_end`` of
+    ``buf``, and the record's start there (``base``: the file offset of ``buf[0]``)."""
+    start, dir_at, _ = read_record_tail(buf, record_end)
+    if start < 0:
+        raise CorruptFileError("an index record's length runs past its file", offset=record_end)
+    tail_at = record_end - TAIL_SIZE
+    _, _, dir_crc, _ = _TAIL.unpack_from(buf, tail_at)
+    raw = bytes(buf[dir_at:tail_at])
+    if zlib.crc32(raw) != dir_crc or len(raw) < _DIR.size:
+        raise CorruptFileError("an index directory fails its checksum", offset=dir_at)
+    magic, live, n_runs = _DIR.unpack_from(raw)
+    if magic != _DIR_MAGIC or len(raw) != _DIR.size + n_runs * _DIR_RUN.size:
+        raise CorruptFileError("an index directory is not one", offset=dir_at)
+    refs = [
+        RunRef(*_DIR_RUN.unpack_from(raw, _DIR.size + i * _DIR_RUN.size)) for i in range(n_runs)
+    ]
+    for ref in refs:
+        if ref.offset + ref.length > base + dir_at:
+            raise CorruptFileError("an index directory names a run after it", offset=dir_at)
+    return refs, live, start
+
+
+def open_index(buf: Buffer, record_end: int) -> KeyIndex:
+    """The index whose record ends at ``record_end`` (just before a segment's trailer)."""
+    refs, live, _ = _directory(buf, record_end)
+    runs = []
+    for ref in refs:
+        run = Run(buf, ref.offset, ref.length, ref.count)
+        if run.header_crc != ref.header_crc:
+            raise CorruptFileError(
+                "an index run is not the one its directory names", offset=ref.offset
+            )
+        runs.append(run)
+    return KeyIndex(runs, live)
+
+
+def encode_record(previous: KeyIndex, new: list[Entry], start: int) -> bytes:
+    """The index record a segment gets at offset ``start``: ``previous`` (the index at the
+    segment's start) with the ``new`` entries (sorted) of its batches.
+
+    Determined by its inputs alone (a stopped checkpointer that writes it late writes the very
+    same bytes)."""
+    live = previous.live
+    for key, target in new:
+        before = previous.lookup(key)
+        live += (target != 0) - (before is not None and before != 0)
+    pending: list[list[Entry] | Run] = list(previous.runs)
+    if new:
+        pending.insert(0, new)
+    while len(pending) >= 2 and _count(pending[1]) <= _MERGE_RATIO * _count(pending[0]):
+        newer, older = pending[0], pending[1]
+        merged = dict(_entries(older))
+        merged.update(_entries(newer))  # older keys in order, then the new ones: two sorted runs
+        entries = sorted(merged.items())
+        if len(pending) == 2:  # nothing older: a deletion has nothing left to hide
+            entries = [entry for entry in entries if entry[1]]
+        pending[:2] = [entries]
+    if pending and not _count(pending[-1]):
+        pending.pop()  # everything deleted
+    parts = []
+    pos = start + HEAD_SIZE
+    refs = []
+    for run in pending:
+        if isinstance(run, Run):
+            refs.append(_DIR_RUN.pack(run.offset, run.length, run.count, run.header_crc))
+            continue
+        block = encode_run(run)
+        parts.append(block)
+        refs.append(_DIR_RUN.pack(pos, len(block), len(run), zlib.crc32(block[:_RUN_SIZE])))
+        pos += len(block)
+    directory = _DIR.pack(_DIR_MAGIC, live, len(refs)) + b"".join(refs)
+    record_len = HEAD_SIZE + sum(map(len, parts)) + len(directory) + TAIL_SIZE
+    tail = _TAIL.pack(len(directory), record_len, zlib.crc32(directory), _TAIL_MAGIC)
+    return (
+        _HEAD.pack(RECORD_MAGIC, record_len)
+        + b"".join(parts)
+        + directory
+        + tail
+        + _U32.pack(zlib.crc32(tail))
+    )
+
+
+def _count(run: list[Entry] | Run) -> int:
+    return run.count if isinstance(run, Run) else len(run)
+
+
+def _entries(run: list[Entry] | Run) -> Iterable[Entry]:
+    return run.items() if isinstance(run, Run) else run
+
+
+def record_crc(record: bytes) -> int:
+    """The CRC a segment's trailer chains for this index record (its tail's)."""
+    return zlib.crc32(record[-TAIL_SIZE:])
+
+
+def record_length(head: bytes) -> int | None:
+    """The length of the index record whose first ``HEAD_SIZE`` bytes are ``head``, or None."""
+    if len(head) < HEAD_SIZE:
+        return None
+    magic, length = _HEAD.unpack_from(head)
+    return int(length) if magic == RECORD_MAGIC and length >= HEAD_SIZE + TAIL_SIZE else None
+
+
+def check_record(raw: bytes, start: int) -> int:
+    """Check the index record ``raw`` (at file offset ``start``) completely: the runs it wrote,
+    page by page; the runs it names from before must lie before it. Its tail CRC."""
+    found_start, _, tail_crc = read_record_tail(raw, len(raw))
+    if found_start != 0:
+        raise CorruptFileError("an index record's length does not match its place", offset=start)
+    refs, _, _ = _directory(raw, len(raw), start)
+    for ref in refs:
+        if ref.offset >= start:
+            run = Run(raw, ref.offset - start, ref.length, ref.count)
+            if run.header_crc != ref.header_crc:
+                raise CorruptFileError(
+                    "an index run is not the one its directory names", offset=ref.offset
+                )
+            run.check_all()
+    return tail_crc

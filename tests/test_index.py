@@ -1,0 +1,268 @@
+"""The persistent key index (format 3): a prefix opens by reading its index, not its main file;
+the index agrees with the data through checkpoints, merges, compactions and reopens; damage to
+it is reported, never taken for a missing key; older files are refused until migrated."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from hotcopy.storage import (
+    CorruptFileError,
+    FileLeases,
+    NeedsMigration,
+    Repository,
+    _index,
+    verify_file,
+)
+from hotcopy.storage import _format as fmt
+from hotcopy.storage._log import check_main_file
+
+pytestmark = pytest.mark.timeout(120)
+
+PROGRAM = [sys.executable, "-m", "hotcopy.workers"]
+DATA = Path(__file__).parent / "data"
+
+
+def _repo(root: Path, **options: object) -> Repository:
+    if not (root / "hotcopy.json").exists():
+        Repository.init(root).close()
+    return Repository(root, leases=FileLeases(root / ".hotcopy"), **options)  # type: ignore[arg-type]
+
+
+def _fill(root: Path, count: int) -> None:
+    with _repo(root) as repo:
+        prefix = repo.open_prefix("big", "rw")
+        for start in range(0, count, 5000):
+            for i in range(start, min(start + 5000, count)):
+                prefix[f"key{i:08d}"] = "v" * 100
+            prefix.commit()
+        prefix.checkpoint()
+
+
+_OPEN_AND_GET = """
+import sys
+from pathlib import Path
+from hotcopy.storage import FileLeases, Repository
+
+def rchar():
+    with open("/proc/self/io") as io:
+        return int(next(line for line in io if line.startswith("rchar:")).split()[1])
+
+root = Path(sys.argv[1])
+before = rchar()
+with Repository(root, leases=FileLeases(root / ".hotcopy")) as repo:
+    prefix = repo.open_prefix("big", "r")
+    value = prefix["key00012345"]
+    count = len(prefix)
+print(rchar() - before, count, len(value))
+"""
+
+
+def test_a_prefix_opens_and_reads_a_key_without_reading_its_main_file(tmp_path: Path) -> None:
+    """Open + first get read a few kilobytes of a main file of megabytes (the old open read
+    every segment to build an index in memory)."""
+    root = tmp_path / "repo"
+    _fill(root, 40_000)
+    size = (root / "big.hc").stat().st_size
+    assert size > 4 << 20
+    result = subprocess.run(
+        [sys.executable, "-c", _OPEN_AND_GET, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    read, count, length = map(int, result.stdout.split())
+    assert (count, length) == (40_000, 100)
+    assert read < 256 << 10, f"open + get read {read} bytes of a {size}-byte main file"
+
+
+def _check_against(prefix: object, model: dict[str, object]) -> None:
+    assert len(prefix) == len(model)  # type: ignore[arg-type]
+    assert list(prefix) == sorted(model)  # type: ignore[call-overload]
+    for key, value in model.items():
+        assert prefix[key] == value  # type: ignore[index]
+
+
+_READ_ALL = """
+import json, sys
+from pathlib import Path
+from hotcopy.storage import FileLeases, Repository
+root = Path(sys.argv[1])
+with Repository(root, leases=FileLeases(root / ".hotcopy")) as repo:
+    prefix = repo.open_prefix("p", "r")
+    print(json.dumps({key: prefix[key] for key in prefix}))
+"""
+
+
+def test_the_index_agrees_with_a_dict_through_merges_compactions_and_reopens(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "repo"
+    rnd = random.Random(18)
+    model: dict[str, object] = {}
+    keys = [f"k{i:04d}" for i in range(400)] + ["", "é", "\U0001f389", "z" * 300]
+    repo = _repo(root, checkpoint_bytes=6000)  # a checkpoint every few commits: many merges
+    follower_repo = _repo(root)
+    try:
+        writer = repo.open_prefix("p", "rw")
+        follower = follower_repo.open_prefix("p", "r")
+        for step in range(400):
+            for _ in range(rnd.randint(1, 12)):
+                key = rnd.choice(keys)
+                if model and rnd.random() < 0.3:
+                    gone = rnd.choice(sorted(model))
+                    del writer[gone]
+                    del model[gone]
+                else:
+                    value = {"step": step, "pad": "x" * rnd.randint(0, 80)}
+                    writer[key] = value
+                    model[key] = value
+            writer.commit()
+            if step % 50 == 49:
+                _check_against(follower, model)
+            if step % 97 == 96:
+                writer.compact()
+            if step % 131 == 130:
+                writer.close()
+                writer = repo.open_prefix("p", "rw")
+                _check_against(writer, model)
+        _check_against(writer, model)
+        _check_against(follower, model)
+        writer.checkpoint()
+    finally:
+        follower_repo.close()
+        repo.close()
+    result = subprocess.run(
+        [sys.executable, "-c", _READ_ALL, str(root)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == model
+    report = verify_file(root / "p.hc")
+    assert report.ok and report.keys == len(model), report
+
+
+def _last_segment(main: Path) -> fmt.Segment:
+    """The main file's last segment (with where its key index record lies)."""
+    fd = os.open(main, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        reader = fmt.FileReader(fd, fmt.HEADER_SIZE, size)
+        last = None
+        while reader.pos < size:
+            segment = fmt.read_segment(reader, load_values=False)
+            assert segment is not None
+            last = segment
+    finally:
+        os.close(fd)
+    assert last is not None and last.index_end is not None
+    return last
+
+
+def _index_record_span(segment: fmt.Segment) -> tuple[int, int]:
+    assert segment.index_end is not None
+    return segment.batches[-1].offset + segment.batches[-1].size, segment.index_end
+
+
+def test_damage_in_the_index_is_reported_never_taken_for_a_missing_key(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    _fill(root, 3000)
+    main = root / "big.hc"
+    pristine = main.read_bytes()
+    start, end = _index_record_span(_last_segment(main))
+    assert end - start > 4 * _index.PAGE
+    keys = [f"key{i:08d}" for i in range(3000)]
+    for at in sorted({start + 3, start + 20, *range(start + 100, end, 997), end - 30, end - 3}):
+        damaged = bytearray(pristine)
+        damaged[at] ^= 0x40
+        main.write_bytes(bytes(damaged))
+        report = verify_file(main)
+        assert not report.ok, f"a flipped byte at {at} passed verify"
+        with _repo(root) as repo:
+            try:
+                prefix = repo.open_prefix("big", "r")
+                for key in keys:
+                    with contextlib.suppress(CorruptFileError):
+                        assert prefix[key] == "v" * 100
+            except CorruptFileError:
+                pass  # the directory or a run header: refused at open
+    main.write_bytes(pristine)
+    assert verify_file(main).ok
+
+
+def test_verify_finds_an_index_that_checks_but_does_not_match_the_data(tmp_path: Path) -> None:
+    """A well-formed index (every CRC right) that lost a key is still found out."""
+    root = tmp_path / "repo"
+    _fill(root, 500)
+    main = root / "big.hc"
+    data = main.read_bytes()
+    segment = _last_segment(main)
+    start, _ = _index_record_span(segment)
+    seg_start = segment.start
+    assert seg_start == fmt.HEADER_SIZE  # the one segment: its index has no runs before it
+    entries = fmt.frame_entries(data[seg_start:start], seg_start)
+    del entries[b"key00000042"]
+    record = _index.encode_record(_index.KeyIndex.empty(), sorted(entries.items()), start)
+    trailer = fmt.segment_trailer(seg_start, segment.batches, _index.record_crc(record))
+    main.write_bytes(data[:start] + record + trailer)
+    fd = os.open(main, os.O_RDONLY)
+    try:
+        found = check_main_file(fd)
+    finally:
+        os.close(fd)
+    assert found.error is not None and "does not match the data" in found.error, found
+    assert "key00000042" in found.error
+
+
+def _legacy_repo(tmp_path: Path) -> Path:
+    root = tmp_path / "legacy"
+    root.mkdir(mode=0o700)
+    with tarfile.open(DATA / "format2-repo.tar.gz") as archive:
+        archive.extractall(root, filter="data")
+    return root
+
+
+def _legacy_model() -> dict[str, object]:
+    """What tests/data/format2-repo.tar.gz holds in prefix "legacy" (see its maker in the
+    closing note of issue 18: 300 keys, every 7th deleted, then "late" added, key0001 deleted)."""
+    model: dict[str, object] = {
+        f"key{i:04d}": {"n": i, "text": "é" * (i % 7)} for i in range(300) if i % 7
+    }
+    model["late"] = [1, 2, 3]
+    del model["key0001"]
+    return model
+
+
+def test_older_files_are_refused_until_migrated_then_read_exactly(tmp_path: Path) -> None:
+    root = _legacy_repo(tmp_path)
+    with _repo(root) as repo, pytest.raises(NeedsMigration) as refused:
+        repo.open_prefix("legacy", "r")
+    assert f"hotcopy migrate {root}" in str(refused.value)
+    assert "format 2" in str(refused.value)
+    result = subprocess.run(
+        [*PROGRAM, "migrate", str(root), "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["migrated"] == {"empty": 2, "legacy": 2} and report["format"] == 3
+    with _repo(root) as repo:
+        legacy = repo.open_prefix("legacy", "rw")
+        _check_against(legacy, _legacy_model())
+        assert len(repo.open_prefix("empty", "r")) == 0
+        legacy["after"] = 1
+        legacy.commit()
+        legacy.checkpoint()
+    for name in ("legacy", "empty"):
+        assert verify_file(root / f"{name}.hc").ok
+    again = subprocess.run(
+        [*PROGRAM, "migrate", str(root)], capture_output=True, text=True, timeout=60
+    )
+    assert again.returncode == 0 and "0 of 2 prefixes migrated" in again.stdout, again
