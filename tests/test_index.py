@@ -231,8 +231,9 @@ def _legacy_repo(tmp_path: Path) -> Path:
 
 
 def _legacy_model() -> dict[str, object]:
-    """What tests/data/format2-repo.tar.gz holds in prefix "legacy" (see its maker in the
-    closing note of issue 18: 300 keys, every 7th deleted, then "late" added, key0001 deleted)."""
+    """What tests/data/format2-repo.tar.gz holds in prefix "legacy" (made by
+    tests/data/make_format2_repo.py: 300 keys, every 7th deleted, "late" added, key0001
+    deleted)."""
     model: dict[str, object] = {
         f"key{i:04d}": {"n": i, "text": "é" * (i % 7)} for i in range(300) if i % 7
     }
