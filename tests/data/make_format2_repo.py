@@ -5,6 +5,7 @@ prefix "empty": created, never committed."""
 
 import sys
 from pathlib import Path
+
 from hotcopy.storage import FileLeases, Repository
 
 root = Path(sys.argv[1])
