@@ -554,7 +554,7 @@ def read_index_record(reader: FileReader, *, check: bool, shift: int = 0) -> tup
         tail = reader.read(_index.TAIL_SIZE)
         if tail is None:
             return None
-        found, _, crc = _index.read_record_tail(tail, len(tail))
+        found, _, crc = _index.read_record_tail(_index.bytes_reader(tail), len(tail))
         if found != -(length - _index.TAIL_SIZE):
             return None
         return reader.pos, crc

@@ -26,13 +26,14 @@ CRCs (u32 each)``. Directory: ``magic, live keys, runs | (offset, length, count,
 
 from __future__ import annotations
 
+import functools
 import heapq
-import mmap
+import os
 import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ._errors import CorruptFileError
@@ -48,15 +49,16 @@ _RUN = struct.Struct("<IQQQII")  # magic, count, slots, entries length, pages, p
 _DIR = struct.Struct("<IQI")  # magic, live keys, runs
 _DIR_RUN = struct.Struct("<QQQI")  # offset, length, count, header crc
 _ENTRY = struct.Struct("<QIH")  # op offset, op crc, key length
+_SLOT = struct.Struct("<QQ")  # key hash (crc32), entry offset + 1 (0: an empty slot)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 HEAD_SIZE = _HEAD.size
 TAIL_SIZE = _TAIL.size + 4
 _RUN_SIZE = _RUN.size + 4
+_ITEMS_CHUNK = 256 * PAGE  # what an iteration of a run reads at once
 # A run merges into the one before it while that one holds at most this many times its entries.
 _MERGE_RATIO = 2
 
-Buffer = bytes | memoryview | mmap.mmap
 # A key (utf-8) and its *target*: 0 if deleted, else the offset of its op in the main file plus
 # ``crc << 64``, the CRC of that op's header and key (see :func:`split`): the op an entry points
 # to is checked against it, so a damaged op header is never taken for another value or type.
@@ -83,41 +85,69 @@ def encode_run(entries: list[Entry]) -> bytes:
     """A run of ``entries`` (sorted by key, keys unique, at least one)."""
     n_slots = 2 * len(entries)
     parts: list[bytes] = []
-    hashes = array("I", bytes(4 * n_slots))
-    offsets = array("Q", bytes(8 * n_slots))
+    slots = array("Q", bytes(16 * n_slots))  # (hash, entry offset + 1) pairs
     pack = _ENTRY.pack
     crc32 = zlib.crc32
     pos = 0
     for key, target in entries:
-        slot = crc32(key) % n_slots
-        while offsets[slot]:
+        hashed = crc32(key)
+        slot = hashed % n_slots
+        while slots[2 * slot + 1]:
             slot = slot + 1 if slot + 1 < n_slots else 0
-        hashes[slot] = crc32(key)
-        offsets[slot] = pos + 1
+        slots[2 * slot] = hashed
+        slots[2 * slot + 1] = pos + 1
         parts += (pack(target & _OFFSET_MASK, target >> 64, len(key)), key)
         pos += _ENTRY.size + len(key)
-    body = _little(hashes) + _little(offsets) + b"".join(parts)
+    body = _little(slots) + b"".join(parts)
     pages = array("I", (crc32(body[at : at + PAGE]) for at in range(0, len(body), PAGE)))
     page_bytes = _little(pages)
     head = _RUN.pack(_RUN_MAGIC, len(entries), n_slots, pos, len(pages), crc32(page_bytes))
     return head + _U32.pack(crc32(head)) + body + page_bytes
 
 
-class Run:
-    """One run of an index, read through ``buf`` (the mapped main file) at ``offset``."""
+Read = Callable[[int, int], bytes]  # (size, offset) -> those bytes of the file, as os.pread
 
-    def __init__(self, buf: Buffer, offset: int, length: int, count: int) -> None:
-        head = bytes(buf[offset : offset + _RUN_SIZE])
-        if (
-            len(head) < _RUN_SIZE
-            or zlib.crc32(head[: _RUN.size]) != _U32.unpack_from(head, _RUN.size)[0]
-        ):
+
+class FileRead(functools.partial[bytes]):
+    """``os.pread`` on a descriptor of its own: the page cache is shared by every process and
+    a process holds none of it (where a map would count whole 2 MiB folios as each reader's
+    memory), and an index read through it always reads the file it was opened on, even after
+    that file was replaced. A short read shows as a damaged index (see ``KeyIndex.lookup``)."""
+
+    def __new__(cls, fd: int) -> FileRead:
+        return super().__new__(cls, os.pread, os.dup(fd))
+
+    def __del__(self) -> None:
+        os.close(self.args[0])
+
+
+def bytes_reader(data: bytes, base: int = 0) -> Read:
+    """Reads of ``data``, which lies at offset ``base`` of its file."""
+
+    def read(size: int, offset: int) -> bytes:
+        return data[offset - base : offset - base + size] if offset >= base else b""
+
+    return read
+
+
+class Run:
+    """One run of an index, at ``offset`` of its file, read through ``read``.
+
+    Each 4 KiB page of its body is checked against its CRC the first time this process reads
+    from it (a whole-page read); afterwards only the bytes needed are read.
+    """
+
+    def __init__(self, read: Read, offset: int, length: int, count: int) -> None:
+        head = read(_RUN_SIZE, offset)
+        if len(head) != _RUN_SIZE:
+            raise CorruptFileError("an index run is cut short", offset=offset)
+        if zlib.crc32(head[: _RUN.size]) != _U32.unpack_from(head, _RUN.size)[0]:
             raise CorruptFileError("an index run header fails its checksum", offset=offset)
         magic, found, n_slots, entries_len, n_pages, pages_crc = _RUN.unpack_from(head)
         self.header_crc = zlib.crc32(head)
         self.count = found
         body = offset + _RUN_SIZE
-        body_len = 12 * n_slots + entries_len
+        body_len = 16 * n_slots + entries_len
         if (
             magic != _RUN_MAGIC
             or found != count
@@ -126,75 +156,93 @@ class Run:
             or _RUN_SIZE + body_len + 4 * n_pages != length
         ):
             raise CorruptFileError("an index run does not match its directory", offset=offset)
-        self._buf = buf
-        self._body = body
-        self._slots = n_slots
-        self._slot_offsets = body + 4 * n_slots
-        self._entries_at = body + 12 * n_slots
-        self._entries_end = body + body_len
-        self._pages_at = body + body_len
         self.offset = offset
         self.length = length
-        if zlib.crc32(buf[self._pages_at : self._pages_at + 4 * n_pages]) != pages_crc:
+        self._read = read
+        self._body = body
+        self._slots = n_slots
+        self._entries_at = body + 16 * n_slots
+        self._end = body + body_len
+        # The page CRCs, checked as a whole (4 bytes per 4 KiB of run).
+        self._page_crcs = read(4 * n_pages, self._end)
+        if zlib.crc32(self._page_crcs) != pages_crc:
             raise CorruptFileError("an index run's page checksums are damaged", offset=offset)
         self._checked: set[int] = set()
 
-    def _check(self, pos: int, size: int) -> None:
-        """Check the pages holding ``[pos, pos + size)`` once per process."""
+    def _check_page(self, page: int, data: bytes) -> None:
+        if zlib.crc32(data) != _U32.unpack_from(self._page_crcs, 4 * page)[0]:
+            raise CorruptFileError(
+                "an index page fails its checksum", offset=self._body + page * PAGE
+            )
+        self._checked.add(page)
+
+    def _get(self, pos: int, size: int) -> bytes:
+        """``size`` bytes of the body at ``pos``, every page they touch checked."""
         first = (pos - self._body) // PAGE
-        last = (min(pos + size, self._pages_at) - 1 - self._body) // PAGE
-        if first == last and first in self._checked:
-            return
+        last = (pos + size - 1 - self._body) // PAGE
         for page in range(first, last + 1):
-            if page in self._checked:
-                continue
-            at = self._body + page * PAGE
-            end = min(at + PAGE, self._pages_at)
-            (stored,) = _U32.unpack_from(self._buf, self._pages_at + 4 * page)
-            if zlib.crc32(self._buf[at:end]) != stored:
-                raise CorruptFileError("an index page fails its checksum", offset=at)
-            self._checked.add(page)
+            if page not in self._checked:
+                at = self._body + page * PAGE
+                self._check_page(page, self._read(min(PAGE, self._end - at), at))
+        return self._read(size, pos)
 
     def lookup(self, key: bytes, hashed: int) -> int | None:
         """The target of ``key`` (``hashed``: its crc32) in this run, or None if it has none."""
-        buf, body, checked = self._buf, self._body, self._checked
-        n_slots = self._slots
+        # The hot path of every get: locals, and a pread straight from a page checked before.
+        n_slots, body, checked, read = self._slots, self._body, self._checked, self._read
+        size = _ENTRY.size + len(key)
         slot = hashed % n_slots
         while True:
-            # A slot's hash and offset never straddle a page (4- and 8-byte aligned from body).
-            at = body + 4 * slot
+            at = body + 16 * slot  # a slot never straddles a page
             if (at - body) // PAGE not in checked:
-                self._check(at, 4)
-            off_at = self._slot_offsets + 8 * slot
-            if (off_at - body) // PAGE not in checked:
-                self._check(off_at, 8)
-            offset = _U64.unpack_from(buf, off_at)[0]
-            if not offset:
+                self._get(at, 16)
+            found, entry = _SLOT.unpack(read(16, at))
+            if not entry:
                 return None
-            if _U32.unpack_from(buf, at)[0] == hashed:
-                entry = self._entries_at + offset - 1
-                size = _ENTRY.size + len(key)
-                self._check(entry, size)
-                offset, op_crc, key_len = _ENTRY.unpack_from(buf, entry)
-                if key_len == len(key) and buf[entry + _ENTRY.size : entry + size] == key:
-                    return int(offset | op_crc << 64)
-            slot = slot + 1 if slot + 1 < n_slots else 0
+            if found == hashed:
+                at = self._entries_at + entry - 1
+                if (at - body) // PAGE in checked and (at + size - 1 - body) // PAGE in checked:
+                    raw = read(size, at)
+                else:
+                    raw = self._get(at, size)
+                offset, op_crc, key_len = _ENTRY.unpack_from(raw)
+                if key_len == len(key) and raw[_ENTRY.size :] == key:
+                    return offset | op_crc << 64  # type: ignore[no-any-return]
+            slot += 1
+            if slot == n_slots:
+                slot = 0
 
     def items(self) -> Iterator[Entry]:
-        """Every entry, in key order."""
-        if self._entries_end > self._entries_at:
-            self._check(self._entries_at, self._entries_end - self._entries_at)
-        buf, pos, end = self._buf, self._entries_at, self._entries_end
+        """Every entry, in key order (read in large pieces, each page checked)."""
         unpack = _ENTRY.unpack_from
-        while pos < end:
-            offset, op_crc, key_len = unpack(buf, pos)
+        page = (self._entries_at - self._body) // PAGE
+        at = self._body + page * PAGE  # the file offset just after ``data``
+        data = b""
+        pos = 0
+        skip = self._entries_at - at  # the slots that share the first page
+        while True:
+            while pos + _ENTRY.size > len(data) or (
+                pos + _ENTRY.size + unpack(data, pos)[2] > len(data)
+            ):
+                if at >= self._end:
+                    if pos != len(data):
+                        raise CorruptFileError("an index run ends inside an entry", offset=at)
+                    return
+                size = min(_ITEMS_CHUNK, self._end - at)
+                chunk = self._read(size, at)
+                for start in range(0, size, PAGE):
+                    self._check_page(page, chunk[start : start + PAGE])
+                    page += 1
+                data = data[pos:] + chunk
+                pos, skip = skip, 0
+                at += size
+            offset, op_crc, key_len = unpack(data, pos)
             pos += _ENTRY.size
-            yield bytes(buf[pos : pos + key_len]), offset | op_crc << 64
+            yield data[pos : pos + key_len], offset | op_crc << 64
             pos += key_len
 
     def check_all(self) -> None:
         """Check every page and that the entries are sorted and each found through the table."""
-        self._check(self._body, self._pages_at - self._body)
         before = None
         seen = 0
         for key, target in self.items():
@@ -206,6 +254,10 @@ class Run:
             seen += 1
         if seen != self.count:
             raise CorruptFileError("an index run holds a wrong count", offset=self.offset)
+        for page in range(-(-(self._end - self._body) // PAGE)):
+            if page not in self._checked:
+                at = self._body + page * PAGE
+                self._check_page(page, self._read(min(PAGE, self._end - at), at))
 
 
 @dataclass(frozen=True)
@@ -230,10 +282,13 @@ class KeyIndex:
     def lookup(self, key: bytes) -> int | None:
         """The op offset of ``key``'s record, 0 if the index shows it deleted, None if absent."""
         hashed = zlib.crc32(key)
-        for run in self.runs:
-            found = run.lookup(key, hashed)
-            if found is not None:
-                return found
+        try:
+            for run in self.runs:
+                found = run.lookup(key, hashed)
+                if found is not None:
+                    return found
+        except struct.error:  # a read cut short: the file ends inside the index
+            raise CorruptFileError("the key index runs past the end of its file") from None
         return None
 
     def items(self) -> Iterator[Entry]:
@@ -258,10 +313,10 @@ def _ranked(source: Iterable[Entry], rank: int) -> Iterator[tuple[bytes, int, in
         yield key, rank, target
 
 
-def read_record_tail(buf: Buffer, end: int) -> tuple[int, int, int]:
+def read_record_tail(read: Read, end: int) -> tuple[int, int, int]:
     """``(record start, directory offset, tail crc)`` of the index record ending at ``end``."""
     at = end - TAIL_SIZE
-    raw = bytes(buf[at:end])
+    raw = read(TAIL_SIZE, at)
     if (
         len(raw) != TAIL_SIZE
         or zlib.crc32(raw[: _TAIL.size]) != _U32.unpack_from(raw, _TAIL.size)[0]
@@ -274,15 +329,15 @@ def read_record_tail(buf: Buffer, end: int) -> tuple[int, int, int]:
     return start, at - dir_len, zlib.crc32(raw)
 
 
-def _directory(buf: Buffer, record_end: int, base: int = 0) -> tuple[list[RunRef], int, int]:
-    """The runs (newest first) and live keys named by the record ending at ``record_end`` of
-    ``buf``, and the record's start there (``base``: the file offset of ``buf[0]``)."""
-    start, dir_at, _ = read_record_tail(buf, record_end)
+def _directory(read: Read, record_end: int) -> tuple[list[RunRef], int, int]:
+    """The runs (newest first) and live keys named by the record ending at ``record_end``, and
+    the record's start."""
+    start, dir_at, _ = read_record_tail(read, record_end)
     if start < 0:
         raise CorruptFileError("an index record's length runs past its file", offset=record_end)
     tail_at = record_end - TAIL_SIZE
-    _, _, dir_crc, _ = _TAIL.unpack_from(buf, tail_at)
-    raw = bytes(buf[dir_at:tail_at])
+    _, _, dir_crc, _ = _TAIL.unpack_from(read(_TAIL.size, tail_at))
+    raw = read(tail_at - dir_at, dir_at)
     if zlib.crc32(raw) != dir_crc or len(raw) < _DIR.size:
         raise CorruptFileError("an index directory fails its checksum", offset=dir_at)
     magic, live, n_runs = _DIR.unpack_from(raw)
@@ -292,23 +347,22 @@ def _directory(buf: Buffer, record_end: int, base: int = 0) -> tuple[list[RunRef
         RunRef(*_DIR_RUN.unpack_from(raw, _DIR.size + i * _DIR_RUN.size)) for i in range(n_runs)
     ]
     for ref in refs:
-        if ref.offset + ref.length > base + dir_at:
+        if ref.offset + ref.length > dir_at:
             raise CorruptFileError("an index directory names a run after it", offset=dir_at)
     return refs, live, start
 
 
-def open_index(buf: Buffer, record_end: int) -> KeyIndex:
+def _run(read: Read, ref: RunRef) -> Run:
+    run = Run(read, ref.offset, ref.length, ref.count)
+    if run.header_crc != ref.header_crc:
+        raise CorruptFileError("an index run is not the one its directory names", offset=ref.offset)
+    return run
+
+
+def open_index(read: Read, record_end: int) -> KeyIndex:
     """The index whose record ends at ``record_end`` (just before a segment's trailer)."""
-    refs, live, _ = _directory(buf, record_end)
-    runs = []
-    for ref in refs:
-        run = Run(buf, ref.offset, ref.length, ref.count)
-        if run.header_crc != ref.header_crc:
-            raise CorruptFileError(
-                "an index run is not the one its directory names", offset=ref.offset
-            )
-        runs.append(run)
-    return KeyIndex(runs, live)
+    refs, live, _ = _directory(read, record_end)
+    return KeyIndex([_run(read, ref) for ref in refs], live)
 
 
 def encode_record(previous: KeyIndex, new: list[Entry], start: int) -> bytes:
@@ -381,16 +435,13 @@ def record_length(head: bytes) -> int | None:
 def check_record(raw: bytes, start: int) -> int:
     """Check the index record ``raw`` (at file offset ``start``) completely: the runs it wrote,
     page by page; the runs it names from before must lie before it. Its tail CRC."""
-    found_start, _, tail_crc = read_record_tail(raw, len(raw))
-    if found_start != 0:
+    read = bytes_reader(raw, start)
+    end = start + len(raw)
+    found_start, _, tail_crc = read_record_tail(read, end)
+    if found_start != start:
         raise CorruptFileError("an index record's length does not match its place", offset=start)
-    refs, _, _ = _directory(raw, len(raw), start)
+    refs, _, _ = _directory(read, end)
     for ref in refs:
         if ref.offset >= start:
-            run = Run(raw, ref.offset - start, ref.length, ref.count)
-            if run.header_crc != ref.header_crc:
-                raise CorruptFileError(
-                    "an index run is not the one its directory names", offset=ref.offset
-                )
-            run.check_all()
+            _run(read, ref).check_all()
     return tail_crc

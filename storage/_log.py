@@ -43,7 +43,6 @@ change of the files. It cannot change the files after its successor took over ei
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import secrets
 import signal
@@ -216,8 +215,7 @@ class Log:
         self._scan = sink is not None if scan is None else scan
         self._tolerant = tolerant
         self._index_sink = index_sink
-        # The main file mapped (up to a boundary): the key index is read through it.
-        self._map: mmap.mmap | None = None
+        self._read: _index.FileRead | None = None  # how the main file's key index is read
         self._index = _index.KeyIndex.empty()
         self._index_end = -1  # the boundary the index is of
         self.damage: Damage | None = None
@@ -269,10 +267,10 @@ class Log:
             return self._index
         if end <= self._header.size:
             return _index.KeyIndex.empty()
-        if self._map is None or len(self._map) < end:
-            self._map = mmap.mmap(self._main_fd, end, prot=mmap.PROT_READ)
+        if self._read is None:
+            self._read = _index.FileRead(self._main_fd)
         try:
-            return _index.open_index(self._map, end - fmt.TRAILER_SIZE)
+            return _index.open_index(self._read, end - fmt.TRAILER_SIZE)
         except CorruptFileError as err:
             raise self._error(
                 self.main_path, int(err.fields.get("offset", end)), f"its key index: {err.message}"
@@ -405,7 +403,7 @@ class Log:
             ) from None
         if self._main_fd >= 0:
             close_later(self._main_fd)  # replaced by a compaction or restore, mostly
-        self._map = None  # the old file's map goes with the last index read through it
+        self._read = None  # an index of the old file keeps reading the old file
         self._index_end = -1
         self._main_fd = fd
         self._main_ino = os.fstat(fd).st_ino
@@ -1161,7 +1159,7 @@ class Log:
 
     def close(self) -> None:
         self._index = _index.KeyIndex.empty()
-        self._map = None
+        self._read = None
         for attr in ("_main_fd", "_wal_fd"):
             fd = getattr(self, attr, -1)
             if fd >= 0:
@@ -1401,14 +1399,12 @@ def check_main_file(fd: int, *, end: int | None = None) -> MainCheck:
 def _index_mismatch(fd: int, end: int, live: dict[str, int]) -> str | None:
     """Why the key index at boundary ``end`` does not hold exactly ``live`` (key -> target),
     or None."""
-    with mmap.mmap(fd, end, prot=mmap.PROT_READ) as mapped:
-        try:
-            index = _index.open_index(mapped, end - fmt.TRAILER_SIZE)
-            found = {key.decode("utf-8", "surrogatepass"): at for key, at in index.items()}
-            counted = index.live
-        except CorruptFileError as err:
-            return f"its key index is damaged: {err.message}"
-        del index  # nothing may read the map once it is closed
+    try:
+        index = _index.open_index(_index.FileRead(fd), end - fmt.TRAILER_SIZE)
+        found = {key.decode("utf-8", "surrogatepass"): at for key, at in index.items()}
+        counted = index.live
+    except CorruptFileError as err:
+        return f"its key index is damaged: {err.message}"
     if found != live:
         missing = sorted(set(live) - set(found))[:3]
         extra = sorted(set(found) - set(live))[:3]
