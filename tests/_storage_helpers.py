@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 from hotcopy.storage import _format as fmt
 
 PYTHON = sys.executable
@@ -26,6 +27,17 @@ def tree(root: Path) -> list[str]:
         for name in dirs + files:
             found.append(os.path.relpath(os.path.join(directory, name), root))
     return sorted(found)
+
+
+def coordinators_of(work: Path) -> list[psutil.Process]:
+    """The live coordinators whose command line names a path under ``work``."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(process.info["cmdline"] or ())
+        alive = process.info["status"] != psutil.STATUS_ZOMBIE
+        if alive and "hotcopy.coordinator" in cmdline and str(work) in cmdline:
+            found.append(process)
+    return found
 
 
 def reap(processes: Iterable[Any]) -> None:

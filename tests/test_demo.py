@@ -7,22 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
+from hotcopy_test_support import storage_helpers
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(180)]
 
+h = storage_helpers()
 DEMO = Path(__file__).resolve().parent.parent / "scripts" / "demo.py"
-
-
-def _coordinators_of(work: Path) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        cmdline = " ".join(process.info["cmdline"] or ())
-        alive = process.info["status"] != psutil.STATUS_ZOMBIE
-        if alive and "hotcopy.coordinator" in cmdline and str(work) in cmdline:
-            found.append(process)
-    return found
 
 
 def test_the_demo_stops_the_coordinators_it_started_and_removes_its_directory() -> None:
@@ -40,7 +31,7 @@ def test_the_demo_stops_the_coordinators_it_started_and_removes_its_directory() 
     work = Path(found.group(1))
     try:
         assert not work.exists()
-        assert _coordinators_of(work) == []
+        assert h.coordinators_of(work) == []
     finally:
-        for process in _coordinators_of(work):
+        for process in h.coordinators_of(work):
             process.kill()
