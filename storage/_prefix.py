@@ -125,12 +125,8 @@ class Prefix(MutableMapping[str, Any]):
         self._mem_live = None
 
     def _apply_in_memory(self, key: str, value: tuple[int, bytes] | None, seq: int) -> None:
-        if self._mem_live is not None:
-            if key in self._mem:
-                before = self._mem[key] is not None
-            else:
-                before = _in_index(self._log.index, key)
-            self._mem_live += (value is not None) - before
+        # Counted when len() asks: a lookup per key would slow every commit for a rare call.
+        self._mem_live = None
         self._mem[key] = value
         self._mem_seq[key] = seq
 
