@@ -18,14 +18,15 @@ checked against the op it points to (its key, its value's CRC).
 
 Record: ``head (magic, record_len) | run... | directory | tail (dir_len, record_len, dir_crc,
 magic; crc)``; the segment's trailer chains the tail's CRC after its batches' metadata CRCs.
-Run: ``header (magic, count, slots, entries_len, pages, pages_crc; crc) | slot hashes (u32 each)
-| slot entry offsets (u64 each, +1; 0 = empty) | entries (offset u64, op crc u32, key_len u16,
-key) | page
-CRCs (u32 each)``. Directory: ``magic, live keys, runs | (offset, length, count, header crc)...``.
+Run: ``header (magic, count, slots, entries_len, pages, pages_crc; crc) | slots (key hash u64,
+entry offset + 1 u64; 0 = empty) | entries (op offset u64, op crc u32, key_len u16, key) | the
+keys' hashes, sorted (u32 each) | page CRCs (u32 each)``. Directory: ``magic, live keys, runs |
+(offset, length, count, header crc)...``.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import heapq
 import os
@@ -56,6 +57,10 @@ HEAD_SIZE = _HEAD.size
 TAIL_SIZE = _TAIL.size + 4
 _RUN_SIZE = _RUN.size + 4
 _ITEMS_CHUNK = 256 * PAGE  # what an iteration of a run reads at once
+# A run newer than the oldest keeps its sorted key hashes in memory (4 bytes a key) once it was
+# probed this often, if it holds at most this many keys: most gets then skip it without a read.
+_FILTER_AFTER = 64
+_FILTER_MAX = 1 << 18
 # A run merges into the one before it while that one holds at most this many times its entries.
 _MERGE_RATIO = 2
 
@@ -98,7 +103,8 @@ def encode_run(entries: list[Entry]) -> bytes:
         slots[2 * slot + 1] = pos + 1
         parts += (pack(target & _OFFSET_MASK, target >> 64, len(key)), key)
         pos += _ENTRY.size + len(key)
-    body = _little(slots) + b"".join(parts)
+    hashes = array("I", sorted(crc32(key) for key, _ in entries))
+    body = _little(slots) + b"".join(parts) + _little(hashes)
     pages = array("I", (crc32(body[at : at + PAGE]) for at in range(0, len(body), PAGE)))
     page_bytes = _little(pages)
     head = _RUN.pack(_RUN_MAGIC, len(entries), n_slots, pos, len(pages), crc32(page_bytes))
@@ -147,7 +153,7 @@ class Run:
         self.header_crc = zlib.crc32(head)
         self.count = found
         body = offset + _RUN_SIZE
-        body_len = 16 * n_slots + entries_len
+        body_len = 16 * n_slots + entries_len + 4 * found
         if (
             magic != _RUN_MAGIC
             or found != count
@@ -162,7 +168,10 @@ class Run:
         self._body = body
         self._slots = n_slots
         self._entries_at = body + 16 * n_slots
+        self._entries_end = self._hashes_at = self._entries_at + entries_len
         self._end = body + body_len
+        self._hashes: array[int] | None = None  # the sorted hashes, once loaded
+        self._probes = 0
         # The page CRCs, checked as a whole (4 bytes per 4 KiB of run).
         self._page_crcs = read(4 * n_pages, self._end)
         if zlib.crc32(self._page_crcs) != pages_crc:
@@ -217,35 +226,53 @@ class Run:
         unpack = _ENTRY.unpack_from
         page = (self._entries_at - self._body) // PAGE
         at = self._body + page * PAGE  # the file offset just after ``data``
-        data = b""
-        pos = 0
-        skip = self._entries_at - at  # the slots that share the first page
-        while True:
-            while pos + _ENTRY.size > len(data) or (
-                pos + _ENTRY.size + unpack(data, pos)[2] > len(data)
+        data, base = b"", at  # bytes read and not yet parsed, and their file offset
+        pos, end = self._entries_at, self._entries_end  # the next entry, the end of them all
+        while pos < end:
+            rel = pos - base
+            if rel + _ENTRY.size > len(data) or rel + _ENTRY.size + unpack(data, rel)[2] > len(
+                data
             ):
                 if at >= self._end:
-                    if pos != len(data):
-                        raise CorruptFileError("an index run ends inside an entry", offset=at)
-                    return
+                    raise CorruptFileError("an index run ends inside an entry", offset=pos)
                 size = min(_ITEMS_CHUNK, self._end - at)
                 chunk = self._read(size, at)
                 for start in range(0, size, PAGE):
                     self._check_page(page, chunk[start : start + PAGE])
                     page += 1
-                data = data[pos:] + chunk
-                pos, skip = skip, 0
+                kept = min(rel, len(data))  # what was parsed goes; ``data`` ends at ``at``
+                data, base = data[kept:] + chunk, base + kept
                 at += size
-            offset, op_crc, key_len = unpack(data, pos)
-            pos += _ENTRY.size
-            yield data[pos : pos + key_len], offset | op_crc << 64
-            pos += key_len
+                continue
+            offset, op_crc, key_len = unpack(data, rel)
+            rel += _ENTRY.size
+            yield data[rel : rel + key_len], offset | op_crc << 64
+            pos += _ENTRY.size + key_len
+        if pos != end:
+            raise CorruptFileError("an index run ends inside an entry", offset=pos)
+
+    def may_hold(self, hashed: int) -> bool:
+        """False only if no key of this run has crc32 ``hashed`` (from the run's sorted hashes,
+        held in memory once this run was probed often enough, if it is small enough)."""
+        hashes = self._hashes
+        if hashes is None:
+            self._probes += 1
+            if self._probes < _FILTER_AFTER or self.count > _FILTER_MAX:
+                return True
+            raw = self._get(self._hashes_at, 4 * self.count)
+            hashes = self._hashes = array("I", raw)
+            if sys.byteorder != "little":
+                hashes.byteswap()
+        at = bisect.bisect_left(hashes, hashed)
+        return at < len(hashes) and hashes[at] == hashed
 
     def check_all(self) -> None:
         """Check every page and that the entries are sorted and each found through the table."""
         before = None
         seen = 0
+        hashes = []
         for key, target in self.items():
+            hashes.append(zlib.crc32(key))
             if before is not None and key <= before:
                 raise CorruptFileError("an index run is not sorted", offset=self.offset)
             if self.lookup(key, zlib.crc32(key)) != target:
@@ -254,6 +281,11 @@ class Run:
             seen += 1
         if seen != self.count:
             raise CorruptFileError("an index run holds a wrong count", offset=self.offset)
+        stored = array("I", self._get(self._hashes_at, 4 * self.count))
+        if sys.byteorder != "little":
+            stored.byteswap()
+        if stored.tolist() != sorted(hashes):
+            raise CorruptFileError("an index run's sorted hashes are wrong", offset=self.offset)
         for page in range(-(-(self._end - self._body) // PAGE)):
             if page not in self._checked:
                 at = self._body + page * PAGE
@@ -282,8 +314,11 @@ class KeyIndex:
     def lookup(self, key: bytes) -> int | None:
         """The op offset of ``key``'s record, 0 if the index shows it deleted, None if absent."""
         hashed = zlib.crc32(key)
+        runs = self.runs
         try:
-            for run in self.runs:
+            for number, run in enumerate(runs):
+                if number + 1 < len(runs) and not run.may_hold(hashed):
+                    continue  # the oldest run is probed at once: it holds most keys
                 found = run.lookup(key, hashed)
                 if found is not None:
                     return found
