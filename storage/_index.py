@@ -52,7 +52,6 @@ _DIR_RUN = struct.Struct("<QQQI")  # offset, length, count, header crc
 _ENTRY = struct.Struct("<QIH")  # op offset, op crc, key length
 _SLOT = struct.Struct("<QQ")  # key hash (crc32), entry offset + 1 (0: an empty slot)
 _U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
 HEAD_SIZE = _HEAD.size
 TAIL_SIZE = _TAIL.size + 4
 _RUN_SIZE = _RUN.size + 4
@@ -328,18 +327,18 @@ class KeyIndex:
 
     def items(self) -> Iterator[Entry]:
         """Live entries in key order (the newest run that knows a key decides)."""
-        return _merged([run.items() for run in self.runs], keep_deleted=False)
+        return _merged([run.items() for run in self.runs])
 
 
-def _merged(sources: list[Iterable[Entry]], *, keep_deleted: bool) -> Iterator[Entry]:
-    """Merge sorted ``sources`` (newest first): one entry per key, the newest one's."""
+def _merged(sources: list[Iterable[Entry]]) -> Iterator[Entry]:
+    """Merge sorted ``sources`` (newest first): the live entry of each key, the newest one's."""
     ranked = [_ranked(source, rank) for rank, source in enumerate(sources)]
     last = None
     for key, _, target in heapq.merge(*ranked):
         if key == last:
             continue
         last = key
-        if target or keep_deleted:
+        if target:
             yield key, target
 
 
