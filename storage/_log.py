@@ -698,7 +698,8 @@ class Log:
             if end <= self._wal_pos or tail_is_clear(fd, self._wal_pos, end):
                 return True
             later = _valid_batch_after(fd, self._wal_pos, end, self._seq)
-            if later is None and not _whole_but_damaged(fd, self._wal_pos, end):
+            sound = _sound_batch_at(fd, self._wal_pos, end)  # appended since this log looked
+            if later is None and not sound and not _whole_but_damaged(fd, self._wal_pos, end):
                 return False  # a torn tail (or, without the lease, a write in progress)
             # Read again, afresh: without the lease, a writer may have completed the batch
             # here since it was read (and appended the one after it), which is no damage.
@@ -1496,8 +1497,8 @@ def _whole_but_damaged(fd: int, start: int, end: int) -> bool:
     if size is None or start + size > end:
         return False
     frame = fmt.pread_exact(fd, size, start)
-    if fmt.read_batch(fmt.FileReader(fd, start, start + size), load_values=True) is not None:
-        return False  # whole and sound (written since it was first read)
+    if _sound_batch_at(fd, start, start + size):
+        return False  # whole and sound: not damaged (see _check_wal_tail)
     if not frame[-8:].strip(b"\0"):
         return False  # its end never written
     first = -(-start // _SECTOR) * _SECTOR
@@ -1505,6 +1506,11 @@ def _whole_but_damaged(fd: int, start: int, end: int) -> bool:
         if not frame[sector - start : sector - start + _SECTOR].strip(b"\0"):
             return False  # a sector of it never written
     return True
+
+
+def _sound_batch_at(fd: int, start: int, end: int) -> bool:
+    """Whether the bytes at ``start`` are a whole batch that passes every check."""
+    return fmt.read_batch(fmt.FileReader(fd, start, end), load_values=True) is not None
 
 
 def _valid_batch_after(fd: int, start: int, end: int, last_seq: int) -> tuple[int, int] | None:

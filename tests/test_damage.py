@@ -443,3 +443,29 @@ def test_salvage_of_a_damaged_main_file_keeps_the_segments_before_the_damage(
         assert px.commit() == 7
     status, output = _verify(root, capsys)
     assert status == 0, output
+
+
+def test_a_whole_batch_after_what_a_log_read_is_read_not_cut_as_a_torn_tail(
+    tmp_path: Path,
+) -> None:
+    """A sound commit at the point a log has read to (appended by another writer after that
+    log last looked) is read on, never taken for a torn tail: a writer's prepare truncates a
+    torn tail, and an acknowledged commit would go with it (found by the chaos stress run: a
+    successor's cut dropped the commit its predecessor had just acknowledged)."""
+    from hotcopy.storage._log import Log
+
+    root = tmp_path / "repo"
+    with Repository.init(root, checkpoint_bytes=BIG) as repo:
+        px = repo.open_prefix("p", "rw")
+        px["a"] = 1
+        px.commit()
+        log = Log(root, "p", repo.id_bytes, writable=True)  # it has read commit 1
+        try:
+            px["b"] = 2
+            assert px.commit() == 2
+            assert log._tail_is_clean()  # not torn: commit 2 is whole and sound
+            assert log.seq == 2
+        finally:
+            log.close()
+        px.close()
+        assert dict(repo.open_prefix("p", "r").items()) == {"a": 1, "b": 2}
