@@ -9,6 +9,9 @@ It is started on demand by :func:`connect` and exits by itself when idle::
     with connect(root) as client:
         with client.lease("users", "write", timeout=5.0) as lease:
             lease.token
+
+The coordinator's own entry point is ``python -m hotcopy.coordinator`` (``._main``); it is not
+imported here, so that a client does not load the server's modules.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from ._errors import (
     UnsafePlace,
     WouldBlock,
 )
-from ._main import main
 from ._process import ProcessIdentity, is_alive
 from ._protocol import LeaseMode
 from ._status import LeaseStatus, Status, format_status, read_status, status_to_json
@@ -50,7 +52,6 @@ __all__ = [
     "connect",
     "format_status",
     "is_alive",
-    "main",
     "read_status",
     "status_to_json",
 ]

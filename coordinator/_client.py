@@ -25,10 +25,8 @@ import errno
 import fcntl
 import logging
 import os
-import secrets
 import select
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -271,7 +269,7 @@ class Client:
         self._cond = threading.Condition(self._mutex)
         self._receiving = False
         self._sleepers = 0
-        self._client_id = secrets.randbits(64)
+        self._client_id = int.from_bytes(os.urandom(8))
         self._next_id = 1
         self._pending: dict[int, bytes] = {}
         self._replies: dict[int, tuple[int, int, int, int]] = {}
@@ -1192,6 +1190,8 @@ class Client:
                 except BlockingIOError:
                     return False  # another client is starting one right now
             _log.info("starting a coordinator root=%s", self._paths.root)
+            import subprocess  # here: most processes never start one, and it costs 1 MiB
+
             # The launcher forks the real coordinator into its own session and exits at
             # once, so it is never our child (no zombie, no Popen left to reap).
             subprocess.run(

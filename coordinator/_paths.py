@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import grp
-import hashlib
 import os
 import pwd
-import secrets
 import socket
 import stat
 import struct
@@ -79,8 +77,10 @@ class RuntimePaths:
     def for_root(cls, root: str | os.PathLike[str]) -> RuntimePaths:
         """Name the runtime files of the repository at ``root`` (which must exist).
 
-        The segment name hashes the real path *and* the directory's device and inode, so
-        a repository deleted and recreated at the same path gets a fresh segment.
+        The segment name holds the directory's device and inode, which no other live
+        directory shares, and the salt kept in the runtime directory, which a repository
+        deleted and recreated at the same path (perhaps on the same inode) does not inherit.
+        (Not a hash of them: ``hashlib`` would load OpenSSL, 3.6 MiB in every process.)
 
         Raises:
             FileNotFoundError: ``root`` does not exist.
@@ -90,8 +90,6 @@ class RuntimePaths:
         info = os.stat(real)
         if not stat.S_ISDIR(info.st_mode):
             raise NotADirectoryError(f"repository root {str(real)!r} is not a directory")
-        key = f"{real}\0{info.st_dev}\0{info.st_ino}".encode()
-        digest = hashlib.sha256(key).hexdigest()[:24]
         runtime = real / RUNTIME_DIR_NAME
         return cls(
             root=real,
@@ -102,7 +100,7 @@ class RuntimePaths:
             pid=runtime / "coordinator.pid",
             log=runtime / "coordinator.log",
             segment_salt=runtime / "segment-salt",
-            segment_key=digest,
+            segment_key=f"{info.st_dev:x}-{info.st_ino:x}",
         )
 
     def segment_path(self, *, create: bool = False) -> Path | None:
@@ -125,7 +123,7 @@ class RuntimePaths:
         except FileNotFoundError:
             if not create:
                 return None
-            salt = secrets.token_hex(8)
+            salt = os.urandom(8).hex()
             try:
                 fd = os.open(
                     self.segment_salt,

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-import filelock
-
 from . import _protocol as p
 from ._paths import RuntimePaths, peer_uid, unix_address
 from ._process import ProcessIdentity, boot_id, is_alive
@@ -146,6 +144,9 @@ class CoordinatorServer:
             self._wake_w.close()
 
     def _elect_and_serve(self) -> int:
+        import filelock  # here, not above: a client that only imports this module (through
+        # the package) would carry filelock's 8 MiB of modules (asyncio among them)
+
         self.paths.ensure_runtime_dir()
         lock = filelock.FileLock(
             self.paths.lock,

@@ -9,8 +9,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
-
 from ._errors import LeaseError
 from ._paths import RuntimePaths
 from ._process import ProcessIdentity, boot_id, is_alive
@@ -33,12 +31,9 @@ STATUS_VERSION = 1  # of ``hotcopy status --json`` (README); a change of meaning
 # psutil's process states, as an operator chasing a stuck lease needs them: a sleeping
 # process is running as far as its lease goes; a stopped one (SIGSTOP, a debugger) holds its
 # leases until their TTL; a zombie has exited (its leases went with its connection).
-_STATES = {
-    psutil.STATUS_STOPPED: "stopped",
-    psutil.STATUS_TRACING_STOP: "stopped",
-    psutil.STATUS_ZOMBIE: "zombie",
-    psutil.STATUS_DEAD: "gone",
-}
+# (psutil's STATUS_* values: it is imported only where a process is described, so that a
+# process that only reads and writes prefixes does not carry it.)
+_STATES = {"stopped": "stopped", "tracing-stop": "stopped", "zombie": "zombie", "dead": "gone"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +83,8 @@ def describe_process(pid: int, start_ticks: int | None = None) -> ProcessInfo:
     current = ProcessIdentity.of(pid) if start_ticks is not None else None
     if current is not None and current.start_ticks != start_ticks:  # the pid was reused
         return ProcessInfo(pid, None, (), "gone")
+    import psutil
+
     try:
         process = psutil.Process(pid)
         with process.oneshot():

@@ -18,7 +18,6 @@ import contextlib
 import errno
 import functools
 import os
-import secrets
 import sys
 import threading
 import time
@@ -153,7 +152,9 @@ def copy_prefix(
             def write(out_fd: int) -> None:
                 nonlocal crc
                 if start == 0:
-                    fresh = fmt.pack_main_header(replace(header, salt=secrets.randbits(64)))
+                    fresh = fmt.pack_main_header(
+                        replace(header, salt=int.from_bytes(os.urandom(8)))
+                    )
                     write_all(out_fd, fresh)
                     crc = zlib.crc32(fresh)
                     first, after = header.size, header.base_seq
@@ -559,7 +560,7 @@ def restore_chain(
         os.close(fd)
     # A format 1 copy keeps its layout (its offsets are absolute); anything newer is stamped
     # with this repository and prefix.
-    header = replace(original, salt=secrets.randbits(64))
+    header = replace(original, salt=int.from_bytes(os.urandom(8)))
     if original.version != 1:
         header = replace(header, repository_id=repo.id_bytes, prefix=prefix)
 

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import re
-import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -53,7 +51,7 @@ def _own_identity() -> tuple[int, int]:
 def temp_path_for(dest: Path) -> Path:
     """A fresh temp name beside ``dest`` that names this process."""
     pid, ticks = _own_identity()
-    return dest.with_name(f"{dest.name}{TEMP_MARK}{pid}-{ticks}-{secrets.token_hex(4)}")
+    return dest.with_name(f"{dest.name}{TEMP_MARK}{pid}-{ticks}-{os.urandom(4).hex()}")
 
 
 def sync_file(
@@ -160,18 +158,22 @@ def sync_filesystem(path: Path) -> None:
         os.close(fd)
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
+def libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """The C library's ``name`` returning an ``int`` (errno kept), or None where it has none.
+
+    The symbols come from the process itself (``CDLL(None)``), which links the C library:
+    ``ctypes.util.find_library`` would cost every process that imports hotcopy 2 MiB of
+    modules to find the same file."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.syncfs
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = (ctypes.c_int,)
+    function.argtypes = argtypes
     function.restype = ctypes.c_int
-    return function
+    return function  # type: ignore[no-any-return]
 
 
-_syncfs = _load_syncfs()
+_syncfs = libc_function("syncfs", ctypes.c_int)
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import struct
 import time
@@ -170,7 +169,7 @@ class Salvaged:
 def _move_aside(path: Path) -> Path:
     """Give ``path`` a new name beside it (``<name>.damaged-<time>``); the old name is free."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    aside = path.with_name(f"{path.name}.damaged-{stamp}-{secrets.token_hex(2)}")
+    aside = path.with_name(f"{path.name}.damaged-{stamp}-{os.urandom(2).hex()}")
     os.link(path, aside)
     fsync_dir(path.parent)
     return aside
@@ -448,7 +447,7 @@ class Log:
             fmt.FileReader(fd, fmt.HEADER_SIZE, os.fstat(fd).st_size), load_values=False
         )
         base_seq = first.seq - 1 if first is not None else 0
-        file_id, salt = secrets.token_bytes(16), secrets.randbits(64)
+        file_id, salt = os.urandom(16), int.from_bytes(os.urandom(8))
         with contextlib.suppress(FileNotFoundError, StorageError):
             wal_fd = open_regular(self.wal_path)
             try:
@@ -1097,7 +1096,7 @@ class Log:
             self._new_wal(lease, end, lost_last)
         else:
             aside.append(_move_aside(self.main_path))
-            fresh = replace(self._header, salt=secrets.randbits(64))
+            fresh = replace(self._header, salt=int.from_bytes(os.urandom(8)))
 
             def write(fd: int) -> tuple[int, int]:
                 pwrite_all(fd, fmt.pack_main_header(fresh), 0)
@@ -1174,7 +1173,7 @@ class Log:
 def new_main_header(repository_id: bytes, name: str, base_seq: int = 0) -> fmt.MainHeader:
     """The header of a new main file (a new file id: a new chain of incremental backups)."""
     return fmt.MainHeader(
-        secrets.token_bytes(16), secrets.randbits(64), time.time_ns(), base_seq, repository_id, name
+        os.urandom(16), int.from_bytes(os.urandom(8)), time.time_ns(), base_seq, repository_id, name
     )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import time
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
@@ -403,8 +402,8 @@ class Prefix(MutableMapping[str, Any]):
             if seq == 0:
                 return self._log.cut()  # nothing committed
             header = fmt.MainHeader(
-                secrets.token_bytes(16),
-                secrets.randbits(64),
+                os.urandom(16),
+                int.from_bytes(os.urandom(8)),
                 time.time_ns(),
                 seq - 1,
                 self._repository_id,

@@ -7,7 +7,6 @@ import grp
 import json
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +181,7 @@ class Repository:
         refuse_unsafe_place(path)  # after: what is checked is what we go on with
         if gid != -1 and not created:
             _share_existing(path, gid, group)
-        marker: dict[str, Any] = {"format": REPOSITORY_FORMAT, "id": secrets.token_hex(16)}
+        marker: dict[str, Any] = {"format": REPOSITORY_FORMAT, "id": os.urandom(16).hex()}
         if lineage is not None:
             marker["lineage"] = lineage
         # An existing marker means it is a repository already (perhaps made a moment ago).

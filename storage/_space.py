@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import secrets
+import os
 import weakref
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -195,7 +195,7 @@ class ObjectSpace:
     # -- identity and lifetime --------------------------------------------------------------
 
     def new_handle(self, type_id: str, *, singleton: bool = False) -> Handle:
-        return Handle(self, secrets.token_hex(16), type_id, singleton=singleton)
+        return Handle(self, os.urandom(16).hex(), type_id, singleton=singleton)
 
     def track(self, obj: Any, handle: Handle) -> None:
         """Enter a placed object in the identity map and watch for its last handle going."""

@@ -43,6 +43,7 @@ from hotcopy.coordinator import (
     read_status,
     status_to_json,
 )
+from hotcopy.coordinator._main import main as coordinator_main
 from hotcopy.coordinator._paths import RuntimePaths, unix_address
 
 CTX = multiprocessing.get_context("fork")
@@ -190,7 +191,6 @@ def test_public_surface_is_pinned() -> None:
         "connect",
         "format_status",
         "is_alive",
-        "main",
         "read_status",
         "status_to_json",
     }
@@ -962,9 +962,9 @@ def test_lease_table_capacity_is_explicit(client: hc.Client) -> None:
 def test_main_refuses_a_second_coordinator(
     client: hc.Client, root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert hc.main([str(root), "--idle-timeout", "1"]) == 1
+    assert coordinator_main([str(root), "--idle-timeout", "1"]) == 1
     assert "another coordinator already serves" in capsys.readouterr().err
-    assert hc.main([str(root / "missing")]) == 1
+    assert coordinator_main([str(root / "missing")]) == 1
     assert "hotcopy: error:" in capsys.readouterr().err
     client.lease("p", "read").release()  # the running one was not disturbed
 

@@ -85,6 +85,40 @@ def test_a_prefix_opens_and_reads_a_key_without_reading_its_main_file(tmp_path: 
     assert read < 256 << 10, f"open + get read {read} bytes of a {size}-byte main file"
 
 
+# What an application process that only reads and writes prefixes must not load: the server's
+# election lock (filelock brings asyncio), psutil, OpenSSL (through hashlib or secrets), the
+# process launcher and ctypes.util. Together about 8 MiB per process, half of its size.
+_HEAVY = ("filelock", "psutil", "hashlib", "_hashlib", "secrets", "subprocess", "ctypes.util")
+
+_OPEN_AND_LIST_MODULES = """
+import json, sys
+from pathlib import Path
+from hotcopy.storage import Repository
+with Repository(Path(sys.argv[1])) as repo:
+    prefix = repo.open_prefix("big", "r")
+    prefix["key00000001"]
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_a_process_that_opens_a_prefix_through_the_coordinator_loads_no_heavy_module(
+    tmp_path: Path,
+) -> None:
+    """Peak memory of a reader is mostly the modules it imports: a client must not load
+    the server's or the operator tools' modules."""
+    root = tmp_path / "repo"
+    _fill(root, 10)
+    result = subprocess.run(  # the coordinator it starts is stopped by conftest
+        [sys.executable, "-c", _OPEN_AND_LIST_MODULES, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout))
+    assert not loaded.intersection(_HEAVY), sorted(loaded.intersection(_HEAVY))
+
+
 def _check_against(prefix: object, model: dict[str, object]) -> None:
     assert len(prefix) == len(model)  # type: ignore[arg-type]
     assert list(prefix) == sorted(model)  # type: ignore[call-overload]

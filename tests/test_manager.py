@@ -526,7 +526,6 @@ def test_prune_removes_the_logical_document_of_each_backup_it_removes(
     assert list(dest.glob("hotcopy_*.json")) == [kept]
 
 
-
 def test_the_first_periodic_backup_is_one_interval_after_start_whatever_the_clock_reads(
     root: Path, tmp_path: Path
 ) -> None:

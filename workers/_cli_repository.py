@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hotcopy.coordinator import format_status, read_status, status_to_json
-from hotcopy.coordinator import main as coordinator_main
+from hotcopy.coordinator._main import main as coordinator_main
 from hotcopy.storage import (
     CorruptFileError,
     NotRegularFile,
