@@ -336,17 +336,8 @@ class Log:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def follow(self, *, leases_unchanged: bool = False) -> None:
-        """See what other processes appended or replaced since this log last looked.
-
-        Args:
-            leases_unchanged: No lease that may change the prefix was granted or released
-                since the last look (the coordinator's counter says so). The holder of the
-                write lease, if any, may only have appended or checkpointed, which the
-                descriptors this log holds show without a path lookup.
-        """
-        if leases_unchanged and self._followed_appends():
-            return
+    def follow(self) -> None:
+        """See what other processes appended or replaced since this log last looked."""
         while True:
             try:
                 self._follow_once()
@@ -357,23 +348,6 @@ class Log:
                 self._load()  # rebuild the view from the files
                 break
         self._refresh_index()
-
-    def _followed_appends(self) -> bool:
-        """Read what was appended to the WAL, if neither file was replaced: two ``fstat`` and
-        one small read when nothing was. False: look the long way.
-
-        A file this log follows has one link; one a checkpoint or compaction replaced has
-        none. (A damaged file set aside has one too, but salvage holds an exclusive lease,
-        which the caller saw granted.) Space reserved ahead of the appends reads as zeros,
-        never as the start of a batch.
-        """
-        if self._wal_fd < 0 or not self._wal_applies:
-            return False
-        if os.fstat(self._wal_fd).st_nlink != 1 or os.fstat(self._main_fd).st_nlink != 1:
-            return False
-        if fmt.batch_starts_at(self._wal_fd, self._wal_pos):
-            self._read_batches()
-        return True
 
     def _follow_once(self) -> None:
         try:

@@ -606,10 +606,8 @@ class Prefix(MutableMapping[str, Any]):
         """See what other processes committed. A writer mid-transaction already has it all.
 
         Without ``force``, an unchanged commit counter in the coordinator's shared memory
-        answers "nothing new" without touching a file, and an unchanged odd one (a writer
-        holds its lease) leaves only that writer's appends and checkpoints to look for. The
-        files are still looked at in full at least every ``_FULL_CHECK_EVERY`` seconds, in
-        case a publication was lost.
+        answers "nothing new" without touching a file; the files are still checked at least
+        every ``_FULL_CHECK_EVERY`` seconds, in case a publication was lost.
         """
         if (self._lease is not None or self._pins) and not force:
             return
@@ -619,16 +617,13 @@ class Prefix(MutableMapping[str, Any]):
                 counter = self._feed.commit_seq(self.name)
             except HotcopyError:
                 counter = -1  # no coordinator to ask: look at the files
-            unchanged = (
+            if (
                 not force
                 and counter == self._seen_counter
                 and counter > 0
+                and not counter & 1  # odd: a writer may be appending right now
                 and now - self._checked_at < _FULL_CHECK_EVERY
-            )
-            if unchanged and not counter & 1:
-                return
-            if unchanged:
-                self._log.follow(leases_unchanged=True)
+            ):
                 return
             self._seen_counter, self._checked_at = counter, now  # read before the files
         self._log.follow()
