@@ -290,7 +290,8 @@ class Client:
         Args:
             prefix: The prefix to lease.
             mode: ``"read"``, ``"snapshot"``, ``"write"`` or ``"exclusive"``.
-            timeout: Seconds to wait at most; None waits for ever.
+            timeout: Seconds to wait at most; None waits for ever; 0 does not wait at all
+                (as :meth:`lease_nowait`, and as the file leases read it).
             ttl: Seconds the lease survives without renewal; the client renews it in the
                 background while this process runs, so it only expires if the process is
                 stopped or hung. None: held until released or the process dies.
@@ -300,6 +301,7 @@ class Client:
 
         Raises:
             LeaseTimeout: Not granted within ``timeout`` (the request is withdrawn).
+            WouldBlock: ``timeout`` is 0 and the lease could not be granted at once.
             LeaseTableFull: The coordinator's lease table is full.
             CoordinatorUnavailable: No coordinator could be reached or started.
             ClientClosed: The client was closed.
@@ -317,7 +319,7 @@ class Client:
             or (ttl is not None and not 0.001 <= ttl < 1e6)
             or self._pid != own_pid()
         ):
-            return self._acquire(prefix, mode, timeout, ttl, nowait=False)
+            return self._acquire(prefix, mode, timeout, ttl, nowait=timeout == 0)
         ttl_ms = round(ttl * 1000) if ttl is not None else 0
         mutex.acquire()
         conn = self._conn

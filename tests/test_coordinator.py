@@ -243,6 +243,18 @@ def test_compatibility_matrix(root: Path) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_zero_timeout_tries_once_as_the_file_leases_do(root: Path) -> None:
+    """``timeout=0`` grants a free lease and refuses a held one at once (WouldBlock), never
+    a LeaseTimeout that came before the coordinator could answer."""
+    with connect(root) as holder, connect(root) as other:
+        with other.lease("free", "write", timeout=0):
+            pass
+        with holder.lease("p", "write"), pytest.raises(WouldBlock):
+            other.lease("p", "write", timeout=0)
+        wait_for(lambda: not read_status(str(root)).waiters, 5.0, "waiters to clear")
+
+
+@pytest.mark.timeout(30)
 def test_timeout_withdraws_the_request(root: Path) -> None:
     with connect(root) as holder, connect(root) as waiter:
         held = holder.lease("p", "exclusive")

@@ -66,13 +66,9 @@ print(rchar() - before, count, len(value))
 """
 
 
-def test_a_prefix_opens_and_reads_a_key_without_reading_its_main_file(tmp_path: Path) -> None:
-    """Open + first get read a few kilobytes of a main file of megabytes (the old open read
-    every segment to build an index in memory)."""
-    root = tmp_path / "repo"
-    _fill(root, 40_000)
-    size = (root / "big.hc").stat().st_size
-    assert size > 4 << 20
+def _open_and_get(root: Path) -> tuple[int, int, int]:
+    """In a fresh process: bytes read to open prefix ``big`` and get a key, its number of
+    keys, and the length of the value got."""
     result = subprocess.run(
         [sys.executable, "-c", _OPEN_AND_GET, str(root)],
         capture_output=True,
@@ -81,8 +77,41 @@ def test_a_prefix_opens_and_reads_a_key_without_reading_its_main_file(tmp_path: 
     )
     assert result.returncode == 0, result.stderr
     read, count, length = map(int, result.stdout.split())
+    return read, count, length
+
+
+def test_a_prefix_opens_and_reads_a_key_without_reading_its_main_file(tmp_path: Path) -> None:
+    """Open + first get read a few kilobytes of a main file of megabytes (the old open read
+    every segment to build an index in memory)."""
+    root = tmp_path / "repo"
+    _fill(root, 40_000)
+    size = (root / "big.hc").stat().st_size
+    assert size > 4 << 20
+    read, count, length = _open_and_get(root)
     assert (count, length) == (40_000, 100)
     assert read < 256 << 10, f"open + get read {read} bytes of a {size}-byte main file"
+
+
+@pytest.mark.parametrize("leases", ["files", "coordinator"])
+def test_a_prefix_whose_writer_closed_opens_without_replaying_its_wal(
+    tmp_path: Path, leases: str
+) -> None:
+    """The writer that closes last moves its commits into the main file, as SQLite's last
+    connection does: the next process opens an index, it does not replay a WAL of commits."""
+    root = tmp_path / "repo"
+    _fill(root, 40_000)
+    repo = _repo(root) if leases == "files" else Repository(root)
+    with repo:
+        prefix = repo.open_prefix("big", "rw")
+        for i in range(600):  # ~600 KiB of commits, below the automatic checkpoint
+            prefix[f"key{i:08d}"] = "w" * 1000
+            prefix.commit()
+        prefix.close()
+    read, count, length = _open_and_get(root)
+    assert (count, length) == (40_000, 100)
+    assert read < 256 << 10, f"open + get read {read} bytes: the WAL was replayed"
+    with _repo(root) as reader:
+        assert reader.open_prefix("big", "r")["key00000599"] == "w" * 1000
 
 
 # What an application process that only reads and writes prefixes must not load: the server's
