@@ -18,7 +18,7 @@ from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from hotcopy.coordinator._errors import HotcopyError, LeaseFenced
+from hotcopy.coordinator._errors import HotcopyError, LeaseFenced, WouldBlock
 from hotcopy.coordinator._process import own_pid
 
 from . import _format as fmt
@@ -594,8 +594,11 @@ class Prefix(MutableMapping[str, Any]):
             return
         try:
             lease = self._take_write_lease(timeout=0)
-        except HotcopyError:
-            return  # another writer holds it, or the files need a look it will take
+        except WouldBlock:
+            return  # another writer holds it: its close checkpoints
+        except Exception as err:  # optional work: closing must not fail for it
+            log.warning("checkpoint at close skipped prefix=%s error=%s", self.name, err)
+            return
         try:
             self._auto_checkpoint(lease)
         finally:
