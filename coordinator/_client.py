@@ -439,18 +439,23 @@ class Client:
         return self._acquire(prefix, mode, None, ttl, nowait=True)
 
     def commit_seq(self, prefix: str) -> int:
-        """Return the change counter of ``prefix`` (0 if it has none).
+        """Return the change counter of ``prefix``; -1 if the coordinator cannot tell.
 
         Reads shared memory; no round trip. The counter is odd exactly while a ``write`` or
         ``exclusive`` lease on the prefix is granted, and changes whenever one is granted or
         released and with every :meth:`publish_commit`. So an even value equal to one read
-        earlier means that no lease that could change the prefix was granted in between.
+        earlier means that no lease that could change the prefix was granted in between. It
+        is 0 while no such lease was granted since the segment was made (the prefix has no
+        slot yet); -1 when there is no segment, or the prefix table was ever full (a prefix
+        without a slot may then have a writer whose counter is not shared).
         """
         self._check_usable()
         segment = self._segment
+        if segment is None:
+            return -1
         pslot = self._pslot(prefix)
-        if segment is None or pslot is None:
-            return 0
+        if pslot is None:
+            return -1 if segment.prefix_table_full() else 0
         return segment.commit_at(pslot)
 
     def expired_token(self) -> int:

@@ -65,6 +65,10 @@ _HEADER_AT: Final = 16
 # changing a prefix whose files were last fenced below it (see storage/_log.py).
 _EXPIRED = struct.Struct("<Q")
 _EXPIRED_AT: Final = 512
+# A flag (u32, only ever set): a prefix was refused a slot because the prefix table is full, so
+# a prefix without a slot may have a writer whose counter is not shared (see Client.commit_seq).
+_TABLE_FULL = struct.Struct("<I")
+_TABLE_FULL_AT: Final = 1024
 
 LEASE_SLOT_SIZE: Final = 264
 # state, mode, prefix length, pid, (pad), start ticks, client id, token, granted at,
@@ -234,12 +238,20 @@ class _SegmentBase:
         start = zlib.crc32(prefix.encode("ascii")) % self.prefix_slots
         for probe in range(self.prefix_slots):
             pslot = (start + probe) % self.prefix_slots
+            # An unlocked peek at the used byte first: a reader of a prefix without a slot
+            # asks at every get (a slot being made now is as good as one not made yet).
+            if self._mm[self._prefix_base + pslot * PREFIX_SLOT_SIZE + 4] == 0:
+                return None
             used, name, _waiters, _commit = self._prefix_at(pslot)
             if not used:
                 return None
             if name == prefix:
                 return pslot
         return None
+
+    def prefix_table_full(self) -> bool:
+        """Whether a prefix was ever refused a slot (its counter then is not shared)."""
+        return bool(_TABLE_FULL.unpack_from(self._mm, _TABLE_FULL_AT)[0])
 
     def commit_at(self, pslot: int) -> int:
         """Read the change counter of prefix slot ``pslot``."""
@@ -519,6 +531,7 @@ class SegmentWriter(_SegmentBase):
                 return pslot
             if name.encode("ascii") == prefix:
                 return pslot
+        _TABLE_FULL.pack_into(self._mm, _TABLE_FULL_AT, 1)
         return None
 
     def set_prefix_counters(self, pslot: int, prefix: bytes, waiters: int, commit: int) -> None:

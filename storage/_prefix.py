@@ -643,7 +643,7 @@ class Prefix(MutableMapping[str, Any]):
             if (
                 not force
                 and counter == self._seen_counter
-                and counter > 0
+                and counter >= 0
                 and not counter & 1  # odd: a writer may be appending right now
                 and now - self._checked_at < _FULL_CHECK_EVERY
             ):

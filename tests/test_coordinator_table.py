@@ -255,3 +255,19 @@ def test_adaptive_spin_backs_off_and_probes() -> None:
     assert spin.should_spin()
     assert (spin.successes, spin.failures) == (1, 1)
     assert not any(AdaptiveSpin(0.0).should_spin() for _ in range(100))
+
+
+def test_a_full_prefix_table_is_shown_so_readers_stop_trusting_missing_counters(
+    tmp_path: Path,
+) -> None:
+    """A prefix without a slot reads counter 0, which readers trust as "no writer since
+    the segment was made": once a write lease's counter cannot be shared, the segment
+    says so and the client answers -1 (look at the files)."""
+    with table_on_shm(tmp_path) as (table, reader, _clock):
+        for req_id in range(64):  # each prefix keeps its slot after its lease
+            table.acquire(_entry(0, req_id + 1, f"p{req_id}", "write"), nowait=False)
+            table.release(0, req_id + 1)
+        assert not reader.prefix_table_full()
+        table.acquire(_entry(0, 100, "one-too-many", "write"), nowait=False)
+        assert reader.find_prefix("one-too-many") is None
+        assert reader.prefix_table_full()
