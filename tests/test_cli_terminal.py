@@ -195,7 +195,10 @@ def test_the_bar_fits_the_terminal_width(tmp_path: Path, columns: int) -> None:
     assert code == 0
     assert len(term.screen()) == 1, term.screen()
     assert max(len(frame) for frame in term.frames()) <= columns
-    if columns >= 60:
+    assert "2/2" in term.screen()[0]
+    # The unit's word goes first when room is short; at 60 columns whether it fits depends on
+    # the rate's width ("1003.5 KiB/s" on a loaded machine).
+    if columns >= 120:
         assert "2/2 prefixes" in term.screen()[0]
 
 
