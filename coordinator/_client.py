@@ -31,9 +31,8 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, NamedTuple
 
 from . import _protocol as p
 from ._errors import (
@@ -92,8 +91,7 @@ _REGISTERED_SIZE: Final = 4 + 1 + p.REGISTERED_BODY.size
 _PUBLISHED_SIZE: Final = 4 + 1 + p.REQ_BODY.size
 
 
-@dataclass(frozen=True, slots=True)
-class ClientStatistics:
+class ClientStatistics(NamedTuple):
     """A snapshot of one client's activity.
 
     Attributes:

@@ -22,8 +22,8 @@ import socket
 import stat
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ._errors import CoordinatorUnavailable, UnsafePlace
 
@@ -47,8 +47,7 @@ SHM_DIR = Path("/dev/shm")
 _MAX_SUN_PATH = 107
 
 
-@dataclass(frozen=True, slots=True)
-class RuntimePaths:
+class RuntimePaths(NamedTuple):
     """The runtime files of one repository.
 
     Attributes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["ProcessIdentity", "boot_id", "is_alive", "own_pid"]
 
@@ -55,8 +55,7 @@ def _read_stat(pid: int) -> tuple[str, int] | None:
     return tail[0].decode("ascii"), int(tail[19])
 
 
-@dataclass(frozen=True, slots=True)
-class ProcessIdentity:
+class ProcessIdentity(NamedTuple):
     """One process, for ever: pid, kernel start time in clock ticks, and boot id.
 
     Attributes:

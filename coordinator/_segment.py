@@ -31,9 +31,8 @@ import os
 import stat
 import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from ._errors import LeaseError
 
@@ -99,8 +98,7 @@ class SegmentTorn(LeaseError):
     """A record stayed half-written (its writer died mid-update); retry after recovery."""
 
 
-@dataclass(frozen=True, slots=True)
-class LeaseRecord:
+class LeaseRecord(NamedTuple):
     """One granted lease as recorded in the segment.
 
     Attributes:
@@ -128,8 +126,7 @@ class LeaseRecord:
     ttl: float
 
 
-@dataclass(frozen=True, slots=True)
-class HeaderRecord:
+class HeaderRecord(NamedTuple):
     """The segment header.
 
     Attributes:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._errors import LeaseError
 from ._paths import RuntimePaths
@@ -36,8 +35,7 @@ STATUS_VERSION = 1  # of ``hotcopy status --json`` (README); a change of meaning
 _STATES = {"stopped": "stopped", "tracing-stop": "stopped", "zombie": "zombie", "dead": "gone"}
 
 
-@dataclass(frozen=True, slots=True)
-class ProcessInfo:
+class ProcessInfo(NamedTuple):
     """Who a process is, for a person: its program, command line and state.
 
     Attributes:
@@ -101,8 +99,7 @@ def describe_process(pid: int, start_ticks: int | None = None) -> ProcessInfo:
     return ProcessInfo(pid, name, cmdline, _STATES.get(status, "running"))
 
 
-@dataclass(frozen=True, slots=True)
-class LeaseStatus:
+class LeaseStatus(NamedTuple):
     """One granted lease.
 
     Attributes:
@@ -124,8 +121,7 @@ class LeaseStatus:
     holder: ProcessInfo
 
 
-@dataclass(frozen=True, slots=True)
-class Status:
+class Status(NamedTuple):
     """A snapshot of a repository's coordinator.
 
     Attributes:

@@ -23,9 +23,8 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import _format as fmt
 from ._durable import pwrite_all, sweep_stale_temps, write_all, write_durably
@@ -54,8 +53,7 @@ _CHECKSUM_NICE = 10
 _BOUNDARY_PROBE = fmt.TRAILER_SIZE  # the bytes just before a cut: the trailer closing it
 
 
-@dataclass(frozen=True)
-class BaseRef:
+class BaseRef(NamedTuple):
     """Where a previous snapshot of a prefix ended, to take a delta from."""
 
     file_id: str  # hex, of the source main file
@@ -64,8 +62,7 @@ class BaseRef:
     boundary_crc: int  # CRC32 of the source bytes [end - 32, end)
 
 
-@dataclass(frozen=True)
-class CopyResult:
+class CopyResult(NamedTuple):
     """One snapshot file: a full copy (``start == 0``) or the delta ``[start, length)``."""
 
     path: str
@@ -153,7 +150,7 @@ def copy_prefix(
                 nonlocal crc
                 if start == 0:
                     fresh = fmt.pack_main_header(
-                        replace(header, salt=int.from_bytes(os.urandom(8)))
+                        header._replace(salt=int.from_bytes(os.urandom(8)))
                     )
                     write_all(out_fd, fresh)
                     crc = zlib.crc32(fresh)
@@ -477,8 +474,7 @@ def _yield_cpu_to_others() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _CHECKSUM_NICE)
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """One file of a restore chain, with the size and CRC32 its catalog recorded."""
 
     path: Path
@@ -560,9 +556,9 @@ def restore_chain(
         os.close(fd)
     # A format 1 copy keeps its layout (its offsets are absolute); anything newer is stamped
     # with this repository and prefix.
-    header = replace(original, salt=int.from_bytes(os.urandom(8)))
+    header = original._replace(salt=int.from_bytes(os.urandom(8)))
     if original.version != 1:
-        header = replace(header, repository_id=repo.id_bytes, prefix=prefix)
+        header = header._replace(repository_id=repo.id_bytes, prefix=prefix)
 
     def write(out_fd: int) -> tuple[int, int]:
         write_all(out_fd, fmt.pack_main_header(header))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from . import _index
@@ -70,8 +69,7 @@ MAX_VALUE_BYTES = 0xFFFFFFFF
 crc32 = zlib.crc32
 
 
-@dataclass(frozen=True)
-class MainHeader:
+class MainHeader(NamedTuple):
     file_id: bytes  # 16 bytes; changes only when the file is rewritten (compaction)
     salt: int  # 64 bits; a copy gets a new one, so a stale WAL never matches a restored copy
     created_ns: int
@@ -86,8 +84,7 @@ class MainHeader:
         return HEADER_SIZE if self.version >= 2 else V1_HEADER_SIZE
 
 
-@dataclass(frozen=True)
-class WalHeader:
+class WalHeader(NamedTuple):
     file_id: bytes
     main_salt: int
     base_len: int  # the main-file boundary this WAL continues from
@@ -287,8 +284,7 @@ class Op(NamedTuple):  # a tuple: built once per op read, where a dataclass cost
         return OP_SIZE + len(self.key.encode("utf-8", "surrogatepass")) + self.value_len
 
 
-@dataclass
-class Batch:
+class Batch(NamedTuple):
     seq: int
     token: int
     offset: int
@@ -488,8 +484,7 @@ def _parse_body(
     return Batch(seq, token, start, BATCH_SIZE + len(body), ops, meta, raw)
 
 
-@dataclass
-class Trailer:
+class Trailer(NamedTuple):
     last_seq: int
     segment_start: int
     n_batches: int
@@ -532,14 +527,18 @@ def peek_is_trailer(reader: FileReader) -> bool:
     return bool(struct.unpack("<I", raw)[0] == TRAILER_MAGIC)
 
 
-@dataclass
 class Segment:
-    start: int
-    end: int
-    batches: list[Batch] = field(default_factory=list)
-    # The key index record before the trailer (format 3): where it ends, and its tail's CRC.
-    index_end: int | None = None
-    index_crc: int | None = None
+    """The batches of one segment of a main file, as they are read."""
+
+    __slots__ = ("batches", "end", "index_crc", "index_end", "start")
+
+    def __init__(self, start: int, end: int, batches: list[Batch] | None = None) -> None:
+        self.start = start
+        self.end = end
+        self.batches: list[Batch] = [] if batches is None else batches
+        # The key index record before the trailer (format 3): where it ends, its tail's CRC.
+        self.index_end: int | None = None
+        self.index_crc: int | None = None
 
     @property
     def last_seq(self) -> int:

@@ -35,7 +35,7 @@ import sys
 import zlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ._errors import CorruptFileError
 
@@ -291,11 +291,10 @@ class Run:
                 self._check_page(page, self._read(min(PAGE, self._end - at), at))
 
 
-@dataclass(frozen=True)
-class RunRef:
+class RunRef(NamedTuple):
     offset: int
     length: int
-    count: int
+    keys: int
     header_crc: int
 
 
@@ -387,7 +386,7 @@ def _directory(read: Read, record_end: int) -> tuple[list[RunRef], int, int]:
 
 
 def _run(read: Read, ref: RunRef) -> Run:
-    run = Run(read, ref.offset, ref.length, ref.count)
+    run = Run(read, ref.offset, ref.length, ref.keys)
     if run.header_crc != ref.header_crc:
         raise CorruptFileError("an index run is not the one its directory names", offset=ref.offset)
     return run

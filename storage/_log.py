@@ -49,7 +49,6 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -69,8 +68,7 @@ _FOLLOW_CHUNK = 16 << 10  # bytes a follower reads at once: mostly reserved spac
 _BATCH_MAGIC = struct.pack("<I", fmt.BATCH_MAGIC)
 
 
-@dataclass(frozen=True)
-class Cut:
+class Cut(NamedTuple):
     """A commit boundary of a main file: its first ``length`` bytes hold exactly commit ``seq``."""
 
     length: int
@@ -149,15 +147,13 @@ class _WalBatch(NamedTuple):
     meta_chain: int
 
 
-@dataclass(frozen=True)
-class Damage:
+class Damage(NamedTuple):
     path: str
     offset: int
     reason: str
 
 
-@dataclass(frozen=True)
-class Salvaged:
+class Salvaged(NamedTuple):
     """What :meth:`Log.salvage` kept and lost."""
 
     kept: int  # commits 1..kept are in the prefix
@@ -1096,7 +1092,7 @@ class Log:
             self._new_wal(lease, end, lost_last)
         else:
             aside.append(_move_aside(self.main_path))
-            fresh = replace(self._header, salt=int.from_bytes(os.urandom(8)))
+            fresh = self._header._replace(salt=int.from_bytes(os.urandom(8)))
 
             def write(fd: int) -> tuple[int, int]:
                 pwrite_all(fd, fmt.pack_main_header(fresh), 0)
@@ -1343,8 +1339,7 @@ def migrate_files(root: Path, name: str, repository_id: bytes, lease: HeldLease)
         log.close()
 
 
-@dataclass(frozen=True)
-class MainCheck:
+class MainCheck(NamedTuple):
     """What a complete check of a main file's bytes found."""
 
     size: int

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar, cast, overload
+from typing import Any, NamedTuple, TypeVar, cast, overload
 
 from . import _api
 from ._errors import ScopeError
@@ -30,8 +29,7 @@ _MISSING = object()
 _constructing: list[tuple[Any, Handle]] = []
 
 
-@dataclass(frozen=True)
-class MemoInfo:
+class MemoInfo(NamedTuple):
     """What ``@memo`` recorded about a class (``cls.__hc_memo__``)."""
 
     type_id: str

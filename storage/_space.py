@@ -28,7 +28,6 @@ import os
 import weakref
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._errors import (
@@ -102,18 +101,28 @@ def _builder(type_id: str) -> Callable[[Handle], Any]:
     return build
 
 
-@dataclass(eq=False)
 class Handle:
     """What a Python object knows about its record. ``prefix`` is None until it is placed."""
 
-    space: ObjectSpace
-    uuid: str
-    type_id: str
-    prefix: str | None = None
-    singleton: bool = False
-    # As last seen in the record: no refs, no tags, not a singleton. Only such objects are
-    # noted for collection when their last handle goes.
-    collectable: bool = True
+    __slots__ = ("collectable", "prefix", "singleton", "space", "type_id", "uuid")
+
+    def __init__(
+        self,
+        space: ObjectSpace,
+        uuid: str,
+        type_id: str,
+        prefix: str | None = None,
+        singleton: bool = False,
+        collectable: bool = True,
+    ) -> None:
+        self.space = space
+        self.uuid = uuid
+        self.type_id = type_id
+        self.prefix = prefix
+        self.singleton = singleton
+        # As last seen in the record: no refs, no tags, not a singleton. Only such objects
+        # are noted for collection when their last handle goes.
+        self.collectable = collectable
 
     @property
     def key(self) -> str:

@@ -11,9 +11,8 @@ the log's rule (``_log``), applied here as everywhere else.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _format as fmt
 from ._errors import CorruptFileError
@@ -21,8 +20,7 @@ from ._files import open_regular
 from ._log import Log, check_main_file, main_path
 
 
-@dataclass(frozen=True)
-class VerifyReport:
+class VerifyReport(NamedTuple):
     path: str  # the file checked, or the damaged one
     ok: bool
     size: int
@@ -35,7 +33,7 @@ class VerifyReport:
     notes: tuple[str, ...] = ()  # findings that are not damage (a torn WAL tail, debris)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return self._asdict()
 
     def summary(self) -> str:
         if self.ok:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -313,12 +312,12 @@ def test_segment_meta_crc_covers_every_header_and_key_but_not_value_bytes(tmp_pa
 
 
 def test_format_1_headers_are_read_as_64_bytes_without_names() -> None:
-    v1 = replace(MAIN, repository_id=None, prefix=None, version=1)
+    v1 = MAIN._replace(repository_id=None, prefix=None, version=1)
     raw = fmt.pack_main_header(v1)
     assert len(raw) == fmt.V1_HEADER_SIZE == 64
     header = fmt.unpack_main_header(raw + b"segments follow")
     assert header == v1 and header.size == 64 and header.prefix is None
     with pytest.raises(ValueError, match="repository id"):
-        fmt.pack_main_header(replace(MAIN, repository_id=None))
+        fmt.pack_main_header(MAIN._replace(repository_id=None))
     with pytest.raises(ValueError, match="prefix name"):
-        fmt.pack_wal_header(replace(WAL, prefix="x" * 201))
+        fmt.pack_wal_header(WAL._replace(prefix="x" * 201))

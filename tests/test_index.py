@@ -116,8 +116,19 @@ def test_a_prefix_whose_writer_closed_opens_without_replaying_its_wal(
 
 # What an application process that only reads and writes prefixes must not load: the server's
 # election lock (filelock brings asyncio), psutil, OpenSSL (through hashlib or secrets), the
-# process launcher and ctypes.util. Together about 8 MiB per process, half of its size.
-_HEAVY = ("filelock", "psutil", "hashlib", "_hashlib", "secrets", "subprocess", "ctypes.util")
+# process launcher and ctypes.util. Together about 8 MiB per process, half of its size. And
+# dataclasses, which loads inspect, ast, dis and tokenize: 1.5 MiB more.
+_HEAVY = (
+    "filelock",
+    "psutil",
+    "hashlib",
+    "_hashlib",
+    "secrets",
+    "subprocess",
+    "ctypes.util",
+    "dataclasses",
+    "inspect",
+)
 
 _OPEN_AND_LIST_MODULES = """
 import json, sys

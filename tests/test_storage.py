@@ -13,7 +13,6 @@ import random
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -1087,8 +1086,8 @@ def test_wals_of_another_main_file_are_ignored_and_foreign_or_damaged_ones_refus
     body = q_data[fmt.HEADER_SIZE :]
     # q's batches are commits 1 and 2; p is at commit 1 after its checkpoint, so q's commit 2
     # would apply as p's next commit if the header checks were missing.
-    other_file = replace(p_header, file_id=q_header.file_id)
-    other_salt = replace(p_header, main_salt=p_header.main_salt ^ 1)
+    other_file = p_header._replace(file_id=q_header.file_id)
+    other_salt = p_header._replace(main_salt=p_header.main_salt ^ 1)
     for header in (other_file, other_salt):  # what a copy replacing the main file leaves
         p_wal.write_bytes(fmt.pack_wal_header(header) + body)
         with Repository(root) as again:

@@ -22,7 +22,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -184,7 +184,7 @@ def _copy_one(
     )
     if result.kind == "delta":
         os.rename(dest, delta)
-        result = replace(result, path=str(delta))
+        result = result._replace(path=str(delta))
     return result
 
 

@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -294,7 +293,7 @@ def run_copy(args: argparse.Namespace, console: Console) -> int:
         seconds = max(result.seconds - waits.waited, 0.0)  # the copy's own time, waits apart
         done = bar.finish(0, 0, result.size, seconds)
     if args.json:
-        print_json({**asdict(result), "seconds": round(seconds, 6), "waited": waits.waited})
+        print_json({**result._asdict(), "seconds": round(seconds, 6), "waited": waits.waited})
         return EXIT_OK
     print(
         f"copied prefix {result.prefix!r} at commit {result.seq}: {human_bytes(result.size)} "
