@@ -693,7 +693,7 @@ def restore(
     key_file: str | os.PathLike[str] | None = None,
     clock: Callable[[], float] = time.time,
     lease_timeout: float | None = None,
-    jobs: int = 1,
+    jobs: int = 2,
 ) -> RestoreResult:
     """Rebuild prefixes in ``root`` from a backup of the catalog ``dest_dir``.
 
@@ -705,8 +705,7 @@ def restore(
     restore records where it came from (its lineage), so it can go on backing up into this
     catalog. ``lease_timeout``: seconds to wait at most for each exclusive lease (None: as
     long as it takes). ``jobs``: copy-worker processes restoring prefixes side by side (a
-    restore small enough runs in this process); on a machine of 2 cores and one disk this
-    was measured no faster than 1, the disk's flush being most of a restore.
+    restore small enough runs in this process), as for a backup.
     """
     began = time.monotonic()
     catalog = Catalog(dest_dir, key_file=key_file)

@@ -128,10 +128,9 @@ def register(sub: Any) -> None:
     cmd.add_argument(
         "--jobs",
         type=positive_int,
-        default=1,
+        default=2,
         metavar="N",
-        help="copy-worker processes restoring prefixes side by side (default 1; more help "
-        "where the CPU, not the disk, limits a restore)",
+        help="copy-worker processes restoring prefixes side by side (default 2)",
     )
     add_timeout(cmd, "each prefix's exclusive lease (with --force)")
     add_key_file(cmd)
