@@ -252,6 +252,7 @@ class Client:
         self._closed = False
         self._conn: _Connection | None = None
         self._segment: SegmentReader | None = None
+        self._segment_number = 0  # segments mapped so far: counters of two never compare
         self._pslots: dict[str, int] = {}
         self._prefix_cache: dict[str, bytes] = {}
         self._spin = AdaptiveSpin(spin_budget_from_env())
@@ -442,19 +443,31 @@ class Client:
         Reads shared memory; no round trip. The counter is odd exactly while a ``write`` or
         ``exclusive`` lease on the prefix is granted, and changes whenever one is granted or
         released and with every :meth:`publish_commit`. So an even value equal to one read
-        earlier means that no lease that could change the prefix was granted in between. It
-        is 0 while no such lease was granted since the segment was made (the prefix has no
-        slot yet); -1 when there is no segment, or the prefix table was ever full (a prefix
-        without a slot may then have a writer whose counter is not shared).
+        earlier means that no lease that could change the prefix was granted in between. The
+        counter is 0 while no such lease was granted since the segment was made (the prefix
+        has no slot yet); the answer is -1 when there is no segment, or the prefix table was
+        ever full (a prefix without a slot may then have a writer whose counter is not
+        shared).
+
+        A coordinator that exits may remove its segment, whose counters then stop moving
+        while a successor counts in a new one: without a coordinator behind the segment this
+        maps the current one, if any, or answers -1; and a counter of another segment than
+        the last one read never equals one of it (the segment's number is in the high bits).
         """
         self._check_usable()
         segment = self._segment
-        if segment is None:
-            return -1
+        if segment is None or not segment.coordinator_pid():
+            with self._mutex:
+                self._open_segment()
+                segment = self._segment
+            if segment is None or not segment.coordinator_pid():
+                return -1
         pslot = self._pslot(prefix)
         if pslot is None:
-            return -1 if segment.prefix_table_full() else 0
-        return segment.commit_at(pslot)
+            counter = -1 if segment.prefix_table_full() else 0
+        else:
+            counter = segment.commit_at(pslot)
+        return -1 if counter < 0 else counter + (self._segment_number << 56)
 
     def expired_token(self) -> int:
         """The largest fencing token of a ``write`` or ``exclusive`` lease that expired, its
@@ -1107,6 +1120,7 @@ class Client:
             _log.warning("cannot map shared memory path=%s error=%s", path, err)
             return
         old, self._segment = self._segment, segment
+        self._segment_number += 1
         self._pslots = {}
         if old is not None:
             old.close()

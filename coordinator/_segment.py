@@ -59,6 +59,10 @@ _HEADER_SEQ_AT: Final = 12
 # started (monotonic), started (wall clock)
 _HEADER = struct.Struct("<IIIIQQ16sdd")
 _HEADER_AT: Final = 16
+# The header's coordinator pid alone (one aligned word: read without the seqlock): 0 once the
+# coordinator exited, when the segment's counters stop moving.
+_PID = struct.Struct("<I")
+_HEADER_PID_AT: Final = _HEADER_AT + 12
 # Its own seqlocked record in the header page: the largest fencing token of a write or
 # exclusive lease that expired (its holder alive, perhaps only stopped). Storage fences before
 # changing a prefix whose files were last fenced below it (see storage/_log.py).
@@ -245,6 +249,10 @@ class _SegmentBase:
             if name == prefix:
                 return pslot
         return None
+
+    def coordinator_pid(self) -> int:
+        """The pid of the coordinator serving this segment; 0 if none does any more."""
+        return int(_PID.unpack_from(self._mm, _HEADER_PID_AT)[0])
 
     def prefix_table_full(self) -> bool:
         """Whether a prefix was ever refused a slot (its counter then is not shared)."""
