@@ -18,7 +18,7 @@ from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from hotcopy.coordinator._errors import HotcopyError, LeaseFenced, WouldBlock
+from hotcopy.coordinator._errors import ClientClosed, HotcopyError, LeaseFenced, WouldBlock
 from hotcopy.coordinator._process import own_pid
 
 from . import _format as fmt
@@ -593,12 +593,15 @@ class Prefix(MutableMapping[str, Any]):
         """Leave the WAL's commits in the main file, as SQLite's last connection does: the
         next process to open the prefix then reads an index instead of replaying a WAL. Never
         waits for the lease: a writer still at work checkpoints in its turn."""
-        if self.mode != "rw" or self._log.wal_bytes < CLOSE_CHECKPOINT_BYTES:
+        files = getattr(self, "_log", None)  # None: __init__ failed before it was made
+        if self.mode != "rw" or files is None or files.wal_bytes < CLOSE_CHECKPOINT_BYTES:
             return
         try:
             lease = self._take_write_lease(timeout=0)
         except WouldBlock:
             return  # another writer holds it: its close checkpoints
+        except ClientClosed:
+            return  # the repository was closed first: the next writer checkpoints
         except Exception as err:  # optional work: closing must not fail for it
             log.warning("checkpoint at close skipped prefix=%s error=%s", self.name, err)
             return
