@@ -39,8 +39,10 @@ from ._log import CommitUnconfirmed, Cut, Log, create_prefix_files, install_file
 # measured the same at both sizes (6.6-6.8k/s on 200k keys, /work/tmp/s20/cpb.py).
 DEFAULT_CHECKPOINT_BYTES = 1 << 20
 # A writer that closes with at least this much in the WAL checkpoints first (see close): what
-# it leaves costs the next process to open the prefix about a millisecond to replay.
-CLOSE_CHECKPOINT_BYTES = 64 << 10
+# it leaves (a hundred small commits) costs the next process to open the prefix under a
+# millisecond to replay (64 KiB cost up to 6 ms in bench_peers); a few commits, such as one
+# CLI put, are left to the next checkpoint rather than cost one each.
+CLOSE_CHECKPOINT_BYTES = 16 << 10
 _FULL_CHECK_EVERY = 1.0  # seconds a reader trusts an unchanged commit counter
 # A write lease outlives a stopped or hung holder by at most this long (the client renews it
 # in the background while the process runs); its commit is then refused (fencing).
