@@ -532,10 +532,10 @@ class Segment:
 
     __slots__ = ("batches", "end", "index_crc", "index_end", "start")
 
-    def __init__(self, start: int, end: int, batches: list[Batch] | None = None) -> None:
+    def __init__(self, start: int, end: int) -> None:
         self.start = start
         self.end = end
-        self.batches: list[Batch] = [] if batches is None else batches
+        self.batches: list[Batch] = []
         # The key index record before the trailer (format 3): where it ends, its tail's CRC.
         self.index_end: int | None = None
         self.index_crc: int | None = None
