@@ -14,8 +14,10 @@ import os
 import sys
 import time
 import types
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import hotcopy.storage as hc
 import psutil
@@ -25,26 +27,32 @@ from hotcopy.coordinator._paths import RuntimePaths
 os.environ.setdefault("HOTCOPY_COORDINATOR_IDLE_TIMEOUT", "5")
 
 
-def _register_support() -> None:
-    """Make tests/_storage_helpers.py importable by the test modules.
+def _load(name: str, filename: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _register_support() -> types.ModuleType:
+    """Make tests/_storage_helpers.py and tests/_s3server.py importable by the test modules.
 
     With --import-mode=importlib the tests directory is not on sys.path (by design: the repo
     root must not be either), so the shared helpers are loaded here, once, and offered as
-    ``from hotcopy_test_support import storage_helpers``.
+    ``from hotcopy_test_support import storage_helpers, s3server``.
     """
-    spec = importlib.util.spec_from_file_location(
-        "hotcopy_storage_test_helpers", Path(__file__).with_name("_storage_helpers.py")
-    )
-    assert spec is not None and spec.loader is not None
-    helpers = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = helpers
-    spec.loader.exec_module(helpers)
+    helpers = _load("hotcopy_storage_test_helpers", "_storage_helpers.py")
+    s3server = _load("hotcopy_s3_test_server", "_s3server.py")
     support = types.ModuleType("hotcopy_test_support")
     support.storage_helpers = lambda: helpers  # type: ignore[attr-defined]
+    support.s3server = lambda: s3server  # type: ignore[attr-defined]
     sys.modules[support.__name__] = support
+    return s3server
 
 
-_register_support()
+_s3server = _register_support()
 
 
 def _coordinators_under(directory: Path) -> list[psutil.Process]:
@@ -114,3 +122,43 @@ def root(tmp_path: Path) -> Iterator[Path]:
         yield tmp_path / "repo"
     finally:
         hc.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3 server for the session (see tests/_s3server.py): moto as a child process on a
+    free port, or the one ``HOTCOPY_TEST_S3_ENDPOINT`` names. A test may ``kill()`` and
+    ``start()`` it; a restarted moto is empty."""
+    server = _s3server.S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
+    """``(url, endpoint_url)`` of a fresh, empty bucket (``s3://hotcopy-test-<hex>/catalog``),
+    emptied and removed after the test. Against moto, fake credentials and no ~/.aws files."""
+    import boto3
+
+    if not s3_server.external:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    bucket = f"hotcopy-test-{uuid.uuid4().hex[:16]}"
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield f"s3://{bucket}/catalog", s3_server.endpoint_url
+    finally:
+        with contextlib.suppress(Exception):  # a test may have killed the server
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", ())]
+                if keys:
+                    client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+            client.delete_bucket(Bucket=bucket)
