@@ -506,7 +506,7 @@ def test_a_backup_directory_belongs_to_one_repository(repo_root: Path, tmp_path:
 def test_the_next_run_sweeps_what_a_killed_run_left_behind(repo_root: Path, tmp_path: Path) -> None:
     dest = tmp_path / "backups"
     backup(repo_root, dest)
-    killed = Catalog(dest).new_backup_dir(time.time())[1]  # a run killed before its manifest
+    killed = Catalog(dest).new_backup(time.time())[1]  # a run killed before its manifest
     dead_pid = int(
         subprocess.run(
             [sys.executable, "-c", "import os; print(os.getpid())"],

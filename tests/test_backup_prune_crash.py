@@ -78,9 +78,9 @@ def build(tmp_path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
     take(abc)  # b full
     take(abc)  # deltas: the backup keep-last 1 keeps
     catalog = Catalog(dest)
-    dead = catalog.new_backup_dir(0.5)[1]  # a run that died before its manifest (in 1970)
+    dead = catalog.new_backup(0.5)[1]  # a run that died before its manifest (in 1970)
     (dead / "a.hc").write_bytes(b"half a copy")
-    damaged = catalog.new_backup_dir(1.5)[1]
+    damaged = catalog.new_backup(1.5)[1]
     assert damaged.name == DAMAGED
     (damaged / MANIFEST).write_text('{"format": 2, "id": ')
     return dest, held

@@ -255,8 +255,8 @@ from hotcopy.coordinator import connect
 from hotcopy.workers._catalog import Catalog
 place, kind, prefix = sys.argv[1:4]
 if kind == "lock":
-    held = Catalog(place).lock()
-    held.acquire()
+    held = Catalog(place).locked()
+    held.__enter__()
 else:
     held = connect(place).lease(prefix, kind)
 print("held", flush=True)

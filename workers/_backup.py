@@ -53,11 +53,10 @@ from ._catalog import (
     COMPLETE,
     Catalog,
     CatalogView,
+    Choice,
     Entry,
     LockWait,
     Manifest,
-    is_own_file,
-    remove_own_files,
     sha256_of,
 )
 from ._errors import BackupError
@@ -260,7 +259,7 @@ def backup(
                 )
                 newest = _newest_complete(view)
             created = clock()
-            backup_id, path = catalog.new_backup_dir(created)
+            backup_id, path = catalog.new_backup(created)
             manifest = Manifest(backup_id, created, repo.id, names, consistent)
             run: _Run[Copied] = _Run(names, progress)
             try:
@@ -272,22 +271,23 @@ def backup(
                 manifest.interrupted = True
                 manifest.entries = _entries(run.results, bases)
                 manifest.failed = run.failed
+                catalog.publish(backup_id, path)
                 catalog.write_manifest(manifest)
                 raise
             except BaseException:
-                _discard(path)
+                catalog.discard(backup_id, path)
                 raise
             if names and not run.results:
-                _discard(path)
+                catalog.discard(backup_id, path)
                 raise BackupError(
-                    f"no prefix could be backed up into {catalog.path}: "
+                    f"no prefix could be backed up into {catalog.where}: "
                     + "; ".join(f"{name}: {error}" for name, error in sorted(run.failed.items()))
                 )
             if skip_unchanged and newest is not None and _unchanged(newest, names, run, bases):
-                _discard(path)
+                catalog.discard(backup_id, path)
                 return BackupResult(
                     id=newest.id,
-                    path=str(catalog.path / newest.id),
+                    path=catalog.location_of(newest.id),
                     complete=True,
                     bytes=0,
                     seconds=time.monotonic() - began - waited,
@@ -295,13 +295,13 @@ def backup(
                     waited=waited,
                     skipped=True,
                 )
-            sync_filesystem(path)  # every copy durable before the manifest names it
+            catalog.publish(backup_id, path)  # every copy durable before the manifest names it
             manifest.entries = _entries(run.results, bases)
             manifest.failed = run.failed
             catalog.write_manifest(manifest)
     return BackupResult(
         id=backup_id,
-        path=str(path),
+        path=catalog.location_of(backup_id),
         complete=manifest.complete,
         bytes=sum(copied.result.size for copied in run.results.values()),
         seconds=time.monotonic() - began - waited,
@@ -399,14 +399,6 @@ def _copy_workers(jobs: int, inline: bool, executor: Executor | None = None) -> 
         raise
     finally:
         pool.shutdown(wait=True)
-
-
-def _discard(path: Path) -> None:
-    """Remove the directory of a run that failed: what it wrote, then the directory."""
-    with contextlib.suppress(OSError):
-        remove_own_files(path, is_own_file)
-        os.rmdir(path)
-        fsync_dir(path.parent)
 
 
 class _Run(Generic[Outcome]):
@@ -729,7 +721,46 @@ def restore(
         )
     # With a key every piece's SHA-256 is checked here (restore_chain checks the CRC-32).
     checksums = catalog.key is not None
-    chains = {name: view.pieces(manifest.id, name, checksums=checksums) for name in names}
+    with _scratch_for(catalog, target) as scratch:
+        chains = {
+            name: view.pieces(manifest.id, name, checksums=checksums, scratch=scratch)
+            for name in names
+        }
+        return _restore(catalog, choice, names, chains, target, force, progress, clock,
+                        lease_timeout, jobs, began)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _scratch_for(catalog: Catalog, target: Path) -> Iterator[Path | None]:
+    """Where the pieces of a catalog that is not local are downloaded: beside ``target``,
+    on its file system; None for a local catalog."""
+    if catalog.place.local:
+        yield None
+        return
+    make_directory(target.parent)
+    _sweep_abandoned(target.parent / f".{target.name}.fetching")
+    scratch = temp_path_for(target.parent / f".{target.name}.fetching")
+    make_directory(scratch, exist_ok=False)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _restore(
+    catalog: Catalog,
+    choice: Choice,
+    names: list[str],
+    chains: dict[str, list[Piece]],
+    target: Path,
+    force: bool,
+    progress: BackupProgress | None,
+    clock: Callable[[], float],
+    lease_timeout: float | None,
+    jobs: int,
+    began: float,
+) -> RestoreResult:
+    manifest = choice.manifest
     total = sum(piece.size for pieces in chains.values() for piece in pieces)
     restored: dict[str, int] = {}
     fresh = not target.exists() or not any(target.iterdir())
@@ -744,7 +775,7 @@ def restore(
         # staging is live before the rename: one syncfs makes it all durable first, instead of
         # four device flushes per prefix.
         make_directory(target.parent)
-        _sweep_abandoned_restores(target)
+        _sweep_abandoned(target.parent / f".{target.name}.restoring")
         # Named for this process, so that a later restore can tell it was abandoned.
         staging = temp_path_for(target.parent / f".{target.name}.restoring")
         make_directory(staging, exist_ok=False)
@@ -752,7 +783,7 @@ def restore(
             "restored_from": {
                 "repository_id": manifest.repository_id,
                 "backup": manifest.id,
-                "catalog": str(catalog.path),
+                "catalog": catalog.where,
             },
             "time": clock(),
         }
@@ -789,9 +820,9 @@ def restore(
     )
 
 
-def _sweep_abandoned_restores(target: Path) -> None:
-    """Remove the staging directories of restores into ``target`` whose process died."""
-    for staging in temps_of(target.parent / f".{target.name}.restoring"):
+def _sweep_abandoned(dest: Path) -> None:
+    """Remove the staging directories for ``dest`` of restores whose process died."""
+    for staging in temps_of(dest):
         if is_abandoned_temp(staging):
             shutil.rmtree(staging, ignore_errors=True)
 

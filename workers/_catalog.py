@@ -28,7 +28,6 @@ forge.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import hashlib
 import hmac
@@ -38,29 +37,30 @@ import os
 import re
 import stat
 import time
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from filelock import BaseFileLock, FileLock
-from hotcopy.storage import NotRegularFile, StorageError
+from hotcopy.storage import StorageError
 from hotcopy.storage._copy import BaseRef, Piece
-from hotcopy.storage._durable import fsync_dir, is_temp_name, sweep_stale_temps, write_durably
-from hotcopy.storage._files import make_directory, open_regular, read_regular, refuse_unsafe_place
+from hotcopy.storage._files import open_regular, read_regular
 from hotcopy.storage._format import HEADER_SIZE
-from hotcopy.storage._repository import validate_prefix_name
 
 from ._errors import BackupError, BackupNotFound, CatalogError
+from ._places import (
+    CATALOG_MARKER,
+    MANIFEST,
+    LockWait,
+    Place,
+    is_own_file,
+    is_piece_name,
+    is_prefix_name,
+    open_place,
+)
 
-# Takes a catalog lock (see Catalog.locked): bounded or reported as the caller wants.
-LockWait = Callable[[BaseFileLock], None]
-
-CATALOG_MARKER = "hotcopy-backups.json"
-MANIFEST = "MANIFEST.json"
-LOCK = "catalog.lock"
+__all__ = ["CATALOG_MARKER", "MANIFEST", "LockWait", "is_own_file", "is_piece_name"]
 CATALOG_FORMAT = 2  # format 1 (no lineage, no checksum of its own) is still read
 MANIFEST_FORMAT = 2  # format 1 (no "planned", "complete" despite failures) is still read
 KEY_ENV = "HOTCOPY_BACKUP_KEY_FILE"
@@ -250,7 +250,7 @@ class _Fields:
 
     def names(self, name: str, default: object = None) -> list[str]:
         value = self.data.get(name, default) if default is not None else self.get(name)
-        if not isinstance(value, list) or not all(_is_prefix(item) for item in value):
+        if not isinstance(value, list) or not all(is_prefix_name(item) for item in value):
             raise self.bad(name, "a list of prefix names")
         if value != sorted(set(value)):
             raise self.bad(name, "a sorted list without repeats")
@@ -259,34 +259,19 @@ class _Fields:
     def texts_by_name(self, name: str, default: object = None) -> dict[str, str]:
         value = self.data.get(name, default) if default is not None else self.get(name)
         if not isinstance(value, dict) or not all(
-            _is_prefix(key) and isinstance(item, str) for key, item in value.items()
+            is_prefix_name(key) and isinstance(item, str) for key, item in value.items()
         ):
             raise self.bad(name, "an object of prefix names to messages")
         return value
 
     def objects_by_name(self, name: str) -> dict[str, Any]:
         value = self.get(name)
-        if not isinstance(value, dict) or not all(_is_prefix(key) for key in value):
+        if not isinstance(value, dict) or not all(is_prefix_name(key) for key in value):
             raise self.bad(name, "an object of prefix names to entries")
         return value
 
 
-def _is_prefix(name: object) -> bool:
-    try:
-        validate_prefix_name(name)
-    except StorageError:
-        return False
-    return True
-
-
-def _read_json(path: Path, what: str) -> Any:
-    """The JSON in the regular file ``path`` (never a link, FIFO or device)."""
-    try:
-        raw = read_regular(path, limit=_MAX_JSON)
-    except NotRegularFile as err:
-        raise CatalogError(f"{what}: {err}") from None
-    except StorageError as err:  # larger than any catalog file
-        raise CatalogError(f"{what}: {err}") from None
+def _parse_json(raw: bytes, what: str) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
@@ -355,13 +340,13 @@ def _parse_marker(data: object, where: str) -> Marker:
 _ID_OR_OLD = re.compile(f"{_ID.pattern}|{_OLD_ID.pattern}")
 
 
-def _write_marker(path: Path, marker: Marker, key: bytes | None, *, overwrite: bool) -> None:
+def _write_marker(place: Place, marker: Marker, key: bytes | None, *, overwrite: bool) -> bool:
     body = {
         "format": CATALOG_FORMAT,
         "repository_id": marker.repository_id,
         "lineage": [succession.to_json() for succession in marker.lineage],
     }
-    write_durably(path / CATALOG_MARKER, _seal(body, key), overwrite=overwrite)
+    return place.write(CATALOG_MARKER, _seal(body, key), create_only=not overwrite)
 
 
 # -- manifests ------------------------------------------------------------------------------------
@@ -551,23 +536,23 @@ def _parse_manifest(data: object, backup_id: str, *, keyed: bool) -> Manifest:
 
 
 class Catalog:
-    """The backups of one repository (and its lineage) under ``path``.
+    """The backups of one repository (and its lineage) at ``location``.
 
     Args:
-        path: The catalog directory.
+        location: The catalog: a directory, or ``s3://BUCKET/PATH``.
         key_file: The key of an authenticated catalog (default: ``$HOTCOPY_BACKUP_KEY_FILE``).
         key: The key itself, already loaded (overrides ``key_file``).
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        location: str | os.PathLike[str] | Place,
         *,
         key_file: str | os.PathLike[str] | None = None,
         key: bytes | None = None,
     ) -> None:
-        self.path = Path(path).absolute()
-        refuse_unsafe_place(self.path)
+        self.place = open_place(location) if isinstance(location, str | os.PathLike) else location
+        self.where = self.place.where
         self.key = key if key is not None else load_key(key_file)
         self.marker = self._read_marker()
 
@@ -576,46 +561,41 @@ class Catalog:
         return self.marker.repository_id
 
     def _read_marker(self) -> Marker:
-        path = self.path / CATALOG_MARKER
-        if not os.path.lexists(path):
-            advice = "" if self.path.is_dir() else "; back up into it first (`hotcopy backup`)"
+        where = f"{self.where}/{CATALOG_MARKER}"
+        raw = self.place.read(CATALOG_MARKER, where, _MAX_JSON)
+        if raw is None:
+            advice = "" if self.place.exists() else "; back up into it first (`hotcopy backup`)"
             raise CatalogError(
-                f"{self.path} is not a hotcopy backup directory (no {CATALOG_MARKER}){advice}",
-                path=str(self.path),
+                f"{self.where} is not a hotcopy backup directory (no {CATALOG_MARKER}){advice}",
+                path=self.where,
             )
-        data = _read_json(path, str(path))
-        marker = _parse_marker(data, str(path))
-        _check_seal(data, self.key, str(path), required=data.get("format") != 1)
+        data = _parse_json(raw, where)
+        marker = _parse_marker(data, where)
+        _check_seal(data, self.key, where, required=data.get("format") != 1)
         return marker
 
     @classmethod
     def create(
         cls,
-        path: str | os.PathLike[str],
+        location: str | os.PathLike[str],
         repository_id: str,
         *,
         key_file: str | os.PathLike[str] | None = None,
         key: bytes | None = None,
     ) -> Catalog:
-        """Open the catalog at ``path``, creating it for ``repository_id`` if there is none.
-
-        Whether that repository may write here is decided by :meth:`admit`.
-        """
-        path = Path(path).absolute()
-        if path.exists() and not path.is_dir():
-            raise CatalogError(f"backup directory {path} is not a directory", path=str(path))
-        make_directory(path)
-        refuse_unsafe_place(path)
+        """Open the catalog at ``location``, creating it for ``repository_id`` if there is
+        none. Whether that repository may write here is decided by :meth:`admit`."""
+        place = open_place(location, create=True)
         key = key if key is not None else load_key(key_file)
-        if not os.path.lexists(path / CATALOG_MARKER):
-            with contextlib.suppress(FileExistsError):  # another run made it meanwhile
-                _write_marker(path, Marker(repository_id), key, overwrite=False)
-        return cls(path, key=key)
+        if place.read(CATALOG_MARKER, CATALOG_MARKER, _MAX_JSON) is None:
+            # create-only: another run may have made it meanwhile
+            _write_marker(place, Marker(repository_id), key, overwrite=False)
+        return cls(place, key=key)
 
     def admit(
         self, repository_id: str, lineage: Mapping[str, Any] | None, now: float
     ) -> str | None:
-        """Let ``repository_id`` write here, or refuse; the caller holds :meth:`lock`.
+        """Let ``repository_id`` write here, or refuse; the caller holds :meth:`locked`.
 
         The catalog's own repository may. So may a repository restored from one of its backups
         (``lineage["restored_from"]``), which takes the catalog over: from then on the
@@ -629,11 +609,11 @@ class Catalog:
         superseded = marker.succession_of(repository_id)
         if superseded is not None:
             raise CatalogError(
-                f"repository {repository_id} was superseded in {self.path} by repository "
+                f"repository {repository_id} was superseded in {self.where} by repository "
                 f"{superseded.succeeded_by} (restored from its backup {superseded.restored_from} "
                 f"on {iso_utc(superseded.time)}); its backups would mix with that one's: "
                 "back it up into another directory",
-                path=str(self.path),
+                path=self.where,
             )
         source = lineage.get("restored_from") if isinstance(lineage, Mapping) else None
         origin = source.get("repository_id") if isinstance(source, Mapping) else None
@@ -642,7 +622,7 @@ class Catalog:
             assert isinstance(backup_id, str)
             succession = Succession(marker.repository_id, repository_id, backup_id, now)
             self.marker = Marker(repository_id, (*marker.lineage, succession))
-            _write_marker(self.path, self.marker, self.key, overwrite=True)
+            _write_marker(self.place, self.marker, self.key, overwrite=True)
             return (
                 f"repository {repository_id} (restored from backup {backup_id}) takes over "
                 f"this catalog from repository {marker.repository_id}, which can no longer "
@@ -652,101 +632,81 @@ class Catalog:
             raise CatalogError(
                 f"repository {repository_id} was restored from a backup of repository {origin}, "
                 f"which repository {marker.succession_of(origin).succeeded_by} "  # type: ignore[union-attr]
-                f"has since superseded in {self.path}; back it up into another directory",
-                path=str(self.path),
+                f"has since superseded in {self.where}; back it up into another directory",
+                path=self.where,
             )
         raise CatalogError(
-            f"{self.path} holds backups of repository {marker.repository_id}, not "
+            f"{self.where} holds backups of repository {marker.repository_id}, not "
             f"{repository_id}; use another backup directory",
-            path=str(self.path),
+            path=self.where,
         )
-
-    def lock(self, timeout: float = -1) -> FileLock:
-        """The catalog lock: one backup run or prune at a time."""
-        os.close(open_regular(self.path / LOCK, os.O_RDWR | os.O_CREAT))  # its policy mode
-        return FileLock(self.path / LOCK, timeout=timeout, poll_interval=0.01)
 
     @contextlib.contextmanager
     def locked(self, acquire: LockWait | None = None) -> Iterator[float]:
-        """Hold the catalog lock; yields the seconds spent waiting for it.
+        """Hold the catalog lock (one backup run or prune at a time); yields the seconds spent
+        waiting for it.
 
-        ``acquire`` takes the lock on the caller's terms (a timeout, a notice naming the
-        holder: the command line's ``--timeout``); by default it is waited for without end.
+        ``acquire`` takes a directory's lock on the caller's terms (a timeout, a notice naming
+        the holder: the command line's ``--timeout``); by default it is waited for without end.
         """
-        lock = self.lock()
         asked = time.monotonic()
-        if acquire is None:
-            lock.acquire()
-        else:
-            acquire(lock)
-        try:
+        with self.place.locked(acquire):
             yield time.monotonic() - asked
-        finally:
-            lock.release()
 
-    # -- backups on disk ----------------------------------------------------------------------
+    # -- backups in their place ---------------------------------------------------------------
 
     def backup_ids(self) -> list[str]:
         """Every entry named like a backup (finished or not, valid or not), oldest first."""
-        ids = [entry.name for entry in os.scandir(self.path) if is_backup_id(entry.name)]
+        ids = [name for name in self.place.top_names() if is_backup_id(name)]
         return sorted(ids, key=lambda backup_id: (backup_time_us(backup_id), backup_id))
 
-    def backup_dir(self, backup_id: str) -> Path:
-        """The directory of backup ``backup_id``: a real directory inside the catalog."""
-        if not is_backup_id(backup_id):
-            raise CatalogError(f"{backup_id!r} is not a backup id (e.g. 20261204T163000.123456Z)")
-        path = self.path / backup_id
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            raise BackupNotFound(
-                f"no backup {backup_id} in {self.path}", backup=backup_id
-            ) from None
-        if stat.S_ISLNK(mode):
-            raise CatalogError(
-                f"backup {backup_id}: {path} is a symbolic link; refusing to use it",
-                backup=backup_id,
-            )
-        if not stat.S_ISDIR(mode):
-            raise CatalogError(f"backup {backup_id}: {path} is not a directory", backup=backup_id)
-        return path
+    def location_of(self, backup_id: str) -> str:
+        return f"{self.where}/{backup_id}"
 
-    def new_backup_dir(self, moment: float) -> tuple[str, Path]:
-        """A fresh, empty backup directory named by ``moment`` (unix time), made unique."""
+    def new_backup(self, moment: float) -> tuple[str, Path]:
+        """A fresh backup named by ``moment`` (unix time), made unique, and the local directory
+        its pieces are copied into (see :meth:`publish`)."""
         time_us = round(moment * 1_000_000)
         while True:
             backup_id = new_backup_id(time_us)
-            path = self.path / backup_id
-            try:
-                make_directory(path, exist_ok=False)
-            except FileExistsError:
-                time_us += 1
-                continue
-            fsync_dir(self.path)
-            return backup_id, path
+            staging = self.place.new_backup(backup_id)
+            if staging is not None:
+                return backup_id, staging
+            time_us += 1
+
+    def publish(self, backup_id: str, staging: Path) -> None:
+        """Make the pieces copied into ``staging`` durable in the catalog: before any manifest
+        names them."""
+        self.place.publish(backup_id, staging)
+
+    def discard(self, backup_id: str, staging: Path) -> None:
+        """Remove what a run that failed wrote."""
+        self.place.discard(backup_id, staging)
 
     def write_manifest(self, manifest: Manifest) -> None:
         """Write (or replace) the manifest of a backup, sealed (with the key, authenticated)."""
-        write_durably(
-            self.backup_dir(manifest.id) / MANIFEST,
-            _seal(manifest.to_json(), self.key),
-        )
+        self.place.check_backup(manifest.id)
+        self.place.write(f"{manifest.id}/{MANIFEST}", _seal(manifest.to_json(), self.key))
 
     def load(self, backup_id: str) -> Manifest:
         """The manifest of ``backup_id``, every field checked.
 
         Raises:
             BackupNotFound: No such backup, or it has no manifest (a run that never finished).
-            CatalogError: Its directory or manifest is not usable (the message says why).
+            CatalogError: Its place or manifest is not usable (the message says why).
         """
-        path = self.backup_dir(backup_id) / MANIFEST
-        if not os.path.lexists(path):
+        if not is_backup_id(backup_id):
+            raise CatalogError(f"{backup_id!r} is not a backup id (e.g. 20261204T163000.123456Z)")
+        self.place.check_backup(backup_id)
+        what = f"manifest of backup {backup_id}"
+        raw = self.place.read(f"{backup_id}/{MANIFEST}", what, _MAX_JSON)
+        if raw is None:
             raise BackupNotFound(
                 f"backup {backup_id} has no manifest (a run that never finished)", backup=backup_id
             )
-        data = _read_json(path, f"manifest of backup {backup_id}")
+        data = _parse_json(raw, what)
         manifest = _parse_manifest(data, backup_id, keyed=self.key is not None)
-        _check_seal(data, self.key, f"manifest of backup {backup_id}", required=True)
+        _check_seal(data, self.key, what, required=True)
         if manifest.repository_id not in self.marker.repositories:
             raise CatalogError(
                 f"backup {backup_id}: field 'repository_id' names repository "
@@ -781,19 +741,17 @@ class Catalog:
         """Every problem found (every piece's checksum read); empty when sound."""
         return self.scan().check(checksums=True).problems
 
-    def sweep_abandoned(self) -> list[Path]:
-        """Remove the temps that killed runs left in their manifest-less directories.
+    def sweep_abandoned(self) -> list[str]:
+        """Remove the temps that killed runs left in their unfinished backups.
 
-        Only temps whose writer process is dead go; the caller holds :meth:`lock`, so no run
-        of its own is writing there. (The directories themselves go at the next prune.)
+        Only temps whose writer process is dead go; the caller holds :meth:`locked`, so no run
+        of its own is writing there. (The unfinished backups themselves go at the next prune.)
         """
-        removed: list[Path] = []
-        for backup_id in self.backup_ids():
-            with contextlib.suppress(CatalogError):
-                path = self.backup_dir(backup_id)
-                if not os.path.lexists(path / MANIFEST):
-                    removed += sweep_stale_temps(path)
-        return removed
+        return [
+            removed
+            for backup_id in self.backup_ids()
+            for removed in self.place.sweep_abandoned(backup_id)
+        ]
 
 
 def list_backups(
@@ -806,41 +764,6 @@ def list_backups(
     prints it: whether each is restorable is judged from the manifests and the pieces' sizes,
     with ``verify`` from every byte."""
     return Catalog(dest_dir, key_file=key_file).scan().listing(checksums=verify)
-
-
-def remove_own_files(directory: Path, ours: Callable[[str], bool]) -> list[Path]:
-    """Unlink the entries of ``directory`` that ``ours`` accepts; never follows a link (an
-    entry that is one is unlinked itself, never what it points to), never enters a
-    subdirectory."""
-    removed = []
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        for name in os.listdir(fd):
-            if not ours(name):
-                continue
-            try:
-                os.unlink(name, dir_fd=fd)
-            except OSError as err:
-                if err.errno not in (errno.ENOENT, errno.EISDIR, errno.EPERM):
-                    raise
-            else:
-                removed.append(directory / name)
-    finally:
-        os.close(fd)
-    return removed
-
-
-def is_piece_name(name: str) -> bool:
-    """Whether ``name`` is a piece hotcopy writes (``<prefix>.hc`` or ``<prefix>.hc-delta``)."""
-    for suffix in (".hc", ".hc-delta"):
-        if name.endswith(suffix) and _is_prefix(name[: -len(suffix)]):
-            return True
-    return False
-
-
-def is_own_file(name: str) -> bool:
-    """Whether hotcopy writes files named ``name`` into a backup directory."""
-    return name == MANIFEST or is_piece_name(name) or is_temp_name(name)
 
 
 # -- the catalog as it is now ---------------------------------------------------------------------
@@ -888,8 +811,7 @@ class CatalogView:
         for backup_id in catalog.backup_ids():
             self.records[backup_id] = self._record(backup_id)
         self._chains: dict[tuple[str, str], list[tuple[Manifest, Entry]] | CatalogError] = {}
-        self._pieces: dict[tuple[str, bool], str | None] = {}
-        self._root = str(catalog.path)  # paths of pieces as strings: pathlib costs 15 us each
+        self._pieces: dict[tuple[str, str, bool], str | None] = {}
 
     def _record(self, backup_id: str) -> Record:
         time_us = backup_time_us(backup_id)
@@ -898,8 +820,7 @@ class CatalogView:
         except BackupNotFound as err:
             return Record(backup_id, time_us, UNFINISHED, problem=str(err))
         except CatalogError as err:
-            path = self.catalog.path / backup_id
-            foreign = os.path.islink(path) or not os.path.isdir(path)
+            foreign = self.catalog.place.is_foreign(backup_id)
             return Record(backup_id, time_us, INVALID, problem=str(err), foreign=foreign)
         status = COMPLETE if manifest.complete else PARTIAL
         return Record(backup_id, time_us, status, manifest)
@@ -914,7 +835,7 @@ class CatalogView:
     def manifest(self, backup_id: str) -> Manifest:
         record = self.records.get(backup_id)
         if record is None:
-            raise BackupNotFound(f"no backup {backup_id} in {self.catalog.path}", backup=backup_id)
+            raise BackupNotFound(f"no backup {backup_id} in {self.catalog.where}", backup=backup_id)
         if record.manifest is None:
             assert record.problem is not None
             if record.status == UNFINISHED:
@@ -972,16 +893,14 @@ class CatalogView:
             )
         return [*self.chain(entry.base, prefix), (manifest, entry)]
 
-    def piece_path(self, manifest: Manifest, entry: Entry) -> str:
-        return os.path.join(self._root, manifest.id, entry.file)
-
     def piece_problem(self, manifest: Manifest, entry: Entry, *, checksums: bool) -> str | None:
         """Why the piece of ``entry`` is not the one recorded, or None. Without ``checksums``
         only that it is a regular file of the recorded size."""
-        path = self.piece_path(manifest, entry)
-        key = (path, checksums)
+        key = (manifest.id, entry.file, checksums)
         if key not in self._pieces:
-            self._pieces[key] = _piece_problem(path, entry, checksums, self.catalog.key)
+            self._pieces[key] = self.catalog.place.piece_problem(
+                manifest.id, entry, checksums=checksums, key=self.catalog.key
+            )
         return self._pieces[key]
 
     def check_chain(self, backup_id: str, prefix: str, *, checksums: bool) -> str | None:
@@ -1009,8 +928,11 @@ class CatalogView:
                 return f"prefix {prefix!r}: {problem}"
         return None
 
-    def pieces(self, backup_id: str, prefix: str, *, checksums: bool) -> list[Piece]:
-        """The pieces that rebuild ``prefix`` of ``backup_id``, each checked first.
+    def pieces(
+        self, backup_id: str, prefix: str, *, checksums: bool, scratch: Path | None = None
+    ) -> list[Piece]:
+        """The pieces that rebuild ``prefix`` of ``backup_id``, each checked first, as local
+        files: those of a catalog that is not local are downloaded into ``scratch``.
 
         Raises:
             CatalogError: A link is missing or not the one recorded.
@@ -1023,9 +945,13 @@ class CatalogView:
                     f"backup {backup_id}, prefix {prefix!r}: {manifest.id}/{entry.file}: {problem}",
                     prefix=prefix,
                 )
+        names = [f"{manifest.id}/{entry.file}" for manifest, entry in links]
+        if scratch is None and not self.catalog.place.local:
+            raise CatalogError(f"the pieces of {self.catalog.where} must be fetched to be read")
+        local = self.catalog.place.fetch(names, scratch or Path())
         return [
-            Piece(Path(self.piece_path(manifest, entry)), entry.size, entry.crc32)
-            for manifest, entry in links
+            Piece(local[name], entry.size, entry.crc32)
+            for name, (_, entry) in zip(names, links, strict=True)
         ]
 
     def depends_on(self, backup_id: str) -> list[str]:
@@ -1063,7 +989,7 @@ class CatalogView:
             passed.append(f"{record.id}: not restorable: {problem}")
         when = "" if before_us is None else f" at or before {iso_utc(before_us / 1e6)}"
         raise BackupNotFound(
-            f"no complete, restorable backup{when} in {self.catalog.path}"
+            f"no complete, restorable backup{when} in {self.catalog.where}"
             + (f" (passed over {'; '.join(passed[:3])})" if passed else "")
         )
 
@@ -1168,7 +1094,7 @@ class CatalogView:
             )
         return {
             "version": 1,
-            "catalog": str(self.catalog.path),
+            "catalog": self.catalog.where,
             "repository_id": marker.repository_id,
             "lineage": [
                 {**succession.to_json(), "time": iso_utc(succession.time)}
@@ -1180,49 +1106,6 @@ class CatalogView:
 
 def _wall_clock() -> float:
     return datetime.now(UTC).timestamp()
-
-
-def _piece_problem(path: str, entry: Entry, checksums: bool, key: bytes | None) -> str | None:
-    if not checksums:  # one lstat: a regular file (never a link followed) of the right size
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            return "missing"
-        except OSError as err:
-            return f"unreadable: {err.strerror}"
-        if not stat.S_ISREG(info.st_mode):
-            try:  # refused at once, with what it is (a FIFO is opened without blocking)
-                os.close(open_regular(path))
-            except (NotRegularFile, OSError) as err:
-                return str(err)
-        if info.st_size != entry.size:
-            return f"{info.st_size} bytes, the manifest says {entry.size}"
-        return None
-    try:
-        fd = open_regular(path)
-    except FileNotFoundError:
-        return "missing"
-    except NotRegularFile as err:
-        return str(err)
-    except OSError as err:
-        return f"unreadable: {err.strerror}"
-    try:
-        size = os.fstat(fd).st_size
-        if size != entry.size:
-            return f"{size} bytes, the manifest says {entry.size}"
-        crc = 0
-        digest = hashlib.sha256()
-        while chunk := os.read(fd, 4 << 20):
-            crc = zlib.crc32(chunk, crc)
-            if key is not None:
-                digest.update(chunk)
-    finally:
-        os.close(fd)
-    if crc != entry.crc32:
-        return "checksum mismatch (the file is damaged)"
-    if key is not None and not hmac.compare_digest(digest.hexdigest(), entry.sha256 or ""):
-        return "SHA-256 mismatch (the file is damaged or was replaced)"
-    return None
 
 
 def sha256_of(path: Path) -> str:

@@ -29,6 +29,7 @@ from ._cli_base import (
     Console,
     add_verbosity,
     one_line,
+    use_endpoint_url,
 )
 
 __all__ = ["CommandError", "main"]
@@ -43,6 +44,7 @@ _LEVELS["error"] = logging.ERROR
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``hotcopy`` command line; return the exit status."""
     args = build_parser().parse_args(argv)
+    use_endpoint_url(args)
     command: Command = args.command
     console = Console(quiet=args.quiet)
     with _logging(args):

@@ -24,11 +24,13 @@ from ._cli_base import (
     EXIT_PARTIAL,
     CommandError,
     Console,
+    add_endpoint_url,
     add_json,
     add_key_file,
     add_prefixes,
     add_rate_limit,
     add_timeout,
+    catalog_location,
     command_parser,
     duration,
     positive_int,
@@ -38,6 +40,8 @@ from ._cli_repository import file_size, waited_text
 from ._cli_waits import WaitTimeout, lease_holders, open_repository
 from ._progress import human_bytes
 from ._retention import prune
+
+CATALOG_HELP = "the backup directory, or s3://BUCKET/PATH"
 
 
 def register(sub: Any) -> None:
@@ -57,7 +61,7 @@ def register(sub: Any) -> None:
         "lock (another backup or prune), which is reported apart.",
     )
     cmd.add_argument("root", type=Path, help="the repository")
-    cmd.add_argument("dest_dir", type=Path, help="the backup directory")
+    cmd.add_argument("dest_dir", type=catalog_location, help=CATALOG_HELP)
     add_prefixes(cmd, "back up")
     cmd.add_argument(
         "--jobs",
@@ -90,6 +94,7 @@ def register(sub: Any) -> None:
     add_timeout(cmd, "the backup directory's lock and for each lease (a prefix whose lease "
                 "times out fails: the backup is partial)")  # fmt: skip
     add_key_file(cmd)
+    add_endpoint_url(cmd)
     add_json(cmd)
     cmd.set_defaults(command=run_backup)
 
@@ -106,7 +111,9 @@ def register(sub: Any) -> None:
         "empty or absent unless --force (then each prefix is replaced under its exclusive "
         "lease). Restoring what a partial backup holds (--allow-partial) exits 3.",
     )
-    cmd.add_argument("source", type=Path, help="a backup directory, or a .hc file")
+    cmd.add_argument(
+        "source", type=catalog_location, help="a backup directory or s3:// URL, or a .hc file"
+    )
     cmd.add_argument("root", type=Path, help="the repository to restore into")
     add_prefixes(cmd, "restore")
     cmd.add_argument(
@@ -134,6 +141,7 @@ def register(sub: Any) -> None:
     )
     add_timeout(cmd, "each prefix's exclusive lease (with --force)")
     add_key_file(cmd)
+    add_endpoint_url(cmd)
     add_json(cmd)
     cmd.set_defaults(command=run_restore)
 
@@ -146,7 +154,7 @@ def register(sub: Any) -> None:
   hotcopy prune /backups --keep-last 3
   hotcopy prune /backups --keep-within 36h --timeout 60""",
     )
-    cmd.add_argument("dest_dir", type=Path, help="the backup directory")
+    cmd.add_argument("dest_dir", type=catalog_location, help=CATALOG_HELP)
     cmd.add_argument(
         "--keep-last",
         "--keep",
@@ -172,6 +180,7 @@ def register(sub: Any) -> None:
     )
     add_timeout(cmd, "the backup directory's lock (another backup or prune)")
     add_key_file(cmd)
+    add_endpoint_url(cmd)
     add_json(cmd)
     cmd.set_defaults(command=run_prune)
 
@@ -183,11 +192,12 @@ def register(sub: Any) -> None:
   hotcopy backups /backups
   hotcopy backups /backups --verify --json""",
     )
-    cmd.add_argument("dest_dir", type=Path, help="the backup directory")
+    cmd.add_argument("dest_dir", type=catalog_location, help=CATALOG_HELP)
     cmd.add_argument(
         "--verify", action="store_true", help="judge restorability from every byte, not sizes"
     )
     add_key_file(cmd)
+    add_endpoint_url(cmd)
     add_json(cmd)
     cmd.set_defaults(command=run_backups)
 
@@ -204,8 +214,13 @@ def register(sub: Any) -> None:
         "prefixes or backups exits 3; a damaged file, or a backup directory with nothing "
         "restorable, exits 1.",
     )
-    cmd.add_argument("path", type=Path, help="a .hc file, a repository or a backup directory")
+    cmd.add_argument(
+        "path",
+        type=catalog_location,
+        help="a .hc file, a repository, or a backup directory or s3:// URL",
+    )
     add_key_file(cmd)
+    add_endpoint_url(cmd)
     add_json(cmd)
     cmd.set_defaults(command=run_verify)
 
@@ -279,12 +294,14 @@ def _with_holders(root: Path, prefix: str, why: str) -> str:
 
 
 def run_restore(args: argparse.Namespace, console: Console) -> int:
-    source: Path = args.source
-    if not os.path.lexists(source):
+    source: str | Path = args.source
+    if isinstance(source, str):
+        pass  # an s3:// catalog
+    elif not os.path.lexists(source):
         raise CommandError(
             f"{source}: no such file or directory (give a backup directory or a .hc copy)"
         )
-    if not source.is_dir():
+    elif not source.is_dir():
         return _restore_copy(args, console)
     with console.progress("restore") as bar:
         try:
@@ -424,8 +441,8 @@ def run_backups(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_verify(args: argparse.Namespace, console: Console) -> int:
-    path: Path = args.path
-    if path.is_dir() and os.path.lexists(path / CATALOG_MARKER):
+    path: str | Path = args.path
+    if isinstance(path, str) or (path.is_dir() and os.path.lexists(path / CATALOG_MARKER)):
         return _verify_catalog(path, args.key_file, args.json, console)
     if path.is_dir():
         return _verify_repository(path, args.json, console)
@@ -487,7 +504,9 @@ def _verify_repository(root: Path, as_json: bool, console: Console) -> int:
     return EXIT_OK
 
 
-def _verify_catalog(path: Path, key_file: Path | None, as_json: bool, console: Console) -> int:
+def _verify_catalog(
+    path: str | Path, key_file: Path | None, as_json: bool, console: Console
+) -> int:
     view = Catalog(path, key_file=key_file).scan()
     pieces = [
         (record.manifest, entry)
@@ -507,7 +526,7 @@ def _verify_catalog(path: Path, key_file: Path | None, as_json: bool, console: C
     return _report_check(path, check, as_json, console)
 
 
-def _report_check(path: Path, check: Check, as_json: bool, console: Console) -> int:
+def _report_check(path: str | Path, check: Check, as_json: bool, console: Console) -> int:
     found = ", ".join(f"{n} {status}" for status, n in check.counts.items())
     if as_json:
         print_json(

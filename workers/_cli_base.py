@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -18,6 +19,7 @@ from hotcopy.coordinator._errors import HotcopyError
 from ._catalog import KEY_ENV, parse_duration
 from ._cli_waits import Waits
 from ._progress import Progress
+from ._s3 import is_object_url
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # one line "hotcopy: error: ..." on stderr, no traceback
@@ -146,6 +148,27 @@ def add_prefixes(parser: argparse.ArgumentParser, verb: str) -> None:
         metavar="P",
         help=f"{verb} this prefix (repeatable; default all)",
     )
+
+
+def catalog_location(text: str) -> str | Path:
+    """A backup catalog on the command line: ``s3://BUCKET/PATH`` as given, else a path."""
+    return text if is_object_url(text) else Path(text)
+
+
+def add_endpoint_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        help="the S3 API server of an s3:// catalog (MinIO, Ceph RGW, R2...; default: "
+        "$AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL or AWS itself)",
+    )
+
+
+def use_endpoint_url(args: argparse.Namespace) -> None:
+    """Point this process's S3 client at ``--endpoint-url``, as the AWS CLI's own variable
+    does: credentials and region come from the standard AWS variables and files."""
+    if getattr(args, "endpoint_url", None):
+        os.environ["AWS_ENDPOINT_URL_S3"] = args.endpoint_url
 
 
 def add_key_file(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,8 @@ from ._backup import BackupResult, backup
 from ._catalog import Catalog
 from ._errors import BackupError
 from ._logical import changes_in, write_document
+from ._places import DirectoryPlace
+from ._s3 import is_object_url
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ class BackupManager:
 
     Args:
         db: The repository (or its root directory); named as DictDB names it.
-        backup_dir: The backup catalog directory (created if absent).
+        backup_dir: The backup catalog: a directory (created if absent) or ``s3://BUCKET/PATH``.
         backup_interval: Seconds between periodic backups once started.
         file_format: ``"native"``, or ``"json"`` to also write each backup's logical document
             (``<backup_dir>/<backup id>.json``; see :func:`apply_delta`).
@@ -79,7 +81,10 @@ class BackupManager:
         if verify_chain_every < 1:
             raise ValueError(f"verify_chain_every must be at least 1, not {verify_chain_every}")
         self.root = str(db.root if isinstance(db, Repository) else Path(db))
-        self.backup_dir = Path(backup_dir)
+        remote = isinstance(backup_dir, str) and is_object_url(backup_dir)
+        if file_format == "json" and remote:
+            raise ValueError("file_format 'json' writes local documents: give a backup directory")
+        self.backup_dir = backup_dir if remote else Path(backup_dir)
         self.backup_interval = backup_interval
         self.file_format = file_format
         self.min_backup_interval = min_backup_interval
@@ -249,16 +254,18 @@ class BackupManager:
 
     def _write_logical(self, result: BackupResult) -> Path:
         catalog = Catalog(self.backup_dir, key_file=self.key_file)
+        place = catalog.place
+        assert isinstance(place, DirectoryPlace)  # refused in __init__
         manifest = catalog.load(result.id)
         prefixes: dict[str, Any] = {}
         for name, entry in manifest.entries.items():
             prefixes[name] = changes_in(
-                catalog.path / result.id / entry.file,
+                place.path / result.id / entry.file,
                 full=entry.kind == "full",
                 start=entry.start,
             )
         return write_document(
-            catalog.path,
+            place.path,
             result.id,
             manifest.created,
             prefixes,

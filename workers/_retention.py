@@ -26,16 +26,13 @@ followed.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from hotcopy.storage._durable import fsync_dir
 from hotcopy.storage._faults import fault
 
 from ._catalog import (
@@ -47,11 +44,8 @@ from ._catalog import (
     LockWait,
     Manifest,
     Record,
-    is_own_file,
-    is_piece_name,
     iso_utc,
     parse_duration,
-    remove_own_files,
 )
 from ._logical import document_name
 
@@ -298,39 +292,34 @@ def prune(
 
 
 def _execute(catalog: Catalog, view: CatalogView, decisions: list[Decision], now: float) -> None:
+    place = catalog.place
     removals = [d for d in decisions if d.action == "remove"]
-    # 1. Manifests, newest first: a trim's new one, or a removed backup's unlinked. A backup
+    # 1. Manifests, newest first: a trim's new one, or a removed backup's removed. A backup
     #    only ever depends on older ones, so whatever depended on what goes has gone first.
     for decision in reversed(decisions):
         if decision.action == "trim":
             _trim(catalog, view.records[decision.id], decision, now)
         elif decision.action == "remove":
-            directory = catalog.path / decision.id
-            try:
-                os.unlink(directory / MANIFEST)  # the name only: never followed
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            fsync_dir(directory)
+            place.remove([f"{decision.id}/{MANIFEST}"])  # the name only: never followed
         else:
             continue
         fault(FAULT_POINT)
-    # 2. Then their files and directories, and the pieces no manifest names any more.
+    # 2. Then their files, and the pieces no manifest names any more.
     for decision in removals:
-        left = _remove_backup_dir(catalog.path / decision.id)
+        left = place.remove_backup(decision.id)
         if left:
             decision.reasons.append(
                 f"directory left in place: it holds files hotcopy did not write ({', '.join(left)})"
             )
-        for kind in ("full", "delta"):  # its logical document, if any
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.unlink(catalog.path / document_name(decision.id, kind))
-        fsync_dir(catalog.path)
+        # its logical documents, if any
+        place.remove(document_name(decision.id, kind) for kind in ("full", "delta"))
         fault(FAULT_POINT)
     for decision in decisions:
         manifest = view.records[decision.id].manifest
         if decision.action in ("keep", "trim") and manifest is not None:
             kept = decision.keep_prefixes if decision.action == "trim" else set(manifest.entries)
-            if _remove_unnamed_pieces(catalog.path / decision.id, manifest, kept):
+            named = {manifest.entries[prefix].file for prefix in kept}
+            if place.remove_unnamed_pieces(decision.id, named):
                 fault(FAULT_POINT)
 
 
@@ -352,30 +341,3 @@ def _trim(catalog: Catalog, record: Record, decision: Decision, now: float) -> N
             pruned={**manifest.pruned, **dict.fromkeys(decision.drop_prefixes, reason)},
         )
     )
-
-
-def _remove_unnamed_pieces(directory: Path, manifest: Manifest, kept: set[str]) -> bool:
-    """Remove the pieces in ``directory`` that its manifest no longer names (dropped by a
-    trim, perhaps by a prune killed before it got here)."""
-    named = {manifest.entries[prefix].file for prefix in kept}
-
-    def unnamed(name: str) -> bool:
-        return is_piece_name(name) and name not in named
-
-    if remove_own_files(directory, unnamed):
-        fsync_dir(directory)
-        return True
-    return False
-
-
-def _remove_backup_dir(directory: Path) -> list[str]:
-    """Remove what hotcopy wrote in ``directory``, and the directory if that empties it;
-    the names of anything else (left in place, with the directory)."""
-    try:
-        remove_own_files(directory, is_own_file)
-        os.rmdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []  # gone already, or a file named like a backup: not ours
-    except OSError:
-        return sorted(os.listdir(directory))
-    return []

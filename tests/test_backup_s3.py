@@ -1,0 +1,191 @@
+"""Backup catalogs in an S3-compatible bucket (``s3://BUCKET/PATH``), against a real S3 API
+server process (moto's, started by the test session; see ``tests/_s3server.py``).
+
+The catalog rules are those of a directory (``test_backup_catalog``), expressed with objects:
+pieces before the manifest, a backup without a manifest never used, one run or prune at a time
+(a lock object), retention never breaking a chain.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hotcopy.storage import CorruptFileError, Repository
+from hotcopy.workers import Catalog, CatalogError, backup, list_backups, main, prune, restore
+from hotcopy.workers._s3 import ObjectStore
+
+pytestmark = [pytest.mark.timeout(90)]
+
+
+@pytest.fixture
+def bucket(s3_url: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """A catalog URL in a fresh bucket, with this process's S3 client pointed at the server
+    as an operator's would be (``AWS_ENDPOINT_URL_S3``)."""
+    url, endpoint = s3_url
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    return url + "/host-a/repo"
+
+
+@pytest.fixture
+def repo_root(tmp_path: Path) -> Iterator[Path]:
+    root = tmp_path / "repo"
+    with Repository.init(root) as repo:
+        for number in range(3):
+            with repo.open_prefix(f"p{number}", "rw") as px:
+                for key in range(200):
+                    px[f"k{key}"] = {"n": key, "p": number, "pad": "x" * 50}
+                px.commit()
+    yield root
+
+
+def dump(root: Path) -> dict[str, dict[str, Any]]:
+    with Repository(root) as repo:
+        found = {}
+        for name in repo.prefixes():
+            with repo.open_prefix(name, "r") as px:
+                found[name] = {key: px[key] for key in px}
+        return found
+
+
+def change(root: Path, name: str, changes: dict[str, Any]) -> None:
+    with Repository(root) as repo, repo.open_prefix(name, "rw") as px:
+        for key, value in changes.items():
+            px[key] = value
+        px.commit()
+
+
+def objects(url: str) -> dict[str, int]:
+    return ObjectStore(url).sizes()
+
+
+def test_a_backup_in_a_bucket_restores_exactly(
+    bucket: str, repo_root: Path, tmp_path: Path
+) -> None:
+    expected = dump(repo_root)
+    result = backup(repo_root, bucket)
+    assert result.complete and result.path == f"{bucket}/{result.id}"
+    names = objects(bucket)
+    assert f"{result.id}/MANIFEST.json" in names
+    assert {f"{result.id}/p{n}.hc" for n in range(3)} <= set(names)
+
+    restored = restore(bucket, tmp_path / "new")
+    assert restored.id == result.id
+    assert dump(tmp_path / "new") == expected
+    assert Catalog(bucket).verify() == []
+    listing = list_backups(bucket, verify=True)
+    assert listing["catalog"] == bucket
+    assert [(b["id"], b["restorable"]) for b in listing["backups"]] == [(result.id, True)]
+
+
+def test_an_incremental_backup_in_a_bucket_is_a_chain_that_restores_the_newest_state(
+    bucket: str, repo_root: Path, tmp_path: Path
+) -> None:
+    first = backup(repo_root, bucket)
+    change(repo_root, "p1", {"k1": "changed", "new": [1, 2, 3]})
+    second = backup(repo_root, bucket, incremental=True)
+    assert second.prefixes["p1"]["kind"] == "delta"
+    assert f"{second.id}/p1.hc-delta" in objects(bucket)
+    restore(bucket, tmp_path / "new")
+    assert dump(tmp_path / "new") == dump(repo_root)
+    restore(bucket, tmp_path / "old", at=first.id)
+    assert dump(tmp_path / "old")["p1"]["k1"] == {"n": 1, "p": 1, "pad": "x" * 50}
+
+
+def test_a_run_that_never_published_its_manifest_is_never_used(
+    bucket: str, repo_root: Path, tmp_path: Path
+) -> None:
+    good = backup(repo_root, bucket)
+    change(repo_root, "p0", {"k0": "after"})
+    # A run killed after uploading its pieces, before its manifest: what a crash leaves.
+    catalog = Catalog(bucket)
+    killed_id, staging = catalog.new_backup(time.time() + 1)
+    (staging / "p0.hc").write_bytes(b"not a main file")
+    catalog.publish(killed_id, staging)
+    assert f"{killed_id}/p0.hc" in objects(bucket)
+
+    listing = list_backups(bucket)
+    statuses = {b["id"]: (b["status"], b["restorable"]) for b in listing["backups"]}
+    assert statuses == {good.id: ("complete", True), killed_id: ("unfinished", False)}
+    assert restore(bucket, tmp_path / "new").id == good.id
+    report = prune(bucket, keep_last=1)
+    assert report.removed == [killed_id]
+    assert not any(name.startswith(killed_id) for name in objects(bucket))
+
+
+def test_a_damaged_piece_in_the_bucket_is_found_and_never_restored(
+    bucket: str, repo_root: Path, tmp_path: Path
+) -> None:
+    result = backup(repo_root, bucket)
+    store = ObjectStore(bucket)
+    name = f"{result.id}/p2.hc"
+    with (tmp_path / "piece").open("wb") as out:
+        for chunk in store.chunks(name):
+            out.write(chunk)
+    damaged = bytearray((tmp_path / "piece").read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01  # one flipped bit, same size
+    assert zlib.crc32(damaged) != zlib.crc32((tmp_path / "piece").read_bytes())
+    store.put(name, bytes(damaged), create_only=False)
+
+    problems = Catalog(bucket).verify()
+    assert len(problems) == 1 and "p2" in problems[0] and "checksum" in problems[0]
+    with pytest.raises(CorruptFileError, match="nothing restored"):
+        restore(bucket, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert not list(tmp_path.glob(".new.*"))  # no staging or fetched pieces left behind
+
+
+def test_prune_in_a_bucket_keeps_every_link_a_kept_backup_needs(
+    bucket: str, repo_root: Path, tmp_path: Path
+) -> None:
+    full = backup(repo_root, bucket)
+    change(repo_root, "p0", {"k0": "one"})
+    backup(repo_root, bucket, incremental=True)
+    change(repo_root, "p0", {"k0": "two"})
+    newest = backup(repo_root, bucket, incremental=True)
+    report = prune(bucket, keep_last=1)
+    assert newest.id in report.kept
+    assert full.id not in report.removed  # the newest delta's chain starts there
+    restore(bucket, tmp_path / "new")
+    assert dump(tmp_path / "new") == dump(repo_root)
+
+
+def test_a_repository_of_another_catalog_is_refused(
+    bucket: str, repo_root: Path, tmp_path: Path
+) -> None:
+    backup(repo_root, bucket)
+    other = tmp_path / "other"
+    with Repository.init(other) as repo, repo.open_prefix("x", "rw") as px:
+        px["k"] = 1
+        px.commit()
+    with pytest.raises(CatalogError, match="holds backups of repository"):
+        backup(other, bucket)
+
+
+def test_the_command_line_backs_up_into_and_restores_from_a_bucket(
+    s3_url: tuple[str, str],
+    repo_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, endpoint = s3_url
+    # --endpoint-url wins over the environment (restored after the test)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    catalog = f"{url}/cli"
+    assert main(["backup", str(repo_root), catalog, "--endpoint-url", endpoint, "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["complete"]
+    assert main(["backups", catalog, "--endpoint-url", endpoint, "--json"]) == 0
+    assert [b["id"] for b in json.loads(capsys.readouterr().out)["backups"]] == [made["id"]]
+    assert main(["verify", catalog, "--endpoint-url", endpoint]) == 0
+    capsys.readouterr()
+    new = tmp_path / "new"
+    assert main(["restore", catalog, str(new), "--endpoint-url", endpoint, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == made["id"]
+    assert dump(new) == dump(repo_root)

@@ -1,0 +1,506 @@
+"""Where a backup catalog lives: a local directory, or a path in an S3-compatible bucket.
+
+The catalog (``_catalog``) decides what is valid and what a backup needs; a *place* only stores
+and finds its files, named relative to the catalog (``hotcopy-backups.json``,
+``<backup id>/MANIFEST.json``, ``<backup id>/<prefix>.hc``). Both keep the catalog's rules: a
+backup's pieces are durable before its manifest names them, a backup without a manifest is
+never used, and one run or prune changes a catalog at a time.
+
+- :class:`DirectoryPlace`: files made durable by fsync and temp-then-rename; a backup is a
+  directory the copy workers write into; the catalog lock is a ``flock``.
+- :class:`ObjectPlace`: objects, which are never renamed. A backup id is claimed by a
+  create-only put of ``<id>/STARTED``; copy workers write the pieces into a local staging
+  directory, which is uploaded before the manifest is put; the catalog lock is a create-only
+  lock object with an expiry, renewed while held (``_s3.ObjectStore.lock``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import hmac
+import os
+import shutil
+import stat
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from filelock import BaseFileLock, FileLock
+from hotcopy.storage import NotRegularFile, StorageError
+from hotcopy.storage._durable import (
+    fsync_dir,
+    is_temp_name,
+    sweep_stale_temps,
+    sync_filesystem,
+    write_durably,
+)
+from hotcopy.storage._files import make_directory, open_regular, read_regular, refuse_unsafe_place
+from hotcopy.storage._repository import validate_prefix_name
+
+from ._errors import BackupNotFound, CatalogError
+from ._s3 import ObjectLock, ObjectStore, is_object_url
+
+if TYPE_CHECKING:
+    from ._catalog import Entry
+
+CATALOG_MARKER = "hotcopy-backups.json"
+MANIFEST = "MANIFEST.json"
+LOCK = "catalog.lock"
+STARTED = "STARTED"  # an object place's claim on a backup id (a directory place's mkdir)
+# Takes a catalog lock (see Catalog.locked): bounded or reported as the caller wants.
+LockWait = Callable[[BaseFileLock], None]
+
+
+def is_prefix_name(name: object) -> bool:
+    try:
+        validate_prefix_name(name)
+    except StorageError:
+        return False
+    return True
+
+
+def is_piece_name(name: str) -> bool:
+    """Whether ``name`` is a piece hotcopy writes (``<prefix>.hc`` or ``<prefix>.hc-delta``)."""
+    for suffix in (".hc", ".hc-delta"):
+        if name.endswith(suffix) and is_prefix_name(name[: -len(suffix)]):
+            return True
+    return False
+
+
+def is_own_file(name: str) -> bool:
+    """Whether hotcopy writes files named ``name`` into a backup directory."""
+    return name == MANIFEST or is_piece_name(name) or is_temp_name(name)
+
+
+class Place(Protocol):
+    """What the catalog asks of the place it lives in (names relative to the catalog)."""
+
+    @property
+    def where(self) -> str: ...
+    @property
+    def local(self) -> bool: ...  # pieces are local files (else fetched to be read)
+    def exists(self) -> bool: ...
+    def read(self, name: str, what: str, limit: int) -> bytes | None: ...
+    def write(self, name: str, data: bytes, *, create_only: bool = False) -> bool: ...
+    def locked(self, acquire: LockWait | None) -> contextlib.AbstractContextManager[None]: ...
+    def top_names(self) -> list[str]: ...
+    def check_backup(self, backup_id: str) -> None: ...
+    def is_foreign(self, backup_id: str) -> bool: ...
+    def new_backup(self, backup_id: str) -> Path | None: ...
+    def publish(self, backup_id: str, staging: Path) -> None: ...
+    def discard(self, backup_id: str, staging: Path) -> None: ...
+    def sweep_abandoned(self, backup_id: str) -> list[str]: ...
+    def piece_problem(
+        self, backup_id: str, entry: Entry, *, checksums: bool, key: bytes | None
+    ) -> str | None: ...
+    def fetch(self, names: list[str], into: Path) -> dict[str, Path]: ...
+    def remove(self, names: Iterable[str]) -> None: ...
+    def remove_backup(self, backup_id: str) -> list[str]: ...
+    def remove_unnamed_pieces(self, backup_id: str, named: set[str]) -> bool: ...
+
+
+def open_place(location: str | os.PathLike[str], *, create: bool = False) -> Place:
+    """The place named by ``location``: an ``s3://`` URL or a directory."""
+    if isinstance(location, str) and is_object_url(location):
+        return ObjectPlace(location)
+    return DirectoryPlace(location, create=create)
+
+
+# -- a directory ----------------------------------------------------------------------------------
+
+
+class DirectoryPlace:
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
+        self.path = Path(path).absolute()
+        if create:
+            if self.path.exists() and not self.path.is_dir():
+                raise CatalogError(
+                    f"backup directory {self.path} is not a directory", path=str(self.path)
+                )
+            make_directory(self.path)
+        refuse_unsafe_place(self.path)
+        self._root = str(self.path)  # piece paths as strings: pathlib costs 15 us each
+
+    @property
+    def where(self) -> str:
+        return self._root
+
+    @property
+    def local(self) -> bool:
+        return True
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def read(self, name: str, what: str, limit: int) -> bytes | None:
+        """The regular file ``name`` (never a link, FIFO or device), or None if absent."""
+        path = self.path / name
+        if not os.path.lexists(path):
+            return None
+        try:
+            return read_regular(path, limit=limit)
+        except (NotRegularFile, StorageError) as err:  # or larger than any catalog file
+            raise CatalogError(f"{what}: {err}") from None
+        except OSError as err:
+            raise CatalogError(f"{what}: unreadable: {err.strerror}") from None
+
+    def write(self, name: str, data: bytes, *, create_only: bool = False) -> bool:
+        try:
+            write_durably(self.path / name, data, overwrite=not create_only)
+        except FileExistsError:
+            if not create_only:
+                raise
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def locked(self, acquire: LockWait | None) -> Iterator[None]:
+        os.close(open_regular(self.path / LOCK, os.O_RDWR | os.O_CREAT))  # its policy mode
+        lock = FileLock(self.path / LOCK, timeout=-1, poll_interval=0.01)
+        if acquire is None:
+            lock.acquire()
+        else:
+            acquire(lock)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def top_names(self) -> list[str]:
+        return [entry.name for entry in os.scandir(self.path)]
+
+    def backup_dir(self, backup_id: str) -> Path:
+        """The directory of backup ``backup_id``: a real directory inside the catalog."""
+        path = self.path / backup_id
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise BackupNotFound(
+                f"no backup {backup_id} in {self.path}", backup=backup_id
+            ) from None
+        if stat.S_ISLNK(mode):
+            raise CatalogError(
+                f"backup {backup_id}: {path} is a symbolic link; refusing to use it",
+                backup=backup_id,
+            )
+        if not stat.S_ISDIR(mode):
+            raise CatalogError(f"backup {backup_id}: {path} is not a directory", backup=backup_id)
+        return path
+
+    def check_backup(self, backup_id: str) -> None:
+        self.backup_dir(backup_id)
+
+    def is_foreign(self, backup_id: str) -> bool:
+        path = self.path / backup_id
+        return os.path.islink(path) or not os.path.isdir(path)
+
+    def new_backup(self, backup_id: str) -> Path | None:
+        """The fresh, empty directory of ``backup_id``; None if the id is taken."""
+        path = self.path / backup_id
+        try:
+            make_directory(path, exist_ok=False)
+        except FileExistsError:
+            return None
+        fsync_dir(self.path)
+        return path
+
+    def publish(self, backup_id: str, staging: Path) -> None:
+        sync_filesystem(staging)  # every copy durable before the manifest names it
+
+    def discard(self, backup_id: str, staging: Path) -> None:
+        """Remove the directory of a run that failed: what it wrote, then the directory."""
+        with contextlib.suppress(OSError):
+            remove_own_files(staging, is_own_file)
+            os.rmdir(staging)
+            fsync_dir(staging.parent)
+
+    def sweep_abandoned(self, backup_id: str) -> list[str]:
+        with contextlib.suppress(CatalogError):
+            path = self.backup_dir(backup_id)
+            if not os.path.lexists(path / MANIFEST):
+                return [str(p) for p in sweep_stale_temps(path)]
+        return []
+
+    def piece_path(self, backup_id: str, name: str) -> str:
+        return os.path.join(self._root, backup_id, name)
+
+    def piece_problem(
+        self, backup_id: str, entry: Entry, *, checksums: bool, key: bytes | None
+    ) -> str | None:
+        path = self.piece_path(backup_id, entry.file)
+        if not checksums:  # one lstat: a regular file (never a link followed) of the right size
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                return "missing"
+            except OSError as err:
+                return f"unreadable: {err.strerror}"
+            if not stat.S_ISREG(info.st_mode):
+                try:  # refused at once, with what it is (a FIFO is opened without blocking)
+                    os.close(open_regular(path))
+                except (NotRegularFile, OSError) as err:
+                    return str(err)
+            return size_problem(info.st_size, entry)
+        try:
+            fd = open_regular(path)
+        except FileNotFoundError:
+            return "missing"
+        except NotRegularFile as err:
+            return str(err)
+        except OSError as err:
+            return f"unreadable: {err.strerror}"
+        try:
+            problem = size_problem(os.fstat(fd).st_size, entry)
+            if problem is None:
+                problem = content_problem(iter(lambda: os.read(fd, 4 << 20), b""), entry, key)
+        finally:
+            os.close(fd)
+        return problem
+
+    def fetch(self, names: list[str], into: Path) -> dict[str, Path]:
+        """The pieces ``names`` (``<id>/<file>``) are here already: their paths."""
+        return {name: self.path / name for name in names}
+
+    def remove(self, names: Iterable[str]) -> None:
+        """Unlink the entries ``names`` (never followed), each directory's removal durable."""
+        directories: set[Path] = set()
+        for name in names:
+            path = self.path / name
+            try:
+                os.unlink(path)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                continue
+            directories.add(path.parent)
+        for directory in sorted(directories):
+            fsync_dir(directory)
+
+    def remove_backup(self, backup_id: str) -> list[str]:
+        """Remove what hotcopy wrote in the backup's directory, and the directory if that
+        empties it; the names of anything else (left in place, with the directory)."""
+        directory = self.path / backup_id
+        try:
+            remove_own_files(directory, is_own_file)
+            os.rmdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return []  # gone already, or a file named like a backup: not ours
+        except OSError:
+            return sorted(os.listdir(directory))
+        fsync_dir(self.path)
+        return []
+
+    def remove_unnamed_pieces(self, backup_id: str, named: set[str]) -> bool:
+        """Remove the backup's pieces that ``named`` does not hold."""
+        directory = self.path / backup_id
+        if remove_own_files(directory, lambda name: is_piece_name(name) and name not in named):
+            fsync_dir(directory)
+            return True
+        return False
+
+
+def remove_own_files(directory: Path, ours: Callable[[str], bool]) -> list[Path]:
+    """Unlink the entries of ``directory`` that ``ours`` accepts; never follows a link (an
+    entry that is one is unlinked itself, never what it points to), never enters a
+    subdirectory."""
+    removed = []
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for name in os.listdir(fd):
+            if not ours(name):
+                continue
+            try:
+                os.unlink(name, dir_fd=fd)
+            except OSError as err:
+                if err.errno not in (errno.ENOENT, errno.EISDIR, errno.EPERM):
+                    raise
+            else:
+                removed.append(directory / name)
+    finally:
+        os.close(fd)
+    return removed
+
+
+def size_problem(size: int, entry: Entry) -> str | None:
+    return None if size == entry.size else f"{size} bytes, the manifest says {entry.size}"
+
+
+def content_problem(chunks: Iterable[bytes], entry: Entry, key: bytes | None) -> str | None:
+    """Why the bytes ``chunks`` are not the piece of ``entry`` (its CRC-32; with ``key``, the
+    SHA-256 that only the key's holder could have recorded), or None."""
+    crc = 0
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        crc = zlib.crc32(chunk, crc)
+        if key is not None:
+            digest.update(chunk)
+    if crc != entry.crc32:
+        return "checksum mismatch (the file is damaged)"
+    if key is not None and not hmac.compare_digest(digest.hexdigest(), entry.sha256 or ""):
+        return "SHA-256 mismatch (the file is damaged or was replaced)"
+    return None
+
+
+# -- an object store ------------------------------------------------------------------------------
+
+
+class ObjectPlace:
+    """A catalog at ``s3://BUCKET/PATH``: credentials, region and endpoint come from the
+    standard AWS environment variables and files (``--endpoint-url`` sets
+    ``AWS_ENDPOINT_URL_S3``)."""
+
+    LOCK_TTL = 60.0  # a run that dies holding the lock blocks others for this long at most
+
+    def __init__(self, url: str) -> None:
+        self.store = ObjectStore(url)
+        self._sizes: dict[str, int] | None = None  # every object's size, as last listed
+        self._lock: ObjectLock | None = None  # the catalog lock, while this process holds it
+
+    @property
+    def where(self) -> str:
+        return self.store.describe
+
+    @property
+    def local(self) -> bool:
+        return False
+
+    def _listing(self, refresh: bool = False) -> dict[str, int]:
+        if self._sizes is None or refresh:
+            self._sizes = self.store.sizes()
+        return self._sizes
+
+    def exists(self) -> bool:
+        return bool(self._listing(refresh=True))
+
+    def read(self, name: str, what: str, limit: int) -> bytes | None:
+        return self.store.get(name, limit)
+
+    def _still_locked(self) -> None:
+        """Refuse to change the catalog once its lock was lost (expired while this process
+        could not renew it: another run may hold it now)."""
+        if self._lock is not None and self._lock.lost:
+            raise CatalogError(
+                f"lost the lock of {self.where} (it expired unrenewed: the store was "
+                "unreachable or this process was stopped); nothing more is written"
+            )
+
+    def write(self, name: str, data: bytes, *, create_only: bool = False) -> bool:
+        self._still_locked()
+        written = self.store.put(name, data, create_only=create_only)
+        if written and self._sizes is not None:
+            self._sizes[name] = len(data)
+        return written
+
+    @contextlib.contextmanager
+    def locked(self, acquire: LockWait | None) -> Iterator[None]:
+        owner = f"{os.uname().nodename}:{os.getpid()}"
+        lock = self.store.lock(LOCK, ttl=self.LOCK_TTL, timeout=None, owner=owner)
+        with lock:
+            self._lock = lock
+            try:
+                yield
+            finally:
+                self._lock = None
+
+    def top_names(self) -> list[str]:
+        return sorted({name.split("/", 1)[0] for name in self._listing(refresh=True)})
+
+    def _objects_of(self, backup_id: str) -> dict[str, int]:
+        """The objects of backup ``backup_id`` by their names inside it."""
+        start = backup_id + "/"
+        return {
+            name[len(start) :]: size
+            for name, size in self._listing().items()
+            if name.startswith(start)
+        }
+
+    def check_backup(self, backup_id: str) -> None:
+        if not self._objects_of(backup_id):
+            self._listing(refresh=True)
+            if not self._objects_of(backup_id):
+                raise BackupNotFound(f"no backup {backup_id} in {self.where}", backup=backup_id)
+
+    def is_foreign(self, backup_id: str) -> bool:
+        return False
+
+    def new_backup(self, backup_id: str) -> Path | None:
+        """A local staging directory for the pieces of ``backup_id``, once the id is claimed;
+        None if it is taken."""
+        if not self.write(f"{backup_id}/{STARTED}", b"{}", create_only=True):
+            return None
+        return Path(tempfile.mkdtemp(prefix=f"hotcopy-{backup_id}-"))
+
+    def publish(self, backup_id: str, staging: Path) -> None:
+        """Upload the pieces in ``staging`` (each verified by its size once stored); the
+        staging directory goes once they are all there."""
+        for entry in sorted(os.scandir(staging), key=lambda e: e.name):
+            self._still_locked()
+            if is_piece_name(entry.name):
+                name = f"{backup_id}/{entry.name}"
+                self.store.upload_file(name, entry.path)
+                if self._sizes is not None:
+                    self._sizes[name] = entry.stat().st_size
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def discard(self, backup_id: str, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(CatalogError):
+            self.remove([f"{backup_id}/{STARTED}"])
+
+    def sweep_abandoned(self, backup_id: str) -> list[str]:
+        return []  # nothing is staged in the bucket: a killed run left only its STARTED claim
+
+    def piece_problem(
+        self, backup_id: str, entry: Entry, *, checksums: bool, key: bytes | None
+    ) -> str | None:
+        size = self._objects_of(backup_id).get(entry.file)
+        if size is None:
+            return "missing"
+        problem = size_problem(size, entry)
+        if problem is None and checksums:
+            try:
+                problem = content_problem(
+                    self.store.chunks(f"{backup_id}/{entry.file}"), entry, key
+                )
+            except CatalogError as err:
+                problem = f"unreadable: {err}"
+        return problem
+
+    def fetch(self, names: list[str], into: Path) -> dict[str, Path]:
+        """Download the pieces ``names`` (``<id>/<file>``) into the directory ``into``."""
+        local: dict[str, Path] = {}
+        for number, name in enumerate(names):
+            path = into / f"{number}-{name.replace('/', '-')}"
+            self.store.download_file(name, path)
+            local[name] = path
+        return local
+
+    def remove(self, names: Iterable[str]) -> None:
+        self._still_locked()
+        names = list(names)
+        self.store.delete(names)
+        if self._sizes is not None:
+            for name in names:
+                self._sizes.pop(name, None)
+
+    def remove_backup(self, backup_id: str) -> list[str]:
+        objects = self._objects_of(backup_id)
+        ours = [name for name in objects if is_own_file(name) or name == STARTED]
+        # The manifest first (the caller removed it already, normally): never a backup whose
+        # pieces are going while its manifest still names them.
+        if MANIFEST in ours:
+            self.remove([f"{backup_id}/{MANIFEST}"])
+        self.remove(f"{backup_id}/{name}" for name in ours if name != MANIFEST)
+        return sorted(set(objects) - set(ours))
+
+    def remove_unnamed_pieces(self, backup_id: str, named: set[str]) -> bool:
+        unnamed = [
+            f"{backup_id}/{name}"
+            for name in self._objects_of(backup_id)
+            if is_piece_name(name) and name not in named
+        ]
+        if unnamed:
+            self.remove(unnamed)
+        return bool(unnamed)
