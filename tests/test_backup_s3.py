@@ -9,6 +9,10 @@ pieces before the manifest, a backup without a manifest never used, one run or p
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -18,6 +22,7 @@ from typing import Any
 import pytest
 from hotcopy.storage import CorruptFileError, Repository
 from hotcopy.workers import Catalog, CatalogError, backup, list_backups, main, prune, restore
+from hotcopy.workers._places import ObjectPlace
 from hotcopy.workers._s3 import ObjectStore
 
 pytestmark = [pytest.mark.timeout(90)]
@@ -189,3 +194,54 @@ def test_the_command_line_backs_up_into_and_restores_from_a_bucket(
     assert main(["restore", catalog, str(new), "--endpoint-url", endpoint, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["id"] == made["id"]
     assert dump(new) == dump(repo_root)
+
+
+_HOLDER = """
+import sys
+from hotcopy.workers import Catalog, CatalogError
+from hotcopy.workers._places import ObjectPlace
+ObjectPlace.LOCK_TTL = float(sys.argv[2])
+catalog = Catalog(sys.argv[1])
+with catalog.locked():
+    print("held", flush=True)
+    sys.stdin.readline()  # SIGSTOPped here by the test, past the lock's expiry
+    try:
+        catalog.place.write("written-after-the-stop", b"1")
+        print("wrote", flush=True)
+    except CatalogError as err:
+        print("refused:", err, flush=True)
+    raise SystemExit(0)
+"""
+
+
+def test_a_run_stopped_past_its_lock_expiry_writes_nothing_once_another_holds_it(
+    bucket: str, repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backup(repo_root, bucket)
+    ttl = 1.5
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, bucket, str(ttl)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGSTOP)
+        monkeypatch.setattr(ObjectPlace, "LOCK_TTL", ttl)
+        with Catalog(bucket).locked():  # granted once the stopped holder's lease expired
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.stdin.write("go\n")
+            holder.stdin.flush()
+            said = holder.stdout.readline().strip()
+        assert said.startswith("refused: lost the lock"), said
+        assert holder.wait(30) == 1  # and leaving the lock says it was lost
+        assert holder.stderr is not None and "was lost while held" in holder.stderr.read()
+        assert "written-after-the-stop" not in objects(bucket)
+    finally:
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.kill()
+        holder.wait(10)
+        for stream in (holder.stdin, holder.stdout, holder.stderr):
+            if stream is not None:
+                stream.close()

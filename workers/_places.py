@@ -380,10 +380,10 @@ class ObjectPlace:
     def _still_locked(self) -> None:
         """Refuse to change the catalog once its lock was lost (expired while this process
         could not renew it: another run may hold it now)."""
-        if self._lock is not None and self._lock.lost:
+        if self._lock is not None and not self._lock.held:
             raise CatalogError(
-                f"lost the lock of {self.where} (it expired unrenewed: the store was "
-                "unreachable or this process was stopped); nothing more is written"
+                f"lost the lock of {self.where} (it went unrenewed: the store was unreachable "
+                "or this process was stopped; another run may hold it); nothing more is written"
             )
 
     def write(self, name: str, data: bytes, *, create_only: bool = False) -> bool:

@@ -377,6 +377,13 @@ class ObjectLock(contextlib.AbstractContextManager[None]):
         """Whether the lease was found taken by another holder while held."""
         return self._lost.is_set()
 
+    @property
+    def held(self) -> bool:
+        """Whether the lease is surely still ours: not lost, and a third of its ttl still
+        ahead. A holder stopped past a renewal (SIGSTOP, a frozen VM) learns here, before it
+        writes, that another may hold it now, without waiting for its renewal thread."""
+        return not self.lost and time.time() + self._ttl / 3 < self._expires
+
     def _body(self) -> bytes:
         self._writing = time.time() + self._ttl  # becomes _expires once the write succeeds
         info = {"owner": self._owner, "host": socket.gethostname(), "pid": os.getpid()}
