@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -210,7 +211,6 @@ with catalog.locked():
         print("wrote", flush=True)
     except CatalogError as err:
         print("refused:", err, flush=True)
-    raise SystemExit(0)
 """
 
 
@@ -245,3 +245,104 @@ def test_a_run_stopped_past_its_lock_expiry_writes_nothing_once_another_holds_it
         for stream in (holder.stdin, holder.stdout, holder.stderr):
             if stream is not None:
                 stream.close()
+
+
+def _crc_keeping_forgery(data: bytes, needle: bytes, text: bytes) -> bytes:
+    """``data`` with the bytes after ``needle`` replaced by ``text`` and 4 more chosen so that
+    the CRC-32 of that window, and so of every range holding it, is unchanged (CRC-32 is
+    linear: anyone can do this; only the SHA-256 of a keyed catalog stops it)."""
+    at = data.index(needle) + len(needle)
+    window = data[at : at + len(text) + 4]
+    # The last 4 bytes, solved: crc32 is affine in them over GF(2).
+    base = zlib.crc32(text + bytes(4))
+    columns = [zlib.crc32(text + (1 << bit).to_bytes(4, "little")) ^ base for bit in range(32)]
+    want, chosen = zlib.crc32(window) ^ base, 0
+    basis: dict[int, tuple[int, int]] = {}  # pivot bit -> (column value, bits that make it)
+    for bit, value in enumerate(columns):
+        made = 1 << bit
+        for pivot in sorted(basis, reverse=True):
+            if value >> pivot & 1:
+                value ^= basis[pivot][0]
+                made ^= basis[pivot][1]
+        if value:
+            basis[value.bit_length() - 1] = (value, made)
+    for pivot in sorted(basis, reverse=True):
+        if want >> pivot & 1:
+            want ^= basis[pivot][0]
+            chosen ^= basis[pivot][1]
+    assert want == 0
+    candidate = text + chosen.to_bytes(4, "little")
+    assert zlib.crc32(candidate) == zlib.crc32(window)
+    return data[:at] + candidate + data[at + len(candidate) :]
+
+
+def test_a_keyed_restore_checks_the_bytes_it_restores_not_an_earlier_read(
+    bucket: str, repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(os.urandom(32))
+    key_file.chmod(0o600)
+    expected = dump(repo_root)
+    result = backup(repo_root, bucket, key_file=key_file)
+    name = f"{result.id}/p1.hc"
+    store = ObjectStore(bucket)
+    genuine = b"".join(store.chunks(name))
+    forged = _crc_keeping_forgery(genuine, b"x" * 20, b"FORGED")
+    assert len(forged) == len(genuine) and zlib.crc32(forged) == zlib.crc32(genuine)
+    assert forged != genuine
+
+    # Someone who can write the bucket swaps the piece right after it was first read whole.
+    reads = []
+    chunks = ObjectStore.chunks
+
+    def swapped_after_reading(self: ObjectStore, wanted: str, *args: Any) -> Iterator[bytes]:
+        yield from chunks(self, wanted, *args)
+        reads.append(wanted)
+        if wanted == name and reads.count(name) == 1:
+            store.put(name, forged, create_only=False)
+
+    monkeypatch.setattr(ObjectStore, "chunks", swapped_after_reading)
+    restore(bucket, tmp_path / "new", key_file=key_file)
+    assert dump(tmp_path / "new") == expected  # what was checked, not what the store held later
+    assert reads.count(name) == 1  # each piece is read from the store once
+
+
+def test_a_backup_whose_upload_fails_leaves_nothing_locally_and_names_the_upload(
+    s3_server: Any,
+    bucket: str,
+    repo_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    good = backup(repo_root, bucket)
+    upload_file = ObjectStore.upload_file
+
+    def upload_into_an_outage(self: ObjectStore, name: str, path: Any) -> None:
+        s3_server.kill()  # the server dies as the first piece goes up
+        upload_file(self, name, path)
+
+    monkeypatch.setattr(ObjectStore, "upload_file", upload_into_an_outage)
+    try:
+        with pytest.raises(CatalogError, match="cannot upload") as failed:
+            backup(repo_root, bucket)
+        assert "catalog.lock" not in str(failed.value)
+        assert list(staging.iterdir()) == []  # the staged pieces went with the failed run
+    finally:
+        s3_server.start()  # empty: moto keeps its buckets in memory
+    assert good.complete
+
+
+def test_the_staging_of_a_killed_run_is_swept_by_the_next(
+    bucket: str, repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    left = staging / "hotcopy-staging.hotcopy-tmp-999999999-1-00000000"  # a dead pid's
+    left.mkdir()
+    (left / "p0.hc").write_bytes(b"x" * 1000)
+    backup(repo_root, bucket)
+    assert list(staging.iterdir()) == []

@@ -37,11 +37,9 @@ from hotcopy.storage._copy import (
 )
 from hotcopy.storage._durable import (
     fsync_dir,
-    is_abandoned_temp,
     sweep_stale_temps,
     sync_filesystem,
     temp_path_for,
-    temps_of,
 )
 from hotcopy.storage._files import make_directory, refuse_unsafe_place
 from hotcopy.storage._format import HEADER_SIZE as WAL_HEADER_SIZE
@@ -60,6 +58,7 @@ from ._catalog import (
     sha256_of,
 )
 from ._errors import BackupError
+from ._places import sweep_abandoned_dirs
 from ._pool import CopyWorkerPool, InlineExecutor
 
 Outcome = TypeVar("Outcome")
@@ -271,8 +270,7 @@ def backup(
                 manifest.interrupted = True
                 manifest.entries = _entries(run.results, bases)
                 manifest.failed = run.failed
-                catalog.publish(backup_id, path)
-                catalog.write_manifest(manifest)
+                _record(catalog, manifest, path)
                 raise
             except BaseException:
                 catalog.discard(backup_id, path)
@@ -295,10 +293,9 @@ def backup(
                     waited=waited,
                     skipped=True,
                 )
-            catalog.publish(backup_id, path)  # every copy durable before the manifest names it
             manifest.entries = _entries(run.results, bases)
             manifest.failed = run.failed
-            catalog.write_manifest(manifest)
+            _record(catalog, manifest, path)
     return BackupResult(
         id=backup_id,
         path=catalog.location_of(backup_id),
@@ -320,6 +317,17 @@ def backup(
         took_over=took_over,
         waited=waited,
     )
+
+
+def _record(catalog: Catalog, manifest: Manifest, staging: Path) -> None:
+    """Publish the pieces copied into ``staging``, then the manifest that names them; if
+    either fails (an upload, a second Ctrl-C), what the run left is discarded."""
+    try:
+        catalog.publish(manifest.id, staging)  # every copy durable before the manifest names it
+        catalog.write_manifest(manifest)
+    except BaseException:
+        catalog.discard(manifest.id, staging)
+        raise
 
 
 def _copy_all(
@@ -738,7 +746,7 @@ def _scratch_for(catalog: Catalog, target: Path) -> Iterator[Path | None]:
         yield None
         return
     make_directory(target.parent)
-    _sweep_abandoned(target.parent / f".{target.name}.fetching")
+    sweep_abandoned_dirs(target.parent / f".{target.name}.fetching")
     scratch = temp_path_for(target.parent / f".{target.name}.fetching")
     make_directory(scratch, exist_ok=False)
     try:
@@ -775,7 +783,7 @@ def _restore(
         # staging is live before the rename: one syncfs makes it all durable first, instead of
         # four device flushes per prefix.
         make_directory(target.parent)
-        _sweep_abandoned(target.parent / f".{target.name}.restoring")
+        sweep_abandoned_dirs(target.parent / f".{target.name}.restoring")
         # Named for this process, so that a later restore can tell it was abandoned.
         staging = temp_path_for(target.parent / f".{target.name}.restoring")
         make_directory(staging, exist_ok=False)
@@ -818,13 +826,6 @@ def _restore(
         missing=manifest.missing,
         passed_over=choice.passed_over,
     )
-
-
-def _sweep_abandoned(dest: Path) -> None:
-    """Remove the staging directories for ``dest`` of restores whose process died."""
-    for staging in temps_of(dest):
-        if is_abandoned_temp(staging):
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _restore_into(

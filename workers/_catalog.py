@@ -54,6 +54,7 @@ from ._places import (
     MANIFEST,
     LockWait,
     Place,
+    file_problem,
     is_own_file,
     is_piece_name,
     is_prefix_name,
@@ -747,11 +748,7 @@ class Catalog:
         Only temps whose writer process is dead go; the caller holds :meth:`locked`, so no run
         of its own is writing there. (The unfinished backups themselves go at the next prune.)
         """
-        return [
-            removed
-            for backup_id in self.backup_ids()
-            for removed in self.place.sweep_abandoned(backup_id)
-        ]
+        return self.place.sweep_abandoned(self.backup_ids())
 
 
 def list_backups(
@@ -931,24 +928,37 @@ class CatalogView:
     def pieces(
         self, backup_id: str, prefix: str, *, checksums: bool, scratch: Path | None = None
     ) -> list[Piece]:
-        """The pieces that rebuild ``prefix`` of ``backup_id``, each checked first, as local
-        files: those of a catalog that is not local are downloaded into ``scratch``.
+        """The pieces that rebuild ``prefix`` of ``backup_id``, as local files, each checked
+        first (with ``checksums``, every byte). The pieces of a catalog that is not local are
+        downloaded into ``scratch``, and the copy is what is checked: the bytes checked are the
+        bytes restored, whatever the store holds by then.
 
         Raises:
             CatalogError: A link is missing or not the one recorded.
         """
         links = self.chain(backup_id, prefix)
-        for manifest, entry in links:
-            problem = self.piece_problem(manifest, entry, checksums=checksums)
+        place = self.catalog.place
+
+        def check(manifest: Manifest, entry: Entry, problem: str | None) -> None:
             if problem is not None:
                 raise CatalogError(
                     f"backup {backup_id}, prefix {prefix!r}: {manifest.id}/{entry.file}: {problem}",
                     prefix=prefix,
                 )
+
+        in_place = checksums and place.local  # a remote piece is checked once fetched
+        for manifest, entry in links:
+            check(manifest, entry, self.piece_problem(manifest, entry, checksums=in_place))
         names = [f"{manifest.id}/{entry.file}" for manifest, entry in links]
-        if scratch is None and not self.catalog.place.local:
-            raise CatalogError(f"the pieces of {self.catalog.where} must be fetched to be read")
-        local = self.catalog.place.fetch(names, scratch or Path())
+        if place.local:
+            local = place.fetch(names, Path())
+        else:
+            if scratch is None:
+                raise CatalogError(f"the pieces of {self.catalog.where} must be fetched to be read")
+            local = place.fetch(names, scratch)
+            for (manifest, entry), name in zip(links, names, strict=True):
+                problem = file_problem(str(local[name]), entry, checksums, self.catalog.key)
+                check(manifest, entry, problem)
         return [
             Piece(local[name], entry.size, entry.crc32)
             for name, (_, entry) in zip(names, links, strict=True)

@@ -33,9 +33,12 @@ from filelock import BaseFileLock, FileLock
 from hotcopy.storage import NotRegularFile, StorageError
 from hotcopy.storage._durable import (
     fsync_dir,
+    is_abandoned_temp,
     is_temp_name,
     sweep_stale_temps,
     sync_filesystem,
+    temp_path_for,
+    temps_of,
     write_durably,
 )
 from hotcopy.storage._files import make_directory, open_regular, read_regular, refuse_unsafe_place
@@ -93,7 +96,7 @@ class Place(Protocol):
     def new_backup(self, backup_id: str) -> Path | None: ...
     def publish(self, backup_id: str, staging: Path) -> None: ...
     def discard(self, backup_id: str, staging: Path) -> None: ...
-    def sweep_abandoned(self, backup_id: str) -> list[str]: ...
+    def sweep_abandoned(self, backup_ids: list[str]) -> list[str]: ...
     def piece_problem(
         self, backup_id: str, entry: Entry, *, checksums: bool, key: bytes | None
     ) -> str | None: ...
@@ -218,12 +221,15 @@ class DirectoryPlace:
             os.rmdir(staging)
             fsync_dir(staging.parent)
 
-    def sweep_abandoned(self, backup_id: str) -> list[str]:
-        with contextlib.suppress(CatalogError):
-            path = self.backup_dir(backup_id)
-            if not os.path.lexists(path / MANIFEST):
-                return [str(p) for p in sweep_stale_temps(path)]
-        return []
+    def sweep_abandoned(self, backup_ids: list[str]) -> list[str]:
+        """Remove the temps that killed runs left in their backups without a manifest."""
+        removed: list[str] = []
+        for backup_id in backup_ids:
+            with contextlib.suppress(CatalogError):
+                path = self.backup_dir(backup_id)
+                if not os.path.lexists(path / MANIFEST):
+                    removed += [str(p) for p in sweep_stale_temps(path)]
+        return removed
 
     def piece_path(self, backup_id: str, name: str) -> str:
         return os.path.join(self._root, backup_id, name)
@@ -231,35 +237,7 @@ class DirectoryPlace:
     def piece_problem(
         self, backup_id: str, entry: Entry, *, checksums: bool, key: bytes | None
     ) -> str | None:
-        path = self.piece_path(backup_id, entry.file)
-        if not checksums:  # one lstat: a regular file (never a link followed) of the right size
-            try:
-                info = os.lstat(path)
-            except FileNotFoundError:
-                return "missing"
-            except OSError as err:
-                return f"unreadable: {err.strerror}"
-            if not stat.S_ISREG(info.st_mode):
-                try:  # refused at once, with what it is (a FIFO is opened without blocking)
-                    os.close(open_regular(path))
-                except (NotRegularFile, OSError) as err:
-                    return str(err)
-            return size_problem(info.st_size, entry)
-        try:
-            fd = open_regular(path)
-        except FileNotFoundError:
-            return "missing"
-        except NotRegularFile as err:
-            return str(err)
-        except OSError as err:
-            return f"unreadable: {err.strerror}"
-        try:
-            problem = size_problem(os.fstat(fd).st_size, entry)
-            if problem is None:
-                problem = content_problem(iter(lambda: os.read(fd, 4 << 20), b""), entry, key)
-        finally:
-            os.close(fd)
-        return problem
+        return file_problem(self.piece_path(backup_id, entry.file), entry, checksums, key)
 
     def fetch(self, names: list[str], into: Path) -> dict[str, Path]:
         """The pieces ``names`` (``<id>/<file>``) are here already: their paths."""
@@ -323,6 +301,39 @@ def remove_own_files(directory: Path, ours: Callable[[str], bool]) -> list[Path]
     return removed
 
 
+def file_problem(path: str, entry: Entry, checksums: bool, key: bytes | None) -> str | None:
+    """Why the local file ``path`` is not the piece of ``entry``, or None. Without
+    ``checksums`` only that it is a regular file (never a link followed) of its size."""
+    if not checksums:  # one lstat: a regular file (never a link followed) of the right size
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return "missing"
+        except OSError as err:
+            return f"unreadable: {err.strerror}"
+        if not stat.S_ISREG(info.st_mode):
+            try:  # refused at once, with what it is (a FIFO is opened without blocking)
+                os.close(open_regular(path))
+            except (NotRegularFile, OSError) as err:
+                return str(err)
+        return size_problem(info.st_size, entry)
+    try:
+        fd = open_regular(path)
+    except FileNotFoundError:
+        return "missing"
+    except NotRegularFile as err:
+        return str(err)
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
+    try:
+        problem = size_problem(os.fstat(fd).st_size, entry)
+        if problem is None:
+            problem = content_problem(iter(lambda: os.read(fd, 4 << 20), b""), entry, key)
+    finally:
+        os.close(fd)
+    return problem
+
+
 def size_problem(size: int, entry: Entry) -> str | None:
     return None if size == entry.size else f"{size} bytes, the manifest says {entry.size}"
 
@@ -343,7 +354,22 @@ def content_problem(chunks: Iterable[bytes], entry: Entry, key: bytes | None) ->
     return None
 
 
+def sweep_abandoned_dirs(dest: Path) -> list[str]:
+    """Remove the temp directories for ``dest`` (:func:`temp_path_for`) whose process died."""
+    removed = []
+    for staging in temps_of(dest):
+        if is_abandoned_temp(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(str(staging))
+    return removed
+
+
 # -- an object store ------------------------------------------------------------------------------
+
+
+def _staging() -> Path:
+    """Where pieces wait for their upload: ``$TMPDIR/hotcopy-staging.<temp mark>``."""
+    return Path(tempfile.gettempdir()) / "hotcopy-staging"
 
 
 class ObjectPlace:
@@ -430,7 +456,9 @@ class ObjectPlace:
         None if it is taken."""
         if not self.write(f"{backup_id}/{STARTED}", b"{}", create_only=True):
             return None
-        return Path(tempfile.mkdtemp(prefix=f"hotcopy-{backup_id}-"))
+        staging = temp_path_for(_staging())  # named for this process: swept once it is dead
+        make_directory(staging, exist_ok=False)
+        return staging
 
     def publish(self, backup_id: str, staging: Path) -> None:
         """Upload the pieces in ``staging`` (each verified by its size once stored); the
@@ -449,8 +477,10 @@ class ObjectPlace:
         with contextlib.suppress(CatalogError):
             self.remove([f"{backup_id}/{STARTED}"])
 
-    def sweep_abandoned(self, backup_id: str) -> list[str]:
-        return []  # nothing is staged in the bucket: a killed run left only its STARTED claim
+    def sweep_abandoned(self, backup_ids: list[str]) -> list[str]:
+        """Remove the local staging directories of runs whose process died (their claims and
+        uploaded pieces, without a manifest, go at the next prune)."""
+        return sweep_abandoned_dirs(_staging())
 
     def piece_problem(
         self, backup_id: str, entry: Entry, *, checksums: bool, key: bytes | None

@@ -428,9 +428,17 @@ class ObjectLock(contextlib.AbstractContextManager[None]):
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        if not self.lost and not self._store._delete_if(self._name, self._etag):
-            self._lost.set()
-        if self.lost:
+        failing = exc_info[0] is not None
+        try:
+            if not self.lost and not self._store._delete_if(self._name, self._etag):
+                self._lost.set()
+        except CatalogError as err:
+            if not failing:
+                raise
+            # The error that ended the work is the one to report (an unreachable store fails
+            # the release too); the lease expires by itself.
+            log.warning("cannot release lease %s: %s", self._name, err)
+        if self.lost and not failing:
             raise CatalogError(
                 f"lease {self._store._where(self._name)} was lost while held (it expired, and "
                 "another holder may have taken it): what was done under it must not be published"
