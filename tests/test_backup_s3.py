@@ -247,51 +247,22 @@ def test_a_run_stopped_past_its_lock_expiry_writes_nothing_once_another_holds_it
                 stream.close()
 
 
-def _crc_keeping_forgery(data: bytes, needle: bytes, text: bytes) -> bytes:
-    """``data`` with the bytes after ``needle`` replaced by ``text`` and 4 more chosen so that
-    the CRC-32 of that window, and so of every range holding it, is unchanged (CRC-32 is
-    linear: anyone can do this; only the SHA-256 of a keyed catalog stops it)."""
-    at = data.index(needle) + len(needle)
-    window = data[at : at + len(text) + 4]
-    # The last 4 bytes, solved: crc32 is affine in them over GF(2).
-    base = zlib.crc32(text + bytes(4))
-    columns = [zlib.crc32(text + (1 << bit).to_bytes(4, "little")) ^ base for bit in range(32)]
-    want, chosen = zlib.crc32(window) ^ base, 0
-    basis: dict[int, tuple[int, int]] = {}  # pivot bit -> (column value, bits that make it)
-    for bit, value in enumerate(columns):
-        made = 1 << bit
-        for pivot in sorted(basis, reverse=True):
-            if value >> pivot & 1:
-                value ^= basis[pivot][0]
-                made ^= basis[pivot][1]
-        if value:
-            basis[value.bit_length() - 1] = (value, made)
-    for pivot in sorted(basis, reverse=True):
-        if want >> pivot & 1:
-            want ^= basis[pivot][0]
-            chosen ^= basis[pivot][1]
-    assert want == 0
-    candidate = text + chosen.to_bytes(4, "little")
-    assert zlib.crc32(candidate) == zlib.crc32(window)
-    return data[:at] + candidate + data[at + len(candidate) :]
-
-
 def test_a_keyed_restore_checks_the_bytes_it_restores_not_an_earlier_read(
     bucket: str, repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key_file = tmp_path / "key"
     key_file.write_bytes(os.urandom(32))
     key_file.chmod(0o600)
+    older = backup(repo_root, bucket, key_file=key_file)
+    change(repo_root, "p1", {"k1": "newer"})
     expected = dump(repo_root)
-    result = backup(repo_root, bucket, key_file=key_file)
-    name = f"{result.id}/p1.hc"
+    newer = backup(repo_root, bucket, key_file=key_file)
+    name = f"{newer.id}/p1.hc.sealed"
     store = ObjectStore(bucket)
-    genuine = b"".join(store.chunks(name))
-    forged = _crc_keeping_forgery(genuine, b"x" * 20, b"FORGED")
-    assert len(forged) == len(genuine) and zlib.crc32(forged) == zlib.crc32(genuine)
-    assert forged != genuine
+    replayed = b"".join(store.chunks(f"{older.id}/p1.hc.sealed"))  # sealed with the key too
 
-    # Someone who can write the bucket swaps the piece right after it was first read whole.
+    # Someone who can write the bucket, without the key, replays the older piece in place of
+    # the newer one right after the newer one was first read whole.
     reads = []
     chunks = ObjectStore.chunks
 
@@ -299,12 +270,62 @@ def test_a_keyed_restore_checks_the_bytes_it_restores_not_an_earlier_read(
         yield from chunks(self, wanted, *args)
         reads.append(wanted)
         if wanted == name and reads.count(name) == 1:
-            store.put(name, forged, create_only=False)
+            store.put(name, replayed, create_only=False)
 
     monkeypatch.setattr(ObjectStore, "chunks", swapped_after_reading)
-    restore(bucket, tmp_path / "new", key_file=key_file)
+    restore(bucket, tmp_path / "new", key_file=key_file, at=newer.id)
     assert dump(tmp_path / "new") == expected  # what was checked, not what the store held later
     assert reads.count(name) == 1  # each piece is read from the store once
+
+
+def test_a_keyed_catalog_in_a_bucket_is_sealed_and_needs_its_key(
+    bucket: str, repo_root: Path, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(os.urandom(32))
+    key_file.chmod(0o600)
+    result = backup(repo_root, bucket, key_file=key_file)
+    store = ObjectStore(bucket)
+    for name in objects(bucket):
+        if name.endswith((".sealed", "MANIFEST.json", "hotcopy-backups.json")):
+            content = b"".join(store.chunks(name))
+            assert content.startswith(b"HCS1"), name
+            assert b"xxxxxxxx" not in content and b'"repository_id"' not in content, name
+    assert not any(name.endswith(".hc") for name in objects(bucket))
+
+    with pytest.raises(CatalogError, match="no key was given"):
+        list_backups(bucket)
+    other = tmp_path / "other-key"
+    other.write_bytes(os.urandom(32))
+    other.chmod(0o600)
+    with pytest.raises(CatalogError, match="needs another key"):
+        restore(bucket, tmp_path / "new", key_file=other)
+    assert not (tmp_path / "new").exists()
+
+    # A piece put in the clear, of the right size and checksums, is refused: only the key's
+    # holder writes into a keyed catalog.
+    plain = tmp_path / "plain"
+    restore(bucket, plain, key_file=key_file)
+    store.put(f"{result.id}/p0.hc", (plain / "p0.hc").read_bytes(), create_only=False)
+    store.delete([f"{result.id}/p0.hc.sealed"])
+    listing = list_backups(bucket, key_file=key_file)
+    assert "not sealed" in listing["backups"][0]["problem"]
+    with pytest.raises(CatalogError, match="not sealed"):
+        restore(bucket, tmp_path / "again", key_file=key_file)
+
+
+def test_a_compressed_backup_in_a_bucket_is_smaller_and_restores_without_being_told(
+    bucket: str, repo_root: Path, tmp_path: Path
+) -> None:
+    plain = backup(repo_root, bucket)
+    packed = backup(repo_root, bucket, compress=True)
+    sizes = objects(bucket)
+    raw = sum(sizes[f"{plain.id}/p{n}.hc"] for n in range(3))
+    compressed = sum(sizes[f"{packed.id}/p{n}.hc.sealed"] for n in range(3))
+    assert compressed < raw / 4  # the values repeat
+    assert Catalog(bucket).verify() == []
+    restore(bucket, tmp_path / "new", at=packed.id)
+    assert dump(tmp_path / "new") == dump(repo_root)
 
 
 def test_a_backup_whose_upload_fails_leaves_nothing_locally_and_names_the_upload(

@@ -206,6 +206,7 @@ def backup(
     acquire_lock: LockWait | None = None,
     skip_unchanged: bool = False,
     rate_limit: float | None = None,
+    compress: bool = False,
 ) -> BackupResult:
     """Back up ``prefixes`` (default: all) of the repository at ``root`` into ``dest_dir``.
 
@@ -230,6 +231,7 @@ def backup(
             id with ``skipped`` set.
         rate_limit: Bytes per second at most that the run copies, on average (shared among
             its workers); the cuts are never slowed.
+        compress: Store the backup zstd-compressed (``s3://`` catalogs only).
 
     Returns:
         The result; ``complete`` is False (and ``failed`` says why) when a prefix could not be
@@ -244,7 +246,7 @@ def backup(
         for name in names:
             if not repo.prefix_path(name).exists():
                 raise PrefixNotFound(f"prefix {name!r} does not exist in {repo.root}", prefix=name)
-        catalog = Catalog.create(dest_dir, repo.id, key_file=key_file)
+        catalog = Catalog.create(dest_dir, repo.id, key_file=key_file, compress=compress)
         with catalog.locked(acquire_lock) as waited:
             took_over = catalog.admit(repo.id, repo.lineage, clock())
             catalog.sweep_abandoned()  # unfinished copies of runs that were killed

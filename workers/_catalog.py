@@ -552,9 +552,11 @@ class Catalog:
         key_file: str | os.PathLike[str] | None = None,
         key: bytes | None = None,
     ) -> None:
-        self.place = open_place(location) if isinstance(location, str | os.PathLike) else location
-        self.where = self.place.where
         self.key = key if key is not None else load_key(key_file)
+        if isinstance(location, str | os.PathLike):
+            location = open_place(location, key=self.key)
+        self.place = location
+        self.where = self.place.where
         self.marker = self._read_marker()
 
     @property
@@ -583,11 +585,13 @@ class Catalog:
         *,
         key_file: str | os.PathLike[str] | None = None,
         key: bytes | None = None,
+        compress: bool = False,
     ) -> Catalog:
         """Open the catalog at ``location``, creating it for ``repository_id`` if there is
-        none. Whether that repository may write here is decided by :meth:`admit`."""
-        place = open_place(location, create=True)
+        none. Whether that repository may write here is decided by :meth:`admit`.
+        ``compress``: an object catalog's objects are written zstd-compressed."""
         key = key if key is not None else load_key(key_file)
+        place = open_place(location, create=True, key=key, compress=compress)
         if place.read(CATALOG_MARKER, CATALOG_MARKER, _MAX_JSON) is None:
             # create-only: another run may have made it meanwhile
             _write_marker(place, Marker(repository_id), key, overwrite=False)

@@ -80,6 +80,11 @@ def register(sub: Any) -> None:
     )
     add_rate_limit(cmd)
     cmd.add_argument(
+        "--compress",
+        choices=["zstd"],
+        help="store the backup compressed (s3:// catalogs; restore finds out by itself)",
+    )
+    cmd.add_argument(
         "--max-deltas",
         type=positive_int,
         default=10,
@@ -246,6 +251,7 @@ def run_backup(args: argparse.Namespace, console: Console) -> int:
                 lease_timeout=args.timeout,
                 acquire_lock=waits.acquire_lock,
                 rate_limit=args.rate_limit,
+                compress=args.compress == "zstd",
             )
         except KeyboardInterrupt:
             bar.abandon()

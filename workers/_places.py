@@ -54,6 +54,7 @@ CATALOG_MARKER = "hotcopy-backups.json"
 MANIFEST = "MANIFEST.json"
 LOCK = "catalog.lock"
 STARTED = "STARTED"  # an object place's claim on a backup id (a directory place's mkdir)
+SEALED = ".sealed"  # an object place's sealed piece: <prefix>.hc.sealed
 # Takes a catalog lock (see Catalog.locked): bounded or reported as the caller wants.
 LockWait = Callable[[BaseFileLock], None]
 
@@ -106,10 +107,19 @@ class Place(Protocol):
     def remove_unnamed_pieces(self, backup_id: str, named: set[str]) -> bool: ...
 
 
-def open_place(location: str | os.PathLike[str], *, create: bool = False) -> Place:
-    """The place named by ``location``: an ``s3://`` URL or a directory."""
+def open_place(
+    location: str | os.PathLike[str],
+    *,
+    create: bool = False,
+    key: bytes | None = None,
+    compress: bool = False,
+) -> Place:
+    """The place named by ``location``: an ``s3://`` URL or a directory. ``key`` and
+    ``compress`` seal what an object place writes; a directory's pieces are never sealed."""
     if isinstance(location, str) and is_object_url(location):
-        return ObjectPlace(location)
+        return ObjectPlace(location, key=key, compress=compress)
+    if compress:
+        raise CatalogError(f"{location}: compression is for s3:// catalogs, not directories")
     return DirectoryPlace(location, create=create)
 
 
@@ -375,11 +385,23 @@ def _staging() -> Path:
 class ObjectPlace:
     """A catalog at ``s3://BUCKET/PATH``: credentials, region and endpoint come from the
     standard AWS environment variables and files (``--endpoint-url`` sets
-    ``AWS_ENDPOINT_URL_S3``)."""
+    ``AWS_ENDPOINT_URL_S3``).
+
+    With a ``key``, every object it writes is *sealed* (``_sealing``: encrypted with
+    AES-256-GCM, and zstd-compressed first with ``compress``); with ``compress`` alone,
+    compressed and framed with CRC-32s. A sealed piece is stored as ``<file>.sealed``, so a
+    listing shows which pieces are; a manifest or marker is recognised by its header. Read with
+    a key, anything not sealed with that key is refused.
+    """
 
     LOCK_TTL = 60.0  # a run that dies holding the lock blocks others for this long at most
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, key: bytes | None = None, compress: bool = False) -> None:
+        from . import _sealing  # cryptography and zstandard: loaded for buckets only
+
+        self._sealing = _sealing
+        self._keys = _sealing.derive_keys(key) if key is not None else None
+        self._compress = compress
         self.store = ObjectStore(url)
         self._sizes: dict[str, int] | None = None  # every object's size, as last listed
         self._lock: ObjectLock | None = None  # the catalog lock, while this process holds it
@@ -400,8 +422,21 @@ class ObjectPlace:
     def exists(self) -> bool:
         return bool(self._listing(refresh=True))
 
+    def _seals(self) -> bool:
+        return self._keys is not None or self._compress
+
+    def _opened(self, raw: bytes, what: str) -> bytes:
+        """The content of an object as stored: sealed ones opened, unsealed ones refused when
+        this catalog is read with a key."""
+        if self._sealing.is_sealed(raw):
+            return b"".join(self._sealing.open_stream([raw], self._keys))
+        if self._keys is not None:
+            raise CatalogError(f"{what} is not sealed, but a key was given: refused")
+        return raw
+
     def read(self, name: str, what: str, limit: int) -> bytes | None:
-        return self.store.get(name, limit)
+        raw = self.store.get(name, limit)
+        return None if raw is None else self._opened(raw, what)
 
     def _still_locked(self) -> None:
         """Refuse to change the catalog once its lock was lost (expired while this process
@@ -414,6 +449,8 @@ class ObjectPlace:
 
     def write(self, name: str, data: bytes, *, create_only: bool = False) -> bool:
         self._still_locked()
+        if self._seals():
+            data = self._sealing.seal_bytes(data, self._keys, compress=self._compress)
         written = self.store.put(name, data, create_only=create_only)
         if written and self._sizes is not None:
             self._sizes[name] = len(data)
@@ -466,10 +503,13 @@ class ObjectPlace:
         for entry in sorted(os.scandir(staging), key=lambda e: e.name):
             self._still_locked()
             if is_piece_name(entry.name):
-                name = f"{backup_id}/{entry.name}"
-                self.store.upload_file(name, entry.path)
+                path, name = Path(entry.path), f"{backup_id}/{entry.name}"
+                if self._seals():
+                    path, name = path.with_name(path.name + SEALED), name + SEALED
+                    self._sealing.seal_file(entry.path, path, self._keys, compress=self._compress)
+                self.store.upload_file(name, path)
                 if self._sizes is not None:
-                    self._sizes[name] = entry.stat().st_size
+                    self._sizes[name] = path.stat().st_size
         shutil.rmtree(staging, ignore_errors=True)
 
     def discard(self, backup_id: str, staging: Path) -> None:
@@ -482,28 +522,59 @@ class ObjectPlace:
         uploaded pieces, without a manifest, go at the next prune)."""
         return sweep_abandoned_dirs(_staging())
 
+    def _stored(self, backup_id: str, file: str) -> tuple[str, int] | str:
+        """The object holding piece ``file`` and its size, or why there is none to use."""
+        objects = self._objects_of(backup_id)
+        if file + SEALED in objects:
+            return f"{backup_id}/{file}{SEALED}", objects[file + SEALED]
+        if file not in objects:
+            return "missing"
+        if self._keys is not None:
+            return "not sealed, but a key was given: refused (it may be a substitute)"
+        return f"{backup_id}/{file}", objects[file]
+
     def piece_problem(
         self, backup_id: str, entry: Entry, *, checksums: bool, key: bytes | None
     ) -> str | None:
-        size = self._objects_of(backup_id).get(entry.file)
-        if size is None:
-            return "missing"
-        problem = size_problem(size, entry)
+        """Without ``checksums``: present, and of its size (a sealed piece: at least a seal's
+        header, its size being known only once opened); with them, every byte read."""
+        stored = self._stored(backup_id, entry.file)
+        if isinstance(stored, str):
+            return stored
+        name, size = stored
+        sealed = name.endswith(SEALED)
+        if sealed and size < self._sealing.HEADER.size:
+            return f"{size} bytes, less than a sealed object's header"
+        problem = None if sealed else size_problem(size, entry)
         if problem is None and checksums:
             try:
-                problem = content_problem(
-                    self.store.chunks(f"{backup_id}/{entry.file}"), entry, key
-                )
+                chunks = self.store.chunks(name)
+                if sealed:
+                    chunks = self._sealing.open_stream(chunks, self._keys)
+                problem = content_problem(chunks, entry, key)
             except CatalogError as err:
                 problem = f"unreadable: {err}"
         return problem
 
     def fetch(self, names: list[str], into: Path) -> dict[str, Path]:
-        """Download the pieces ``names`` (``<id>/<file>``) into the directory ``into``."""
+        """Download the pieces ``names`` (``<id>/<file>``) into the directory ``into``, each
+        opened if sealed (every chunk authenticated as it is written out)."""
         local: dict[str, Path] = {}
         for number, name in enumerate(names):
-            path = into / f"{number}-{name.replace('/', '-')}"
-            self.store.download_file(name, path)
+            backup_id, file = name.split("/", 1)
+            stored = self._stored(backup_id, file)
+            if isinstance(stored, str):
+                raise CatalogError(f"{self.where}/{name}: {stored}")
+            path = into / f"{number}-{backup_id}-{file}"
+            if stored[0].endswith(SEALED):
+                sealed = path.with_name(path.name + SEALED)
+                self.store.download_file(stored[0], sealed)
+                try:
+                    self._sealing.open_file(sealed, path, self._keys)
+                finally:
+                    sealed.unlink()
+            else:
+                self.store.download_file(stored[0], path)
             local[name] = path
         return local
 
@@ -517,7 +588,9 @@ class ObjectPlace:
 
     def remove_backup(self, backup_id: str) -> list[str]:
         objects = self._objects_of(backup_id)
-        ours = [name for name in objects if is_own_file(name) or name == STARTED]
+        ours = [
+            name for name in objects if is_own_file(name.removesuffix(SEALED)) or name == STARTED
+        ]
         # The manifest first (the caller removed it already, normally): never a backup whose
         # pieces are going while its manifest still names them.
         if MANIFEST in ours:
@@ -529,7 +602,7 @@ class ObjectPlace:
         unnamed = [
             f"{backup_id}/{name}"
             for name in self._objects_of(backup_id)
-            if is_piece_name(name) and name not in named
+            if is_piece_name(name.removesuffix(SEALED)) and name.removesuffix(SEALED) not in named
         ]
         if unnamed:
             self.remove(unnamed)

@@ -172,6 +172,23 @@ def _check_header(header: bytes, keys: SealKeys | None) -> None:
         raise SealError("not encrypted, but a key was given: refused (it may be a substitute)")
 
 
+def _new_header(keys: SealKeys | None, compress: bool, chunk_size: int) -> bytes:
+    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be 1 to {MAX_CHUNK_SIZE}, not {chunk_size}")
+    flags = (COMPRESSED if compress else 0) | (KEYED if keys is not None else 0)
+    key_id = bytes(4) if keys is None else keys.key_id
+    return HEADER.pack(MAGIC, VERSION, flags, key_id, os.urandom(16), chunk_size)
+
+
+def seal_bytes(data: bytes, keys: SealKeys | None, *, compress: bool) -> bytes:
+    """``data`` (a manifest, a marker: small) sealed as :func:`seal_file` seals a file."""
+    header = _new_header(keys, compress, CHUNK_SIZE)
+    chunks = _Chunks(header, keys)
+    cuts = [data[at : at + CHUNK_SIZE] for at in range(0, len(data), CHUNK_SIZE)] or [b""]
+    last = len(cuts) - 1
+    return header + b"".join(chunks.seal(i, i == last, cut) for i, cut in enumerate(cuts))
+
+
 def seal_file(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -182,11 +199,7 @@ def seal_file(
 ) -> int:
     """Write ``src`` sealed (encrypted when ``keys``, compressed when ``compress``) to ``dst``
     (a staging file, not fsynced); returns its size."""
-    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
-        raise ValueError(f"chunk_size must be 1 to {MAX_CHUNK_SIZE}, not {chunk_size}")
-    flags = (COMPRESSED if compress else 0) | (KEYED if keys is not None else 0)
-    key_id = bytes(4) if keys is None else keys.key_id
-    header = HEADER.pack(MAGIC, VERSION, flags, key_id, os.urandom(16), chunk_size)
+    header = _new_header(keys, compress, chunk_size)
     chunks = _Chunks(header, keys)
     with open(src, "rb") as source, open(dst, "wb") as out:
         out.write(header)
