@@ -367,3 +367,34 @@ def test_the_staging_of_a_killed_run_is_swept_by_the_next(
     (left / "p0.hc").write_bytes(b"x" * 1000)
     backup(repo_root, bucket)
     assert list(staging.iterdir()) == []
+
+
+def test_the_lock_of_a_run_killed_on_this_machine_is_broken_at_once_a_live_ones_is_not(
+    bucket: str, repo_root: Path
+) -> None:
+    backup(repo_root, bucket)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, bucket, "3600"],  # its lease would last an hour
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    store = ObjectStore(bucket)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        with (  # alive: waited for, and given up on
+            pytest.raises(CatalogError, match="held by"),
+            store.lock("catalog.lock", ttl=5, timeout=0.5, owner="test"),
+        ):
+            pass
+        holder.kill()
+        holder.wait(10)
+        with store.lock("catalog.lock", ttl=5, timeout=10, owner="test"):  # dead: broken
+            pass
+        assert backup(repo_root, bucket).complete
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(10)
+        for stream in (holder.stdin, holder.stdout, holder.stderr):
+            if stream is not None:
+                stream.close()

@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from hotcopy.coordinator._process import ProcessIdentity, is_alive
+
 from ._errors import CatalogError
 
 log = logging.getLogger(__name__)
@@ -379,8 +381,10 @@ class ObjectLock(contextlib.AbstractContextManager[None]):
 
     def _body(self) -> bytes:
         self._writing = time.time() + self._ttl  # becomes _expires once the write succeeds
-        info = {"owner": self._owner, "host": socket.gethostname(), "pid": os.getpid()}
-        return json.dumps({**info, "expires": self._writing}).encode()
+        me = ProcessIdentity.current()
+        info = {"owner": self._owner, "host": socket.gethostname(), "pid": me.pid}
+        here = {"boot": me.boot.hex(), "pidns": _pid_namespace(), "start_ticks": me.start_ticks}
+        return json.dumps({**info, **here, "expires": self._writing}).encode()
 
     def __enter__(self) -> None:
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
@@ -390,8 +394,8 @@ class ObjectLock(contextlib.AbstractContextManager[None]):
             if held is None:
                 continue  # released meanwhile
             holder = _parse_lease(held[0])
-            if float(holder.get("expires", 0)) < time.time():
-                log.info("breaking an expired lease %s of %s", self._name, holder)
+            if float(holder.get("expires", 0)) < time.time() or _died_here(holder):
+                log.info("breaking lease %s of %s: expired, or its holder died", self._name, holder)
                 self._store._delete_if(self._name, held[1])
                 continue
             if deadline is not None and time.monotonic() >= deadline:
@@ -448,6 +452,23 @@ class ObjectLock(contextlib.AbstractContextManager[None]):
 def _code(err: Any) -> str:
     """The S3 error code of a botocore ``ClientError`` (a bare status for HEAD requests)."""
     return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def _pid_namespace() -> int:
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
+def _died_here(holder: dict[str, Any]) -> bool:
+    """Whether the lease's holder ran in this boot and pid namespace (this machine, this
+    container) and is gone: its lease need not run out first, as restic breaks a lock whose
+    process on this host no longer exists. Pid and start time name one process for ever."""
+    pid, ticks, boot = holder.get("pid"), holder.get("start_ticks"), holder.get("boot")
+    if not (isinstance(pid, int) and isinstance(ticks, int) and isinstance(boot, str)):
+        return False
+    me = ProcessIdentity.current()
+    if boot != me.boot.hex() or holder.get("pidns") != _pid_namespace():
+        return False
+    return not is_alive(ProcessIdentity(pid, ticks, me.boot))
 
 
 def _parse_lease(data: bytes) -> dict[str, Any]:
