@@ -398,3 +398,26 @@ def test_the_lock_of_a_run_killed_on_this_machine_is_broken_at_once_a_live_ones_
         for stream in (holder.stdin, holder.stdout, holder.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_the_command_line_bounds_and_tells_the_wait_for_a_buckets_lock(
+    bucket: str, repo_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backup(repo_root, bucket)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, bucket, "3600"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["backup", str(repo_root), bucket, "--timeout", "0.5"]) != 0
+        said = capsys.readouterr().err
+        assert f"gave up after 0.5 s waiting for the lock of {bucket}" in said
+        assert f"pid {holder.pid}" in said
+    finally:
+        holder.kill()
+        holder.wait(10)
+        for stream in (holder.stdin, holder.stdout, holder.stderr):
+            if stream is not None:
+                stream.close()

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from filelock import BaseFileLock
 from hotcopy.storage import Repository
-from hotcopy.workers import backup, prune
+from hotcopy.workers import Catalog, backup, prune
+from hotcopy.workers._places import CatalogLock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,21 +26,25 @@ def test_backup_and_prune_take_the_catalog_lock_through_the_callers_acquire(
 ) -> None:
     root, dest = tmp_path / "repo", tmp_path / "backups"
     _repository(root)
-    taken: list[BaseFileLock] = []
+    taken: list[CatalogLock] = []
 
-    def slow_acquire(lock: BaseFileLock) -> None:
+    def slow_acquire(lock: CatalogLock) -> None:
         began = time.monotonic()
         while time.monotonic() - began < 0.3:  # a wait the caller measures, not a sync
             pass
-        lock.acquire(timeout=5)
+        lock.acquire(5)
         taken.append(lock)
+
+    def released() -> bool:
+        with Catalog(dest).locked(lambda lock: lock.acquire(0)):  # LockBusy if still held
+            return True
 
     began = time.monotonic()
     result = backup(root, dest, jobs=1, acquire_lock=slow_acquire)
     total = time.monotonic() - began
-    assert len(taken) == 1 and not taken[0].is_locked  # released at the end
+    assert len(taken) == 1 and released()
     assert result.waited >= 0.3
     assert result.seconds <= total - result.waited + 0.01  # the wait is not backup time
     assert result.to_json()["waited"] == round(result.waited, 6)
     prune(dest, keep_last=1, acquire_lock=slow_acquire)
-    assert len(taken) == 2 and not taken[1].is_locked
+    assert len(taken) == 2 and released()

@@ -21,14 +21,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from filelock import BaseFileLock, Timeout
 from hotcopy.coordinator import LeaseTimeout, connect, read_status
 from hotcopy.coordinator._errors import HotcopyError
 from hotcopy.coordinator._paths import shared_with_group
-from hotcopy.coordinator._status import describe_process
 from hotcopy.storage import FileLeases, Repository
 from hotcopy.storage._leases import HeldLease, LeaseProvider
 from hotcopy.storage._repository import MARKER, RUNTIME_DIR
+
+from ._places import CatalogLock, LockBusy
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,15 @@ class Waits:
             with self._lock:
                 self.waited += time.monotonic() - began
 
-    def acquire_lock(self, lock: BaseFileLock) -> None:
+    def acquire_lock(self, lock: CatalogLock) -> None:
         """Take a backup catalog's lock (``Catalog.locked``'s ``acquire``), bounded and told."""
-        path = Path(lock.lock_file)
-        what = f"the lock of backup directory {path.parent} (another backup or prune)"
-        with self.waiting(what, lambda: lock_holders(path)):
+        with self.waiting(lock.what, lock.holders):
             try:
-                lock.acquire(timeout=-1 if self.timeout is None else self.timeout)
-            except Timeout:
+                lock.acquire(self.timeout)
+            except LockBusy:
                 raise WaitTimeout(
-                    f"gave up after {self.timeout:g} s waiting for {what}: held by "
-                    f"{lock_holders(path)}",
-                    path=str(path),
+                    f"gave up after {self.timeout:g} s waiting for {lock.what}: held by "
+                    f"{lock.holders()}"
                 ) from None
 
 
@@ -174,30 +171,3 @@ def lease_holders(root: Path, prefix: str, mode: str) -> str:
     return "; ".join(
         f"{lease.holder} with a {lease.mode} lease for {lease.age:.1f} s" for lease in held
     )
-
-
-def lock_holders(path: Path) -> str:
-    """Who holds the file lock on ``path`` (from ``/proc/locks``), for a message."""
-    pids = _flock_holders(path)
-    if not pids:
-        return "an unknown process (not listed in /proc/locks)"
-    return "; ".join(str(describe_process(pid)) for pid in pids)
-
-
-def _flock_holders(path: Path) -> list[int]:
-    """Pids holding a lock on ``path``'s inode, as ``/proc/locks`` lists them."""
-    try:
-        info = os.stat(path)
-        with open("/proc/locks", encoding="ascii") as table:
-            lines = table.read().splitlines()
-    except OSError:
-        return []
-    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    pids = []
-    for line in lines:
-        # "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF"; waiters' lines have "->".
-        fields = line.split()
-        if len(fields) >= 6 and "->" not in fields and fields[5] == device:
-            with contextlib.suppress(ValueError):
-                pids.append(int(fields[4]))
-    return sorted(set(pids))

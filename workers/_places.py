@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from filelock import BaseFileLock, FileLock
+from filelock import FileLock, Timeout
+from hotcopy.coordinator._status import describe_process
 from hotcopy.storage import NotRegularFile, StorageError
 from hotcopy.storage._durable import (
     fsync_dir,
@@ -45,7 +46,7 @@ from hotcopy.storage._files import make_directory, open_regular, read_regular, r
 from hotcopy.storage._repository import validate_prefix_name
 
 from ._errors import BackupNotFound, CatalogError
-from ._s3 import ObjectLock, ObjectStore, is_object_url
+from ._s3 import LeaseBusy, ObjectLock, ObjectStore, is_object_url
 
 if TYPE_CHECKING:
     from ._catalog import Entry
@@ -55,8 +56,24 @@ MANIFEST = "MANIFEST.json"
 LOCK = "catalog.lock"
 STARTED = "STARTED"  # an object place's claim on a backup id (a directory place's mkdir)
 SEALED = ".sealed"  # an object place's sealed piece: <prefix>.hc.sealed
+
+
+class LockBusy(CatalogError):
+    """A catalog lock was not granted within the time given: another run holds it."""
+
+
+class CatalogLock(Protocol):
+    """One backup run or prune at a time, in a catalog's place."""
+
+    @property
+    def what(self) -> str: ...  # e.g. "the lock of backup directory D (another backup or prune)"
+    def holders(self) -> str: ...  # who holds it now, for a message
+    def acquire(self, timeout: float | None) -> None: ...  # LockBusy after timeout s (None: never)
+    def release(self, failing: bool) -> None: ...  # failing: an error is on its way out
+
+
 # Takes a catalog lock (see Catalog.locked): bounded or reported as the caller wants.
-LockWait = Callable[[BaseFileLock], None]
+LockWait = Callable[[CatalogLock], None]
 
 
 def is_prefix_name(name: object) -> bool:
@@ -173,15 +190,9 @@ class DirectoryPlace:
     @contextlib.contextmanager
     def locked(self, acquire: LockWait | None) -> Iterator[None]:
         os.close(open_regular(self.path / LOCK, os.O_RDWR | os.O_CREAT))  # its policy mode
-        lock = FileLock(self.path / LOCK, timeout=-1, poll_interval=0.01)
-        if acquire is None:
-            lock.acquire()
-        else:
-            acquire(lock)
-        try:
+        lock = _DirectoryLock(self.path / LOCK)
+        with _held(lock, acquire):
             yield
-        finally:
-            lock.release()
 
     def top_names(self) -> list[str]:
         return [entry.name for entry in os.scandir(self.path)]
@@ -289,6 +300,71 @@ class DirectoryPlace:
         return False
 
 
+@contextlib.contextmanager
+def _held(lock: CatalogLock, acquire: LockWait | None) -> Iterator[None]:
+    if acquire is None:
+        lock.acquire(None)
+    else:
+        acquire(lock)
+    try:
+        yield
+    except BaseException:
+        lock.release(failing=True)
+        raise
+    lock.release(failing=False)
+
+
+class _DirectoryLock:
+    """A directory catalog's lock: ``flock`` on its ``catalog.lock`` (``filelock``)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = FileLock(path, timeout=-1, poll_interval=0.01)
+
+    @property
+    def what(self) -> str:
+        return f"the lock of backup directory {self._path.parent} (another backup or prune)"
+
+    def holders(self) -> str:
+        return lock_holders(self._path)
+
+    def acquire(self, timeout: float | None) -> None:
+        try:
+            self._lock.acquire(timeout=-1 if timeout is None else timeout)
+        except Timeout:
+            raise LockBusy(f"{self.what} is held by {self.holders()}") from None
+
+    def release(self, failing: bool) -> None:
+        self._lock.release()
+
+
+def lock_holders(path: Path) -> str:
+    """Who holds the file lock on ``path`` (from ``/proc/locks``), for a message."""
+    pids = _flock_holders(path)
+    if not pids:
+        return "an unknown process (not listed in /proc/locks)"
+    return "; ".join(str(describe_process(pid)) for pid in pids)
+
+
+def _flock_holders(path: Path) -> list[int]:
+    """Pids holding a lock on ``path``'s inode, as ``/proc/locks`` lists them."""
+    try:
+        info = os.stat(path)
+        with open("/proc/locks", encoding="ascii") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return []
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    pids = []
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF"; waiters' lines have "->".
+        fields = line.split()
+        if len(fields) >= 6 and "->" not in fields and fields[5] == device:
+            with contextlib.suppress(ValueError):
+                pids.append(int(fields[4]))
+    return sorted(set(pids))
+
+
 def remove_own_files(directory: Path, ours: Callable[[str], bool]) -> list[Path]:
     """Unlink the entries of ``directory`` that ``ours`` accepts; never follows a link (an
     entry that is one is unlinked itself, never what it points to), never enters a
@@ -362,6 +438,34 @@ def content_problem(chunks: Iterable[bytes], entry: Entry, key: bytes | None) ->
     if key is not None and not hmac.compare_digest(digest.hexdigest(), entry.sha256 or ""):
         return "SHA-256 mismatch (the file is damaged or was replaced)"
     return None
+
+
+class _BucketLock:
+    """An object catalog's lock: the lease object ``catalog.lock`` (``ObjectStore.lock``)."""
+
+    def __init__(self, store: ObjectStore, ttl: float) -> None:
+        self._store, self._ttl = store, ttl
+        self.lease: ObjectLock | None = None
+
+    @property
+    def what(self) -> str:
+        return f"the lock of {self._store.describe} (another backup or prune)"
+
+    def holders(self) -> str:
+        return self._store.holder(LOCK)
+
+    def acquire(self, timeout: float | None) -> None:
+        owner = f"{os.uname().nodename}:{os.getpid()}"
+        lease = self._store.lock(LOCK, ttl=self._ttl, timeout=timeout, owner=owner)
+        try:
+            lease.__enter__()
+        except LeaseBusy as err:
+            raise LockBusy(str(err)) from None
+        self.lease = lease
+
+    def release(self, failing: bool) -> None:
+        if self.lease is not None:  # a lost lease is reported, unless an error is on its way
+            self.lease.__exit__(CatalogError if failing else None, None, None)
 
 
 def sweep_abandoned_dirs(dest: Path) -> list[str]:
@@ -458,10 +562,9 @@ class ObjectPlace:
 
     @contextlib.contextmanager
     def locked(self, acquire: LockWait | None) -> Iterator[None]:
-        owner = f"{os.uname().nodename}:{os.getpid()}"
-        lock = self.store.lock(LOCK, ttl=self.LOCK_TTL, timeout=None, owner=owner)
-        with lock:
-            self._lock = lock
+        lock = _BucketLock(self.store, self.LOCK_TTL)
+        with _held(lock, acquire):
+            self._lock = lock.lease
             try:
                 yield
             finally:

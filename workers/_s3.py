@@ -341,9 +341,29 @@ class ObjectStore:
             self._client.delete_object(Bucket=self._bucket, Key=key)
             return True
 
+    def holder(self, name: str) -> str:
+        """Who holds the lease ``name`` now, for a message."""
+        held = self._get(name, 64 << 10)
+        return "nobody (released)" if held is None else describe_holder(_parse_lease(held[0]))
+
     def lock(self, name: str, *, ttl: float, timeout: float | None, owner: str) -> ObjectLock:
         """A lease on object ``name``, taken on entering; see ``ObjectLock``."""
         return ObjectLock(self, name, ttl=ttl, timeout=timeout, owner=owner)
+
+
+class LeaseBusy(CatalogError):
+    """A lease was not granted within its timeout: another holder has it."""
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """Who holds a lease, as its object says, for a message."""
+    if not holder:
+        return "an unreadable lease object"
+    left = float(holder.get("expires", 0)) - time.time()
+    return (
+        f"{holder.get('owner')!r} (host {holder.get('host')}, pid {holder.get('pid')}; "
+        f"its lease runs {max(left, 0):.0f} s more unless renewed)"
+    )
 
 
 class ObjectLock(contextlib.AbstractContextManager[None]):
@@ -399,10 +419,9 @@ class ObjectLock(contextlib.AbstractContextManager[None]):
                 self._store._delete_if(self._name, held[1])
                 continue
             if deadline is not None and time.monotonic() >= deadline:
-                raise CatalogError(
-                    f"{self._store._where(self._name)} is held by {holder.get('owner')!r} "
-                    f"(host {holder.get('host')}, pid {holder.get('pid')}); gave up after "
-                    f"{self._timeout} s"
+                raise LeaseBusy(
+                    f"{self._store._where(self._name)} is held by {describe_holder(holder)}; "
+                    f"gave up after {self._timeout:g} s"
                 )
             pause = delay if deadline is None else min(delay, deadline - time.monotonic())
             time.sleep(max(pause, 0))  # polling a remote server: there is no event to wait on
