@@ -6,6 +6,9 @@ the server ``HOTCOPY_TEST_S3_ENDPOINT`` names), then restored from each; medians
 The ratio is the directory's time over the bucket's (issue 20's target: >= 0.5x).
 
     python scripts/bench_s3.py [--mib 1024] [--rounds 2] [--dir DIR] [--json FILE]
+
+The bucket is timed plain, and sealed with a key and zstd (random values: compression finds
+nothing to gain, so that row shows its cost).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hotcopy.workers import backup, restore
+from hotcopy.workers._s3 import ObjectStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -57,21 +61,45 @@ def main(argv: list[str] | None = None) -> int:
         boto3.client("s3").create_bucket(Bucket=bucket)
         root = work / "repo"
         size = make_repo(root, 1, args.mib)
-        times: dict[str, list[float]] = {k: [] for k in ("dir", "s3", "restore_dir", "restore_s3")}
+        key = work / "key"
+        key.write_bytes(os.urandom(32))
+        key.chmod(0o600)
+        kinds = (
+            "upload",
+            "dir",
+            "s3",
+            "s3_sealed",
+            "restore_dir",
+            "restore_s3",
+            "restore_s3_sealed",
+        )
+        times: dict[str, list[float]] = {kind: [] for kind in kinds}
         for n in range(args.rounds):
-            # Alternated, so drift falls on both alike; nothing deleted until all are timed.
+            # Alternated, so drift falls on all alike; nothing deleted until all are timed.
             directory, url = work / f"backups-{n}", f"s3://{bucket}/round-{n}"
+            sealed = f"s3://{bucket}/sealed-{n}"
+            main_file = next(root.glob("*.hc"))  # the server alone: one upload of those bytes
+            times["upload"].append(
+                timed(ObjectStore(f"s3://{bucket}").upload_file, f"raw-{n}", main_file)
+            )
             times["dir"].append(timed(backup, root, directory))
             times["s3"].append(timed(backup, root, url))
+            times["s3_sealed"].append(timed(backup, root, sealed, key_file=key, compress=True))
             times["restore_dir"].append(timed(restore, directory, work / f"from-dir-{n}"))
             times["restore_s3"].append(timed(restore, url, work / f"from-s3-{n}"))
+            times["restore_s3_sealed"].append(
+                timed(restore, sealed, work / f"from-sealed-{n}", key_file=key)
+            )
         medians = {key: statistics.median(values) for key, values in times.items()}
         results = {
             "bytes": size,
             "rounds": args.rounds,
             "seconds": times,
             "backup_ratio": medians["dir"] / medians["s3"],
+            "upload_ratio": medians["dir"] / medians["upload"],
             "restore_ratio": medians["restore_dir"] / medians["restore_s3"],
+            "sealed_backup_ratio": medians["dir"] / medians["s3_sealed"],
+            "sealed_restore_ratio": medians["restore_dir"] / medians["restore_s3_sealed"],
         }
     finally:
         server.stop()
@@ -80,13 +108,24 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"one prefix of {mib:.0f} MiB, {args.rounds} rounds, medians (server {server.endpoint_url})"
     )
-    for key, label in (("dir", "backup into a directory"), ("s3", "backup into the bucket"),
-                       ("restore_dir", "restore from the directory"),
-                       ("restore_s3", "restore from the bucket")):  # fmt: skip
-        seconds = statistics.median(times[key])
+    labels = {
+        "upload": "upload of the file alone",
+        "dir": "backup into a directory",
+        "s3": "backup into the bucket",
+        "s3_sealed": "the same, key + zstd",
+        "restore_dir": "restore from the directory",
+        "restore_s3": "restore from the bucket",
+        "restore_s3_sealed": "the same, key + zstd",
+    }
+    for kind, label in labels.items():
+        seconds = statistics.median(times[kind])
         print(f"  {label:<28} {seconds:7.2f} s  {mib / seconds:7.0f} MiB/s")
+    print(f"  the server's own bound: an upload alone is {results['upload_ratio']:.2f}x "
+          "of the directory backup's speed")  # fmt: skip
     print(f"  bucket / directory: backup {results['backup_ratio']:.2f}x, "
-          f"restore {results['restore_ratio']:.2f}x (of the directory's speed)")  # fmt: skip
+          f"restore {results['restore_ratio']:.2f}x; sealed: backup "
+          f"{results['sealed_backup_ratio']:.2f}x, restore "
+          f"{results['sealed_restore_ratio']:.2f}x (of the directory's speed)")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
