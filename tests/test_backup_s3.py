@@ -421,3 +421,28 @@ def test_the_command_line_bounds_and_tells_the_wait_for_a_buckets_lock(
         for stream in (holder.stdin, holder.stdout, holder.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_what_prune_finds_in_a_bucket_that_is_not_hotcopys_stays_and_is_named_safely(
+    bucket: str, repo_root: Path
+) -> None:
+    good = backup(repo_root, bucket)
+    store = ObjectStore(bucket)
+    lookalike = "20200101T000000.000000Z"  # an object named like a backup, not below one
+    store.put(lookalike, b"someone's", create_only=True)
+    dead = "20200102T000000.000000Z"  # an unfinished run's claim, and a file of someone else's
+    store.put(f"{dead}/STARTED", b"{}", create_only=True)
+    import boto3  # a name hotcopy's own client refuses to write: put by another tool
+
+    bucket_name, path = bucket.removeprefix("s3://").split("/", 1)
+    boto3.client("s3").put_object(Bucket=bucket_name, Key=f"{path}/{dead}/\x1b[31mRED", Body=b"x")
+
+    report = prune(bucket, keep_last=1)
+    assert report.kept == [good.id]
+    assert lookalike not in report.removed
+    assert dead in report.removed
+    names = objects(bucket)
+    assert lookalike in names and f"{dead}/\x1b[31mRED" in names
+    assert f"{dead}/STARTED" not in names
+    said = json.dumps(report.to_json(), ensure_ascii=False)
+    assert "\x1b" not in said and "\\x1b[31mRED" in said

@@ -585,11 +585,17 @@ class ObjectPlace:
     def check_backup(self, backup_id: str) -> None:
         if not self._objects_of(backup_id):
             self._listing(refresh=True)
+            if self.is_foreign(backup_id):
+                raise CatalogError(
+                    f"backup {backup_id}: {self.where}/{backup_id} is an object, not a backup",
+                    backup=backup_id,
+                )
             if not self._objects_of(backup_id):
                 raise BackupNotFound(f"no backup {backup_id} in {self.where}", backup=backup_id)
 
     def is_foreign(self, backup_id: str) -> bool:
-        return False
+        """An object named like a backup, where a backup is objects below that name."""
+        return not self._objects_of(backup_id) and backup_id in self._listing()
 
     def new_backup(self, backup_id: str) -> Path | None:
         """A local staging directory for the pieces of ``backup_id``, once the id is claimed;

@@ -309,7 +309,8 @@ def _execute(catalog: Catalog, view: CatalogView, decisions: list[Decision], now
         left = place.remove_backup(decision.id)
         if left:
             decision.reasons.append(
-                f"directory left in place: it holds files hotcopy did not write ({', '.join(left)})"
+                "directory left in place: it holds files hotcopy did not write "
+                f"({', '.join(map(ascii, left))})"  # escaped: names are anyone's
             )
         # its logical documents, if any
         place.remove(document_name(decision.id, kind) for kind in ("full", "delta"))
