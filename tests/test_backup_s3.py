@@ -446,3 +446,32 @@ def test_what_prune_finds_in_a_bucket_that_is_not_hotcopys_stays_and_is_named_sa
     assert f"{dead}/STARTED" not in names
     said = json.dumps(report.to_json(), ensure_ascii=False)
     assert "\x1b" not in said and "\\x1b[31mRED" in said
+
+
+def test_prune_aborts_the_uploads_a_killed_run_left_unfinished(
+    bucket: str, repo_root: Path
+) -> None:
+    import boto3  # a run killed mid-upload leaves what this leaves
+
+    good = backup(repo_root, bucket)
+    client = boto3.client("s3")
+    bucket_name, path = bucket.removeprefix("s3://").split("/", 1)
+    key = f"{path}/20200101T000000.000000Z/p0.hc"
+    upload = client.create_multipart_upload(Bucket=bucket_name, Key=key)
+    client.upload_part(
+        Bucket=bucket_name, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1024
+    )
+    outside = client.create_multipart_upload(Bucket=bucket_name, Key="not-the-catalog/x")
+
+    def unfinished() -> list[str]:
+        listed = client.list_multipart_uploads(Bucket=bucket_name)
+        return sorted(u["Key"] for u in listed.get("Uploads", ()))
+
+    assert unfinished() == sorted([key, "not-the-catalog/x"])
+    prune(bucket, keep_last=1, dry_run=True)
+    assert key in unfinished()  # a dry run changes nothing
+    assert prune(bucket, keep_last=1).kept == [good.id]
+    assert unfinished() == ["not-the-catalog/x"]  # only below the catalog's path
+    client.abort_multipart_upload(
+        Bucket=bucket_name, Key="not-the-catalog/x", UploadId=outside["UploadId"]
+    )

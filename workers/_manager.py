@@ -53,6 +53,7 @@ class BackupManager:
         key_file: The key of an authenticated catalog (default ``$HOTCOPY_BACKUP_KEY_FILE``).
         rate_limit: Bytes per second at most that a backup copies, on average (as RocksDB's
             BackupEngine offers): gentler on live writers, longer backups.
+        compress: Store backups zstd-compressed (an ``s3://`` catalog only).
         clock: The monotonic clock that times periodic and triggered backups.
     """
 
@@ -71,6 +72,7 @@ class BackupManager:
         verify_chain_every: int = 10,
         key_file: str | os.PathLike[str] | None = None,
         rate_limit: float | None = None,
+        compress: bool = False,
     ) -> None:
         if file_format not in ("native", "json"):
             raise ValueError(f"file_format must be 'native' or 'json', not {file_format!r}")
@@ -95,6 +97,7 @@ class BackupManager:
         self.verify_chain_every = verify_chain_every
         self.key_file = key_file
         self.rate_limit = rate_limit
+        self.compress = compress
         self.consecutive_failures = 0
         self.incremental_runs = 0
         self.deltas_since_full = 0
@@ -217,6 +220,7 @@ class BackupManager:
                     key_file=self.key_file,
                     skip_unchanged=incremental,
                     rate_limit=self.rate_limit,
+                    compress=self.compress,
                 )
                 if not result.complete:
                     raise BackupError(

@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -509,6 +510,7 @@ class ObjectPlace:
         self.store = ObjectStore(url)
         self._sizes: dict[str, int] | None = None  # every object's size, as last listed
         self._lock: ObjectLock | None = None  # the catalog lock, while this process holds it
+        self._locked_at: float | None = None  # when it was granted
 
     @property
     def where(self) -> str:
@@ -564,11 +566,11 @@ class ObjectPlace:
     def locked(self, acquire: LockWait | None) -> Iterator[None]:
         lock = _BucketLock(self.store, self.LOCK_TTL)
         with _held(lock, acquire):
-            self._lock = lock.lease
+            self._lock, self._locked_at = lock.lease, time.time()
             try:
                 yield
             finally:
-                self._lock = None
+                self._lock = self._locked_at = None
 
     def top_names(self) -> list[str]:
         return sorted({name.split("/", 1)[0] for name in self._listing(refresh=True)})
@@ -627,9 +629,12 @@ class ObjectPlace:
             self.remove([f"{backup_id}/{STARTED}"])
 
     def sweep_abandoned(self, backup_ids: list[str]) -> list[str]:
-        """Remove the local staging directories of runs whose process died (their claims and
-        uploaded pieces, without a manifest, go at the next prune)."""
-        return sweep_abandoned_dirs(_staging())
+        """Remove the local staging directories of runs whose process died, and abort the
+        uploads that runs before this lock's holder left unfinished (their claims and whole
+        pieces, without a manifest, go at the next prune). The caller holds the lock."""
+        assert self._locked_at is not None, "sweep_abandoned wants the catalog lock"
+        aborted = self.store.abort_uploads(started_before=self._locked_at)
+        return sweep_abandoned_dirs(_staging()) + [f"{self.where}/{name}" for name in aborted]
 
     def _stored(self, backup_id: str, file: str) -> tuple[str, int] | str:
         """The object holding piece ``file`` and its size, or why there is none to use."""

@@ -284,6 +284,8 @@ def prune(
     rules = Rules(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_within)
     catalog = Catalog(dest_dir, key_file=key_file)
     with catalog.locked(acquire_lock):
+        if not dry_run:
+            catalog.sweep_abandoned()  # temps and unfinished uploads of runs that were killed
         view = catalog.scan()
         decisions = plan(view, rules, clock())
         if not dry_run:

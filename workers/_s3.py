@@ -316,6 +316,23 @@ class ObjectStore:
         if failed:
             raise CatalogError(f"cannot delete from s3://{self._bucket}: {', '.join(failed)}")
 
+    def abort_uploads(self, started_before: float) -> list[str]:
+        """Abort the multipart uploads below PATH started before ``started_before`` (unix
+        time): what a killed run left half-sent, billed by the store until aborted. The
+        names of the objects they were for."""
+        root = self._path and self._path + "/"
+        aborted: list[str] = []
+        with self._translated(f"cannot list the unfinished uploads of {self.describe}"):
+            pages = self._client.get_paginator("list_multipart_uploads")
+            for page in pages.paginate(Bucket=self._bucket, Prefix=root):
+                for upload in page.get("Uploads", ()):
+                    if upload["Initiated"].timestamp() < started_before:
+                        self._client.abort_multipart_upload(
+                            Bucket=self._bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                        aborted.append(upload["Key"][len(root) :])
+        return aborted
+
     def _delete_if(self, name: str, etag: str) -> bool:
         """Delete ``name`` only while its ETag is ``etag``; False if it has changed or gone."""
         from botocore.exceptions import ClientError
