@@ -95,4 +95,19 @@ def is_alive(identity: ProcessIdentity) -> bool:
     if identity.boot != boot_id():
         return False
     stat = _read_stat(identity.pid)
-    return stat is not None and stat[0] not in "ZX" and stat[1] == identity.start_ticks
+    if stat is None:
+        # Not in /proc for this user: gone, or another user's under ``hidepid`` (systemd's
+        # ProtectProc=invisible). Only the kernel's "no such process" proves it gone: a
+        # process this one cannot see is never taken for dead.
+        return _exists(identity.pid)
+    return stat[0] not in "ZX" and stat[1] == identity.start_ticks
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import stat
 import subprocess
@@ -605,3 +606,39 @@ def test_a_link_in_a_repository_is_not_taken_for_a_prefix(tmp_path: Path) -> Non
     (root / "q.hc").symlink_to(root / "p.hc")
     with Repository(root, leases=FileLeases(root / ".hotcopy")) as repo:
         assert repo.prefixes() == ["p"]
+
+
+_IS_ALIVE = """
+import sys
+from hotcopy.coordinator._process import ProcessIdentity, boot_id, is_alive
+for pid, ticks in zip(sys.argv[1::2], sys.argv[2::2]):
+    print(is_alive(ProcessIdentity(int(pid), int(ticks), boot_id())))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_process_that_proc_hides_from_another_user_is_never_taken_for_dead() -> None:
+    """Under ``hidepid=2`` (systemd's ProtectProc=invisible) another user's process is absent
+    from /proc: a coordinator dropping its connection, or a run breaking its bucket lock, on
+    that absence would take a live holder's lease. Checked as uid 65534 in a mount namespace
+    of its own with /proc remounted so, beside a process that really is gone."""
+    need_root_and("unshare", "setpriv")
+    live = subprocess.Popen(["sleep", "60"])
+    gone = subprocess.Popen(["true"])
+    gone.wait(10)
+    try:
+        live_id = ProcessIdentity.of(live.pid)
+        assert live_id is not None
+        check = (
+            "mount -t proc -o hidepid=2 proc /proc && exec setpriv --reuid=65534 "
+            f"--regid=65534 --clear-groups {shlex.quote(sys.executable)} -c "
+            f"{shlex.quote(_IS_ALIVE)} {live.pid} {live_id.start_ticks} {gone.pid} 1"
+        )
+        done = subprocess.run(
+            ["unshare", "-m", "sh", "-c", check], capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["True", "False"]
+    finally:
+        live.kill()
+        live.wait(10)

@@ -497,7 +497,8 @@ def _pid_namespace() -> int:
 def _died_here(holder: dict[str, Any]) -> bool:
     """Whether the lease's holder ran in this boot and pid namespace (this machine, this
     container) and is gone: its lease need not run out first, as restic breaks a lock whose
-    process on this host no longer exists. Pid and start time name one process for ever."""
+    process on this host no longer exists. Pid and start time name one process for ever; a
+    process this one cannot see (``hidepid``) counts as alive (``is_alive``)."""
     pid, ticks, boot = holder.get("pid"), holder.get("start_ticks"), holder.get("boot")
     if not (isinstance(pid, int) and isinstance(ticks, int) and isinstance(boot, str)):
         return False
