@@ -475,3 +475,19 @@ def test_prune_aborts_the_uploads_a_killed_run_left_unfinished(
     client.abort_multipart_upload(
         Bucket=bucket_name, Key="not-the-catalog/x", UploadId=outside["UploadId"]
     )
+
+
+def test_a_compressed_piece_planted_in_an_unkeyed_bucket_never_opens_past_its_size(
+    bucket: str, repo_root: Path, tmp_path: Path
+) -> None:
+    from hotcopy.workers import _sealing
+
+    result = backup(repo_root, bucket)
+    bomb = _sealing.seal_bytes(bytes(64 << 20), None, compress=True)  # 64 MiB of zeros
+    assert len(bomb) < 1 << 20
+    ObjectStore(bucket).put(f"{result.id}/p0.hc.sealed", bomb, create_only=True)
+    with pytest.raises(CatalogError, match="opens to more than the") as refused:
+        restore(bucket, tmp_path / "new")
+    assert f"{result.id}/p0.hc.sealed" in str(refused.value)
+    assert not (tmp_path / "new").exists()
+    assert not list(tmp_path.glob(".new.*"))

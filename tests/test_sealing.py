@@ -374,3 +374,10 @@ def test_memory_stays_bounded(tmp_path: Path, compress: str) -> None:
     assert growth["seal_kib"] < 32 * 1024, growth  # ru_maxrss is in KiB on Linux
     assert growth["open_kib"] < 32 * 1024, growth
     assert os.path.getsize(tmp_path / "plain") == 64 * MIB
+
+
+def test_what_a_sealed_object_opens_to_is_bounded_when_asked() -> None:
+    sealed = seal_bytes(bytes(3 << 20), None, compress=True)
+    assert len(b"".join(open_stream([sealed], None, 3 << 20))) == 3 << 20
+    with pytest.raises(SealError, match="more than the 3145727 bytes"):
+        b"".join(open_stream([sealed], None, (3 << 20) - 1))

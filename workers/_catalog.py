@@ -954,12 +954,13 @@ class CatalogView:
         for manifest, entry in links:
             check(manifest, entry, self.piece_problem(manifest, entry, checksums=in_place))
         names = [f"{manifest.id}/{entry.file}" for manifest, entry in links]
+        sizes = {name: entry.size for name, (_, entry) in zip(names, links, strict=True)}
         if place.local:
-            local = place.fetch(names, Path())
+            local = place.fetch(sizes, Path())
         else:
             if scratch is None:
                 raise CatalogError(f"the pieces of {self.catalog.where} must be fetched to be read")
-            local = place.fetch(names, scratch)
+            local = place.fetch(sizes, scratch)
             for (manifest, entry), name in zip(links, names, strict=True):
                 problem = file_problem(str(local[name]), entry, checksums, self.catalog.key)
                 check(manifest, entry, problem)

@@ -119,7 +119,7 @@ class Place(Protocol):
     def piece_problem(
         self, backup_id: str, entry: Entry, *, checksums: bool, key: bytes | None
     ) -> str | None: ...
-    def fetch(self, names: list[str], into: Path) -> dict[str, Path]: ...
+    def fetch(self, sizes: dict[str, int], into: Path) -> dict[str, Path]: ...
     def remove(self, names: Iterable[str]) -> None: ...
     def remove_backup(self, backup_id: str) -> list[str]: ...
     def remove_unnamed_pieces(self, backup_id: str, named: set[str]) -> bool: ...
@@ -261,9 +261,9 @@ class DirectoryPlace:
     ) -> str | None:
         return file_problem(self.piece_path(backup_id, entry.file), entry, checksums, key)
 
-    def fetch(self, names: list[str], into: Path) -> dict[str, Path]:
-        """The pieces ``names`` (``<id>/<file>``) are here already: their paths."""
-        return {name: self.path / name for name in names}
+    def fetch(self, sizes: dict[str, int], into: Path) -> dict[str, Path]:
+        """The pieces ``sizes`` names (``<id>/<file>``) are here already: their paths."""
+        return {name: self.path / name for name in sizes}
 
     def remove(self, names: Iterable[str]) -> None:
         """Unlink the entries ``names`` (never followed), each directory's removal durable."""
@@ -531,18 +531,21 @@ class ObjectPlace:
     def _seals(self) -> bool:
         return self._keys is not None or self._compress
 
-    def _opened(self, raw: bytes, what: str) -> bytes:
-        """The content of an object as stored: sealed ones opened, unsealed ones refused when
-        this catalog is read with a key."""
+    def _opened(self, raw: bytes, what: str, limit: int) -> bytes:
+        """The content of an object as stored: sealed ones opened (at most ``limit`` bytes),
+        unsealed ones refused when this catalog is read with a key."""
         if self._sealing.is_sealed(raw):
-            return b"".join(self._sealing.open_stream([raw], self._keys))
+            try:
+                return b"".join(self._sealing.open_stream([raw], self._keys, limit))
+            except CatalogError as err:
+                raise CatalogError(f"{what}: {err}") from None
         if self._keys is not None:
             raise CatalogError(f"{what} is not sealed, but a key was given: refused")
         return raw
 
     def read(self, name: str, what: str, limit: int) -> bytes | None:
         raw = self.store.get(name, limit)
-        return None if raw is None else self._opened(raw, what)
+        return None if raw is None else self._opened(raw, what, limit)
 
     def _still_locked(self) -> None:
         """Refuse to change the catalog once its lock was lost (expired while this process
@@ -664,17 +667,18 @@ class ObjectPlace:
             try:
                 chunks = self.store.chunks(name)
                 if sealed:
-                    chunks = self._sealing.open_stream(chunks, self._keys)
+                    chunks = self._sealing.open_stream(chunks, self._keys, entry.size)
                 problem = content_problem(chunks, entry, key)
             except CatalogError as err:
                 problem = f"unreadable: {err}"
         return problem
 
-    def fetch(self, names: list[str], into: Path) -> dict[str, Path]:
-        """Download the pieces ``names`` (``<id>/<file>``) into the directory ``into``, each
-        opened if sealed (every chunk authenticated as it is written out)."""
+    def fetch(self, sizes: dict[str, int], into: Path) -> dict[str, Path]:
+        """Download the pieces ``sizes`` names (``<id>/<file>``, with the size each opens to)
+        into the directory ``into``, each opened if sealed (every chunk authenticated as it is
+        written out, and never more bytes than its size)."""
         local: dict[str, Path] = {}
-        for number, name in enumerate(names):
+        for number, (name, size) in enumerate(sizes.items()):
             backup_id, file = name.split("/", 1)
             stored = self._stored(backup_id, file)
             if isinstance(stored, str):
@@ -684,7 +688,9 @@ class ObjectPlace:
                 sealed = path.with_name(path.name + SEALED)
                 self.store.download_file(stored[0], sealed)
                 try:
-                    self._sealing.open_file(sealed, path, self._keys)
+                    self._sealing.open_file(sealed, path, self._keys, limit=size)
+                except CatalogError as err:
+                    raise CatalogError(f"{self.where}/{stored[0]}: {err}") from None
                 finally:
                     sealed.unlink()
             else:

@@ -231,8 +231,11 @@ class _Feed:
         return data
 
 
-def open_stream(pieces: Iterable[bytes], keys: SealKeys | None) -> Iterator[bytes]:
-    """The plaintext of the sealed object read from ``pieces``, chunk by chunk.
+def open_stream(
+    pieces: Iterable[bytes], keys: SealKeys | None, limit: int | None = None
+) -> Iterator[bytes]:
+    """The plaintext of the sealed object read from ``pieces``, chunk by chunk; more than
+    ``limit`` bytes of it is refused (a compressed object is small; what it opens to is not).
 
     Every chunk yielded is authentic, but the object is whole only once the stream ends
     without a ``SealError``: on one, discard what was read."""
@@ -240,7 +243,7 @@ def open_stream(pieces: Iterable[bytes], keys: SealKeys | None) -> Iterator[byte
     header = feed.take(HEADER.size)
     _check_header(header, keys)
     chunks = _Chunks(header, keys)
-    index = 0
+    index = opened = 0
     while True:
         word = feed.take(_WORD.size)
         if not word:
@@ -254,6 +257,9 @@ def open_stream(pieces: Iterable[bytes], keys: SealKeys | None) -> Iterator[byte
         if len(payload) < size:
             raise SealError(f"truncated in chunk {index}: {len(payload)} of {size} bytes")
         plain = chunks.open(index, final, payload)
+        opened += len(plain)
+        if limit is not None and opened > limit:
+            raise SealError(f"opens to more than the {limit} bytes expected: damaged or forged")
         if plain:
             yield plain
         if final:
@@ -264,13 +270,16 @@ def open_stream(pieces: Iterable[bytes], keys: SealKeys | None) -> Iterator[byte
 
 
 def open_file(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], keys: SealKeys | None
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    keys: SealKeys | None,
+    limit: int | None = None,
 ) -> int:
     """Write the plaintext of the sealed file ``src`` to ``dst``; returns its size. On a
     ``SealError``, ``dst`` is removed (nothing unproved is left behind)."""
     with open(src, "rb") as source, open(dst, "wb") as out:
         try:
-            for plain in open_stream(iter(lambda: source.read(CHUNK_SIZE), b""), keys):
+            for plain in open_stream(iter(lambda: source.read(CHUNK_SIZE), b""), keys, limit):
                 out.write(plain)
         except SealError:
             os.unlink(dst)
