@@ -491,3 +491,25 @@ def test_a_compressed_piece_planted_in_an_unkeyed_bucket_never_opens_past_its_si
     assert f"{result.id}/p0.hc.sealed" in str(refused.value)
     assert not (tmp_path / "new").exists()
     assert not list(tmp_path.glob(".new.*"))
+
+
+def test_a_truncated_sealed_piece_is_seen_by_size_and_never_continued(
+    bucket: str, repo_root: Path, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(os.urandom(32))
+    key_file.chmod(0o600)
+    first = backup(repo_root, bucket, key_file=key_file)
+    store = ObjectStore(bucket)
+    name = f"{first.id}/p0.hc.sealed"
+    store.put(name, b"".join(store.chunks(name))[:-50], create_only=False)
+
+    listing = list_backups(bucket, key_file=key_file)  # sizes only, no byte read
+    assert listing["backups"][0]["restorable"] is False
+    assert "bytes stored, the manifest says" in listing["backups"][0]["problem"]
+    change(repo_root, "p0", {"k0": "after"})
+    second = backup(repo_root, bucket, key_file=key_file, incremental=True)
+    assert second.prefixes["p0"]["kind"] == "full"  # a new chain, not a delta on damage
+    assert "p0" in second.chain_restarts
+    restore(bucket, tmp_path / "new", key_file=key_file)
+    assert dump(tmp_path / "new") == dump(repo_root)

@@ -16,6 +16,7 @@ the result says why.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import shutil
@@ -325,7 +326,13 @@ def _record(catalog: Catalog, manifest: Manifest, staging: Path) -> None:
     """Publish the pieces copied into ``staging``, then the manifest that names them; if
     either fails (an upload, a second Ctrl-C), what the run left is discarded."""
     try:
-        catalog.publish(manifest.id, staging)  # every copy durable before the manifest names it
+        stored = catalog.publish(manifest.id, staging)  # durable before the manifest names it
+        manifest.entries = {
+            prefix: dataclasses.replace(entry, stored=stored[entry.file])
+            if entry.file in stored
+            else entry
+            for prefix, entry in manifest.entries.items()
+        }
         catalog.write_manifest(manifest)
     except BaseException:
         catalog.discard(manifest.id, staging)

@@ -369,6 +369,7 @@ class Entry:
     crc32: int  # of ``file``
     boundary_crc: int  # of the source bytes [end - 32, end): lets the next delta continue
     sha256: str | None = None  # of ``file``, in an authenticated (keyed) catalog
+    stored: int | None = None  # bytes as its place stores it, when not ``size`` (sealed)
 
     def base_ref(self) -> BaseRef:
         return BaseRef(self.file_id, self.salt, self.end, self.boundary_crc)
@@ -389,6 +390,8 @@ class Entry:
         }
         if self.sha256 is not None:
             data["sha256"] = self.sha256
+        if self.stored is not None:
+            data["stored"] = self.stored
         return data
 
 
@@ -487,6 +490,7 @@ def _parse_entry(data: object, backup_id: str, prefix: str, *, keyed: bool) -> E
         crc32=fields.integer("crc32", 0, 0xFFFFFFFF),
         boundary_crc=fields.integer("boundary_crc", 0, 0xFFFFFFFF),
         sha256=sha256,
+        stored=fields.integer("stored") if "stored" in fields.data else None,
     )
 
 
@@ -679,10 +683,10 @@ class Catalog:
                 return backup_id, staging
             time_us += 1
 
-    def publish(self, backup_id: str, staging: Path) -> None:
+    def publish(self, backup_id: str, staging: Path) -> dict[str, int]:
         """Make the pieces copied into ``staging`` durable in the catalog: before any manifest
-        names them."""
-        self.place.publish(backup_id, staging)
+        names them. Returns the size each piece is stored at, where that is not its own."""
+        return self.place.publish(backup_id, staging)
 
     def discard(self, backup_id: str, staging: Path) -> None:
         """Remove what a run that failed wrote."""

@@ -113,7 +113,7 @@ class Place(Protocol):
     def check_backup(self, backup_id: str) -> None: ...
     def is_foreign(self, backup_id: str) -> bool: ...
     def new_backup(self, backup_id: str) -> Path | None: ...
-    def publish(self, backup_id: str, staging: Path) -> None: ...
+    def publish(self, backup_id: str, staging: Path) -> dict[str, int]: ...
     def discard(self, backup_id: str, staging: Path) -> None: ...
     def sweep_abandoned(self, backup_ids: list[str]) -> list[str]: ...
     def piece_problem(
@@ -233,8 +233,9 @@ class DirectoryPlace:
         fsync_dir(self.path)
         return path
 
-    def publish(self, backup_id: str, staging: Path) -> None:
+    def publish(self, backup_id: str, staging: Path) -> dict[str, int]:
         sync_filesystem(staging)  # every copy durable before the manifest names it
+        return {}
 
     def discard(self, backup_id: str, staging: Path) -> None:
         """Remove the directory of a run that failed: what it wrote, then the directory."""
@@ -611,9 +612,10 @@ class ObjectPlace:
         make_directory(staging, exist_ok=False)
         return staging
 
-    def publish(self, backup_id: str, staging: Path) -> None:
+    def publish(self, backup_id: str, staging: Path) -> dict[str, int]:
         """Upload the pieces in ``staging`` (each verified by its size once stored); the
-        staging directory goes once they are all there."""
+        staging directory goes once they are all there. Returns the sealed pieces' sizes."""
+        stored: dict[str, int] = {}
         for entry in sorted(os.scandir(staging), key=lambda e: e.name):
             self._still_locked()
             if is_piece_name(entry.name):
@@ -622,9 +624,13 @@ class ObjectPlace:
                     path, name = path.with_name(path.name + SEALED), name + SEALED
                     self._sealing.seal_file(entry.path, path, self._keys, compress=self._compress)
                 self.store.upload_file(name, path)
+                size = path.stat().st_size
                 if self._sizes is not None:
-                    self._sizes[name] = path.stat().st_size
+                    self._sizes[name] = size
+                if self._seals():
+                    stored[entry.name] = size
         shutil.rmtree(staging, ignore_errors=True)
+        return stored
 
     def discard(self, backup_id: str, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
@@ -660,6 +666,8 @@ class ObjectPlace:
             return stored
         name, size = stored
         sealed = name.endswith(SEALED)
+        if sealed and entry.stored is not None and size != entry.stored:
+            return f"{size} bytes stored, the manifest says {entry.stored}"
         if sealed and size < self._sealing.HEADER.size:
             return f"{size} bytes, less than a sealed object's header"
         problem = None if sealed else size_problem(size, entry)
