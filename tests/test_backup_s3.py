@@ -66,6 +66,12 @@ def change(root: Path, name: str, changes: dict[str, Any]) -> None:
         px.commit()
 
 
+def make_key(path: Path) -> Path:
+    path.write_bytes(os.urandom(32))
+    path.chmod(0o600)
+    return path
+
+
 def objects(url: str) -> dict[str, int]:
     return ObjectStore(url).sizes()
 
@@ -250,9 +256,7 @@ def test_a_run_stopped_past_its_lock_expiry_writes_nothing_once_another_holds_it
 def test_a_keyed_restore_checks_the_bytes_it_restores_not_an_earlier_read(
     bucket: str, repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key_file = tmp_path / "key"
-    key_file.write_bytes(os.urandom(32))
-    key_file.chmod(0o600)
+    key_file = make_key(tmp_path / "key")
     older = backup(repo_root, bucket, key_file=key_file)
     change(repo_root, "p1", {"k1": "newer"})
     expected = dump(repo_root)
@@ -281,9 +285,7 @@ def test_a_keyed_restore_checks_the_bytes_it_restores_not_an_earlier_read(
 def test_a_keyed_catalog_in_a_bucket_is_sealed_and_needs_its_key(
     bucket: str, repo_root: Path, tmp_path: Path
 ) -> None:
-    key_file = tmp_path / "key"
-    key_file.write_bytes(os.urandom(32))
-    key_file.chmod(0o600)
+    key_file = make_key(tmp_path / "key")
     result = backup(repo_root, bucket, key_file=key_file)
     store = ObjectStore(bucket)
     for name in objects(bucket):
@@ -295,9 +297,7 @@ def test_a_keyed_catalog_in_a_bucket_is_sealed_and_needs_its_key(
 
     with pytest.raises(CatalogError, match="no key was given"):
         list_backups(bucket)
-    other = tmp_path / "other-key"
-    other.write_bytes(os.urandom(32))
-    other.chmod(0o600)
+    other = make_key(tmp_path / "other-key")
     with pytest.raises(CatalogError, match="needs another key"):
         restore(bucket, tmp_path / "new", key_file=other)
     assert not (tmp_path / "new").exists()
@@ -496,9 +496,7 @@ def test_a_compressed_piece_planted_in_an_unkeyed_bucket_never_opens_past_its_si
 def test_a_truncated_sealed_piece_is_seen_by_size_and_never_continued(
     bucket: str, repo_root: Path, tmp_path: Path
 ) -> None:
-    key_file = tmp_path / "key"
-    key_file.write_bytes(os.urandom(32))
-    key_file.chmod(0o600)
+    key_file = make_key(tmp_path / "key")
     first = backup(repo_root, bucket, key_file=key_file)
     store = ObjectStore(bucket)
     name = f"{first.id}/p0.hc.sealed"
