@@ -483,7 +483,8 @@ def test_a_compressed_piece_planted_in_an_unkeyed_bucket_never_opens_past_its_si
     from hotcopy.workers import _sealing
 
     result = backup(repo_root, bucket)
-    bomb = _sealing.seal_bytes(bytes(64 << 20), None, compress=True)  # 64 MiB of zeros
+    context = f"{result.id}/p0.hc".encode()  # unkeyed: anyone can frame it right
+    bomb = _sealing.seal_bytes(bytes(64 << 20), None, compress=True, context=context)
     assert len(bomb) < 1 << 20
     ObjectStore(bucket).put(f"{result.id}/p0.hc.sealed", bomb, create_only=True)
     with pytest.raises(CatalogError, match="opens to more than the") as refused:
@@ -511,3 +512,26 @@ def test_a_truncated_sealed_piece_is_seen_by_size_and_never_continued(
     assert "p0" in second.chain_restarts
     restore(bucket, tmp_path / "new", key_file=key_file)
     assert dump(tmp_path / "new") == dump(repo_root)
+
+
+def test_a_sealed_object_never_passes_for_another(
+    bucket: str, repo_root: Path, tmp_path: Path
+) -> None:
+    key_file = make_key(tmp_path / "key")
+    result = backup(repo_root, bucket, key_file=key_file)
+    store = ObjectStore(bucket)
+
+    def read(name: str) -> bytes:
+        return b"".join(store.chunks(name))
+
+    marker = read("hotcopy-backups.json")
+    # The backup's manifest put in place of the marker (both sealed with the key).
+    store.put("hotcopy-backups.json", read(f"{result.id}/MANIFEST.json"), create_only=False)
+    with pytest.raises(CatalogError, match=r"hotcopy-backups.json.*damaged or forged"):
+        list_backups(bucket, key_file=key_file)
+    store.put("hotcopy-backups.json", marker, create_only=False)
+    # A piece of one prefix put in place of another's: refused before its bytes are used.
+    p0, p1 = f"{result.id}/p0.hc.sealed", f"{result.id}/p1.hc.sealed"
+    store.put(p1, read(p0), create_only=False)
+    with pytest.raises(CatalogError, match=r"p1\.hc\.sealed.*damaged or forged"):
+        restore(bucket, tmp_path / "new", key_file=key_file)

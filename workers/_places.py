@@ -532,12 +532,13 @@ class ObjectPlace:
     def _seals(self) -> bool:
         return self._keys is not None or self._compress
 
-    def _opened(self, raw: bytes, what: str, limit: int) -> bytes:
+    def _opened(self, name: str, raw: bytes, what: str, limit: int) -> bytes:
         """The content of an object as stored: sealed ones opened (at most ``limit`` bytes),
         unsealed ones refused when this catalog is read with a key."""
         if self._sealing.is_sealed(raw):
             try:
-                return b"".join(self._sealing.open_stream([raw], self._keys, limit))
+                opened = self._sealing.open_stream([raw], self._keys, limit, name.encode())
+                return b"".join(opened)
             except CatalogError as err:
                 raise CatalogError(f"{what}: {err}") from None
         if self._keys is not None:
@@ -546,7 +547,7 @@ class ObjectPlace:
 
     def read(self, name: str, what: str, limit: int) -> bytes | None:
         raw = self.store.get(name, limit)
-        return None if raw is None else self._opened(raw, what, limit)
+        return None if raw is None else self._opened(name, raw, what, limit)
 
     def _still_locked(self) -> None:
         """Refuse to change the catalog once its lock was lost (expired while this process
@@ -560,7 +561,10 @@ class ObjectPlace:
     def write(self, name: str, data: bytes, *, create_only: bool = False) -> bool:
         self._still_locked()
         if self._seals():
-            data = self._sealing.seal_bytes(data, self._keys, compress=self._compress)
+            context = name.encode()  # a manifest never passes for the marker, nor another's
+            data = self._sealing.seal_bytes(
+                data, self._keys, compress=self._compress, context=context
+            )
         written = self.store.put(name, data, create_only=create_only)
         if written and self._sizes is not None:
             self._sizes[name] = len(data)
@@ -622,7 +626,10 @@ class ObjectPlace:
                 path, name = Path(entry.path), f"{backup_id}/{entry.name}"
                 if self._seals():
                     path, name = path.with_name(path.name + SEALED), name + SEALED
-                    self._sealing.seal_file(entry.path, path, self._keys, compress=self._compress)
+                    self._sealing.seal_file(
+                        entry.path, path, self._keys, compress=self._compress,
+                        context=f"{backup_id}/{entry.name}".encode(),
+                    )  # fmt: skip
                 self.store.upload_file(name, path)
                 size = path.stat().st_size
                 if self._sizes is not None:
@@ -675,7 +682,8 @@ class ObjectPlace:
             try:
                 chunks = self.store.chunks(name)
                 if sealed:
-                    chunks = self._sealing.open_stream(chunks, self._keys, entry.size)
+                    context = f"{backup_id}/{entry.file}".encode()
+                    chunks = self._sealing.open_stream(chunks, self._keys, entry.size, context)
                 problem = content_problem(chunks, entry, key)
             except CatalogError as err:
                 problem = f"unreadable: {err}"
@@ -696,7 +704,7 @@ class ObjectPlace:
                 sealed = path.with_name(path.name + SEALED)
                 self.store.download_file(stored[0], sealed)
                 try:
-                    self._sealing.open_file(sealed, path, self._keys, limit=size)
+                    self._sealing.open_file(sealed, path, self._keys, size, name.encode())
                 except CatalogError as err:
                     raise CatalogError(f"{self.where}/{stored[0]}: {err}") from None
                 finally:

@@ -12,13 +12,15 @@ zstd-compressed on its own when flagged (chunks stay independent and memory boun
 
 - **keyed**: sealed with AES-256-GCM under a key of its own object (HKDF-SHA256 of the
   catalog's encryption key, salted with the object's salt); nonce = salt[:8] + the chunk
-  index (u32); associated data = header + index u32 + final u8. The payload is ciphertext +
-  16-byte tag. The header, every chunk's place and which chunk ends the object are thus
-  authenticated: a changed header, a reordered, dropped, transplanted (another object has
-  another salt, hence key) or truncated chunk fails its tag, and a stream ending without its
-  final chunk, or going on past it, is refused.
-- **unkeyed** (compression alone): the payload is the chunk + CRC32 of (header, index, final,
-  chunk). That catches accidents, not forgery; an unkeyed catalog is checksummed, as before.
+  index (u32); associated data = header + context length u32 + context + index u32 + final
+  u8, where the *context* says what the object is (its name in the catalog, never stored in
+  it). The payload is ciphertext + 16-byte tag. The header, what the object is, every chunk's
+  place and which chunk ends the object are thus authenticated: a changed header, an object
+  put where another belongs, a reordered, dropped, transplanted (another object has another
+  salt, hence key) or truncated chunk fails its tag, and a stream ending without its final
+  chunk, or going on past it, is refused.
+- **unkeyed** (compression alone): the payload is the chunk + CRC32 of (the same associated
+  data, chunk). That catches accidents, not forgery; an unkeyed catalog is checksummed.
 
 Why a per-object key: with random 96-bit nonces under one key, collisions bound the number of
 chunks one key may seal (about 2^32); here each object has its own key from a 128-bit salt,
@@ -99,9 +101,12 @@ def sealed_key_id(first_bytes: bytes) -> bytes | None:
 class _Chunks:
     """Seals or opens the chunks of one object, given its header."""
 
-    def __init__(self, header: bytes, keys: SealKeys | None) -> None:
+    def __init__(self, header: bytes, keys: SealKeys | None, context: bytes) -> None:
         _, _, flags, _, salt, self.chunk_size = HEADER.unpack(header)
-        self.header, self.prefix = header, salt[:8]
+        # What the object is (its name in the catalog) is authenticated with every chunk, so a
+        # sealed object never passes for another: a manifest for the marker, a piece for another
+        # prefix's or backup's.
+        self.header, self.prefix = header + _WORD.pack(len(context)) + context, salt[:8]
         self.compressed = bool(flags & COMPRESSED)
         self.aead = None if keys is None else AESGCM(_hkdf(keys.encryption, b"object", salt=salt))
         self.compressor = zstandard.ZstdCompressor()
@@ -180,10 +185,12 @@ def _new_header(keys: SealKeys | None, compress: bool, chunk_size: int) -> bytes
     return HEADER.pack(MAGIC, VERSION, flags, key_id, os.urandom(16), chunk_size)
 
 
-def seal_bytes(data: bytes, keys: SealKeys | None, *, compress: bool) -> bytes:
+def seal_bytes(
+    data: bytes, keys: SealKeys | None, *, compress: bool, context: bytes = b""
+) -> bytes:
     """``data`` (a manifest, a marker: small) sealed as :func:`seal_file` seals a file."""
     header = _new_header(keys, compress, CHUNK_SIZE)
-    chunks = _Chunks(header, keys)
+    chunks = _Chunks(header, keys, context)
     cuts = [data[at : at + CHUNK_SIZE] for at in range(0, len(data), CHUNK_SIZE)] or [b""]
     last = len(cuts) - 1
     return header + b"".join(chunks.seal(i, i == last, cut) for i, cut in enumerate(cuts))
@@ -196,11 +203,13 @@ def seal_file(
     *,
     compress: bool,
     chunk_size: int = CHUNK_SIZE,
+    context: bytes = b"",
 ) -> int:
     """Write ``src`` sealed (encrypted when ``keys``, compressed when ``compress``) to ``dst``
-    (a staging file, not fsynced); returns its size."""
+    (a staging file, not fsynced); returns its size. ``context``: what the object is (its
+    name), authenticated with it: opening it needs the same."""
     header = _new_header(keys, compress, chunk_size)
-    chunks = _Chunks(header, keys)
+    chunks = _Chunks(header, keys, context)
     with open(src, "rb") as source, open(dst, "wb") as out:
         out.write(header)
         index, chunk = 0, source.read(chunk_size)
@@ -232,7 +241,10 @@ class _Feed:
 
 
 def open_stream(
-    pieces: Iterable[bytes], keys: SealKeys | None, limit: int | None = None
+    pieces: Iterable[bytes],
+    keys: SealKeys | None,
+    limit: int | None = None,
+    context: bytes = b"",
 ) -> Iterator[bytes]:
     """The plaintext of the sealed object read from ``pieces``, chunk by chunk; more than
     ``limit`` bytes of it is refused (a compressed object is small; what it opens to is not).
@@ -242,7 +254,7 @@ def open_stream(
     feed = _Feed(pieces)
     header = feed.take(HEADER.size)
     _check_header(header, keys)
-    chunks = _Chunks(header, keys)
+    chunks = _Chunks(header, keys, context)
     index = opened = 0
     while True:
         word = feed.take(_WORD.size)
@@ -274,12 +286,14 @@ def open_file(
     dst: str | os.PathLike[str],
     keys: SealKeys | None,
     limit: int | None = None,
+    context: bytes = b"",
 ) -> int:
     """Write the plaintext of the sealed file ``src`` to ``dst``; returns its size. On a
     ``SealError``, ``dst`` is removed (nothing unproved is left behind)."""
     with open(src, "rb") as source, open(dst, "wb") as out:
         try:
-            for plain in open_stream(iter(lambda: source.read(CHUNK_SIZE), b""), keys, limit):
+            chunks = iter(lambda: source.read(CHUNK_SIZE), b"")
+            for plain in open_stream(chunks, keys, limit, context):
                 out.write(plain)
         except SealError:
             os.unlink(dst)
