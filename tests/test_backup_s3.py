@@ -535,3 +535,20 @@ def test_a_sealed_object_never_passes_for_another(
     store.put(p1, read(p0), create_only=False)
     with pytest.raises(CatalogError, match=r"p1\.hc\.sealed.*damaged or forged"):
         restore(bucket, tmp_path / "new", key_file=key_file)
+
+
+def test_a_lock_object_that_is_never_renewed_is_broken_whatever_expiry_it_claims(
+    bucket: str, repo_root: Path
+) -> None:
+    backup(repo_root, bucket)
+    store = ObjectStore(bucket)
+    planted = {"owner": "?", "host": "elsewhere", "pid": 1, "expires": 1e12}  # year 33658
+    store.put("catalog.lock", json.dumps(planted).encode(), create_only=True)
+    with (
+        pytest.raises(CatalogError, match="held by"),
+        store.lock("catalog.lock", ttl=2, timeout=0.5, owner="test"),
+    ):
+        pass  # not yet: unrenewed for less than a lease's life
+    with store.lock("catalog.lock", ttl=1, timeout=10, owner="test"):
+        pass  # unrenewed for longer than a lease's life (1 s): broken
+    assert backup(repo_root, bucket).complete

@@ -421,17 +421,24 @@ class ObjectLock(contextlib.AbstractContextManager[None]):
         me = ProcessIdentity.current()
         info = {"owner": self._owner, "host": socket.gethostname(), "pid": me.pid}
         here = {"boot": me.boot.hex(), "pidns": _pid_namespace(), "start_ticks": me.start_ticks}
-        return json.dumps({**info, **here, "expires": self._writing}).encode()
+        return json.dumps({**info, **here, "ttl": self._ttl, "expires": self._writing}).encode()
 
     def __enter__(self) -> None:
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
         delay = 0.05
+        first_seen: dict[str, float] = {}  # each version of the lease object: when first read
         while (etag := self._store._put(self._name, self._body(), if_none_match=True)) is None:
             held = self._store._get(self._name, 64 << 10)
             if held is None:
                 continue  # released meanwhile
             holder = _parse_lease(held[0])
-            if float(holder.get("expires", 0)) < time.time() or _died_here(holder):
+            # A lease unchanged for longer than its ttl, on this host's own clock, was not
+            # renewed: its holder is gone, whatever its expiry claims (a clock far ahead, or
+            # a planted object).
+            unrenewed = time.monotonic() - first_seen.setdefault(held[1], time.monotonic())
+            ttl = holder.get("ttl")
+            stale = unrenewed > (ttl if isinstance(ttl, int | float) and ttl > 0 else self._ttl)
+            if float(holder.get("expires", 0)) < time.time() or stale or _died_here(holder):
                 log.info("breaking lease %s of %s: expired, or its holder died", self._name, holder)
                 self._store._delete_if(self._name, held[1])
                 continue
