@@ -552,3 +552,26 @@ def test_a_lock_object_that_is_never_renewed_is_broken_whatever_expiry_it_claims
     with store.lock("catalog.lock", ttl=1, timeout=10, owner="test"):
         pass  # unrenewed for longer than a lease's life (1 s): broken
     assert backup(repo_root, bucket).complete
+
+
+def test_ctrl_c_while_uploading_says_nothing_was_recorded_and_leaves_nothing(
+    bucket: str,
+    repo_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    good = backup(repo_root, bucket)
+
+    def interrupted(self: ObjectStore, name: str, path: Any) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C arrives during an upload
+
+    monkeypatch.setattr(ObjectStore, "upload_file", interrupted)
+    assert main(["backup", str(repo_root), bucket]) == 130
+    said = capsys.readouterr().err
+    assert "nothing of it is kept" in said and "recorded as partial" not in said
+    assert list(staging.iterdir()) == []
+    assert [b["id"] for b in list_backups(bucket)["backups"] if b["restorable"]] == [good.id]

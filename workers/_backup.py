@@ -58,7 +58,7 @@ from ._catalog import (
     Manifest,
     sha256_of,
 )
-from ._errors import BackupError
+from ._errors import BackupError, BackupInterrupted
 from ._places import sweep_abandoned_dirs
 from ._pool import CopyWorkerPool, InlineExecutor
 
@@ -274,7 +274,7 @@ def backup(
                 manifest.entries = _entries(run.results, bases)
                 manifest.failed = run.failed
                 _record(catalog, manifest, path)
-                raise
+                raise BackupInterrupted(recorded=True) from None
             except BaseException:
                 catalog.discard(backup_id, path)
                 raise
@@ -334,6 +334,9 @@ def _record(catalog: Catalog, manifest: Manifest, staging: Path) -> None:
             for prefix, entry in manifest.entries.items()
         }
         catalog.write_manifest(manifest)
+    except KeyboardInterrupt:
+        catalog.discard(manifest.id, staging)
+        raise BackupInterrupted(recorded=False) from None
     except BaseException:
         catalog.discard(manifest.id, staging)
         raise

@@ -253,9 +253,12 @@ def run_backup(args: argparse.Namespace, console: Console) -> int:
                 rate_limit=args.rate_limit,
                 compress=args.compress == "zstd",
             )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             bar.abandon()
-            console.error("interrupted; the backup is recorded as partial")
+            if getattr(err, "recorded", True):
+                console.error("interrupted; the backup is recorded as partial")
+            else:
+                console.error("interrupted while recording the backup; nothing of it is kept")
             return EXIT_INTERRUPTED
         finished = len(result.prefixes) + len(result.failed)
         done = bar.finish(len(result.prefixes), finished, result.bytes, result.seconds)

@@ -9,6 +9,15 @@ class BackupError(HotcopyError):
     """A backup, restore or prune could not do what was asked."""
 
 
+class BackupInterrupted(KeyboardInterrupt):
+    """A backup run was interrupted (Ctrl-C); ``recorded``: whether what it had copied was
+    recorded as a partial backup (an interrupt while publishing it records nothing)."""
+
+    def __init__(self, recorded: bool) -> None:
+        super().__init__()
+        self.recorded = recorded
+
+
 class WorkerDied(BackupError):
     """A copy-worker process died while running a job (the job may be retried)."""
 
