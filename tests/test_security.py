@@ -11,13 +11,14 @@ directory in ``/tmp`` (pytest's own ``tmp_path`` is 0700).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import grp
 import io
+import json
 import multiprocessing
 import os
 import pwd
 import secrets
-import shlex
 import shutil
 import stat
 import subprocess
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hotcopy.coordinator._process import ProcessIdentity
+from hotcopy.coordinator._process import ProcessIdentity, is_alive
 from hotcopy.storage import FileLeases, Repository
 from hotcopy.workers import main
 from hotcopy_test_support import storage_helpers
@@ -608,37 +609,51 @@ def test_a_link_in_a_repository_is_not_taken_for_a_prefix(tmp_path: Path) -> Non
         assert repo.prefixes() == ["p"]
 
 
-_IS_ALIVE = """
-import sys
-from hotcopy.coordinator._process import ProcessIdentity, boot_id, is_alive
-for pid, ticks in zip(sys.argv[1::2], sys.argv[2::2]):
-    print(is_alive(ProcessIdentity(int(pid), int(ticks), boot_id())))
-"""
+def _is_alive_as_nobody_under_hidepid(identities: list[ProcessIdentity]) -> list[bool]:
+    """``is_alive`` of each, asked by uid 65534 in a mount namespace of its own whose /proc is
+    mounted ``hidepid=2``: a forked child, so hotcopy is imported before the switch (the test
+    venv may be unreadable to that user)."""
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        code = 1
+        try:
+            os.close(read_fd)
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
+                raise OSError(ctypes.get_errno(), "unshare")
+            subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+            subprocess.run(["mount", "-t", "proc", "-o", "hidepid=2", "proc", "/proc"], check=True)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write_fd, json.dumps([is_alive(i) for i in identities]).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as answers:
+        data = answers.read()
+    _, status = os.waitpid(child, 0)
+    assert status == 0, "the checking child failed"
+    return [bool(answer) for answer in json.loads(data)]
 
 
 @pytest.mark.timeout(60)
 def test_a_process_that_proc_hides_from_another_user_is_never_taken_for_dead() -> None:
     """Under ``hidepid=2`` (systemd's ProtectProc=invisible) another user's process is absent
     from /proc: a coordinator dropping its connection, or a run breaking its bucket lock, on
-    that absence would take a live holder's lease. Checked as uid 65534 in a mount namespace
-    of its own with /proc remounted so, beside a process that really is gone."""
-    need_root_and("unshare", "setpriv")
+    that absence would take a live holder's lease. Checked beside a process that really is
+    gone."""
+    need_root_and("mount")
     live = subprocess.Popen(["sleep", "60"])
     gone = subprocess.Popen(["true"])
     gone.wait(10)
     try:
         live_id = ProcessIdentity.of(live.pid)
         assert live_id is not None
-        check = (
-            "mount -t proc -o hidepid=2 proc /proc && exec setpriv --reuid=65534 "
-            f"--regid=65534 --clear-groups {shlex.quote(sys.executable)} -c "
-            f"{shlex.quote(_IS_ALIVE)} {live.pid} {live_id.start_ticks} {gone.pid} 1"
-        )
-        done = subprocess.run(
-            ["unshare", "-m", "sh", "-c", check], capture_output=True, text=True, timeout=30
-        )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.split() == ["True", "False"]
+        gone_id = live_id._replace(pid=gone.pid, start_ticks=1)
+        assert _is_alive_as_nobody_under_hidepid([live_id, gone_id]) == [True, False]
     finally:
         live.kill()
         live.wait(10)
