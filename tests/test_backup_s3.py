@@ -8,6 +8,7 @@ pieces before the manifest, a backup without a manifest never used, one run or p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -220,18 +221,35 @@ with catalog.locked():
 """
 
 
-def test_a_run_stopped_past_its_lock_expiry_writes_nothing_once_another_holds_it(
-    bucket: str, repo_root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    backup(repo_root, bucket)
-    ttl = 1.5
+@contextlib.contextmanager
+def lock_holder(bucket: str, ttl: float) -> Iterator[subprocess.Popen[str]]:
+    """A process holding the lock of the catalog ``bucket`` (leases of ``ttl`` s) until told
+    to go on (a line on its stdin); always reaped, even stopped."""
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, bucket, str(ttl)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.kill()
+        holder.wait(10)
+        for stream in (holder.stdin, holder.stdout, holder.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_a_run_stopped_past_its_lock_expiry_writes_nothing_once_another_holds_it(
+    bucket: str, repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backup(repo_root, bucket)
+    ttl = 1.5
+    with lock_holder(bucket, ttl) as holder:
+        assert holder.stdout is not None and holder.stdin is not None
         os.kill(holder.pid, signal.SIGSTOP)
         monkeypatch.setattr(ObjectPlace, "LOCK_TTL", ttl)
         with Catalog(bucket).locked():  # granted once the stopped holder's lease expired
@@ -243,14 +261,6 @@ def test_a_run_stopped_past_its_lock_expiry_writes_nothing_once_another_holds_it
         assert holder.wait(30) == 1  # and leaving the lock says it was lost
         assert holder.stderr is not None and "was lost while held" in holder.stderr.read()
         assert "written-after-the-stop" not in objects(bucket)
-    finally:
-        if holder.poll() is None:
-            os.kill(holder.pid, signal.SIGCONT)
-            holder.kill()
-        holder.wait(10)
-        for stream in (holder.stdin, holder.stdout, holder.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def test_a_keyed_restore_checks_the_bytes_it_restores_not_an_earlier_read(
@@ -373,14 +383,8 @@ def test_the_lock_of_a_run_killed_on_this_machine_is_broken_at_once_a_live_ones_
     bucket: str, repo_root: Path
 ) -> None:
     backup(repo_root, bucket)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, bucket, "3600"],  # its lease would last an hour
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     store = ObjectStore(bucket)
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "held"
+    with lock_holder(bucket, 3600) as holder:  # its lease would last an hour
         with (  # alive: waited for, and given up on
             pytest.raises(CatalogError, match="held by"),
             store.lock("catalog.lock", ttl=5, timeout=0.5, owner="test"),
@@ -391,36 +395,17 @@ def test_the_lock_of_a_run_killed_on_this_machine_is_broken_at_once_a_live_ones_
         with store.lock("catalog.lock", ttl=5, timeout=10, owner="test"):  # dead: broken
             pass
         assert backup(repo_root, bucket).complete
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-        holder.wait(10)
-        for stream in (holder.stdin, holder.stdout, holder.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def test_the_command_line_bounds_and_tells_the_wait_for_a_buckets_lock(
     bucket: str, repo_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     backup(repo_root, bucket)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, bucket, "3600"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "held"
+    with lock_holder(bucket, 3600) as holder:
         assert main(["backup", str(repo_root), bucket, "--timeout", "0.5"]) != 0
         said = capsys.readouterr().err
         assert f"gave up after 0.5 s waiting for the lock of {bucket}" in said
         assert f"pid {holder.pid}" in said
-    finally:
-        holder.kill()
-        holder.wait(10)
-        for stream in (holder.stdin, holder.stdout, holder.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def test_what_prune_finds_in_a_bucket_that_is_not_hotcopys_stays_and_is_named_safely(
