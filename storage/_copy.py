@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
+import hmac
 import os
 import sys
 import threading
@@ -475,11 +477,14 @@ def _yield_cpu_to_others() -> None:
 
 
 class Piece(NamedTuple):
-    """One file of a restore chain, with the size and CRC32 its catalog recorded."""
+    """One file of a restore chain, with the size and CRC32 its catalog recorded, and the
+    SHA-256 of an authenticated catalog: checked on the very descriptor the bytes are copied
+    from, so a file replaced after a check is never the one restored."""
 
     path: Path
     size: int
     crc32: int
+    sha256: str | None = None
 
 
 def restore_prefix_file(
@@ -549,11 +554,28 @@ def restore_chain(
     total = sum(piece.size for piece in pieces)
     _check_free_space(target.parent, total)
     sync = not staged
-    fd = open_regular(pieces[0].path)
-    try:
-        original = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
-    finally:
-        os.close(fd)
+    with contextlib.ExitStack() as opened:
+        # Each piece is opened once: its header, its checks and its copy read one file.
+        fds = [open_regular(piece.path) for piece in pieces]
+        for fd in fds:
+            opened.callback(os.close, fd)
+        return _restore_from(repo, pieces, fds, prefix, target, total, sync, staged,
+                             expect_seq, progress)  # fmt: skip
+
+
+def _restore_from(
+    repo: Repository,
+    pieces: Sequence[Piece],
+    fds: list[int],
+    prefix: str,
+    target: Path,
+    total: int,
+    sync: bool,
+    staged: bool,
+    expect_seq: int | None,
+    progress: Progress | None,
+) -> int:
+    original = fmt.unpack_main_header(os.pread(fds[0], fmt.HEADER_SIZE, 0))
     # A format 1 copy keeps its layout (its offsets are absolute); anything newer is stamped
     # with this repository and prefix.
     header = original._replace(salt=int.from_bytes(os.urandom(8)))
@@ -564,46 +586,42 @@ def restore_chain(
         write_all(out_fd, fmt.pack_main_header(header))
         done = 0
         seq = original.base_seq
-        for number, piece in enumerate(pieces):
-            src_fd = open_regular(piece.path)
-            try:
-                if os.fstat(src_fd).st_size != piece.size:
-                    raise CorruptFileError(
-                        f"{piece.path} is {os.fstat(src_fd).st_size} bytes, not {piece.size}; "
-                        "nothing restored",
-                        offset=0,
-                    )
-                start, crc = 0, 0
-                if number == 0:
-                    start = original.size
-                    crc = zlib.crc32(os.pread(src_fd, start, 0))
-                # Each piece is checked as it is read for its CRC, in the checksum thread and
-                # overlapped with the copy: whole segments, every checksum, each following the
-                # last. A piece lands at the offset it had in the main file it came from
-                # (``done``), so the result is never read back to be checked again.
-                checked = _PieceCheck(piece, seq, shift=done if number else 0)
-                crc = copy_range(
-                    src_fd,
-                    out_fd,
-                    start,
-                    piece.size,
-                    DEFAULT_STEP,
-                    _shifted(progress, done + start, total),
-                    crc=crc,
-                    sync=sync,
-                    # Staged, no writer of the repository can wait behind the copy's
-                    # writeback.
-                    paced=sync,
-                    verify=checked,
+        for number, (piece, src_fd) in enumerate(zip(pieces, fds, strict=True)):
+            if os.fstat(src_fd).st_size != piece.size:
+                raise CorruptFileError(
+                    f"{piece.path} is {os.fstat(src_fd).st_size} bytes, not {piece.size}; "
+                    "nothing restored",
+                    offset=0,
                 )
-                if crc != piece.crc32:
-                    raise CorruptFileError(
-                        f"{piece.path} fails its checksum; nothing restored", offset=0
-                    )
-                seq = checked.seq
-                done += piece.size
-            finally:
-                os.close(src_fd)
+            start, crc = 0, 0
+            if number == 0:
+                start = original.size
+                crc = zlib.crc32(os.pread(src_fd, start, 0))
+            # Each piece is checked as it is read for its CRC, in the checksum thread and
+            # overlapped with the copy: whole segments, every checksum, each following the
+            # last. A piece lands at the offset it had in the main file it came from
+            # (``done``), so the result is never read back to be checked again.
+            checked = _PieceCheck(piece, seq, shift=done if number else 0)
+            crc = copy_range(
+                src_fd,
+                out_fd,
+                start,
+                piece.size,
+                DEFAULT_STEP,
+                _shifted(progress, done + start, total),
+                crc=crc,
+                sync=sync,
+                # Staged, no writer of the repository can wait behind the copy's
+                # writeback.
+                paced=sync,
+                verify=checked,
+            )
+            if crc != piece.crc32:
+                raise CorruptFileError(
+                    f"{piece.path} fails its checksum; nothing restored", offset=0
+                )
+            seq = checked.seq
+            done += piece.size
         if expect_seq is not None and seq != expect_seq:
             raise CorruptFileError(
                 f"the rebuilt prefix {prefix!r} holds commit {seq}, not {expect_seq}; "
@@ -643,6 +661,21 @@ class _PieceCheck:
         self.seq = after
 
     def __call__(self, fd: int, start: int, end: int) -> None:
+        if self._piece.sha256 is not None:  # the whole file, from the copy's own descriptor
+            digest = hashlib.sha256()
+            pos = 0
+            while pos < end:
+                chunk = os.pread(fd, min(DEFAULT_STEP, end - pos), pos)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                pos += len(chunk)
+            if not hmac.compare_digest(digest.hexdigest(), self._piece.sha256):
+                raise CorruptFileError(
+                    f"{self._piece.path} fails its SHA-256 (the file is damaged or was "
+                    "replaced); nothing restored",
+                    offset=0,
+                )
         for item in iter_segments(fd, start, end, self.seq, shift=self._shift):
             if isinstance(item, Damage):
                 raise CorruptFileError(

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hotcopy.storage import Repository
+from hotcopy.coordinator._errors import HotcopyError
+from hotcopy.storage import CorruptFileError, Repository
 from hotcopy.workers import Catalog, CatalogError, backup, list_backups, main, prune, restore
-from hotcopy.workers._catalog import CATALOG_MARKER, MANIFEST
+from hotcopy.workers._catalog import CATALOG_MARKER, MANIFEST, CatalogView
 from hotcopy_test_support import storage_helpers
 
 pytestmark = [pytest.mark.timeout(90)]
@@ -390,7 +391,9 @@ def test_with_a_key_a_forged_manifest_or_piece_is_refused(
     data = piece.read_bytes()
     changed = data[:-12] + bytes(b ^ 0x55 for b in data[-12:-8]) + data[-8:]
     piece.write_bytes(_force_crc(changed, len(data) - 40, zlib.crc32(data)))
-    with pytest.raises(CatalogError, match="SHA-256"):
+    # Found as the piece is copied (on the descriptor it is copied from), before anything
+    # goes live: a damaged file, where before it was found by a read of the catalog first.
+    with pytest.raises((CatalogError, CorruptFileError), match="SHA-256"):
         restore(dest, tmp_path / "forged", key_file=key)
     assert not (tmp_path / "forged").exists()
 
@@ -429,4 +432,37 @@ def test_a_damaged_piece_with_its_crc_rerecorded_is_never_restored(
     )
     with pytest.raises(Exception, match="damaged"):
         restore(dest, tmp_path / "new", at=delta_id)
+    assert not (tmp_path / "new").exists()
+
+
+def test_with_a_key_a_piece_replaced_after_its_check_is_never_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone who can write the backup directory renames a forged piece (same size, same
+    CRC-32) over the real one once restore has looked at it: the SHA-256 must be checked on
+    the bytes copied, not on an earlier read of the name."""
+    root, dest = tmp_path / "repo", tmp_path / "bk"
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    commit(root, "p", {"n": 0, "pad": "x" * 200})
+    made = backup(root, dest, jobs=1, key_file=key)
+    piece = dest / made.id / "p.hc"
+    data = piece.read_bytes()
+    at = data.index(b"x" * 100)
+    changed = data[:at] + b"FORGED" + data[at + 6 :]
+    forged = _force_crc(changed, at + 6, zlib.crc32(data))
+    assert len(forged) == len(data) and forged != data
+
+    pieces = CatalogView.pieces
+
+    def swapped_after_looking(self: CatalogView, *args: Any, **kwargs: Any) -> Any:
+        found = pieces(self, *args, **kwargs)
+        (tmp_path / "planted").write_bytes(forged)
+        os.rename(tmp_path / "planted", piece)  # the name now names the forgery
+        return found
+
+    monkeypatch.setattr(CatalogView, "pieces", swapped_after_looking)
+    with pytest.raises(HotcopyError, match="SHA-256"):
+        restore(dest, tmp_path / "new", key_file=key)
     assert not (tmp_path / "new").exists()

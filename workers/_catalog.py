@@ -54,7 +54,6 @@ from ._places import (
     MANIFEST,
     LockWait,
     Place,
-    file_problem,
     is_own_file,
     is_piece_name,
     is_prefix_name,
@@ -937,39 +936,30 @@ class CatalogView:
         self, backup_id: str, prefix: str, *, checksums: bool, scratch: Path | None = None
     ) -> list[Piece]:
         """The pieces that rebuild ``prefix`` of ``backup_id``, as local files, each checked
-        first (with ``checksums``, every byte). The pieces of a catalog that is not local are
-        downloaded into ``scratch``, and the copy is what is checked: the bytes checked are the
-        bytes restored, whatever the store holds by then.
+        to be there with its size; with ``checksums``, each carries its SHA-256, which the
+        restore checks on the descriptor it copies from (``restore_chain``), so the bytes
+        checked are the bytes restored, whatever is put in a piece's place meanwhile. The
+        pieces of a catalog that is not local are downloaded into ``scratch`` first.
 
         Raises:
             CatalogError: A link is missing or not the one recorded.
         """
         links = self.chain(backup_id, prefix)
-        place = self.catalog.place
-
-        def check(manifest: Manifest, entry: Entry, problem: str | None) -> None:
+        for manifest, entry in links:
+            problem = self.piece_problem(manifest, entry, checksums=False)
             if problem is not None:
                 raise CatalogError(
                     f"backup {backup_id}, prefix {prefix!r}: {manifest.id}/{entry.file}: {problem}",
                     prefix=prefix,
                 )
-
-        in_place = checksums and place.local  # a remote piece is checked once fetched
-        for manifest, entry in links:
-            check(manifest, entry, self.piece_problem(manifest, entry, checksums=in_place))
         names = [f"{manifest.id}/{entry.file}" for manifest, entry in links]
         sizes = {name: entry.size for name, (_, entry) in zip(names, links, strict=True)}
-        if place.local:
-            local = place.fetch(sizes, Path())
-        else:
-            if scratch is None:
-                raise CatalogError(f"the pieces of {self.catalog.where} must be fetched to be read")
-            local = place.fetch(sizes, scratch)
-            for (manifest, entry), name in zip(links, names, strict=True):
-                problem = file_problem(str(local[name]), entry, checksums, self.catalog.key)
-                check(manifest, entry, problem)
+        place = self.catalog.place
+        if not place.local and scratch is None:
+            raise CatalogError(f"the pieces of {self.catalog.where} must be fetched to be read")
+        local = place.fetch(sizes, scratch or Path())
         return [
-            Piece(local[name], entry.size, entry.crc32)
+            Piece(local[name], entry.size, entry.crc32, entry.sha256 if checksums else None)
             for name, (_, entry) in zip(names, links, strict=True)
         ]
 
