@@ -27,8 +27,8 @@ chunks one key may seal (about 2^32); here each object has its own key from a 12
 so nonces need only be unique within an object, which the counter guarantees.
 
 Key rotation: the key id (an HKDF output of the catalog key, separate from the encryption
-key, so it tells nothing about it) is in every header; a reader holding several keys picks
-the one named by ``sealed_key_id``, and a reader with the wrong one says so, not "damaged".
+key, so it tells nothing about it) is in every header: a reader with the wrong key is told
+which key the object needs, not that it is damaged (a new key starts a new catalog path).
 """
 
 from __future__ import annotations
@@ -88,14 +88,6 @@ def derive_keys(key: bytes) -> SealKeys:
 def is_sealed(first_bytes: bytes) -> bool:
     """Whether an object starting with ``first_bytes`` (4 or more of them) is sealed."""
     return first_bytes[:4] == MAGIC
-
-
-def sealed_key_id(first_bytes: bytes) -> bytes | None:
-    """The key id in a sealed object's header (its first 30 bytes); None if unkeyed."""
-    if len(first_bytes) < HEADER.size or not is_sealed(first_bytes):
-        raise SealError("not a sealed object (no hotcopy seal header)")
-    _, _, flags, key_id, _, _ = HEADER.unpack_from(first_bytes)
-    return key_id if flags & KEYED else None
 
 
 class _Chunks:
