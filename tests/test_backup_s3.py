@@ -26,8 +26,11 @@ from hotcopy.storage import CorruptFileError, Repository
 from hotcopy.workers import Catalog, CatalogError, backup, list_backups, main, prune, restore
 from hotcopy.workers._places import ObjectPlace
 from hotcopy.workers._s3 import ObjectStore
+from hotcopy_test_support import storage_helpers
 
 pytestmark = [pytest.mark.timeout(90)]
+
+h = storage_helpers()
 
 
 @pytest.fixture
@@ -52,12 +55,8 @@ def repo_root(tmp_path: Path) -> Iterator[Path]:
 
 
 def dump(root: Path) -> dict[str, dict[str, Any]]:
-    with Repository(root) as repo:
-        found = {}
-        for name in repo.prefixes():
-            with repo.open_prefix(name, "r") as px:
-                found[name] = {key: px[key] for key in px}
-        return found
+    """Each prefix's contents (the shared helper's dump, without the commit seqs)."""
+    return {name: contents for name, (_, contents) in h.dump_repository(root).items()}
 
 
 def change(root: Path, name: str, changes: dict[str, Any]) -> None:
