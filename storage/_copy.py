@@ -39,7 +39,7 @@ from ._errors import (
 from ._faults import BREAK, fault
 from ._files import open_regular
 from ._leases import HeldLease, expired_token
-from ._log import Cut, Damage, Log, install_files, iter_segments
+from ._log import Cut, Damage, Log, check_frames, install_files, iter_segments
 from ._writeback import RateLimit, Writeback
 
 if TYPE_CHECKING:
@@ -527,8 +527,12 @@ def restore_chain(
     expect_seq: int | None = None,
     progress: Progress | None = None,
     staged: bool = False,
+    then: bytes = b"",
 ) -> int:
     """Rebuild ``prefix`` from a full copy followed by its deltas; return its commit.
+
+    ``then``: the commits that follow the chain's last one, as WAL batch frames (a replica's
+    log, see ``hotcopy.workers._replicate``): they become the restored prefix's WAL.
 
     Every piece must match its recorded size and CRC32 and the result must pass a complete
     check (and hold commit ``expect_seq`` when given) before anything changes. The main file
@@ -558,7 +562,7 @@ def restore_chain(
         for fd in fds:
             opened.callback(os.close, fd)
         return _restore_from(repo, pieces, fds, prefix, target, total, sync, staged,
-                             expect_seq, progress)  # fmt: skip
+                             expect_seq, progress, then)  # fmt: skip
 
 
 def _restore_from(
@@ -572,6 +576,7 @@ def _restore_from(
     staged: bool,
     expect_seq: int | None,
     progress: Progress | None,
+    then: bytes,
 ) -> int:
     original = fmt.unpack_main_header(os.pread(fds[0], fmt.HEADER_SIZE, 0))
     # A format 1 copy keeps its layout (its offsets are absolute); anything newer is stamped
@@ -644,8 +649,9 @@ def _restore_from(
             write,
             lease=lease,
             sync=sync,
+            wal_frames=then,
         )
-    return seq
+    return check_frames(then, seq) if then else seq
 
 
 class _PieceCheck:

@@ -378,6 +378,13 @@ class FileReader:
         self._buf = b""
         self._buf_start = pos
 
+    @classmethod
+    def of_bytes(cls, data: bytes) -> FileReader:
+        """A reader over ``data`` in memory (batch frames away from their file)."""
+        reader = cls(-1, 0, len(data))
+        reader._buf = data
+        return reader
+
     def read(self, size: int) -> bytes | None:
         """The next ``size`` bytes, or None when the file ends first."""
         if self.pos + size > self.end:

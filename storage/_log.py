@@ -1190,10 +1190,14 @@ def install_files(
     *,
     lease: HeldLease | None,
     sync: bool = True,
+    wal_frames: bytes = b"",
 ) -> tuple[int, int]:
     """Make a new main file with ``header`` (written by ``write_main``, which returns the cut
     ``(length, seq)`` it wrote) and a fresh WAL the files of prefix ``name``: a compaction, a
     restore, a salvage. Returns that cut.
+
+    ``wal_frames``: commits that follow the cut, as WAL batch frames (a restore rolled forward
+    from a replica's log); checked before anything is written, they become the new WAL's.
 
     Under the prefix's exclusive ``lease``, whose holder may follow one that is stopped: both
     files are new (whatever a stopped holder writes goes to the old ones), its temps go first
@@ -1222,12 +1226,14 @@ def install_files(
     def write(fd: int) -> None:
         nonlocal cut
         cut = write_main(fd)
+        if wal_frames:
+            check_frames(wal_frames, cut[1])
 
     write_durably(main, write, sync=sync, before_rename=check)
     fresh = fmt.WalHeader(
         header.file_id, header.salt, cut[0], cut[1], header.repository_id, name, fenced
     )
-    write_durably(wal, fmt.pack_wal_header(fresh), sync=sync, before_rename=check)
+    write_durably(wal, fmt.pack_wal_header(fresh) + wal_frames, sync=sync, before_rename=check)
     return cut
 
 
@@ -1533,3 +1539,38 @@ def wal_batches_after(fd: int, start: int, end: int) -> Iterator[fmt.Batch]:
             at = data.find(_BATCH_MAGIC, at + batch.size)
         else:
             at = data.find(_BATCH_MAGIC, at + 1)
+
+
+def committed_frames(fd: int, start: int, end: int, after_seq: int) -> Iterator[tuple[int, bytes]]:
+    """``(seq, frame)`` of each commit after ``after_seq`` in the whole segments of ``[start,
+    end)`` of a main file: its batch exactly as the WAL held it, every checksum checked (a
+    replicator catching up with commits checkpointed before it read them)."""
+    reader = fmt.FileReader(fd, start, end)
+    while reader.pos < end:
+        at = reader.pos
+        segment = fmt.read_segment(reader, load_values=True, keep_raw=True)
+        if segment is None:
+            raise CorruptFileError("no whole segment where a commit boundary was", offset=at)
+        for batch in segment.batches:
+            if batch.seq > after_seq:
+                yield batch.seq, batch.raw or b""
+
+
+def check_frames(data: bytes, after_seq: int) -> int:
+    """Check that ``data`` is whole WAL batch frames of the commits after ``after_seq``, one
+    after another, every checksum right; the last commit.
+
+    Raises:
+        CorruptFileError: where they are not.
+    """
+    reader = fmt.FileReader.of_bytes(data)
+    seq = after_seq
+    while reader.pos < len(data):
+        at = reader.pos
+        batch = fmt.read_batch(reader, load_values=True, keep_raw=False)
+        if batch is None:
+            raise CorruptFileError("a commit fails its checksum or is cut short", offset=at)
+        if batch.seq != seq + 1:
+            raise CorruptFileError(f"commit {batch.seq} where commit {seq + 1} belongs", offset=at)
+        seq = batch.seq
+    return seq

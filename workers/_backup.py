@@ -56,11 +56,14 @@ from ._catalog import (
     Entry,
     LockWait,
     Manifest,
+    is_backup_id,
+    parse_moment,
     sha256_of,
 )
-from ._errors import BackupError, BackupInterrupted
+from ._errors import BackupError, BackupInterrupted, BackupNotFound
 from ._places import sweep_abandoned_dirs
 from ._pool import CopyWorkerPool, InlineExecutor
+from ._replica_log import pick_for_seq, pick_for_time, roll_forward
 
 Outcome = TypeVar("Outcome")
 BackupProgress = Callable[[int, int, int, int], None]  # prefixes done/total, bytes done/total
@@ -706,8 +709,14 @@ def restore(
     clock: Callable[[], float] = time.time,
     lease_timeout: float | None = None,
     jobs: int = 2,
+    at_seq: int | None = None,
 ) -> RestoreResult:
     """Rebuild prefixes in ``root`` from a backup of the catalog ``dest_dir``.
+
+    From a replica (``_replicate``) each prefix is rolled forward from the snapshot through
+    the commits shipped after it: all of them (``latest``), those read at or before ``at``
+    (a time), or, with ``at_seq``, exactly to that commit of the one prefix given. A backup
+    asked for by its id is restored as it is.
 
     ``at``: a backup id, ``latest`` (the default), an ISO time or a duration ago (``2h``,
     ``7d``): the newest complete, restorable backup at or before it. A partial backup is
@@ -722,7 +731,17 @@ def restore(
     began = time.monotonic()
     catalog = Catalog(dest_dir, key_file=key_file)
     view = catalog.scan()
-    choice = view.pick(at, clock=clock, allow_partial=allow_partial)
+    moment = None
+    if at_seq is not None:
+        if not prefixes or len(set(prefixes)) != 1 or at is not None:
+            raise BackupError("--at-seq restores one prefix (give it with --prefix), without --at")
+        choice = pick_for_seq(view, prefixes[0], at_seq)
+    else:
+        found = None
+        if at not in (None, "latest") and not is_backup_id(at):
+            moment = parse_moment(at, clock())
+            found = pick_for_time(view, moment)  # None: not a replica
+        choice = found or view.pick(at, clock=clock, allow_partial=allow_partial)
     manifest = choice.manifest
     names = sorted(set(prefixes)) if prefixes else sorted(manifest.entries)
     absent = [name for name in names if name not in manifest.entries]
@@ -739,6 +758,14 @@ def restore(
             f"{target} is not empty; restore into an empty directory or use --force",
             root=str(target),
         )
+    tails: dict[str, bytes] = {}
+    if at is None or not is_backup_id(at):
+        for name in names:
+            tails[name], last = roll_forward(catalog, manifest, name, seq=at_seq, moment=moment)
+            if at_seq is not None and last != at_seq:
+                raise BackupNotFound(
+                    f"commit {at_seq} of prefix {name!r} is not in {catalog.where}"
+                )
     # With a key every piece's SHA-256 is checked here (restore_chain checks the CRC-32).
     checksums = catalog.key is not None
     with _scratch_for(catalog, target) as scratch:
@@ -746,7 +773,7 @@ def restore(
             name: view.pieces(manifest.id, name, checksums=checksums, scratch=scratch)
             for name in names
         }
-        return _restore(catalog, choice, names, chains, target, force, progress, clock,
+        return _restore(catalog, choice, names, chains, tails, target, force, progress, clock,
                         lease_timeout, jobs, began)  # fmt: skip
 
 
@@ -772,6 +799,7 @@ def _restore(
     choice: Choice,
     names: list[str],
     chains: dict[str, list[Piece]],
+    tails: dict[str, bytes],
     target: Path,
     force: bool,
     progress: BackupProgress | None,
@@ -786,7 +814,7 @@ def _restore(
     fresh = not target.exists() or not any(target.iterdir())
     if not fresh:  # --force into a repository: prefix by prefix, each under its exclusive lease
         _restore_into(
-            target, names, chains, manifest, force, progress, total, restored,
+            target, names, chains, tails, manifest, force, progress, total, restored,
             jobs=jobs, lease_timeout=lease_timeout,
         )  # fmt: skip
     else:
@@ -812,6 +840,7 @@ def _restore(
                 staging,
                 names,
                 chains,
+                tails,
                 manifest,
                 force,
                 progress,
@@ -844,6 +873,7 @@ def _restore_into(
     target: Path,
     names: list[str],
     chains: dict[str, list[Piece]],
+    tails: dict[str, bytes],
     manifest: Manifest,
     force: bool,
     progress: BackupProgress | None,
@@ -858,7 +888,9 @@ def _restore_into(
     """``staged``: ``target`` is a staging directory (see ``restore_chain``), made a new
     repository that records ``lineage``. With ``jobs`` > 1 and enough to restore, the prefixes
     are restored by that many copy workers, each checking its pieces as it copies them."""
-    items = [(name, chains[name], manifest.entries[name].seq) for name in names]
+    items = [
+        (name, chains[name], manifest.entries[name].seq, tails.get(name, b"")) for name in names
+    ]
     sizes = {name: sum(piece.size for piece in chains[name]) for name in names}
     # Nobody else can know a staging directory: no coordinator for it, kernel locks will do.
     leases = FileLeases(target / RUNTIME_DIR) if staged else None
@@ -866,15 +898,16 @@ def _restore_into(
     with init(target, leases=leases, lineage=lineage, lease_timeout=lease_timeout) as repo:
         if jobs <= 1 or len(names) <= 1 or total < INLINE_BELOW:
             done_bytes = 0
-            for number, (name, pieces, seq) in enumerate(items):
+            for number, (name, pieces, seq, then) in enumerate(items):
 
                 def step(done: int, _: int, base: int = done_bytes, number: int = number) -> None:
                     if progress is not None:
                         progress(number, len(names), base + done, total)
 
                 restored[name] = restore_chain(
-                    repo, pieces, name, force=force, expect_seq=seq, progress=step, staged=staged
-                )
+                    repo, pieces, name, force=force, expect_seq=seq, progress=step, staged=staged,
+                    then=then,
+                )  # fmt: skip
                 done_bytes += sizes[name]
             return
     by_name = {item[0]: item for item in items}
@@ -903,8 +936,9 @@ def _restore_into(
         )
 
 
-# One prefix to restore: its name, its chain of pieces, the commit it must end at.
-RestoreItem = tuple[str, list[Piece], int]
+# One prefix to restore: its name, its chain of pieces, the commit it must end at, and the
+# commits that follow (frames of a replica's log).
+RestoreItem = tuple[str, list[Piece], int, bytes]
 
 
 def restore_batch(
@@ -919,10 +953,12 @@ def restore_batch(
     leases = FileLeases(Path(root) / RUNTIME_DIR) if staged else None
     outcomes: list[int | Exception] = []
     with Repository(root, leases=leases, lease_timeout=lease_timeout) as repo:
-        for name, pieces, seq in batch:
+        for name, pieces, seq, then in batch:
             try:
                 outcomes.append(
-                    restore_chain(repo, pieces, name, force=force, expect_seq=seq, staged=staged)
+                    restore_chain(
+                        repo, pieces, name, force=force, expect_seq=seq, staged=staged, then=then
+                    )
                 )
             except Exception as err:  # an interrupt is the run's, not the prefix's
                 outcomes.append(err)

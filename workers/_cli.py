@@ -4,8 +4,8 @@ exit codes.
 Exit status (``_cli_base.EXIT_CODES``): 0 ok; 1 error, reported as one line
 ``hotcopy: error: ...`` on stderr without a traceback; 2 usage (argparse's convention); 3
 partial (some prefixes failed, the others are done); 130 interrupted. The subcommands live in
-``_cli_repository`` and ``_cli_backup``; each takes the parsed arguments and the console and
-returns its exit status.
+``_cli_repository``, ``_cli_backup`` and ``_cli_replicate``; each takes the parsed arguments and
+the console and returns its exit status.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from hotcopy.coordinator._errors import HotcopyError
 
-from . import _cli_backup, _cli_repository
+from . import _cli_backup, _cli_replicate, _cli_repository
 from ._cli_base import (
     EXIT_CODES,
     EXIT_ERROR,
@@ -119,6 +119,7 @@ logging: -v (info) or -vv (debug) to stderr; HOTCOPY_LOG=debug does the same wit
     sub = parser.add_subparsers(dest="name", required=True, metavar="COMMAND")
     _cli_repository.register(sub)
     _cli_backup.register(sub)
+    _cli_replicate.register(sub)
     return parser
 
 

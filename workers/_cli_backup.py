@@ -110,6 +110,7 @@ def register(sub: Any) -> None:
         """\
   hotcopy restore /backups /data/new                 the newest complete, restorable backup
   hotcopy restore /backups /data/new --at 2h         as it was two hours ago
+  hotcopy restore /replica /data/new --prefix users --at-seq 1234   one commit of a replica
   hotcopy restore /backups /data/repo --prefix users --force   replace one live prefix
   hotcopy restore users.hc /data/repo --prefix users --force   from one copy""",
         description="Restore a backup directory (or one .hc copy) into ROOT, which must be "
@@ -126,6 +127,13 @@ def register(sub: Any) -> None:
         metavar="WHEN",
         help="a backup id, 'latest', a duration ago (2h, 7d) or an ISO time (local time "
         "unless it has a zone): the newest complete, restorable backup at or before it",
+    )
+    cmd.add_argument(
+        "--at-seq",
+        type=positive_int,
+        metavar="N",
+        help="from a replica (hotcopy replicate): the one --prefix exactly as it was at its "
+        "commit N",
     )
     cmd.add_argument(
         "--allow-partial",
@@ -325,6 +333,7 @@ def run_restore(args: argparse.Namespace, console: Console) -> int:
                 progress=bar.update,
                 lease_timeout=args.timeout,
                 jobs=args.jobs,
+                at_seq=args.at_seq,
             )
         except LeaseTimeout as err:
             raise _lease_timeout(args.root, err) from None
@@ -355,8 +364,10 @@ def run_restore(args: argparse.Namespace, console: Console) -> int:
 def _restore_copy(args: argparse.Namespace, console: Console) -> int:
     source: Path = args.source
     prefixes = args.prefixes or [source.name.removesuffix(".hc")]
-    if len(prefixes) != 1 or args.at:
-        raise CommandError("restoring one .hc file takes at most one --prefix and no --at")
+    if len(prefixes) != 1 or args.at or args.at_seq:
+        raise CommandError(
+            "restoring one .hc file takes at most one --prefix and no --at or --at-seq"
+        )
     if not _is_hotcopy_file(Path(os.path.realpath(source))):  # the user's link is followed
         raise CommandError(f"{source} is not a hotcopy file (neither a .hc copy nor a directory)")
     with Repository.init(args.root) as repo:

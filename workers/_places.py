@@ -110,6 +110,7 @@ class Place(Protocol):
     def write(self, name: str, data: bytes, *, create_only: bool = False) -> bool: ...
     def locked(self, acquire: LockWait | None) -> contextlib.AbstractContextManager[None]: ...
     def top_names(self) -> list[str]: ...
+    def listing(self, under: str) -> dict[str, int]: ...  # files below ``under``: their sizes
     def check_backup(self, backup_id: str) -> None: ...
     def is_foreign(self, backup_id: str) -> bool: ...
     def new_backup(self, backup_id: str) -> Path | None: ...
@@ -180,8 +181,12 @@ class DirectoryPlace:
             raise CatalogError(f"{what}: unreadable: {err.strerror}") from None
 
     def write(self, name: str, data: bytes, *, create_only: bool = False) -> bool:
+        path = self.path / name
+        if make_directory(path.parent):  # a replica's log object: its new directories too
+            for directory in path.parent.relative_to(self.path).parents:
+                fsync_dir(self.path / directory)
         try:
-            write_durably(self.path / name, data, overwrite=not create_only)
+            write_durably(path, data, overwrite=not create_only)
         except FileExistsError:
             if not create_only:
                 raise
@@ -197,6 +202,15 @@ class DirectoryPlace:
 
     def top_names(self) -> list[str]:
         return [entry.name for entry in os.scandir(self.path)]
+
+    def listing(self, under: str) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for directory, _, files in os.walk(self.path / under):  # never into a link
+            for file in files:
+                path = Path(directory, file)
+                if not is_temp_name(file) and path.is_file() and not path.is_symlink():
+                    found[str(path.relative_to(self.path))] = path.stat().st_size
+        return found
 
     def backup_dir(self, backup_id: str) -> Path:
         """The directory of backup ``backup_id``: a real directory inside the catalog."""
@@ -582,6 +596,9 @@ class ObjectPlace:
 
     def top_names(self) -> list[str]:
         return sorted({name.split("/", 1)[0] for name in self._listing(refresh=True)})
+
+    def listing(self, under: str) -> dict[str, int]:
+        return self.store.sizes(under)
 
     def _objects_of(self, backup_id: str) -> dict[str, int]:
         """The objects of backup ``backup_id`` by their names inside it."""

@@ -1,0 +1,407 @@
+"""Continuous replication (``hotcopy replicate``) and restore to any commit of a replica.
+
+The oracle is the writer's own record of each commit's contents, taken as it commits; every
+restore is compared with it, and every restored prefix verifies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hotcopy.storage import Repository
+from hotcopy.storage._verify import verify_prefix
+from hotcopy.workers import CatalogError, main, restore
+from hotcopy.workers._replica_log import LOG_DIR, LogObject
+from hotcopy.workers._replicate import Replicator
+from hotcopy_test_support import storage_helpers
+
+pytestmark = [pytest.mark.timeout(120)]
+
+h = storage_helpers()
+
+
+class Clock:
+    """Wall-clock time the test moves (snapshots are named by it, commits read at it)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def repo_root(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    with Repository.init(root) as repo:
+        with repo.open_prefix("a", "rw") as px:
+            px["base"] = "a"
+            px.commit()
+        with repo.open_prefix("b", "rw") as px:
+            px["base"] = "b"
+            px.commit()
+    return root
+
+
+def commit(root: Path, name: str, key: str, value: Any, states: dict[int, dict[str, Any]]) -> int:
+    with Repository(root) as repo, repo.open_prefix(name, "rw") as px:
+        px[key] = value
+        px.commit()
+        states[px.seq] = {k: px[k] for k in px}
+        return px.seq
+
+
+def dump(root: Path, name: str) -> tuple[int, dict[str, Any]]:
+    return h.dump_repository(root, [name], kernel_locks=True)[name]
+
+
+def restored_ok(root: Path, name: str) -> None:
+    with Repository(root, leases=None) as repo:
+        report = verify_prefix(root, name, repo.id_bytes)
+    assert report.ok, report.summary()
+
+
+def test_every_commit_is_restorable_exactly_by_its_seq(repo_root: Path, tmp_path: Path) -> None:
+    """Commits shipped in passes, across checkpoints and a snapshot switch: each one restores
+    exactly, from the newest snapshot below it plus the log after it."""
+    target = tmp_path / "replica"
+    states: dict[int, dict[str, Any]] = {}
+    with Replicator(repo_root, target, interval=1.0) as replicator:
+        replicator.snapshot()
+        for number in range(40):
+            commit(repo_root, "a", f"k{number % 7}", number, states)
+            if number % 6 == 5:
+                replicator.ship()
+            if number == 17:
+                with Repository(repo_root) as repo, repo.open_prefix("a", "rw") as px:
+                    px.checkpoint()  # later commits are read from the main file
+            if number == 25:
+                replicator.snapshot()  # the old generation is finished at its commit
+        replicator.ship()
+    for seq in sorted({*sorted(states)[:: max(1, len(states) // 12)], max(states)}):
+        out = tmp_path / f"at{seq}"
+        result = restore(target, out, ["a"], at_seq=seq)
+        assert result.prefixes == {"a": seq}
+        assert dump(out, "a") == (seq, states[seq])
+        restored_ok(out, "a")
+    latest = tmp_path / "latest"
+    restore(target, latest)
+    assert dump(latest, "a") == dump(repo_root, "a")
+    assert dump(latest, "b") == dump(repo_root, "b")
+
+
+def test_commits_checkpointed_before_the_first_pass_are_shipped(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    """A follower that opens after commits were checkpointed past its snapshot's cut reads
+    them from the main file."""
+    target = tmp_path / "replica"
+    states: dict[int, dict[str, Any]] = {}
+    with Replicator(repo_root, target) as replicator:
+        replicator.snapshot()
+        first = commit(repo_root, "a", "x", 1, states)
+        with Repository(repo_root) as repo, repo.open_prefix("a", "rw") as px:
+            px.checkpoint()
+        replicator.snapshot()  # a new follower, from a cut before the checkpoint? no: after
+        commit(repo_root, "a", "y", 2, states)
+        with Repository(repo_root) as repo, repo.open_prefix("a", "rw") as px:
+            px.checkpoint()
+        commit(repo_root, "a", "z", 3, states)
+        replicator.ship()
+    out = tmp_path / "out"
+    restore(target, out, ["a"], at_seq=first)
+    assert dump(out, "a") == (first, states[first])
+    latest = tmp_path / "latest"
+    restore(target, latest)
+    assert dump(latest, "a") == dump(repo_root, "a")
+
+
+def test_restore_at_a_time_takes_the_commits_read_by_then(repo_root: Path, tmp_path: Path) -> None:
+    clock = Clock()
+    target = tmp_path / "replica"
+    states: dict[int, dict[str, Any]] = {}
+    marks = []
+    with Replicator(repo_root, target, clock=clock) as replicator:
+        replicator.snapshot()
+        for phase in range(4):
+            clock.now += 10
+            for number in range(3):
+                commit(repo_root, "a", f"p{phase}", number, states)
+            replicator.ship()
+            marks.append((clock.now + 5, max(states)))
+            if phase == 1:
+                clock.now += 10
+                replicator.snapshot()
+    for moment, seq in marks:
+        out = tmp_path / f"t{seq}"
+        at = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(moment))
+        restore(target, out, at=at, clock=clock)
+        assert dump(out, "a") == (seq, states[seq])
+        assert dump(out, "b")[1] == {"base": "b"}
+
+
+def test_a_compaction_starts_a_new_generation(repo_root: Path, tmp_path: Path) -> None:
+    target = tmp_path / "replica"
+    states: dict[int, dict[str, Any]] = {}
+    with Replicator(repo_root, target) as replicator:
+        replicator.snapshot()
+        before = commit(repo_root, "a", "x", 1, states)
+        replicator.ship()
+        with Repository(repo_root) as repo, repo.open_prefix("a", "rw") as px:
+            px.compact()
+        commit(repo_root, "a", "y", 2, states)
+        replicator.ship()  # the follower finds its main file replaced: a snapshot is due
+        replicator.snapshot()
+        after = commit(repo_root, "a", "z", 3, states)
+        replicator.ship()
+        assert replicator.status.errors == []
+    for seq in (before, after):
+        out = tmp_path / f"at{seq}"
+        restore(target, out, ["a"], at_seq=seq)
+        assert dump(out, "a") == (seq, states[seq])
+    latest = tmp_path / "latest"
+    restore(target, latest)
+    assert dump(latest, "a") == dump(repo_root, "a")
+
+
+@pytest.fixture
+def shipped(repo_root: Path, tmp_path: Path) -> tuple[Path, list[LogObject]]:
+    target = tmp_path / "replica"
+    states: dict[int, dict[str, Any]] = {}
+    with Replicator(repo_root, target) as replicator:
+        replicator.snapshot()
+        for number in range(9):
+            commit(repo_root, "a", f"k{number}", "v" * 40, states)
+            if number % 3 == 2:
+                replicator.ship()
+    objects = sorted(
+        (LogObject.parse(str(p.relative_to(target))) for p in (target / LOG_DIR).rglob("*-*")),
+        key=lambda obj: obj.first if obj else 0,
+    )
+    assert len(objects) == 3 and all(objects)
+    return target, [obj for obj in objects if obj is not None]
+
+
+@pytest.mark.parametrize("where", ["header", "frames"])
+def test_a_damaged_log_object_is_refused(
+    shipped: tuple[Path, list[LogObject]], tmp_path: Path, where: str
+) -> None:
+    target, objects = shipped
+    path = target / objects[1].name
+    data = path.read_bytes()
+    offset = 30 if where == "header" else len(data) - 20
+    h.flip_byte(path, offset, 0x01)
+    with pytest.raises(CatalogError, match=objects[1].name):
+        restore(target, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_log_object_is_reported_not_skipped(
+    shipped: tuple[Path, list[LogObject]], tmp_path: Path
+) -> None:
+    target, objects = shipped
+    (target / objects[1].name).unlink()
+    with pytest.raises(CatalogError, match=f"lacks commits {objects[1].first}"):
+        restore(target, tmp_path / "out")
+
+
+def test_a_log_object_moved_to_another_name_is_refused(
+    shipped: tuple[Path, list[LogObject]], tmp_path: Path
+) -> None:
+    """Swapping two objects' contents keeps every checksum but not what the name says."""
+    target, objects = shipped
+    one, two = target / objects[0].name, target / objects[1].name
+    first, second = one.read_bytes(), two.read_bytes()
+    one.write_bytes(second)
+    two.write_bytes(first)
+    with pytest.raises(CatalogError, match="not what its name says"):
+        restore(target, tmp_path / "out")
+
+
+def test_a_keyed_replica_is_authenticated(repo_root: Path, tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    target = tmp_path / "replica"
+    states: dict[int, dict[str, Any]] = {}
+    with Replicator(repo_root, target, key_file=key) as replicator:
+        replicator.snapshot()
+        seq = commit(repo_root, "a", "secret", 1, states)
+        replicator.ship()
+    restore(target, tmp_path / "ok", ["a"], at_seq=seq, key_file=key)
+    assert dump(tmp_path / "ok", "a") == (seq, states[seq])
+    with pytest.raises(CatalogError):
+        restore(target, tmp_path / "nokey", ["a"], at_seq=seq)
+
+
+def test_retention_removes_old_snapshots_and_their_logs(repo_root: Path, tmp_path: Path) -> None:
+    clock = Clock()
+    target = tmp_path / "replica"
+    states: dict[int, dict[str, Any]] = {}
+    with Replicator(
+        repo_root, target, clock=clock, snapshot_interval=60, retention=120
+    ) as replicator:
+        generations = [replicator.snapshot()]
+        for _ in range(12):
+            commit(repo_root, "a", "k", clock.now, states)
+            replicator.ship()
+            clock.now += 60
+            generations.append(replicator.snapshot())
+    kept = {p.name for p in target.iterdir() if p.name[:1].isdigit()}
+    assert generations[0] not in kept and generations[-1] in kept
+    logged = {obj.generation for p in (target / LOG_DIR).rglob("*-*") if (obj := LogObject.parse(
+        str(p.relative_to(target))))}  # fmt: skip
+    assert logged <= kept
+    restore(target, tmp_path / "latest")
+    assert dump(tmp_path / "latest", "a") == dump(repo_root, "a")
+
+
+def test_replicate_command_ships_until_sigterm_and_restores_by_seq(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "replica"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hotcopy.workers", "replicate", str(repo_root), str(target),
+         "--interval", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        states: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + 60
+        while not (target / "generations").exists():  # the first snapshot is taken
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.05)
+        seqs = [commit(repo_root, "a", f"k{n}", n, states) for n in range(5)]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "stopped: shipped" in out
+    finally:
+        h.reap_popen(proc)
+    assert main(["restore", str(target), str(tmp_path / "out"), "--prefix", "a",
+                 "--at-seq", str(seqs[2])]) == 0  # fmt: skip
+    assert dump(tmp_path / "out", "a") == (seqs[2], states[seqs[2]])
+
+
+# -- the whole repository side killed at a random instant -----------------------------------------
+
+_WRITER = """
+import os, sys, time
+from hotcopy.storage import Repository
+root, name, journal = sys.argv[1], sys.argv[2], sys.argv[3]
+fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+with Repository(root) as repo, repo.open_prefix(name, "rw") as px:
+    n = 0
+    while True:
+        n += 1
+        os.write(fd, f"try {n}\\n".encode())
+        px[f"k{n % 50}"] = n
+        px["last"] = n
+        px.commit()
+        os.write(fd, f"ack {n} {px.seq} {time.time()}\\n".encode())
+        os.fsync(fd)
+"""
+
+
+def _acks(journal: Path) -> tuple[dict[int, tuple[int, float]], int]:
+    acked: dict[int, tuple[int, float]] = {}
+    tried = 0
+    for line in journal.read_text().splitlines():
+        parts = line.split()
+        if parts[0] == "try":
+            tried = int(parts[1])
+        elif len(parts) == 4:
+            acked[int(parts[1])] = (int(parts[2]), float(parts[3]))
+    return acked, tried
+
+
+def test_killing_every_process_loses_no_commit_older_than_the_interval(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    """Two writers, the coordinator and ``hotcopy replicate`` SIGKILLed at one random instant;
+    the replica alone restores every commit acknowledged an interval before the kill, and
+    nothing that was never tried."""
+    interval = 0.5
+    target = tmp_path / "replica"
+    procs: list[subprocess.Popen[Any]] = []
+    journals = {name: tmp_path / f"{name}.journal" for name in ("a", "b")}
+    stderr = (tmp_path / "replicate.err").open("w")
+    try:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "hotcopy.workers", "replicate", str(repo_root), str(target),
+             "--interval", str(interval), "--snapshot-interval", "2s"],
+            stdout=subprocess.DEVNULL, stderr=stderr,
+        ))  # fmt: skip
+        for name, journal in journals.items():
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", _WRITER, str(repo_root), name, str(journal)],
+            ))  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not all(p.exists() and p.stat().st_size > 2000 for p in journals.values()):
+            alive = all(p.poll() is None for p in procs)
+            assert alive and time.monotonic() < deadline, (tmp_path / "replicate.err").read_text()
+            time.sleep(0.05)
+        threading.Event().wait(random.uniform(1.0, 4.0))  # the random instant, not a sync
+        victims = [*procs, *h.coordinators_of(tmp_path)]
+        kill_time = time.time()
+        for victim in victims:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                victim.send_signal(signal.SIGKILL)
+    finally:
+        for proc in procs:
+            h.reap_popen(proc)
+        stderr.close()
+    out = tmp_path / "restored"
+    restore(target, out)
+    restored = h.dump_repository(out, kernel_locks=True)
+    for name, journal in journals.items():
+        acked, tried = _acks(journal)
+        seq, contents = restored[name]
+        restored_ok(out, name)
+        due = [n for n, (_, at) in acked.items() if at < kill_time - interval]
+        assert due, "the writer acknowledged nothing an interval before the kill"
+        assert contents["last"] >= max(due), (name, contents["last"], max(due))
+        assert contents["last"] <= tried  # nothing that was never tried
+        n = contents["last"]
+        if n in acked:
+            assert seq == acked[n][0]
+
+
+def test_a_replica_in_a_bucket_is_sealed_and_restores_any_commit(
+    repo_root: Path, tmp_path: Path, s3_url: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, endpoint = s3_url
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    target = url + "/host-a/repo"
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    states: dict[int, dict[str, Any]] = {}
+    with Replicator(repo_root, target, key_file=key, compress=True) as replicator:
+        replicator.snapshot()
+        seqs = []
+        for number in range(6):
+            seqs.append(commit(repo_root, "a", "plaintext-key", f"plaintext-{number}", states))
+            replicator.ship()
+        store = replicator.catalog.place.listing(LOG_DIR)
+    assert len(store) == 6
+    from hotcopy.workers._s3 import ObjectStore
+
+    bucket = ObjectStore(target)
+    for name in store:
+        assert b"plaintext" not in (bucket.get(name, 1 << 20) or b"")
+    out = tmp_path / "out"
+    restore(target, out, ["a"], at_seq=seqs[3], key_file=key)
+    assert dump(out, "a") == (seqs[3], states[seqs[3]])
+    with pytest.raises(CatalogError):
+        restore(target, tmp_path / "nokey", ["a"], at_seq=seqs[3])

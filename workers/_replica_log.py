@@ -1,0 +1,293 @@
+"""A replica's log: the commits a replicator (``_replicate``) ships after each snapshot, and
+how a restore finds and checks them (see ``_replicate`` for the whole design).
+
+- ``log/<prefix>/<generation>/<first>-<last>``: commits ``first``..``last`` of ``prefix``
+  after the snapshot (backup) ``generation``, their batch frames exactly as the WAL held them,
+  behind one JSON line: what they are, when each run of them was read, their SHA-256, and a
+  seal over it (a checksum, or an HMAC with the catalog's key).
+- ``generations/<generation>``: when the replicator started shipping after that snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+from hotcopy.storage import CorruptFileError
+from hotcopy.storage import _format as fmt
+from hotcopy.storage._log import check_frames
+
+from ._catalog import (
+    COMPLETE,
+    Catalog,
+    CatalogView,
+    Choice,
+    Manifest,
+    _check_seal,
+    _seal,
+    is_backup_id,
+    iso_utc,
+)
+from ._errors import BackupNotFound, CatalogError
+from ._places import is_prefix_name
+
+LOG_DIR = "log"
+GENERATIONS_DIR = "generations"
+_MAGIC = b"HCREPLOG1\n"
+MAX_OBJECT_FRAMES = 64 << 20  # bytes of commits in one log object at most
+_MAX_OBJECT = MAX_OBJECT_FRAMES + (1 << 20)  # with its header (and seal)
+_OBJECT_NAME = re.compile(r"(\d{20})-(\d{20})")
+
+
+# -- log objects ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogObject:
+    """Commits ``first``..``last`` of ``prefix`` after snapshot ``generation``."""
+
+    prefix: str
+    generation: str
+    first: int
+    last: int
+
+    @property
+    def name(self) -> str:
+        return f"{LOG_DIR}/{self.prefix}/{self.generation}/{self.first:020d}-{self.last:020d}"
+
+    @classmethod
+    def parse(cls, name: str) -> LogObject | None:
+        """The log object ``name`` names, or None (not one: left alone)."""
+        parts = name.split("/")
+        if len(parts) != 4 or parts[0] != LOG_DIR:
+            return None
+        match = _OBJECT_NAME.fullmatch(parts[3])
+        if not is_prefix_name(parts[1]) or not is_backup_id(parts[2]) or match is None:
+            return None
+        first, last = int(match[1]), int(match[2])
+        return cls(parts[1], parts[2], first, last) if 0 < first <= last else None
+
+
+def encode_log_object(
+    obj: LogObject, frames: bytes, read: list[tuple[int, float]], key: bytes | None
+) -> bytes:
+    """The content of log object ``obj``: its commits' ``frames`` and, for each run of them,
+    ``(last commit, time read)``."""
+    header = {
+        "prefix": obj.prefix,
+        "generation": obj.generation,
+        "first": obj.first,
+        "last": obj.last,
+        "bytes": len(frames),
+        "sha256": hashlib.sha256(frames).hexdigest(),
+        "read": [[seq, float(moment)] for seq, moment in read],
+    }
+    return (
+        _MAGIC
+        + json.dumps(json.loads(_seal(header, key)), separators=(",", ":")).encode()
+        + (b"\n" + frames)
+    )
+
+
+@dataclass
+class LogRun:
+    """The commits of one log object, checked: ``frames`` and when each run was read."""
+
+    obj: LogObject
+    frames: bytes
+    read: list[tuple[int, float]]
+
+    def until(self, seq: int | None, moment: float | None) -> tuple[bytes, int]:
+        """The frames of its commits up to ``seq`` and read at or before ``moment``, and the
+        last of them (``first - 1`` when none)."""
+        last = self.obj.last if seq is None else min(seq, self.obj.last)
+        if moment is not None:
+            in_time = [run_last for run_last, read in self.read if read <= moment]
+            last = min(last, max(in_time, default=self.obj.first - 1))
+        if last == self.obj.last:
+            return self.frames, last
+        reader = fmt.FileReader.of_bytes(self.frames)
+        while reader.pos < len(self.frames):
+            at = reader.pos
+            batch = fmt.read_batch(reader, load_values=False)
+            if batch is None or batch.seq > last:
+                return self.frames[:at], last
+        return self.frames, last
+
+
+def decode_log_object(obj: LogObject, data: bytes, key: bytes | None) -> LogRun:
+    """Check the content of log object ``obj`` completely: its seal, that it is what its name
+    says, and every commit's checksum and sequence.
+
+    Raises:
+        CatalogError: anything does not hold.
+    """
+    what = f"log object {obj.name}"
+    if not data.startswith(_MAGIC) or b"\n" not in data[len(_MAGIC) :]:
+        raise CatalogError(f"{what} is not a hotcopy log object")
+    line_end = data.index(b"\n", len(_MAGIC))
+    try:
+        header = json.loads(data[len(_MAGIC) : line_end])
+    except ValueError:
+        raise CatalogError(f"{what}: its header is damaged") from None
+    if not isinstance(header, dict):
+        raise CatalogError(f"{what}: its header is damaged")
+    _check_seal(header, key, what, required=True)
+    frames = data[line_end + 1 :]
+    said = (header.get("prefix"), header.get("generation"), header.get("first"), header.get("last"))
+    if said != (obj.prefix, obj.generation, obj.first, obj.last):
+        raise CatalogError(f"{what} holds {said}, not what its name says (moved or swapped)")
+    if header.get("bytes") != len(frames) or header.get("sha256") != (
+        hashlib.sha256(frames).hexdigest()
+    ):
+        raise CatalogError(f"{what}: its commits are damaged (size or SHA-256 mismatch)")
+    read = header.get("read")
+    if not isinstance(read, list) or not all(
+        isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], float)
+        for r in read
+    ):
+        raise CatalogError(f"{what}: its header is damaged (read times)")
+    try:
+        if check_frames(frames, obj.first - 1) != obj.last:
+            raise CatalogError(f"{what} does not end at commit {obj.last}")
+    except CorruptFileError as err:
+        offset = err.fields.get("offset")
+        raise CatalogError(f"{what} is damaged at offset {offset}: {err}") from None
+    return LogRun(obj, frames, [(int(seq), float(moment)) for seq, moment in read])
+
+
+# -- generations ----------------------------------------------------------------------------------
+
+
+def generation_name(generation: str) -> str:
+    return f"{GENERATIONS_DIR}/{generation}"
+
+
+def write_generation(catalog: Catalog, generation: str, switched: float) -> None:
+    """Record that the replicator ships into ``generation`` from time ``switched`` on."""
+    body = {"generation": generation, "switched": float(switched)}
+    catalog.place.write(generation_name(generation), _seal(body, catalog.key))
+
+
+def _switched(catalog: Catalog, generation: str) -> float | None:
+    """When the replicator started shipping into ``generation``, or None if it never did."""
+    what = f"generation record {generation_name(generation)}"
+    raw = catalog.place.read(generation_name(generation), what, 1 << 16)
+    if raw is None:
+        return None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise CatalogError(f"{what} is damaged") from None
+    if not isinstance(body, dict):
+        raise CatalogError(f"{what} is damaged")
+    _check_seal(body, catalog.key, what, required=True)
+    switched = body.get("switched")
+    if body.get("generation") != generation or not isinstance(switched, float):
+        raise CatalogError(f"{what} is not the record of generation {generation}")
+    return switched
+
+
+def _objects(catalog: Catalog, prefix: str, generation: str) -> list[LogObject]:
+    found = catalog.place.listing(f"{LOG_DIR}/{prefix}/{generation}")
+    objects = [obj for obj in map(LogObject.parse, found) if obj is not None]
+    return sorted(objects, key=lambda obj: (obj.first, -obj.last))
+
+
+def roll_forward(
+    catalog: Catalog,
+    manifest: Manifest,
+    prefix: str,
+    *,
+    seq: int | None = None,
+    moment: float | None = None,
+) -> tuple[bytes, int]:
+    """The commits of ``prefix`` shipped after snapshot ``manifest`` (up to commit ``seq``,
+    and read at or before ``moment``, when given), as WAL frames; and the last of them.
+
+    Raises:
+        CatalogError: a log object is damaged or missing in the middle.
+    """
+    entry = manifest.entries[prefix]
+    frames: list[bytes] = []
+    last = entry.seq
+    for obj in _objects(catalog, prefix, manifest.id):
+        if obj.last <= last:
+            continue  # covered by one read already (an object merged from others)
+        if obj.first > last + 1:
+            raise CatalogError(
+                f"the log of prefix {prefix!r} after snapshot {manifest.id} lacks commits "
+                f"{last + 1}..{obj.first - 1} (an object is missing from {catalog.where})"
+            )
+        if obj.first <= last:
+            continue  # overlaps what was taken: a later object continues it
+        if seq is not None and last >= seq:
+            break
+        data = catalog.place.read(obj.name, f"log object {obj.name}", _MAX_OBJECT)
+        if data is None:
+            raise CatalogError(f"log object {obj.name} disappeared from {catalog.where}")
+        run = decode_log_object(obj, data, catalog.key)
+        part, part_last = run.until(seq, moment)
+        if part_last < obj.first:
+            break
+        frames.append(part)
+        last = part_last
+        if part_last < obj.last:
+            break
+    return b"".join(frames), last
+
+
+def pick_for_time(view: CatalogView, moment: float) -> Choice | None:
+    """The newest restorable snapshot the replicator had switched to at ``moment`` (None: the
+    catalog has no generations, it is not a replica)."""
+    catalog = view.catalog
+    if not catalog.place.listing(GENERATIONS_DIR):
+        return None
+    passed: list[str] = []
+    for record in reversed(view.ordered()):
+        if record.status != COMPLETE or record.manifest is None:
+            continue
+        switched = _switched(catalog, record.id)
+        if switched is None or switched > moment:
+            continue
+        problem = view.restorable_problem(record.id)
+        if problem is None:
+            return Choice(record.manifest, passed)
+        passed.append(f"{record.id}: not restorable: {problem}")
+    raise BackupNotFound(
+        f"no snapshot of the replica in {catalog.where} was in use at {iso_utc(moment)}"
+        + (f" (passed over {'; '.join(passed[:3])})" if passed else "")
+    )
+
+
+def pick_for_seq(view: CatalogView, prefix: str, seq: int) -> Choice:
+    """The newest restorable snapshot from which commit ``seq`` of ``prefix`` is reached."""
+    catalog = view.catalog
+    passed: list[str] = []
+    for record in reversed(view.ordered()):
+        manifest = record.manifest
+        if record.status != COMPLETE or manifest is None or prefix not in manifest.entries:
+            continue
+        entry = manifest.entries[prefix]
+        if entry.seq > seq:
+            continue
+        problem = view.check_chain(record.id, prefix, checksums=False)
+        if problem is not None:
+            passed.append(f"{record.id}: not restorable: {problem}")
+            continue
+        if entry.seq == seq:
+            return Choice(manifest, passed)
+        reach = entry.seq
+        for obj in _objects(catalog, prefix, record.id):
+            if obj.first <= reach + 1 <= obj.last + 1:
+                reach = max(reach, obj.last)
+        if reach >= seq:
+            return Choice(manifest, passed)
+        passed.append(f"{record.id}: its log of {prefix!r} reaches commit {reach}")
+        break  # an older snapshot's log ends where this one starts
+    raise BackupNotFound(
+        f"commit {seq} of prefix {prefix!r} is not in {catalog.where}"
+        + (f" ({'; '.join(passed[:3])})" if passed else "")
+    )

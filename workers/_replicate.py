@@ -1,0 +1,401 @@
+"""Continuous replication: every prefix's commits shipped to a catalog (a directory or an
+``s3://`` URL) within an interval of being acknowledged, and restore to any commit.
+
+A replica is a backup catalog with a log beside its backups:
+
+- *Snapshots* are ordinary backups of every prefix (incremental where the chain allows),
+  taken at start, every ``snapshot_interval``, and whenever a prefix's history can no longer
+  be continued from what was shipped: its main file was replaced (a compaction, a restore),
+  its follower read a fenced writer's late append, or it is new.
+- Each snapshot starts a *generation*, named by its backup id. The commits after it are
+  shipped as *log objects* ``log/<prefix>/<generation>/<first>-<last>``: their batch frames
+  exactly as the WAL held them, the time they were read, and a seal over all of it (SHA-256,
+  or an HMAC with the catalog's key; in a keyed bucket the object is encrypted as well).
+  A generation is continued up to the next snapshot's commit before that snapshot takes
+  over, and the switch is recorded (``generations/<generation>``, with its time), so every
+  commit between two snapshots is restorable exactly.
+- Retention keeps every snapshot of the last ``retention`` plus the one before it, and the
+  generations of the snapshots it keeps.
+
+The replicator only reads the files, as any follower of a prefix's log does
+(``storage._log.Log``): a writer never waits for it. A commit's time in the replica is when
+the replicator read it, at most ``interval`` after it was acknowledged: ``--at TIME``
+restores the commits read at or before TIME, all of which were committed by then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hotcopy.storage import CorruptFileError, PrefixNotFound, Repository
+from hotcopy.storage import _format as fmt
+from hotcopy.storage._log import Log, check_frames, committed_frames
+
+from ._backup import backup
+from ._catalog import Catalog, Entry, Manifest, is_backup_id
+from ._errors import BackupError, CatalogError
+from ._replica_log import (
+    GENERATIONS_DIR,
+    LOG_DIR,
+    MAX_OBJECT_FRAMES,
+    LogObject,
+    encode_log_object,
+    write_generation,
+)
+from ._retention import prune
+
+log = logging.getLogger("hotcopy.replicate")
+
+# A snapshot is a delta of the one before, but every few is whole: a restore reads a bounded
+# chain, and retention can remove the old ones (it never breaks a chain).
+_DELTAS_PER_FULL = 4
+_RETRY_SNAPSHOT = 10.0  # seconds between snapshots that a prefix needs (new, replaced)
+
+
+# -- the replicator ------------------------------------------------------------------------------
+
+
+class _Follower:
+    """Follows one prefix's log from a snapshot's cut and keeps the commits not yet shipped
+    (a :class:`~hotcopy.storage._log.LogSink`)."""
+
+    def __init__(self, root: Path, name: str, repository_id: bytes, entry: Entry, generation: str):
+        self.name = name
+        self.generation = generation
+        self.shipped = entry.seq  # the last commit the replica holds
+        self.lost = False  # what the files hold no longer continues what was shipped
+        # commit -> its frame, or where it lies in the main file (checkpointed before read)
+        self._pending: dict[int, bytes | tuple[int, int]] = {}
+        self._opened = False
+        self.log = Log(root, name, repository_id, writable=False, sink=self, scan=False)
+        self._opened = True
+        cut = self.log.cut()
+        if cut.file_id.hex() != entry.file_id or self.log.seq < entry.seq:
+            self.lost = True  # replaced since the snapshot: the next snapshot starts afresh
+            return
+        first = min(self._pending, default=self.log.seq + 1)
+        if first > entry.seq + 1:  # checkpointed before this log looked: read them there
+            for seq, frame in committed_frames(self.log.main_fd, entry.end, cut.length, entry.seq):
+                if seq >= first:
+                    break
+                self._pending[seq] = frame
+
+    # LogSink
+    def reset(self) -> None:
+        if self._opened:
+            self.lost = True  # reread from a replaced main file, or after a divergence
+        self._pending.clear()
+
+    def apply_main(self, batch: fmt.Batch) -> None:
+        if batch.seq > self.shipped:
+            self._pending[batch.seq] = (batch.offset, batch.size)
+
+    def apply_wal(self, batch: fmt.Batch) -> None:
+        if batch.seq > self.shipped:
+            self._pending[batch.seq] = batch.raw or b""
+
+    def repoint(self, batch: fmt.Batch) -> None:
+        pass
+
+    def moved(self, first_seq: int, last_seq: int, shift: int) -> None:
+        pass
+
+    def take(self, upto: int | None = None) -> list[tuple[int, bytes]]:
+        """The pending commits (up to ``upto``), in order, each checked; no longer pending."""
+        taken = []
+        for seq in sorted(self._pending):
+            if upto is not None and seq > upto:
+                break
+            item = self._pending.pop(seq)
+            if isinstance(item, tuple):
+                offset, size = item
+                item = fmt.pread_exact(self.log.main_fd, size, offset)
+                check_frames(item, seq - 1)
+            taken.append((seq, item))
+        return taken
+
+    def close(self) -> None:
+        self.log.close()
+
+
+@dataclass
+class ReplicaStatus:
+    """What a replicator has done (:attr:`Replicator.status`)."""
+
+    generation: str | None = None
+    shipped_commits: int = 0
+    shipped_objects: int = 0
+    snapshots: int = 0
+    last_ship: float | None = None  # when the last pass ended
+    errors: list[str] = field(default_factory=list)  # the latest, most recent last
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "shipped_commits": self.shipped_commits,
+            "shipped_objects": self.shipped_objects,
+            "snapshots": self.snapshots,
+            "last_ship": self.last_ship,
+            "errors": self.errors[-5:],
+        }
+
+
+class Replicator:
+    """Replicates the repository at ``root`` into the catalog ``target`` (see the module
+    docstring): :meth:`run` until stopped, or :meth:`snapshot`, then :meth:`ship` passes, then
+    :meth:`close`.
+
+    Args:
+        interval: Seconds at most between a commit's acknowledgement and the start of the
+            pass that ships it.
+        snapshot_interval: Seconds between snapshots.
+        retention: Seconds of history kept restorable.
+        key_file: The catalog's key (authenticates, and in a bucket encrypts, everything).
+        compress: Store a bucket's objects zstd-compressed.
+        jobs: Copy workers of each snapshot.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        target: str | os.PathLike[str],
+        *,
+        interval: float = 1.0,
+        snapshot_interval: float = 3600.0,
+        retention: float = 86400.0,
+        key_file: str | os.PathLike[str] | None = None,
+        compress: bool = False,
+        jobs: int = 2,
+        lease_timeout: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if interval <= 0 or snapshot_interval <= 0 or retention <= 0:
+            raise ValueError("interval, snapshot interval and retention must be > 0")
+        self.root = Path(root)
+        self.target = target
+        self.interval = interval
+        self.snapshot_interval = snapshot_interval
+        self.retention = retention
+        self._key_file = key_file
+        self._compress = compress
+        self._jobs = jobs
+        self._lease_timeout = lease_timeout
+        self._clock = clock
+        self._repo = Repository(root, lease_timeout=lease_timeout)
+        self.catalog = Catalog.create(target, self._repo.id, key_file=key_file, compress=compress)
+        self._followers: dict[str, _Follower] = {}
+        self._snapshotting = ThreadPoolExecutor(1, thread_name_prefix="hotcopy-snapshot")
+        self._pending_snapshot: Future[Manifest] | None = None
+        self._next_snapshot = 0.0
+        self._retry_at = 0.0  # a snapshot for a prefix that needs one, not before this
+        self.status = ReplicaStatus()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, *, started: bool = False) -> None:
+        """Replicate until ``stop`` is set; every pass ships what was committed since the last.
+        The first snapshot is taken before anything is shipped (unless ``started``)."""
+        if not started:
+            self.snapshot()
+        while not stop.is_set():
+            began = time.monotonic()
+            self.ship()
+            # A commit made just after a pass read its prefix is read by the next pass and
+            # durable when that pass ends: passes start one interval apart, less what a pass
+            # takes, so that this stays within about one interval.
+            stop.wait(max(0.0, self.interval - 2 * (time.monotonic() - began)))
+        self.ship()
+
+    def snapshot(self) -> str:
+        """Take a snapshot now (after one in progress) and follow every prefix from it: the
+        first one, before anything is shipped. Returns its id."""
+        pending, self._pending_snapshot = self._pending_snapshot, None
+        if pending is not None:
+            with contextlib.suppress(Exception):  # superseded by this one
+                pending.result()
+        manifest = self._snapshot()
+        self._switch(manifest)
+        return manifest.id
+
+    def ship(self) -> int:
+        """One pass: switch to a snapshot that completed, ship every prefix's new commits,
+        start a snapshot when one is due; the commits shipped."""
+        pending = self._pending_snapshot
+        if pending is not None and pending.done():
+            self._pending_snapshot = None
+            try:
+                self._switch(pending.result())
+            except Exception as err:  # retried soon; shipping goes on meanwhile
+                self._error(f"snapshot failed: {err}")
+                self._next_snapshot = self._clock() + min(self.snapshot_interval, _RETRY_SNAPSHOT)
+        shipped = 0
+        need_snapshot = False
+        for name in list(self._followers):
+            follower = self._followers[name]
+            try:
+                shipped += self._ship_one(follower)
+            except PrefixNotFound:
+                follower.close()
+                del self._followers[name]
+            except (CorruptFileError, CatalogError, OSError) as err:
+                self._error(f"prefix {name!r}: {err}")
+            if follower.lost:
+                need_snapshot = True
+        if set(self._repo.prefixes()) - set(self._followers):
+            need_snapshot = True  # new prefixes are shipped from their first snapshot
+        now = self._clock()
+        due = now >= self._next_snapshot or (need_snapshot and now >= self._retry_at)
+        if self._pending_snapshot is None and due:
+            self._retry_at = now + _RETRY_SNAPSHOT
+            self._pending_snapshot = self._snapshotting.submit(self._snapshot)
+        self.status.shipped_commits += shipped
+        self.status.last_ship = now
+        return shipped
+
+    def _ship_one(self, follower: _Follower, upto: int | None = None) -> int:
+        if follower.lost:
+            return 0
+        follower.log.follow()
+        read = self._clock()  # every commit read by now was committed by now
+        commits = follower.take(upto)
+        if follower.lost or (commits and commits[0][0] != follower.shipped + 1):
+            follower.lost = True
+            return 0
+        shipped = 0
+        at = 0
+        while at < len(commits):
+            batch: list[bytes] = []
+            size = 0
+            while at < len(commits) and (
+                not batch or size + len(commits[at][1]) <= MAX_OBJECT_FRAMES
+            ):
+                batch.append(commits[at][1])
+                size += len(commits[at][1])
+                at += 1
+            first, last = follower.shipped + 1, follower.shipped + len(batch)
+            obj = LogObject(follower.name, follower.generation, first, last)
+            data = encode_log_object(obj, b"".join(batch), [(last, read)], self.catalog.key)
+            if not self.catalog.place.write(obj.name, data, create_only=True):
+                raise CatalogError(f"{obj.name} exists already: is another replicator running?")
+            follower.shipped = last
+            shipped += len(batch)
+            self.status.shipped_objects += 1
+        return shipped
+
+    # -- snapshots and generations ----------------------------------------------------------
+
+    def _snapshot(self) -> Manifest:
+        """A backup of every prefix (in the snapshot thread, or at start), then retention."""
+        result = backup(
+            self.root,
+            self.target,
+            jobs=self._jobs,
+            incremental=True,
+            max_deltas_before_full=_DELTAS_PER_FULL,
+            key_file=self._key_file,
+            compress=self._compress,
+            lease_timeout=self._lease_timeout,
+            clock=self._clock,
+        )
+        if not result.complete:
+            raise BackupError(
+                "snapshot "
+                + result.id
+                + " is partial: "
+                + "; ".join(f"{n}: {why}" for n, why in sorted(result.failed.items()))
+            )
+        return self.catalog.load(result.id)
+
+    def _switch(self, manifest: Manifest) -> None:
+        """Finish the current generation at the snapshot's commits, record the switch, and
+        follow every prefix in the new generation."""
+        for name, follower in list(self._followers.items()):
+            entry = manifest.entries.get(name)
+            if entry is not None and not follower.lost:
+                self._ship_one(follower, upto=entry.seq)
+            keep = (
+                entry is not None
+                and not follower.lost
+                and follower.shipped == entry.seq
+                and follower.log.cut().file_id.hex() == entry.file_id
+            )
+            if keep:
+                assert entry is not None
+                follower.generation = manifest.id
+            else:
+                follower.close()
+                del self._followers[name]
+        write_generation(self.catalog, manifest.id, self._clock())
+        root, repository_id = self._repo.root, self._repo.id_bytes
+        for name, entry in manifest.entries.items():
+            if name not in self._followers:
+                try:
+                    self._followers[name] = _Follower(root, name, repository_id, entry, manifest.id)
+                except PrefixNotFound:
+                    continue  # removed since: not followed
+                except (CorruptFileError, OSError) as err:
+                    self._error(f"prefix {name!r}: cannot follow it: {err}")
+        self.status.generation = manifest.id
+        self.status.snapshots += 1
+        self._next_snapshot = self._clock() + self.snapshot_interval
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        seconds = int(self.retention + self.snapshot_interval)
+        try:
+            prune(
+                self.target,
+                keep_last=2,
+                keep_within=f"{max(seconds, 1)}s",
+                key_file=self._key_file,
+                clock=self._clock,
+            )
+            kept = set(self.catalog.backup_ids())
+            place = self.catalog.place
+            gone = [
+                name
+                for name in place.listing(LOG_DIR)
+                if (obj := LogObject.parse(name)) is not None and obj.generation not in kept
+            ]
+            gone += [
+                name
+                for name in place.listing(GENERATIONS_DIR)
+                if name.split("/")[-1] not in kept and is_backup_id(name.split("/")[-1])
+            ]
+            if gone:
+                place.remove(gone)
+        except BackupError as err:
+            self._error(f"retention: {err}")
+
+    def _error(self, message: str) -> None:
+        log.warning("%s", message)
+        self.status.errors.append(message)
+        del self.status.errors[:-20]
+
+    def close(self) -> None:
+        pending = self._pending_snapshot
+        self._snapshotting.shutdown(wait=True)
+        if pending is not None:
+            try:
+                self._switch(pending.result())
+            except Exception as err:
+                self._error(f"snapshot failed: {err}")
+        for follower in self._followers.values():
+            follower.close()
+        self._followers.clear()
+        self._repo.close()
+
+    def __enter__(self) -> Replicator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
