@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from hotcopy.storage import Repository
 from hotcopy.storage._verify import verify_prefix
-from hotcopy.workers import CatalogError, main, restore
+from hotcopy.workers import BackupManager, CatalogError, backup, main, restore
 from hotcopy.workers._replica_log import LOG_DIR, LogObject
 from hotcopy.workers._replicate import Replicator
 from hotcopy_test_support import storage_helpers
@@ -405,3 +405,43 @@ def test_a_replica_in_a_bucket_is_sealed_and_restores_any_commit(
     assert dump(out, "a") == (seqs[3], states[seqs[3]])
     with pytest.raises(CatalogError):
         restore(target, tmp_path / "nokey", ["a"], at_seq=seqs[3])
+
+
+def test_verify_reads_the_log_of_a_replica(
+    shipped: tuple[Path, list[LogObject]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    target, objects = shipped
+    assert main(["verify", str(target)]) == 0
+    h.flip_byte(target / objects[2].name, len((target / objects[2].name).read_bytes()) - 5)
+    assert main(["verify", str(target)]) != 0
+    assert objects[2].name in capsys.readouterr().out
+
+
+def test_a_plain_backup_into_a_replica_does_not_hide_shipped_commits(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "replica"
+    states: dict[int, dict[str, Any]] = {}
+    with Replicator(repo_root, target) as replicator:
+        replicator.snapshot()
+        commit(repo_root, "a", "x", 1, states)
+        replicator.ship()
+        backup(repo_root, target)  # an operator's own backup, no log after it
+        commit(repo_root, "a", "y", 2, states)
+        replicator.ship()
+    restore(target, tmp_path / "latest")
+    assert dump(tmp_path / "latest", "a") == dump(repo_root, "a")
+
+
+def test_a_backup_manager_can_replicate(repo_root: Path, tmp_path: Path) -> None:
+    target = tmp_path / "replica"
+    states: dict[int, dict[str, Any]] = {}
+    manager = BackupManager(repo_root, target, backup_interval=3600, replicate_interval=0.2)
+    manager.start()
+    try:
+        seqs = [commit(repo_root, "a", "k", n, states) for n in range(5)]
+    finally:
+        manager.stop()
+    assert manager.replicator is None
+    restore(target, tmp_path / "out", ["a"], at_seq=seqs[-1])
+    assert dump(tmp_path / "out", "a") == (seqs[-1], states[seqs[-1]])

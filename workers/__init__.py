@@ -1,4 +1,5 @@
-"""hotcopy workers: copy-worker pools, bulk and scheduled backups, restore, and the CLI."""
+"""hotcopy workers: copy-worker pools, bulk and scheduled backups, replication, restore, and the
+CLI."""
 
 from ._backup import BackupResult, RestoreResult, backup, restore
 from ._catalog import Catalog, list_backups
@@ -7,6 +8,7 @@ from ._errors import BackupError, BackupNotFound, CatalogError, WorkerDied
 from ._logical import apply_delta
 from ._manager import BackupManager
 from ._pool import CopyWorkerPool
+from ._replicate import Replicator
 from ._retention import PruneReport, prune
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "CatalogError",
     "CopyWorkerPool",
     "PruneReport",
+    "Replicator",
     "RestoreResult",
     "WorkerDied",
     "apply_delta",

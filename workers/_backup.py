@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import resource
 import shutil
@@ -738,7 +739,9 @@ def restore(
         choice = pick_for_seq(view, prefixes[0], at_seq)
     else:
         found = None
-        if at not in (None, "latest") and not is_backup_id(at):
+        if at in (None, "latest"):
+            found = pick_for_time(view, math.inf)  # a replica's newest snapshot, or None
+        elif not is_backup_id(at):
             moment = parse_moment(at, clock())
             found = pick_for_time(view, moment)  # None: not a replica
         choice = found or view.pick(at, clock=clock, allow_partial=allow_partial)

@@ -1072,6 +1072,10 @@ class CatalogView:
                 problems.append(f"{record.id}: not restorable: {below}")
             elif not damaged:
                 restorable += 1
+        if checksums:
+            from ._replica_log import log_problems  # a replica's log is read on top of it
+
+            problems += log_problems(self)
         return Check(problems, notes, counts, restorable)
 
     def listing(self, *, checksums: bool = False) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from ._catalog import Catalog
 from ._errors import BackupError
 from ._logical import changes_in, write_document
 from ._places import DirectoryPlace
+from ._replicate import Replicator
 from ._s3 import is_object_url
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class BackupManager:
         rate_limit: Bytes per second at most that a backup copies, on average (as RocksDB's
             BackupEngine offers): gentler on live writers, longer backups.
         compress: Store backups zstd-compressed (an ``s3://`` catalog only).
+        replicate_interval: Once started, replicate instead (``_replicate``): every commit is
+            shipped to ``backup_dir`` within this many seconds, with a snapshot every
+            ``backup_interval``; change notifications are then not needed.
         clock: The monotonic clock that times periodic and triggered backups.
     """
 
@@ -73,6 +77,7 @@ class BackupManager:
         key_file: str | os.PathLike[str] | None = None,
         rate_limit: float | None = None,
         compress: bool = False,
+        replicate_interval: float | None = None,
     ) -> None:
         if file_format not in ("native", "json"):
             raise ValueError(f"file_format must be 'native' or 'json', not {file_format!r}")
@@ -98,6 +103,9 @@ class BackupManager:
         self.key_file = key_file
         self.rate_limit = rate_limit
         self.compress = compress
+        self.replicate_interval = replicate_interval
+        self.replicator: Replicator | None = None  # while started, replicating
+        self._stop_replicating = threading.Event()
         self.consecutive_failures = 0
         self.incremental_runs = 0
         self.deltas_since_full = 0
@@ -139,6 +147,8 @@ class BackupManager:
         notification within ``min_backup_interval`` of the last backup is left pending for
         the next one, or for the thread once started).
         """
+        if self.replicator is not None:
+            return  # every commit is shipped anyway
         with self._wakeup:
             self._change_pending = True
             if self._thread is not None:
@@ -158,7 +168,21 @@ class BackupManager:
                 raise RuntimeError("BackupManager is already started")
             self._stopping = False
             self._started_at = self._clock()  # the first periodic backup is one interval in
-            self._thread = threading.Thread(target=self._loop, name="hotcopy-backup", daemon=True)
+            loop = self._loop
+            if self.replicate_interval is not None:
+                self.replicator = Replicator(
+                    self.root,
+                    self.backup_dir,
+                    interval=self.replicate_interval,
+                    snapshot_interval=self.backup_interval,
+                    key_file=self.key_file,
+                    compress=self.compress,
+                    jobs=self.jobs,
+                )
+                self.replicator.snapshot()  # shipping starts from it: an error is the caller's
+                self._stop_replicating.clear()
+                loop = self._replicate
+            self._thread = threading.Thread(target=loop, name="hotcopy-backup", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -166,9 +190,13 @@ class BackupManager:
         with self._wakeup:
             thread, self._thread = self._thread, None
             self._stopping = True
+            self._stop_replicating.set()
             self._wakeup.notify()
         if thread is not None:
             thread.join(timeout)
+        if self.replicator is not None and (thread is None or not thread.is_alive()):
+            self.replicator.close()
+            self.replicator = None
 
     def __enter__(self) -> BackupManager:
         self.start()
@@ -176,6 +204,10 @@ class BackupManager:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _replicate(self) -> None:
+        assert self.replicator is not None
+        self.replicator.run(self._stop_replicating, started=True)
 
     def _loop(self) -> None:
         while True:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hotcopy.storage import CorruptFileError
@@ -191,9 +193,33 @@ def _switched(catalog: Catalog, generation: str) -> float | None:
 
 
 def _objects(catalog: Catalog, prefix: str, generation: str) -> list[LogObject]:
-    found = catalog.place.listing(f"{LOG_DIR}/{prefix}/{generation}")
-    objects = [obj for obj in map(LogObject.parse, found) if obj is not None]
+    return _in_order(catalog.place.listing(f"{LOG_DIR}/{prefix}/{generation}"))
+
+
+def _in_order(names: Iterable[str]) -> list[LogObject]:
+    objects = [obj for obj in map(LogObject.parse, names) if obj is not None]
     return sorted(objects, key=lambda obj: (obj.first, -obj.last))
+
+
+def log_problems(view: CatalogView) -> list[str]:
+    """Every log object of the replica read and checked, and each generation's log checked
+    to follow its snapshot without a gap: what a restore from it would refuse."""
+    by_generation: dict[tuple[str, str], list[str]] = {}
+    for name in view.catalog.place.listing(LOG_DIR):
+        obj = LogObject.parse(name)
+        if obj is not None:
+            by_generation.setdefault((obj.prefix, obj.generation), []).append(name)
+    problems = []
+    for (prefix, generation), names in sorted(by_generation.items()):
+        record = view.records.get(generation)
+        manifest = record.manifest if record is not None else None
+        if manifest is None or prefix not in manifest.entries:
+            continue  # of a snapshot gone or never finished: retention removes it
+        try:
+            roll_forward(view.catalog, manifest, prefix, objects=_in_order(names))
+        except CatalogError as err:
+            problems.append(str(err))
+    return problems
 
 
 def roll_forward(
@@ -203,9 +229,11 @@ def roll_forward(
     *,
     seq: int | None = None,
     moment: float | None = None,
+    objects: list[LogObject] | None = None,
 ) -> tuple[bytes, int]:
     """The commits of ``prefix`` shipped after snapshot ``manifest`` (up to commit ``seq``,
     and read at or before ``moment``, when given), as WAL frames; and the last of them.
+    ``objects``: its log objects, when listed already.
 
     Raises:
         CatalogError: a log object is damaged or missing in the middle.
@@ -213,7 +241,9 @@ def roll_forward(
     entry = manifest.entries[prefix]
     frames: list[bytes] = []
     last = entry.seq
-    for obj in _objects(catalog, prefix, manifest.id):
+    if objects is None:
+        objects = _objects(catalog, prefix, manifest.id)
+    for obj in objects:
         if obj.last <= last:
             continue  # covered by one read already (an object merged from others)
         if obj.first > last + 1:
@@ -241,7 +271,8 @@ def roll_forward(
 
 def pick_for_time(view: CatalogView, moment: float) -> Choice | None:
     """The newest restorable snapshot the replicator had switched to at ``moment`` (None: the
-    catalog has no generations, it is not a replica)."""
+    catalog has no generations, it is not a replica). Backups taken into a replica by other
+    means are passed over: the commits after them are in another snapshot's log."""
     catalog = view.catalog
     if not catalog.place.listing(GENERATIONS_DIR):
         return None
@@ -256,8 +287,9 @@ def pick_for_time(view: CatalogView, moment: float) -> Choice | None:
         if problem is None:
             return Choice(record.manifest, passed)
         passed.append(f"{record.id}: not restorable: {problem}")
+    when = "" if math.isinf(moment) else f" was in use at {iso_utc(moment)}"
     raise BackupNotFound(
-        f"no snapshot of the replica in {catalog.where} was in use at {iso_utc(moment)}"
+        f"no restorable snapshot of the replica in {catalog.where}{when}"
         + (f" (passed over {'; '.join(passed[:3])})" if passed else "")
     )
 
