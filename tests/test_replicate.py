@@ -445,3 +445,21 @@ def test_a_backup_manager_can_replicate(repo_root: Path, tmp_path: Path) -> None
     assert manager.replicator is None
     restore(target, tmp_path / "out", ["a"], at_seq=seqs[-1])
     assert dump(tmp_path / "out", "a") == (seqs[-1], states[seqs[-1]])
+
+
+def test_small_log_objects_are_merged_and_every_commit_still_restores(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "replica"
+    states: dict[int, dict[str, Any]] = {}
+    with Replicator(repo_root, target) as replicator:
+        replicator.snapshot()
+        for number in range(70):
+            commit(repo_root, "a", f"k{number % 5}", number, states)
+            replicator.ship()
+    names = list((target / LOG_DIR).rglob("*-*"))
+    assert 1 <= len(names) < 20, len(names)
+    for seq in sorted({*sorted(states)[::9], max(states)}):
+        out = tmp_path / f"at{seq}"
+        restore(target, out, ["a"], at_seq=seq)
+        assert dump(out, "a") == (seq, states[seq])

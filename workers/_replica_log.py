@@ -39,6 +39,7 @@ LOG_DIR = "log"
 GENERATIONS_DIR = "generations"
 _MAGIC = b"HCREPLOG1\n"
 MAX_OBJECT_FRAMES = 64 << 20  # bytes of commits in one log object at most
+SMALL_OBJECT = 8 << 20  # log objects smaller than this are merged, up to about this size
 _MAX_OBJECT = MAX_OBJECT_FRAMES + (1 << 20)  # with its header (and seal)
 _OBJECT_NAME = re.compile(r"(\d{20})-(\d{20})")
 
@@ -238,26 +239,46 @@ def roll_forward(
     Raises:
         CatalogError: a log object is damaged or missing in the middle.
     """
-    entry = manifest.entries[prefix]
+    for _ in range(_RELISTS):
+        if objects is None:
+            objects = _objects(catalog, prefix, manifest.id)
+        try:
+            return _roll(catalog, manifest, prefix, seq, moment, objects)
+        except _Vanished:
+            objects = None  # merged into a larger object meanwhile: list them again
+    raise CatalogError(f"the log of prefix {prefix!r} keeps changing under this restore")
+
+
+_RELISTS = 3
+
+
+class _Vanished(Exception):
+    pass
+
+
+def _roll(
+    catalog: Catalog,
+    manifest: Manifest,
+    prefix: str,
+    seq: int | None,
+    moment: float | None,
+    objects: list[LogObject],
+) -> tuple[bytes, int]:
     frames: list[bytes] = []
-    last = entry.seq
-    if objects is None:
-        objects = _objects(catalog, prefix, manifest.id)
+    last = manifest.entries[prefix].seq
     for obj in objects:
-        if obj.last <= last:
-            continue  # covered by one read already (an object merged from others)
+        if obj.first <= last:
+            continue  # covered by what was taken (the parts of an object merged since)
         if obj.first > last + 1:
             raise CatalogError(
                 f"the log of prefix {prefix!r} after snapshot {manifest.id} lacks commits "
                 f"{last + 1}..{obj.first - 1} (an object is missing from {catalog.where})"
             )
-        if obj.first <= last:
-            continue  # overlaps what was taken: a later object continues it
         if seq is not None and last >= seq:
             break
         data = catalog.place.read(obj.name, f"log object {obj.name}", _MAX_OBJECT)
         if data is None:
-            raise CatalogError(f"log object {obj.name} disappeared from {catalog.where}")
+            raise _Vanished
         run = decode_log_object(obj, data, catalog.key)
         part, part_last = run.until(seq, moment)
         if part_last < obj.first:
@@ -267,6 +288,51 @@ def roll_forward(
         if part_last < obj.last:
             break
     return b"".join(frames), last
+
+
+def merge_small_objects(
+    catalog: Catalog, prefix: str, generation: str, *, small: int = SMALL_OBJECT
+) -> int:
+    """Merge each run of consecutive log objects smaller than ``small`` of one generation
+    into one (Litestream's compaction does the same): fewer objects to list and read for the
+    same commits and read times. A merged object is written before the ones it replaces are
+    removed, so a reader always finds every commit. Returns how many objects were removed."""
+    sizes = catalog.place.listing(f"{LOG_DIR}/{prefix}/{generation}")
+    objects = _in_order(sizes)
+    runs: list[list[LogObject]] = []
+    covered: list[LogObject] = []  # parts of a merge that was interrupted before removal
+    reach = 0
+    for obj in objects:
+        if obj.last <= reach:
+            covered.append(obj)
+            continue
+        reach = obj.last
+        run = runs[-1] if runs else []
+        joins = run and run[-1].last + 1 == obj.first
+        if joins and sizes[obj.name] < small and sum(sizes[o.name] for o in run) < small:
+            run.append(obj)
+        else:
+            runs.append([obj])
+    removed = [obj.name for obj in covered]
+    for run in runs:
+        if len(run) < 2:
+            continue
+        parts = []
+        for obj in run:
+            data = catalog.place.read(obj.name, f"log object {obj.name}", _MAX_OBJECT)
+            if data is None:
+                return 0  # merged by another process meanwhile
+            parts.append(decode_log_object(obj, data, catalog.key))
+        merged = LogObject(prefix, generation, run[0].first, run[-1].last)
+        frames = b"".join(part.frames for part in parts)
+        read = [moment for part in parts for moment in part.read]
+        catalog.place.write(
+            merged.name, encode_log_object(merged, frames, read, catalog.key), create_only=True
+        )
+        removed += [obj.name for obj in run]
+    if removed:
+        catalog.place.remove(removed)
+    return len(removed)
 
 
 def pick_for_time(view: CatalogView, moment: float) -> Choice | None:

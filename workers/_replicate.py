@@ -49,6 +49,7 @@ from ._replica_log import (
     MAX_OBJECT_FRAMES,
     LogObject,
     encode_log_object,
+    merge_small_objects,
     write_generation,
 )
 from ._retention import prune
@@ -59,6 +60,7 @@ log = logging.getLogger("hotcopy.replicate")
 # chain, and retention can remove the old ones (it never breaks a chain).
 _DELTAS_PER_FULL = 4
 _RETRY_SNAPSHOT = 10.0  # seconds between snapshots that a prefix needs (new, replaced)
+_MERGE_AFTER = 32  # log objects of a prefix shipped between merges
 
 
 # -- the replicator ------------------------------------------------------------------------------
@@ -72,6 +74,7 @@ class _Follower:
         self.name = name
         self.generation = generation
         self.shipped = entry.seq  # the last commit the replica holds
+        self.unmerged = 0  # log objects shipped since the last merge
         self.lost = False  # what the files hold no longer continues what was shipped
         # commit -> its frame, or where it lies in the main file (checkpointed before read)
         self._pending: dict[int, bytes | tuple[int, int]] = {}
@@ -194,6 +197,8 @@ class Replicator:
         self.catalog = Catalog.create(target, self._repo.id, key_file=key_file, compress=compress)
         self._followers: dict[str, _Follower] = {}
         self._snapshotting = ThreadPoolExecutor(1, thread_name_prefix="hotcopy-snapshot")
+        self._merging = ThreadPoolExecutor(1, thread_name_prefix="hotcopy-merge")
+        self._merging_now: set[tuple[str, str]] = set()
         self._pending_snapshot: Future[Manifest] | None = None
         self._next_snapshot = 0.0
         self._retry_at = 0.0  # a snapshot for a prefix that needs one, not before this
@@ -287,9 +292,29 @@ class Replicator:
             if not self.catalog.place.write(obj.name, data, create_only=True):
                 raise CatalogError(f"{obj.name} exists already: is another replicator running?")
             follower.shipped = last
+            follower.unmerged += 1
             shipped += len(batch)
             self.status.shipped_objects += 1
+        if follower.unmerged >= _MERGE_AFTER:
+            follower.unmerged = 0
+            self._merge(follower.name, follower.generation)
         return shipped
+
+    def _merge(self, prefix: str, generation: str) -> None:
+        """Merge the small log objects of a prefix's generation, in the background."""
+        if (prefix, generation) in self._merging_now:
+            return
+        self._merging_now.add((prefix, generation))
+
+        def merge() -> None:
+            try:
+                merge_small_objects(self.catalog, prefix, generation)
+            except (CatalogError, OSError) as err:
+                self._error(f"prefix {prefix!r}: merging its log objects failed: {err}")
+            finally:
+                self._merging_now.discard((prefix, generation))
+
+        self._merging.submit(merge)
 
     # -- snapshots and generations ----------------------------------------------------------
 
@@ -328,6 +353,8 @@ class Replicator:
                 and follower.shipped == entry.seq
                 and follower.log.cut().file_id.hex() == entry.file_id
             )
+            self._merge(name, follower.generation)  # the generation is complete
+            follower.unmerged = 0
             if keep:
                 assert entry is not None
                 follower.generation = manifest.id
@@ -389,6 +416,7 @@ class Replicator:
                 self._switch(pending.result())
             except Exception as err:
                 self._error(f"snapshot failed: {err}")
+        self._merging.shutdown(wait=True)
         for follower in self._followers.values():
             follower.close()
         self._followers.clear()
