@@ -23,7 +23,7 @@ from hotcopy.storage._verify import verify_prefix
 from hotcopy.workers import BackupManager, CatalogError, backup, main, restore
 from hotcopy.workers._replica_log import LOG_DIR, LogObject
 from hotcopy.workers._replicate import Replicator
-from hotcopy_test_support import storage_helpers
+from hotcopy_test_support import s3server, storage_helpers
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -463,3 +463,60 @@ def test_small_log_objects_are_merged_and_every_commit_still_restores(
         out = tmp_path / f"at{seq}"
         restore(target, out, ["a"], at_seq=seq)
         assert dump(out, "a") == (seq, states[seq])
+
+
+def test_a_restored_repository_replicates_into_the_same_target(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "replica"
+    states: dict[int, dict[str, Any]] = {}
+    with Replicator(repo_root, target) as replicator:
+        replicator.snapshot()
+        commit(repo_root, "a", "x", 1, states)
+        replicator.ship()
+    new_root = tmp_path / "new"
+    restore(target, new_root)
+    with Replicator(new_root, target) as replicator:
+        replicator.snapshot()
+        seq = commit(new_root, "a", "y", 2, states)
+        replicator.ship()
+    restore(target, tmp_path / "again", ["a"], at_seq=seq)
+    assert dump(tmp_path / "again", "a") == (seq, states[seq])
+
+
+def test_the_replicator_catches_up_after_an_outage_without_a_new_snapshot(
+    repo_root: Path,
+    tmp_path: Path,
+    s3_server: Any,
+    s3_url: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store unreachable for a few passes (connections refused and dropped): the commits
+    made meanwhile are shipped by the first pass after it returns, in the same generation."""
+    if s3_server.external:
+        pytest.skip("an external S3 endpoint cannot be put behind a gate")
+    gate = s3server().Gate(s3_server.port)
+    gate.open()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", gate.endpoint_url)
+        target = s3_url[0] + "/host-a/repo"
+        states: dict[int, dict[str, Any]] = {}
+        with Replicator(repo_root, target) as replicator:
+            generation = replicator.snapshot()
+            seqs = [commit(repo_root, "a", "k", 0, states)]
+            assert replicator.ship() == 1
+            gate.close()
+            for number in range(1, 4):
+                seqs.append(commit(repo_root, "a", "k", number, states))
+                assert replicator.ship() == 0
+            assert replicator.status.errors
+            gate.open()
+            seqs.append(commit(repo_root, "a", "k", 4, states))
+            assert replicator.ship() == 4
+            assert replicator.status.generation == generation
+        for seq in seqs:
+            out = tmp_path / f"at{seq}"
+            restore(target, out, ["a"], at_seq=seq)
+            assert dump(out, "a") == (seq, states[seq])
+    finally:
+        gate.close()

@@ -48,6 +48,7 @@ from ._replica_log import (
     LOG_DIR,
     MAX_OBJECT_FRAMES,
     LogObject,
+    decode_log_object,
     encode_log_object,
     merge_small_objects,
     write_generation,
@@ -112,19 +113,25 @@ class _Follower:
     def moved(self, first_seq: int, last_seq: int, shift: int) -> None:
         pass
 
-    def take(self, upto: int | None = None) -> list[tuple[int, bytes]]:
-        """The pending commits (up to ``upto``), in order, each checked; no longer pending."""
-        taken = []
+    def pending(self, upto: int | None = None) -> list[tuple[int, bytes]]:
+        """The commits not shipped yet (up to ``upto``), in order, each checked."""
+        found = []
         for seq in sorted(self._pending):
             if upto is not None and seq > upto:
                 break
-            item = self._pending.pop(seq)
+            item = self._pending[seq]
             if isinstance(item, tuple):
                 offset, size = item
                 item = fmt.pread_exact(self.log.main_fd, size, offset)
                 check_frames(item, seq - 1)
-            taken.append((seq, item))
-        return taken
+            found.append((seq, item))
+        return found
+
+    def shipped_through(self, seq: int) -> None:
+        """Commits up to ``seq`` are durable in the replica."""
+        for done in [s for s in self._pending if s <= seq]:
+            del self._pending[done]
+        self.shipped = seq
 
     def close(self) -> None:
         self.log.close()
@@ -194,7 +201,7 @@ class Replicator:
         self._lease_timeout = lease_timeout
         self._clock = clock
         self._repo = Repository(root, lease_timeout=lease_timeout)
-        self.catalog = Catalog.create(target, self._repo.id, key_file=key_file, compress=compress)
+        self.catalog = self._open_catalog()
         self._followers: dict[str, _Follower] = {}
         self._snapshotting = ThreadPoolExecutor(1, thread_name_prefix="hotcopy-snapshot")
         self._merging = ThreadPoolExecutor(1, thread_name_prefix="hotcopy-merge")
@@ -271,7 +278,7 @@ class Replicator:
             return 0
         follower.log.follow()
         read = self._clock()  # every commit read by now was committed by now
-        commits = follower.take(upto)
+        commits = follower.pending(upto)
         if follower.lost or (commits and commits[0][0] != follower.shipped + 1):
             follower.lost = True
             return 0
@@ -288,10 +295,11 @@ class Replicator:
                 at += 1
             first, last = follower.shipped + 1, follower.shipped + len(batch)
             obj = LogObject(follower.name, follower.generation, first, last)
-            data = encode_log_object(obj, b"".join(batch), [(last, read)], self.catalog.key)
+            frames = b"".join(batch)
+            data = encode_log_object(obj, frames, [(last, read)], self.catalog.key)
             if not self.catalog.place.write(obj.name, data, create_only=True):
-                raise CatalogError(f"{obj.name} exists already: is another replicator running?")
-            follower.shipped = last
+                self._check_ours(obj, frames)
+            follower.shipped_through(last)
             follower.unmerged += 1
             shipped += len(batch)
             self.status.shipped_objects += 1
@@ -299,6 +307,15 @@ class Replicator:
             follower.unmerged = 0
             self._merge(follower.name, follower.generation)
         return shipped
+
+    def _check_ours(self, obj: LogObject, frames: bytes) -> None:
+        """An object of that name exists: this replicator's own, when a put that failed (the
+        store unreachable after it stored it) is tried again; anything else is refused."""
+        data = self.catalog.place.read(obj.name, f"log object {obj.name}", len(frames) + (1 << 20))
+        if data is None or decode_log_object(obj, data, self.catalog.key).frames != frames:
+            raise CatalogError(
+                f"{obj.name} exists with other commits: is another replicator writing here?"
+            )
 
     def _merge(self, prefix: str, generation: str) -> None:
         """Merge the small log objects of a prefix's generation, in the background."""
@@ -338,7 +355,15 @@ class Replicator:
                 + " is partial: "
                 + "; ".join(f"{n}: {why}" for n, why in sorted(result.failed.items()))
             )
+        # Read afresh: the backup may have admitted this repository as a successor (restored
+        # from this very replica), which the marker read before does not know.
+        self.catalog = self._open_catalog()
         return self.catalog.load(result.id)
+
+    def _open_catalog(self) -> Catalog:
+        return Catalog.create(
+            self.target, self._repo.id, key_file=self._key_file, compress=self._compress
+        )
 
     def _switch(self, manifest: Manifest) -> None:
         """Finish the current generation at the snapshot's commits, record the switch, and
