@@ -97,7 +97,11 @@ class _Stale(Exception):
 
 class _Diverged(Exception):
     """This log delivered a commit the files no longer hold (read from a WAL after a fence had
-    read it): start over from the files."""
+    read it): start over from the files, which hold what it delivered through ``through``."""
+
+    def __init__(self, through: int) -> None:
+        super().__init__(through)
+        self.through = through
 
 
 class LogSink(Protocol):
@@ -214,6 +218,9 @@ class Log:
         self._index = _index.KeyIndex.empty()
         self._index_end = -1  # the boundary the index is of
         self.damage: Damage | None = None
+        # Set when following found that commits it delivered after this one were a fenced
+        # writer's late append, which the files do not hold (a replica must not keep them).
+        self.diverged_through: int | None = None
         self._main_fd = -1
         self._main_ino = -1
         self._header: fmt.MainHeader
@@ -340,7 +347,8 @@ class Log:
                 break
             except _Stale:
                 continue  # the WAL was replaced meanwhile: its successor tells what holds
-            except _Diverged:
+            except _Diverged as err:
+                self.diverged_through = err.through
                 self._load()  # rebuild the view from the files
                 break
         self._refresh_index()
@@ -580,7 +588,14 @@ class Log:
         """Make sure the WAL's ``base_len`` is a boundary holding ``base_seq``; False after
         recording damage (tolerant)."""
         size = os.fstat(self._main_fd).st_size
-        if not self._scan and self._scanned_end < header.base_len <= size:
+        # A sink told every commit must be told those of a checkpoint that landed after this
+        # log last scanned the main file: only before it read anything may it skip them.
+        unread = self._scanned_end == self._header.size
+        if (
+            not self._scan
+            and (self._sink is None or unread)
+            and (self._scanned_end < header.base_len <= size)
+        ):
             # Not scanning the main file: trust the boundary the trailer ending there proves.
             trailer = fmt.read_trailer(
                 fmt.FileReader(self._main_fd, header.base_len - fmt.TRAILER_SIZE, header.base_len)
@@ -630,7 +645,7 @@ class Log:
             # WAL after the checkpoint read it (a fenced writer's late append).
             self._scan_main(os.fstat(self._main_fd).st_size)
             if self._wal_index and self._seq > self._boundaries[self._scanned_end]:
-                raise _Diverged
+                raise _Diverged(self._boundaries[self._scanned_end])
             self._open_wal(strict=False)
         elif st.st_size != self._wal_pos:
             self._read_wal(strict=False)

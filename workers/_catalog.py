@@ -566,6 +566,10 @@ class Catalog:
     def repository_id(self) -> str:
         return self.marker.repository_id
 
+    def refresh(self) -> None:
+        """Read the marker again (another process may have admitted a successor)."""
+        self.marker = self._read_marker()
+
     def _read_marker(self) -> Marker:
         where = f"{self.where}/{CATALOG_MARKER}"
         raw = self.place.read(CATALOG_MARKER, where, _MAX_JSON)

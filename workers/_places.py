@@ -55,6 +55,11 @@ if TYPE_CHECKING:
 CATALOG_MARKER = "hotcopy-backups.json"
 MANIFEST = "MANIFEST.json"
 LOCK = "catalog.lock"
+REPLICATOR_LOCK = "replicator.lock"  # one replicator ships into a replica at a time
+_LOCKS = {  # what each lock is called, and who holds it, in a message
+    LOCK: ("the lock", "another backup or prune"),
+    REPLICATOR_LOCK: ("the replicator lock", "another replicator"),
+}
 STARTED = "STARTED"  # an object place's claim on a backup id (a directory place's mkdir)
 SEALED = ".sealed"  # an object place's sealed piece: <prefix>.hc.sealed
 
@@ -108,7 +113,9 @@ class Place(Protocol):
     def exists(self) -> bool: ...
     def read(self, name: str, what: str, limit: int) -> bytes | None: ...
     def write(self, name: str, data: bytes, *, create_only: bool = False) -> bool: ...
-    def locked(self, acquire: LockWait | None) -> contextlib.AbstractContextManager[None]: ...
+    def locked(
+        self, acquire: LockWait | None, name: str = ...
+    ) -> contextlib.AbstractContextManager[None]: ...  # held while inside: ``name`` (LOCK)
     def top_names(self) -> list[str]: ...
     def listing(self, under: str) -> dict[str, int]: ...  # files below ``under``: their sizes
     def check_backup(self, backup_id: str) -> None: ...
@@ -194,9 +201,9 @@ class DirectoryPlace:
         return True
 
     @contextlib.contextmanager
-    def locked(self, acquire: LockWait | None) -> Iterator[None]:
-        os.close(open_regular(self.path / LOCK, os.O_RDWR | os.O_CREAT))  # its policy mode
-        lock = _DirectoryLock(self.path / LOCK)
+    def locked(self, acquire: LockWait | None, name: str = LOCK) -> Iterator[None]:
+        os.close(open_regular(self.path / name, os.O_RDWR | os.O_CREAT))  # its policy mode
+        lock = _DirectoryLock(self.path / name)
         with _held(lock, acquire):
             yield
 
@@ -204,12 +211,23 @@ class DirectoryPlace:
         return [entry.name for entry in os.scandir(self.path)]
 
     def listing(self, under: str) -> dict[str, int]:
+        """Regular files below ``under`` (never through a link); one removed while it is
+        listed (a merge of log objects) is left out."""
         found: dict[str, int] = {}
-        for directory, _, files in os.walk(self.path / under):  # never into a link
-            for file in files:
-                path = Path(directory, file)
-                if not is_temp_name(file) and path.is_file() and not path.is_symlink():
-                    found[str(path.relative_to(self.path))] = path.stat().st_size
+        directories = [self.path / under]
+        while directories:
+            directory = directories.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_dir(follow_symlinks=False):
+                        directories.append(Path(entry.path))
+                    elif entry.is_file(follow_symlinks=False) and not is_temp_name(entry.name):
+                        name = str(Path(entry.path).relative_to(self.path))
+                        found[name] = entry.stat(follow_symlinks=False).st_size
         return found
 
     def backup_dir(self, backup_id: str) -> Path:
@@ -290,7 +308,15 @@ class DirectoryPlace:
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 continue
             directories.add(path.parent)
-        for directory in sorted(directories):
+        for directory in sorted(directories, reverse=True):
+            while directory != self.path and directory.is_relative_to(self.path):
+                try:
+                    os.rmdir(directory)  # emptied (a replica's log of a removed snapshot)
+                except FileNotFoundError:
+                    pass  # emptied and removed with another: its parent is synced
+                except OSError:
+                    break  # not empty: what is left stays
+                directory = directory.parent
             fsync_dir(directory)
 
     def remove_backup(self, backup_id: str) -> list[str]:
@@ -339,7 +365,8 @@ class _DirectoryLock:
 
     @property
     def what(self) -> str:
-        return f"the lock of backup directory {self._path.parent} (another backup or prune)"
+        label, holds = _LOCKS[self._path.name]
+        return f"{label} of backup directory {self._path.parent} ({holds})"
 
     def holders(self) -> str:
         return lock_holders(self._path)
@@ -459,20 +486,21 @@ def content_problem(chunks: Iterable[bytes], entry: Entry, key: bytes | None) ->
 class _BucketLock:
     """An object catalog's lock: the lease object ``catalog.lock`` (``ObjectStore.lock``)."""
 
-    def __init__(self, store: ObjectStore, ttl: float) -> None:
-        self._store, self._ttl = store, ttl
+    def __init__(self, store: ObjectStore, ttl: float, name: str = LOCK) -> None:
+        self._store, self._ttl, self._name = store, ttl, name
         self.lease: ObjectLock | None = None
 
     @property
     def what(self) -> str:
-        return f"the lock of {self._store.describe} (another backup or prune)"
+        label, holds = _LOCKS[self._name]
+        return f"{label} of {self._store.describe} ({holds})"
 
     def holders(self) -> str:
-        return self._store.holder(LOCK)
+        return self._store.holder(self._name)
 
     def acquire(self, timeout: float | None) -> None:
         owner = f"{os.uname().nodename}:{os.getpid()}"
-        lease = self._store.lock(LOCK, ttl=self._ttl, timeout=timeout, owner=owner)
+        lease = self._store.lock(self._name, ttl=self._ttl, timeout=timeout, owner=owner)
         try:
             lease.__enter__()
         except LeaseBusy as err:
@@ -585,8 +613,8 @@ class ObjectPlace:
         return written
 
     @contextlib.contextmanager
-    def locked(self, acquire: LockWait | None) -> Iterator[None]:
-        lock = _BucketLock(self.store, self.LOCK_TTL)
+    def locked(self, acquire: LockWait | None, name: str = LOCK) -> Iterator[None]:
+        lock = _BucketLock(self.store, self.LOCK_TTL, name)
         with _held(lock, acquire):
             self._lock, self._locked_at = lock.lease, time.time()
             try:

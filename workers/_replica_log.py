@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hotcopy.storage import CorruptFileError
@@ -38,6 +37,7 @@ from ._places import is_prefix_name
 LOG_DIR = "log"
 GENERATIONS_DIR = "generations"
 _MAGIC = b"HCREPLOG1\n"
+END = "end"  # log/<prefix>/<generation>/end: the log is closed (LogEnd)
 MAX_OBJECT_FRAMES = 64 << 20  # bytes of commits in one log object at most
 SMALL_OBJECT = 8 << 20  # log objects smaller than this are merged, up to about this size
 _MAX_OBJECT = MAX_OBJECT_FRAMES + (1 << 20)  # with its header (and seal)
@@ -102,22 +102,35 @@ class LogRun:
     frames: bytes
     read: list[tuple[int, float]]
 
-    def until(self, seq: int | None, moment: float | None) -> tuple[bytes, int]:
-        """The frames of its commits up to ``seq`` and read at or before ``moment``, and the
-        last of them (``first - 1`` when none)."""
+    def until(self, seq: int | None, moment: float | None) -> LogRun:
+        """Its commits up to ``seq`` and read at or before ``moment`` (none: ``obj.last`` is
+        ``first - 1``)."""
         last = self.obj.last if seq is None else min(seq, self.obj.last)
         if moment is not None:
             in_time = [run_last for run_last, read in self.read if read <= moment]
             last = min(last, max(in_time, default=self.obj.first - 1))
-        if last == self.obj.last:
-            return self.frames, last
+        return self.between(self.obj.first - 1, last)
+
+    def between(self, after: int, through: int) -> LogRun:
+        """Its commits after ``after`` through ``through``."""
+        first, last = max(after + 1, self.obj.first), min(through, self.obj.last)
+        if (first, last) == (self.obj.first, self.obj.last):
+            return self
+        start, end = len(self.frames), len(self.frames)
         reader = fmt.FileReader.of_bytes(self.frames)
         while reader.pos < len(self.frames):
             at = reader.pos
             batch = fmt.read_batch(reader, load_values=False)
-            if batch is None or batch.seq > last:
-                return self.frames[:at], last
-        return self.frames, last
+            if batch is None:
+                break
+            if batch.seq == first:
+                start = at
+            if batch.seq > last:
+                end = at
+                break
+        read = [(min(seq, last), moment) for seq, moment in self.read if seq >= first]
+        obj = LogObject(self.obj.prefix, self.obj.generation, first, last)
+        return LogRun(obj, self.frames[start:end] if first <= last else b"", read)
 
 
 def decode_log_object(obj: LogObject, data: bytes, key: bytes | None) -> LogRun:
@@ -193,23 +206,91 @@ def _switched(catalog: Catalog, generation: str) -> float | None:
     return switched
 
 
-def _objects(catalog: Catalog, prefix: str, generation: str) -> list[LogObject]:
-    return _in_order(catalog.place.listing(f"{LOG_DIR}/{prefix}/{generation}"))
+@dataclass(frozen=True)
+class LogEnd:
+    """A generation's log of one prefix is closed: it holds commits through ``through``, and
+    nothing after; ``successor``: the snapshot that took over at ``time`` (None: the prefix's
+    history was replaced, or a follower read commits a fence discarded, after ``through``)."""
+
+    through: int
+    successor: str | None
+    time: float
 
 
-def _in_order(names: Iterable[str]) -> list[LogObject]:
-    objects = [obj for obj in map(LogObject.parse, names) if obj is not None]
-    return sorted(objects, key=lambda obj: (obj.first, -obj.last))
+def end_name(prefix: str, generation: str) -> str:
+    return f"{LOG_DIR}/{prefix}/{generation}/{END}"
+
+
+def write_end(catalog: Catalog, prefix: str, generation: str, end: LogEnd) -> None:
+    """Close ``prefix``'s log in ``generation`` (once: the first end written stays)."""
+    body = {
+        "prefix": prefix,
+        "generation": generation,
+        "through": end.through,
+        "successor": end.successor,
+        "time": float(end.time),
+    }
+    catalog.place.write(end_name(prefix, generation), _seal(body, catalog.key), create_only=True)
+
+
+def read_end(catalog: Catalog, prefix: str, generation: str) -> LogEnd | None:
+    """The end of ``prefix``'s log in ``generation``, or None while it is open."""
+    name = end_name(prefix, generation)
+    what = f"log end {name}"
+    raw = catalog.place.read(name, what, 1 << 16)
+    if raw is None:
+        return None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise CatalogError(f"{what} is damaged") from None
+    if not isinstance(body, dict):
+        raise CatalogError(f"{what} is damaged")
+    _check_seal(body, catalog.key, what, required=True)
+    through, successor, moment = body.get("through"), body.get("successor"), body.get("time")
+    if (
+        (body.get("prefix"), body.get("generation")) != (prefix, generation)
+        or not isinstance(through, int)
+        or not (successor is None or is_backup_id(successor))
+        or not isinstance(moment, float)
+    ):
+        raise CatalogError(f"{what} is not the end of that log (moved or damaged)")
+    return LogEnd(through, successor, moment)
+
+
+@dataclass
+class _Log:
+    """The log of one prefix in one generation, as listed."""
+
+    objects: list[LogObject]
+    ended: bool  # it has an end record
+    sizes: dict[str, int]  # of each object, as stored
+
+    def limit(self, obj: LogObject) -> int:
+        """Bytes a read of ``obj`` may take at most: one commit may be larger than objects
+        normally are (a compressed one opens larger than it is stored)."""
+        return max(_MAX_OBJECT, 64 * self.sizes.get(obj.name, 0))
+
+
+def _listed(catalog: Catalog, prefix: str, generation: str) -> _Log:
+    return _grouped(catalog.place.listing(f"{LOG_DIR}/{prefix}/{generation}"))
+
+
+def _grouped(sizes: dict[str, int]) -> _Log:
+    objects = [obj for obj in map(LogObject.parse, sizes) if obj is not None]
+    ended = any(name.endswith(f"/{END}") for name in sizes)
+    return _Log(sorted(objects, key=lambda obj: (obj.first, -obj.last)), ended, sizes)
 
 
 def log_problems(view: CatalogView) -> list[str]:
     """Every log object of the replica read and checked, and each generation's log checked
-    to follow its snapshot without a gap: what a restore from it would refuse."""
-    by_generation: dict[tuple[str, str], list[str]] = {}
-    for name in view.catalog.place.listing(LOG_DIR):
-        obj = LogObject.parse(name)
-        if obj is not None:
-            by_generation.setdefault((obj.prefix, obj.generation), []).append(name)
+    to follow its snapshot without a gap (and to reach its end, once closed): what a restore
+    from it would refuse."""
+    by_generation: dict[tuple[str, str], dict[str, int]] = {}
+    for name, size in view.catalog.place.listing(LOG_DIR).items():
+        parts = name.split("/")
+        if len(parts) == 4:
+            by_generation.setdefault((parts[1], parts[2]), {})[name] = size
     problems = []
     for (prefix, generation), names in sorted(by_generation.items()):
         record = view.records.get(generation)
@@ -217,7 +298,7 @@ def log_problems(view: CatalogView) -> list[str]:
         if manifest is None or prefix not in manifest.entries:
             continue  # of a snapshot gone or never finished: retention removes it
         try:
-            roll_forward(view.catalog, manifest, prefix, objects=_in_order(names))
+            read_log(view.catalog, manifest, prefix, listed=_grouped(names))
         except CatalogError as err:
             problems.append(str(err))
     return problems
@@ -230,22 +311,38 @@ def roll_forward(
     *,
     seq: int | None = None,
     moment: float | None = None,
-    objects: list[LogObject] | None = None,
 ) -> tuple[bytes, int]:
     """The commits of ``prefix`` shipped after snapshot ``manifest`` (up to commit ``seq``,
     and read at or before ``moment``, when given), as WAL frames; and the last of them.
-    ``objects``: its log objects, when listed already.
 
     Raises:
-        CatalogError: a log object is damaged or missing in the middle.
+        CatalogError: a log object is damaged, or missing in the middle or at a closed log's
+            end; or the log was continued by a snapshot whose generation record is missing.
     """
+    runs = read_log(catalog, manifest, prefix, seq=seq, moment=moment)
+    last = runs[-1].obj.last if runs else manifest.entries[prefix].seq
+    return b"".join(run.frames for run in runs), last
+
+
+def read_log(
+    catalog: Catalog,
+    manifest: Manifest,
+    prefix: str,
+    *,
+    after: int | None = None,
+    seq: int | None = None,
+    moment: float | None = None,
+    listed: _Log | None = None,
+) -> list[LogRun]:
+    """The checked runs of commits of ``prefix`` after snapshot ``manifest`` (after commit
+    ``after``, by default the snapshot's; see :func:`roll_forward`)."""
     for _ in range(_RELISTS):
-        if objects is None:
-            objects = _objects(catalog, prefix, manifest.id)
+        log = listed or _listed(catalog, prefix, manifest.id)
+        listed = None
         try:
-            return _roll(catalog, manifest, prefix, seq, moment, objects)
+            return _read(catalog, manifest, prefix, log, after, seq, moment)
         except _Vanished:
-            objects = None  # merged into a larger object meanwhile: list them again
+            pass  # merged into a larger object meanwhile: list them again
     raise CatalogError(f"the log of prefix {prefix!r} keeps changing under this restore")
 
 
@@ -256,38 +353,61 @@ class _Vanished(Exception):
     pass
 
 
-def _roll(
+def _read(
     catalog: Catalog,
     manifest: Manifest,
     prefix: str,
+    log: _Log,
+    after: int | None,
     seq: int | None,
     moment: float | None,
-    objects: list[LogObject],
-) -> tuple[bytes, int]:
-    frames: list[bytes] = []
-    last = manifest.entries[prefix].seq
-    for obj in objects:
-        if obj.first <= last:
+) -> list[LogRun]:
+    end = read_end(catalog, prefix, manifest.id) if log.ended else None
+    if log.ended and end is None:
+        raise _Vanished  # removed by retention meanwhile
+    last = manifest.entries[prefix].seq if after is None else after
+    bound = seq
+    if end is not None:
+        bound = end.through if bound is None else min(bound, end.through)
+    runs: list[LogRun] = []
+    limited = bound is not None and last >= bound
+    for obj in log.objects:
+        if limited:
+            break
+        if obj.last <= last:
             continue  # covered by what was taken (the parts of an object merged since)
         if obj.first > last + 1:
             raise CatalogError(
                 f"the log of prefix {prefix!r} after snapshot {manifest.id} lacks commits "
                 f"{last + 1}..{obj.first - 1} (an object is missing from {catalog.where})"
             )
-        if seq is not None and last >= seq:
-            break
-        data = catalog.place.read(obj.name, f"log object {obj.name}", _MAX_OBJECT)
+        data = catalog.place.read(obj.name, f"log object {obj.name}", log.limit(obj))
         if data is None:
             raise _Vanished
-        run = decode_log_object(obj, data, catalog.key)
-        part, part_last = run.until(seq, moment)
-        if part_last < obj.first:
-            break
-        frames.append(part)
-        last = part_last
-        if part_last < obj.last:
-            break
-    return b"".join(frames), last
+        run = decode_log_object(obj, data, catalog.key).between(last, obj.last)
+        part = run.until(bound, moment)
+        if part.obj.last >= part.obj.first:
+            runs.append(part)
+            last = part.obj.last
+        limited = part.obj.last < run.obj.last or (bound is not None and last >= bound)
+    if end is not None and not limited and last < end.through:
+        raise CatalogError(
+            f"the log of prefix {prefix!r} after snapshot {manifest.id} lacks commits "
+            f"{last + 1}..{end.through} (objects are missing from {catalog.where})"
+        )
+    if (
+        end is not None
+        and end.successor is not None
+        and moment is not None
+        and end.time <= moment
+        and _switched(catalog, end.successor) is None
+    ):
+        raise CatalogError(
+            f"snapshot {end.successor} took over the log of prefix {prefix!r} at "
+            f"{iso_utc(end.time)}, but its generation record is missing from "
+            f"{catalog.where}: this replica cannot say what followed"
+        )
+    return runs
 
 
 def merge_small_objects(
@@ -297,8 +417,8 @@ def merge_small_objects(
     into one (Litestream's compaction does the same): fewer objects to list and read for the
     same commits and read times. A merged object is written before the ones it replaces are
     removed, so a reader always finds every commit. Returns how many objects were removed."""
-    sizes = catalog.place.listing(f"{LOG_DIR}/{prefix}/{generation}")
-    objects = _in_order(sizes)
+    log = _listed(catalog, prefix, generation)
+    objects, sizes = log.objects, log.sizes
     runs: list[list[LogObject]] = []
     covered: list[LogObject] = []  # parts of a merge that was interrupted before removal
     reach = 0
@@ -319,7 +439,7 @@ def merge_small_objects(
             continue
         parts = []
         for obj in run:
-            data = catalog.place.read(obj.name, f"log object {obj.name}", _MAX_OBJECT)
+            data = catalog.place.read(obj.name, f"log object {obj.name}", log.limit(obj))
             if data is None:
                 return 0  # merged by another process meanwhile
             parts.append(decode_log_object(obj, data, catalog.key))
@@ -377,14 +497,17 @@ def pick_for_seq(view: CatalogView, prefix: str, seq: int) -> Choice:
             continue
         if entry.seq == seq:
             return Choice(manifest, passed)
+        log = _listed(catalog, prefix, record.id)
         reach = entry.seq
-        for obj in _objects(catalog, prefix, record.id):
+        for obj in log.objects:
             if obj.first <= reach + 1 <= obj.last + 1:
                 reach = max(reach, obj.last)
+        end = read_end(catalog, prefix, record.id) if log.ended else None
+        if end is not None:
+            reach = min(reach, end.through)
         if reach >= seq:
             return Choice(manifest, passed)
         passed.append(f"{record.id}: its log of {prefix!r} reaches commit {reach}")
-        break  # an older snapshot's log ends where this one starts
     raise BackupNotFound(
         f"commit {seq} of prefix {prefix!r} is not in {catalog.where}"
         + (f" ({'; '.join(passed[:3])})" if passed else "")

@@ -43,14 +43,19 @@ from hotcopy.storage._log import Log, check_frames, committed_frames
 from ._backup import backup
 from ._catalog import Catalog, Entry, Manifest, is_backup_id
 from ._errors import BackupError, CatalogError
+from ._places import REPLICATOR_LOCK
 from ._replica_log import (
+    END,
     GENERATIONS_DIR,
     LOG_DIR,
     MAX_OBJECT_FRAMES,
+    LogEnd,
     LogObject,
     decode_log_object,
     encode_log_object,
     merge_small_objects,
+    read_log,
+    write_end,
     write_generation,
 )
 from ._retention import prune
@@ -60,7 +65,7 @@ log = logging.getLogger("hotcopy.replicate")
 # A snapshot is a delta of the one before, but every few is whole: a restore reads a bounded
 # chain, and retention can remove the old ones (it never breaks a chain).
 _DELTAS_PER_FULL = 4
-_RETRY_SNAPSHOT = 10.0  # seconds between snapshots that a prefix needs (new, replaced)
+_RETRY_SNAPSHOT = 10.0  # seconds after a failed snapshot before the next
 _MERGE_AFTER = 32  # log objects of a prefix shipped between merges
 
 
@@ -77,6 +82,7 @@ class _Follower:
         self.shipped = entry.seq  # the last commit the replica holds
         self.unmerged = 0  # log objects shipped since the last merge
         self.lost = False  # what the files hold no longer continues what was shipped
+        self.ended = False  # its log in this generation is closed (an end record written)
         # commit -> its frame, or where it lies in the main file (checkpointed before read)
         self._pending: dict[int, bytes | tuple[int, int]] = {}
         self._opened = False
@@ -172,6 +178,9 @@ class Replicator:
         key_file: The catalog's key (authenticates, and in a bucket encrypts, everything).
         compress: Store a bucket's objects zstd-compressed.
         jobs: Copy workers of each snapshot.
+        lock_timeout: Seconds to wait for the replicator lock of ``target`` (one replicator
+            ships into a replica at a time), None: as long as it takes. A lock in a bucket
+            whose holder died elsewhere expires within 60 s.
     """
 
     def __init__(
@@ -186,6 +195,7 @@ class Replicator:
         compress: bool = False,
         jobs: int = 2,
         lease_timeout: float | None = None,
+        lock_timeout: float | None = 90.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if interval <= 0 or snapshot_interval <= 0 or retention <= 0:
@@ -201,14 +211,22 @@ class Replicator:
         self._lease_timeout = lease_timeout
         self._clock = clock
         self._repo = Repository(root, lease_timeout=lease_timeout)
-        self.catalog = self._open_catalog()
+        self.catalog = Catalog.create(target, self._repo.id, key_file=key_file, compress=compress)
+        self._held = contextlib.ExitStack()  # the replicator lock, for this object's life
+        try:
+            self._held.enter_context(
+                self.catalog.place.locked(lambda lock: lock.acquire(lock_timeout), REPLICATOR_LOCK)
+            )
+        except BaseException:
+            self._repo.close()
+            raise
         self._followers: dict[str, _Follower] = {}
         self._snapshotting = ThreadPoolExecutor(1, thread_name_prefix="hotcopy-snapshot")
         self._merging = ThreadPoolExecutor(1, thread_name_prefix="hotcopy-merge")
         self._merging_now: set[tuple[str, str]] = set()
         self._pending_snapshot: Future[Manifest] | None = None
         self._next_snapshot = 0.0
-        self._retry_at = 0.0  # a snapshot for a prefix that needs one, not before this
+        self._retry_at = 0.0  # no snapshot before this, after one failed
         self.status = ReplicaStatus()
 
     # -- the loop ---------------------------------------------------------------------------
@@ -248,6 +266,7 @@ class Replicator:
                 self._switch(pending.result())
             except Exception as err:  # retried soon; shipping goes on meanwhile
                 self._error(f"snapshot failed: {err}")
+                self._retry_at = self._clock() + _RETRY_SNAPSHOT
                 self._next_snapshot = self._clock() + min(self.snapshot_interval, _RETRY_SNAPSHOT)
         shipped = 0
         need_snapshot = False
@@ -267,7 +286,6 @@ class Replicator:
         now = self._clock()
         due = now >= self._next_snapshot or (need_snapshot and now >= self._retry_at)
         if self._pending_snapshot is None and due:
-            self._retry_at = now + _RETRY_SNAPSHOT
             self._pending_snapshot = self._snapshotting.submit(self._snapshot)
         self.status.shipped_commits += shipped
         self.status.last_ship = now
@@ -279,8 +297,15 @@ class Replicator:
         follower.log.follow()
         read = self._clock()  # every commit read by now was committed by now
         commits = follower.pending(upto)
-        if follower.lost or (commits and commits[0][0] != follower.shipped + 1):
+        in_order = all(seq == follower.shipped + 1 + at for at, (seq, _) in enumerate(commits))
+        if follower.lost or not in_order:
             follower.lost = True
+            # What was shipped stays restorable, except commits a fence discarded after the
+            # follower read them: the log of this generation ends before those.
+            through = follower.shipped
+            if follower.log.diverged_through is not None:
+                through = min(through, follower.log.diverged_through)
+            self._end(follower, through, None)
             return 0
         shipped = 0
         at = 0
@@ -307,6 +332,31 @@ class Replicator:
             follower.unmerged = 0
             self._merge(follower.name, follower.generation)
         return shipped
+
+    def _end(self, follower: _Follower, through: int, successor: str | None) -> None:
+        """Close ``follower``'s log in its generation at commit ``through``."""
+        if not follower.ended:
+            end = LogEnd(through, successor, self._clock())
+            write_end(self.catalog, follower.name, follower.generation, end)
+            follower.ended = True
+
+    def _carry_over(self, follower: _Follower, manifest: Manifest) -> None:
+        """Ship into ``manifest``'s generation the commits after its snapshot that were shipped
+        into the current one while the snapshot ran: each generation alone reaches them."""
+        after = manifest.entries[follower.name].seq
+        old = self.catalog.load(follower.generation)
+        runs = read_log(self.catalog, old, follower.name, after=after, seq=follower.shipped)
+        reached = runs[-1].obj.last if runs else after
+        if reached != follower.shipped:
+            raise CatalogError(
+                f"the log of prefix {follower.name!r} in {follower.generation} reaches commit "
+                f"{reached}, not {follower.shipped}"
+            )
+        for run in runs:
+            obj = LogObject(follower.name, manifest.id, run.obj.first, run.obj.last)
+            data = encode_log_object(obj, run.frames, run.read, self.catalog.key)
+            if not self.catalog.place.write(obj.name, data, create_only=True):
+                self._check_ours(obj, run.frames)
 
     def _check_ours(self, obj: LogObject, frames: bytes) -> None:
         """An object of that name exists: this replicator's own, when a put that failed (the
@@ -355,37 +405,39 @@ class Replicator:
                 + " is partial: "
                 + "; ".join(f"{n}: {why}" for n, why in sorted(result.failed.items()))
             )
-        # Read afresh: the backup may have admitted this repository as a successor (restored
-        # from this very replica), which the marker read before does not know.
-        self.catalog = self._open_catalog()
+        # The backup may have admitted this repository as a successor (restored from this very
+        # replica), which the marker read before does not know.
+        self.catalog.refresh()
         return self.catalog.load(result.id)
-
-    def _open_catalog(self) -> Catalog:
-        return Catalog.create(
-            self.target, self._repo.id, key_file=self._key_file, compress=self._compress
-        )
 
     def _switch(self, manifest: Manifest) -> None:
         """Finish the current generation at the snapshot's commits, record the switch, and
         follow every prefix in the new generation."""
         for name, follower in list(self._followers.items()):
             entry = manifest.entries.get(name)
-            if entry is not None and not follower.lost:
+            keep = entry is not None and not follower.lost
+            if keep:
+                assert entry is not None
                 self._ship_one(follower, upto=entry.seq)
-            keep = (
-                entry is not None
-                and not follower.lost
-                and follower.shipped == entry.seq
-                and follower.log.cut().file_id.hex() == entry.file_id
-            )
+                keep = not follower.lost and follower.shipped >= entry.seq
+                if keep and follower.shipped > entry.seq:
+                    try:
+                        self._carry_over(follower, manifest)
+                    except CatalogError as err:
+                        self._error(f"prefix {name!r}: {err}")
+                        keep = False
+            # Closed where it ends: a restore finds out if objects go missing at its end.
+            self._end(follower, follower.shipped, manifest.id if keep else None)
             self._merge(name, follower.generation)  # the generation is complete
             follower.unmerged = 0
             if keep:
-                assert entry is not None
                 follower.generation = manifest.id
+                follower.ended = False
             else:
                 follower.close()
                 del self._followers[name]
+        # Only now, with every log of the new generation reaching as far as the old one did,
+        # may a restore take the new snapshot for the newest state.
         write_generation(self.catalog, manifest.id, self._clock())
         root, repository_id = self._repo.root, self._repo.id_bytes
         for name, entry in manifest.entries.items():
@@ -399,7 +451,8 @@ class Replicator:
         self.status.generation = manifest.id
         self.status.snapshots += 1
         self._next_snapshot = self._clock() + self.snapshot_interval
-        self._apply_retention()
+        # In the background: pruning a bucket takes a few hundred ms that passes must not wait.
+        self._merging.submit(self._apply_retention)
 
     def _apply_retention(self) -> None:
         seconds = int(self.retention + self.snapshot_interval)
@@ -413,10 +466,10 @@ class Replicator:
             )
             kept = set(self.catalog.backup_ids())
             place = self.catalog.place
-            gone = [
+            gone = [  # log/<prefix>/<generation>/...: objects first, then the end record
                 name
-                for name in place.listing(LOG_DIR)
-                if (obj := LogObject.parse(name)) is not None and obj.generation not in kept
+                for name in sorted(place.listing(LOG_DIR), key=lambda name: name.endswith(END))
+                if len(parts := name.split("/")) == 4 and parts[2] not in kept
             ]
             gone += [
                 name
@@ -443,8 +496,13 @@ class Replicator:
                 self._error(f"snapshot failed: {err}")
         self._merging.shutdown(wait=True)
         for follower in self._followers.values():
+            try:  # a restore then knows where this generation's log ends
+                self._end(follower, follower.shipped, None)
+            except (CatalogError, OSError) as err:
+                self._error(f"prefix {follower.name!r}: could not close its log: {err}")
             follower.close()
         self._followers.clear()
+        self._held.close()
         self._repo.close()
 
     def __enter__(self) -> Replicator:
