@@ -15,6 +15,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from hotcopy.storage import CorruptFileError
 from hotcopy.storage import _format as fmt
@@ -187,10 +188,9 @@ def write_generation(catalog: Catalog, generation: str, switched: float) -> None
     catalog.place.write(generation_name(generation), _seal(body, catalog.key))
 
 
-def _switched(catalog: Catalog, generation: str) -> float | None:
-    """When the replicator started shipping into ``generation``, or None if it never did."""
-    what = f"generation record {generation_name(generation)}"
-    raw = catalog.place.read(generation_name(generation), what, 1 << 16)
+def _read_sealed(catalog: Catalog, name: str, what: str) -> dict[str, Any] | None:
+    """The small JSON record ``name``, its seal checked; None if there is none."""
+    raw = catalog.place.read(name, what, 1 << 16)
     if raw is None:
         return None
     try:
@@ -200,6 +200,15 @@ def _switched(catalog: Catalog, generation: str) -> float | None:
     if not isinstance(body, dict):
         raise CatalogError(f"{what} is damaged")
     _check_seal(body, catalog.key, what, required=True)
+    return body
+
+
+def _switched(catalog: Catalog, generation: str) -> float | None:
+    """When the replicator started shipping into ``generation``, or None if it never did."""
+    what = f"generation record {generation_name(generation)}"
+    body = _read_sealed(catalog, generation_name(generation), what)
+    if body is None:
+        return None
     switched = body.get("switched")
     if body.get("generation") != generation or not isinstance(switched, float):
         raise CatalogError(f"{what} is not the record of generation {generation}")
@@ -237,16 +246,9 @@ def read_end(catalog: Catalog, prefix: str, generation: str) -> LogEnd | None:
     """The end of ``prefix``'s log in ``generation``, or None while it is open."""
     name = end_name(prefix, generation)
     what = f"log end {name}"
-    raw = catalog.place.read(name, what, 1 << 16)
-    if raw is None:
+    body = _read_sealed(catalog, name, what)
+    if body is None:
         return None
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise CatalogError(f"{what} is damaged") from None
-    if not isinstance(body, dict):
-        raise CatalogError(f"{what} is damaged")
-    _check_seal(body, catalog.key, what, required=True)
     through, successor, moment = body.get("through"), body.get("successor"), body.get("time")
     if (
         (body.get("prefix"), body.get("generation")) != (prefix, generation)
