@@ -572,28 +572,21 @@ def _tokens_by_seq(root: Path, name: str) -> list[tuple[int, int]]:
     from hotcopy.storage import _format as fmt
 
     found: dict[int, int] = {}
-    for path in (root / f"{name}.hc", root / f"{name}.hc-wal"):
-        data = path.read_bytes()
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            size = len(data)
-            start = (
-                fmt.unpack_main_header(data[: fmt.HEADER_SIZE]).size
-                if path.suffix == ".hc"
-                else fmt.unpack_wal_header(data[: fmt.HEADER_SIZE]).size
-            )
-            reader = fmt.FileReader(fd, start, size)
-            while reader.pos < size:
-                if fmt.peek_is_trailer(reader):
-                    if fmt.read_trailer(reader) is None:
-                        break
-                    continue
-                batch = fmt.read_batch(reader, load_values=False)
-                if batch is None:
-                    break
+    main, wal = root / f"{name}.hc", root / f"{name}.hc-wal"
+    # A main file is whole segments (batches, then their index and trailer): read by segment.
+    with open(main, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        start = fmt.unpack_main_header(file.read(fmt.HEADER_SIZE)).size
+        reader = fmt.FileReader(file.fileno(), start, size)
+        while reader.pos < size and (segment := fmt.read_segment(reader, load_values=False)):
+            for batch in segment.batches:
                 found.setdefault(batch.seq, batch.token)
-        finally:
-            os.close(fd)
+    with contextlib.suppress(FileNotFoundError), open(wal, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        start = fmt.unpack_wal_header(file.read(fmt.HEADER_SIZE)).size
+        reader = fmt.FileReader(file.fileno(), start, size)
+        while batch := fmt.read_batch(reader, load_values=False):
+            found.setdefault(batch.seq, batch.token)
     return [(found[seq], seq) for seq in sorted(found)]
 
 
