@@ -3,8 +3,9 @@ processes are killed and stopped at random; then independent checks of what surv
 
 Writers commit transactions that prove themselves: writer w's n-th transaction on its prefix
 writes the record ``w<w>/<n>`` and the counter ``w<w>/last = n`` together, and after commit()
-returns appends ``n`` to its own fsynced journal. Every check at the end is against those
-journals and that rule, not against hotcopy's own bookkeeping:
+returns appends ``n`` (with the commit's number and the time) to its own fsynced journal.
+Every check at the end is against those journals and that rule, not against hotcopy's own
+bookkeeping:
 
 - every acknowledged commit is in the live repository (records 1..n and a counter >= n);
 - every copy and every backup restores and holds, for each writer, exactly records 1..last;
@@ -15,7 +16,14 @@ journals and that rule, not against hotcopy's own bookkeeping:
 - no temp file is left behind;
 - damage is never silently dropped: every few seconds a byte is flipped in a snapshot of a live
   prefix's files (a WAL batch with whole batches after it, or a checkpointed segment), and
-  both `verify` and opening the prefix must report it.
+  both `verify` and opening the prefix must report it;
+- with --replicate, `hotcopy replicate` ships every commit to a replica (a directory, or a
+  bucket of a moto S3 server started for the run) and is killed and stopped like the other
+  roles. The replica verifies, and restores of it (the latest; at random times of the run; a
+  prefix at a random commit it holds) hold, for each writer, exactly records 1..last, that
+  commit's state by the journals' commit numbers, nothing committed after the time asked for,
+  and every commit acknowledged an interval (and some slack) before it; the latest after a
+  clean stop holds every commit.
 
 With --chaos, some stops outlast the writers' lease TTL (2 s by default), so a writer stopped
 inside a commit loses its lease while its successor fences it: its commit must then be
@@ -23,6 +31,7 @@ refused or ordered before the successor's, never lost or applied late.
 
     python scripts/stress.py --duration 60 --chaos --json
     python scripts/stress.py --break ack-before-write --chaos   # a broken build must fail
+    python scripts/stress.py --duration 60 --chaos --replicate dir   # or s3 (default), none
 
 Exit status 0 only when no violation was found.
 """
@@ -36,17 +45,27 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROLES = ("writer", "reader", "copier", "backup")
 LEASE_BOUND_S = 5.0  # no commit waits longer for its write lease (holders die, stop, restart)
 LONG_STOPS = 0.3  # the share of chaos stops that outlast the writers' lease TTL
+REPLICA_INTERVAL_S = 1.0  # `hotcopy replicate --interval`: a commit is shipped within this
+SNAPSHOT_INTERVAL_S = 5.0  # `hotcopy replicate --snapshot-interval`: a few generations a run
+# What a pass may take beyond the interval (its reads and writes, a snapshot switch, a loaded
+# machine's scheduling): commits acknowledged longer ago than interval + slack must be shipped.
+REPLICA_SLACK_S = 2.0
+TIME_RESTORES = 4  # restores of the replica at random times of the run
+SEQ_RESTORES = 2  # restores of one prefix of the replica at a random commit it holds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +115,11 @@ def role_writer(work: Path, index: int, prefixes: int, lease_ttl: float) -> None
             n += 1
             began = began or time.monotonic()
             try:
-                with px.transaction():
+                # `with px.transaction()`, spelled out to keep the number commit() returns:
+                # px.seq after it is the view's, past this commit if the writer was stopped
+                # after it while others committed (the replica checks need this commit's).
+                px.begin()
+                try:
                     token = px._lease.token if px._lease else 0
                     _enter_marker(marker, work, token)
                     # Give the other writers of this prefix the CPU while we are inside: a
@@ -105,10 +128,13 @@ def role_writer(work: Path, index: int, prefixes: int, lease_ttl: float) -> None
                     px[f"{key}/{n}"] = {"n": n, "pad": "x" * 64}
                     px[f"{key}/last"] = n
                     _leave_marker(marker, token)
+                except BaseException:
+                    px.rollback()
+                    raise
+                seq = px.commit()
             except (TransactionConflict, LeaseError):
                 n -= 1  # refused before anything was written: try the same n again
                 continue
-            seq = px.seq
             _append_fsynced(journal, f"{n} {seq} {time.monotonic() - began:.6f} {time.time():.6f}")
             began = None
 
@@ -290,9 +316,22 @@ class Supervisor:
     stopped: int = 0
     coordinator_kills: int = 0
     damages: int = 0
+    target: str | None = None  # the replica, when a replicator runs
+    replicator_starts: list[float] = field(default_factory=list)  # wall clock of each start
+    replicator_exit: int | None = None  # its status after the SIGTERM that ends the run
+    writers_stopped: float = 0.0  # wall clock of the stop file
 
     def command(self, role: str, index: int) -> list[str]:
         a = self.args
+        if role == "replicator":
+            assert self.target is not None
+            # -P: the working directory must not shadow any module the replicator imports.
+            return [
+                *(sys.executable, "-P", "-m", "hotcopy.workers", "replicate"),
+                *(str(self.work / "repo"), self.target, "--json"),
+                *("--interval", f"{REPLICA_INTERVAL_S:g}s"),
+                *("--snapshot-interval", f"{SNAPSHOT_INTERVAL_S:g}s"),
+            ]
         return [
             sys.executable,
             __file__,
@@ -323,6 +362,8 @@ class Supervisor:
         log.close()
         proc = Proc(role, index, popen)
         self.procs.append(proc)
+        if role == "replicator":
+            self.replicator_starts.append(time.time())
         return proc
 
     def start_all(self) -> None:
@@ -332,6 +373,8 @@ class Supervisor:
                 self.start(role, i)
         if a.backup_interval > 0:
             self.start("backup", 0)
+        if self.target is not None:
+            self.start("replicator", 0)
 
     def chaos_step(self) -> None:
         if self.rng.random() < 0.15 and self.kill_coordinator():
@@ -447,18 +490,34 @@ class Supervisor:
                 self.start(proc.role, proc.index)
         return problems
 
-    def stop_all(self) -> None:
+    def stop_all(self) -> list[str]:
+        """Stop every role at the stop file; then the replicator as an operator would, with
+        SIGTERM once the writers are gone (it ships what is left and exits 0). Returns
+        violations (a replicator that does not stop)."""
         (self.work / "stop").touch()
+        self.writers_stopped = time.time()
         for proc in self.procs:
             if proc.stopped:
                 proc.popen.send_signal(signal.SIGCONT)
         deadline = time.monotonic() + 60
-        for proc in self.procs:
+        roles = [proc for proc in self.procs if proc.role != "replicator"]
+        for proc in roles:
             try:
                 proc.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
                 proc.popen.wait()
+        problems = []
+        for proc in self.procs:
+            if proc.role == "replicator":
+                proc.popen.terminate()
+                try:
+                    self.replicator_exit = proc.popen.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    problems.append("the replicator did not stop within 60 s of SIGTERM")
+                    proc.popen.kill()
+                    proc.popen.wait()
+        return problems
 
 
 def _whole_batches(wal: Path, fmt: Any) -> list[Any]:
@@ -513,38 +572,31 @@ def _tokens_by_seq(root: Path, name: str) -> list[tuple[int, int]]:
     from hotcopy.storage import _format as fmt
 
     found: dict[int, int] = {}
-    for path in (root / f"{name}.hc", root / f"{name}.hc-wal"):
-        data = path.read_bytes()
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            size = len(data)
-            start = (
-                fmt.unpack_main_header(data[: fmt.HEADER_SIZE]).size
-                if path.suffix == ".hc"
-                else fmt.unpack_wal_header(data[: fmt.HEADER_SIZE]).size
-            )
-            reader = fmt.FileReader(fd, start, size)
-            while reader.pos < size:
-                if fmt.peek_is_trailer(reader):
-                    if fmt.read_trailer(reader) is None:
-                        break
-                    continue
-                batch = fmt.read_batch(reader, load_values=False)
-                if batch is None:
-                    break
+    main, wal = root / f"{name}.hc", root / f"{name}.hc-wal"
+    # A main file is whole segments (batches, then their index and trailer): read by segment.
+    with open(main, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        start = fmt.unpack_main_header(file.read(fmt.HEADER_SIZE)).size
+        reader = fmt.FileReader(file.fileno(), start, size)
+        while reader.pos < size and (segment := fmt.read_segment(reader, load_values=False)):
+            for batch in segment.batches:
                 found.setdefault(batch.seq, batch.token)
-        finally:
-            os.close(fd)
+    with contextlib.suppress(FileNotFoundError), open(wal, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        start = fmt.unpack_wal_header(file.read(fmt.HEADER_SIZE)).size
+        reader = fmt.FileReader(file.fileno(), start, size)
+        while batch := fmt.read_batch(reader, load_values=False):
+            found.setdefault(batch.seq, batch.token)
     return [(found[seq], seq) for seq in sorted(found)]
 
 
-def _stop_windows(chaos_log: Path) -> dict[int, list[tuple[float, float]]]:
-    """Each writer's stopped intervals (wall clock), from the chaos log."""
+def _stop_windows(chaos_log: Path, role: str = "writer") -> dict[int, list[tuple[float, float]]]:
+    """Each writer's (or other role's) stopped intervals (wall clock), from the chaos log."""
     windows: dict[int, list[tuple[float, float]]] = {}
     stopped_at: dict[int, float] = {}
     for line in _read_lines(chaos_log):
         moment, action, *who = line.split()
-        if who[0] != "writer":
+        if who[0] != role:
             continue
         index = int(who[1])
         if action == "stop":
@@ -579,16 +631,21 @@ def final_checks(sup: Supervisor) -> dict[str, Any]:
     acknowledged = 0
     latencies: list[float] = []
     stops = _stop_windows(work / "chaos.log")
+    journals: dict[int, list[tuple[int, int, float]]] = {}  # writer -> (n, commit, acked at)
     with Repository(work / "repo") as repo:
         states = {}
+        live_seqs = {}
         for name in repo.prefixes():
             try:
-                states[name] = prefix_state(repo.open_prefix(name, "r"))
+                px = repo.open_prefix(name, "r")
+                states[name] = prefix_state(px)
+                live_seqs[name] = px.seq
             except CorruptFileError as err:
                 violations.append(f"live {name} is damaged: {err}")
         for w in range(a.writers):
             name = prefix_of(w, a.prefixes)
             rows = [line.split() for line in _read_lines(work / f"journal-{w}.log")]
+            journals[w] = [(int(row[0]), int(row[1]), float(row[3])) for row in rows]
             acknowledged += len(rows)
             latencies += [float(row[2]) for row in rows]
             # Every writer waits for the write lease inside its commit: a lease that outlived
@@ -700,13 +757,24 @@ def final_checks(sup: Supervisor) -> dict[str, Any]:
                     )
             backups += 1
 
+    replica: dict[str, Any] = {"replica": a.replicate}
+    if sup.target is not None:
+        live = Live(states, live_seqs, journals)
+        problems, counts = check_replica(sup, live, scratch)
+        violations += problems
+        replica.update(counts)
+
     # No litter: temps of dead processes are swept on open (and a killed backup run's at the
     # next run, here by the same call); none may survive that.
     shutil.rmtree(scratch, ignore_errors=True)
     Repository(work / "repo").close()
     if (work / "backups").exists():
         Catalog(work / "backups").sweep_abandoned()
-    for directory in (work / "repo", work / "copies", work / "backups"):
+    if sup.target is not None:
+        replica_catalog = Catalog(sup.target)
+        with replica_catalog.locked():  # an object store's sweep wants it; a directory's not
+            replica_catalog.sweep_abandoned()
+    for directory in (work / "repo", work / "copies", work / "backups", work / "replica"):
         if directory.exists():
             from hotcopy.storage._durable import sweep_stale_temps
 
@@ -730,7 +798,329 @@ def final_checks(sup: Supervisor) -> dict[str, Any]:
             1000 * latencies[int(len(latencies) * 0.99)] if latencies else None
         ),
         "copy_throughput_mib_s": copy_bytes / (1 << 20) / copy_seconds if copy_seconds else None,
+        **replica,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# the replica
+
+
+@dataclass
+class Live:
+    """What the replica is checked against: the live repository's final state and commit of
+    each prefix, and each writer's journal of ``(n, commit, acknowledged at)``."""
+
+    states: dict[str, dict[str, Any]]
+    seqs: dict[str, int]
+    journals: dict[int, list[tuple[int, int, float]]]
+
+    def last(self, name: str, w: int) -> int:
+        return int(self.states.get(name, {}).get(f"w{w}/last") or 0)
+
+
+@dataclass
+class Restored:
+    """A restore of the replica, read back: each prefix's state and commit."""
+
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seqs: dict[str, int] = field(default_factory=dict)
+
+    def last(self, name: str, w: int) -> int:
+        return int(self.states.get(name, {}).get(f"w{w}/last") or 0)
+
+
+def restore_replica(
+    target: str, scratch: Path, where: str, **how: Any
+) -> tuple[Restored | None, list[str]]:
+    """Restore the replica into ``scratch`` (``how``: restore()'s ``prefixes``, ``at``,
+    ``at_seq``) and read it back; every restored prefix must verify. None when it does not
+    restore (a violation: each restore asked for is one the replica holds)."""
+    from hotcopy.storage import FileLeases, Repository
+    from hotcopy.storage._verify import verify_prefix
+    from hotcopy.workers import restore
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        result = restore(target, scratch, **how)
+    except Exception as err:
+        return None, [f"{where} does not restore: {type(err).__name__}: {err}"]
+    problems = []
+    restored = Restored()
+    with Repository(scratch, leases=FileLeases(scratch / ".hotcopy")) as repo:
+        if sorted(repo.prefixes()) != sorted(result.prefixes):
+            problems.append(f"{where}: restores {repo.prefixes()}, said {sorted(result.prefixes)}")
+        for name in repo.prefixes():
+            report = verify_prefix(scratch, name)
+            if not report.ok:
+                problems.append(f"{where}: {name} does not verify: {report.summary()}")
+                continue
+            px = repo.open_prefix(name, "r")
+            restored.states[name] = prefix_state(px)
+            restored.seqs[name] = px.seq
+            if px.seq != result.prefixes[name]:
+                problems.append(f"{where}: {name} at commit {px.seq}, said {result.prefixes[name]}")
+    return restored, problems
+
+
+def check_restored(restored: Restored, where: str, live: Live, a: argparse.Namespace) -> list[str]:
+    """Each writer's records are exactly 1..last, nothing the live repository lacks, and just
+    what the prefix's commit holds by the journals: every acknowledged commit at or below it,
+    none above it."""
+    problems = []
+    for name, state in restored.states.items():
+        seq, writers = restored.seqs[name], writers_of(name, a.writers, a.prefixes)
+        problems += check_prefix_state(state, writers, f"{where} {name}")
+        if seq > live.seqs.get(name, 0):
+            problems.append(
+                f"{where}: {name} at commit {seq}, the live one at {live.seqs.get(name)}"
+            )
+        for w in writers:
+            last = restored.last(name, w)
+            if last > live.last(name, w):
+                problems.append(f"{where}: w{w}/{last} was never committed")
+            below = [(n, s) for n, s, _ in live.journals[w] if s <= seq]
+            above = [(n, s) for n, s, _ in live.journals[w] if s > seq]
+            if below and last < max(below)[0]:
+                n, s = max(below)
+                problems.append(
+                    f"{where}: {name} at commit {seq} has w{w}/last={last}, not w{w}/{n} "
+                    f"(acknowledged as commit {s})"
+                )
+            if above and last >= min(above)[0]:
+                n, s = min(above)
+                problems.append(
+                    f"{where}: {name} at commit {seq} has w{w}/last={last}, but w{w}/{n} was "
+                    f"acknowledged as commit {s}"
+                )
+    return problems
+
+
+def check_replica(sup: Supervisor, live: Live, scratch: Path) -> tuple[list[str], dict[str, Any]]:
+    """The replica verifies; its latest restore holds every commit acknowledged an interval
+    (and slack) before the writers stopped, and every commit after a clean stop; restores at
+    random times of the run and of one prefix at random commits hold what they must (see
+    :func:`check_restored`). Returns violations and counts."""
+    from hotcopy.workers import Catalog
+    from hotcopy.workers._replica_log import GENERATIONS_DIR, LOG_DIR, LogObject, _switched
+
+    a, target = sup.args, sup.target
+    assert target is not None
+    began = time.monotonic()
+    problems: list[str] = []
+    catalog = Catalog(target)
+    view = catalog.scan()
+    problems += [f"replica: {problem}" for problem in view.check(checksums=True).problems]
+    switches = sorted(
+        moment
+        for name in catalog.place.listing(GENERATIONS_DIR)
+        if (moment := _switched(catalog, name.rsplit("/", 1)[-1])) is not None
+    )
+    objects = [obj for obj in map(LogObject.parse, catalog.place.listing(LOG_DIR)) if obj]
+    counts: dict[str, Any] = {
+        "replicator_starts": len(sup.replicator_starts),
+        "replicator_exit": sup.replicator_exit,
+        "replica_generations": len(switches),
+        "replica_log_objects": len(objects),
+        "replica_restores_verified": 0,
+        "replica_lag_checks": 0,
+    }
+    verified = 0
+
+    def restored_and_checked(where: str, **how: Any) -> Restored | None:
+        nonlocal verified
+        restored, found = restore_replica(target, scratch, where, **how)
+        problems.extend(found)
+        if restored is None:
+            return None
+        problems.extend(check_restored(restored, where, live, a))
+        verified += not found
+        return restored
+
+    # The latest: every commit acknowledged an interval (and slack) before the writers
+    # stopped; after a clean stop (SIGTERM: it ships what is left), every commit.
+    cutoff = sup.writers_stopped - REPLICA_INTERVAL_S - REPLICA_SLACK_S
+    latest = restored_and_checked("replica latest")
+    if latest is not None:
+        problems += _lag_problems(latest, "replica latest", live, a, cutoff)
+        counts["replica_lag_checks"] += 1
+        if sup.replicator_exit == 0:
+            problems += [
+                f"replica latest after a clean stop: {name} at commit "
+                f"{latest.seqs.get(name, 0)}, the live one at {seq}"
+                for name, seq in sorted(live.seqs.items())
+                if latest.seqs.get(name, 0) != seq
+            ]
+
+    # At random times: nothing committed after the time; every commit acknowledged an
+    # interval (and slack) before it, when the replicator was running undisturbed meanwhile;
+    # never less than at an earlier time, nor more than the latest.
+    if not switches:
+        problems.append("replica: the replicator never switched to a snapshot")
+    moments = sorted(
+        sup.rng.uniform(switches[0], sup.writers_stopped)
+        for _ in range(TIME_RESTORES * bool(switches))
+    )
+    stops = _stop_windows(sup.work / "chaos.log", "replicator").get(0, [])
+    earlier: tuple[str, Restored] | None = None
+    for moment in moments:
+        at = datetime.fromtimestamp(moment, UTC).isoformat()
+        moment = datetime.fromisoformat(at).timestamp()
+        where = f"replica at {at}"
+        restored = restored_and_checked(where, at=at)
+        if restored is None:
+            continue
+        for name in restored.states:
+            for w in writers_of(name, a.writers, a.prefixes):
+                after = [(n, t) for n, _, t in live.journals[w] if t > moment]
+                if after and restored.last(name, w) > min(after)[0]:
+                    n, t = min(after)
+                    problems.append(
+                        f"{where}: has w{w}/{restored.last(name, w)}, committed after that time "
+                        f"(w{w}/{n} was acknowledged only {t - moment:.3f} s after it)"
+                    )
+        if _undisturbed(moment, sup.replicator_starts, switches, stops):
+            problems += _lag_problems(
+                restored, where, live, a, moment - REPLICA_INTERVAL_S - REPLICA_SLACK_S
+            )
+            counts["replica_lag_checks"] += 1
+        if latest is not None:
+            problems += [
+                f"{where}: {name} at commit {seq}, after the latest's {latest.seqs.get(name, 0)}"
+                for name, seq in restored.seqs.items()
+                if seq > latest.seqs.get(name, 0)
+            ]
+        if earlier is not None:
+            problems += [
+                f"{where}: {name} at commit {restored.seqs.get(name, 0)}, before its commit "
+                f"{seq} {earlier[0].removeprefix('replica ')}"
+                for name, seq in earlier[1].seqs.items()
+                if restored.seqs.get(name, 0) < seq
+            ]
+        earlier = (where, restored)
+    counts["replica_time_restores"] = len(moments)
+
+    # One prefix at a random commit of a log object: that commit exactly.
+    seq_restores = 0
+    for _ in range(SEQ_RESTORES * bool(objects)):
+        obj = sup.rng.choice(objects)
+        seq = sup.rng.randint(obj.first, obj.last)
+        where = f"replica {obj.prefix} at commit {seq} (in {obj.name})"
+        restored = restored_and_checked(where, prefixes=[obj.prefix], at_seq=seq)
+        seq_restores += 1
+        if restored is not None and restored.seqs.get(obj.prefix) != seq:
+            problems.append(f"{where}: restored commit {restored.seqs.get(obj.prefix)}")
+    counts["replica_seq_restores"] = seq_restores
+    counts["replica_restores_verified"] = verified
+    counts["replica_checks_s"] = round(time.monotonic() - began, 1)
+    return problems, counts
+
+
+def _lag_problems(
+    restored: Restored, where: str, live: Live, a: argparse.Namespace, cutoff: float
+) -> list[str]:
+    """Every commit acknowledged before ``cutoff`` is in ``restored``."""
+    problems = []
+    for w, rows in live.journals.items():
+        due = [(n, t) for n, _, t in rows if t < cutoff]
+        name = prefix_of(w, a.prefixes)
+        if due and restored.last(name, w) < max(due)[0]:
+            n, t = max(due)
+            problems.append(
+                f"{where}: lacks w{w}/{n} (has {restored.last(name, w)}), acknowledged "
+                f"{cutoff - t + REPLICA_INTERVAL_S + REPLICA_SLACK_S:.1f} s before; at most "
+                f"{REPLICA_INTERVAL_S + REPLICA_SLACK_S:g} s may be unshipped"
+            )
+    return problems
+
+
+def _undisturbed(
+    moment: float, starts: list[float], switches: list[float], stops: list[tuple[float, float]]
+) -> bool:
+    """Whether the replicator running at ``moment`` had shipped from its first snapshot for
+    an interval (and slack) by then, and was not stopped meanwhile: then nothing acknowledged
+    an interval (and slack) before ``moment`` may be missing at ``moment``."""
+    began = max((start for start in starts if start <= moment), default=None)
+    first = min(
+        (switch for switch in switches if began is not None and switch > began), default=None
+    )
+    window = REPLICA_INTERVAL_S + REPLICA_SLACK_S
+    if first is None or first > moment - window:
+        return False
+    return not _overlaps(stops, moment - window - REPLICA_INTERVAL_S, moment)
+
+
+def rot_a_replica(target: str) -> None:
+    """Flip one bit near the end (in the commits) of the newest log object of the replica."""
+    from hotcopy.workers import Catalog
+    from hotcopy.workers._replica_log import LOG_DIR, LogObject
+
+    catalog = Catalog(target)
+    objects = [obj for obj in map(LogObject.parse, catalog.place.listing(LOG_DIR)) if obj]
+    if objects:
+        obj = max(objects, key=lambda obj: (obj.generation, obj.last))
+        data = bytearray(catalog.place.read(obj.name, obj.name, 1 << 30) or b"")
+        data[-5] ^= 0x10
+        catalog.place.write(obj.name, bytes(data))
+
+
+@contextlib.contextmanager
+def moto_server(log: Path) -> Iterator[str]:
+    """A moto S3 server as a child process on a free port of 127.0.0.1: its endpoint URL.
+
+    Started from ``/``, so that nothing in the working directory shadows a module it imports;
+    terminated, a grace period, then killed, and always reaped.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    with open(log, "ab") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd="/",
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"moto exited at start: see {log}")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"moto did not answer within 30 s: see {log}")
+            time.sleep(0.02)  # polling a child's listening socket: there is no event to wait on
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def use_s3_server(endpoint: str) -> str:
+    """Point this process and its children at ``endpoint`` with dummy credentials (and no
+    ~/.aws files), and make a bucket there: the replica's URL."""
+    import boto3
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION"):
+        os.environ.pop(name, None)
+    os.environ.update(
+        AWS_ENDPOINT_URL_S3=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+    )
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+        Bucket="hotcopy-stress"
+    )
+    return "s3://hotcopy-stress/replica"
 
 
 def stop_coordinator(root: Path) -> None:
@@ -773,15 +1163,27 @@ def main(argv: list[str] | None = None) -> int:
             "copy-without-checkpoint",
             "lease-granted-twice",
             "backup-bit-rot",
+            "replica-rot",
         ),
         help="run a deliberately broken build (test-only switch): the checks must fail; "
         "backup-bit-rot flips a byte of a backup piece before the checks (the listing, which "
-        "reads sizes, still calls it restorable)",
+        "reads sizes, still calls it restorable); replica-rot flips one in the replica's "
+        "newest log object (needs --replicate)",
+    )
+    parser.add_argument(
+        "--replicate",
+        choices=("s3", "dir", "none"),
+        default="s3",
+        help="run `hotcopy replicate` into a bucket of a moto S3 server started for the run (s3, "
+        "the default) or a directory, under chaos too, and check restores of it (adds a few "
+        "seconds of checks)",
     )
     parser.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.broken == "replica-rot" and args.replicate == "none":
+        parser.error("--break replica-rot needs --replicate s3 or dir")
 
     if args.role is not None:
         random.seed(os.getpid() ^ int(time.time() * 1000))
@@ -805,24 +1207,31 @@ def main(argv: list[str] | None = None) -> int:
     sup = Supervisor(args, work, random.Random(seed))
     unprompted: list[str] = []
     began = time.monotonic()
-    try:
-        sup.start_all()
-        next_chaos = began + args.chaos_interval
-        next_damage = began + args.damage_interval
-        while time.monotonic() - began < args.duration:
-            time.sleep(0.05)
-            unprompted += sup.restart_crashed()
-            if args.chaos and time.monotonic() >= next_chaos:
-                sup.chaos_step()
-                next_chaos = time.monotonic() + sup.rng.uniform(0.2, 2 * args.chaos_interval)
-            if args.chaos and args.damage_interval > 0 and time.monotonic() >= next_damage:
-                unprompted += sup.inject_damage()
-                next_damage = time.monotonic() + args.damage_interval
-    finally:
-        sup.stop_all()
-    if args.broken == "backup-bit-rot":
-        rot_a_backup(work / "backups")
-    results = final_checks(sup)
+    with contextlib.ExitStack() as stack:
+        if args.replicate == "s3":
+            sup.target = use_s3_server(stack.enter_context(moto_server(work / "logs" / "moto.log")))
+        elif args.replicate == "dir":
+            sup.target = str(work / "replica")
+        try:
+            sup.start_all()
+            next_chaos = began + args.chaos_interval
+            next_damage = began + args.damage_interval
+            while time.monotonic() - began < args.duration:
+                time.sleep(0.05)
+                unprompted += sup.restart_crashed()
+                if args.chaos and time.monotonic() >= next_chaos:
+                    sup.chaos_step()
+                    next_chaos = time.monotonic() + sup.rng.uniform(0.2, 2 * args.chaos_interval)
+                if args.chaos and args.damage_interval > 0 and time.monotonic() >= next_damage:
+                    unprompted += sup.inject_damage()
+                    next_damage = time.monotonic() + args.damage_interval
+        finally:
+            unprompted += sup.stop_all()
+        if args.broken == "backup-bit-rot":
+            rot_a_backup(work / "backups")
+        if args.broken == "replica-rot" and sup.target is not None:
+            rot_a_replica(sup.target)
+        results = final_checks(sup)
     stop_coordinator(work / "repo")
     results["violation_details"] = unprompted + results["violation_details"]
     results["violations"] += len(unprompted)

@@ -59,6 +59,9 @@ def test_a_sound_build_survives_chaos_with_no_violation(tmp_path: Path) -> None:
     assert result["acknowledged_commits"] > 0
     assert result["snapshots_verified"] + result["backups_verified"] > 0
     assert result["processes_killed"] + result["processes_stopped"] > 0
+    # The replicator (into moto, by default) ran under chaos and its replica was restored.
+    assert result["replica"] == "s3"
+    assert result["replica_restores_verified"] > 0
 
 
 @pytest.mark.multiprocess
@@ -76,11 +79,15 @@ def test_a_sound_build_survives_chaos_with_no_violation(tmp_path: Path) -> None:
         ("lease-granted-twice", ("lease overlap", "damaged", "without its record", "exited")),
         # A backup piece damaged after the run: listed restorable (sizes), refused by restore.
         ("backup-bit-rot", ("called restorable and does not restore",)),
+        # A log object of the replica damaged after the run: its check and the restores that
+        # read it (the latest does) refuse it.
+        ("replica-rot", ("replica: ", "replica latest does not restore")),
     ],
 )
 def test_a_broken_build_is_reported(tmp_path: Path, broken: str, symptoms: tuple[str, ...]) -> None:
     # Long enough that, on a loaded machine, writers start and meet well within the run.
-    code, result = _run(tmp_path, "--break", broken, seconds="6")
+    replicate = "dir" if broken == "replica-rot" else "none"
+    code, result = _run(tmp_path, "--break", broken, "--replicate", replicate, seconds="6")
     assert code == 1
     details = result["violation_details"]
     assert result["violations"] > 0
