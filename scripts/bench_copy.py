@@ -3,6 +3,10 @@
 Figures are ratios against baselines measured in the same run (the machine is shared):
 
 - copy throughput of a prefix (incl. fsync) / throughput of ``cp SRC DST && sync DST``;
+- the same for a restore of that copy into a new repository (``restore_prefix``, which checks
+  every byte of it), against ``cp`` + ``sync`` of the copy;
+- the same copy for a prefix of small records (100-byte values, where the copy's checks of
+  every batch and index page cost more than its bytes);
 - a writer's commit latency p99 while a copy runs / the same writer's p99 with no copy, and its
   longest stall during the copy (split into the wait for the write lease and the commit)
   next to the copy's checkpoint time;
@@ -68,13 +72,42 @@ def build_prefix(root: Path, size_mib: int) -> int:
     return (root / "big.hc").stat().st_size
 
 
-def time_copy(root: Path, dest: Path, rate_limit: float | None = None) -> tuple[float, float]:
+def time_copy(
+    root: Path, dest: Path, rate_limit: float | None = None, prefix: str = "big"
+) -> tuple[float, float]:
     """Seconds for one copy_prefix (incl. fsync), and the seconds its cut took (the wait for
     the write lease and the checkpoint under it: what a writer may wait for the copy)."""
     with Repository(root) as repo:
         began = time.monotonic()
-        result = repo.copy_prefix(dest, "big", rate_limit=rate_limit)
+        result = repo.copy_prefix(dest, prefix, rate_limit=rate_limit)
         return time.monotonic() - began, result.cut_seconds
+
+
+def build_small_prefix(root: Path, size_mib: int) -> int:
+    """A prefix named "small" of 100-byte values in commits of 100 keys, checkpointed as its
+    writer goes (a few keys rewritten), until its main file holds ``size_mib``; its size."""
+    with Repository.init(root) as repo, repo.open_prefix("small", "rw") as px:
+        n = 0
+        while (root / "small.hc").stat().st_size < size_mib * MIB:
+            for _ in range(100):
+                px[f"k{n % (size_mib * 8000):09d}"] = os.urandom(50).hex()
+                n += 1
+            px.commit()
+        px.checkpoint()
+    return (root / "small.hc").stat().st_size
+
+
+def time_restore(copy: Path, work: Path) -> float:
+    """Seconds to restore ``copy`` as prefix "big" of a new repository (every byte checked,
+    fsynced)."""
+    root = work / "restored"
+    shutil.rmtree(root, ignore_errors=True)
+    with Repository.init(root) as repo:
+        began = time.monotonic()
+        repo.restore_prefix(copy, "big")
+        seconds = time.monotonic() - began
+    shutil.rmtree(root)
+    return seconds
 
 
 def time_cp_sync(src: Path, dest: Path) -> float:
@@ -84,17 +117,33 @@ def time_cp_sync(src: Path, dest: Path) -> float:
     return time.monotonic() - began
 
 
-def median_pair(root: Path, work: Path, rounds: int) -> dict[str, float]:
+def median_pair(root: Path, work: Path, rounds: int, prefix: str = "big") -> dict[str, float]:
     """Alternate copy_prefix and cp+sync ``rounds`` times; medians of each."""
     ours, theirs = [], []
     for i in range(rounds):
         dest = work / f"copy-{i}.hc"
-        ours.append(time_copy(root, dest)[0])
+        ours.append(time_copy(root, dest, prefix=prefix)[0])
         dest.unlink()
         dest = work / f"cp-{i}.hc"
-        theirs.append(time_cp_sync(root / "big.hc", dest))
+        theirs.append(time_cp_sync(root / f"{prefix}.hc", dest))
         dest.unlink()
     return {"copy_s": statistics.median(ours), "cp_sync_s": statistics.median(theirs)}
+
+
+def restore_pair(root: Path, work: Path, rounds: int) -> dict[str, float]:
+    """Alternate a restore of a copy of "big" and cp+sync of that copy; medians of each."""
+    copy = work / "source-copy.hc"
+    time_copy(root, copy)
+    ours, theirs = [], []
+    try:
+        for i in range(rounds):
+            ours.append(time_restore(copy, work))
+            dest = work / f"cp-{i}.hc"
+            theirs.append(time_cp_sync(copy, dest))
+            dest.unlink()
+    finally:
+        copy.unlink()
+    return {"restore_s": statistics.median(ours), "cp_sync_s": statistics.median(theirs)}
 
 
 def writer_latency(
@@ -167,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="128 MiB, fewer rounds")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scaling", action="store_true", help="also 64 MiB ... size")
+    parser.add_argument(
+        "--small-mib", type=int, default=256, help="size of the small-records prefix (0: none)"
+    )
     parser.add_argument("--dir", type=Path, default=None, help="where to put data (a disk)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
@@ -177,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     size = 128 if args.quick else args.size_mib
+    small_mib = min(args.small_mib, 16) if args.quick else args.small_mib
     rounds = 2 if args.quick else args.rounds
     work = Path(tempfile.mkdtemp(prefix="hotcopy-bench-copy-", dir=args.dir))
     results: dict[str, Any] = {"size_mib": size}
@@ -191,6 +244,19 @@ def main(argv: list[str] | None = None) -> int:
             "cp_sync_mib_s": file_size / MIB / pair["cp_sync_s"],
             "ratio": pair["cp_sync_s"] / pair["copy_s"],
         }
+        restore = restore_pair(root, work, rounds)
+        results["restore"] = {**restore, "ratio": restore["cp_sync_s"] / restore["restore_s"]}
+        if small_mib:
+            small_root = work / "small-repo"
+            small_size = build_small_prefix(small_root, small_mib)
+            small = median_pair(small_root, work, rounds, prefix="small")
+            results["small_records"] = {
+                **small,
+                "bytes": small_size,
+                "copy_mib_s": small_size / MIB / small["copy_s"],
+                "ratio": small["cp_sync_s"] / small["copy_s"],
+            }
+            shutil.rmtree(small_root)
         quiet = writer_latency(root, work, "nothing", seconds=3.0)
         busy = writer_latency(root, work, "copy", seconds=0)
         plain = writer_latency(root, work, "cp", seconds=0)
@@ -241,7 +307,19 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"prefix of {results['size_mib']} MiB ({copy['bytes']} bytes)")
     for label, key in (("copy_prefix incl. fsync", "copy"), ("cp + sync FILE", "cp_sync")):
         print(f"  {label:<24}  {copy[key + '_s']:7.3f} s  {copy[key + '_mib_s']:8.0f} MiB/s")
-    print(f"  ratio (target >= 0.9)     {copy['ratio']:7.2f}x")
+    print(f"  ratio (target >= 1.0)     {copy['ratio']:7.2f}x")
+    restore = results["restore"]
+    print(
+        f"  restore of the copy       {restore['restore_s']:7.3f} s, cp + sync of it "
+        f"{restore['cp_sync_s']:.3f} s: {restore['ratio']:.2f}x (target >= 0.9)"
+    )
+    small = results.get("small_records")
+    if small:
+        print(
+            f"  small records, {small['bytes'] / MIB:.0f} MiB: copy {small['copy_s']:.3f} s "
+            f"({small['copy_mib_s']:.0f} MiB/s), cp + sync {small['cp_sync_s']:.3f} s: "
+            f"{small['ratio']:.2f}x"
+        )
     for label, key in (
         ("writer, no copy", "without_copy"),
         ("writer, during copy", "during_copy"),

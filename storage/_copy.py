@@ -307,7 +307,7 @@ def _verify_source(
     """Refuse to copy ``[start, end)`` unless it is whole segments, every checksum right
     (values too), following commit ``after`` (when known) and ending at the cut's commit."""
     seq = after
-    for item in iter_segments(fd, start, end, after):
+    for item in iter_segments(fd, start, end, after, index_structure=False):
         if isinstance(item, Damage):
             raise CorruptFileError(
                 f"prefix {prefix!r}: the main file is damaged at offset {item.offset} "
@@ -683,7 +683,9 @@ class _PieceCheck:
                     "replaced); nothing restored",
                     offset=0,
                 )
-        for item in iter_segments(fd, start, end, self.seq, shift=self._shift):
+        for item in iter_segments(
+            fd, start, end, self.seq, shift=self._shift, index_structure=False
+        ):
             if isinstance(item, Damage):
                 raise CorruptFileError(
                     f"{self._piece.path} is damaged at offset {item.offset}: {item.reason}; "

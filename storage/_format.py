@@ -560,10 +560,13 @@ def peek_is_index(reader: FileReader) -> bool:
     return _index.record_length(raw) is not None
 
 
-def read_index_record(reader: FileReader, *, check: bool, shift: int = 0) -> tuple[int, int] | None:
+def read_index_record(
+    reader: FileReader, *, check: bool, shift: int = 0, structure: bool = True
+) -> tuple[int, int] | None:
     """Read the index record at the reader's position: ``(its end, its tail CRC)``, or None if
     it is damaged or cut short. ``check``: every page of the runs it wrote too, not only its
-    tail (``shift``: see :func:`read_segment`)."""
+    tail, and with ``structure`` every entry through its run's table (``shift``: see
+    :func:`read_segment`)."""
     start = reader.pos
     head = reader.read(_index.HEAD_SIZE)
     length = _index.record_length(head or b"")
@@ -574,7 +577,8 @@ def read_index_record(reader: FileReader, *, check: bool, shift: int = 0) -> tup
             raw = reader.read(length - _index.HEAD_SIZE)
             if raw is None:
                 return None
-            return reader.pos, _index.check_record((head or b"") + raw, start + shift)
+            record = (head or b"") + raw
+            return reader.pos, _index.check_record(record, start + shift, structure=structure)
         if not reader.skip(length - _index.HEAD_SIZE - _index.TAIL_SIZE):
             return None
         tail = reader.read(_index.TAIL_SIZE)
@@ -589,20 +593,27 @@ def read_index_record(reader: FileReader, *, check: bool, shift: int = 0) -> tup
 
 
 def read_segment(
-    reader: FileReader, *, load_values: bool, shift: int = 0, keep_raw: bool = True
+    reader: FileReader,
+    *,
+    load_values: bool,
+    shift: int = 0,
+    keep_raw: bool = True,
+    index_structure: bool = True,
 ) -> Segment | None:
     """Parse one checkpoint segment, or None if it is torn, damaged or absent.
 
     ``shift``: where the reader's offset 0 lies in the main file (a delta holds main-file bytes
-    from its start on; its trailers name main-file offsets). With ``load_values``, the key
-    index record is checked completely too.
+    from its start on; its trailers name main-file offsets). With ``load_values``, every page
+    of the key index record is checked too, and with ``index_structure`` every entry of it.
     """
     start = reader.pos
     segment = Segment(start, start)
     meta = 0
     while not peek_is_trailer(reader):
         if segment.batches and peek_is_index(reader):
-            record = read_index_record(reader, check=load_values, shift=shift)
+            record = read_index_record(
+                reader, check=load_values, shift=shift, structure=index_structure
+            )
             if record is None or not peek_is_trailer(reader):
                 return None
             segment.index_end, segment.index_crc = record

@@ -1435,19 +1435,29 @@ def _index_mismatch(fd: int, end: int, live: dict[str, int]) -> str | None:
 
 
 def iter_segments(
-    fd: int, start: int, end: int, after_seq: int | None, *, shift: int = 0
+    fd: int,
+    start: int,
+    end: int,
+    after_seq: int | None,
+    *,
+    shift: int = 0,
+    index_structure: bool = True,
 ) -> Iterator[fmt.Segment | Damage]:
     """The whole segments of ``[start, end)`` of a main file, every checksum checked (values
     too), each following the one before (and commit ``after_seq``, when given); a
     :class:`Damage` ends them where one does not parse or follow. ``shift``: see
-    :func:`~hotcopy.storage._format.read_segment` (a delta's bytes)."""
+    :func:`~hotcopy.storage._format.read_segment` (a delta's bytes). Without
+    ``index_structure`` a key index is checked by its checksums only (what a copy needs), not
+    entry by entry through its table (what ``verify`` does)."""
     reader = fmt.FileReader(fd, start, end)
     seq = after_seq
     while reader.pos < end:
         at = reader.pos
-        segment = fmt.read_segment(reader, load_values=True, shift=shift, keep_raw=False)
+        segment = fmt.read_segment(
+            reader, load_values=True, shift=shift, keep_raw=False, index_structure=index_structure
+        )
         if segment is None:
-            yield _locate_damage(fd, at, end, shift)
+            yield _locate_damage(fd, at, end, shift, index_structure=index_structure)
             return
         if seq is not None and segment.batches[0].seq != seq + 1:
             yield Damage("", at, f"commit {segment.batches[0].seq} follows commit {seq}")
@@ -1456,7 +1466,9 @@ def iter_segments(
         yield segment
 
 
-def _locate_damage(fd: int, start: int, end: int, shift: int) -> Damage:
+def _locate_damage(
+    fd: int, start: int, end: int, shift: int, *, index_structure: bool = True
+) -> Damage:
     """The first bad record of the segment at ``start`` that does not parse, and why."""
     reader = fmt.FileReader(fd, start, end)
     batches: list[fmt.Batch] = []
@@ -1473,7 +1485,9 @@ def _locate_damage(fd: int, start: int, end: int, shift: int) -> Damage:
                 return Damage("", at, "a segment trailer does not match its batches")
             break
         if batches and index_crc is None and fmt.peek_is_index(reader):
-            record = fmt.read_index_record(reader, check=True, shift=shift)
+            record = fmt.read_index_record(
+                reader, check=True, shift=shift, structure=index_structure
+            )
             if record is None:
                 return Damage("", at, "the segment's key index fails its checksums or structure")
             index_crc = record[1]
