@@ -146,22 +146,44 @@ def restore_pair(root: Path, work: Path, rounds: int) -> dict[str, float]:
     return {"restore_s": statistics.median(ours), "cp_sync_s": statistics.median(theirs)}
 
 
+class Writer:
+    """The WRITER program in its own process, committing to prefix "big" of ``root`` from
+    :meth:`start` to :meth:`stop`; its samples: (start, latency, lease wait) per commit."""
+
+    def __init__(self, root: Path, work: Path) -> None:
+        self._root = root
+        self._stop, self._out, self._ready = work / "stop", work / "samples.json", work / "ready"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Writer:
+        for path in (self._stop, self._out, self._ready):
+            path.unlink(missing_ok=True)
+        paths = (self._root, self._stop, self._out, self._ready)
+        self._proc = subprocess.Popen([sys.executable, "-c", WRITER, *map(str, paths)])
+        while not self._ready.exists():  # the writer has opened the prefix
+            if self._proc.poll() is not None:
+                raise RuntimeError("writer died before it started")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> list[tuple[float, float, float]]:
+        assert self._proc is not None
+        self._stop.touch()
+        self._proc.wait(timeout=60)
+        return [tuple(run) for run in json.loads(self._out.read_text())]
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
 def writer_latency(
     root: Path, work: Path, during: str, seconds: float, rate_limit: float | None = None
 ) -> dict[str, Any]:
     """Run the writer for ``seconds``, or ``during`` one "copy" (copy_prefix, at most
     ``rate_limit`` bytes/s) or "cp" (+ sync)."""
-    stop, out, ready = work / "stop", work / "samples.json", work / "ready"
-    for path in (stop, out, ready):
-        path.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(root), str(stop), str(out), str(ready)]
-    )
-    try:
-        while not ready.exists():  # the writer has opened the prefix
-            if proc.poll() is not None:
-                raise RuntimeError("writer died before it started")
-            time.sleep(0.01)
+    with Writer(root, work) as writer:
         window: tuple[float, float] | None = None
         cut_s = 0.0
         if during in ("copy", "cp"):
@@ -175,16 +197,10 @@ def writer_latency(
             time.sleep(0.5)
         else:
             time.sleep(seconds)
-        stop.touch()
-        proc.wait(timeout=60)
+        runs = writer.stop()
         # Only now: freeing a GiB of extents stalls every fsync on the file system for a while,
         # and it is not part of the copy.
         (work / "during.hc").unlink(missing_ok=True)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    runs = json.loads(out.read_text())
     samples = [(at, lat) for at, lat, _ in runs]
     picked = [run for run in runs if window is None or window[0] <= run[0] <= window[1]]
     inside = sorted(lat for _, lat, _ in picked)

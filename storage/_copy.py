@@ -302,12 +302,19 @@ def _cut_under(log: Log, lease: HeldLease, repo: Repository) -> tuple[Cut, int]:
 
 
 def _verify_source(
-    fd: int, start: int, end: int, *, cut: Cut, after: int | None, prefix: str
+    fd: int,
+    start: int,
+    end: int,
+    digest: fmt.RangeCrc,
+    *,
+    cut: Cut,
+    after: int | None,
+    prefix: str,
 ) -> None:
     """Refuse to copy ``[start, end)`` unless it is whole segments, every checksum right
     (values too), following commit ``after`` (when known) and ending at the cut's commit."""
     seq = after
-    for item in iter_segments(fd, start, end, after, index_structure=False):
+    for item in iter_segments(fd, start, end, after, index_structure=False, digest=digest):
         if isinstance(item, Damage):
             raise CorruptFileError(
                 f"prefix {prefix!r}: the main file is damaged at offset {item.offset} "
@@ -337,13 +344,14 @@ def copy_range(
     crc: int = 0,
     sync: bool = True,
     paced: bool = True,
-    verify: Callable[[int, int, int], None] | None = None,
+    verify: Callable[[int, int, int, fmt.RangeCrc], None] | None = None,
     rate: RateLimit | None = None,
 ) -> int:
     """Append bytes ``[start, end)`` of ``src_fd`` to ``out_fd`` durably; return ``crc`` extended.
 
-    ``verify(fd, start, end)``, when given, checks the source's own checksums of the range on
-    the way (beside the CRC, in the same thread): a copy never records damage as a good copy.
+    ``verify(fd, start, end, digest)``, when given, checks the source's own checksums of the
+    range on the way, telling ``digest`` what it reads, so that the check and the CRC are one
+    pass over the bytes: a copy never records damage as a good copy.
     ``rate`` paces the steps (an operator's rate limit).
 
     The bytes move by ``copy_file_range`` (in the kernel) where the file systems allow it,
@@ -420,7 +428,7 @@ class _SourceChecksum:
         crc: int,
         *,
         threaded: bool,
-        verify: Callable[[int, int, int], None] | None,
+        verify: Callable[[int, int, int, fmt.RangeCrc], None] | None,
     ) -> None:
         self._fd = os.dup(fd)  # ours to close, whatever the caller does with theirs
         self._start, self._end = start, end
@@ -436,15 +444,10 @@ class _SourceChecksum:
         if self._thread is not None:
             _yield_cpu_to_others()
         try:
+            digest = fmt.RangeCrc(self._fd, self._start, self._crc)
             if self._verify is not None:
-                self._verify(self._fd, self._start, self._end)
-            pos = self._start
-            while pos < self._end:
-                chunk = os.pread(self._fd, min(DEFAULT_STEP, self._end - pos), pos)
-                if not chunk:
-                    raise CorruptFileError(f"source ended at {pos}, before {self._end}", offset=pos)
-                self._crc = zlib.crc32(chunk, self._crc)
-                pos += len(chunk)
+                self._verify(self._fd, self._start, self._end, digest)
+            self._crc = digest.through(self._end)
         except BaseException as err:
             self._error = err
         finally:
@@ -477,11 +480,12 @@ def _yield_cpu_to_others() -> None:
 class Piece(NamedTuple):
     """One file of a restore chain, with the size and CRC32 its catalog recorded, and the
     SHA-256 of an authenticated catalog: checked on the very descriptor the bytes are copied
-    from, so a file replaced after a check is never the one restored."""
+    from, so a file replaced after a check is never the one restored. A standalone copy has no
+    CRC recorded (None): its own checksums, every one checked, are what it is held to."""
 
     path: Path
     size: int
-    crc32: int
+    crc32: int | None
     sha256: str | None = None
 
 
@@ -501,21 +505,9 @@ def restore_prefix_file(
     fd = open_regular(source)
     try:
         size = os.fstat(fd).st_size
-        crc = _crc_of(fd, size)
     finally:
         os.close(fd)
-    return restore_chain(repo, [Piece(source, size, crc)], prefix, force=force)
-
-
-def _crc_of(fd: int, size: int) -> int:
-    crc, pos = 0, 0
-    while pos < size:
-        chunk = os.pread(fd, min(DEFAULT_STEP, size - pos), pos)
-        if not chunk:
-            break
-        crc = zlib.crc32(chunk, crc)
-        pos += len(chunk)
-    return crc & 0xFFFFFFFF
+    return restore_chain(repo, [Piece(source, size, None)], prefix, force=force)
 
 
 def restore_chain(
@@ -619,7 +611,7 @@ def _restore_from(
                 paced=sync,
                 verify=checked,
             )
-            if crc != piece.crc32:
+            if piece.crc32 is not None and crc != piece.crc32:
                 raise CorruptFileError(
                     f"{piece.path} fails its checksum; nothing restored", offset=0
                 )
@@ -664,27 +656,28 @@ class _PieceCheck:
         self._shift = shift
         self.seq = after
 
-    def __call__(self, fd: int, start: int, end: int) -> None:
+    def __call__(self, fd: int, start: int, end: int, digest: fmt.RangeCrc) -> None:
         if self._piece.sha256 is not None:  # the whole file, from the copy's own descriptor
             import hashlib  # only restores from keyed catalogs: a client never loads it
             import hmac
 
-            digest = hashlib.sha256()
+            sha = hashlib.sha256()
             pos = 0
             while pos < end:
                 chunk = os.pread(fd, min(DEFAULT_STEP, end - pos), pos)
                 if not chunk:
                     break
-                digest.update(chunk)
+                sha.update(chunk)
+                digest.saw(pos, chunk)
                 pos += len(chunk)
-            if not hmac.compare_digest(digest.hexdigest(), self._piece.sha256):
+            if not hmac.compare_digest(sha.hexdigest(), self._piece.sha256):
                 raise CorruptFileError(
                     f"{self._piece.path} fails its SHA-256 (the file is damaged or was "
                     "replaced); nothing restored",
                     offset=0,
                 )
         for item in iter_segments(
-            fd, start, end, self.seq, shift=self._shift, index_structure=False
+            fd, start, end, self.seq, shift=self._shift, index_structure=False, digest=digest
         ):
             if isinstance(item, Damage):
                 raise CorruptFileError(

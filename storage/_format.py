@@ -363,18 +363,58 @@ def _pread_upto(fd: int, size: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+class RangeCrc:
+    """The CRC32 of a file's bytes from ``start`` on, from reads made anyway: a
+    :class:`FileReader` checking a range tells it what it read, in file order, and
+    :meth:`through` reads only what no reader did. So a copy's checks and the CRC it records
+    are one pass over the bytes."""
+
+    def __init__(self, fd: int, start: int, crc: int = 0) -> None:
+        self._fd = fd
+        self._end = start  # the CRC covers [start, _end)
+        self._crc = crc
+
+    def saw(self, offset: int, data: bytes) -> None:
+        """``data`` was read at ``offset``."""
+        if offset > self._end:
+            self.through(offset)
+        seen = self._end - offset
+        if seen < len(data):
+            self._crc = crc32(memoryview(data)[seen:], self._crc)
+            self._end = offset + len(data)
+
+    def through(self, end: int) -> int:
+        """The CRC of ``[start, end)``, reading what was not seen."""
+        if self._end > end:
+            raise ValueError(f"the CRC already covers {self._end} bytes, past {end}")
+        while self._end < end:
+            chunk = os.pread(self._fd, min(FileReader.CHUNK * 4, end - self._end), self._end)
+            if not chunk:
+                raise CorruptFileError(
+                    f"the file ended at {self._end}, before {end}", offset=self._end
+                )
+            self._crc = crc32(chunk, self._crc)
+            self._end += len(chunk)
+        return self._crc & 0xFFFFFFFF
+
+
 class FileReader:
     """Sequential reads over ``[pos, end)`` of a file with a large buffer; skips are free."""
 
     CHUNK = 1 << 20
     SMALL = 4096
 
-    def __init__(self, fd: int, pos: int, end: int, *, chunk: int = CHUNK) -> None:
-        """``chunk``: bytes read ahead; a walk that skips most bytes wants ``SMALL``."""
+    def __init__(
+        self, fd: int, pos: int, end: int, *, chunk: int = CHUNK, digest: RangeCrc | None = None
+    ) -> None:
+        """``chunk``: bytes read ahead; a walk that skips most bytes wants ``SMALL``.
+        ``digest``: told every read, for a range that does not change while it is read (a
+        record that straddles the buffer then keeps the part already read)."""
         self.fd = fd
         self.pos = pos
         self.end = end
         self._chunk = chunk
+        self._digest = digest
         self._buf = b""
         self._buf_start = pos
 
@@ -395,7 +435,13 @@ class FileReader:
             # a header, and a full chunk would drag in the next value too.
             skipped = self.pos > self._buf_start + len(self._buf)
             want = min(max(size, self.SMALL if skipped else self._chunk), self.end - self.pos)
-            self._buf = _pread_upto(self.fd, want, self.pos)
+            kept = b""
+            if self._digest is not None and 0 <= offset < len(self._buf):
+                kept = self._buf[offset:]  # unchanging bytes: what was read is not read again
+            fresh = _pread_upto(self.fd, want - len(kept), self.pos + len(kept))
+            if self._digest is not None:
+                self._digest.saw(self.pos + len(kept), fresh)
+            self._buf = kept + fresh
             self._buf_start = self.pos
             offset = 0
             if len(self._buf) < size:

@@ -1442,14 +1442,16 @@ def iter_segments(
     *,
     shift: int = 0,
     index_structure: bool = True,
+    digest: fmt.RangeCrc | None = None,
 ) -> Iterator[fmt.Segment | Damage]:
     """The whole segments of ``[start, end)`` of a main file, every checksum checked (values
     too), each following the one before (and commit ``after_seq``, when given); a
     :class:`Damage` ends them where one does not parse or follow. ``shift``: see
     :func:`~hotcopy.storage._format.read_segment` (a delta's bytes). Without
     ``index_structure`` a key index is checked by its checksums only (what a copy needs), not
-    entry by entry through its table (what ``verify`` does)."""
-    reader = fmt.FileReader(fd, start, end)
+    entry by entry through its table (what ``verify`` does). ``digest`` is told every byte
+    read (see :class:`~hotcopy.storage._format.RangeCrc`)."""
+    reader = fmt.FileReader(fd, start, end, digest=digest)
     seq = after_seq
     while reader.pos < end:
         at = reader.pos

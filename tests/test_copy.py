@@ -804,3 +804,36 @@ def test_a_rate_limited_copy_is_exact_and_takes_at_least_its_bytes_over_the_rate
     # without it takes a few milliseconds here.
     assert result.seconds >= result.size / rate * 0.99
     assert _open_standalone(tmp_path / "c.hc", tmp_path / "w")[1] == expected
+
+
+def _bytes_read() -> int:
+    """What this process has read from files so far (``copy_file_range`` counts too)."""
+    with open("/proc/self/io") as io:
+        return int(next(line for line in io if line.startswith("rchar:")).split()[1])
+
+
+def test_a_copy_and_a_restore_read_each_byte_once_to_check_it_and_once_to_copy_it(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """The checks of a copy or a restore (every segment, every checksum) and the CRC it records
+    or compares are one pass over the bytes, and a restore of a standalone copy is not preceded
+    by a pass of its own: at a disk's speed, each pass is the time of another copy."""
+    with repo.open_prefix("p", "rw") as px:
+        value = os.urandom(1 << 20)
+        for i in range(48):  # above the size at which the checks run beside the copy
+            px[f"v{i:03d}"] = value[i:] + value[:i]
+            px.commit()
+        for i in range(2000):  # and small records, each its own commit
+            px[f"s{i}"] = i
+            px.commit()
+        px.checkpoint()
+    size = repo.prefix_path("p").stat().st_size
+    before = _bytes_read()
+    copied = repo.copy_prefix(tmp_path / "copy.hc", "p")
+    read = _bytes_read() - before
+    assert read < 2.25 * size, f"a copy of {size} bytes read {read / size:.2f}x of them"
+    with Repository.init(tmp_path / "elsewhere") as other:
+        before = _bytes_read()
+        assert other.restore_prefix(tmp_path / "copy.hc", "p") == copied.seq
+        read = _bytes_read() - before
+    assert read < 2.25 * size, f"a restore of {size} bytes read {read / size:.2f}x of them"

@@ -5,7 +5,9 @@ damage it is there for (a flip of every bit, a cut at every length)."""
 from __future__ import annotations
 
 import os
+import random
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -321,3 +323,30 @@ def test_format_1_headers_are_read_as_64_bytes_without_names() -> None:
         fmt.pack_main_header(MAIN._replace(repository_id=None))
     with pytest.raises(ValueError, match="prefix name"):
         fmt.pack_wal_header(WAL._replace(prefix="x" * 201))
+
+
+def test_a_range_crc_fed_overlapping_reads_with_gaps_is_the_crc_of_the_range(
+    tmp_path: Path,
+) -> None:
+    """What a reader tells a RangeCrc may overlap what it told before, or skip ahead; the CRC
+    is still exactly that of the range, each byte counted once."""
+    data = os.urandom(200_000)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    rng = random.Random(7)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(200):
+            start = rng.randrange(0, 1000)
+            end = rng.randrange(start, len(data))
+            digest = fmt.RangeCrc(fd, start, crc=zlib.crc32(b"before"))
+            at = rng.randrange(0, start + 1)  # a read may begin before the range, as a sha does
+            while at < end:
+                size = rng.randrange(1, 9000)
+                digest.saw(at, data[at : min(at + size, end)])
+                at = max(0, at + rng.randrange(-size, 2 * size))  # back over it, or past a gap
+                if at >= end:
+                    break
+            assert digest.through(end) == zlib.crc32(data[start:end], zlib.crc32(b"before"))
+    finally:
+        os.close(fd)
