@@ -76,9 +76,27 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 f"copy_prefix of {copy['size_mib']} MiB incl. fsync",
                 f"{copy['copy']['ratio']:.2f}x",
                 "cp + sync",
+                ">= 1.0x",
+            )
+        )
+        rows.append(
+            (
+                "restore_prefix of that copy",
+                f"{copy['restore']['ratio']:.2f}x",
+                "cp + sync of the copy",
                 ">= 0.9x",
             )
         )
+        if "small_records" in copy:
+            small = copy["small_records"]
+            rows.append(
+                (
+                    f"copy_prefix of {small['bytes'] / (1 << 20):.0f} MiB of small records",
+                    f"{small['ratio']:.2f}x",
+                    "cp + sync",
+                    "-",
+                )
+            )
         w = copy["writer"]
         rows.append(
             ("writer commit p99 during the copy", f"{w['p99_ratio']:.2f}x", "no copy", "<= 2x")
@@ -127,6 +145,15 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 f"time {i['time_ratio']:.3f}x, bytes {i['bytes_ratio']:.4f}x",
                 "full backup",
                 "<= 0.05x",
+            )
+        )
+        one = backup["big_restore"]
+        rows.append(
+            (
+                f"restore of one {one['mib']} MiB prefix",
+                f"{one['ratio']:.2f}x",
+                "cp -r + sync of its backup",
+                ">= 0.9x",
             )
         )
     return rows

@@ -4,7 +4,8 @@
   (alternated, medians of --rounds);
 - incremental backup after changing 1 % of a repository / a full backup of it (time and bytes);
 - restore of one of those backups with --jobs 1 and 2 / ``cp -r`` + sync of the backup
-  directory (alternated, medians of --rounds).
+  directory (alternated, medians of --rounds);
+- restore of a backup of one prefix of --big-mib MiB / ``cp -r`` + sync of that backup.
 
     python scripts/bench_backup.py [--prefixes 1000] [--big-mib 1024] [--rounds 2] [--quick]
                                    [--json FILE]
@@ -96,6 +97,30 @@ def bench_bulk(work: Path, prefixes: int, jobs_list: list[int], rounds: int) -> 
     return out
 
 
+def bench_big_restore(work: Path, big_mib: int, rounds: int) -> dict[str, Any]:
+    """One prefix of ``big_mib`` MiB backed up once; its restore into a new root alternated
+    with ``cp -r`` + sync of the backup, ``rounds`` times; medians (what an operator waits for
+    when the one large prefix is lost)."""
+    root = work / "one"
+    size = make_repo(root, 1, big_mib)
+    catalog = work / "one-bk"
+    timed_backup(root, catalog)
+    cp_times, restores = [], []
+    for n in range(rounds):
+        cp_times.append(cp_sync(catalog, work / f"one-bk-cp-{n}"))
+        began = time.monotonic()
+        restore(catalog, work / f"one-restored-{n}")
+        restores.append(time.monotonic() - began)
+    out = {
+        "mib": big_mib,
+        "bytes": size,
+        "cp_r_backup_s": statistics.median(cp_times),
+        "restore_s": statistics.median(restores),
+    }
+    out["ratio"] = out["cp_r_backup_s"] / out["restore_s"]
+    return out
+
+
 def bench_incremental(work: Path, big_mib: int) -> dict[str, Any]:
     root = work / "big"
     prefixes = 16
@@ -142,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
         work.mkdir()
         results["incremental"] = bench_incremental(work, big)
+        shutil.rmtree(work)
+        work.mkdir()
+        results["big_restore"] = bench_big_restore(work, big, rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_table(results, jobs)
@@ -170,6 +198,10 @@ def print_table(results: dict[str, Any], jobs: list[int]) -> None:
     print(
         f"  ratios: time {inc['time_ratio']:.3f}, bytes {inc['bytes_ratio']:.4f} (target <= 0.05)"
     )
+    one = results["big_restore"]
+    print(f"restore of one prefix of {one['mib']} MiB from its backup, into a new root")
+    print(f"  cp -r + sync of the backup   {one['cp_r_backup_s']:7.2f} s")
+    print(f"  hotcopy restore              {one['restore_s']:7.2f} s  {one['ratio']:5.2f}x")
 
 
 if __name__ == "__main__":

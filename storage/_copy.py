@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from . import _format as fmt
+from ._direct import copy_direct
 from ._durable import pwrite_all, sweep_stale_temps, write_all, write_durably
 from ._errors import (
     CorruptFileError,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 DEFAULT_STEP = 4 << 20
 Progress = Callable[[int, int], None]
 _THREAD_ABOVE = 16 << 20
+_DIRECT_ABOVE = 16 << 20  # a fsynced copy this long writes past the page cache (see _direct)
 _UNSYNCED_DEPTH = 8  # writeback pieces in flight for a copy that is not fsynced
 _CHECKSUM_NICE = 10
 _BOUNDARY_PROBE = fmt.TRAILER_SIZE  # the bytes just before a cut: the trailer closing it
@@ -354,13 +356,14 @@ def copy_range(
     pass over the bytes: a copy never records damage as a good copy.
     ``rate`` paces the steps (an operator's rate limit).
 
-    The bytes move by ``copy_file_range`` (in the kernel) where the file systems allow it,
-    ``step`` bytes at a time. Two things keep this close to ``cp`` + ``sync`` and gentle on live
-    writers: the checksum is computed by a thread reading the (immutable) source range while
-    the copy and its fsync run, and writeback of each copied step starts at once, so the final
-    fsync is small and never holds the file system's journal for long behind a whole copy.
-    With ``paced=False`` (no writer can be waiting, and the caller syncs later) the copy is
-    left to the page cache as ``cp`` leaves it, where reading it back costs no disk read.
+    The checksum is computed by a thread reading the (immutable) source range while the copy
+    and its fsync run. A long copy that is fsynced here (a hot copy, a restore in place) writes
+    past the page cache (:func:`~hotcopy.storage._direct.copy_direct`), so its fsync is small
+    and never holds the file system's journal behind a whole copy. Otherwise, and for what
+    that leaves, the bytes move by ``copy_file_range`` (in the kernel) where the file systems
+    allow it, ``step`` bytes at a time, with writeback of each step started at once. With
+    ``paced=False`` (no writer can be waiting, and the caller syncs later) the copy is left to
+    the page cache as ``cp`` leaves it, where reading it back costs no disk read.
     """
     out_offset = os.fstat(out_fd).st_size
     total = end - start
@@ -377,9 +380,21 @@ def copy_range(
     writeback: Writeback | None = None
     if paced:
         writeback = Writeback(out_fd) if sync else Writeback(out_fd, depth=_UNSYNCED_DEPTH)
+    done = 0
+
+    def stepped(copied: int) -> None:
+        nonlocal done
+        if rate is not None:
+            rate.wrote(copied)
+        done += copied
+        fault("copy:after-step")
+        if progress is not None:
+            progress(done, total)
+
     try:
+        if sync and paced and rate is None and total >= _DIRECT_ABOVE:
+            copy_direct(src_fd, out_fd, start, out_offset, total, stepped)
         kernel_copy = True
-        done = 0
         while done < total:
             size = min(step, total - done)
             copied = 0
@@ -402,12 +417,7 @@ def copy_range(
                 )
             if writeback is not None:
                 writeback.wrote(out_offset + done, copied)
-            if rate is not None:
-                rate.wrote(copied)
-            done += copied
-            fault("copy:after-step")
-            if progress is not None:
-                progress(done, total)
+            stepped(copied)
         if sync:
             os.fdatasync(out_fd)
     finally:

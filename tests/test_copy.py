@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from hotcopy.storage import (
     verify_file,
 )
 from hotcopy.storage import _format as fmt
+from hotcopy.storage._copy import copy_range
 from hotcopy.storage._log import Log
 
 pytestmark = pytest.mark.timeout(30)
@@ -837,3 +839,61 @@ def test_a_copy_and_a_restore_read_each_byte_once_to_check_it_and_once_to_copy_i
         assert other.restore_prefix(tmp_path / "copy.hc", "p") == copied.seq
         read = _bytes_read() - before
     assert read < 2.25 * size, f"a restore of {size} bytes read {read / size:.2f}x of them"
+
+
+_LONG = (16 << 20) + 5 * 4096 + 123  # long enough to be written past the page cache
+
+
+@pytest.mark.parametrize(
+    ("start", "out_offset"), [(0, 0), (512, 512), (1, 4095), (12345, 4096), (4096, 4097)]
+)
+def test_a_long_fsynced_copy_is_exact_wherever_its_ranges_begin_and_end(
+    tmp_path: Path, start: int, out_offset: int
+) -> None:
+    """Written past the page cache in aligned pieces, with the unaligned head and tail through
+    it: every byte lands where it belongs, and the CRC is the source range's."""
+    data = os.urandom(start + _LONG)
+    (tmp_path / "src").write_bytes(data)
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(out, b"h" * out_offset, 0)
+        crc = copy_range(src, out, start, len(data), crc=zlib.crc32(b"head"))
+    finally:
+        os.close(src)
+        os.close(out)
+    assert crc == zlib.crc32(data[start:], zlib.crc32(b"head"))
+    assert (tmp_path / "out").read_bytes() == b"h" * out_offset + data[start:]
+
+
+_COPY_ON_RAMFS = """
+import os, subprocess, sys, zlib
+from hotcopy.storage._copy import copy_range
+where = sys.argv[1]
+subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+subprocess.run(["mount", "-t", "ramfs", "none", where], check=True)
+data = os.urandom(int(sys.argv[2]))
+src = os.open(os.path.join(where, "src"), os.O_RDWR | os.O_CREAT, 0o600)
+os.write(src, data)
+out = os.open(os.path.join(where, "out"), os.O_RDWR | os.O_CREAT, 0o600)
+os.write(out, b"h" * 512)
+assert copy_range(src, out, 0, len(data)) == zlib.crc32(data)
+assert os.pread(out, len(data) + 1024, 0) == b"h" * 512 + data
+print("exact")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a ramfs in a mount namespace of its own")
+def test_a_long_copy_onto_a_file_system_that_refuses_direct_writes_copies_through_the_cache(
+    tmp_path: Path,
+) -> None:
+    """ramfs refuses ``O_DIRECT``: the copy goes the way it went before, whole and exact."""
+    where = tmp_path / "ramfs"
+    where.mkdir()
+    done = subprocess.run(
+        ["unshare", "-m", sys.executable, "-c", _COPY_ON_RAMFS, str(where), str(_LONG)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "exact", done.stderr
