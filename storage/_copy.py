@@ -21,13 +21,12 @@ import os
 import sys
 import threading
 import time
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from . import _format as fmt
-from ._direct import copy_direct
+from ._crc import crc32
 from ._durable import pwrite_all, sweep_stale_temps, write_all, write_durably
 from ._errors import (
     CorruptFileError,
@@ -155,7 +154,7 @@ def copy_prefix(
                         header._replace(salt=int.from_bytes(os.urandom(8)))
                     )
                     write_all(out_fd, fresh)
-                    crc = zlib.crc32(fresh)
+                    crc = crc32(fresh)
                     first, after = header.size, header.base_seq
                 else:
                     first, after = start, None
@@ -220,7 +219,7 @@ def _delta_start(src_fd: int, header: fmt.MainHeader, cut: Cut, base: BaseRef | 
 
 def _crc_before(fd: int, end: int) -> int:
     start = max(end - _BOUNDARY_PROBE, 0)
-    return zlib.crc32(os.pread(fd, end - start, start)) & 0xFFFFFFFF
+    return crc32(os.pread(fd, end - start, start)) & 0xFFFFFFFF
 
 
 def check_destination(source: Path, dest: Path) -> None:
@@ -303,6 +302,17 @@ def _cut_under(log: Log, lease: HeldLease, repo: Repository) -> tuple[Cut, int]:
     return cut, log.dup_main_fd()
 
 
+def checked_segments(
+    fd: int, start: int, end: int, after: int | None, digest: fmt.RangeCrc, *, shift: int = 0
+) -> Iterator[fmt.Segment | Damage]:
+    """The segments of a range being copied, each byte checked against its checksum once and
+    told to ``digest``: no values kept, and a key index checked by its page CRCs (its build is
+    ``verify``'s to check)."""
+    return iter_segments(
+        fd, start, end, after, shift=shift, index_structure=False, values=False, digest=digest
+    )
+
+
 def _verify_source(
     fd: int,
     start: int,
@@ -316,7 +326,7 @@ def _verify_source(
     """Refuse to copy ``[start, end)`` unless it is whole segments, every checksum right
     (values too), following commit ``after`` (when known) and ending at the cut's commit."""
     seq = after
-    for item in iter_segments(fd, start, end, after, index_structure=False, digest=digest):
+    for item in checked_segments(fd, start, end, after, digest):
         if isinstance(item, Damage):
             raise CorruptFileError(
                 f"prefix {prefix!r}: the main file is damaged at offset {item.offset} "
@@ -393,6 +403,8 @@ def copy_range(
 
     try:
         if sync and paced and rate is None and total >= _DIRECT_ABOVE:
+            from ._direct import copy_direct  # threads, queues and maps a client never loads
+
             copy_direct(src_fd, out_fd, start, out_offset, total, stepped)
         kernel_copy = True
         while done < total:
@@ -426,7 +438,7 @@ def copy_range(
 
 
 class _SourceChecksum:
-    """CRC32 of a source range (and its check, when asked), computed by a thread (zlib
+    """CRC32 of a source range (and its check, when asked), computed by a thread (which
     releases the GIL on large data) while the copy runs, or in :meth:`result` when not
     ``threaded``."""
 
@@ -601,7 +613,7 @@ def _restore_from(
             start, crc = 0, 0
             if number == 0:
                 start = original.size
-                crc = zlib.crc32(os.pread(src_fd, start, 0))
+                crc = crc32(os.pread(src_fd, start, 0))
             # Each piece is checked as it is read for its CRC, in the checksum thread and
             # overlapped with the copy: whole segments, every checksum, each following the
             # last. A piece lands at the offset it had in the main file it came from
@@ -686,9 +698,7 @@ class _PieceCheck:
                     "replaced); nothing restored",
                     offset=0,
                 )
-        for item in iter_segments(
-            fd, start, end, self.seq, shift=self._shift, index_structure=False, digest=digest
-        ):
+        for item in checked_segments(fd, start, end, self.seq, digest, shift=self._shift):
             if isinstance(item, Damage):
                 raise CorruptFileError(
                     f"{self._piece.path} is damaged at offset {item.offset}: {item.reason}; "

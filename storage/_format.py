@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from typing import NamedTuple
 
 from . import _index
+from ._crc import BULK, bulk_crc32, crc32
 from ._errors import CorruptFileError
 
 # Format 2 headers name the repository and prefix a file belongs to (so a swapped, foreign or
@@ -65,8 +65,6 @@ MAX_KEY_BYTES = 0xFFFF
 MAX_VALUE_BYTES = 0xFFFFFFFF
 
 
-# CRC-32 of ``data``, continuing from ``start``; unsigned (as zlib.crc32 always is in Python 3).
-crc32 = zlib.crc32
 
 
 class MainHeader(NamedTuple):
@@ -243,7 +241,7 @@ def first_bad_frame(data: bytes | memoryview, sizes: list[int]) -> int:
     unpack_batch = _BATCH.unpack_from
     unpack_crc = _CRC.unpack_from
     head_size = _BATCH.size
-    checksum = zlib.crc32
+    checksum = crc32
     at = 0
     for number, size in enumerate(sizes):
         if size < BATCH_SIZE or at + size > len(view):
@@ -341,7 +339,9 @@ def read_op_value(
 def pread_exact(fd: int, size: int, offset: int) -> bytes:
     parts = []
     while size:
-        chunk = os.pread(fd, min(size, 1 << 26), offset)
+        # One call where it can (Linux reads at most 2 GiB - 4 KiB at once): joining parts
+        # copies a large record once more.
+        chunk = os.pread(fd, min(size, 0x7FFFF000), offset)
         if not chunk:
             raise CorruptFileError("file ends inside a value", offset=offset)
         parts.append(chunk)
@@ -354,7 +354,9 @@ def _pread_upto(fd: int, size: int, offset: int) -> bytes:
     """Up to ``size`` bytes at ``offset``; fewer only where the file ends."""
     parts = []
     while size:
-        chunk = os.pread(fd, min(size, 1 << 26), offset)
+        # One call where it can (Linux reads at most 2 GiB - 4 KiB at once): joining parts
+        # copies a large record once more.
+        chunk = os.pread(fd, min(size, 0x7FFFF000), offset)
         if not chunk:
             break
         parts.append(chunk)
@@ -380,7 +382,7 @@ class RangeCrc:
             self.through(offset)
         seen = self._end - offset
         if seen < len(data):
-            self._crc = crc32(memoryview(data)[seen:], self._crc)
+            self._crc = bulk_crc32(memoryview(data)[seen:], self._crc)
             self._end = offset + len(data)
 
     def through(self, end: int) -> int:
@@ -393,7 +395,7 @@ class RangeCrc:
                 raise CorruptFileError(
                     f"the file ended at {self._end}, before {end}", offset=self._end
                 )
-            self._crc = crc32(chunk, self._crc)
+            self._crc = bulk_crc32(chunk, self._crc)
             self._end += len(chunk)
         return self._crc & 0xFFFFFFFF
 
@@ -408,8 +410,7 @@ class FileReader:
         self, fd: int, pos: int, end: int, *, chunk: int = CHUNK, digest: RangeCrc | None = None
     ) -> None:
         """``chunk``: bytes read ahead; a walk that skips most bytes wants ``SMALL``.
-        ``digest``: told every read, for a range that does not change while it is read (a
-        record that straddles the buffer then keeps the part already read)."""
+        ``digest``: told every read (see :class:`RangeCrc`)."""
         self.fd = fd
         self.pos = pos
         self.end = end
@@ -417,6 +418,7 @@ class FileReader:
         self._digest = digest
         self._buf = b""
         self._buf_start = pos
+        self._after_large = False
 
     @classmethod
     def of_bytes(cls, data: bytes) -> FileReader:
@@ -431,17 +433,16 @@ class FileReader:
             return None
         offset = self.pos - self._buf_start
         if offset < 0 or offset + size > len(self._buf):
-            # After a skip past the buffer (a large value), read a little: the next record is
-            # a header, and a full chunk would drag in the next value too.
+            # After a skip past the buffer (a value not loaded) or a record at least a chunk
+            # long (read exactly), read a little: the next record is a header, and a full
+            # chunk would drag in most of the next value too, to be read again with it.
             skipped = self.pos > self._buf_start + len(self._buf)
-            want = min(max(size, self.SMALL if skipped else self._chunk), self.end - self.pos)
-            kept = b""
-            if self._digest is not None and 0 <= offset < len(self._buf):
-                kept = self._buf[offset:]  # unchanging bytes: what was read is not read again
-            fresh = _pread_upto(self.fd, want - len(kept), self.pos + len(kept))
+            small = skipped or self._after_large
+            want = min(max(size, self.SMALL if small else self._chunk), self.end - self.pos)
+            self._after_large = size >= self._chunk
+            self._buf = _pread_upto(self.fd, want, self.pos)
             if self._digest is not None:
-                self._digest.saw(self.pos + len(kept), fresh)
-            self._buf = kept + fresh
+                self._digest.saw(self.pos, self._buf)
             self._buf_start = self.pos
             offset = 0
             if len(self._buf) < size:
@@ -459,12 +460,15 @@ class FileReader:
         return True
 
 
-def read_batch(reader: FileReader, *, load_values: bool, keep_raw: bool = True) -> Batch | None:
+def read_batch(
+    reader: FileReader, *, load_values: bool, keep_raw: bool = True, keep_values: bool = True
+) -> Batch | None:
     """Parse the batch at the reader's position, or None if it is torn or not a batch.
 
     With ``load_values`` the body CRC is checked (it covers every op header, key and value
-    byte) and, with ``keep_raw``, the whole frame kept; without, values are skipped (their own
-    CRCs are checked when they are read).
+    byte), each op keeps its value unless not ``keep_values`` (a check wants none) and, with
+    ``keep_raw``, the whole frame is kept; without, values are skipped (their own CRCs are
+    checked when they are read).
     """
     start = reader.pos
     head = reader.read(BATCH_SIZE)
@@ -477,12 +481,17 @@ def read_batch(reader: FileReader, *, load_values: bool, keep_raw: bool = True) 
     body_end = reader.pos + body_len
     if body_end > reader.end:
         return None
-    if load_values:
+    # A large body that is checked and not kept streams through its CRC op by op, a piece of
+    # each value at a time: a check never holds a whole large commit in memory.
+    stream = load_values and not keep_values and not keep_raw and body_len >= BULK
+    if load_values and not stream:
         body_bytes = reader.read(body_len)
-        if body_bytes is None or crc32(body_bytes) != body_crc:
+        check = bulk_crc32 if body_len >= BULK else crc32
+        if body_bytes is None or check(body_bytes) != body_crc:
             return None
-        return _parse_body(head, body_bytes, start, seq, token, n_ops, keep_raw)
+        return _parse_body(head, body_bytes, start, seq, token, n_ops, keep_raw, keep_values)
     meta = crc32(head)
+    body = 0  # the CRC of the body so far, when streamed
     ops: list[Op] = []
     for _ in range(n_ops):
         op_offset = reader.pos
@@ -494,20 +503,39 @@ def read_batch(reader: FileReader, *, load_values: bool, keep_raw: bool = True) 
         if key_bytes is None or kind not in (OP_PUT, OP_DELETE):
             return None
         meta = crc32(key_bytes, crc32(op_head, meta))
-        if not reader.skip(value_len):
-            return None
+        if not stream:
+            if not reader.skip(value_len):
+                return None
+        else:
+            body = crc32(key_bytes, crc32(op_head, body))
+            left = value_len
+            if left > body_end - reader.pos:
+                return None
+            while left:
+                piece = reader.read(min(left, FileReader.CHUNK))
+                if piece is None:
+                    return None
+                body = bulk_crc32(piece, body)
+                left -= len(piece)
         try:
             key = key_bytes.decode("utf-8", "surrogatepass")
         except UnicodeDecodeError:
             return None
         ops.append(Op(kind, key, vtype, value_len, value_crc, op_offset, None))
-    if reader.pos != body_end:
+    if reader.pos != body_end or (stream and body != body_crc):
         return None
     return Batch(seq, token, start, reader.pos - start, ops, meta)
 
 
 def _parse_body(
-    head: bytes, body: bytes, start: int, seq: int, token: int, n_ops: int, keep_raw: bool
+    head: bytes,
+    body: bytes,
+    start: int,
+    seq: int,
+    token: int,
+    n_ops: int,
+    keep_raw: bool,
+    keep_values: bool,
 ) -> Batch | None:
     """The batch whose header ``head`` and checked ``body`` were read at ``start``: its ops
     parsed from memory in one pass (a reader following a writer parses every commit)."""
@@ -529,7 +557,8 @@ def _parse_body(
             key = body[at + OP_SIZE : key_end].decode("utf-8", "surrogatepass")
         except UnicodeDecodeError:
             return None
-        ops.append(Op(kind, key, vtype, value_len, value_crc, offset + at, body[key_end:value_end]))
+        value = body[key_end:value_end] if keep_values else None
+        ops.append(Op(kind, key, vtype, value_len, value_crc, offset + at, value))
         at = value_end
     if at != len(body):
         return None
@@ -644,6 +673,7 @@ def read_segment(
     load_values: bool,
     shift: int = 0,
     keep_raw: bool = True,
+    keep_values: bool = True,
     index_structure: bool = True,
 ) -> Segment | None:
     """Parse one checkpoint segment, or None if it is torn, damaged or absent.
@@ -665,7 +695,9 @@ def read_segment(
             segment.index_end, segment.index_crc = record
             meta = chain_meta_crc(segment.index_crc, meta)
             break
-        batch = read_batch(reader, load_values=load_values, keep_raw=keep_raw)
+        batch = read_batch(
+            reader, load_values=load_values, keep_raw=keep_raw, keep_values=keep_values
+        )
         if batch is None:
             return None
         if segment.batches and batch.seq != segment.batches[-1].seq + 1:

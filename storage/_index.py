@@ -32,11 +32,11 @@ import heapq
 import os
 import struct
 import sys
-import zlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
+from ._crc import crc32
 from ._errors import CorruptFileError
 
 PAGE = 4096
@@ -91,7 +91,6 @@ def encode_run(entries: list[Entry]) -> bytes:
     parts: list[bytes] = []
     slots = array("Q", bytes(16 * n_slots))  # (hash, entry offset + 1) pairs
     pack = _ENTRY.pack
-    crc32 = zlib.crc32
     pos = 0
     for key, target in entries:
         hashed = crc32(key)
@@ -146,10 +145,10 @@ class Run:
         head = read(_RUN_SIZE, offset)
         if len(head) != _RUN_SIZE:
             raise CorruptFileError("an index run is cut short", offset=offset)
-        if zlib.crc32(head[: _RUN.size]) != _U32.unpack_from(head, _RUN.size)[0]:
+        if crc32(head[: _RUN.size]) != _U32.unpack_from(head, _RUN.size)[0]:
             raise CorruptFileError("an index run header fails its checksum", offset=offset)
         magic, found, n_slots, entries_len, n_pages, pages_crc = _RUN.unpack_from(head)
-        self.header_crc = zlib.crc32(head)
+        self.header_crc = crc32(head)
         self.count = found
         body = offset + _RUN_SIZE
         body_len = 16 * n_slots + entries_len + 4 * found
@@ -173,12 +172,12 @@ class Run:
         self._probes = 0
         # The page CRCs, checked as a whole (4 bytes per 4 KiB of run).
         self._page_crcs = read(4 * n_pages, self._end)
-        if zlib.crc32(self._page_crcs) != pages_crc:
+        if crc32(self._page_crcs) != pages_crc:
             raise CorruptFileError("an index run's page checksums are damaged", offset=offset)
         self._checked: set[int] = set()
 
     def _check_page(self, page: int, data: bytes) -> None:
-        if zlib.crc32(data) != _U32.unpack_from(self._page_crcs, 4 * page)[0]:
+        if crc32(data) != _U32.unpack_from(self._page_crcs, 4 * page)[0]:
             raise CorruptFileError(
                 "an index page fails its checksum", offset=self._body + page * PAGE
             )
@@ -271,10 +270,10 @@ class Run:
         seen = 0
         hashes = []
         for key, target in self.items():
-            hashes.append(zlib.crc32(key))
+            hashes.append(crc32(key))
             if before is not None and key <= before:
                 raise CorruptFileError("an index run is not sorted", offset=self.offset)
-            if self.lookup(key, zlib.crc32(key)) != target:
+            if self.lookup(key, crc32(key)) != target:
                 raise CorruptFileError("an index run's table misses an entry", offset=self.offset)
             before = key
             seen += 1
@@ -316,7 +315,7 @@ class KeyIndex:
 
     def lookup(self, key: bytes) -> int | None:
         """The op offset of ``key``'s record, 0 if the index shows it deleted, None if absent."""
-        hashed = zlib.crc32(key)
+        hashed = crc32(key)
         runs = self.runs
         try:
             for number, run in enumerate(runs):
@@ -357,14 +356,14 @@ def read_record_tail(read: Read, end: int) -> tuple[int, int, int]:
     raw = read(TAIL_SIZE, at)
     if (
         len(raw) != TAIL_SIZE
-        or zlib.crc32(raw[: _TAIL.size]) != _U32.unpack_from(raw, _TAIL.size)[0]
+        or crc32(raw[: _TAIL.size]) != _U32.unpack_from(raw, _TAIL.size)[0]
     ):
         raise CorruptFileError("an index record's tail fails its checksum", offset=at)
     dir_len, record_len, _, magic = _TAIL.unpack_from(raw)
     start = end - record_len
     if magic != _TAIL_MAGIC or record_len < HEAD_SIZE + dir_len + TAIL_SIZE:
         raise CorruptFileError("an index record's tail is not one", offset=at)
-    return start, at - dir_len, zlib.crc32(raw)
+    return start, at - dir_len, crc32(raw)
 
 
 def _directory(read: Read, record_end: int) -> tuple[list[RunRef], int, int]:
@@ -376,7 +375,7 @@ def _directory(read: Read, record_end: int) -> tuple[list[RunRef], int, int]:
     tail_at = record_end - TAIL_SIZE
     _, _, dir_crc, _ = _TAIL.unpack_from(read(_TAIL.size, tail_at))
     raw = read(tail_at - dir_at, dir_at)
-    if zlib.crc32(raw) != dir_crc or len(raw) < _DIR.size:
+    if crc32(raw) != dir_crc or len(raw) < _DIR.size:
         raise CorruptFileError("an index directory fails its checksum", offset=dir_at)
     magic, live, n_runs = _DIR.unpack_from(raw)
     if magic != _DIR_MAGIC or len(raw) != _DIR.size + n_runs * _DIR_RUN.size:
@@ -435,17 +434,17 @@ def encode_record(previous: KeyIndex, new: list[Entry], start: int) -> bytes:
             continue
         block = encode_run(run)
         parts.append(block)
-        refs.append(_DIR_RUN.pack(pos, len(block), len(run), zlib.crc32(block[:_RUN_SIZE])))
+        refs.append(_DIR_RUN.pack(pos, len(block), len(run), crc32(block[:_RUN_SIZE])))
         pos += len(block)
     directory = _DIR.pack(_DIR_MAGIC, live, len(refs)) + b"".join(refs)
     record_len = HEAD_SIZE + sum(map(len, parts)) + len(directory) + TAIL_SIZE
-    tail = _TAIL.pack(len(directory), record_len, zlib.crc32(directory), _TAIL_MAGIC)
+    tail = _TAIL.pack(len(directory), record_len, crc32(directory), _TAIL_MAGIC)
     return (
         _HEAD.pack(RECORD_MAGIC, record_len)
         + b"".join(parts)
         + directory
         + tail
-        + _U32.pack(zlib.crc32(tail))
+        + _U32.pack(crc32(tail))
     )
 
 
@@ -459,7 +458,7 @@ def _entries(run: list[Entry] | Run) -> Iterable[Entry]:
 
 def record_crc(record: bytes) -> int:
     """The CRC a segment's trailer chains for this index record (its tail's)."""
-    return zlib.crc32(record[-TAIL_SIZE:])
+    return crc32(record[-TAIL_SIZE:])
 
 
 def record_length(head: bytes) -> int | None:

@@ -47,7 +47,6 @@ import os
 import signal
 import struct
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -57,6 +56,7 @@ from hotcopy.coordinator._errors import LeaseFenced
 from . import _format as fmt
 from . import _index
 from ._closing import close_later
+from ._crc import crc32
 from ._durable import fsync_dir, pwrite_all, remove_temps_of, sync_file, write_durably
 from ._errors import CorruptFileError, NeedsMigration, PrefixNotFound, StorageError, SyncFailed
 from ._faults import BREAK, fault, fault_due
@@ -783,7 +783,7 @@ class Log:
             offset,
             len(frame),
             meta_crc,
-            zlib.crc32(frame, wal_crc),
+            crc32(frame, wal_crc),
             fmt.chain_meta_crc(meta_crc, chain),
         )
         index.append(tuple.__new__(_WalBatch, fields))
@@ -947,7 +947,7 @@ class Log:
             data = fmt.pread_exact(
                 self._wal_fd, last.offset + last.size - first.offset, first.offset
             )
-            if zlib.crc32(data) != last.wal_crc:
+            if crc32(data) != last.wal_crc:
                 bad = max(fmt.first_bad_frame(data, [batch.size for batch in batches]), 0)
                 raise self._error(
                     self.wal_path, batches[bad].offset, "a batch failed its checksum on re-read"
@@ -1152,7 +1152,7 @@ class Log:
         if not metas:
             return b""
         data = b"".join(frames)
-        chain = fmt.crc32(struct.pack(f"<{len(metas)}I", *metas))
+        chain = crc32(struct.pack(f"<{len(metas)}I", *metas))
         record, trailer = self._segment_close(start, data, len(metas), chain, last)
         return data + record + trailer
 
@@ -1284,8 +1284,8 @@ def write_compacted(
         op = fmt.encode_op(fmt.OP_PUT, key, vtype, payload)
         pwrite_all(fd, op, pos)
         encoded = key.encode("utf-8", "surrogatepass")
-        entries[encoded] = _index.target_of(pos, fmt.crc32(op[: fmt.OP_SIZE + len(encoded)]))
-        body_crc = fmt.crc32(op, body_crc)
+        entries[encoded] = _index.target_of(pos, crc32(op[: fmt.OP_SIZE + len(encoded)]))
+        body_crc = crc32(op, body_crc)
         pos += len(op)
         n_ops += 1
     body_len = pos - start - fmt.BATCH_SIZE
@@ -1442,6 +1442,7 @@ def iter_segments(
     *,
     shift: int = 0,
     index_structure: bool = True,
+    values: bool = True,
     digest: fmt.RangeCrc | None = None,
 ) -> Iterator[fmt.Segment | Damage]:
     """The whole segments of ``[start, end)`` of a main file, every checksum checked (values
@@ -1449,14 +1450,20 @@ def iter_segments(
     :class:`Damage` ends them where one does not parse or follow. ``shift``: see
     :func:`~hotcopy.storage._format.read_segment` (a delta's bytes). Without
     ``index_structure`` a key index is checked by its checksums only (what a copy needs), not
-    entry by entry through its table (what ``verify`` does). ``digest`` is told every byte
-    read (see :class:`~hotcopy.storage._format.RangeCrc`)."""
+    entry by entry through its table (what ``verify`` does); without ``values`` the ops keep
+    none (each checked all the same). ``digest`` is told every byte read (see
+    :class:`~hotcopy.storage._format.RangeCrc`)."""
     reader = fmt.FileReader(fd, start, end, digest=digest)
     seq = after_seq
     while reader.pos < end:
         at = reader.pos
         segment = fmt.read_segment(
-            reader, load_values=True, shift=shift, keep_raw=False, index_structure=index_structure
+            reader,
+            load_values=True,
+            shift=shift,
+            keep_raw=False,
+            keep_values=values,
+            index_structure=index_structure,
         )
         if segment is None:
             yield _locate_damage(fd, at, end, shift, index_structure=index_structure)

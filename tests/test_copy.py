@@ -897,3 +897,68 @@ def test_a_long_copy_onto_a_file_system_that_refuses_direct_writes_copies_throug
         timeout=60,
     )
     assert done.returncode == 0 and done.stdout.strip() == "exact", done.stderr
+
+
+_COPY_AND_RESTORE_PEAK = """
+import os, sys
+from pathlib import Path
+from hotcopy.storage import Repository
+
+def peak():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+
+root, where = Path(sys.argv[1]), Path(sys.argv[2])
+with Repository(root) as repo:
+    before = peak()
+    repo.copy_prefix(where / "copy.hc", "p")
+    copied = peak()
+with Repository.init(where / "restored") as other:
+    other.restore_prefix(where / "copy.hc", "p")
+print((copied - before) // 1024, (peak() - before) // 1024)
+"""
+
+
+def test_a_copy_and_a_restore_of_a_large_commit_never_hold_it_whole_in_memory(
+    tmp_path: Path,
+) -> None:
+    """A commit of 64 MiB is checked as it streams by: what a copy or a restore holds does not
+    grow with the largest commit of the prefix (a restore during an outage must not need the
+    machine's memory three times over for one bulk load)."""
+    with Repository.init(tmp_path / "repo", checkpoint_bytes=BIG) as repo:
+        with repo.open_prefix("p", "rw") as px:
+            value = os.urandom(1 << 20)
+            for i in range(64):
+                px[f"v{i:03d}"] = value[i:] + value[:i]
+            px.commit()  # one batch of 64 MiB
+            px.checkpoint()
+    done = subprocess.run(
+        [sys.executable, "-c", _COPY_AND_RESTORE_PEAK, str(tmp_path / "repo"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    copy_mib, restore_mib = map(int, done.stdout.split())
+    assert copy_mib < 24 and restore_mib < 24, f"peak grew {copy_mib} MiB, {restore_mib} MiB"
+
+
+@pytest.mark.parametrize("where", ["value", "op length", "key"])
+def test_damage_inside_a_large_commit_is_refused_by_a_copy(
+    repo: Repository, tmp_path: Path, where: str
+) -> None:
+    """The streamed check of a large commit refuses what the whole-body check refused."""
+    with repo.open_prefix("p", "rw") as px:
+        for i in range(40):
+            px[f"key{i:03d}"] = bytes([i]) * 4000  # one commit of 160 KB
+        px.commit()
+        px.checkpoint()
+    main = repo.prefix_path("p")
+    data = bytearray(main.read_bytes())
+    key = data.find(b"key017")
+    at = {"value": key + 6 + 2000, "op length": key - 8, "key": key + 3}[where]
+    data[at] ^= 0x01
+    main.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError):
+        repo.copy_prefix(tmp_path / "copy.hc", "p")
+    assert not (tmp_path / "copy.hc").exists()

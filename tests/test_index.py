@@ -118,7 +118,8 @@ def test_a_prefix_whose_writer_closed_opens_without_replaying_its_wal(
 # What an application process that only reads and writes prefixes must not load: the server's
 # election lock (filelock brings asyncio), psutil, OpenSSL (through hashlib or secrets), the
 # process launcher and ctypes.util. Together about 8 MiB per process, half of its size. And
-# dataclasses, which loads inspect, ast, dis and tokenize: 1.5 MiB more.
+# dataclasses, which loads inspect, ast, dis and tokenize: 1.5 MiB more. And zlib-ng's CRC
+# (0.5 MiB), which only bulk data needs.
 _HEAVY = (
     "filelock",
     "psutil",
@@ -129,6 +130,7 @@ _HEAVY = (
     "ctypes.util",
     "dataclasses",
     "inspect",
+    "zlib_ng",
 )
 
 _OPEN_AND_LIST_MODULES = """

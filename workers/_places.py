@@ -25,7 +25,6 @@ import shutil
 import stat
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 from filelock import FileLock, Timeout
 from hotcopy.coordinator._status import describe_process
 from hotcopy.storage import NotRegularFile, StorageError
+from hotcopy.storage._crc import bulk_crc32
 from hotcopy.storage._durable import (
     fsync_dir,
     is_abandoned_temp,
@@ -473,7 +473,7 @@ def content_problem(chunks: Iterable[bytes], entry: Entry, key: bytes | None) ->
     crc = 0
     digest = hashlib.sha256()
     for chunk in chunks:
-        crc = zlib.crc32(chunk, crc)
+        crc = bulk_crc32(chunk, crc)
         if key is not None:
             digest.update(chunk)
     if crc != entry.crc32:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -44,6 +43,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from hotcopy.storage._crc import bulk_crc32, crc32
 from hotcopy.workers._errors import CatalogError
 
 MAGIC = b"HCS1"
@@ -119,7 +119,7 @@ class _Chunks:
         if self.aead is not None:
             payload = self.aead.encrypt(self.prefix + _WORD.pack(index), data, place)
         else:
-            payload = data + _WORD.pack(zlib.crc32(data, zlib.crc32(place)))
+            payload = data + _WORD.pack(bulk_crc32(data, crc32(place)))
         assert len(payload) <= self.max_payload
         return _WORD.pack(len(payload) | (_FINAL if final else 0)) + payload
 
@@ -132,7 +132,7 @@ class _Chunks:
                 raise SealError(f"chunk {index} is damaged or forged (its tag fails)") from None
         else:
             data, crc = payload[:-_CRC], payload[-_CRC:]
-            if len(crc) < _CRC or _WORD.unpack(crc)[0] != zlib.crc32(data, zlib.crc32(place)):
+            if len(crc) < _CRC or _WORD.unpack(crc)[0] != bulk_crc32(data, crc32(place)):
                 raise SealError(f"chunk {index} is damaged (its CRC32 fails)")
         plain = data
         if self.compressed:
