@@ -1387,7 +1387,7 @@ def check_main_file(fd: int, *, end: int | None = None) -> MainCheck:
     targets: dict[str, int] = {}  # what the key index must say of each key (format 3)
     boundaries = {header.size: header.base_seq}
     seq, at, segments = header.base_seq, header.size, 0
-    for item in iter_segments(fd, header.size, size, header.base_seq):
+    for item in iter_segments(fd, header.size, size, header.base_seq, values=False):
         if isinstance(item, Damage):
             return MainCheck(
                 size, segments, seq, len(live), at, boundaries, item.reason, item.offset

@@ -902,7 +902,7 @@ def test_a_long_copy_onto_a_file_system_that_refuses_direct_writes_copies_throug
 _COPY_AND_RESTORE_PEAK = """
 import os, sys
 from pathlib import Path
-from hotcopy.storage import Repository
+from hotcopy.storage import Repository, verify_file
 
 def peak():
     with open("/proc/self/status") as status:
@@ -915,23 +915,27 @@ with Repository(root) as repo:
     copied = peak()
 with Repository.init(where / "restored") as other:
     other.restore_prefix(where / "copy.hc", "p")
-print((copied - before) // 1024, (peak() - before) // 1024)
+    restored = peak()
+assert verify_file(where / "copy.hc").ok
+print((copied - before) // 1024, (restored - before) // 1024, (peak() - before) // 1024)
 """
 
 
-def test_a_copy_and_a_restore_of_a_large_commit_never_hold_it_whole_in_memory(
+def test_a_copy_a_restore_and_a_verify_of_a_large_commit_never_hold_it_whole_in_memory(
     tmp_path: Path,
 ) -> None:
-    """A commit of 64 MiB is checked as it streams by: what a copy or a restore holds does not
-    grow with the largest commit of the prefix (a restore during an outage must not need the
-    machine's memory three times over for one bulk load)."""
-    with Repository.init(tmp_path / "repo", checkpoint_bytes=BIG) as repo:
-        with repo.open_prefix("p", "rw") as px:
-            value = os.urandom(1 << 20)
-            for i in range(64):
-                px[f"v{i:03d}"] = value[i:] + value[:i]
-            px.commit()  # one batch of 64 MiB
-            px.checkpoint()
+    """A commit of 64 MiB is checked as it streams by: what a copy, a restore or a verify
+    holds does not grow with the largest commit of the prefix (a restore during an outage must
+    not need the machine's memory three times over for one bulk load)."""
+    with (
+        Repository.init(tmp_path / "repo", checkpoint_bytes=BIG) as repo,
+        repo.open_prefix("p", "rw") as px,
+    ):
+        value = os.urandom(1 << 20)
+        for i in range(64):
+            px[f"v{i:03d}"] = value[i:] + value[:i]
+        px.commit()  # one batch of 64 MiB
+        px.checkpoint()
     done = subprocess.run(
         [sys.executable, "-c", _COPY_AND_RESTORE_PEAK, str(tmp_path / "repo"), str(tmp_path)],
         capture_output=True,
@@ -939,8 +943,10 @@ def test_a_copy_and_a_restore_of_a_large_commit_never_hold_it_whole_in_memory(
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    copy_mib, restore_mib = map(int, done.stdout.split())
-    assert copy_mib < 24 and restore_mib < 24, f"peak grew {copy_mib} MiB, {restore_mib} MiB"
+    copied, restored, verified = map(int, done.stdout.split())
+    assert copied < 24 and restored < 24 and verified < 24, (
+        f"peak grew {copied} MiB (copy), {restored} MiB (restore), {verified} MiB (verify)"
+    )
 
 
 @pytest.mark.parametrize("where", ["value", "op length", "key"])
