@@ -63,8 +63,8 @@ OP_DELETE = 2
 
 MAX_KEY_BYTES = 0xFFFF
 MAX_VALUE_BYTES = 0xFFFFFFFF
-
-
+# A checked body this long streams through its checks instead of being read whole.
+STREAM_ABOVE = 8 << 20
 
 
 class MainHeader(NamedTuple):
@@ -482,8 +482,9 @@ def read_batch(
     if body_end > reader.end:
         return None
     # A large body that is checked and not kept streams through its CRC op by op, a piece of
-    # each value at a time: a check never holds a whole large commit in memory.
-    stream = load_values and not keep_values and not keep_raw and body_len >= BULK
+    # each value at a time: a check never holds a whole large commit in memory. (Smaller ones
+    # are read whole: streaming costs Python work per op.)
+    stream = load_values and not keep_values and not keep_raw and body_len >= STREAM_ABOVE
     if load_values and not stream:
         body_bytes = reader.read(body_len)
         check = bulk_crc32 if body_len >= BULK else crc32

@@ -954,15 +954,16 @@ def test_damage_inside_a_large_commit_is_refused_by_a_copy(
     repo: Repository, tmp_path: Path, where: str
 ) -> None:
     """The streamed check of a large commit refuses what the whole-body check refused."""
+    size = fmt.STREAM_ABOVE // 40 + 1
     with repo.open_prefix("p", "rw") as px:
         for i in range(40):
-            px[f"key{i:03d}"] = bytes([i]) * 4000  # one commit of 160 KB
+            px[f"key{i:03d}"] = bytes([i]) * size  # one commit just over the streaming size
         px.commit()
         px.checkpoint()
     main = repo.prefix_path("p")
     data = bytearray(main.read_bytes())
     key = data.find(b"key017")
-    at = {"value": key + 6 + 2000, "op length": key - 8, "key": key + 3}[where]
+    at = {"value": key + 6 + size // 2, "op length": key - 8, "key": key + 3}[where]
     data[at] ^= 0x01
     main.write_bytes(bytes(data))
     with pytest.raises(CorruptFileError):
