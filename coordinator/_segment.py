@@ -210,10 +210,22 @@ class _SegmentBase:
         prefix = tail[: int(plen)].decode("ascii", "replace")
         return LeaseRecord(slot, prefix, mode, pid, ticks, client, token, granted, expires, ttl)
 
-    def leases(self) -> list[LeaseRecord]:
-        """Read every granted lease."""
+    def leases(self, *, skip_torn: bool = False) -> list[LeaseRecord]:
+        """Read every granted lease. With ``skip_torn``, leave out a record that stays
+        half-written (its writer was killed or stopped mid-record; a successor repairs it)
+        instead of raising :class:`SegmentTorn`: what a display wants."""
         hwm = min(self.header().lease_hwm, self.lease_slots)
-        return [r for r in (self.lease_at(s) for s in range(hwm)) if r is not None]
+        out = []
+        for slot in range(hwm):
+            try:
+                record = self.lease_at(slot)
+            except SegmentTorn:
+                if not skip_torn:
+                    raise
+                continue
+            if record is not None:
+                out.append(record)
+        return out
 
     def lease_is_current(self, slot: int, token: int, now: float) -> bool:
         """Tell whether slot ``slot`` still holds ``token`` unexpired at monotonic ``now``."""
@@ -268,8 +280,9 @@ class _SegmentBase:
         fields, _ = self._read(self._prefix_base + pslot * PREFIX_SLOT_SIZE, _PREFIX)
         return int(fields[3])
 
-    def prefixes(self) -> list[tuple[int, str, int, int]]:
-        """Return (slot, prefix, waiters, commit seq) of every used prefix slot."""
+    def prefixes(self, *, skip_torn: bool = False) -> list[tuple[int, str, int, int]]:
+        """Return (slot, prefix, waiters, commit seq) of every used prefix slot
+        (``skip_torn``: see :meth:`leases`)."""
         base = self._prefix_base
         mm = self._mm
         out = []
@@ -277,7 +290,12 @@ class _SegmentBase:
             # Cheap unlocked peek first: most slots are unused and stay so.
             if mm[base + pslot * PREFIX_SLOT_SIZE + 4] == 0:
                 continue
-            used, name, waiters, commit = self._prefix_at(pslot)
+            try:
+                used, name, waiters, commit = self._prefix_at(pslot)
+            except SegmentTorn:
+                if not skip_torn:
+                    raise
+                continue
             if used:
                 out.append((pslot, name, waiters, commit))
         return out

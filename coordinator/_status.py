@@ -12,7 +12,7 @@ from ._errors import LeaseError
 from ._paths import RuntimePaths
 from ._process import ProcessIdentity, boot_id, is_alive
 from ._protocol import MODE_NAMES
-from ._segment import SegmentReader
+from ._segment import SegmentReader, SegmentTorn
 
 __all__ = [
     "STATUS_VERSION",
@@ -160,7 +160,10 @@ def read_status(root: str | os.PathLike[str]) -> Status:
     except (FileNotFoundError, NotADirectoryError, LeaseError):
         return Status(str(paths.root), None, None, 0, (), {})
     with segment:
-        header = segment.header()
+        try:
+            header = segment.header()
+        except SegmentTorn:  # its coordinator killed or stopped mid-header: nothing to trust
+            return Status(str(paths.root), None, None, 0, (), {})
         now = time.monotonic()
         pid: int | None = None
         uptime: float | None = None
@@ -179,12 +182,12 @@ def read_status(root: str | os.PathLike[str]) -> Status:
                         expires_in=(r.expires_at - now) if r.expires_at else None,
                         holder=describe_process(r.pid, r.start_ticks),
                     )
-                    for r in segment.leases()
+                    for r in segment.leases(skip_torn=True)
                 ),
                 key=lambda lease: (lease.prefix, lease.token),
             )
         )
-        waiters = {name: n for _, name, n, _ in segment.prefixes() if n}
+        waiters = {name: n for _, name, n, _ in segment.prefixes(skip_torn=True) if n}
         if header.boot != boot_id():
             leases = ()
         return Status(str(paths.root), pid, uptime, header.next_token, leases, waiters)

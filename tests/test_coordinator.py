@@ -45,6 +45,12 @@ from hotcopy.coordinator import (
 )
 from hotcopy.coordinator._main import main as coordinator_main
 from hotcopy.coordinator._paths import RuntimePaths, unix_address
+from hotcopy.coordinator._segment import (
+    HEADER_SIZE,
+    LEASE_SLOT_SIZE,
+    PREFIX_SLOT_SIZE,
+    SegmentReader,
+)
 
 CTX = multiprocessing.get_context("fork")
 
@@ -341,6 +347,57 @@ def test_read_status_shows_leases_and_waiters(root: Path) -> None:
             thread.join(10.0)
         assert result and result[0].mode == "exclusive"
         result[0].release()
+
+
+def _holding_child(root: Path, ready: Any) -> None:
+    with connect(root) as client:
+        client.lease("kept", "write")
+        client.lease("torn", "read")
+        ready.set()
+        threading.Event().wait(60.0)  # stopped, then killed, by the test
+
+
+@pytest.mark.timeout(60)
+def test_status_of_a_coordinator_killed_mid_record_leaves_that_record_out_and_never_raises(
+    root: Path,
+) -> None:
+    """A coordinator SIGKILLed while it rewrote a lease or prefix record leaves its counter odd
+    until a successor repairs it. Status, which never starts one, still answers then: the torn
+    records are left out (it raised SegmentTorn, and the contention test caught that)."""
+    ready = CTX.Event()
+    holder = CTX.Process(target=_holding_child, args=(root, ready))
+    holder.start()
+    try:
+        assert ready.wait(20.0), "the holder took no lease"
+        os.kill(holder.pid, signal.SIGSTOP)  # it must not start a successor
+        kill_and_wait(coordinator_pid(root))
+        path = RuntimePaths.for_root(root).segment_path()
+        assert path is not None
+        with SegmentReader(path) as segment:
+            (slot,) = [r.slot for r in segment.leases() if r.prefix == "torn"]
+            pslot = segment.find_prefix("kept")  # a write lease's prefix has a counter slot
+            assert pslot is not None
+            prefix_at = HEADER_SIZE + segment.lease_slots * LEASE_SLOT_SIZE
+        with open(path, "r+b") as raw:
+            for at in (HEADER_SIZE + slot * LEASE_SLOT_SIZE, prefix_at + pslot * PREFIX_SLOT_SIZE):
+                raw.seek(at)
+                (seq,) = struct.unpack("<I", raw.read(4))
+                raw.seek(at)
+                raw.write(struct.pack("<I", seq | 1))  # as if killed mid-write
+        status = read_status(str(root))
+        assert status.pid is None
+        assert [(lease.prefix, lease.mode) for lease in status.leases] == [("kept", "write")]
+        header_seq_at = 12  # _HEADER_SEQ_AT of coordinator/_segment.py
+        with open(path, "r+b") as raw:  # and its header: nothing of it can be trusted
+            raw.seek(header_seq_at)
+            (seq,) = struct.unpack("<I", raw.read(4))
+            raw.seek(header_seq_at)
+            raw.write(struct.pack("<I", seq | 1))
+        assert read_status(str(root))[1:] == (None, None, 0, (), {})
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10.0)
 
 
 @pytest.mark.timeout(30)
