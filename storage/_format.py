@@ -63,8 +63,10 @@ OP_DELETE = 2
 
 MAX_KEY_BYTES = 0xFFFF
 MAX_VALUE_BYTES = 0xFFFFFFFF
-# A checked body this long streams through its checks instead of being read whole.
+# A checked body this long streams through its checks instead of being read whole; so does
+# one whose ops average this much.
 STREAM_ABOVE = 8 << 20
+_STREAM_OP_BYTES = 16 << 10
 
 
 class MainHeader(NamedTuple):
@@ -481,10 +483,17 @@ def read_batch(
     body_end = reader.pos + body_len
     if body_end > reader.end:
         return None
-    # A large body that is checked and not kept streams through its CRC op by op, a piece of
-    # each value at a time: a check never holds a whole large commit in memory. (Smaller ones
-    # are read whole: streaming costs Python work per op.)
-    stream = load_values and not keep_values and not keep_raw and body_len >= STREAM_ABOVE
+    # A body that is checked and not kept streams through its CRC op by op, a piece of each
+    # value at a time, when it is large (a check never holds a whole large commit in memory)
+    # or made of large values (then streaming costs less than reading it whole; for many
+    # small ops, the Python work per op costs more).
+    stream = (
+        load_values
+        and not keep_values
+        and not keep_raw
+        and body_len >= BULK
+        and (body_len >= STREAM_ABOVE or body_len >= _STREAM_OP_BYTES * n_ops)
+    )
     if load_values and not stream:
         body_bytes = reader.read(body_len)
         check = bulk_crc32 if body_len >= BULK else crc32
