@@ -35,22 +35,22 @@ _BUFFERS = 3  # one being written, one read, one ready
 def copy_direct(
     src_fd: int, out_fd: int, src_start: int, out_start: int, total: int,
     stepped: Callable[[int], None],
-) -> int:  # fmt: skip
+) -> None:  # fmt: skip
     """Copy what it can of ``total`` bytes at ``src_start`` of ``src_fd`` to ``out_start`` of
-    ``out_fd``, from the start on, calling ``stepped(size)`` after each piece; return the bytes
-    copied. Everything from there on is the caller's to copy: the unaligned tail, or all of it
-    where ``O_DIRECT`` is refused."""
+    ``out_fd``, from the start on, calling ``stepped(size)`` after each piece (the caller counts
+    what was copied there). Everything from there on is the caller's to copy: the unaligned
+    tail, or all of it where ``O_DIRECT`` is refused."""
     if not hasattr(os, "O_DIRECT"):
-        return 0
+        return
     head = min(-out_start % ALIGN, total)
     if head:
         pwrite_all(out_fd, _read_exact(src_fd, head, src_start), out_start)
         stepped(head)
     middle = (total - head) // ALIGN * ALIGN
     if not middle or not _set_direct(out_fd, on=True):
-        return head
+        return
     try:
-        return head + _pipe(src_fd, out_fd, src_start + head, out_start + head, middle, stepped)
+        _pipe(src_fd, out_fd, src_start + head, out_start + head, middle, stepped)
     finally:
         _set_direct(out_fd, on=False)
 
@@ -79,7 +79,7 @@ def _read_exact(fd: int, size: int, offset: int) -> bytes:
 def _pipe(
     src_fd: int, out_fd: int, src_at: int, out_at: int, size: int,
     stepped: Callable[[int], None],
-) -> int:  # fmt: skip
+) -> None:  # fmt: skip
     """Write ``size`` aligned bytes, a thread reading each buffer while the last is written."""
     free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
     full: queue.SimpleQueue[tuple[mmap.mmap, int, int] | BaseException | None] = (
@@ -119,10 +119,10 @@ def _pipe(
                 written = os.pwrite(out_fd, memoryview(buffer)[:length], out_at + offset)
             except OSError as err:
                 if err.errno == errno.EINVAL and done == 0:
-                    return 0  # accepted by fcntl, refused by the file system's write
+                    return  # accepted by fcntl, refused by the file system's write
                 raise
             if written != length:
-                return done  # a short write (the disk filling): the caller's writes report it
+                return  # a short write (the disk filling): the caller's writes report it
             free.put(buffer)
             done += length
             stepped(length)
@@ -130,4 +130,3 @@ def _pipe(
         stop.set()
         free.put(None)  # wakes a reader waiting for a buffer: it stops
         reader.join()
-    return done
