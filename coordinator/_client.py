@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from types import TracebackType
 from typing import Final, NamedTuple
 
@@ -442,8 +443,9 @@ class Client:
 
         Reads shared memory; no round trip. The counter is odd exactly while a ``write`` or
         ``exclusive`` lease on the prefix is granted, and changes whenever one is granted or
-        released and with every :meth:`publish_commit`. So an even value equal to one read
-        earlier means that no lease that could change the prefix was granted in between. The
+        released and with every :meth:`publish_commit` (storage publishes every commit
+        before acknowledging it). So a value equal to one read earlier means that nothing
+        changed the prefix in between but commits not yet acknowledged. The
         counter is 0 while no such lease was granted since the segment was made (the prefix
         has no slot yet); the answer is -1 when there is no segment, or the prefix table was
         ever full (a prefix without a slot may then have a writer whose counter is not
@@ -525,22 +527,55 @@ class Client:
                 self._check_usable_locked()
                 self._send_locked(data, resend=True)
             return
+        if not self._publish_sync(prefix, raw, seq)(time.monotonic() + _REPLY_GRACE):
+            raise CoordinatorUnavailable(
+                f"the coordinator of {str(self._paths.root)!r} did not acknowledge a commit "
+                f"of {prefix!r} within {_REPLY_GRACE:.0f}s",
+                root=str(self._paths.root),
+            )
+
+    def announce_commit(self, prefix: str, seq: int) -> Callable[[float], bool]:
+        """Publish commit ``seq`` of ``prefix`` one way and return at once.
+
+        The function returned tells, by a ``time.monotonic()`` deadline, whether the counter
+        moved since this call (its reader sees what was written before it): at once from
+        shared memory if the coordinator got to it meanwhile, else by a round trip. A writer
+        announces a commit before its fsync and asks after it, so that the coordinator's
+        work overlaps the disk's and its reply is rarely needed.
+
+        Raises:
+            ValueError: Invalid prefix or negative ``seq``.
+            CoordinatorUnavailable: No coordinator could be reached or started.
+        """
+        before = self.commit_seq(prefix)
+        self.publish_commit(prefix, seq)
+
+        def published(deadline: float) -> bool:
+            if before >= 0 and self.commit_seq(prefix) != before:
+                return True
+            return self._publish_sync(prefix, self._prefix_bytes(prefix), seq)(deadline)
+
+        return published
+
+    def _publish_sync(self, prefix: str, raw: bytes, seq: int) -> Callable[[float], bool]:
+        """Send a publication that the coordinator acknowledges; the function returned waits
+        for that, by a monotonic deadline, and tells whether it came."""
         with self._mutex:
             self._check_usable_locked()
             req_id = self._take_id()
             data = p.frame(p.PUBLISH_SYNC, p.PUBLISH_SYNC_BODY.pack(req_id, seq) + raw)
             self._pending[req_id] = data  # a reconnect re-sends it: publishing is idempotent
             self._send_locked(data, resend=False)
-        reply = self._await(req_id, time.monotonic() + _REPLY_GRACE)
-        if reply is None:
-            with self._mutex:
-                self._pending.pop(req_id, None)
-                self._replies.pop(req_id, None)
-            raise CoordinatorUnavailable(
-                f"the coordinator of {str(self._paths.root)!r} did not acknowledge a commit "
-                f"of {prefix!r} within {_REPLY_GRACE:.0f}s",
-                root=str(self._paths.root),
-            )
+
+        def published(deadline: float) -> bool:
+            reply = self._await(req_id, deadline)
+            if reply is None:
+                with self._mutex:
+                    self._pending.pop(req_id, None)
+                    self._replies.pop(req_id, None)
+            return reply is not None
+
+        return published
 
     def statistics(self) -> ClientStatistics:
         """Return a frozen snapshot of this client's counters."""

@@ -482,13 +482,13 @@ class LeaseTable:
     # -- commit counters -------------------------------------------------------------
 
     def publish_commit(self, prefix: str, prefix_bytes: bytes, seq: int) -> None:
-        """Announce a change of ``prefix`` made outside a write lease: move its counter on.
+        """Announce a commit of ``prefix``: move its counter on.
 
         The counter of a prefix changes whenever its content may have: it becomes odd when a
         ``write`` or ``exclusive`` lease is granted and even again when the last one goes,
-        and moves by two for a publication (``seq`` is not needed for that and is ignored).
-        So a reader that saw the same even value before may trust that nothing changed in
-        between, and an odd value tells it that a writer may be appending right now.
+        and moves by two for a publication (``seq`` is not needed for that and is ignored),
+        which storage makes for every commit before acknowledging it. So a reader that saw
+        the same value before may trust that no commit was acknowledged in between.
         """
         state = self._prefix(prefix)
         state.commit += 2

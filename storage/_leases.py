@@ -23,6 +23,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -56,13 +57,46 @@ class HeldLease(Protocol):
 class ChangeFeed(Protocol):
     """Optional side of a lease provider: per-prefix change counters in shared memory.
 
-    A prefix's counter is odd exactly while a ``write`` or ``exclusive`` lease on it is
-    granted, and changes whenever one is granted or released. So a reader that reads the
-    same even value as at its last look at the files knows that nothing changed since; an
-    odd value means a writer may be appending, and the files must be looked at.
+    A prefix's counter changes whenever a ``write`` or ``exclusive`` lease on it is granted or
+    released, and with every commit that a follower of the prefix must see (see
+    :class:`Followers` and :func:`announced`). So a reader that reads the same value as at its
+    last look at the files knows that no commit was acknowledged since: if the counter is
+    even, always; if it is odd (a writer holds its lease between commits), once it follows.
     """
 
     def commit_seq(self, prefix: str) -> int: ...
+
+    def announce_commit(self, prefix: str, seq: int) -> Callable[[float], bool]: ...
+
+
+# How long a reader trusts an unchanged counter before it looks at the files anyway, in case a
+# publication was lost; so also how long a writer waits at most for its announcement.
+TRUST_COUNTER_FOR = 1.0
+
+
+def announced(feed: ChangeFeed, prefix: str, seq: int) -> Callable[[], None]:
+    """Announce commit ``seq``, just written; call what is returned before acknowledging it.
+
+    That waits until the counter moved, or, if the coordinator cannot confirm it (stopped,
+    dead, being replaced), until :data:`TRUST_COUNTER_FOR` has passed since the write: by then
+    every reader's next get looks at the files. Either way no reader misses the commit.
+    """
+    written = time.monotonic()
+    try:
+        published: Callable[[float], bool] | None = feed.announce_commit(prefix, seq)
+    except HotcopyError:
+        published = None
+
+    def acknowledge() -> None:
+        deadline = written + TRUST_COUNTER_FOR
+        try:
+            if published is not None and published(deadline):
+                return
+        except HotcopyError:
+            pass
+        time.sleep(max(0.0, deadline - time.monotonic()))
+
+    return acknowledge
 
 
 @runtime_checkable
@@ -143,21 +177,8 @@ class FileLeases:
     """
 
     def __init__(self, runtime_dir: Path) -> None:
-        self._runtime_dir = runtime_dir
-        self._locks_fd = -1
-        self._opening = threading.Lock()
+        self._lock_files = LockFiles(runtime_dir)
         self._closed = False
-
-    def _locks(self) -> int:
-        with self._opening:
-            if self._locks_fd < 0:
-                runtime_fd = open_dir(self._runtime_dir, create=True)
-                try:
-                    where = self._runtime_dir / "locks"
-                    self._locks_fd = open_dir_at(runtime_fd, "locks", where)
-                finally:
-                    os.close(runtime_fd)
-            return self._locks_fd
 
     def lease(
         self, prefix: str, mode: str, timeout: float | None = None, ttl: float | None = None
@@ -176,11 +197,8 @@ class FileLeases:
         fds: list[int] = []
         try:
             for suffix, operation in plan:
-                name = f"{prefix}.{suffix}"
-                where = self._runtime_dir / "locks" / name
-                fd = open_regular_at(self._locks(), name, os.O_RDWR | os.O_CREAT, path=where)
-                fds.append(fd)
-                _flock_until(fd, operation, deadline, timeout == 0, prefix, mode)
+                fds.append(self._lock_files.open(f"{prefix}.{suffix}"))
+                _flock_until(fds[-1], operation, deadline, timeout == 0, prefix, mode)
             token = _next_token(fds[0]) if mode in ("write", "exclusive") else 0
         except BaseException:
             for fd in fds:
@@ -190,9 +208,91 @@ class FileLeases:
 
     def close(self) -> None:
         self._closed = True
+        self._lock_files.close()
+
+
+class LockFiles:
+    """The lock files of a repository, in ``locks/`` of its runtime directory (created or
+    checked at the first use), opened relative to a checked descriptor of that directory."""
+
+    def __init__(self, runtime_dir: Path) -> None:
+        self._runtime_dir = runtime_dir
+        self._locks_fd = -1
+        self._opening = threading.Lock()
+
+    def open(self, name: str) -> int:
+        """A new descriptor on the lock file ``name`` (created if missing), the caller's."""
+        with self._opening:
+            if self._locks_fd < 0:
+                runtime_fd = open_dir(self._runtime_dir, create=True)
+                try:
+                    where = self._runtime_dir / "locks"
+                    self._locks_fd = open_dir_at(runtime_fd, "locks", where)
+                finally:
+                    os.close(runtime_fd)
+            where = self._runtime_dir / "locks" / name
+            return open_regular_at(self._locks_fd, name, os.O_RDWR | os.O_CREAT, path=where)
+
+    def close(self) -> None:
         with self._opening:
             fd, self._locks_fd = self._locks_fd, -1
         if fd >= 0:
+            os.close(fd)
+
+
+class Followers:
+    """Which prefixes have readers that trust their change counter while a writer keeps its
+    lease, so that the writer must announce each commit (see :func:`announced`).
+
+    A reader *follows* a prefix by holding a shared ``flock`` on ``locks/<prefix>.f``, taken
+    before its next look at the files and kept until this object closes (or the kernel drops
+    it with the process); a writer asks, once its batch is written, whether anybody holds
+    one. A writer alone thus pays two system calls per commit instead of a message to the
+    coordinator, and a reader that starts to follow later looks at the files after that batch.
+    """
+
+    def __init__(self, lock_files: LockFiles) -> None:
+        self._lock_files = lock_files
+        self._following: dict[str, int] = {}  # prefix -> the descriptor holding our shared lock
+        self._asking: dict[str, int] = {}  # prefix -> a descriptor of its own to ask with
+        self._mutex = threading.Lock()
+
+    def follow(self, prefix: str) -> bool:
+        """Follow ``prefix`` (idempotent); False if not now (a writer is asking just now, or
+        the lock file cannot be opened): the reader then looks at the files at every get."""
+        with self._mutex:
+            if prefix not in self._following:
+                try:
+                    fd = self._lock_files.open(f"{prefix}.f")
+                except (OSError, HotcopyError):
+                    return False
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    return False
+                self._following[prefix] = fd
+            return True
+
+    def followed(self, prefix: str) -> bool:
+        """Whether any reader (of any process, this one included) may follow ``prefix``."""
+        with self._mutex:
+            fd = self._asking.get(prefix)
+            try:
+                if fd is None:
+                    fd = self._asking[prefix] = self._lock_files.open(f"{prefix}.f")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (OSError, HotcopyError):  # held (BlockingIOError), or cannot tell
+                return True
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+
+    def close(self) -> None:
+        with self._mutex:
+            fds = [*self._following.values(), *self._asking.values()]
+            self._following.clear()
+            self._asking.clear()
+        for fd in fds:
             os.close(fd)
 
 

@@ -856,8 +856,18 @@ class Log:
         self._wal_size = os.fstat(self._wal_fd).st_size
         self._files_as_left = True
 
-    def append(self, lease: HeldLease, seq: int, frame: bytes, meta_crc: int) -> int:
+    def append(
+        self,
+        lease: HeldLease,
+        seq: int,
+        frame: bytes,
+        meta_crc: int,
+        announce: Callable[[], Callable[[], None]] | None = None,
+    ) -> int:
         """Append the batch ``frame`` of commit ``seq`` to the WAL durably; its offset there.
+
+        ``announce`` is called once the batch is in the file, before its fsync, and what it
+        returns before the commit counts as made: it tells other processes to look.
 
         Raises:
             LeaseFenced: the lease is not current; nothing was written.
@@ -890,8 +900,11 @@ class Log:
             os.kill(os.getpid(), signal.SIGKILL)
         pwrite_all(self._wal_fd, data, at)
         fault("commit:after-wal-write")
+        acknowledge = announce() if announce is not None else None
         self._sync(self._wal_fd, self.wal_path, "commit:wal-fsync", data_only=True)
         fault("commit:after-wal-fsync")
+        if acknowledge is not None:
+            acknowledge()
         if not lease.is_current():
             self._watch = (seq, None)
             raise CommitUnconfirmed(

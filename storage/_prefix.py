@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from hotcopy.coordinator._errors import ClientClosed, HotcopyError, LeaseFenced,
 from hotcopy.coordinator._process import own_pid
 
 from . import _format as fmt
+from . import _leases
 from ._codec import check_text, decode_value, encode_value
 from ._errors import (
     ClosedError,
@@ -31,7 +32,14 @@ from ._errors import (
 )
 from ._faults import BREAK
 from ._index import KeyIndex
-from ._leases import ChangeFeed, HeldLease, LeaseProvider, expired_token
+from ._leases import (
+    ChangeFeed,
+    Followers,
+    HeldLease,
+    LeaseProvider,
+    announced,
+    expired_token,
+)
 from ._log import CommitUnconfirmed, Cut, Log, create_prefix_files, install_files, write_compacted
 
 # A process that opens a prefix replays the WAL, and a reader holds its commits in memory:
@@ -43,7 +51,6 @@ DEFAULT_CHECKPOINT_BYTES = 1 << 20
 # millisecond to replay (64 KiB cost up to 6 ms in bench_peers); a few commits, such as one
 # CLI put, are left to the next checkpoint rather than cost one each.
 CLOSE_CHECKPOINT_BYTES = 16 << 10
-_FULL_CHECK_EVERY = 1.0  # seconds a reader trusts an unchanged commit counter
 # A write lease outlives a stopped or hung holder by at most this long (the client renews it
 # in the background while the process runs); its commit is then refused (fencing).
 DEFAULT_LEASE_TTL = 30.0
@@ -68,6 +75,7 @@ class Prefix(MutableMapping[str, Any]):
         leases: LeaseProvider,
         repository_id: bytes,
         *,
+        followers: Followers | None = None,
         checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
         lease_timeout: float | None = None,
         lease_ttl: float | None = DEFAULT_LEASE_TTL,
@@ -97,8 +105,10 @@ class Prefix(MutableMapping[str, Any]):
         # built on it must not land on a newer state (no lost updates).
         self._read_seq: int | None = None
         # The provider's change counter when this view last looked at the files, and when:
-        # the same even value means nothing was changed, so reads skip the file checks.
+        # the same value means no commit since, so reads skip the file checks.
         self._feed = leases if isinstance(leases, ChangeFeed) else None
+        self._followers = followers if self._feed is not None else None
+        self._following = False  # see Followers: an odd counter is trusted once we follow
         self._pins = 0  # inside pinned(): reads do not move to newer commits
         self._seen_counter = -1
         self._checked_at = 0.0
@@ -269,7 +279,7 @@ class Prefix(MutableMapping[str, Any]):
             ]
             frame, meta_crc = fmt.encode_batch_with_meta(seq, lease.token, ops)
             try:
-                self._log.append(lease, seq, frame, meta_crc)
+                self._log.append(lease, seq, frame, meta_crc, self._announcer(seq))
             except CommitUnconfirmed:
                 self._settle(lease, seq)  # raises LeaseFenced if it is not in the log
                 self._pending.clear()
@@ -282,6 +292,20 @@ class Prefix(MutableMapping[str, Any]):
         finally:
             self._end_transaction()
         return seq
+
+    def _announcer(self, seq: int) -> Callable[[], Callable[[], None]] | None:
+        """What tells the followers of this prefix of commit ``seq`` once it is written (see
+        Log.append); asked after the write, so that a reader that follows later sees it."""
+        feed, followers = self._feed, self._followers
+        if feed is None or followers is None:
+            return None
+
+        def announce() -> Callable[[], None]:
+            if not followers.followed(self.name):
+                return _nothing_to_wait_for
+            return announced(feed, self.name, seq)
+
+        return announce
 
     def _settle(self, lost: HeldLease, seq: int) -> None:
         """Our lease lapsed between our write and the check after it (we were stopped): take
@@ -637,12 +661,13 @@ class Prefix(MutableMapping[str, Any]):
         """See what other processes committed. A writer mid-transaction already has it all.
 
         Without ``force``, an unchanged commit counter in the coordinator's shared memory
-        answers "nothing new" without touching a file; the files are still checked at least
-        every ``_FULL_CHECK_EVERY`` seconds, in case a publication was lost.
+        answers "nothing new" without touching a file (every commit moves it before it is
+        acknowledged, see ``_leases.announced``); the files are still checked at least every
+        ``TRUST_COUNTER_FOR`` seconds, in case a publication was lost.
         """
         if (self._lease is not None or self._pins) and not force:
             return
-        if self._feed is not None and self._lease is None:  # a writer's counter is odd anyway
+        if self._feed is not None and self._lease is None:
             now = time.monotonic()
             try:
                 counter = self._feed.commit_seq(self.name)
@@ -652,10 +677,14 @@ class Prefix(MutableMapping[str, Any]):
                 not force
                 and counter == self._seen_counter
                 and counter >= 0
-                and not counter & 1  # odd: a writer may be appending right now
-                and now - self._checked_at < _FULL_CHECK_EVERY
+                and (not counter & 1 or self._following)
+                and now - self._checked_at < _leases.TRUST_COUNTER_FOR
             ):
                 return
+            if counter & 1 and not self._following and self._followers is not None:
+                # A writer holds the lease: follow before the look below, so that every commit
+                # written after it is announced, and the counter can be trusted from then on.
+                self._following = self._followers.follow(self.name)
             self._seen_counter, self._checked_at = counter, now  # read before the files
         self._log.follow()
 
@@ -682,6 +711,10 @@ class _NoExclusion:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+
+def _nothing_to_wait_for() -> None:
+    pass
 
 
 def _check_key(key: object) -> None:

@@ -3,6 +3,7 @@ commit counters, and the status and coordinator commands."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,12 +12,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from hotcopy.coordinator import Client, connect
-from hotcopy.storage import FileLeases, Repository, _prefix
+from hotcopy.coordinator import Client, _client, connect
+from hotcopy.storage import FileLeases, Repository, _leases
 from hotcopy.workers import main
 
 FENCED_WRITER = r"""
@@ -89,7 +91,7 @@ def test_readers_follow_commits_through_the_shared_counter(tmp_path: Path) -> No
         writer["k"] = 1
         writer.commit()
         # The writer keeps its lease parked for its next commit: the counter stays odd, so
-        # the reader looks at the files and sees the commit at once.
+        # the reader follows the prefix and looks at the files, and sees the commit at once.
         assert reader_repo.leases.commit_seq("p") % 2 == 1
         assert reader["k"] == 1
         old = tmp_path / "old.hc"
@@ -176,7 +178,7 @@ def test_a_reader_sees_commits_made_through_the_successor_of_a_coordinator_that_
     "no change" (found by an attack: both prefixes were read stale, for up to a second)."""
     # The reader's periodic full look would hide the stale counters if the writer below took
     # more than its period to start: push it out of the test's reach.
-    monkeypatch.setattr(_prefix, "_FULL_CHECK_EVERY", 600.0)
+    monkeypatch.setattr(_leases, "TRUST_COUNTER_FOR", 600.0)
     root = tmp_path / "repo"
     Repository.init(root).close()
     with Repository(root, leases=FileLeases(root / ".hotcopy")) as embedded:
@@ -289,3 +291,139 @@ def test_the_coordinator_command_serves_in_the_foreground(tmp_path: Path) -> Non
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+STEPPED_WRITER = r"""
+import sys
+from hotcopy.storage import Repository
+
+with Repository(sys.argv[1]) as repo:
+    px = repo.open_prefix("p", "rw")
+    for line in sys.stdin:  # one commit per line: the parent paces us
+        px["n"] = px.get("n", 0) + 1
+        print(px.commit(), flush=True)  # acknowledged: the parent may look for it now
+"""
+
+
+@contextlib.contextmanager
+def _stepped_writer(root: Path) -> Iterator[Callable[[], int]]:
+    """A writer process that commits when called; the call returns once it is acknowledged."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", STEPPED_WRITER, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    stdin, stdout = child.stdin, child.stdout
+
+    def commit() -> int:
+        stdin.write("commit\n")
+        stdin.flush()
+        return int(stdout.readline())
+
+    try:
+        yield commit
+    finally:
+        stdin.close()  # the writer's loop ends
+        try:
+            child.wait(timeout=30)
+        finally:
+            child.kill()
+            child.wait()
+            stdout.close()
+
+
+def _read_syscalls() -> int:
+    with open("/proc/self/io") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("syscr:"))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_a_reader_beside_a_writer_that_keeps_its_lease_looks_at_the_files_once_per_commit(
+    tmp_path: Path,
+) -> None:
+    """A writer keeps its lease parked between commits, so the counter stays odd. It used to
+    tell readers "look at the files at every get" (a third of the gets a reader made beside a
+    working writer); now a reader follows the prefix, every commit moves the counter before
+    it is acknowledged, and an unchanged counter means nothing new, odd or not."""
+    root = tmp_path / "repo"
+    Repository.init(root).close()
+    with _stepped_writer(root) as commit, Repository(root) as repo:
+        reader = None
+        gets = looks = 0
+        for number in range(1, 41):
+            assert commit() == number
+            reader = reader or repo.open_prefix("p")
+            before = _read_syscalls()
+            assert reader["n"] == number  # every acknowledged commit, at once
+            for _ in range(200):
+                assert reader["n"] == number
+            looks += _read_syscalls() - before - 1
+            gets += 201
+        assert repo.leases.commit_seq("p") % 2 == 1  # the lease stayed parked throughout
+    # A read of the WAL per get before; now a few per commit.
+    assert looks < gets // 10, (looks, gets)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_every_acknowledged_commit_is_seen_at_once_while_the_coordinator_is_stopped_or_killed(
+    tmp_path: Path,
+) -> None:
+    """The announcement a commit waits for cannot come from a stopped or dead coordinator,
+    whose counters stand still: the writer then acknowledges only once a reader trusting them
+    would look at the files anyway. A reader told of each acknowledgement must see it."""
+    root = tmp_path / "repo"
+    Repository.init(root).close()
+    stopped = None
+    try:
+        with _stepped_writer(root) as commit, Repository(root) as repo:
+            reader = None
+            for number in range(1, 301):
+                assert commit() == number
+                reader = reader or repo.open_prefix("p")
+                assert reader["n"] == number
+                if number == 200:
+                    pid = int((root / ".hotcopy" / "coordinator.pid").read_text())
+                    stopped = psutil.Process(pid)
+                    stopped.suspend()
+                elif number == 203:
+                    stopped.kill()  # a successor takes over
+                    stopped.wait(20)
+                    stopped = None
+    finally:
+        if stopped is not None:
+            stopped.kill()
+
+
+@pytest.mark.timeout(60)
+def test_a_writer_announces_its_commits_only_while_a_reader_follows_the_prefix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Announcing a commit costs a writer a message to the coordinator (a sixth of its
+    commit rate on this machine); it pays that only while a reader trusts the counter."""
+    monkeypatch.setattr(_client, "_PARK_IDLE", 600.0)  # the lease stays parked: no release
+    root = tmp_path / "repo"
+    with Repository.init(root) as writer_repo, Repository(root) as reader_repo:
+        assert isinstance(reader_repo.leases, Client)
+        writer = writer_repo.open_prefix("p", "rw")
+        writer["k"] = 0
+        writer.commit()
+        counter = reader_repo.leases.commit_seq("p")
+        for value in (1, 2):
+            writer["k"] = value
+            writer.commit()
+        assert reader_repo.leases.commit_seq("p") == counter  # alone: nothing announced
+        reader = reader_repo.open_prefix("p")
+        assert reader["k"] == 2  # the counter is odd: the reader follows, then looks
+        writer["k"] = 3
+        writer.commit()
+        assert reader_repo.leases.commit_seq("p") != counter
+        assert reader["k"] == 3
+        reader_repo.close()  # nobody follows any more
+        counter = writer_repo.leases.commit_seq("p")
+        writer["k"] = 4
+        writer.commit()
+        assert writer_repo.leases.commit_seq("p") == counter
