@@ -59,7 +59,7 @@ class ChangeFeed(Protocol):
 
     A prefix's counter changes whenever a ``write`` or ``exclusive`` lease on it is granted or
     released, and with every commit that a follower of the prefix must see (see
-    :class:`Followers` and :func:`announced`). So a reader that reads the same value as at its
+    :class:`Follow` and :func:`announced`). So a reader that reads the same value as at its
     last look at the files knows that no commit was acknowledged since: if the counter is
     even, always; if it is odd (a writer holds its lease between commits), once it follows.
     """
@@ -240,60 +240,58 @@ class LockFiles:
             os.close(fd)
 
 
-class Followers:
-    """Which prefixes have readers that trust their change counter while a writer keeps its
-    lease, so that the writer must announce each commit (see :func:`announced`).
+class Follow:
+    """One view's part in following a prefix: whether readers trust its change counter while
+    a writer keeps its lease, so that the writer must announce each commit (see
+    :func:`announced`).
 
-    A reader *follows* a prefix by holding a shared ``flock`` on ``locks/<prefix>.f``, taken
-    before its next look at the files and kept until this object closes (or the kernel drops
-    it with the process); a writer asks, once its batch is written, whether anybody holds
-    one. A writer alone thus pays two system calls per commit instead of a message to the
-    coordinator, and a reader that starts to follow later looks at the files after that batch.
+    A reader *follows* by holding a shared ``flock`` on ``locks/<prefix>.f``, taken before its
+    next look at the files and kept until the view closes (the kernel drops it with the
+    process); a writer asks, once its batch is written, whether anybody holds one, through a
+    descriptor of its own. A writer alone thus pays two system calls per commit instead of a
+    message to the coordinator, and a reader that starts to follow later looks at the files
+    after that batch.
     """
 
-    def __init__(self, lock_files: LockFiles) -> None:
+    def __init__(self, lock_files: LockFiles, prefix: str) -> None:
         self._lock_files = lock_files
-        self._following: dict[str, int] = {}  # prefix -> the descriptor holding our shared lock
-        self._asking: dict[str, int] = {}  # prefix -> a descriptor of its own to ask with
-        self._mutex = threading.Lock()
+        self._name = f"{prefix}.f"
+        self._following = -1  # the descriptor holding our shared lock
+        self._asking = -1  # the descriptor we ask through
 
-    def follow(self, prefix: str) -> bool:
-        """Follow ``prefix`` (idempotent); False if not now (a writer is asking just now, or
-        the lock file cannot be opened): the reader then looks at the files at every get."""
-        with self._mutex:
-            if prefix not in self._following:
-                try:
-                    fd = self._lock_files.open(f"{prefix}.f")
-                except (OSError, HotcopyError):
-                    return False
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    return False
-                self._following[prefix] = fd
-            return True
-
-    def followed(self, prefix: str) -> bool:
-        """Whether any reader (of any process, this one included) may follow ``prefix``."""
-        with self._mutex:
-            fd = self._asking.get(prefix)
+    def follow(self) -> bool:
+        """Follow (idempotent); False if not now (a writer is asking just now, or the lock
+        file cannot be opened): the reader then looks at the files at every get."""
+        if self._following < 0:
             try:
-                if fd is None:
-                    fd = self._asking[prefix] = self._lock_files.open(f"{prefix}.f")
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except (OSError, HotcopyError):  # held (BlockingIOError), or cannot tell
-                return True
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
+                fd = self._lock_files.open(self._name)
+            except (OSError, HotcopyError):
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            self._following = fd
+        return True
+
+    def followed(self) -> bool:
+        """Whether any reader (of any process, this one included) may follow the prefix."""
+        try:
+            if self._asking < 0:
+                self._asking = self._lock_files.open(self._name)
+            fcntl.flock(self._asking, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (OSError, HotcopyError):  # held (BlockingIOError), or cannot tell
+            return True
+        fcntl.flock(self._asking, fcntl.LOCK_UN)
+        return False
 
     def close(self) -> None:
-        with self._mutex:
-            fds = [*self._following.values(), *self._asking.values()]
-            self._following.clear()
-            self._asking.clear()
+        fds = (self._following, self._asking)
+        self._following = self._asking = -1
         for fd in fds:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
 
 def _flock_until(

@@ -34,9 +34,10 @@ from ._faults import BREAK
 from ._index import KeyIndex
 from ._leases import (
     ChangeFeed,
-    Followers,
+    Follow,
     HeldLease,
     LeaseProvider,
+    LockFiles,
     announced,
     expired_token,
 )
@@ -75,7 +76,7 @@ class Prefix(MutableMapping[str, Any]):
         leases: LeaseProvider,
         repository_id: bytes,
         *,
-        followers: Followers | None = None,
+        lock_files: LockFiles | None = None,
         checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
         lease_timeout: float | None = None,
         lease_ttl: float | None = DEFAULT_LEASE_TTL,
@@ -107,8 +108,11 @@ class Prefix(MutableMapping[str, Any]):
         # The provider's change counter when this view last looked at the files, and when:
         # the same value means no commit since, so reads skip the file checks.
         self._feed = leases if isinstance(leases, ChangeFeed) else None
-        self._followers = followers if self._feed is not None else None
-        self._following = False  # see Followers: an odd counter is trusted once we follow
+        # See Follow: an odd counter is trusted once this view follows the prefix.
+        self._follow = (
+            Follow(lock_files, name) if self._feed is not None and lock_files is not None else None
+        )
+        self._following = False
         self._pins = 0  # inside pinned(): reads do not move to newer commits
         self._seen_counter = -1
         self._checked_at = 0.0
@@ -296,12 +300,12 @@ class Prefix(MutableMapping[str, Any]):
     def _announcer(self, seq: int) -> Callable[[], Callable[[], None]] | None:
         """What tells the followers of this prefix of commit ``seq`` once it is written (see
         Log.append); asked after the write, so that a reader that follows later sees it."""
-        feed, followers = self._feed, self._followers
-        if feed is None or followers is None:
+        feed, follow = self._feed, self._follow
+        if feed is None or follow is None:
             return None
 
         def announce() -> Callable[[], None]:
-            if not followers.followed(self.name):
+            if not follow.followed():
                 return _nothing_to_wait_for
             return announced(feed, self.name, seq)
 
@@ -472,6 +476,9 @@ class Prefix(MutableMapping[str, Any]):
             finally:
                 if hasattr(self, "_log"):
                     self._log.close()
+                follow = getattr(self, "_follow", None)  # None: __init__ failed before
+                if follow is not None:
+                    follow.close()
         self._closed = True
 
     @property
@@ -673,18 +680,21 @@ class Prefix(MutableMapping[str, Any]):
                 counter = self._feed.commit_seq(self.name)
             except HotcopyError:
                 counter = -1  # no coordinator to ask: look at the files
+            # Odd: a writer holds the lease. If it is our own, parked, nobody else commits
+            # until the counter moves; another's announces its commits once we follow.
+            trusted = not counter & 1 or self._following or self._parked is not None
             if (
                 not force
                 and counter == self._seen_counter
                 and counter >= 0
-                and (not counter & 1 or self._following)
+                and trusted
                 and now - self._checked_at < _leases.TRUST_COUNTER_FOR
             ):
                 return
-            if counter & 1 and not self._following and self._followers is not None:
-                # A writer holds the lease: follow before the look below, so that every commit
-                # written after it is announced, and the counter can be trusted from then on.
-                self._following = self._followers.follow(self.name)
+            if not trusted and self._follow is not None:
+                # Follow before the look below, so that every commit written after it is
+                # announced, and the counter can be trusted from then on.
+                self._following = self._follow.follow()
             self._seen_counter, self._checked_at = counter, now  # read before the files
         self._log.follow()
 

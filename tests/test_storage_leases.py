@@ -412,8 +412,8 @@ def test_a_writer_announces_its_commits_only_while_a_reader_follows_the_prefix(
         writer["k"] = 0
         writer.commit()
         counter = reader_repo.leases.commit_seq("p")
-        for value in (1, 2):
-            writer["k"] = value
+        for _ in range(2):
+            writer["k"] = writer["k"] + 1  # its own reads see its own lease: it needs no follow
             writer.commit()
         assert reader_repo.leases.commit_seq("p") == counter  # alone: nothing announced
         reader = reader_repo.open_prefix("p")
@@ -488,3 +488,26 @@ def test_writers_that_contend_for_a_prefix_keep_the_lease_for_a_quantum_in_turn(
             for pipe in (writer.stdin, writer.stdout):
                 if pipe is not None:
                     pipe.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_view_that_closes_gives_back_what_it_held_to_follow_or_announce(
+    tmp_path: Path,
+) -> None:
+    """A process that writes and reads many prefixes in turn kept two descriptors open per
+    prefix it ever touched, until its repository closed: it ran out of them (an attack)."""
+    root = tmp_path / "repo"
+    with Repository.init(root) as writer_repo, Repository(root) as reader_repo:
+        fds = len(os.listdir("/proc/self/fd"))
+        for number in range(60):
+            writer = writer_repo.open_prefix(f"p{number}", "rw")
+            writer["k"] = number
+            writer.commit()  # the write lease stays parked: the counter is odd
+            reader = reader_repo.open_prefix(f"p{number}")
+            assert reader["k"] == number  # follows
+            writer["k"] = number + 1
+            writer.commit()  # announced
+            assert reader["k"] == number + 1
+            reader.close()
+            writer.close()
+        assert len(os.listdir("/proc/self/fd")) < fds + 10
