@@ -73,10 +73,10 @@ def _lease_quantum_from_env() -> float:
 
     A hand-over costs about half a millisecond here (the coordinator and the next holder
     woken, the files read again): handed over at every commit, 4 writers on one prefix made
-    1,600-1,700 commits/s in all, each waiting 2.4 ms at the median. With a quantum of 1 ms
-    a writer makes a few commits per turn: 3,400/s, 0.17 ms at the median, the same p99
-    (5 ms); with 2 ms, 4,400/s but a p99 of 7.7 ms (/work/tmp/w4.py, 4 writers, 3 s).
-    Turns still go round in FIFO order, so every writer gets its share.
+    1,700-1,900 commits/s in all, each waiting 2.1 ms at the median. With a quantum of 1 ms
+    a writer makes a few commits per turn: 3,500-4,100/s, 0.15 ms at the median, a p99 of
+    4.4-5.2 ms instead of 3.3-4.6; with 2 ms, 4,400-4,600/s and 7.8 ms (README, Numbers:
+    scripts/bench_contention.py). Turns still go round in FIFO order: every writer its share.
     """
     raw = os.environ.get(ENV_LEASE_QUANTUM_MS, "")
     try:
