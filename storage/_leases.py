@@ -14,6 +14,10 @@ Modes follow DESIGN.md: ``read`` and ``snapshot`` share with everything but ``ex
 ``write`` excludes ``write``; ``exclusive`` excludes everything. Two lock files per prefix give
 exactly that: ``write`` holds ``<p>.w`` exclusively, ``read``/``snapshot`` hold ``<p>.a`` shared,
 ``exclusive`` holds both exclusively.
+
+With the coordinator's leases, ``locks/`` holds one more file per prefix, ``<p>.f``: the readers
+that trust its change counter while a writer keeps its lease hold it shared (see
+:class:`Follow`), and the writer announces its commits while anybody does.
 """
 
 from __future__ import annotations
