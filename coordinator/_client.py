@@ -58,6 +58,7 @@ _KEEPALIVE: Final = 0.5  # how often an idle client holding leases checks the co
 # (it failed, or won and died already): the launcher has returned by then, so a live
 # candidate holds the election lock within milliseconds.
 _SPAWN_RETRY: Final = 0.5
+_SEND_ATTEMPTS: Final = 5  # connections a frame is sent on before the coordinator counts as gone
 _REPLY_GRACE: Final = 30.0  # a nowait reply later than this means the coordinator hangs
 # A parked lease (see Lease.park) goes back to the coordinator as soon as anybody queues for
 # its prefix, checked this often, or after this long unused: a process stopped or busy
@@ -1122,21 +1123,30 @@ class Client:
         self._pslots = {}
 
     def _send_locked(self, data: bytes, *, resend: bool) -> None:
-        """Send one frame (holding the mutex), reconnecting once if the coordinator died."""
+        """Send one frame (holding the mutex), reconnecting if the coordinator died; with
+        ``resend``, send it again on the new connection (the handshake re-sends only pending
+        requests), which may die in turn: a successor killed at once is reconnected to again,
+        up to a few times, and then the coordinator counts as unavailable."""
         if own_pid() != self._pid:
             raise RuntimeError("internal: fork not handled before sending")
-        conn = self._conn
-        if conn is None:
-            raise ClientClosed("the client is closed")
-        try:
-            conn.sock.sendall(data)
-            return
-        except OSError as err:
-            if err.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
-                raise
-        self._reconnect_locked()
-        if resend and self._conn is not None:
-            self._conn.sock.sendall(data)
+        for _ in range(_SEND_ATTEMPTS):
+            conn = self._conn
+            if conn is None:
+                raise ClientClosed("the client is closed")
+            try:
+                conn.sock.sendall(data)
+                return
+            except OSError as err:
+                if err.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                    raise
+            self._reconnect_locked()
+            if not resend:
+                return
+        raise CoordinatorUnavailable(
+            f"the coordinator of {str(self._paths.root)!r} died at every connection, "
+            f"{_SEND_ATTEMPTS} times in a row",
+            root=str(self._paths.root),
+        )
 
     def _reconnect_locked(self) -> None:
         """Replace a dead connection and restore this client's state on the new one."""

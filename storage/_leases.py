@@ -85,10 +85,11 @@ def announced(feed: ChangeFeed, prefix: str, seq: int) -> Callable[[], None]:
     dead, being replaced), until :data:`TRUST_COUNTER_FOR` has passed since the write: by then
     every reader's next get looks at the files. Either way no reader misses the commit.
     """
+    # The commit is in the file already: whatever goes wrong here must not report it failed.
     written = time.monotonic()
     try:
         published: Callable[[float], bool] | None = feed.announce_commit(prefix, seq)
-    except HotcopyError:
+    except (HotcopyError, OSError):
         published = None
 
     def acknowledge() -> None:
@@ -96,7 +97,7 @@ def announced(feed: ChangeFeed, prefix: str, seq: int) -> Callable[[], None]:
         try:
             if published is not None and published(deadline):
                 return
-        except HotcopyError:
+        except (HotcopyError, OSError):
             pass
         time.sleep(max(0.0, deadline - time.monotonic()))
 

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import queue
+import random
 import shutil
 import signal
 import socket
@@ -1099,3 +1100,37 @@ def test_lost_shared_memory_after_a_crash_still_excludes(
         lease.release()
     finally:
         reap([proc])
+
+
+@pytest.mark.timeout(90)
+def test_a_publication_while_coordinators_are_killed_again_and_again_raises_only_its_errors(
+    root: Path, client: hc.Client
+) -> None:
+    """A one-way publication (every announced commit sends one) is sent again on the new
+    connection after a reconnect; a successor killed just then broke that second send, and
+    a raw BrokenPipeError escaped into the committing writer (found by the CI's chaos run)."""
+    client.publish_commit("p", 1, wait=True)
+    chance = random.Random(7)
+    stop = threading.Event()
+
+    def kill_coordinators() -> None:
+        # Each successor soon after it starts serving: while clients reconnect to it.
+        while not stop.wait(chance.uniform(0.0, 0.05)):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int((root / ".hotcopy" / "coordinator.pid").read_text()), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_coordinators)
+    killer.start()
+    published = 0
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                client.publish_commit("p", 2)
+                published += 1
+            except hc.CoordinatorUnavailable:
+                pass  # the coordinator's own error: what a caller is told to expect
+    finally:
+        stop.set()
+        killer.join()
+    assert published
