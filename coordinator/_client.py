@@ -60,9 +60,9 @@ _KEEPALIVE: Final = 0.5  # how often an idle client holding leases checks the co
 _SPAWN_RETRY: Final = 0.5
 _SEND_ATTEMPTS: Final = 5  # connections a frame is sent on before the coordinator counts as gone
 _REPLY_GRACE: Final = 30.0  # a nowait reply later than this means the coordinator hangs
-# A parked lease (see Lease.park) goes back to the coordinator as soon as anybody queues for
-# its prefix, checked this often, or after this long unused: a process stopped or busy
-# elsewhere holds a prefix no longer than it would holding it in a short transaction.
+# A parked lease (see Lease.park) goes back to the coordinator once anybody queues for its
+# prefix and its quantum is over, checked this often, or after this long unused: a process
+# stopped or busy elsewhere holds a prefix no longer than it would in a short transaction.
 _PARK_POLL: Final = 0.002
 _PARK_IDLE: Final = 0.05
 ENV_LEASE_QUANTUM_MS: Final = "HOTCOPY_LEASE_QUANTUM_MS"
@@ -470,9 +470,10 @@ class Client:
 
         Reads shared memory; no round trip. The counter is odd exactly while a ``write`` or
         ``exclusive`` lease on the prefix is granted, and changes whenever one is granted or
-        released and with every :meth:`publish_commit` (storage publishes every commit
-        before acknowledging it). So a value equal to one read earlier means that nothing
-        changed the prefix in between but commits not yet acknowledged. The
+        released and with every :meth:`publish_commit`. So an even value equal to one read
+        earlier means that no lease that could change the prefix was granted in between; an
+        odd one, that no commit was announced (storage announces each commit before it is
+        acknowledged while a reader follows the prefix: see its ``Follow``). The
         counter is 0 while no such lease was granted since the segment was made (the prefix
         has no slot yet); the answer is -1 when there is no segment, or the prefix table was
         ever full (a prefix without a slot may then have a writer whose counter is not

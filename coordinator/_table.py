@@ -487,8 +487,9 @@ class LeaseTable:
         The counter of a prefix changes whenever its content may have: it becomes odd when a
         ``write`` or ``exclusive`` lease is granted and even again when the last one goes,
         and moves by two for a publication (``seq`` is not needed for that and is ignored),
-        which storage makes for every commit before acknowledging it. So a reader that saw
-        the same value before may trust that no commit was acknowledged in between.
+        which storage makes for a commit before acknowledging it while a reader follows the
+        prefix. So a reader that saw the same even value before may trust that nothing
+        changed in between, and a follower the same odd one that no commit was acknowledged.
         """
         state = self._prefix(prefix)
         state.commit += 2
