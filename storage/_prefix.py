@@ -668,8 +668,9 @@ class Prefix(MutableMapping[str, Any]):
         """See what other processes committed. A writer mid-transaction already has it all.
 
         Without ``force``, an unchanged commit counter in the coordinator's shared memory
-        answers "nothing new" without touching a file (every commit moves it before it is
-        acknowledged, see ``_leases.announced``); the files are still checked at least every
+        answers "nothing new" without touching a file: an even one always, an odd one (a
+        writer holds the lease) if it is our own parked lease or once this view follows the
+        prefix (see ``_leases.Follow``); the files are still checked at least every
         ``TRUST_COUNTER_FOR`` seconds, in case a publication was lost.
         """
         if (self._lease is not None or self._pins) and not force:
