@@ -555,7 +555,7 @@ class Client:
                 self._check_usable_locked()
                 self._send_locked(data, resend=True)
             return
-        if not self._publish_sync(prefix, raw, seq)(time.monotonic() + _REPLY_GRACE):
+        if not self._publish_sync(raw, seq)(time.monotonic() + _REPLY_GRACE):
             raise CoordinatorUnavailable(
                 f"the coordinator of {str(self._paths.root)!r} did not acknowledge a commit "
                 f"of {prefix!r} within {_REPLY_GRACE:.0f}s",
@@ -581,11 +581,11 @@ class Client:
         def published(deadline: float) -> bool:
             if before >= 0 and self.commit_seq(prefix) != before:
                 return True
-            return self._publish_sync(prefix, self._prefix_bytes(prefix), seq)(deadline)
+            return self._publish_sync(self._prefix_bytes(prefix), seq)(deadline)
 
         return published
 
-    def _publish_sync(self, prefix: str, raw: bytes, seq: int) -> Callable[[float], bool]:
+    def _publish_sync(self, raw: bytes, seq: int) -> Callable[[float], bool]:
         """Send a publication that the coordinator acknowledges; the function returned waits
         for that, by a monotonic deadline, and tells whether it came."""
         with self._mutex:
