@@ -7,6 +7,9 @@
   directory (alternated, medians of --rounds);
 - restore of a backup of one prefix of --big-mib MiB / ``cp -r`` + sync of that backup.
 
+Each restore, and each ``cp -r`` it is measured against, reads the backup from the disk: its
+pages are dropped from the cache before each run (``bench_copy.evict_from_cache``).
+
     python scripts/bench_backup.py [--prefixes 1000] [--big-mib 1024] [--rounds 2] [--quick]
                                    [--json FILE]
 """
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_copy import evict_from_cache
 from hotcopy.storage import Repository
 from hotcopy.workers import backup, restore
 
@@ -85,8 +89,10 @@ def bench_bulk(work: Path, prefixes: int, jobs_list: list[int], rounds: int) -> 
     cp_backup: list[float] = []
     restores: dict[int, list[float]] = {jobs: [] for jobs in RESTORE_JOBS}
     for n in range(rounds):
+        evict_from_cache(catalog)
         cp_backup.append(cp_sync(catalog, work / f"bulk-bk-cp-{n}"))
         for jobs in RESTORE_JOBS:
+            evict_from_cache(catalog)
             began = time.monotonic()
             restore(catalog, work / f"bulk-restored-{jobs}-{n}", jobs=jobs)
             restores[jobs].append(time.monotonic() - began)
@@ -107,7 +113,9 @@ def bench_big_restore(work: Path, big_mib: int, rounds: int) -> dict[str, Any]:
     timed_backup(root, catalog)
     cp_times, restores = [], []
     for n in range(rounds):
+        evict_from_cache(catalog)
         cp_times.append(cp_sync(catalog, work / f"one-bk-cp-{n}"))
+        evict_from_cache(catalog)
         began = time.monotonic()
         restore(catalog, work / f"one-restored-{n}")
         restores.append(time.monotonic() - began)

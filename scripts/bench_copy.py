@@ -4,7 +4,7 @@ Figures are ratios against baselines measured in the same run (the machine is sh
 
 - copy throughput of a prefix (incl. fsync) / throughput of ``cp SRC DST && sync DST``;
 - the same for a restore of that copy into a new repository (``restore_prefix``, which checks
-  every byte of it), against ``cp`` + ``sync`` of the copy;
+  every byte of it), against ``cp`` + ``sync`` of the copy, each reading the copy from the disk;
 - the same copy for a prefix of small records (100-byte values, where the copy's checks of
   every batch and index page cost more than its bytes);
 - a writer's commit latency p99 while a copy runs / the same writer's p99 with no copy, and its
@@ -97,17 +97,30 @@ def build_small_prefix(root: Path, size_mib: int) -> int:
     return (root / "small.hc").stat().st_size
 
 
-def time_restore(copy: Path, work: Path) -> float:
-    """Seconds to restore ``copy`` as prefix "big" of a new repository (every byte checked,
-    fsynced)."""
-    root = work / "restored"
-    shutil.rmtree(root, ignore_errors=True)
+def evict_from_cache(path: Path) -> None:
+    """Drop the cached pages of ``path`` (a file, or every file under a directory), so that the
+    run timed next reads it from the disk, as a restore during an outage reads its backup.
+
+    Without this, whichever of two alternated runs goes first pays the disk and the second reads
+    memory: a copy written past the page cache (``O_DIRECT``) is not cached when it is made.
+    """
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages stay cached: written back first, they can be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def time_restore(copy: Path, root: Path) -> float:
+    """Seconds to restore ``copy`` as prefix "big" of a new repository at ``root`` (every byte
+    checked, fsynced)."""
     with Repository.init(root) as repo:
         began = time.monotonic()
         repo.restore_prefix(copy, "big")
-        seconds = time.monotonic() - began
-    shutil.rmtree(root)
-    return seconds
+        return time.monotonic() - began
 
 
 def time_cp_sync(src: Path, dest: Path) -> float:
@@ -121,28 +134,22 @@ def median_pair(root: Path, work: Path, rounds: int, prefix: str = "big") -> dic
     """Alternate copy_prefix and cp+sync ``rounds`` times; medians of each."""
     ours, theirs = [], []
     for i in range(rounds):
-        dest = work / f"copy-{i}.hc"
-        ours.append(time_copy(root, dest, prefix=prefix)[0])
-        dest.unlink()
-        dest = work / f"cp-{i}.hc"
-        theirs.append(time_cp_sync(root / f"{prefix}.hc", dest))
-        dest.unlink()
+        ours.append(time_copy(root, work / f"{prefix}-copy-{i}.hc", prefix=prefix)[0])
+        theirs.append(time_cp_sync(root / f"{prefix}.hc", work / f"{prefix}-cp-{i}.hc"))
     return {"copy_s": statistics.median(ours), "cp_sync_s": statistics.median(theirs)}
 
 
 def restore_pair(root: Path, work: Path, rounds: int) -> dict[str, float]:
-    """Alternate a restore of a copy of "big" and cp+sync of that copy; medians of each."""
+    """Alternate a restore of a copy of "big" and cp+sync of that copy, each reading the copy
+    from the disk; medians of each."""
     copy = work / "source-copy.hc"
     time_copy(root, copy)
     ours, theirs = [], []
-    try:
-        for i in range(rounds):
-            ours.append(time_restore(copy, work))
-            dest = work / f"cp-{i}.hc"
-            theirs.append(time_cp_sync(copy, dest))
-            dest.unlink()
-    finally:
-        copy.unlink()
+    for i in range(rounds):
+        evict_from_cache(copy)
+        ours.append(time_restore(copy, work / f"restored-{i}"))
+        evict_from_cache(copy)
+        theirs.append(time_cp_sync(copy, work / f"source-copy-cp-{i}.hc"))
     return {"restore_s": statistics.median(ours), "cp_sync_s": statistics.median(theirs)}
 
 
@@ -183,6 +190,7 @@ def writer_latency(
 ) -> dict[str, Any]:
     """Run the writer for ``seconds``, or ``during`` one "copy" (copy_prefix, at most
     ``rate_limit`` bytes/s) or "cp" (+ sync)."""
+    dest = work / f"during-{during}-{rate_limit}.hc"
     with Writer(root, work) as writer:
         window: tuple[float, float] | None = None
         cut_s = 0.0
@@ -190,17 +198,14 @@ def writer_latency(
             time.sleep(0.5)  # some commits before the copy starts, for the plot
             began = time.monotonic()
             if during == "copy":
-                _, cut_s = time_copy(root, work / "during.hc", rate_limit)
+                _, cut_s = time_copy(root, dest, rate_limit)
             else:
-                time_cp_sync(root / "big.hc", work / "during.hc")
+                time_cp_sync(root / "big.hc", dest)
             window = (began, time.monotonic())
             time.sleep(0.5)
         else:
             time.sleep(seconds)
         runs = writer.stop()
-        # Only now: freeing a GiB of extents stalls every fsync on the file system for a while,
-        # and it is not part of the copy.
-        (work / "during.hc").unlink(missing_ok=True)
     samples = [(at, lat) for at, lat, _ in runs]
     picked = [run for run in runs if window is None or window[0] <= run[0] <= window[1]]
     inside = sorted(lat for _, lat, _ in picked)
@@ -247,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     size = 128 if args.quick else args.size_mib
     small_mib = min(args.small_mib, 16) if args.quick else args.small_mib
     rounds = 2 if args.quick else args.rounds
+    # Nothing is deleted until every run is timed: on a file system mounted with ``discard``,
+    # freeing a GiB of extents slows every write and fsync for seconds, and that would fall on
+    # whichever run came next.
     work = Path(tempfile.mkdtemp(prefix="hotcopy-bench-copy-", dir=args.dir))
     results: dict[str, Any] = {"size_mib": size}
     try:
@@ -272,7 +280,6 @@ def main(argv: list[str] | None = None) -> int:
                 "copy_mib_s": small_size / MIB / small["copy_s"],
                 "ratio": small["cp_sync_s"] / small["copy_s"],
             }
-            shutil.rmtree(small_root)
         quiet = writer_latency(root, work, "nothing", seconds=3.0)
         busy = writer_latency(root, work, "copy", seconds=0)
         plain = writer_latency(root, work, "cp", seconds=0)
