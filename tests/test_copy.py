@@ -8,10 +8,13 @@ Multi-process copies are in ``test_copy_concurrent.py``, copies killed or failin
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import mmap
 import os
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -969,3 +972,63 @@ def test_damage_inside_a_large_commit_is_refused_by_a_copy(
     with pytest.raises(CorruptFileError):
         repo.copy_prefix(tmp_path / "copy.hc", "p")
     assert not (tmp_path / "copy.hc").exists()
+
+
+def _resident(path: Path) -> float:
+    """The share of ``path``'s pages in the page cache, as ``mincore`` tells of a map of it that
+    is never touched: looking does not read (a read, even ``RWF_NOWAIT``, starts read-ahead)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        at = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert at != ctypes.c_void_p(-1).value, os.strerror(ctypes.get_errno())
+        try:
+            pages = -(-size // mmap.PAGESIZE)
+            vector = ctypes.create_string_buffer(pages)
+            assert libc.mincore(at, size, vector) == 0, os.strerror(ctypes.get_errno())
+            return sum(byte & 1 for byte in vector.raw) / pages
+        finally:
+            libc.munmap(at, size)
+    finally:
+        os.close(fd)
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_restore_reads_the_next_small_pieces_ahead_and_never_opens_anything_else(
+    tmp_path: Path,
+) -> None:
+    """A restore of many small prefixes asks the kernel for the next prefix's pieces while it
+    restores this one, so the disk is read while the CPU checks (``cp -r`` reads one file at a
+    time). The hint opens only regular files: a FIFO planted as a piece does not block it, and
+    a missing piece or a link is left for the restore itself to report."""
+    from hotcopy.storage._copy import Piece, read_ahead
+
+    piece = tmp_path / "piece.hc"
+    piece.write_bytes(os.urandom(1 << 20))
+    _evict(piece)
+    if _resident(piece) > 0:
+        pytest.skip("this file system keeps the pages of a file it was asked to drop (tmpfs)")
+    os.mkfifo(tmp_path / "fifo.hc")
+    (tmp_path / "link.hc").symlink_to(piece)
+    planted = [Piece(tmp_path / name, 1 << 20, None) for name in ("fifo.hc", "gone.hc", "link.hc")]
+    read_ahead(planted)
+    read_ahead([Piece(piece, 2 << 30, None)])  # too large to be read ahead whole
+    assert _resident(piece) == 0, "a link or a large piece was read ahead"
+    read_ahead([Piece(piece, 1 << 20, None)])
+    deadline = time.monotonic() + 10  # the kernel reads asynchronously; nothing here reads
+    while _resident(piece) < 1:
+        assert time.monotonic() < deadline, f"{_resident(piece):.0%} of the piece read ahead"

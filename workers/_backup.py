@@ -35,6 +35,7 @@ from hotcopy.storage._copy import (
     CopyResult,
     Piece,
     cut_prefix,
+    read_ahead,
     restore_chain,
 )
 from hotcopy.storage._durable import (
@@ -901,7 +902,7 @@ def _restore_into(
     with init(target, leases=leases, lineage=lineage, lease_timeout=lease_timeout) as repo:
         if jobs <= 1 or len(names) <= 1 or total < INLINE_BELOW:
             done_bytes = 0
-            for number, (name, pieces, seq, then) in enumerate(items):
+            for number, (name, pieces, seq, then) in enumerate(_reading_ahead(items)):
 
                 def step(done: int, _: int, base: int = done_bytes, number: int = number) -> None:
                     if progress is not None:
@@ -944,6 +945,16 @@ def _restore_into(
 RestoreItem = tuple[str, list[Piece], int, bytes]
 
 
+def _reading_ahead(items: Sequence[RestoreItem]) -> Iterator[RestoreItem]:
+    """``items`` in order, the pieces of each read ahead while the one before is restored."""
+    if items:
+        read_ahead(items[0][1])
+    for number, item in enumerate(items):
+        if number + 1 < len(items):
+            read_ahead(items[number + 1][1])
+        yield item
+
+
 def restore_batch(
     root: str,
     batch: Sequence[RestoreItem],
@@ -956,7 +967,7 @@ def restore_batch(
     leases = FileLeases(Path(root) / RUNTIME_DIR) if staged else None
     outcomes: list[int | Exception] = []
     with Repository(root, leases=leases, lease_timeout=lease_timeout) as repo:
-        for name, pieces, seq, then in batch:
+        for name, pieces, seq, then in _reading_ahead(batch):
             try:
                 outcomes.append(
                     restore_chain(
