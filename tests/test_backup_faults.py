@@ -408,3 +408,54 @@ def test_a_restore_killed_midway_leaves_root_as_it_was(tmp_path: Path, root_was:
     assert restore(dest, target).prefixes == {name: seq for name, (seq, _) in state.items()}
     assert dump_repo(target) == state
     assert not list(tmp_path.glob(".out.restoring*")), "the dead restore's staging was not swept"
+
+
+# -- a restore of one .hc copy -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("root_was", ["absent", "empty"])
+def test_a_refused_restore_of_one_copy_leaves_root_as_it_was(
+    tmp_path: Path, root_was: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``hotcopy restore COPY.hc ROOT`` of a damaged copy says "nothing restored"; ROOT must
+    then hold nothing either, not an empty repository that an application would open as the
+    restored one."""
+    root, target = tmp_path / "repo", tmp_path / "out"
+    fill(root, "p", 40)
+    with Repository(root) as repo:
+        repo.copy_prefix(tmp_path / "p.hc", "p")
+    _flip_middle(tmp_path / "p.hc")
+    if root_was == "empty":
+        target.mkdir()
+    assert main(["restore", str(tmp_path / "p.hc"), str(target)]) == 1
+    assert "nothing restored" in capsys.readouterr().err
+    if root_was == "empty":
+        assert os.listdir(target) == []
+    else:
+        assert not os.path.lexists(target)
+    assert not list(tmp_path.glob(".out.restoring*")), "the staging directory was left"
+
+
+@pytest.mark.crash
+def test_a_restore_of_one_copy_killed_midway_leaves_root_as_it_was(tmp_path: Path) -> None:
+    """Killed inside its third copy step (a copy of 4 MiB steps), the restore of one copy into a
+    new ROOT leaves no ROOT; the next restore sweeps what the dead one left."""
+    root, target = tmp_path / "repo", tmp_path / "out"
+    fill(root, "p", 1000, size=20_000)  # 20 MB: five steps
+    state = dump_repo(root)
+    with Repository(root) as repo:
+        repo.copy_prefix(tmp_path / "p.hc", "p")
+    env = {**_env(), "HOTCOPY_FAULT": "copy:after-step", "HOTCOPY_FAULT_AFTER": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", _CLI, "restore", str(tmp_path / "p.hc"), str(target)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode == -signal.SIGKILL, f"the fault never fired: {done.stderr}"
+    assert not os.path.lexists(target)
+    assert main(["restore", str(tmp_path / "p.hc"), str(target)]) == 0
+    assert dump_repo(target) == state
+    assert not list(tmp_path.glob(".out.restoring*")), "the dead restore's staging was not swept"

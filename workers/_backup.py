@@ -815,22 +815,13 @@ def _restore(
     manifest = choice.manifest
     total = sum(piece.size for pieces in chains.values() for piece in pieces)
     restored: dict[str, int] = {}
-    fresh = not target.exists() or not any(target.iterdir())
-    if not fresh:  # --force into a repository: prefix by prefix, each under its exclusive lease
+    # --force into a repository: prefix by prefix, each under its exclusive lease.
+    if not _is_fresh(target):
         _restore_into(
             target, names, chains, tails, manifest, force, progress, total, restored,
             jobs=jobs, lease_timeout=lease_timeout,
         )  # fmt: skip
     else:
-        # All or nothing: build the repository beside ROOT, then rename it into place (rename
-        # replaces an empty directory), so a failed restore leaves ROOT as it was. Nothing in
-        # staging is live before the rename: one syncfs makes it all durable first, instead of
-        # four device flushes per prefix.
-        make_directory(target.parent)
-        sweep_abandoned_dirs(target.parent / f".{target.name}.restoring")
-        # Named for this process, so that a later restore can tell it was abandoned.
-        staging = temp_path_for(target.parent / f".{target.name}.restoring")
-        make_directory(staging, exist_ok=False)
         lineage = {
             "restored_from": {
                 "repository_id": manifest.repository_id,
@@ -839,7 +830,7 @@ def _restore(
             },
             "time": clock(),
         }
-        try:
+        with _built_beside(target) as staging:
             _restore_into(
                 staging,
                 names,
@@ -854,12 +845,6 @@ def _restore(
                 staged=True,
                 lineage=lineage,
             )
-            sync_filesystem(staging)
-            os.rename(staging, target)
-            fsync_dir(target.parent)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     if progress is not None:
         progress(len(names), len(names), total, total)
     return RestoreResult(
@@ -871,6 +856,58 @@ def _restore(
         missing=manifest.missing,
         passed_over=choice.passed_over,
     )
+
+
+def _is_fresh(target: Path) -> bool:
+    """Whether a restore builds ``target`` whole: it does not exist, or is an empty directory."""
+    return not target.exists() or not any(target.iterdir())
+
+
+@contextlib.contextmanager
+def _built_beside(target: Path) -> Iterator[Path]:
+    """A staging directory beside ``target``, to build a restored repository in; renamed into
+    place (a rename replaces an empty directory) when the block ends, removed if it fails.
+
+    All or nothing: a failed or killed restore leaves ``target`` as it was, and its staging
+    directory, named for its process, is swept by the next restore. Nothing in staging is live
+    before the rename, so one ``syncfs`` makes it all durable first, instead of four device
+    flushes per prefix.
+    """
+    make_directory(target.parent)
+    sweep_abandoned_dirs(target.parent / f".{target.name}.restoring")
+    staging = temp_path_for(target.parent / f".{target.name}.restoring")
+    make_directory(staging, exist_ok=False)
+    try:
+        yield staging
+        sync_filesystem(staging)
+        os.rename(staging, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def restore_copy(
+    source: Path,
+    root: str | os.PathLike[str],
+    prefix: str,
+    *,
+    force: bool = False,
+    repository: Callable[[Path], Repository] = Repository,
+) -> int:
+    """Restore the standalone copy ``source`` as ``prefix`` of the repository at ``root``; its
+    commit. A new or empty ``root`` is built beside it and renamed into place, as a backup's
+    restore is: a copy refused as damaged leaves no repository behind. An existing repository
+    is opened by ``repository`` and the prefix replaced under its exclusive lease (``force``).
+    """
+    target = Path(os.path.abspath(root))
+    if not _is_fresh(target):
+        with repository(target) as repo:
+            return repo.restore_prefix(source, prefix, force=force)
+    with _built_beside(target) as staging:
+        leases = FileLeases(staging / RUNTIME_DIR)  # nobody else knows a staging directory
+        with Repository.init(staging, leases=leases) as repo:
+            return repo.restore_prefix(source, prefix)
 
 
 def _restore_into(

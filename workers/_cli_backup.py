@@ -15,7 +15,7 @@ from hotcopy.storage._files import open_regular
 from hotcopy.storage._format import MAIN_MAGIC
 from hotcopy.storage._verify import VerifyReport, verify_prefix
 
-from ._backup import BackupResult, backup, restore
+from ._backup import BackupResult, backup, restore, restore_copy
 from ._catalog import CATALOG_MARKER, Catalog, Check, list_backups
 from ._cli_base import (
     EXIT_ERROR,
@@ -370,10 +370,13 @@ def _restore_copy(args: argparse.Namespace, console: Console) -> int:
         )
     if not _is_hotcopy_file(Path(os.path.realpath(source))):  # the user's link is followed
         raise CommandError(f"{source} is not a hotcopy file (neither a .hc copy nor a directory)")
-    with Repository.init(args.root) as repo:
-        repo.close()
-    with open_repository(args.root, console.waits(args.timeout)) as repo:
-        seq = repo.restore_prefix(source, prefixes[0], force=args.force)
+    seq = restore_copy(
+        source,
+        args.root,
+        prefixes[0],
+        force=args.force,
+        repository=lambda root: open_repository(root, console.waits(args.timeout)),
+    )
     if args.json:
         print_json({"id": None, "root": str(args.root), "prefixes": {prefixes[0]: seq}})
     else:
