@@ -377,6 +377,21 @@ def test_a_refused_restore_can_be_retried_without_force(tmp_path: Path) -> None:
 # -- a restore killed midway ----------------------------------------------------------------------
 
 
+def _restore_killed_in_third_step(source: Path, target: Path) -> None:
+    """``hotcopy restore SOURCE TARGET`` in a process that SIGKILLs itself in its third copy
+    step."""
+    env = {**_env(), "HOTCOPY_FAULT": "copy:after-step", "HOTCOPY_FAULT_AFTER": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", _CLI, "restore", str(source), str(target)],
+        env=env,
+        cwd=target.parent,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode == -signal.SIGKILL, f"the fault never fired: {done.stderr}"
+
+
 @pytest.mark.crash
 @pytest.mark.parametrize("root_was", ["absent", "empty"])
 def test_a_restore_killed_midway_leaves_root_as_it_was(tmp_path: Path, root_was: str) -> None:
@@ -390,16 +405,7 @@ def test_a_restore_killed_midway_leaves_root_as_it_was(tmp_path: Path, root_was:
     if root_was == "empty":
         target.mkdir()
     # Each prefix is one copy step: killed inside the third prefix, two are restored by then.
-    env = {**_env(), "HOTCOPY_FAULT": "copy:after-step", "HOTCOPY_FAULT_AFTER": "3"}
-    done = subprocess.run(
-        [sys.executable, "-c", _CLI, "restore", str(dest), str(target)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-    )
-    assert done.returncode == -signal.SIGKILL, f"the fault never fired: {done.stderr}"
+    _restore_killed_in_third_step(dest, target)
     if root_was == "empty":
         assert os.listdir(target) == []
     else:
@@ -445,16 +451,7 @@ def test_a_restore_of_one_copy_killed_midway_leaves_root_as_it_was(tmp_path: Pat
     state = dump_repo(root)
     with Repository(root) as repo:
         repo.copy_prefix(tmp_path / "p.hc", "p")
-    env = {**_env(), "HOTCOPY_FAULT": "copy:after-step", "HOTCOPY_FAULT_AFTER": "3"}
-    done = subprocess.run(
-        [sys.executable, "-c", _CLI, "restore", str(tmp_path / "p.hc"), str(target)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-    )
-    assert done.returncode == -signal.SIGKILL, f"the fault never fired: {done.stderr}"
+    _restore_killed_in_third_step(tmp_path / "p.hc", target)
     assert not os.path.lexists(target)
     assert main(["restore", str(tmp_path / "p.hc"), str(target)]) == 0
     assert dump_repo(target) == state

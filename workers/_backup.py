@@ -781,6 +781,16 @@ def restore(
                         lease_timeout, jobs, began)  # fmt: skip
 
 
+def _directory_beside(target: Path, purpose: str) -> Path:
+    """A new directory ``.NAME.PURPOSE.<this process>`` beside ``target``: named for its
+    process, so that the next one can tell it was abandoned and sweep it first."""
+    make_directory(target.parent)
+    sweep_abandoned_dirs(target.parent / f".{target.name}.{purpose}")
+    made = temp_path_for(target.parent / f".{target.name}.{purpose}")
+    make_directory(made, exist_ok=False)
+    return made
+
+
 @contextlib.contextmanager
 def _scratch_for(catalog: Catalog, target: Path) -> Iterator[Path | None]:
     """Where the pieces of a catalog that is not local are downloaded: beside ``target``,
@@ -788,10 +798,7 @@ def _scratch_for(catalog: Catalog, target: Path) -> Iterator[Path | None]:
     if catalog.place.local:
         yield None
         return
-    make_directory(target.parent)
-    sweep_abandoned_dirs(target.parent / f".{target.name}.fetching")
-    scratch = temp_path_for(target.parent / f".{target.name}.fetching")
-    make_directory(scratch, exist_ok=False)
+    scratch = _directory_beside(target, "fetching")
     try:
         yield scratch
     finally:
@@ -873,10 +880,7 @@ def _built_beside(target: Path) -> Iterator[Path]:
     before the rename, so one ``syncfs`` makes it all durable first, instead of four device
     flushes per prefix.
     """
-    make_directory(target.parent)
-    sweep_abandoned_dirs(target.parent / f".{target.name}.restoring")
-    staging = temp_path_for(target.parent / f".{target.name}.restoring")
-    make_directory(staging, exist_ok=False)
+    staging = _directory_beside(target, "restoring")
     try:
         yield staging
         sync_filesystem(staging)
