@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hotcopy.coordinator._process import ProcessIdentity, own_pid
 
-from ._errors import SyncFailed
+from ._errors import NotEnoughSpace, SyncFailed
 from ._faults import fsync_fault
 from ._files import open_regular_at
 
@@ -86,6 +86,9 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
 def write_durably(
     dest: Path,
     content: bytes | Callable[[int], None],
@@ -138,9 +141,17 @@ def write_durably(
                     follow_symlinks=False,
                 )
                 os.unlink(temp.name, dir_fd=dir_fd)
-        except BaseException:
+        except BaseException as err:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp.name, dir_fd=dir_fd)
+            if isinstance(err, OSError) and err.errno in _OUT_OF_SPACE:
+                # The free space checked before (if it was) went to someone else meanwhile.
+                raise NotEnoughSpace(
+                    f"{dest}: its file system ran out of space while it was written "
+                    f"({os.strerror(err.errno)}); nothing written",
+                    path=str(dest),
+                    errno=err.errno,
+                ) from err
             raise
         if sync:
             sync_file(dir_fd, dest.parent)

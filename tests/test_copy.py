@@ -9,6 +9,7 @@ Multi-process copies are in ``test_copy_concurrent.py``, copies killed or failin
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import mmap
 import os
@@ -493,6 +494,35 @@ def test_a_copy_that_cannot_fit_is_refused_before_anything_is_touched(
         px["a"] = 1
         px.commit()
     assert verify_file(repo.copy_prefix(small_filesystem / "small.hc", "small").path).ok
+
+
+def test_a_disk_that_fills_during_a_copy_is_reported_as_such_and_leaves_nothing(
+    repo: Repository, small_filesystem: Path
+) -> None:
+    """Another program fills the destination while the copy runs (its check of the free space
+    passed): the copy fails as ``NotEnoughSpace`` (still an ``OSError`` with ``errno``
+    ``ENOSPC``) naming the file it could not write, not as a bare ``[Errno 28]``, and leaves
+    no temp behind."""
+    with repo.open_prefix("p", "rw") as px:
+        for i in range(10):
+            px[f"big{i}"] = os.urandom(64 << 10)
+            px.commit()
+        px.checkpoint()
+    source_before = _source_bytes(repo)
+    filler = small_filesystem / "filler"
+
+    def fill_the_disk(done: int, total: int) -> None:
+        if not filler.exists():
+            free = os.statvfs(small_filesystem).f_bavail * os.statvfs(small_filesystem).f_frsize
+            with open(filler, "wb") as out:
+                os.posix_fallocate(out.fileno(), 0, free)
+
+    with pytest.raises(NotEnoughSpace) as refused:
+        repo.copy_prefix(small_filesystem / "c.hc", "p", 64 << 10, fill_the_disk)
+    assert refused.value.errno == errno.ENOSPC
+    assert str(small_filesystem / "c.hc") in str(refused.value)
+    assert os.listdir(small_filesystem) == ["filler"]
+    assert _source_bytes(repo) == source_before
 
 
 @pytest.mark.parametrize(
