@@ -59,6 +59,9 @@ _KEEPALIVE: Final = 0.5  # how often an idle client holding leases checks the co
 # candidate holds the election lock within milliseconds.
 _SPAWN_RETRY: Final = 0.5
 _SEND_ATTEMPTS: Final = 5  # connections a frame is sent on before the coordinator counts as gone
+# Connections one running coordinator may drop unanswered in a row before this client stops
+# reconnecting to it: it refuses this client (another hotcopy version), it is not dying.
+_REFUSALS: Final = 3
 _REPLY_GRACE: Final = 30.0  # a nowait reply later than this means the coordinator hangs
 # A parked lease (see Lease.park) goes back to the coordinator once anybody queues for its
 # prefix and its quantum is over, checked this often, or after this long unused: a process
@@ -243,15 +246,35 @@ class Lease:
 
 
 class _Connection:
-    """One socket to the coordinator and its receive buffer."""
+    """One socket to the coordinator and its receive buffer; the coordinator's pid, and
+    whether it ever sent anything on this connection."""
 
-    __slots__ = ("buf", "poller", "sock")
+    __slots__ = ("buf", "heard", "peer_pid", "poller", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray()
+        self.heard = False
+        self.peer_pid = peer_uid(sock)[0]
         self.poller = select.poll()
         self.poller.register(sock.fileno(), select.POLLIN)
+
+    def received(self, data: bytes) -> None:
+        self.buf += data
+        self.heard = True
+
+    def refused(self) -> bool:
+        """Whether this connection, closed, was dropped by a coordinator that still runs and
+        never answered on it: it refused the handshake (or a request), it did not die."""
+        if self.heard:
+            return False
+        try:
+            os.kill(self.peer_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 class Client:
@@ -306,6 +329,7 @@ class Client:
         self._keep_interval = _KEEPALIVE
         self._acquires = self._waits = self._timeouts = self._would_block = 0
         self._releases = self._renewals = self._reconnects = self._fenced = 0
+        self._refused_by = (0, 0)  # (coordinator pid, connections it dropped unanswered)
 
     # -- public API --------------------------------------------------------------------
 
@@ -392,6 +416,7 @@ class Client:
                     and _GRANT_UNPACK(chunk, 5)[0] == req_id
                 ):
                     _req, token, slot, waited = _GRANT_UNPACK(chunk, 5)
+                    conn.heard = True
                     lease = Lease(self, req_id, prefix, mode, token, slot, ttl, data)
                     with mutex:
                         self._receiving = False
@@ -408,7 +433,7 @@ class Client:
                 # Not just our grant: file what came and carry on as the general receiver.
                 with mutex:
                     if chunk:
-                        conn.buf += chunk
+                        conn.received(chunk)
                         self._dispatch_locked(conn)
                     elif conn is self._conn and not self._closed:
                         self._reconnect_locked()
@@ -888,7 +913,7 @@ class Client:
             return True
         if not data:
             return True
-        conn.buf += data
+        conn.received(data)
         return False
 
     def _dispatch_locked(self, conn: _Connection) -> None:
@@ -1092,7 +1117,7 @@ class Client:
             with contextlib.suppress(CoordinatorUnavailable):
                 self._reconnect_locked()
             return
-        conn.buf += data
+        conn.received(data)
         self._dispatch_locked(conn)
 
     # -- connection management ---------------------------------------------------------
@@ -1157,6 +1182,23 @@ class Client:
             with contextlib.suppress(OSError):
                 old.sock.shutdown(socket.SHUT_RDWR)  # wake the receiver, if another thread
             old.sock.close()
+        if old is None or not old.refused():
+            self._refused_by = (0, 0)
+        else:
+            pid, times = self._refused_by
+            self._refused_by = (old.peer_pid, times + 1 if pid == old.peer_pid else 1)
+            if self._refused_by[1] >= _REFUSALS:
+                raise CoordinatorUnavailable(
+                    f"the coordinator of {str(self._paths.root)!r} (pid {old.peer_pid}) "
+                    f"dropped this client's connection unanswered {_REFUSALS} times in a row, "
+                    "while it runs: it refuses the handshake, as a coordinator of another "
+                    f"hotcopy version does (this one speaks protocol version "
+                    f"{p.PROTOCOL_VERSION}); its log {str(self._paths.log)!r} says why. Stop "
+                    "it once no process of its version runs, and the next client starts one "
+                    "of this version",
+                    root=str(self._paths.root),
+                    pid=old.peer_pid,
+                )
         _log.info("coordinator connection lost, reconnecting root=%s", self._paths.root)
         self._reconnects += 1
         self._connect_locked()

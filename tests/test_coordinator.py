@@ -23,6 +23,8 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1134,3 +1136,37 @@ def test_a_publication_while_coordinators_are_killed_again_and_again_raises_only
         stop.set()
         killer.join()
     assert published
+
+
+_CLIENT_OF_ANOTHER_VERSION = """
+import sys
+import hotcopy.coordinator._protocol as protocol
+from hotcopy.coordinator import CoordinatorUnavailable, connect
+protocol.PROTOCOL_VERSION += 1  # a client of a newer hotcopy, whose protocol changed
+try:
+    with connect(sys.argv[1]) as client:
+        client.lease("p", "read", timeout=5).release()
+except CoordinatorUnavailable as err:
+    print(err)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_client_of_another_protocol_version_is_told_so_instead_of_reconnecting_forever(
+    root: Path, client: hc.Client
+) -> None:
+    """After an upgrade of hotcopy, a running coordinator of the old version drops every
+    connection of the new version at its HELLO. The client took each drop for a coordinator's
+    death and reconnected at once, forever, at full CPU: every new process hung. It must fail
+    with an error that says why, and the coordinator go on serving its own version."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CLIENT_OF_ANOTHER_VERSION, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)
+    assert "protocol" in done.stdout and "version" in done.stdout, done.stdout
+    with client.lease("p", "read", timeout=5):
+        pass
