@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
@@ -61,7 +62,9 @@ _DELETED = None
 
 
 class Prefix(MutableMapping[str, Any]):
-    """Dict-like view of one prefix. Not thread-safe: use one object per thread.
+    """Dict-like view of one prefix. Threads may share one: they take turns to follow the
+    files and to commit, and share its transaction (changes made by any of them commit
+    together); one view per thread keeps their transactions apart.
 
     Reads see the latest commit of any process; writes are buffered until :meth:`commit`.
     A view opened read-only (``"r"``) refuses changes (:class:`ReadOnlyError`), unless it is
@@ -96,6 +99,10 @@ class Prefix(MutableMapping[str, Any]):
         self._lease_timeout = lease_timeout
         self._lease_ttl = lease_ttl
         self._pid = own_pid()
+        # Threads sharing this view (the module API's current prefix is shared so) take turns
+        # to follow the files and to commit: both advance the log's state, and two at once
+        # would each see the other's half-read batch as damage.
+        self._mutex = threading.RLock()
         self._closed = False
         self._lease: HeldLease | None = None
         # The write lease kept between transactions (see HeldLease.park): a writer that
@@ -196,20 +203,22 @@ class Prefix(MutableMapping[str, Any]):
         _check_key(key)
         check_text(key, "key")  # here, not in _check_key: a key stored before can be deleted
         encoded = encode_value(value)
-        self._begin()
-        self._pending[key] = encoded
+        with self._mutex:  # not while another thread commits the transaction they share
+            self._begin()
+            self._pending[key] = encoded
 
     def __delitem__(self, key: str) -> None:
         self._check_usable()
         _check_key(key)
-        began = self._lease is None
-        self._begin()
-        if key not in self:
-            if began and not self._pending:
-                # Nothing changed: do not keep every other writer waiting on this lease.
-                self._end_transaction()
-            raise KeyError(key)
-        self._pending[key] = _DELETED
+        with self._mutex:
+            began = self._lease is None
+            self._begin()
+            if key not in self:
+                if began and not self._pending:
+                    # Nothing changed: do not keep every other writer waiting on this lease.
+                    self._end_transaction()
+                raise KeyError(key)
+            self._pending[key] = _DELETED
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys())
@@ -267,6 +276,10 @@ class Prefix(MutableMapping[str, Any]):
             SyncFailed: an fsync failed; this process writes the prefix no more.
         """
         self._check_usable()
+        with self._mutex:
+            return self._commit()
+
+    def _commit(self) -> int:
         lease = self._lease
         if lease is None:
             return self._log.seq
@@ -382,7 +395,8 @@ class Prefix(MutableMapping[str, Any]):
     def rollback(self) -> None:
         """Drop the pending changes and release the write lease."""
         self._check_usable()
-        self._end_transaction()
+        with self._mutex:
+            self._end_transaction()
 
     def checkpoint(self) -> Cut:
         """Move committed WAL batches into the main file and start a fresh WAL.
@@ -696,8 +710,14 @@ class Prefix(MutableMapping[str, Any]):
                 # Follow before the look below, so that every commit written after it is
                 # announced, and the counter can be trusted from then on.
                 self._following = self._follow.follow()
-            self._seen_counter, self._checked_at = counter, now  # read before the files
-        self._log.follow()
+            with self._mutex:
+                self._log.follow()
+                # The counter read before the files, published only once they are followed:
+                # another thread that finds it unchanged must find the files followed too.
+                self._seen_counter, self._checked_at = counter, now
+            return
+        with self._mutex:
+            self._log.follow()
 
 
 class _NoExclusion:

@@ -13,6 +13,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,83 @@ def test_prefix_refuses_use_in_a_forked_child(tmp_path: Path) -> None:
             os.close(read)
             os.waitpid(pid, 0)
         assert px["a"] == 1  # the parent's object is unaffected
+
+
+_COMMITTER = """
+import sys
+from hotcopy.storage import Repository
+with Repository(sys.argv[1]) as repo, repo.open_prefix("p", "rw") as px:
+    for n in range(1, 1501):
+        px["counter"] = n
+        px.commit()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_reader_threads_sharing_one_prefix_never_take_a_commit_for_damage(
+    tmp_path: Path,
+) -> None:
+    """Threads of one process sharing a Prefix (the module API's current prefix is shared so)
+    while another process commits. Two of them followed the WAL at once through the one view,
+    each advancing it under the other, and raised ``CorruptFileError: ... is damaged ... run
+    hotcopy salvage`` on intact files. Each must see only committed values, never going back."""
+    with _repo(tmp_path) as repo, repo.open_prefix("p", "rw") as px:
+        px["counter"] = 0
+        px.commit()
+    with Repository(tmp_path / "repo") as repo, repo.open_prefix("p", "r") as px:
+        writer = subprocess.Popen([sys.executable, "-c", _COMMITTER, str(tmp_path / "repo")])
+        failures: list[str] = []
+
+        def read() -> None:
+            last = 0
+            try:
+                while last < 1500 and not failures:
+                    value = px["counter"]
+                    if value < last:
+                        failures.append(f"went back from {last} to {value}")
+                    last = value
+            except BaseException as err:  # handed to the test's thread
+                failures.append(f"{type(err).__name__}: {err}")
+
+        readers = [threading.Thread(target=read) for _ in range(3)]
+        try:
+            for reader in readers:
+                reader.start()
+            for reader in readers:
+                reader.join(100)
+        finally:
+            writer.kill()
+            writer.wait()
+        assert not failures, failures[:3]
+        assert px["counter"] == 1500
+
+
+@pytest.mark.timeout(60)
+def test_writer_threads_sharing_one_prefix_commit_every_change_they_made(tmp_path: Path) -> None:
+    """Threads sharing a Prefix share its transaction: a commit by one takes what the others
+    set before it, and none of them may see a commit fail because another set a key while
+    it was being encoded."""
+    with _repo(tmp_path) as repo, repo.open_prefix("p", "rw") as px:
+        failures: list[str] = []
+
+        def write(thread: int) -> None:
+            try:
+                for n in range(300):
+                    for k in range(5):
+                        px[f"t{thread}-{n}-{k}"] = n
+                    px.commit()
+            except BaseException as err:  # handed to the test's thread
+                failures.append(f"{type(err).__name__}: {err}")
+
+        writers = [threading.Thread(target=write, args=(thread,)) for thread in range(4)]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(50)
+        assert not failures, failures[:3]
+        assert len(px) == 4 * 300 * 5
+    with Repository(tmp_path / "repo") as repo, repo.open_prefix("p", "r") as px:
+        assert len(px) == 4 * 300 * 5
 
 
 # -- value codec ---------------------------------------------------------------------------------
