@@ -6,10 +6,11 @@ load this module with :func:`importlib.util.spec_from_file_location` (see the to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +125,35 @@ def dump_repository(
             with repo.open_prefix(name, "r") as px:
                 found[name] = (px.seq, {key: px[key] for key in px})
         return found
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``mount_point`` (made here) with ``options`` (``mode=0700`` unless
+    they say otherwise: a world-writable mount is refused as an unsafe place); a skip where
+    this process may not mount one. Unmounted after, its coordinators stopped first."""
+    import pytest
+
+    mount_point.mkdir()
+    if "mode=" not in options:
+        options += ",mode=0700"
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        wanted = str(Path(__file__).with_name("conftest.py"))
+        conftest = next(
+            module
+            for module in list(sys.modules.values())
+            if getattr(module, "__file__", None) == wanted
+        )
+        conftest.stop_coordinators(mount_point)  # their files are on the disk about to go
+        conftest.remove_segments(mount_point)
+        subprocess.run(["umount", str(mount_point)], check=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 import pytest
-from hotcopy.storage import CorruptFileError, Repository
+from hotcopy.storage import CorruptFileError, Repository, RepositoryNotFound
 from hotcopy.workers import (
     BackupError,
     BackupNotFound,
@@ -40,6 +40,7 @@ from hotcopy.workers import (
 )
 from hotcopy.workers._backup import INLINE_BELOW
 from hotcopy.workers._catalog import MANIFEST
+from hotcopy_test_support import storage_helpers
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(60)]
 
@@ -407,13 +408,18 @@ def test_a_restore_killed_midway_leaves_root_as_it_was(tmp_path: Path, root_was:
     # Each prefix is one copy step: killed inside the third prefix, two are restored by then.
     _restore_killed_in_third_step(dest, target)
     if root_was == "empty":
-        assert os.listdir(target) == []
+        # Built inside ROOT (kept for its owner, mode and file system): what the dead restore
+        # left there is its staging directory alone, and ROOT holds no repository.
+        assert [name[: len(".restoring.")] for name in os.listdir(target)] == [".restoring."]
+        with pytest.raises(RepositoryNotFound):
+            Repository(target)
     else:
         assert not os.path.lexists(target)
-    assert [p.name for p in tmp_path.glob(".out.restoring*")], "the staging directory was left"
+        assert [p.name for p in tmp_path.glob(".out.restoring*")], "the staging was left"
     assert restore(dest, target).prefixes == {name: seq for name, (seq, _) in state.items()}
     assert dump_repo(target) == state
     assert not list(tmp_path.glob(".out.restoring*")), "the dead restore's staging was not swept"
+    assert not list(target.glob(".restoring*")), "the dead restore's staging was not swept"
 
 
 # -- a restore of one .hc copy -------------------------------------------------------------------
@@ -456,3 +462,24 @@ def test_a_restore_of_one_copy_killed_midway_leaves_root_as_it_was(tmp_path: Pat
     assert main(["restore", str(tmp_path / "p.hc"), str(target)]) == 0
     assert dump_repo(target) == state
     assert not list(tmp_path.glob(".out.restoring*")), "the dead restore's staging was not swept"
+
+
+def test_a_restore_into_an_empty_mount_point_writes_on_that_file_system(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ROOT is the mount point of a new disk: the restore (of a copy, or of a backup) must
+    write on that disk, not build beside ROOT on the parent's, which it could fill, and then
+    fail to rename onto a mount point."""
+    root = tmp_path / "repo"
+    fill(root, "p", 40)
+    state = dump_repo(root)
+    backup(root, tmp_path / "backups")
+    with Repository(root) as repo:
+        repo.copy_prefix(tmp_path / "p.hc", "p")
+    disks = [(tmp_path / "p.hc", tmp_path / "disk1"), (tmp_path / "backups", tmp_path / "disk2")]
+    for source, mount in disks:
+        with storage_helpers().tmpfs(mount, "size=8m"):
+            assert main(["restore", str(source), str(mount)]) == 0, capsys.readouterr().err
+            assert os.stat(mount / "p.hc").st_dev == os.stat(mount).st_dev
+            assert dump_repo(mount) == state
+            assert not [name for name in os.listdir(tmp_path) if "restoring" in name]

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 from hotcopy.coordinator._process import ProcessIdentity, is_alive
-from hotcopy.storage import FileLeases, Repository
+from hotcopy.storage import FileLeases, Repository, verify_file
 from hotcopy.workers import main
 from hotcopy_test_support import storage_helpers
 
@@ -559,6 +559,41 @@ def test_a_member_of_the_group_reads_and_writes_a_shared_repository(public: Path
         # A backup of it is private to its owner again unless shared the same way.
         hotcopy("backup", root, public / "backups")
         assert_modes(modes_under(public / "backups"), 0o600, 0o700)
+
+
+def test_a_restore_into_an_empty_root_keeps_its_owner_mode_and_group(public: Path) -> None:
+    """An operator prepares an empty ROOT for the team (group, setgid 2770) or for a service
+    user (owned by it, in a directory it may not write) and restores into it. The restore
+    must fill that directory, not build a new one beside it: one beside replaced ROOT with a
+    private directory of the restoring user, or could not be made at all."""
+    need_root_and("useradd", "userdel", "groupadd", "groupdel")
+    source = public / "source"
+    hotcopy("init", source)
+    hotcopy("put", source, "p", "k", "v")
+    hotcopy("copy", source, "p", public / "p.hc")
+    (public / "p.hc").chmod(0o644)
+    with throwaway_group() as group, throwaway_user() as service:
+        gid = grp.getgrnam(group).gr_gid
+        team = public / "team"
+        team.mkdir()
+        os.chown(team, -1, gid)
+        team.chmod(0o2770)
+        hotcopy("restore", public / "p.hc", team, umask=0o022)
+        assert_modes(modes_under(team), 0o660, 0o2770, gid)
+        assert hotcopy("get", team, "p", "k").stdout == "v\n"
+        srv = public / "srv"  # the service's ROOT; srv itself is root's, 0755
+        (srv / "app").mkdir(parents=True)
+        srv.chmod(0o755)
+        os.chown(srv / "app", service.uid, service.gid)
+        # The same restore once here first: the child inherits every module it needs (this
+        # interpreter's files may be where the other user cannot read them).
+        assert cli("restore", public / "p.hc", public / "warm")()[0] == 0
+        done = as_user(service, cli("restore", public / "p.hc", srv / "app"))
+        assert done[0] == 0, done
+        assert {st.st_uid for st in modes_under(srv / "app").values()} == {service.uid}
+        # (Its own coordinator would need this interpreter, which it may not run here.)
+        assert verify_file(srv / "app" / "p.hc").ok
+        assert (srv / "app" / "hotcopy.json").is_file()
 
 
 def test_init_group_needs_a_group_that_exists(tmp_path: Path) -> None:

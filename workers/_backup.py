@@ -48,7 +48,7 @@ from hotcopy.storage._files import make_directory, refuse_unsafe_place
 from hotcopy.storage._format import HEADER_SIZE as WAL_HEADER_SIZE
 from hotcopy.storage._leases import HeldLease
 from hotcopy.storage._log import Cut, main_path, wal_path
-from hotcopy.storage._repository import RUNTIME_DIR
+from hotcopy.storage._repository import MARKER, RUNTIME_DIR
 
 from ._catalog import (
     COMPLETE,
@@ -757,7 +757,7 @@ def restore(
         )
     target = Path(root)
     refuse_unsafe_place(target)  # an existing ROOT (or a link to one) must be a safe place
-    if not force and target.exists() and any(target.iterdir()):
+    if not force and not _is_fresh(target):
         raise BackupError(
             f"{target} is not empty; restore into an empty directory or use --force",
             root=str(target),
@@ -781,12 +781,12 @@ def restore(
                         lease_timeout, jobs, began)  # fmt: skip
 
 
-def _directory_beside(target: Path, purpose: str) -> Path:
-    """A new directory ``.NAME.PURPOSE.<this process>`` beside ``target``: named for its
-    process, so that the next one can tell it was abandoned and sweep it first."""
-    make_directory(target.parent)
-    sweep_abandoned_dirs(target.parent / f".{target.name}.{purpose}")
-    made = temp_path_for(target.parent / f".{target.name}.{purpose}")
+def _new_directory(place: Path) -> Path:
+    """A new directory named for ``place`` and this process (:func:`temp_path_for`), after
+    sweeping those of dead processes: the next one can tell this one was abandoned."""
+    make_directory(place.parent)
+    sweep_abandoned_dirs(place)
+    made = temp_path_for(place)
     make_directory(made, exist_ok=False)
     return made
 
@@ -798,7 +798,7 @@ def _scratch_for(catalog: Catalog, target: Path) -> Iterator[Path | None]:
     if catalog.place.local:
         yield None
         return
-    scratch = _directory_beside(target, "fetching")
+    scratch = _new_directory(target.parent / f".{target.name}.fetching")
     try:
         yield scratch
     finally:
@@ -837,7 +837,7 @@ def _restore(
             },
             "time": clock(),
         }
-        with _built_beside(target) as staging:
+        with _staged(target) as staging:
             _restore_into(
                 staging,
                 names,
@@ -866,27 +866,56 @@ def _restore(
 
 
 def _is_fresh(target: Path) -> bool:
-    """Whether a restore builds ``target`` whole: it does not exist, or is an empty directory."""
-    return not target.exists() or not any(target.iterdir())
+    """Whether a restore builds ``target`` whole: it does not exist, or is an empty directory
+    (but for what restores into it that died left, see :func:`_staged`, and the
+    ``lost+found`` of a new file system mounted there)."""
+    if not target.exists():
+        return True
+    sweep_abandoned_dirs(target / _STAGING)
+    return all(entry.name == "lost+found" for entry in target.iterdir())  # a new disk's
+
+
+_STAGING = ".restoring"
 
 
 @contextlib.contextmanager
-def _built_beside(target: Path) -> Iterator[Path]:
-    """A staging directory beside ``target``, to build a restored repository in; renamed into
-    place (a rename replaces an empty directory) when the block ends, removed if it fails.
+def _staged(target: Path) -> Iterator[Path]:
+    """A staging directory to build a restored repository in, which becomes ``target`` when
+    the block ends; removed if the block fails.
 
-    All or nothing: a failed or killed restore leaves ``target`` as it was, and its staging
-    directory, named for its process, is swept by the next restore. Nothing in staging is live
-    before the rename, so one ``syncfs`` makes it all durable first, instead of four device
-    flushes per prefix.
+    All or nothing: ``target`` holds a repository only once all of it is there, and one
+    whose restore fails or is killed holds none (its staging directory, named for its
+    process, is swept by the next restore). Nothing in staging is live before that, so one
+    ``syncfs`` makes it all durable first, instead of four device flushes per prefix.
+
+    A ``target`` that does not exist is built beside it and renamed into place. One that does
+    (an empty directory: a mount point, a directory shared with a group, one its owner may
+    write in a directory they may not) is kept, with its file system, owner, mode and group:
+    the repository is built in a hidden directory inside it, then moved into it, its marker
+    file last.
     """
-    staging = _directory_beside(target, "restoring")
+    inside = target.exists()
+    if inside:
+        refuse_unsafe_place(target)  # written into: it must be a safe place
+    place = target / _STAGING if inside else target.parent / f".{target.name}{_STAGING}"
+    staging = _new_directory(place)
+    moved: list[str] = []
     try:
         yield staging
         sync_filesystem(staging)
-        os.rename(staging, target)
-        fsync_dir(target.parent)
+        if not inside:
+            os.rename(staging, target)
+            fsync_dir(target.parent)
+            return
+        for name in sorted(os.listdir(staging), key=lambda name: name == MARKER):
+            os.rename(staging / name, target / name)
+            moved.append(name)
+        os.rmdir(staging)
+        fsync_dir(target)
     except BaseException:
+        for name in reversed(moved):  # the marker, moved last, goes first
+            path = target / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
@@ -908,7 +937,7 @@ def restore_copy(
     if not _is_fresh(target):
         with repository(target) as repo:
             return repo.restore_prefix(source, prefix, force=force)
-    with _built_beside(target) as staging:
+    with _staged(target) as staging:
         leases = FileLeases(staging / RUNTIME_DIR)  # nobody else knows a staging directory
         with Repository.init(staging, leases=leases) as repo:
             return repo.restore_prefix(source, prefix)
