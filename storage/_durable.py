@@ -86,7 +86,17 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+def _raise_if_out_of_space(err: OSError, dest: Path) -> None:
+    """``err`` as :class:`NotEnoughSpace` naming ``dest``, if it is the file system's (or the
+    user's quota's) lack of space or inodes: the free space checked before, if it was, went to
+    someone else meanwhile."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise NotEnoughSpace(
+            f"{dest} could not be written: its file system ran out of space "
+            f"({os.strerror(err.errno)}); its temp file is removed",
+            path=str(dest),
+            errno=err.errno,
+        ) from err
 
 
 def write_durably(
@@ -117,7 +127,11 @@ def write_durably(
     dir_fd = os.open(dest.parent, _DIRECTORY)
     try:
         temp = temp_path_for(dest)
-        fd = open_regular_at(dir_fd, temp.name, os.O_RDWR | os.O_CREAT | os.O_EXCL, path=temp)
+        try:
+            fd = open_regular_at(dir_fd, temp.name, os.O_RDWR | os.O_CREAT | os.O_EXCL, path=temp)
+        except OSError as err:
+            _raise_if_out_of_space(err, dest)  # no inode left for the temp
+            raise
         try:
             try:
                 if isinstance(content, bytes | bytearray | memoryview):
@@ -144,14 +158,8 @@ def write_durably(
         except BaseException as err:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp.name, dir_fd=dir_fd)
-            if isinstance(err, OSError) and err.errno in _OUT_OF_SPACE:
-                # The free space checked before (if it was) went to someone else meanwhile.
-                raise NotEnoughSpace(
-                    f"{dest}: its file system ran out of space while it was written "
-                    f"({os.strerror(err.errno)}); nothing written",
-                    path=str(dest),
-                    errno=err.errno,
-                ) from err
+            if isinstance(err, OSError):
+                _raise_if_out_of_space(err, dest)
             raise
         if sync:
             sync_file(dir_fd, dest.parent)

@@ -38,6 +38,7 @@ from hotcopy.storage import (
 from hotcopy.storage import _format as fmt
 from hotcopy.storage._copy import copy_range
 from hotcopy.storage._log import Log
+from hotcopy_test_support import storage_helpers
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -455,20 +456,8 @@ def test_refusal_errors_are_also_the_matching_builtins() -> None:
 @pytest.fixture
 def small_filesystem(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs, or a skip when this process may not mount one."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a 1 MiB tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with storage_helpers().tmpfs(tmp_path / "small", "size=1m,mode=0755") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def test_a_copy_that_cannot_fit_is_refused_before_anything_is_touched(
@@ -523,6 +512,22 @@ def test_a_disk_that_fills_during_a_copy_is_reported_as_such_and_leaves_nothing(
     assert str(small_filesystem / "c.hc") in str(refused.value)
     assert os.listdir(small_filesystem) == ["filler"]
     assert _source_bytes(repo) == source_before
+
+
+def test_a_file_system_out_of_inodes_is_reported_as_out_of_space(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """No inode left for the copy's temp file: the same ``NotEnoughSpace`` naming the copy,
+    not a bare ``[Errno 28]`` naming a temp file the user never asked for."""
+    with storage_helpers().tmpfs(tmp_path / "few-inodes", "size=1m,nr_inodes=2") as mount_point:
+        (mount_point / "filler").touch()  # the last inode
+        with repo.open_prefix("p", "rw") as px:
+            px["a"] = 1
+            px.commit()
+        with pytest.raises(NotEnoughSpace) as refused:
+            repo.copy_prefix(mount_point / "c.hc", "p")
+        assert str(mount_point / "c.hc") in str(refused.value)
+        assert os.listdir(mount_point) == ["filler"]
 
 
 @pytest.mark.parametrize(
