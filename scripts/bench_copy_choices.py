@@ -9,7 +9,10 @@ repository, and reports each way's time against an unpaced copy of the same roun
   of P KiB in flight (hotcopy copies with ``wb1x512``);
 - ``direct``: ``O_DIRECT`` writes of 1 MiB from an aligned buffer, one at a time (as
   ``lmdb``'s ``env.copy`` writes);
-- ``direct-pipe``: the same, with a thread reading the next buffers (and its CRC) meanwhile.
+- ``direct-pipe``: the same, with a thread reading the next buffers (and its CRC) meanwhile;
+  ``direct-pipe-256k`` with buffers of 256 KiB;
+- ``disk-only``: no copy, ``O_DIRECT`` writes of zeros at the disk's speed: what the disk alone
+  does to the writer, the floor of every way of copying.
 
     python scripts/bench_copy_choices.py [--size-mib 1024] [--rounds 2] [--dir DIR] [--json F]
 """
@@ -97,16 +100,16 @@ def direct(src: int, dest: Path, size: int) -> None:
     _direct_tail(dest, os.pread(src, size - done, done), done)
 
 
-def direct_pipe(src: int, dest: Path, size: int) -> None:
-    whole = size - size % DIRECT_BUFFER
+def direct_pipe(src: int, dest: Path, size: int, buffer_size: int = DIRECT_BUFFER) -> None:
+    whole = size - size % buffer_size
     free: queue.Queue[mmap.mmap] = queue.Queue()
     full: queue.Queue[tuple[mmap.mmap, int] | None] = queue.Queue()
     for _ in range(3):
-        free.put(mmap.mmap(-1, DIRECT_BUFFER))
+        free.put(mmap.mmap(-1, buffer_size))
 
     def read() -> None:
         crc = 0
-        for at in range(0, whole, DIRECT_BUFFER):
+        for at in range(0, whole, buffer_size):
             buffer = free.get()
             os.preadv(src, [buffer], at)
             crc = zlib.crc32(buffer, crc)
@@ -128,6 +131,20 @@ def direct_pipe(src: int, dest: Path, size: int) -> None:
     _direct_tail(dest, os.pread(src, size - whole, whole), whole)
 
 
+def disk_only(src: int, dest: Path, size: int) -> None:
+    """Not a copy: ``O_DIRECT`` writes of zeros, 1 MiB at a time, nothing read or checked. What
+    the disk alone, written at its speed, does to the writer: the floor of every way above."""
+    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
+    buffer = mmap.mmap(-1, DIRECT_BUFFER)
+    try:
+        for at in range(0, size - size % DIRECT_BUFFER, DIRECT_BUFFER):
+            os.pwrite(out, buffer, at)
+        os.fdatasync(out)
+    finally:
+        os.close(out)
+        buffer.close()
+
+
 CHOICES: dict[str, Copy] = {
     "unpaced": unpaced,
     "wb1x512": written_back(1, 512),
@@ -136,6 +153,8 @@ CHOICES: dict[str, Copy] = {
     "wb2x1024": written_back(2, 1024),
     "direct": direct,
     "direct-pipe": direct_pipe,
+    "direct-pipe-256k": lambda src, dest, size: direct_pipe(src, dest, size, 256 << 10),
+    "disk-only": disk_only,
 }
 
 
