@@ -14,6 +14,7 @@ one's is not) when the interrupt arrives, with no timing guess.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -483,3 +484,27 @@ def test_a_restore_into_an_empty_mount_point_writes_on_that_file_system(
             assert os.stat(mount / "p.hc").st_dev == os.stat(mount).st_dev
             assert dump_repo(mount) == state
             assert not [name for name in os.listdir(tmp_path) if "restoring" in name]
+
+
+def test_two_restores_into_one_empty_root_never_mix_their_repositories(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A restore into an existing empty ROOT moves its repository in file by file; a second
+    restore doing the same at once would mix the two (one's marker, the other's prefix files,
+    and each one's rollback removing the other's). The second is refused while the first holds
+    ROOT (as a running restore does, here held by the test), and ROOT stays as it was."""
+    root, target = tmp_path / "repo", tmp_path / "out"
+    fill(root, "p", 40)
+    with Repository(root) as repo:
+        repo.copy_prefix(tmp_path / "p.hc", "p")
+    target.mkdir()
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["restore", str(tmp_path / "p.hc"), str(target)]) == 1
+        assert "another restore" in capsys.readouterr().err
+        assert os.listdir(target) == []
+    finally:
+        os.close(fd)
+    assert main(["restore", str(tmp_path / "p.hc"), str(target)]) == 0
+    assert dump_repo(target) == dump_repo(root)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import math
 import os
 import resource
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from hotcopy.storage import FileLeases, PrefixNotFound, Repository
+from hotcopy.storage import DestinationExists, FileLeases, PrefixNotFound, Repository
 from hotcopy.storage._copy import (
     DEFAULT_STEP,
     BaseRef,
@@ -895,29 +897,66 @@ def _staged(target: Path) -> Iterator[Path]:
     file last.
     """
     inside = target.exists()
-    if inside:
-        refuse_unsafe_place(target)  # written into: it must be a safe place
-    place = target / _STAGING if inside else target.parent / f".{target.name}{_STAGING}"
-    staging = _new_directory(place)
-    moved: list[str] = []
+    with contextlib.ExitStack() as held:
+        if inside:
+            held.callback(os.close, _restoring_into(target))
+        place = target / _STAGING if inside else target.parent / f".{target.name}{_STAGING}"
+        staging = _new_directory(place)
+        moved: list[str] = []
+        try:
+            yield staging
+            sync_filesystem(staging)
+            if not inside:
+                _rename_into_place(staging, target)
+                return
+            for name in sorted(os.listdir(staging), key=lambda name: name == MARKER):
+                os.rename(staging / name, target / name)
+                moved.append(name)
+            os.rmdir(staging)
+            fsync_dir(target)
+        except BaseException:
+            for name in reversed(moved):  # the marker, moved last, goes first
+                path = target / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def _restoring_into(target: Path) -> int:
+    """A descriptor of the existing directory ``target``, locked for this restore (``flock``):
+    two restores moving their repositories into one ROOT would mix them. Raises if another
+    restore holds it, or if ``target`` is no longer empty once locked (one just finished)."""
+    refuse_unsafe_place(target)  # written into: it must be a safe place
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        yield staging
-        sync_filesystem(staging)
-        if not inside:
-            os.rename(staging, target)
-            fsync_dir(target.parent)
-            return
-        for name in sorted(os.listdir(staging), key=lambda name: name == MARKER):
-            os.rename(staging / name, target / name)
-            moved.append(name)
-        os.rmdir(staging)
-        fsync_dir(target)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DestinationExists(
+                f"another restore into {target} is running; nothing restored", path=str(target)
+            ) from None
+        if not _is_fresh(target):
+            raise DestinationExists(
+                f"{target} is not empty (another restore just filled it?); nothing restored",
+                path=str(target),
+            )
     except BaseException:
-        for name in reversed(moved):  # the marker, moved last, goes first
-            path = target / name
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        shutil.rmtree(staging, ignore_errors=True)
+        os.close(fd)
         raise
+    return fd
+
+
+def _rename_into_place(staging: Path, target: Path) -> None:
+    try:
+        os.rename(staging, target)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        raise DestinationExists(
+            f"{target} was made while this restore ran (by another restore?); nothing restored",
+            path=str(target),
+        ) from None
+    fsync_dir(target.parent)
 
 
 def restore_copy(
