@@ -27,6 +27,7 @@ from . import _leases
 from ._codec import check_text, decode_value, encode_value
 from ._errors import (
     ClosedError,
+    CorruptFileError,
     ReadOnlyError,
     StorageError,
     TransactionConflict,
@@ -62,9 +63,12 @@ _DELETED = None
 
 
 class Prefix(MutableMapping[str, Any]):
-    """Dict-like view of one prefix. Threads may share one: they take turns to follow the
-    files and to commit, and share its transaction (changes made by any of them commit
-    together); one view per thread keeps their transactions apart.
+    """Dict-like view of one prefix, meant for one thread: open one per thread
+    (:meth:`Repository.open_view`). Threads that share one anyway (the module API's current
+    prefix) take turns to follow the files, commit, checkpoint and compact, each lease taken
+    after the view's lock, so they never damage the prefix, never take each other's reads for
+    damage and never deadlock; but they share one transaction, which may conflict, and a read
+    racing another thread's commit may fail with a plain Python error.
 
     Reads see the latest commit of any process; writes are buffered until :meth:`commit`.
     A view opened read-only (``"r"``) refuses changes (:class:`ReadOnlyError`), unless it is
@@ -163,8 +167,16 @@ class Prefix(MutableMapping[str, Any]):
         if key in self._mem:
             return self._mem[key]
         encoded = key.encode("utf-8", "surrogatepass")
-        target = self._log.index.lookup(encoded)
-        return self._log.read_indexed(encoded, target) if target else None
+        try:
+            target = self._log.index.lookup(encoded)
+            return self._log.read_indexed(encoded, target) if target else None
+        except CorruptFileError:
+            # Another thread of this view may have moved it to a new main file between the
+            # lookup and the read (after a compaction or restore); under the lock nobody
+            # does. Damage that is real is found again.
+            with self._mutex:
+                target = self._log.index.lookup(encoded)
+                return self._log.read_indexed(encoded, target) if target else None
 
     # -- mapping API --------------------------------------------------------------------
 
@@ -358,7 +370,8 @@ class Prefix(MutableMapping[str, Any]):
         as of this call, and no other writer can commit in between.
         """
         self._check_usable()
-        self._begin()
+        with self._mutex:
+            self._begin()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Prefix]:
@@ -416,18 +429,19 @@ class Prefix(MutableMapping[str, Any]):
         """
         self._check_usable()
         self._require_writable()
-        lease = self._lease
-        owned = lease is None
-        if lease is None:
-            lease = self._take_write_lease(self._lease_timeout)
-        try:
-            if BREAK == "copy-without-checkpoint":  # broken on purpose: claims the WAL's commits
-                cut = Cut(self._log.cut().length, self._log.seq, self._log.header.file_id)
-                return cut, self._log.dup_main_fd()
-            return self._log.checkpoint(lease), self._log.dup_main_fd()
-        finally:
-            if owned:
-                self._park(lease)
+        with self._mutex:  # before any lease, as everywhere: one order, no deadlock
+            lease = self._lease
+            owned = lease is None
+            if lease is None:
+                lease = self._take_write_lease(self._lease_timeout)
+            try:
+                if BREAK == "copy-without-checkpoint":  # broken on purpose: claims WAL commits
+                    cut = Cut(self._log.cut().length, self._log.seq, self._log.header.file_id)
+                    return cut, self._log.dup_main_fd()
+                return self._log.checkpoint(lease), self._log.dup_main_fd()
+            finally:
+                if owned:
+                    self._park(lease)
 
     def compact(self) -> Cut:
         """Rewrite the main file with only the live records of the latest commit.
@@ -438,6 +452,10 @@ class Prefix(MutableMapping[str, Any]):
         """
         self._check_usable()
         self._require_writable()
+        with self._mutex:  # before the exclusive lease, as every lease: one order
+            return self._compact()
+
+    def _compact(self) -> Cut:
         if self._lease is not None:
             raise StorageError(
                 f"prefix {self.name!r} has a transaction in progress; commit or roll back first",

@@ -319,6 +319,49 @@ def test_writer_threads_sharing_one_prefix_commit_every_change_they_made(tmp_pat
         assert len(px) == 4 * 300 * 5
 
 
+@pytest.mark.timeout(60)
+def test_a_thread_compacting_a_shared_view_while_another_writes_through_it_never_deadlocks(
+    tmp_path: Path,
+) -> None:
+    """Every lease is taken after the view's lock, never before: a writer thread that held the
+    lock while it waited for the write lease, and a compacting thread that held the exclusive
+    lease while it waited for the lock, blocked each other for ever (found by an attack)."""
+    with _repo(tmp_path) as repo, repo.open_prefix("p", "rw") as px:
+        failures: list[str] = []
+        compactions = 0
+
+        def write() -> None:
+            try:
+                for n in range(300):
+                    px[f"k{n % 50}"] = n
+                    px.commit()
+            except BaseException as err:  # handed to the test's thread
+                failures.append(f"writer: {type(err).__name__}: {err}")
+
+        def compact() -> None:
+            nonlocal compactions
+            try:
+                while writer.is_alive():
+                    try:
+                        px.compact()
+                        compactions += 1
+                    except StorageError as err:
+                        if "transaction in progress" not in str(err):
+                            raise
+            except BaseException as err:  # handed to the test's thread
+                failures.append(f"compactor: {type(err).__name__}: {err}")
+
+        writer = threading.Thread(target=write, daemon=True)
+        compactor = threading.Thread(target=compact, daemon=True)
+        writer.start()
+        compactor.start()
+        writer.join(40)
+        compactor.join(10)
+        assert not writer.is_alive() and not compactor.is_alive(), "deadlocked"
+        assert not failures, failures[:3]
+        assert compactions and px["k49"] == 299
+
+
 # -- value codec ---------------------------------------------------------------------------------
 
 
