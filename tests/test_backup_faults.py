@@ -508,3 +508,43 @@ def test_two_restores_into_one_empty_root_never_mix_their_repositories(
         os.close(fd)
     assert main(["restore", str(tmp_path / "p.hc"), str(target)]) == 0
     assert dump_repo(target) == dump_repo(root)
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize("then", ["restore", "restore --force of another backup"])
+def test_a_restore_killed_while_it_moves_into_root_leaves_nothing_the_next_one_keeps(
+    tmp_path: Path, then: str
+) -> None:
+    """Into an existing ROOT the repository is moved in entry by entry, its marker last. A
+    restore SIGKILLed after two entries left them there, unswept: the next restore was refused
+    (ROOT not empty), and one with --force of another backup kept them beside its own
+    (a repository mixed from two restores, found by an attack)."""
+    target = tmp_path / "out"
+    states = {}
+    for name, prefixes in (("a", ("p1", "p2", "p3")), ("b", ("q1",))):
+        for prefix in prefixes:
+            fill(tmp_path / name, prefix, 20)
+        states[name] = dump_repo(tmp_path / name)
+        backup(tmp_path / name, tmp_path / f"backups-{name}")
+    target.mkdir()
+    env = {**_env(), "HOTCOPY_FAULT": "restore:moved", "HOTCOPY_FAULT_AFTER": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", _CLI, "restore", str(tmp_path / "backups-a"), str(target)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode == -signal.SIGKILL, f"the fault never fired: {done.stderr}"
+    assert not (target / "hotcopy.json").exists()
+    if then == "restore":
+        assert main(["restore", str(tmp_path / "backups-a"), str(target)]) == 0
+        assert dump_repo(target) == states["a"]
+    else:
+        assert main(["restore", "--force", str(tmp_path / "backups-b"), str(target)]) == 0
+        assert dump_repo(target) == states["b"]
+    assert sorted(name for name in os.listdir(target) if name.endswith(".hc")) == sorted(
+        f"{prefix}.hc" for prefix in states["a" if then == "restore" else "b"]
+    )
+    assert not list(target.glob(".restoring*"))

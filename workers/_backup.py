@@ -42,10 +42,14 @@ from hotcopy.storage._copy import (
 )
 from hotcopy.storage._durable import (
     fsync_dir,
+    is_abandoned_temp,
     sweep_stale_temps,
     sync_filesystem,
     temp_path_for,
+    temps_of,
+    write_durably,
 )
+from hotcopy.storage._faults import fault
 from hotcopy.storage._files import make_directory, refuse_unsafe_place
 from hotcopy.storage._format import HEADER_SIZE as WAL_HEADER_SIZE
 from hotcopy.storage._leases import HeldLease
@@ -873,11 +877,32 @@ def _is_fresh(target: Path) -> bool:
     ``lost+found`` of a new file system mounted there)."""
     if not target.exists():
         return True
-    sweep_abandoned_dirs(target / _STAGING)
+    _sweep_abandoned_restores(target)
     return all(entry.name == "lost+found" for entry in target.iterdir())  # a new disk's
 
 
 _STAGING = ".restoring"
+_MOVING = ".moving"  # in a staging directory inside ROOT: the names it moves into ROOT
+
+
+def _sweep_abandoned_restores(target: Path) -> None:
+    """Remove what restores into ``target`` that died left there: their staging directories,
+    and, where one died while it moved its repository in (its marker not there yet), the
+    entries it had moved, which its list names. A ROOT whose marker is there is complete."""
+    for staging in temps_of(target / _STAGING):
+        if not is_abandoned_temp(staging):
+            continue
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            names = (staging / _MOVING).read_text().split("\n")
+            if not (target / MARKER).exists():
+                for name in filter(None, names):
+                    path = target / name
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            path.unlink()
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -909,9 +934,15 @@ def _staged(target: Path) -> Iterator[Path]:
             if not inside:
                 _rename_into_place(staging, target)
                 return
-            for name in sorted(os.listdir(staging), key=lambda name: name == MARKER):
+            names = sorted(os.listdir(staging), key=lambda name: name == MARKER)
+            # Named before any is moved: a restore killed while it moves them leaves the list
+            # for the next one, which removes them (see _sweep_abandoned_restores).
+            write_durably(staging / _MOVING, "".join(f"{name}\n" for name in names).encode())
+            for name in names:
                 os.rename(staging / name, target / name)
                 moved.append(name)
+                fault("restore:moved")
+            os.unlink(staging / _MOVING)
             os.rmdir(staging)
             fsync_dir(target)
         except BaseException:
