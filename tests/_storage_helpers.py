@@ -148,12 +148,11 @@ def tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
     try:
         yield mount_point
     finally:
-        wanted = str(Path(__file__).with_name("conftest.py"))
-        conftest = next(
-            module
-            for module in list(sys.modules.values())
-            if getattr(module, "__file__", None) == wanted
-        )
-        conftest.stop_coordinators(mount_point)  # their files are on the disk about to go
-        conftest.remove_segments(mount_point)
-        subprocess.run(["umount", str(mount_point)], check=True)
+        try:
+            wanted = str(Path(__file__).with_name("conftest.py"))
+            for module in list(sys.modules.values()):
+                if getattr(module, "__file__", None) == wanted:
+                    module.stop_coordinators(mount_point)  # their files are on this disk
+                    module.remove_segments(mount_point)
+        finally:
+            subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
