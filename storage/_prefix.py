@@ -104,8 +104,9 @@ class Prefix(MutableMapping[str, Any]):
         self._lease_ttl = lease_ttl
         self._pid = own_pid()
         # Threads sharing this view (the module API's current prefix is shared so) take turns
-        # to follow the files and to commit: both advance the log's state, and two at once
-        # would each see the other's half-read batch as damage.
+        # to follow the files, change the transaction, commit, checkpoint and compact: each
+        # advances the log's state, and two at once would see each other's half-read batch as
+        # damage. Taken before any lease, so that the order is always the same.
         self._mutex = threading.RLock()
         self._closed = False
         self._lease: HeldLease | None = None

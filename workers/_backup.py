@@ -948,7 +948,11 @@ def _staged(target: Path) -> Iterator[Path]:
         except BaseException:
             for name in reversed(moved):  # the marker, moved last, goes first
                 path = target / name
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                with contextlib.suppress(FileNotFoundError):  # the first error is the one told
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
@@ -999,9 +1003,10 @@ def restore_copy(
     repository: Callable[[Path], Repository] = Repository,
 ) -> int:
     """Restore the standalone copy ``source`` as ``prefix`` of the repository at ``root``; its
-    commit. A new or empty ``root`` is built beside it and renamed into place, as a backup's
-    restore is: a copy refused as damaged leaves no repository behind. An existing repository
-    is opened by ``repository`` and the prefix replaced under its exclusive lease (``force``).
+    commit. A new or empty ``root`` is built all or nothing, as a backup's restore is (see
+    :func:`_staged`): a copy refused as damaged leaves no repository behind. An existing
+    repository is opened by ``repository`` and the prefix replaced under its exclusive lease
+    (``force``).
     """
     target = Path(os.path.abspath(root))
     if not _is_fresh(target):
