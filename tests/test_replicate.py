@@ -7,6 +7,7 @@ restore is compared with it, and every restored prefix verifies.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -22,7 +23,7 @@ from hotcopy.storage import Repository
 from hotcopy.storage._verify import verify_prefix
 from hotcopy.workers import BackupManager, CatalogError, backup, main, restore
 from hotcopy.workers._replica_log import LOG_DIR, LogObject
-from hotcopy.workers._replicate import Replicator
+from hotcopy.workers._replicate import Replicator, pause_after_pass
 from hotcopy_test_support import s3server, storage_helpers
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -323,6 +324,24 @@ def _acks(journal: Path) -> tuple[dict[int, tuple[int, float]], int]:
         elif len(parts) == 4:
             acked[int(parts[1])] = (int(parts[2]), float(parts[3]))
     return acked, tried
+
+
+def test_a_commit_is_shipped_within_the_interval_however_the_pass_times_vary() -> None:
+    """A commit made just after a pass read its prefix is durable in the target when the next
+    pass ends: that pass, the pause after it and the next pass must fit in the interval for
+    every run of pass times up to half of it, a slow pass after a quick one included (the
+    pause used to be planned from the last pass alone, and a slower next pass overran)."""
+    interval = 0.5
+    rng = random.Random(7)
+    runs = [[0.02, 0.15], [0.0, 0.25], [0.25, 0.25], [0.25, 0.0]]
+    runs += [[rng.uniform(0, interval / 2) for _ in range(50)] for _ in range(200)]
+    for passes in runs:
+        for this_pass, next_pass in itertools.pairwise(passes):
+            pause = pause_after_pass(interval, this_pass)
+            assert pause >= 0
+            assert this_pass + pause + next_pass <= interval + 1e-9, (this_pass, next_pass)
+    # and it does not busy-loop: a quick pass is followed by a pause of most of half the interval
+    assert pause_after_pass(interval, 0.01) == pytest.approx(0.24)
 
 
 def test_killing_every_process_loses_no_commit_older_than_the_interval(
