@@ -311,13 +311,19 @@ def decode_op_value(record: bytes) -> tuple[int, int, bytes]:
     return kind, vtype, value
 
 
+# What a get reads at an op's offset first: all of a small op in one call. Any more costs a
+# get microseconds (a 4 KiB read took 6 us here, 480 bytes 2 us: the copy, and a bytes object
+# too large for Python's small-object allocator); a larger value is read in a second call.
+_OP_FIRST_READ = 480
+
+
 def read_op_value(
     fd: int, offset: int, key: bytes | None = None, op_crc: int = 0
 ) -> tuple[int, bytes]:
     """Read the op at ``offset`` of a file and return ``(vtype, value)``, CRC-checked; with
     ``key``, the op must put that key and its header and key must have CRC ``op_crc`` (what a
     key index entry says is checked against what it points to)."""
-    head = os.pread(fd, 4096, offset)
+    head = os.pread(fd, _OP_FIRST_READ, offset)
     if len(head) < OP_SIZE:
         raise CorruptFileError("op header is truncated", offset=offset)
     kind, vtype, key_len, value_len, value_crc = _OP.unpack_from(head)

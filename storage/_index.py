@@ -10,8 +10,9 @@ every entry is rewritten that many times. Runs are only ever appended, inside se
 main file stays append-only and its first L bytes at a boundary are exactly that commit's state
 (index included); a compaction writes one run.
 
-Readers map the file (``mmap``): processes share the page cache instead of each holding the
-index. Nothing read through the map is trusted unchecked: the directory and every run header
+Readers read the file with ``pread`` (see :class:`FileRead`): processes share the page cache
+instead of each holding the index, and a file cut short is an error, not a SIGBUS as through
+a map. Nothing read is trusted unchecked: the directory and every run header
 carry CRCs (checked at open), and the body of a run is covered by one CRC per 4 KiB page,
 checked the first time this process touches the page. A lookup that finds an offset is also
 checked against the op it points to (its key, its value's CRC).
@@ -54,8 +55,9 @@ _SLOT = struct.Struct("<QQ")  # key hash (crc32), entry offset + 1 (0: an empty 
 _U32 = struct.Struct("<I")
 HEAD_SIZE = _HEAD.size
 TAIL_SIZE = _TAIL.size + 4
-_RUN_SIZE = _RUN.size + 4
+RUN_HEAD_SIZE = _RUN.size + 4
 _ITEMS_CHUNK = 256 * PAGE  # what an iteration of a run reads at once
+_SLOT_WINDOW = 4  # slots a lookup reads at once (half of a run's slots are empty)
 # A run newer than the oldest keeps its sorted key hashes in memory (4 bytes a key) once it was
 # probed this often, if it holds at most this many keys: most gets then skip it without a read.
 _FILTER_AFTER = 64
@@ -142,22 +144,23 @@ class Run:
     """
 
     def __init__(self, read: Read, offset: int, length: int, count: int) -> None:
-        head = read(_RUN_SIZE, offset)
-        if len(head) != _RUN_SIZE:
+        head = read(RUN_HEAD_SIZE, offset)
+        if len(head) != RUN_HEAD_SIZE:
             raise CorruptFileError("an index run is cut short", offset=offset)
         if crc32(head[: _RUN.size]) != _U32.unpack_from(head, _RUN.size)[0]:
             raise CorruptFileError("an index run header fails its checksum", offset=offset)
         magic, found, n_slots, entries_len, n_pages, pages_crc = _RUN.unpack_from(head)
         self.header_crc = crc32(head)
         self.count = found
-        body = offset + _RUN_SIZE
+        self.ref = RunRef(offset, length, found, self.header_crc)
+        body = offset + RUN_HEAD_SIZE
         body_len = 16 * n_slots + entries_len + 4 * found
         if (
             magic != _RUN_MAGIC
             or found != count
             or n_slots != 2 * count
             or n_pages != -(-body_len // PAGE)
-            or _RUN_SIZE + body_len + 4 * n_pages != length
+            or RUN_HEAD_SIZE + body_len + 4 * n_pages != length
         ):
             raise CorruptFileError("an index run does not match its directory", offset=offset)
         self.offset = offset
@@ -175,6 +178,10 @@ class Run:
         if crc32(self._page_crcs) != pages_crc:
             raise CorruptFileError("an index run's page checksums are damaged", offset=offset)
         self._checked: set[int] = set()
+
+    def reads(self, read: Read) -> bool:
+        """Whether this run reads through ``read`` (the same open file)."""
+        return self._read is read
 
     def _check_page(self, page: int, data: bytes) -> None:
         if crc32(data) != _U32.unpack_from(self._page_crcs, 4 * page)[0]:
@@ -203,19 +210,24 @@ class Run:
             at = body + 16 * slot  # a slot never straddles a page
             if (at - body) // PAGE not in checked:
                 self._get(at, 16)
-            found, entry = _SLOT.unpack(read(16, at))
-            if not entry:
-                return None
-            if found == hashed:
-                at = self._entries_at + entry - 1
-                if (at - body) // PAGE in checked and (at + size - 1 - body) // PAGE in checked:
-                    raw = read(size, at)
-                else:
-                    raw = self._get(at, size)
-                offset, op_crc, key_len = _ENTRY.unpack_from(raw)
-                if key_len == len(key) and raw[_ENTRY.size :] == key:
-                    return offset | op_crc << 64  # type: ignore[no-any-return]
-            slot += 1
+            # The next few slots in one read, within the page: a probe rarely needs more.
+            count = min(_SLOT_WINDOW, n_slots - slot, (PAGE - (at - body) % PAGE) // 16)
+            window = read(16 * count, at)
+            if len(window) != 16 * count:
+                raise CorruptFileError("the key index runs past the end of its file", offset=at)
+            for found, entry in _SLOT.iter_unpack(window):
+                if not entry:
+                    return None
+                if found == hashed:
+                    at = self._entries_at + entry - 1
+                    if (at - body) // PAGE in checked and (at + size - 1 - body) // PAGE in checked:
+                        raw = read(size, at)
+                    else:
+                        raw = self._get(at, size)
+                    offset, op_crc, key_len = _ENTRY.unpack_from(raw)
+                    if key_len == len(key) and raw[_ENTRY.size :] == key:
+                        return offset | op_crc << 64  # type: ignore[no-any-return]
+            slot += count
             if slot == n_slots:
                 slot = 0
 
@@ -396,10 +408,15 @@ def _run(read: Read, ref: RunRef) -> Run:
     return run
 
 
-def open_index(read: Read, record_end: int) -> KeyIndex:
-    """The index whose record ends at ``record_end`` (just before a segment's trailer)."""
+def open_index(read: Read, record_end: int, known: KeyIndex | None = None) -> KeyIndex:
+    """The index whose record ends at ``record_end`` (just before a segment's trailer).
+
+    ``known``: an index read before; its runs that read the same file and that the directory
+    names again are kept, with the pages they checked and their filters (a follower opens
+    the index after every checkpoint, and most runs stay)."""
     refs, live, _ = _directory(read, record_end)
-    return KeyIndex([_run(read, ref) for ref in refs], live)
+    kept = {run.ref: run for run in known.runs if run.reads(read)} if known else {}
+    return KeyIndex([kept.get(ref) or _run(read, ref) for ref in refs], live)
 
 
 def encode_record(previous: KeyIndex, new: list[Entry], start: int) -> bytes:
@@ -434,7 +451,7 @@ def encode_record(previous: KeyIndex, new: list[Entry], start: int) -> bytes:
             continue
         block = encode_run(run)
         parts.append(block)
-        refs.append(_DIR_RUN.pack(pos, len(block), len(run), crc32(block[:_RUN_SIZE])))
+        refs.append(_DIR_RUN.pack(pos, len(block), len(run), crc32(block[:RUN_HEAD_SIZE])))
         pos += len(block)
     directory = _DIR.pack(_DIR_MAGIC, live, len(refs)) + b"".join(refs)
     record_len = HEAD_SIZE + sum(map(len, parts)) + len(directory) + TAIL_SIZE

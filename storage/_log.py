@@ -272,7 +272,7 @@ class Log:
         if self._read is None:
             self._read = _index.FileRead(self._main_fd)
         try:
-            return _index.open_index(self._read, end - fmt.TRAILER_SIZE)
+            return _index.open_index(self._read, end - fmt.TRAILER_SIZE, self._index)
         except CorruptFileError as err:
             raise self._error(
                 self.main_path, int(err.fields.get("offset", end)), f"its key index: {err.message}"

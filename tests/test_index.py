@@ -24,6 +24,7 @@ from hotcopy.storage import (
     verify_file,
 )
 from hotcopy.storage import _format as fmt
+from hotcopy.storage._crc import crc32
 from hotcopy.storage._log import check_main_file
 
 pytestmark = pytest.mark.timeout(120)
@@ -376,3 +377,87 @@ def test_older_files_are_refused_until_migrated_then_read_exactly(tmp_path: Path
         [*PROGRAM, "migrate", str(root)], capture_output=True, text=True, timeout=60
     )
     assert again.returncode == 0 and "0 of 2 prefixes migrated" in again.stdout, again
+
+
+def _colliding_keys(pairs: int) -> list[tuple[bytes, bytes]]:
+    """Pairs of distinct keys with the same crc32 (the hash a run's table probes by)."""
+    seen: dict[int, bytes] = {}
+    found: list[tuple[bytes, bytes]] = []
+    rnd = random.Random(20)  # random keys: crc32 of counted ones collides late (it is linear)
+    while len(found) < pairs:
+        key = rnd.randbytes(12)
+        other = seen.setdefault(crc32(key), key)
+        if other != key:
+            found.append((other, key))
+    return found
+
+
+def test_a_run_finds_every_key_across_collisions_page_edges_and_the_table_end() -> None:
+    """Lookups read a few slots at once: keys whose probes cross a page edge or wrap around
+    the table, keys that share a crc32 with another key (present or absent), all found or
+    refused exactly; a run whose file ends inside its table is reported damaged."""
+    collisions = _colliding_keys(6)
+    present = [f"k{n:05d}".encode() for n in range(3000)]
+    present += [first for first, _ in collisions[:3]] + [b for pair in collisions[3:] for b in pair]
+    absent = [second for _, second in collisions[:3]] + [f"x{n}".encode() for n in range(500)]
+    entries = sorted((key, _index.target_of(100 + n, n)) for n, key in enumerate(present))
+    base = 4096
+    data = _index.encode_run(entries)
+    run = _index.Run(_index.bytes_reader(data, base), base, len(data), len(entries))
+    index = _index.KeyIndex([run], len(entries))
+    assert len(data) > 8 * _index.PAGE  # slots on many pages, so probes cross their edges
+    for key, target in entries:
+        assert index.lookup(key) == target, key
+    for key in absent:
+        assert index.lookup(key) is None, key
+    # The file is cut short in the slot table after the run was opened (between two slots
+    # or inside one): each key is found or reported damaged, never taken for a missing one.
+    whole = _index.bytes_reader(data, base)
+    for cut in (_index.RUN_HEAD_SIZE + 16 * 700, len(data) // 5 + 7):
+        ends: list[int] = []
+
+        def read(size: int, offset: int, ends: list[int] = ends) -> bytes:
+            chunk = whole(size, offset)
+            return chunk[: max(0, ends[0] - offset)] if ends else chunk
+
+        short = _index.Run(read, base, len(data), len(entries))
+        cut_index = _index.KeyIndex([short], len(entries))
+        for key, target in entries:  # every page read, and checked, before the cut
+            assert cut_index.lookup(key) == target
+        ends.append(base + cut)
+        damaged = 0
+        for key, target in entries:
+            try:
+                assert cut_index.lookup(key) == target, key
+            except CorruptFileError:
+                damaged += 1
+        assert damaged, "no lookup noticed the cut"
+
+
+def test_a_follower_keeps_the_runs_a_checkpoint_did_not_touch(tmp_path: Path) -> None:
+    """After a checkpoint, the index is opened again at the new boundary: the runs it names
+    again are the ones read before (with the pages they checked and their filters), not read
+    and checked again; an index of another open file shares nothing."""
+    root = tmp_path / "repo"
+    _fill(root, 3000)
+    main = root / "big.hc"
+    before = _last_segment(main)
+    with _repo(root) as repo:
+        prefix = repo.open_prefix("big", "rw")
+        prefix["one more"] = "v"
+        prefix.commit()
+        prefix.checkpoint()
+    after = _last_segment(main)
+    assert before.index_end is not None and after.index_end is not None
+    fd = os.open(main, os.O_RDONLY)
+    try:
+        read = _index.FileRead(fd)
+        first = _index.open_index(read, before.index_end)
+        second = _index.open_index(read, after.index_end, first)
+        assert len(first.runs) == 1 and len(second.runs) == 2
+        assert second.runs[1] is first.runs[0]
+        assert second.lookup(b"key00000007") == first.lookup(b"key00000007")
+        other = _index.open_index(_index.FileRead(fd), after.index_end, first)
+        assert all(run is not first.runs[0] for run in other.runs)
+    finally:
+        os.close(fd)
