@@ -64,7 +64,10 @@ from ._files import open_regular
 from ._leases import HeldLease
 from ._wal_space import reserve, tail_is_clear
 
-_FOLLOW_CHUNK = 16 << 10  # bytes a follower reads at once: mostly reserved space follows
+# Bytes a follower reads at once. Mostly reserved space (zeros) follows the few new batches,
+# and a read costs by its size: 16 KiB took 16 us here, 2 KiB 3 us, for the one small batch a
+# reader beside a busy writer finds at most follows; a longer run is read in more calls.
+_FOLLOW_CHUNK = 2 << 10
 _BATCH_MAGIC = struct.pack("<I", fmt.BATCH_MAGIC)
 
 

@@ -461,3 +461,30 @@ def test_a_follower_keeps_the_runs_a_checkpoint_did_not_touch(tmp_path: Path) ->
         assert all(run is not first.runs[0] for run in other.runs)
     finally:
         os.close(fd)
+
+
+def test_a_follower_reads_runs_of_commits_larger_than_what_it_reads_at_once(
+    tmp_path: Path,
+) -> None:
+    """A follower reads the WAL a little at a time: commits behind it that span many such
+    reads, and single commits larger than one, arrive whole and in order."""
+    root = tmp_path / "repo"
+    repo = _repo(root, checkpoint_bytes=1 << 30)
+    follower_repo = _repo(root)
+    try:
+        writer = repo.open_prefix("p", "rw")
+        writer["start"] = 0
+        writer.commit()
+        follower = follower_repo.open_prefix("p", "r")
+        assert follower["start"] == 0
+        model: dict[str, object] = {"start": 0}
+        for n in range(300):
+            key = f"k{n % 40}"
+            model[key] = "x" * (50_000 if n % 97 == 0 else n)
+            writer[key] = model[key]
+            writer.commit()
+            if n % 150 == 149:
+                _check_against(follower, model)
+    finally:
+        follower_repo.close()
+        repo.close()
