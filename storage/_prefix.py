@@ -169,15 +169,18 @@ class Prefix(MutableMapping[str, Any]):
             return self._mem[key]
         encoded = key.encode("utf-8", "surrogatepass")
         try:
-            target = self._log.index.lookup(encoded)
-            return self._log.read_indexed(encoded, target) if target else None
+            return self._checkpointed(encoded)
         except CorruptFileError:
             # Another thread of this view may have moved it to a new main file between the
             # lookup and the read (after a compaction or restore); under the lock nobody
             # does. Damage that is real is found again.
             with self._mutex:
-                target = self._log.index.lookup(encoded)
-                return self._log.read_indexed(encoded, target) if target else None
+                return self._checkpointed(encoded)
+
+    def _checkpointed(self, key: bytes) -> tuple[int, bytes] | None:
+        """The value of ``key`` in the main file (vtype, payload), or None."""
+        target = self._log.index.lookup(key)
+        return self._log.read_indexed(key, target) if target else None
 
     # -- mapping API --------------------------------------------------------------------
 
