@@ -76,7 +76,10 @@ def test_a_sound_build_survives_chaos_with_no_violation(tmp_path: Path) -> None:
         ("copy-without-checkpoint", ("copy_prefix said",)),
         # Two writers inside at once: seen by the overlap detector, or by what their
         # interleaved appends do (damage, a reader's broken invariant, a process failing).
-        ("lease-granted-twice", ("lease overlap", "damaged", "without its record", "exited")),
+        (
+            "lease-granted-twice",
+            ("lease overlap", "damaged", "without its record", "went back from", "exited"),
+        ),
         # A backup piece damaged after the run: listed restorable (sizes), refused by restore.
         ("backup-bit-rot", ("called restorable and does not restore",)),
         # A log object of the replica damaged after the run: its check and the restores that
