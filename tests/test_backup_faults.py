@@ -14,6 +14,7 @@ one's is not) when the interrupt arrives, with no timing guess.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -27,7 +28,7 @@ from typing import Any
 
 import psutil
 import pytest
-from hotcopy.storage import CorruptFileError, Repository, RepositoryNotFound
+from hotcopy.storage import CorruptFileError, DestinationExists, Repository, RepositoryNotFound
 from hotcopy.workers import (
     BackupError,
     BackupNotFound,
@@ -520,23 +521,9 @@ def test_a_restore_killed_while_it_moves_into_root_leaves_nothing_the_next_one_k
     (ROOT not empty), and one with --force of another backup kept them beside its own
     (a repository mixed from two restores, found by an attack)."""
     target = tmp_path / "out"
-    states = {}
-    for name, prefixes in (("a", ("p1", "p2", "p3")), ("b", ("q1",))):
-        for prefix in prefixes:
-            fill(tmp_path / name, prefix, 20)
-        states[name] = dump_repo(tmp_path / name)
-        backup(tmp_path / name, tmp_path / f"backups-{name}")
+    states = _two_backups(tmp_path)
     target.mkdir()
-    env = {**_env(), "HOTCOPY_FAULT": "restore:moved", "HOTCOPY_FAULT_AFTER": "2"}
-    done = subprocess.run(
-        [sys.executable, "-c", _CLI, "restore", str(tmp_path / "backups-a"), str(target)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-    )
-    assert done.returncode == -signal.SIGKILL, f"the fault never fired: {done.stderr}"
+    _killed_while_moving(tmp_path, target, after=2)
     assert not (target / "hotcopy.json").exists()
     if then == "restore":
         assert main(["restore", str(tmp_path / "backups-a"), str(target)]) == 0
@@ -548,3 +535,152 @@ def test_a_restore_killed_while_it_moves_into_root_leaves_nothing_the_next_one_k
         f"{prefix}.hc" for prefix in states["a" if then == "restore" else "b"]
     )
     assert not list(target.glob(".restoring*"))
+
+
+def _two_backups(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    """Backups ``backups-a`` (prefixes p1 p2 p3) and ``backups-b`` (q1); their states."""
+    states = {}
+    for name, prefixes in (("a", ("p1", "p2", "p3")), ("b", ("q1",))):
+        for prefix in prefixes:
+            fill(tmp_path / name, prefix, 20)
+        states[name] = dump_repo(tmp_path / name)
+        backup(tmp_path / name, tmp_path / f"backups-{name}")
+    return states
+
+
+def _killed_while_moving(tmp_path: Path, target: Path, after: int) -> None:
+    """A restore of backups-a into ``target`` SIGKILLed after moving ``after`` entries in."""
+    env = {**_env(), "HOTCOPY_FAULT": "restore:moved", "HOTCOPY_FAULT_AFTER": str(after)}
+    done = subprocess.run(
+        [sys.executable, "-c", _CLI, "restore", str(tmp_path / "backups-a"), str(target)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode == -signal.SIGKILL, f"the fault never fired: {done.stderr}"
+
+
+def test_a_restore_never_writes_into_a_root_that_filled_while_it_prepared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ROOT was empty when the restore looked, and something (another restore, a user) put a
+    file there before it built: without --force nothing may be written around it (the
+    restore used to look again later, take the non-empty ROOT for one to restore into in
+    place, and make a repository around the file)."""
+    import hotcopy.workers._backup as backup_module
+
+    _two_backups(tmp_path)
+    target = tmp_path / "out"
+    target.mkdir()
+    real = backup_module.roll_forward
+
+    def meanwhile(*args: Any, **kwargs: Any) -> Any:
+        (target / "notes.txt").write_text("the user's")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backup_module, "roll_forward", meanwhile)
+    with pytest.raises((DestinationExists, BackupError)):
+        restore(tmp_path / "backups-a", target)
+    assert os.listdir(target) == ["notes.txt"]
+
+
+def test_a_restore_sweeps_a_dead_one_only_while_it_holds_root(tmp_path: Path) -> None:
+    """What a killed restore moved into ROOT is removed by the next restore, but only under
+    its lock on ROOT: while another restore holds ROOT (which may have just completed its
+    repository there) the sweep must not delete anything (it used to, unlocked, and wiped a
+    live repository restored meanwhile)."""
+    _two_backups(tmp_path)
+    target = tmp_path / "out"
+    target.mkdir()
+    _killed_while_moving(tmp_path, target, after=3)
+    left = sorted(os.listdir(target))
+    assert len(left) == 4  # three entries and the staging directory
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DestinationExists, match="another restore"):
+            restore(tmp_path / "backups-b", target)
+        assert sorted(os.listdir(target)) == left
+    finally:
+        os.close(fd)
+
+
+def test_a_dead_restores_list_never_removes_anything_outside_root(tmp_path: Path) -> None:
+    """The list a killed restore leaves of what it moved into ROOT is only a list of ROOT's
+    own entries: absolute paths, ``..`` and names through a link in ROOT are refused, as is
+    a list that is a link (they deleted files outside ROOT)."""
+    states = _two_backups(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for case in ("absolute", "parent", "through a link", "list is a link"):
+        target = tmp_path / f"out-{case.replace(' ', '-')}"
+        target.mkdir()
+        _killed_while_moving(tmp_path, target, after=1)
+        victim = outside / f"victim-{case.replace(' ', '-')}"
+        victim.write_text("not the restore's")
+        (staging,) = target.glob(".restoring*")
+        listing = staging / ".moving"
+        names = {
+            "absolute": [str(victim)],
+            "parent": [f"../outside/{victim.name}"],
+            "through a link": [f"link/{victim.name}"],
+            "list is a link": [victim.name],
+        }[case]
+        (target / "link").symlink_to(outside)
+        listing.unlink()
+        if case == "list is a link":
+            decoy = tmp_path / f"decoy-{case.replace(' ', '-')}"
+            decoy.write_text("".join(f"{name}\n" for name in names))
+            listing.symlink_to(decoy)
+        else:
+            listing.write_text("".join(f"{name}\n" for name in names))
+        (target / "link").unlink()
+        with contextlib.suppress(BackupError, DestinationExists):
+            restore(tmp_path / "backups-a", target)
+        assert victim.read_text() == "not the restore's", case
+        if (target / "hotcopy.json").exists():
+            assert dump_repo(target) == states["a"]
+
+
+def test_a_root_given_through_a_link_is_restored_where_the_link_pointed_at_the_start(
+    tmp_path: Path,
+) -> None:
+    """ROOT is a link to an empty directory; switched to a live repository while the
+    restore runs, that repository must not be touched (the moves and their rollback went
+    through the link, into the live repository)."""
+    states = _two_backups(tmp_path)
+    empty, live, link = tmp_path / "empty", tmp_path / "b", tmp_path / "root"
+    empty.mkdir()
+    link.symlink_to(empty)
+    before = sorted(os.listdir(live))
+
+    def switch(done: int, *_: int) -> None:
+        if link.resolve() != live:
+            tmp = tmp_path / "root.new"
+            tmp.symlink_to(live)
+            os.replace(tmp, link)
+
+    restore(tmp_path / "backups-a", link, progress=switch, jobs=1)
+    assert link.resolve() == live
+    assert sorted(os.listdir(live)) == before
+    assert dump_repo(live) == states["b"]
+    assert dump_repo(empty) == states["a"]
+
+
+def test_a_restore_into_a_missing_root_never_replaces_one_made_meanwhile(tmp_path: Path) -> None:
+    """ROOT was missing, and an empty directory was made there while the restore built
+    beside it: it is kept as made (a rename would silently replace it, mode and owner)."""
+    _two_backups(tmp_path)
+    target = tmp_path / "out"
+
+    def make_root(done: int, *_: int) -> None:
+        if not target.exists():
+            target.mkdir()
+            target.chmod(0o2770)
+
+    with pytest.raises(DestinationExists):
+        restore(tmp_path / "backups-a", target, progress=make_root, jobs=1)
+    assert os.listdir(target) == []
+    assert target.stat().st_mode & 0o7777 == 0o2770

@@ -16,6 +16,7 @@ the result says why.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -23,6 +24,7 @@ import math
 import os
 import resource
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, wait
@@ -43,6 +45,7 @@ from hotcopy.storage._copy import (
 from hotcopy.storage._durable import (
     fsync_dir,
     is_abandoned_temp,
+    libc_function,
     sweep_stale_temps,
     sync_filesystem,
     temp_path_for,
@@ -761,30 +764,33 @@ def restore(
             f"backup {manifest.id} does not hold prefix(es) {', '.join(absent)}"
             + "".join(f"; {name} failed: {missing[name]}" for name in absent if name in missing)
         )
-    target = Path(root)
-    refuse_unsafe_place(target)  # an existing ROOT (or a link to one) must be a safe place
-    if not force and not _is_fresh(target):
-        raise BackupError(
-            f"{target} is not empty; restore into an empty directory or use --force",
-            root=str(target),
-        )
-    tails: dict[str, bytes] = {}
-    if at is None or not is_backup_id(at):
-        for name in names:
-            tails[name], last = roll_forward(catalog, manifest, name, seq=at_seq, moment=moment)
-            if at_seq is not None and last != at_seq:
-                raise BackupNotFound(
-                    f"commit {at_seq} of prefix {name!r} is not in {catalog.where}"
+    # Resolved once: a link to ROOT changed while the restore runs does not redirect it.
+    target = refuse_unsafe_place(root)
+    with _claimed(target) as claim:
+        if not claim.fresh and not force:
+            raise BackupError(
+                f"{root} is not empty; restore into an empty directory or use --force",
+                root=str(root),
+            )
+        tails: dict[str, bytes] = {}
+        if at is None or not is_backup_id(at):
+            for name in names:
+                tails[name], last = roll_forward(
+                    catalog, manifest, name, seq=at_seq, moment=moment
                 )
-    # With a key every piece's SHA-256 is checked here (restore_chain checks the CRC-32).
-    checksums = catalog.key is not None
-    with _scratch_for(catalog, target) as scratch:
-        chains = {
-            name: view.pieces(manifest.id, name, checksums=checksums, scratch=scratch)
-            for name in names
-        }
-        return _restore(catalog, choice, names, chains, tails, target, force, progress, clock,
-                        lease_timeout, jobs, began)  # fmt: skip
+                if at_seq is not None and last != at_seq:
+                    raise BackupNotFound(
+                        f"commit {at_seq} of prefix {name!r} is not in {catalog.where}"
+                    )
+        # With a key every piece's SHA-256 is checked here (restore_chain checks the CRC-32).
+        checksums = catalog.key is not None
+        with _scratch_for(catalog, target) as scratch:
+            chains = {
+                name: view.pieces(manifest.id, name, checksums=checksums, scratch=scratch)
+                for name in names
+            }
+            return _restore(catalog, choice, names, chains, tails, claim, Path(root), force,
+                            progress, clock, lease_timeout, jobs, began)  # fmt: skip
 
 
 def _new_directory(place: Path) -> Path:
@@ -817,7 +823,8 @@ def _restore(
     names: list[str],
     chains: dict[str, list[Piece]],
     tails: dict[str, bytes],
-    target: Path,
+    claim: _Claim,
+    shown: Path,
     force: bool,
     progress: BackupProgress | None,
     clock: Callable[[], float],
@@ -826,10 +833,11 @@ def _restore(
     began: float,
 ) -> RestoreResult:
     manifest = choice.manifest
+    target = claim.target
     total = sum(piece.size for pieces in chains.values() for piece in pieces)
     restored: dict[str, int] = {}
     # --force into a repository: prefix by prefix, each under its exclusive lease.
-    if not _is_fresh(target):
+    if not claim.fresh:
         _restore_into(
             target, names, chains, tails, manifest, force, progress, total, restored,
             jobs=jobs, lease_timeout=lease_timeout,
@@ -843,7 +851,7 @@ def _restore(
             },
             "time": clock(),
         }
-        with _staged(target) as staging:
+        with _staged(claim) as staging:
             _restore_into(
                 staging,
                 names,
@@ -862,7 +870,7 @@ def _restore(
         progress(len(names), len(names), total, total)
     return RestoreResult(
         manifest.id,
-        str(target),
+        str(shown),
         restored,
         total,
         time.monotonic() - began,
@@ -871,98 +879,30 @@ def _restore(
     )
 
 
-def _is_fresh(target: Path) -> bool:
-    """Whether a restore builds ``target`` whole: it does not exist, or is an empty directory
-    (but for what restores into it that died left, see :func:`_staged`, and the
-    ``lost+found`` of a new file system mounted there)."""
-    if not target.exists():
-        return True
-    _sweep_abandoned_restores(target)
-    return all(entry.name == "lost+found" for entry in target.iterdir())  # a new disk's
+@dataclass(frozen=True)
+class _Claim:
+    """What a restore found at ROOT (``target``, resolved) and holds of it."""
 
-
-_STAGING = ".restoring"
-_MOVING = ".moving"  # in a staging directory inside ROOT: the names it moves into ROOT
-
-
-def _sweep_abandoned_restores(target: Path) -> None:
-    """Remove what restores into ``target`` that died left there: their staging directories,
-    and, where one died while it moved its repository in (its marker not there yet), the
-    entries it had moved, which its list names. A ROOT whose marker is there is complete."""
-    for staging in temps_of(target / _STAGING):
-        if not is_abandoned_temp(staging):
-            continue
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            names = (staging / _MOVING).read_text().split("\n")
-            if not (target / MARKER).exists():
-                for name in filter(None, names):
-                    path = target / name
-                    if path.is_dir() and not path.is_symlink():
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        with contextlib.suppress(FileNotFoundError):
-                            path.unlink()
-        shutil.rmtree(staging, ignore_errors=True)
+    target: Path
+    fresh: bool  # a restore builds it whole: it does not exist, or is empty
+    fd: int | None  # an existing fresh ROOT: a descriptor of it, locked for this restore
 
 
 @contextlib.contextmanager
-def _staged(target: Path) -> Iterator[Path]:
-    """A staging directory to build a restored repository in, which becomes ``target`` when
-    the block ends; removed if the block fails.
+def _claimed(target: Path) -> Iterator[_Claim]:
+    """ROOT as this restore finds it, held for as long as the block runs.
 
-    All or nothing: ``target`` holds a repository only once all of it is there, and one
-    whose restore fails or is killed holds none (its staging directory, named for its
-    process, is swept by the next restore). Nothing in staging is live before that, so one
-    ``syncfs`` makes it all durable first, instead of four device flushes per prefix.
-
-    A ``target`` that does not exist is built beside it and renamed into place. One that does
-    (an empty directory: a mount point, a directory shared with a group, one its owner may
-    write in a directory they may not) is kept, with its file system, owner, mode and group:
-    the repository is built in a hidden directory inside it, then moved into it, its marker
-    file last.
+    An existing ROOT is locked (``flock``) before anything in it is looked at or removed:
+    what restores into it that died left there is swept under the lock, then ROOT must be
+    empty (but for the ``lost+found`` of a new file system mounted there) to be built whole;
+    a second restore into it meanwhile is refused. One that is not empty (a repository
+    restored into with ``--force``) is not held: its prefixes' leases keep restores apart.
+    A missing ROOT is built beside it and renamed into place, which cannot replace anything.
     """
-    inside = target.exists()
-    with contextlib.ExitStack() as held:
-        if inside:
-            held.callback(os.close, _restoring_into(target))
-        place = target / _STAGING if inside else target.parent / f".{target.name}{_STAGING}"
-        staging = _new_directory(place)
-        moved: list[str] = []
-        try:
-            yield staging
-            sync_filesystem(staging)
-            if not inside:
-                _rename_into_place(staging, target)
-                return
-            names = sorted(os.listdir(staging), key=lambda name: name == MARKER)
-            # Named before any is moved: a restore killed while it moves them leaves the list
-            # for the next one, which removes them (see _sweep_abandoned_restores).
-            write_durably(staging / _MOVING, "".join(f"{name}\n" for name in names).encode())
-            for name in names:
-                os.rename(staging / name, target / name)
-                moved.append(name)
-                fault("restore:moved")
-            os.unlink(staging / _MOVING)
-            os.rmdir(staging)
-            fsync_dir(target)
-        except BaseException:
-            for name in reversed(moved):  # the marker, moved last, goes first
-                path = target / name
-                with contextlib.suppress(FileNotFoundError):  # the first error is the one told
-                    if path.is_dir() and not path.is_symlink():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink()
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-
-
-def _restoring_into(target: Path) -> int:
-    """A descriptor of the existing directory ``target``, locked for this restore (``flock``):
-    two restores moving their repositories into one ROOT would mix them. Raises if another
-    restore holds it, or if ``target`` is no longer empty once locked (one just finished)."""
-    refuse_unsafe_place(target)  # written into: it must be a safe place
-    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = _open_directory(target)
+    if fd is None:
+        yield _Claim(target, True, None)
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -970,19 +910,177 @@ def _restoring_into(target: Path) -> int:
             raise DestinationExists(
                 f"another restore into {target} is running; nothing restored", path=str(target)
             ) from None
-        if not _is_fresh(target):
+        _sweep_abandoned_restores(target, fd)
+        if not _holds_nothing(fd):
+            os.close(fd)
+            fd = None
+            yield _Claim(target, False, None)
+            return
+        yield _Claim(target, True, fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _open_directory(target: Path) -> int | None:
+    """A descriptor of the directory ``target`` (not followed if it is a link), None if it
+    does not exist."""
+    try:
+        return os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno in (errno.ENOTDIR, errno.ELOOP):
             raise DestinationExists(
-                f"{target} is not empty (another restore just filled it?); nothing restored",
+                f"{target} exists and is not a directory; nothing restored", path=str(target)
+            ) from None
+        raise
+
+
+def _holds_nothing(fd: int, *ours: str) -> bool:
+    """Whether the directory ``fd`` holds nothing but ``ours`` (and a new disk's
+    ``lost+found``)."""
+    return all(name == "lost+found" or name in ours for name in os.listdir(fd))
+
+
+_STAGING = ".restoring"
+_MOVING = ".moving"  # in a staging directory inside ROOT: the names it moves into ROOT
+
+
+def _sweep_abandoned_restores(target: Path, fd: int) -> None:
+    """Remove what restores into ``target`` (open as ``fd``, locked) that died left there:
+    their staging directories, and, where one died while it moved its repository in (its
+    marker not there yet), the entries it had moved, which its list names. A ROOT whose
+    marker is there is complete. Only this user's staging directories count, only a list
+    that is a regular file of this user's in one, and only names of entries of ROOT itself."""
+    for staging in temps_of(target / _STAGING):
+        if not is_abandoned_temp(staging):
+            continue
+        if not _exists_in(fd, MARKER):
+            for name in _moved_names(staging):
+                with contextlib.suppress(OSError):
+                    _remove_entry(fd, name)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _moved_names(staging: Path) -> list[str]:
+    """The names a dead restore's list says it moved into ROOT (none if it left no list of
+    its own, or one that names anything but entries of ROOT)."""
+    try:
+        fd = os.open(staging / _MOVING, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            return []
+        with open(fd, "rb", closefd=False) as listing:
+            names = listing.read().decode("utf-8", "replace").split("\n")
+    finally:
+        os.close(fd)
+    names = [name for name in names if name]
+    if any("/" in name or name in (".", "..") or name.startswith(_STAGING) for name in names):
+        return []  # not a list a restore wrote
+    return names
+
+
+def _exists_in(fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _remove_entry(fd: int, name: str) -> None:
+    """Remove the entry ``name`` of the directory ``fd``: a file, a link, or a tree."""
+    try:
+        info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        shutil.rmtree(name, dir_fd=fd)
+    else:
+        os.unlink(name, dir_fd=fd)
+
+
+@contextlib.contextmanager
+def _staged(claim: _Claim) -> Iterator[Path]:
+    """A staging directory to build a restored repository in, which becomes ROOT when the
+    block ends; removed if the block fails.
+
+    All or nothing: ROOT holds a repository only once all of it is there, and one whose
+    restore fails or is killed holds none (its staging directory, named for its process, is
+    swept by the next restore). Nothing in staging is live before that, so one ``syncfs``
+    makes it all durable first, instead of four device flushes per prefix.
+
+    A ROOT that does not exist is built beside it and renamed into place. One that does (an
+    empty directory: a mount point, a directory shared with a group, one its owner may write
+    in a directory they may not) is kept, with its file system, owner, mode and group: the
+    repository is built in a hidden directory inside it, then moved into it, its marker file
+    last, through the descriptor ``claim`` holds (see :func:`_claimed`).
+    """
+    target, fd = claim.target, claim.fd
+    place = target / _STAGING if fd is not None else target.parent / f".{target.name}{_STAGING}"
+    staging = _new_directory(place)
+    moved: list[str] = []
+    try:
+        yield staging
+        sync_filesystem(staging)
+        if fd is None:
+            _rename_into_place(staging, target)
+            return
+        if not _holds_nothing(fd, staging.name):
+            raise DestinationExists(
+                f"{target} is no longer empty (something was put there while this restore "
+                "ran); nothing restored",
                 path=str(target),
             )
+        names = sorted(os.listdir(staging), key=lambda name: name == MARKER)
+        # Named before any is moved: a restore killed while it moves them leaves the list
+        # for the next one, which removes them (see _sweep_abandoned_restores).
+        write_durably(staging / _MOVING, "".join(f"{name}\n" for name in names).encode())
+        staging_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            for name in names:
+                os.rename(name, name, src_dir_fd=staging_fd, dst_dir_fd=fd)
+                moved.append(name)
+                fault("restore:moved")
+        finally:
+            os.close(staging_fd)
+        os.unlink(staging / _MOVING)
+        os.rmdir(staging)
+        os.fsync(fd)
     except BaseException:
-        os.close(fd)
+        if fd is not None:
+            for name in reversed(moved):  # the marker, moved last, goes first
+                with contextlib.suppress(OSError):  # the first error is the one told
+                    _remove_entry(fd, name)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    return fd
+
+
+_RENAME_NOREPLACE = 1
+_renameat2 = libc_function(
+    "renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+)
+_AT_FDCWD = -100
 
 
 def _rename_into_place(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to the missing ``target``; never over a directory made meanwhile
+    (``RENAME_NOREPLACE``; where the file system cannot, a plain rename, which replaces only
+    an empty one)."""
     try:
+        if _renameat2 is not None:
+            if _renameat2(
+                _AT_FDCWD, bytes(staging), _AT_FDCWD, bytes(target), _RENAME_NOREPLACE
+            ) == 0:
+                fsync_dir(target.parent)
+                return
+            code = ctypes.get_errno()
+            if code not in (errno.EINVAL, errno.ENOSYS):
+                raise OSError(code, os.strerror(code), str(target))
         os.rename(staging, target)
     except OSError as err:
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
@@ -1008,14 +1106,14 @@ def restore_copy(
     repository is opened by ``repository`` and the prefix replaced under its exclusive lease
     (``force``).
     """
-    target = Path(os.path.abspath(root))
-    if not _is_fresh(target):
-        with repository(target) as repo:
-            return repo.restore_prefix(source, prefix, force=force)
-    with _staged(target) as staging:
-        leases = FileLeases(staging / RUNTIME_DIR)  # nobody else knows a staging directory
-        with Repository.init(staging, leases=leases) as repo:
-            return repo.restore_prefix(source, prefix)
+    with _claimed(refuse_unsafe_place(root)) as claim:
+        if not claim.fresh:
+            with repository(claim.target) as repo:
+                return repo.restore_prefix(source, prefix, force=force)
+        with _staged(claim) as staging:
+            leases = FileLeases(staging / RUNTIME_DIR)  # nobody else knows a staging directory
+            with Repository.init(staging, leases=leases) as repo:
+                return repo.restore_prefix(source, prefix)
 
 
 def _restore_into(
