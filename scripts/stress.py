@@ -957,9 +957,11 @@ def check_replica(sup: Supervisor, live: Live, scratch: Path) -> tuple[list[str]
     # never less than at an earlier time, nor more than the latest.
     if not switches:
         problems.append("replica: the replicator never switched to a snapshot")
+    # Only times when a snapshot was in use: under chaos on a loaded machine the first switch
+    # may come after the writers stopped, and a time before it has nothing to restore.
+    in_use = bool(switches) and switches[0] < sup.writers_stopped
     moments = sorted(
-        sup.rng.uniform(switches[0], sup.writers_stopped)
-        for _ in range(TIME_RESTORES * bool(switches))
+        sup.rng.uniform(switches[0], sup.writers_stopped) for _ in range(TIME_RESTORES * in_use)
     )
     stops = _stop_windows(sup.work / "chaos.log", "replicator").get(0, [])
     earlier: tuple[str, Restored] | None = None
