@@ -684,3 +684,45 @@ def test_a_restore_into_a_missing_root_never_replaces_one_made_meanwhile(tmp_pat
         restore(tmp_path / "backups-a", target, progress=make_root, jobs=1)
     assert os.listdir(target) == []
     assert target.stat().st_mode & 0o7777 == 0o2770
+
+
+def test_restores_with_force_into_one_repository_run_side_by_side(tmp_path: Path) -> None:
+    """A --force restore into a repository holds ROOT shared, only a restore that builds ROOT
+    holds it alone: one --force restore must not be refused because another one is looking
+    at ROOT (held shared here by the test, as a running one does)."""
+    states = _two_backups(tmp_path)
+    target = tmp_path / "out"
+    assert restore(tmp_path / "backups-a", target).prefixes
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        restore(tmp_path / "backups-b", target, force=True)
+    finally:
+        os.close(fd)
+    assert dump_repo(target) == {**states["a"], **states["b"]}
+
+
+def test_a_file_put_into_root_while_the_restore_moves_in_is_never_taken_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something put into ROOT after the restore's last look but while it moves its entries in
+    (here: while it writes its list of them) is neither kept inside the restored repository nor
+    replaced by one of its files: the restore is refused and ROOT left with that alone."""
+    import hotcopy.workers._backup as backup_module
+
+    _two_backups(tmp_path)
+    target = tmp_path / "out"
+    target.mkdir()
+    real = backup_module.write_durably
+
+    def meanwhile(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if Path(path).name == ".moving":
+            (target / "notes.txt").write_text("the user's")
+            (target / "p1.hc").write_text("the user's too")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(backup_module, "write_durably", meanwhile)
+    with pytest.raises(DestinationExists):
+        restore(tmp_path / "backups-a", target)
+    assert sorted(os.listdir(target)) == ["notes.txt", "p1.hc"]
+    assert (target / "p1.hc").read_text() == "the user's too"

@@ -904,14 +904,21 @@ def _claimed(target: Path) -> Iterator[_Claim]:
         yield _Claim(target, True, None)
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DestinationExists(
-                f"another restore into {target} is running; nothing restored", path=str(target)
-            ) from None
-        _sweep_abandoned_restores(target, fd)
-        if not _holds_nothing(fd):
+        # Shared first: restores into a repository (--force) may run side by side, and only
+        # one that would build ROOT (no marker there) needs it to itself.
+        for lock in (fcntl.LOCK_SH, fcntl.LOCK_EX):
+            try:
+                fcntl.flock(fd, lock | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DestinationExists(
+                    f"another restore into {target} is running; nothing restored",
+                    path=str(target),
+                ) from None
+            if lock == fcntl.LOCK_SH and _exists_in(fd, MARKER):
+                break
+        else:
+            _sweep_abandoned_restores(target, fd)
+        if _exists_in(fd, MARKER) or not _holds_nothing(fd):
             os.close(fd)
             fd = None
             yield _Claim(target, False, None)
@@ -1043,9 +1050,17 @@ def _staged(claim: _Claim) -> Iterator[Path]:
         staging_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             for name in names:
-                os.rename(name, name, src_dir_fd=staging_fd, dst_dir_fd=fd)
+                if name == MARKER and not _holds_nothing(fd, staging.name, *moved):
+                    raise FileExistsError(errno.EEXIST, "something else arrived", name)
+                _rename_noreplace(name, name, staging_fd, fd)
                 moved.append(name)
                 fault("restore:moved")
+        except FileExistsError:
+            raise DestinationExists(
+                f"{target} is no longer empty (something was put there while this restore "
+                "ran); nothing restored",
+                path=str(target),
+            ) from None
         finally:
             os.close(staging_fd)
         os.unlink(staging / _MOVING)
@@ -1067,21 +1082,30 @@ _renameat2 = libc_function(
 _AT_FDCWD = -100
 
 
+def _rename_noreplace(
+    source: str | Path, dest: str | Path, source_dir: int = _AT_FDCWD, dest_dir: int = _AT_FDCWD
+) -> None:
+    """Rename ``source`` (in the directory ``source_dir``) to ``dest`` (in ``dest_dir``), never
+    over anything there (``RENAME_NOREPLACE``: FileExistsError). Where the file system cannot,
+    a plain rename, which replaces a file or an empty directory."""
+    if _renameat2 is not None:
+        if _renameat2(source_dir, os.fsencode(source), dest_dir, os.fsencode(dest),
+                      _RENAME_NOREPLACE) == 0:  # fmt: skip
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(code, os.strerror(code), str(dest))
+    dir_fds = {
+        "src_dir_fd": None if source_dir == _AT_FDCWD else source_dir,
+        "dst_dir_fd": None if dest_dir == _AT_FDCWD else dest_dir,
+    }
+    os.rename(source, dest, **dir_fds)
+
+
 def _rename_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to the missing ``target``; never over a directory made meanwhile
-    (``RENAME_NOREPLACE``; where the file system cannot, a plain rename, which replaces only
-    an empty one)."""
+    """Rename ``staging`` to the missing ``target``; never over a directory made meanwhile."""
     try:
-        if _renameat2 is not None:
-            if _renameat2(
-                _AT_FDCWD, bytes(staging), _AT_FDCWD, bytes(target), _RENAME_NOREPLACE
-            ) == 0:
-                fsync_dir(target.parent)
-                return
-            code = ctypes.get_errno()
-            if code not in (errno.EINVAL, errno.ENOSYS):
-                raise OSError(code, os.strerror(code), str(target))
-        os.rename(staging, target)
+        _rename_noreplace(staging, target)
     except OSError as err:
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
             raise
