@@ -893,11 +893,12 @@ def _claimed(target: Path) -> Iterator[_Claim]:
     """ROOT as this restore finds it, held for as long as the block runs.
 
     An existing ROOT is locked (``flock``) before anything in it is looked at or removed:
-    what restores into it that died left there is swept under the lock, then ROOT must be
-    empty (but for the ``lost+found`` of a new file system mounted there) to be built whole;
-    a second restore into it meanwhile is refused. One that is not empty (a repository
-    restored into with ``--force``) is not held: its prefixes' leases keep restores apart.
-    A missing ROOT is built beside it and renamed into place, which cannot replace anything.
+    shared while it holds a repository (restored into with ``--force``, then not held: its
+    prefixes' leases keep restores apart), alone otherwise. Alone, what restores into it that
+    died left there is swept, then ROOT must be empty (but for the ``lost+found`` of a new
+    file system mounted there) to be built whole, and a second restore into it meanwhile is
+    refused. A missing ROOT is built beside it and renamed into place, which cannot replace
+    anything.
     """
     fd = _open_directory(target)
     if fd is None:
@@ -1037,12 +1038,6 @@ def _staged(claim: _Claim) -> Iterator[Path]:
         if fd is None:
             _rename_into_place(staging, target)
             return
-        if not _holds_nothing(fd, staging.name):
-            raise DestinationExists(
-                f"{target} is no longer empty (something was put there while this restore "
-                "ran); nothing restored",
-                path=str(target),
-            )
         names = sorted(os.listdir(staging), key=lambda name: name == MARKER)
         # Named before any is moved: a restore killed while it moves them leaves the list
         # for the next one, which removes them (see _sweep_abandoned_restores).
@@ -1050,6 +1045,8 @@ def _staged(claim: _Claim) -> Iterator[Path]:
         staging_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             for name in names:
+                # Nothing but this restore's may be in ROOT when its marker makes it a
+                # repository (the moves themselves never replace what arrived meanwhile).
                 if name == MARKER and not _holds_nothing(fd, staging.name, *moved):
                     raise FileExistsError(errno.EEXIST, "something else arrived", name)
                 _rename_noreplace(name, name, staging_fd, fd)
