@@ -106,6 +106,7 @@ def write_durably(
     overwrite: bool = True,
     sync: bool = True,
     before_rename: Callable[[], None] | None = None,
+    directory: int | None = None,
 ) -> None:
     """Create ``dest`` atomically and durably, with its directory's policy mode (0600 unless
     the directory is shared with its group: see ``hotcopy.coordinator._paths.file_mode_in``).
@@ -123,8 +124,10 @@ def write_durably(
             (a lease) checks it here; a successor that fenced it removes its temps
             (:func:`remove_temps_of`), so a check that passed before the lapse cannot be
             followed by a rename after the successor's takeover (the rename finds no temp).
+        directory: ``dest``'s directory, open: it is written there even if the path to it
+            leads elsewhere by now.
     """
-    dir_fd = os.open(dest.parent, _DIRECTORY)
+    dir_fd = os.open(dest.parent, _DIRECTORY) if directory is None else os.dup(directory)
     try:
         temp = temp_path_for(dest)
         try:
@@ -167,9 +170,10 @@ def write_durably(
         os.close(dir_fd)
 
 
-def sync_filesystem(path: Path) -> None:
-    """Make everything written to the file system holding ``path`` durable (``syncfs(2)``)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def sync_filesystem(path: Path | int) -> None:
+    """Make everything written to the file system holding ``path`` (or the open file
+    ``path``) durable (``syncfs(2)``)."""
+    fd = os.dup(path) if isinstance(path, int) else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if _syncfs is None or _syncfs(fd) != 0:
             os.sync()  # no syncfs here: flush every file system instead

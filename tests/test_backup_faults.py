@@ -669,6 +669,37 @@ def test_a_root_given_through_a_link_is_restored_where_the_link_pointed_at_the_s
     assert dump_repo(empty) == states["a"]
 
 
+def test_a_staging_directory_swapped_for_a_link_never_sends_the_restore_outside_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a ROOT shared with a group, a member renames the restore's staging directory and
+    puts a link to a directory outside ROOT in its place once the build is done: the
+    restore must write and remove nothing there (it wrote its list of names through the
+    link), and must not make a repository of what it cannot vouch for."""
+    import hotcopy.workers._backup as backup_module
+
+    _two_backups(tmp_path)
+    target, outside = tmp_path / "out", tmp_path / "outside"
+    target.mkdir()
+    target.chmod(0o2770)
+    outside.mkdir()
+    (outside / "theirs").write_text("kept")
+    real = backup_module.sync_filesystem
+
+    def swap_then_sync(*args: Any, **kwargs: Any) -> Any:
+        (staging,) = [name for name in os.listdir(target) if name.startswith(".restoring")]
+        os.rename(target / staging, target / "elsewhere")
+        (target / staging).symlink_to(outside)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backup_module, "sync_filesystem", swap_then_sync)
+    with pytest.raises(DestinationExists, match="staging"):
+        restore(tmp_path / "backups-a", target, jobs=1)
+    assert sorted(os.listdir(outside)) == ["theirs"]
+    assert (outside / "theirs").read_text() == "kept"
+    assert not (target / "hotcopy.json").exists()
+
+
 def test_a_restore_into_a_missing_root_never_replaces_one_made_meanwhile(tmp_path: Path) -> None:
     """ROOT was missing, and an empty directory was made there while the restore built
     beside it: it is kept as made (a rename would silently replace it, mode and owner)."""

@@ -1031,45 +1031,87 @@ def _staged(claim: _Claim) -> Iterator[Path]:
     target, fd = claim.target, claim.fd
     place = target / _STAGING if fd is not None else target.parent / f".{target.name}{_STAGING}"
     staging = _new_directory(place)
-    moved: list[str] = []
+    # Held from the start: in a ROOT shared with a group, a member can rename the staging
+    # directory and put a link in its place; what is done through this descriptor is done
+    # in the restore's own directory, never through the link.
+    staging_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    moved: list[str] = []  # into ROOT, to be moved out again if the restore fails
     try:
         yield staging
-        sync_filesystem(staging)
+        sync_filesystem(staging_fd)
         if fd is None:
-            _rename_into_place(staging, target)
-            return
-        names = sorted(os.listdir(staging), key=lambda name: name == MARKER)
-        # Named before any is moved: a restore killed while it moves them leaves the list
-        # for the next one, which removes them (see _sweep_abandoned_restores).
-        write_durably(staging / _MOVING, "".join(f"{name}\n" for name in names).encode())
-        staging_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            for name in names:
-                # Nothing but this restore's may be in ROOT when its marker makes it a
-                # repository (the moves themselves never replace what arrived meanwhile).
-                if name == MARKER and not _holds_nothing(fd, staging.name, *moved):
-                    raise FileExistsError(errno.EEXIST, "something else arrived", name)
-                _rename_noreplace(name, name, staging_fd, fd)
-                moved.append(name)
-                fault("restore:moved")
-        except FileExistsError:
-            raise DestinationExists(
-                f"{target} is no longer empty (something was put there while this restore "
-                "ran); nothing restored",
-                path=str(target),
-            ) from None
-        finally:
-            os.close(staging_fd)
-        os.unlink(staging / _MOVING)
-        os.rmdir(staging)
-        os.fsync(fd)
+            _rename_into_place(staging, target)  # renamed, or raised before it did
+        else:
+            _move_in(target, fd, staging, staging_fd, moved)
     except BaseException:
         if fd is not None:
             for name in reversed(moved):  # the marker, moved last, goes first
                 with contextlib.suppress(OSError):  # the first error is the one told
                     _remove_entry(fd, name)
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_staging(fd, staging, staging_fd)
         raise
+    else:  # ROOT is the repository now: what is left is tidying up
+        if fd is None:
+            fsync_dir(target.parent)
+        else:
+            _remove_staging(fd, staging, staging_fd)
+            os.fsync(fd)
+    finally:
+        os.close(staging_fd)
+
+
+def _move_in(target: Path, fd: int, staging: Path, staging_fd: int, moved: list[str]) -> None:
+    """Move the repository built in ``staging`` (open as ``staging_fd``) into ROOT (open as
+    ``fd``), its marker last, adding each name to ``moved`` once it is in ROOT."""
+    if not _same_directory(fd, staging.name, staging_fd):
+        raise DestinationExists(
+            f"the staging directory {staging} was moved or replaced while this restore ran; "
+            "nothing restored",
+            path=str(target),
+        )
+    names = sorted(os.listdir(staging_fd), key=lambda name: name == MARKER)
+    # Named before any is moved: a restore killed while it moves them leaves the list for
+    # the next one, which removes them (see _sweep_abandoned_restores).
+    listing = "".join(f"{name}\n" for name in names).encode()
+    write_durably(staging / _MOVING, listing, directory=staging_fd)
+    try:
+        for name in names:
+            # Nothing but this restore's may be in ROOT when its marker makes it a
+            # repository (the moves themselves never replace what arrived meanwhile).
+            if name == MARKER and not _holds_nothing(fd, staging.name, *moved):
+                raise FileExistsError(errno.EEXIST, "something else arrived", name)
+            _rename_noreplace(name, name, staging_fd, fd)
+            moved.append(name)
+            fault("restore:moved")
+    except FileExistsError:
+        raise DestinationExists(
+            f"{target} is no longer empty (something was put there while this restore ran); "
+            "nothing restored",
+            path=str(target),
+        ) from None
+
+
+def _same_directory(parent: int, name: str, directory: int) -> bool:
+    """Whether the entry ``name`` of ``parent`` is the open ``directory`` itself."""
+    try:
+        entry = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(directory)
+    return (entry.st_dev, entry.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _remove_staging(root: int | None, staging: Path, staging_fd: int) -> None:
+    """Empty the staging directory open as ``staging_fd``, and remove it if ROOT (open as
+    ``root``, or by path where ROOT was missing) still has it under its name."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(staging_fd):
+            _remove_entry(staging_fd, name)
+    with contextlib.suppress(OSError):
+        if root is None:
+            os.rmdir(staging)
+        elif _same_directory(root, staging.name, staging_fd):
+            os.rmdir(staging.name, dir_fd=root)
 
 
 _RENAME_NOREPLACE = 1
@@ -1110,7 +1152,6 @@ def _rename_into_place(staging: Path, target: Path) -> None:
             f"{target} was made while this restore ran (by another restore?); nothing restored",
             path=str(target),
         ) from None
-    fsync_dir(target.parent)
 
 
 def restore_copy(
