@@ -27,7 +27,6 @@ keys' hashes, sorted (u32 each) | page CRCs (u32 each)``. Directory: ``magic, li
 
 from __future__ import annotations
 
-import bisect
 import functools
 import heapq
 import os
@@ -171,7 +170,10 @@ class Run:
         self._entries_at = body + 16 * n_slots
         self._entries_end = self._hashes_at = self._entries_at + entries_len
         self._end = body + body_len
-        self._hashes: array[int] | None = None  # the sorted hashes, once loaded
+        self._filter: bytearray | None = None  # see may_hold
+        # The filter has a bit for each value of a hash's top bits, at least 32 bits a key
+        # (4 bytes, a false positive in 32 or fewer).
+        self._filter_shift = 32 - max(5, (32 * found - 1).bit_length())
         self._probes = 0
         # The page CRCs, checked as a whole (4 bytes per 4 KiB of run).
         self._page_crcs = read(4 * n_pages, self._end)
@@ -262,19 +264,19 @@ class Run:
             raise CorruptFileError("an index run ends inside an entry", offset=pos)
 
     def may_hold(self, hashed: int) -> bool:
-        """False only if no key of this run has crc32 ``hashed`` (from the run's sorted hashes,
-        held in memory once this run was probed often enough, if it is small enough)."""
-        hashes = self._hashes
-        if hashes is None:
+        """False only if no key of this run has crc32 ``hashed`` (from a filter built from the
+        run's stored hashes once this run was probed often enough, if it is small enough)."""
+        bits = self._filter
+        if bits is None:
             self._probes += 1
             if self._probes < _FILTER_AFTER or self.count > _FILTER_MAX:
                 return True
-            raw = self._get(self._hashes_at, 4 * self.count)
-            hashes = self._hashes = array("I", raw)
+            hashes = array("I", self._get(self._hashes_at, 4 * self.count))
             if sys.byteorder != "little":
                 hashes.byteswap()
-        at = bisect.bisect_left(hashes, hashed)
-        return at < len(hashes) and hashes[at] == hashed
+            bits = self._filter = _bit_filter(hashes, self._filter_shift)
+        at = hashed >> self._filter_shift
+        return bool(bits[at >> 3] >> (at & 7) & 1)
 
     def check_all(self) -> None:
         """Check every page and that the entries are sorted and each found through the table."""
@@ -307,6 +309,15 @@ class Run:
                 self._check_page(page, self._read(min(PAGE, self._end - at), at))
 
 
+def _bit_filter(hashes: array[int], shift: int) -> bytearray:
+    """A bit for each value of ``hash >> shift``, set where a hash has it."""
+    bits = bytearray(max(1, (1 << (32 - shift)) >> 3))
+    for hashed in hashes:
+        at = hashed >> shift
+        bits[at >> 3] |= 1 << (at & 7)
+    return bits
+
+
 class RunRef(NamedTuple):
     offset: int
     length: int
@@ -320,6 +331,10 @@ class KeyIndex:
     def __init__(self, runs: list[Run], live: int) -> None:
         self.runs = runs
         self.live = live
+        # The oldest run holds most keys and is probed at once; a newer one only where its
+        # filter says it may hold the key.
+        self._newer = runs[:-1]
+        self._oldest = runs[-1] if runs else None
 
     @classmethod
     def empty(cls) -> KeyIndex:
@@ -328,17 +343,16 @@ class KeyIndex:
     def lookup(self, key: bytes) -> int | None:
         """The op offset of ``key``'s record, 0 if the index shows it deleted, None if absent."""
         hashed = crc32(key)
-        runs = self.runs
         try:
-            for number, run in enumerate(runs):
-                if number + 1 < len(runs) and not run.may_hold(hashed):
-                    continue  # the oldest run is probed at once: it holds most keys
-                found = run.lookup(key, hashed)
-                if found is not None:
-                    return found
+            for run in self._newer:
+                if run.may_hold(hashed):
+                    found = run.lookup(key, hashed)
+                    if found is not None:
+                        return found
+            oldest = self._oldest
+            return None if oldest is None else oldest.lookup(key, hashed)
         except struct.error:  # a read cut short: the file ends inside the index
             raise CorruptFileError("the key index runs past the end of its file") from None
-        return None
 
     def items(self) -> Iterator[Entry]:
         """Live entries in key order (the newest run that knows a key decides)."""

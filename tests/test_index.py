@@ -488,3 +488,23 @@ def test_a_follower_reads_runs_of_commits_larger_than_what_it_reads_at_once(
     finally:
         follower_repo.close()
         repo.close()
+
+
+@pytest.mark.parametrize("count", [1, 7, 1000, 20_000])
+def test_a_runs_filter_never_turns_away_a_key_it_holds_and_rarely_lets_others_through(
+    count: int,
+) -> None:
+    """The filter a newer run keeps once probed often: every key it holds passes (a miss would
+    hide the key's newest value behind an older run's), and few of the others do."""
+    rng = random.Random(count)
+    keys = sorted({rng.randbytes(12) for _ in range(count)})
+    entries = [(key, _index.target_of(100 + n, n)) for n, key in enumerate(keys)]
+    data = _index.encode_run(entries)
+    run = _index.Run(_index.bytes_reader(data, 4096), 4096, len(data), len(entries))
+    held = [crc32(key) for key in keys]
+    for hashed in held * (1 + 64 // len(held)):  # probed often enough to build the filter
+        assert run.may_hold(hashed)
+    others = [rng.getrandbits(32) for _ in range(20_000)]
+    known = set(held)
+    passed = sum(run.may_hold(hashed) for hashed in others if hashed not in known)
+    assert passed <= len(others) / 16
