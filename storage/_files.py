@@ -194,8 +194,22 @@ def make_directory(path: str | os.PathLike[str], *, gid: int = -1, exist_ok: boo
         if exist_ok:
             return False
         raise FileExistsError(errno.EEXIST, "File exists", str(path))
+    # Never made through a link someone else planted where a directory was (one who may write
+    # in a shared directory could send what we make anywhere we may write): the deepest
+    # directory that exists is followed only if it is a link of this user's or root's, and
+    # each one made here is entered as what it is.
+    found = os.lstat(ancestor)
+    if stat.S_ISLNK(found.st_mode) and found.st_uid not in (os.geteuid(), 0):
+        raise UnsafePlace(
+            f"{str(ancestor)!r} is a symbolic link of {user_name(found.st_uid)}'s: hotcopy "
+            "makes nothing through it",
+            path=str(ancestor),
+        )
+    followed = stat.S_ISLNK(found.st_mode)
     for directory in reversed(missing):
-        parent_fd = os.open(directory.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        follow = followed and directory.parent == ancestor
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+        parent_fd = os.open(directory.parent, flags)
         try:
             mode = dir_mode_in(os.fstat(parent_fd))
             try:

@@ -632,16 +632,61 @@ def test_a_dead_restores_list_never_removes_anything_outside_root(tmp_path: Path
         listing.unlink()
         if case == "list is a link":
             decoy = tmp_path / f"decoy-{case.replace(' ', '-')}"
-            decoy.write_text("".join(f"{name}\n" for name in names))
+            decoy.write_text("".join(f"{victim.stat().st_ino} {name}\n" for name in names))
             listing.symlink_to(decoy)
         else:
-            listing.write_text("".join(f"{name}\n" for name in names))
+            listing.write_text("".join(f"{victim.stat().st_ino} {name}\n" for name in names))
         (target / "link").unlink()
         with contextlib.suppress(BackupError, DestinationExists):
             restore(tmp_path / "backups-a", target)
         assert victim.read_text() == "not the restore's", case
         if (target / "hotcopy.json").exists():
             assert dump_repo(target) == states["a"]
+
+
+@pytest.mark.parametrize("root_exists", [True, False])
+def test_a_restore_never_sweeps_a_directory_renamed_to_look_like_a_dead_ones(
+    tmp_path: Path, root_exists: bool
+) -> None:
+    """In a shared directory a group member may rename this user's directories (not remove
+    them): one renamed to the name of a dead restore's staging directory must be left alone
+    (the sweep removed it, with everything in it)."""
+    states = _two_backups(tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2770)
+    target = shared / "out"
+    if root_exists:
+        target.mkdir()
+    place, base = (target, ".restoring") if root_exists else (shared, ".out.restoring")
+    private = place / "private"
+    private.mkdir(mode=0o700)
+    (private / "work").write_text("the user's")
+    disguised = place / f"{base}.hotcopy-tmp-999999-1-deadbeef"  # no such process
+    os.rename(private, disguised)
+    if root_exists:
+        with pytest.raises((DestinationExists, BackupError), match="not empty"):
+            restore(tmp_path / "backups-a", target)
+    else:
+        restore(tmp_path / "backups-a", target)
+        assert dump_repo(target) == states["a"]
+    assert (disguised / "work").read_text() == "the user's"
+
+
+def test_a_dead_restores_sweep_removes_only_the_entries_it_moved(tmp_path: Path) -> None:
+    """A restore killed after its first move listed every name it was to move; a file of
+    another user's put into ROOT since under one of the names it had not moved yet is not
+    its to remove (the sweep removed it, then built a repository around the gap)."""
+    _two_backups(tmp_path)
+    target = tmp_path / "out"
+    target.mkdir()
+    _killed_while_moving(tmp_path, target, after=1)
+    theirs = target / "p3.hc"
+    theirs.write_text("not the restore's")
+    with pytest.raises((DestinationExists, BackupError), match="not empty"):
+        restore(tmp_path / "backups-a", target)
+    assert theirs.read_text() == "not the restore's"
+    assert not (target / "hotcopy.json").exists()
 
 
 def test_a_root_given_through_a_link_is_restored_where_the_link_pointed_at_the_start(
@@ -669,35 +714,69 @@ def test_a_root_given_through_a_link_is_restored_where_the_link_pointed_at_the_s
     assert dump_repo(empty) == states["a"]
 
 
+def _swap_staging_for_a_link(place: Path, outside: Path) -> None:
+    """What a group member may do in a shared directory: rename the restore's staging
+    directory in ``place`` and put a link to ``outside`` in its place."""
+    (staging,) = [name for name in os.listdir(place) if ".restoring" in name]
+    os.rename(place / staging, place / "elsewhere")
+    (place / staging).symlink_to(outside)
+    os.lchown(place / staging, _MEMBER, _MEMBER)  # the link is the group member's
+
+
+_MEMBER = 65534  # a uid of no process of this test's
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a link of another user's needs root to make")
+@pytest.mark.parametrize(
+    ("when", "jobs", "root_exists"),
+    [
+        ("build", 1, True),
+        ("build", 2, True),
+        ("build", 1, False),
+        ("moves", 1, True),
+        ("moves", 1, False),
+    ],
+)
 def test_a_staging_directory_swapped_for_a_link_never_sends_the_restore_outside_root(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str, jobs: int, root_exists: bool
 ) -> None:
-    """In a ROOT shared with a group, a member renames the restore's staging directory and
-    puts a link to a directory outside ROOT in its place once the build is done: the
-    restore must write and remove nothing there (it wrote its list of names through the
-    link), and must not make a repository of what it cannot vouch for."""
+    """In a directory shared with a group (ROOT, or the parent of a missing ROOT), a member
+    renames the restore's staging directory and puts a link to a directory outside it in its
+    place, as the build starts or once it is done: the restore must write nothing there (it
+    built a whole repository through the link, or wrote its list of names there), and end
+    with no repository rather than one it did not build (or with the one it built, renamed
+    into place through descriptors)."""
     import hotcopy.workers._backup as backup_module
 
-    _two_backups(tmp_path)
-    target, outside = tmp_path / "out", tmp_path / "outside"
-    target.mkdir()
-    target.chmod(0o2770)
+    states = _two_backups(tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2770)
+    target, outside = (shared / "out", tmp_path / "outside")
+    if root_exists:
+        target.mkdir()
+        target.chmod(0o2770)
     outside.mkdir()
     (outside / "theirs").write_text("kept")
-    real = backup_module.sync_filesystem
+    place = target if root_exists else shared
+    step = "_restore_into" if when == "build" else "sync_filesystem"
+    real = getattr(backup_module, step)
 
-    def swap_then_sync(*args: Any, **kwargs: Any) -> Any:
-        (staging,) = [name for name in os.listdir(target) if name.startswith(".restoring")]
-        os.rename(target / staging, target / "elsewhere")
-        (target / staging).symlink_to(outside)
+    def swapped_first(*args: Any, **kwargs: Any) -> Any:
+        _swap_staging_for_a_link(place, outside)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backup_module, "sync_filesystem", swap_then_sync)
-    with pytest.raises(DestinationExists, match="staging"):
-        restore(tmp_path / "backups-a", target, jobs=1)
+    monkeypatch.setattr(backup_module, step, swapped_first)
+    if when == "moves" and not root_exists:
+        # Built, then renamed into place through descriptors: the link changed nothing.
+        restore(tmp_path / "backups-a", target, jobs=jobs)
+        assert dump_repo(target) == states["a"]
+    else:
+        with pytest.raises((DestinationExists, BackupError, OSError)):
+            restore(tmp_path / "backups-a", target, jobs=jobs)
+        assert not (target / "hotcopy.json").exists()
     assert sorted(os.listdir(outside)) == ["theirs"]
     assert (outside / "theirs").read_text() == "kept"
-    assert not (target / "hotcopy.json").exists()
 
 
 def test_a_restore_into_a_missing_root_never_replaces_one_made_meanwhile(tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ import fcntl
 import math
 import os
 import resource
-import shutil
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -43,13 +42,9 @@ from hotcopy.storage._copy import (
     restore_chain,
 )
 from hotcopy.storage._durable import (
-    fsync_dir,
-    is_abandoned_temp,
     libc_function,
     sweep_stale_temps,
     sync_filesystem,
-    temp_path_for,
-    temps_of,
     write_durably,
 )
 from hotcopy.storage._faults import fault
@@ -72,9 +67,16 @@ from ._catalog import (
     sha256_of,
 )
 from ._errors import BackupError, BackupInterrupted, BackupNotFound
-from ._places import sweep_abandoned_dirs
 from ._pool import CopyWorkerPool, InlineExecutor
 from ._replica_log import pick_for_seq, pick_for_time, roll_forward
+from ._workdir import (
+    WorkDirectory,
+    opened_directory,
+    remove_entry,
+    same_directory,
+    sweep_work_directories,
+    work_directory,
+)
 
 Outcome = TypeVar("Outcome")
 BackupProgress = Callable[[int, int, int, int], None]  # prefixes done/total, bytes done/total
@@ -793,16 +795,6 @@ def restore(
                             progress, clock, lease_timeout, jobs, began)  # fmt: skip
 
 
-def _new_directory(place: Path) -> Path:
-    """A new directory named for ``place`` and this process (:func:`temp_path_for`), after
-    sweeping those of dead processes: the next one can tell this one was abandoned."""
-    make_directory(place.parent)
-    sweep_abandoned_dirs(place)
-    made = temp_path_for(place)
-    make_directory(made, exist_ok=False)
-    return made
-
-
 @contextlib.contextmanager
 def _scratch_for(catalog: Catalog, target: Path) -> Iterator[Path | None]:
     """Where the pieces of a catalog that is not local are downloaded: beside ``target``,
@@ -810,11 +802,8 @@ def _scratch_for(catalog: Catalog, target: Path) -> Iterator[Path | None]:
     if catalog.place.local:
         yield None
         return
-    scratch = _new_directory(target.parent / f".{target.name}.fetching")
-    try:
-        yield scratch
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with work_directory(target.parent, f".{target.name}.fetching") as scratch:
+        yield scratch.path
 
 
 def _restore(
@@ -945,10 +934,9 @@ def _open_directory(target: Path) -> int | None:
         raise
 
 
-def _holds_nothing(fd: int, *ours: str) -> bool:
-    """Whether the directory ``fd`` holds nothing but ``ours`` (and a new disk's
-    ``lost+found``)."""
-    return all(name == "lost+found" or name in ours for name in os.listdir(fd))
+def _holds_nothing(fd: int) -> bool:
+    """Whether the directory ``fd`` holds nothing (but a new disk's ``lost+found``)."""
+    return all(name == "lost+found" for name in os.listdir(fd))
 
 
 _STAGING = ".restoring"
@@ -958,38 +946,43 @@ _MOVING = ".moving"  # in a staging directory inside ROOT: the names it moves in
 def _sweep_abandoned_restores(target: Path, fd: int) -> None:
     """Remove what restores into ``target`` (open as ``fd``, locked) that died left there:
     their staging directories, and, where one died while it moved its repository in (its
-    marker not there yet), the entries it had moved, which its list names. A ROOT whose
-    marker is there is complete. Only this user's staging directories count, only a list
-    that is a regular file of this user's in one, and only names of entries of ROOT itself."""
-    for staging in temps_of(target / _STAGING):
-        if not is_abandoned_temp(staging):
-            continue
-        if not _exists_in(fd, MARKER):
-            for name in _moved_names(staging):
-                with contextlib.suppress(OSError):
-                    _remove_entry(fd, name)
-        shutil.rmtree(staging, ignore_errors=True)
+    marker not there yet), the entries it had moved, which its list names with their inode
+    numbers (an entry of that name that is not the one it moved is not its to remove). A
+    ROOT whose marker is there is complete."""
+
+    def remove_moved(outer: int) -> None:
+        if _exists_in(fd, MARKER):
+            return
+        for inode, name in _moved_entries(outer):
+            with contextlib.suppress(OSError):
+                if os.stat(name, dir_fd=fd, follow_symlinks=False).st_ino == inode:
+                    remove_entry(fd, name)
+
+    sweep_work_directories(target, fd, _STAGING, remove_moved)
 
 
-def _moved_names(staging: Path) -> list[str]:
-    """The names a dead restore's list says it moved into ROOT (none if it left no list of
-    its own, or one that names anything but entries of ROOT)."""
+def _moved_entries(outer: int) -> list[tuple[int, str]]:
+    """What a dead restore's list (in its staging directory's outer directory ``outer``)
+    says it moved into ROOT: inode numbers and names (none if it left no list, or one that
+    names anything but entries of ROOT)."""
     try:
-        fd = os.open(staging / _MOVING, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(_MOVING, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=outer)
     except OSError:
         return []
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             return []
         with open(fd, "rb", closefd=False) as listing:
-            names = listing.read().decode("utf-8", "replace").split("\n")
+            lines = listing.read().decode("utf-8", "replace").split("\n")
     finally:
         os.close(fd)
-    names = [name for name in names if name]
-    if any("/" in name or name in (".", "..") or name.startswith(_STAGING) for name in names):
-        return []  # not a list a restore wrote
-    return names
+    entries = []
+    for line in filter(None, lines):
+        inode, _, name = line.partition(" ")
+        if not inode.isdigit() or not name or "/" in name or name in (".", ".."):
+            return []  # not a list a restore wrote
+        entries.append((int(inode), name))
+    return entries
 
 
 def _exists_in(fd: int, name: str) -> bool:
@@ -998,18 +991,6 @@ def _exists_in(fd: int, name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def _remove_entry(fd: int, name: str) -> None:
-    """Remove the entry ``name`` of the directory ``fd``: a file, a link, or a tree."""
-    try:
-        info = os.stat(name, dir_fd=fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(info.st_mode):
-        shutil.rmtree(name, dir_fd=fd)
-    else:
-        os.unlink(name, dir_fd=fd)
 
 
 @contextlib.contextmanager
@@ -1026,61 +1007,56 @@ def _staged(claim: _Claim) -> Iterator[Path]:
     empty directory: a mount point, a directory shared with a group, one its owner may write
     in a directory they may not) is kept, with its file system, owner, mode and group: the
     repository is built in a hidden directory inside it, then moved into it, its marker file
-    last, through the descriptor ``claim`` holds (see :func:`_claimed`).
+    last, through the descriptor ``claim`` holds (see :func:`_claimed`). The staging directory
+    is a :class:`WorkDirectory`, which others who may write where it is cannot redirect.
     """
     target, fd = claim.target, claim.fd
-    place = target / _STAGING if fd is not None else target.parent / f".{target.name}{_STAGING}"
-    staging = _new_directory(place)
-    # Held from the start: in a ROOT shared with a group, a member can rename the staging
-    # directory and put a link in its place; what is done through this descriptor is done
-    # in the restore's own directory, never through the link.
-    staging_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    moved: list[str] = []  # into ROOT, to be moved out again if the restore fails
-    try:
-        yield staging
-        sync_filesystem(staging_fd)
-        if fd is None:
-            _rename_into_place(staging, target)  # renamed, or raised before it did
+    with contextlib.ExitStack() as stack:
+        if fd is not None:  # dead restores' staging directories are swept by _claimed
+            parent, parent_fd, base = target, fd, _STAGING
         else:
-            _move_in(target, fd, staging, staging_fd, moved)
-    except BaseException:
-        if fd is not None:
+            parent, base = target.parent, f".{target.name}{_STAGING}"
+            make_directory(parent)
+            parent_fd = stack.enter_context(opened_directory(parent))
+            sweep_work_directories(parent, parent_fd, base)
+        staging = WorkDirectory(parent, parent_fd, base)
+        stack.callback(staging.close)
+        moved: list[str] = []  # into ROOT, to be moved out again if the restore fails
+        try:
+            yield staging.path
+            sync_filesystem(staging.fd)
+            if fd is None:
+                _rename_into_place(staging, parent_fd, target)
+            else:
+                _move_in(target, fd, staging, moved)
+        except BaseException:
             for name in reversed(moved):  # the marker, moved last, goes first
                 with contextlib.suppress(OSError):  # the first error is the one told
-                    _remove_entry(fd, name)
-        _remove_staging(fd, staging, staging_fd)
-        raise
-    else:  # ROOT is the repository now: what is left is tidying up
-        if fd is None:
-            fsync_dir(target.parent)
-        else:
-            _remove_staging(fd, staging, staging_fd)
-            os.fsync(fd)
-    finally:
-        os.close(staging_fd)
+                    remove_entry(parent_fd, name)
+            staging.remove()
+            raise
+        staging.remove()  # ROOT is the repository now: what is left is tidying up
+        os.fsync(parent_fd)
 
 
-def _move_in(target: Path, fd: int, staging: Path, staging_fd: int, moved: list[str]) -> None:
-    """Move the repository built in ``staging`` (open as ``staging_fd``) into ROOT (open as
-    ``fd``), its marker last, adding each name to ``moved`` once it is in ROOT."""
-    if not _same_directory(fd, staging.name, staging_fd):
-        raise DestinationExists(
-            f"the staging directory {staging} was moved or replaced while this restore ran; "
-            "nothing restored",
-            path=str(target),
-        )
-    names = sorted(os.listdir(staging_fd), key=lambda name: name == MARKER)
+def _move_in(target: Path, fd: int, staging: WorkDirectory, moved: list[str]) -> None:
+    """Move the repository built in ``staging`` into ROOT (open as ``fd``), its marker last,
+    adding each name to ``moved`` once it is in ROOT."""
+    names = sorted(os.listdir(staging.fd), key=lambda name: name == MARKER)
     # Named before any is moved: a restore killed while it moves them leaves the list for
     # the next one, which removes them (see _sweep_abandoned_restores).
-    listing = "".join(f"{name}\n" for name in names).encode()
-    write_durably(staging / _MOVING, listing, directory=staging_fd)
+    listing = "".join(
+        f"{os.stat(name, dir_fd=staging.fd, follow_symlinks=False).st_ino} {name}\n"
+        for name in names
+    ).encode()
+    write_durably(staging.path.parent / _MOVING, listing, directory=staging.outer_fd)
     try:
         for name in names:
             # Nothing but this restore's may be in ROOT when its marker makes it a
             # repository (the moves themselves never replace what arrived meanwhile).
-            if name == MARKER and not _holds_nothing(fd, staging.name, *moved):
+            if name == MARKER and not _holds_only(fd, staging, moved):
                 raise FileExistsError(errno.EEXIST, "something else arrived", name)
-            _rename_noreplace(name, name, staging_fd, fd)
+            _rename_noreplace(name, name, staging.fd, fd)
             moved.append(name)
             fault("restore:moved")
     except FileExistsError:
@@ -1091,27 +1067,15 @@ def _move_in(target: Path, fd: int, staging: Path, staging_fd: int, moved: list[
         ) from None
 
 
-def _same_directory(parent: int, name: str, directory: int) -> bool:
-    """Whether the entry ``name`` of ``parent`` is the open ``directory`` itself."""
-    try:
-        entry = os.stat(name, dir_fd=parent, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(directory)
-    return (entry.st_dev, entry.st_ino) == (held.st_dev, held.st_ino)
-
-
-def _remove_staging(root: int | None, staging: Path, staging_fd: int) -> None:
-    """Empty the staging directory open as ``staging_fd``, and remove it if ROOT (open as
-    ``root``, or by path where ROOT was missing) still has it under its name."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir(staging_fd):
-            _remove_entry(staging_fd, name)
-    with contextlib.suppress(OSError):
-        if root is None:
-            os.rmdir(staging)
-        elif _same_directory(root, staging.name, staging_fd):
-            os.rmdir(staging.name, dir_fd=root)
+def _holds_only(fd: int, staging: WorkDirectory, moved: list[str]) -> bool:
+    """Whether ROOT (open as ``fd``) holds nothing but what this restore ``moved`` there and
+    its staging directory (and a new disk's ``lost+found``)."""
+    return all(
+        name == "lost+found"
+        or name in moved
+        or (name == staging.outer_name and same_directory(fd, name, staging.outer_fd))
+        for name in os.listdir(fd)
+    )
 
 
 _RENAME_NOREPLACE = 1
@@ -1141,10 +1105,11 @@ def _rename_noreplace(
     os.rename(source, dest, **dir_fds)
 
 
-def _rename_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to the missing ``target``; never over a directory made meanwhile."""
+def _rename_into_place(staging: WorkDirectory, parent_fd: int, target: Path) -> None:
+    """Rename ``staging`` to the missing ``target`` (in the directory ``parent_fd``); never
+    over a directory made meanwhile."""
     try:
-        _rename_noreplace(staging, target)
+        _rename_noreplace(staging.name, target.name, staging.outer_fd, parent_fd)
     except OSError as err:
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
             raise
