@@ -194,13 +194,23 @@ class Run:
 
     def _get(self, pos: int, size: int) -> bytes:
         """``size`` bytes of the body at ``pos``, every page they touch checked."""
+        if pos < self._body or pos + size > self._end:
+            raise CorruptFileError("an index read points outside its run", offset=pos)
         first = (pos - self._body) // PAGE
         last = (pos + size - 1 - self._body) // PAGE
         for page in range(first, last + 1):
             if page not in self._checked:
                 at = self._body + page * PAGE
                 self._check_page(page, self._read(min(PAGE, self._end - at), at))
-        return self._read(size, pos)
+        data = self._read(size, pos)
+        if len(data) != size:
+            raise CorruptFileError("the key index runs past the end of its file", offset=pos)
+        return data
+
+    def check_pages_again(self) -> None:
+        """Check every page again before it is next relied on: the file may have been damaged
+        since (a follower keeps a run across checkpoints, see :func:`open_index`)."""
+        self._checked = set()
 
     def lookup(self, key: bytes, hashed: int) -> int | None:
         """The target of ``key`` (``hashed``: its crc32) in this run, or None if it has none."""
@@ -222,10 +232,17 @@ class Run:
                     return None
                 if found == hashed:
                     at = self._entries_at + entry - 1
-                    if (at - body) // PAGE in checked and (at + size - 1 - body) // PAGE in checked:
-                        raw = read(size, at)
+                    # Another key's entry, of the same hash, may end before this key would.
+                    want = min(size, self._entries_end - at)
+                    if want < _ENTRY.size:
+                        raise CorruptFileError("an index entry lies outside its run", offset=at)
+                    page = (at - body) // PAGE
+                    if page == (at + want - 1 - body) // PAGE and page in checked:
+                        raw = read(want, at)
                     else:
-                        raw = self._get(at, size)
+                        raw = self._get(at, want)  # every page it spans checked
+                    if len(raw) != want:
+                        raise CorruptFileError("an index entry lies outside its file", offset=at)
                     offset, op_crc, key_len = _ENTRY.unpack_from(raw)
                     if key_len == len(key) and raw[_ENTRY.size :] == key:
                         return offset | op_crc << 64  # type: ignore[no-any-return]
@@ -426,10 +443,13 @@ def open_index(read: Read, record_end: int, known: KeyIndex | None = None) -> Ke
     """The index whose record ends at ``record_end`` (just before a segment's trailer).
 
     ``known``: an index read before; its runs that read the same file and that the directory
-    names again are kept, with the pages they checked and their filters (a follower opens
-    the index after every checkpoint, and most runs stay)."""
+    names again are kept, with their page CRCs and filters (a follower opens the index after
+    every checkpoint, and most runs stay); their pages are checked again as they are read,
+    so that damage done to the file since is found, as by a reader that opened it now."""
     refs, live, _ = _directory(read, record_end)
     kept = {run.ref: run for run in known.runs if run.reads(read)} if known else {}
+    for run in kept.values():
+        run.check_pages_again()
     return KeyIndex([kept.get(ref) or _run(read, ref) for ref in refs], live)
 
 

@@ -240,7 +240,8 @@ class Log:
         # The files are exactly as this writer's last change left them (it has held the write
         # lease since): the next commit skips the checks of prepare().
         self._files_as_left = False
-        self._failed: str | None = None  # why this process stopped writing (an fsync failed)
+        # Why this process writes the prefix no more (an fsync failed, its WAL is damaged).
+        self._stopped: tuple[type[StorageError], str] | None = None
         self._fenced_through = 0
         self._watch: tuple[int, int | None] = (0, None)  # a commit settle() looks for
         self._deferred: tuple[int, bytes, int] | None = None  # HOTCOPY_TEST_BREAK only
@@ -661,7 +662,9 @@ class Log:
         if not strict and not fmt.batch_starts_at(self._wal_fd, self._wal_pos):
             return  # reserved space (zeros), a torn tail, or a write in progress
         self._read_batches(fmt.FileReader.CHUNK if strict else _FOLLOW_CHUNK)
-        if strict:
+        # Following, a batch that begins where reading stopped is a write in progress, unless
+        # a whole batch follows it: damage, which a reader opening now would report too.
+        if strict or fmt.batch_starts_at(self._wal_fd, self._wal_pos):
             self._check_wal_tail()
 
     def _read_batches(self, chunk: int = _FOLLOW_CHUNK) -> None:
@@ -965,9 +968,17 @@ class Log:
             )
             if crc32(data) != last.wal_crc:
                 bad = max(fmt.first_bad_frame(data, [batch.size for batch in batches]), 0)
-                raise self._error(
+                err = self._error(
                     self.wal_path, batches[bad].offset, "a batch failed its checksum on re-read"
                 )
+                # Commits appended after a damaged one are not recovered without a salvage:
+                # none is acknowledged any more.
+                self._stopped = (
+                    CorruptFileError,
+                    f"finding {self.wal_path} damaged at offset {batches[bad].offset} (run "
+                    f"`hotcopy salvage {self.wal_path.parent} {self.name}`)",
+                )
+                raise err
             record, trailer = self._segment_close(
                 base, data, len(batches), last.meta_chain, last.seq
             )
@@ -1059,7 +1070,7 @@ class Log:
         """An fsync failed: Linux reports a writeback error once and may drop the pages, so a
         later success would prove nothing. This process writes the prefix no more; the next
         opener reads what the files prove."""
-        self._failed = err.message
+        self._stopped = (SyncFailed, f"an fsync failed ({err.message})")
         raise SyncFailed(
             f"prefix {self.name!r}: {err.message}; this process stopped writing the prefix: "
             "close it and open it again to go on from what the files hold",
@@ -1068,10 +1079,11 @@ class Log:
         ) from err
 
     def _check_writable(self) -> None:
-        if self._failed is not None:
-            raise SyncFailed(
-                f"prefix {self.name!r}: this process stopped writing the prefix after an fsync "
-                f"failed ({self._failed}); close it and open it again",
+        if self._stopped is not None:
+            error, why = self._stopped
+            raise error(
+                f"prefix {self.name!r}: this process stopped writing the prefix after {why}; "
+                "close it and open it again",
                 prefix=self.name,
             )
         if not self._writable:

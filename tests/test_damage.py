@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hotcopy.storage import CorruptFileError, Repository, StorageError, verify_file
+from hotcopy.storage import CorruptFileError, FileLeases, Repository, StorageError, verify_file
 from hotcopy.storage import _format as fmt
 from hotcopy.workers import main as cli
 from hotcopy_test_support import storage_helpers
@@ -469,3 +469,53 @@ def test_a_whole_batch_after_what_a_log_read_is_read_not_cut_as_a_torn_tail(
             log.close()
         px.close()
         assert dict(repo.open_prefix("p", "r").items()) == {"a": 1, "b": 2}
+
+
+def _last_wal_batch(wal: Path) -> fmt.Batch:
+    fd = os.open(wal, os.O_RDONLY)
+    try:
+        reader = fmt.FileReader(fd, fmt.HEADER_SIZE, os.fstat(fd).st_size)
+        last = None
+        while (batch := fmt.read_batch(reader, load_values=True)) is not None:
+            last = batch
+    finally:
+        os.close(fd)
+    assert last is not None
+    return last
+
+
+def test_a_reader_that_follows_reports_a_damaged_batch_that_later_commits_follow(
+    tmp_path: Path,
+) -> None:
+    """A WAL batch a following reader has not read yet is damaged, and the writer commits on:
+    the reader must report the damage (as one that opens now does), not take the batch for a
+    write in progress for ever and serve the state before it while later commits are
+    acknowledged; the writer stops acknowledging commits once its checkpoint finds it."""
+    root = tmp_path / "repo"
+    Repository.init(root).close()
+    leases = root / ".hotcopy"
+    with Repository(root, leases=FileLeases(leases)) as writing, Repository(
+        root, leases=FileLeases(leases)
+    ) as reading:
+        writer = writing.open_prefix("p", "rw")
+        writer["a"] = 1
+        writer.commit()
+        reader = reading.open_prefix("p", "r")
+        assert reader["a"] == 1
+        writer["a"] = 2
+        writer["b"] = "x" * 100
+        writer.commit()
+        damaged = _last_wal_batch(root / "p.hc-wal")
+        h.flip_byte(root / "p.hc-wal", damaged.offset + fmt.BATCH_SIZE + 40, 0x10)
+        for value in range(3, 6):
+            writer["a"] = value
+            writer.commit()
+        with pytest.raises(CorruptFileError):
+            reader["a"]
+        # The writer finds it when its checkpoint reads the WAL again, and acknowledges no
+        # commit after it (they are not recovered without a salvage).
+        with pytest.raises(CorruptFileError):
+            writer.checkpoint()
+        with pytest.raises(CorruptFileError, match="stopped writing"):
+            writer["a"] = 9
+            writer.commit()

@@ -8,10 +8,11 @@ import contextlib
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,7 @@ def _fill(root: Path, count: int) -> None:
 
 
 _OPEN_AND_GET = """
+import struct
 import sys
 from pathlib import Path
 from hotcopy.storage import FileLeases, Repository
@@ -434,10 +436,9 @@ def test_a_run_finds_every_key_across_collisions_page_edges_and_the_table_end() 
         assert damaged, "no lookup noticed the cut"
 
 
-def test_a_follower_keeps_the_runs_a_checkpoint_did_not_touch(tmp_path: Path) -> None:
-    """After a checkpoint, the index is opened again at the new boundary: the runs it names
-    again are the ones read before (with the pages they checked and their filters), not read
-    and checked again; an index of another open file shares nothing."""
+def _checkpointed_after_a_big_one(tmp_path: Path) -> tuple[Path, int, int]:
+    """A prefix of 3,000 keys, checkpointed, then one more checkpoint of one key: its main
+    file and where the index records of the two checkpoints end."""
     root = tmp_path / "repo"
     _fill(root, 3000)
     main = root / "big.hc"
@@ -449,15 +450,23 @@ def test_a_follower_keeps_the_runs_a_checkpoint_did_not_touch(tmp_path: Path) ->
         prefix.checkpoint()
     after = _last_segment(main)
     assert before.index_end is not None and after.index_end is not None
+    return main, before.index_end, after.index_end
+
+
+def test_a_follower_keeps_the_runs_a_checkpoint_did_not_touch(tmp_path: Path) -> None:
+    """After a checkpoint, the index is opened again at the new boundary: the runs it names
+    again are the ones read before (with their page CRCs and filters), not read
+    and checked again; an index of another open file shares nothing."""
+    main, before, after = _checkpointed_after_a_big_one(tmp_path)
     fd = os.open(main, os.O_RDONLY)
     try:
         read = _index.FileRead(fd)
-        first = _index.open_index(read, before.index_end)
-        second = _index.open_index(read, after.index_end, first)
+        first = _index.open_index(read, before)
+        second = _index.open_index(read, after, first)
         assert len(first.runs) == 1 and len(second.runs) == 2
         assert second.runs[1] is first.runs[0]
         assert second.lookup(b"key00000007") == first.lookup(b"key00000007")
-        other = _index.open_index(_index.FileRead(fd), after.index_end, first)
+        other = _index.open_index(_index.FileRead(fd), after, first)
         assert all(run is not first.runs[0] for run in other.runs)
     finally:
         os.close(fd)
@@ -508,3 +517,121 @@ def test_a_runs_filter_never_turns_away_a_key_it_holds_and_rarely_lets_others_th
     known = set(held)
     passed = sum(run.may_hold(hashed) for hashed in others if hashed not in known)
     assert passed <= len(others) / 16
+
+
+def _run_file(tmp_path: Path, entries: list[tuple[bytes, int]]) -> tuple[Path, int, bytes]:
+    """A file holding the run of ``entries`` at offset 4096: its path, the offset, the run."""
+    data = _index.encode_run(entries)
+    path = tmp_path / "run"
+    path.write_bytes(bytes(4096) + data)
+    return path, 4096, data
+
+
+@contextlib.contextmanager
+def _opened_run(path: Path, base: int, data: bytes, count: int) -> Iterator[_index.Run]:
+    """The run ``data`` of ``count`` keys at ``base`` of the file ``path``, read from it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield _index.Run(_index.FileRead(fd), base, len(data), count)
+    finally:
+        os.close(fd)
+
+
+def _entry_at(data: bytes, key: bytes) -> int:
+    """Where ``key``'s entry lies in the run ``data`` (entries follow the header and slots)."""
+    count, n_slots = struct.unpack_from("<QQ", data, 4)
+    at = _index.RUN_HEAD_SIZE + 16 * n_slots
+    for _ in range(count):
+        _, _, key_len = struct.unpack_from("<QIH", data, at)
+        if data[at + 14 : at + 14 + key_len] == key:
+            return at
+        at += 14 + key_len
+    raise AssertionError("no such key")
+
+
+def test_a_long_key_damaged_between_the_pages_a_lookup_checked_is_reported(
+    tmp_path: Path,
+) -> None:
+    """A long key's entry spans many index pages; once others' lookups checked its first and
+    last page, the pages between must still be checked before it is compared (a damaged one
+    made the key absent: a KeyError for a key that is there)."""
+    long_key = b"L" * 65000
+    others = [f"k{n:04d}".encode() for n in range(300)]
+    entries = [(key, _index.target_of(100 + n, n)) for n, key in enumerate([long_key, *others])]
+    path, base, data = _run_file(tmp_path, entries)
+    middle = base + _entry_at(data, long_key) + 14 + 30000
+    with path.open("r+b") as file:
+        file.seek(middle)
+        byte = file.read(1)
+        file.seek(middle)
+        file.write(bytes([byte[0] ^ 1]))
+    with _opened_run(path, base, data, len(entries)) as run:
+        for key, target in entries[1:]:
+            assert run.lookup(key, crc32(key)) == target
+        with pytest.raises(CorruptFileError):
+            run.lookup(long_key, crc32(long_key))
+
+
+def test_a_long_key_whose_hash_another_key_has_is_looked_up_within_the_run(
+    tmp_path: Path,
+) -> None:
+    """A long key probed in a run whose short key has the same crc32: the lookup must not
+    read past the run for the long key's length (it failed with EINVAL on a sound file)."""
+    rnd = random.Random(3)
+    short = {crc32(key): key for key in (rnd.randbytes(10) for _ in range(1 << 16))}
+    stem = b"Q" * 65000
+    stem_crc = crc32(stem)
+    long_key = None
+    while long_key is None:
+        suffix = rnd.randbytes(8)
+        if crc32(suffix, stem_crc) in short:
+            long_key = stem + suffix
+    twin = short[crc32(long_key)]
+    entries = sorted([(twin, _index.target_of(100, 1))] + [
+        (f"f{n:05d}".encode(), _index.target_of(200 + n, n)) for n in range(2000)
+    ])  # fmt: skip
+    path, base, data = _run_file(tmp_path, entries)
+    with _opened_run(path, base, data, len(entries)) as run:
+        assert run.lookup(long_key, crc32(long_key)) is None
+        assert run.lookup(twin, crc32(twin)) == _index.target_of(100, 1)
+
+
+def test_a_run_cut_short_inside_an_entry_it_checked_is_reported(tmp_path: Path) -> None:
+    """The file is cut inside the last entry after its page was checked: the key must be
+    reported damaged, not absent (the short read just failed to match)."""
+    entries = [(f"k{n:04d}".encode(), _index.target_of(100 + n, n)) for n in range(300)]
+    path, base, data = _run_file(tmp_path, entries)
+    last = entries[-1][0]
+    with _opened_run(path, base, data, len(entries)) as run:
+        for key, target in entries:
+            assert run.lookup(key, crc32(key)) == target
+        os.truncate(path, base + _entry_at(data, last) + 14 + 2)
+        with pytest.raises(CorruptFileError):
+            run.lookup(last, crc32(last))
+
+
+def test_a_follower_checks_the_pages_of_a_kept_run_again_after_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A run a checkpoint left alone is kept by a follower, but what it checked is checked
+    again: damage done to the file since must be reported, not trusted for as long as the
+    follower lives (it made a key absent, or gave an older run's value)."""
+    main, before, after = _checkpointed_after_a_big_one(tmp_path)
+    key = b"key00000007"
+    fd = os.open(main, os.O_RDONLY)
+    try:
+        read = _index.FileRead(fd)
+        first = _index.open_index(read, before)
+        target = first.lookup(key)
+        assert target
+        (run,) = first.runs
+        raw = os.pread(fd, run.length, run.offset)
+        at = run.offset + raw.index(key) - 14  # the key's entry: its target first
+        with main.open("r+b") as file:
+            file.seek(at)
+            file.write(bytes(8))  # the target zeroed: "deleted"
+        second = _index.open_index(read, after, first)
+        with pytest.raises(CorruptFileError):
+            second.lookup(key)
+    finally:
+        os.close(fd)
