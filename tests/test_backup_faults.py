@@ -689,6 +689,25 @@ def test_a_dead_restores_sweep_removes_only_the_entries_it_moved(tmp_path: Path)
     assert not (target / "hotcopy.json").exists()
 
 
+def test_the_staging_directory_of_a_restore_killed_once_complete_is_swept(
+    tmp_path: Path,
+) -> None:
+    """A restore killed after its marker moved in left a complete repository and its staging
+    directory: the next restore into that repository (--force) removes the staging directory
+    (it stayed for good: a sweep ran only into an empty ROOT)."""
+    states = _two_backups(tmp_path)
+    whole = tmp_path / "whole"
+    restore(tmp_path / "backups-a", whole)
+    target = tmp_path / "out"
+    target.mkdir()
+    _killed_while_moving(tmp_path, target, after=len(os.listdir(whole)))
+    assert dump_repo(target) == states["a"]
+    assert [name for name in os.listdir(target) if name.startswith(".restoring")]
+    restore(tmp_path / "backups-a", target, force=True)
+    assert not [name for name in os.listdir(target) if name.startswith(".restoring")]
+    assert dump_repo(target) == states["a"]
+
+
 def test_a_root_given_through_a_link_is_restored_where_the_link_pointed_at_the_start(
     tmp_path: Path,
 ) -> None:

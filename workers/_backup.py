@@ -883,11 +883,11 @@ def _claimed(target: Path) -> Iterator[_Claim]:
 
     An existing ROOT is locked (``flock``) before anything in it is looked at or removed:
     shared while it holds a repository (restored into with ``--force``, then not held: its
-    prefixes' leases keep restores apart), alone otherwise. Alone, what restores into it that
-    died left there is swept, then ROOT must be empty (but for the ``lost+found`` of a new
-    file system mounted there) to be built whole, and a second restore into it meanwhile is
-    refused. A missing ROOT is built beside it and renamed into place, which cannot replace
-    anything.
+    prefixes' leases keep restores apart), alone otherwise. What restores into it that died
+    left there is swept (a repository's marker there: only their staging directories). Alone,
+    ROOT must then be empty (but for the ``lost+found`` of a new file system mounted there) to
+    be built whole, and a second restore into it meanwhile is refused. A missing ROOT is built
+    beside it and renamed into place, which cannot replace anything.
     """
     fd = _open_directory(target)
     if fd is None:
@@ -906,8 +906,7 @@ def _claimed(target: Path) -> Iterator[_Claim]:
                 ) from None
             if lock == fcntl.LOCK_SH and _exists_in(fd, MARKER):
                 break
-        else:
-            _sweep_abandoned_restores(target, fd)
+        _sweep_abandoned_restores(target, fd)
         if _exists_in(fd, MARKER) or not _holds_nothing(fd):
             os.close(fd)
             fd = None
