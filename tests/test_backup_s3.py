@@ -368,14 +368,32 @@ def test_a_backup_whose_upload_fails_leaves_nothing_locally_and_names_the_upload
 def test_the_staging_of_a_killed_run_is_swept_by_the_next(
     bucket: str, repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A run killed before its upload left its staging directory in $TMPDIR: the next run
+    removes it, but not a directory of the user's that only has the name of one."""
     staging = tmp_path / "tmp"
     staging.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(staging))
-    left = staging / "hotcopy-staging.hotcopy-tmp-999999999-1-00000000"  # a dead pid's
-    left.mkdir()
+    made = subprocess.run(  # a process that makes a staging directory and dies
+        [sys.executable, "-c", _MAKE_STAGING, str(staging)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    left = Path(made.stdout.strip())
     (left / "p0.hc").write_bytes(b"x" * 1000)
+    lookalike = staging / "hotcopy-staging.hotcopy-tmp-999999999-1-00000000"  # a dead pid's
+    lookalike.mkdir()
+    (lookalike / "mine").write_text("the user's")
     backup(repo_root, bucket)
-    assert list(staging.iterdir()) == []
+    assert list(staging.iterdir()) == [lookalike]
+    assert (lookalike / "mine").read_text() == "the user's"
+
+
+_MAKE_STAGING = """
+import sys
+from pathlib import Path
+from hotcopy.workers._workdir import WorkDirectory, opened_directory
+with opened_directory(Path(sys.argv[1])) as fd:
+    print(WorkDirectory(Path(sys.argv[1]), fd, "hotcopy-staging").path)
+"""
 
 
 def test_the_lock_of_a_run_killed_on_this_machine_is_broken_at_once_a_live_ones_is_not(

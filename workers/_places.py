@@ -21,7 +21,6 @@ import errno
 import hashlib
 import hmac
 import os
-import shutil
 import stat
 import tempfile
 import time
@@ -35,12 +34,9 @@ from hotcopy.storage import NotRegularFile, StorageError
 from hotcopy.storage._crc import bulk_crc32
 from hotcopy.storage._durable import (
     fsync_dir,
-    is_abandoned_temp,
     is_temp_name,
     sweep_stale_temps,
     sync_filesystem,
-    temp_path_for,
-    temps_of,
     write_durably,
 )
 from hotcopy.storage._files import make_directory, open_regular, read_regular, refuse_unsafe_place
@@ -48,6 +44,12 @@ from hotcopy.storage._repository import validate_prefix_name
 
 from ._errors import BackupNotFound, CatalogError
 from ._s3 import LeaseBusy, ObjectLock, ObjectStore, is_object_url
+from ._workdir import (
+    WorkDirectory,
+    opened_directory,
+    remove_work_directory,
+    sweep_work_directories,
+)
 
 if TYPE_CHECKING:
     from ._catalog import Entry
@@ -512,22 +514,14 @@ class _BucketLock:
             self.lease.__exit__(CatalogError if failing else None, None, None)
 
 
-def sweep_abandoned_dirs(dest: Path) -> list[str]:
-    """Remove the temp directories for ``dest`` (:func:`temp_path_for`) whose process died."""
-    removed = []
-    for staging in temps_of(dest):
-        if is_abandoned_temp(staging):
-            shutil.rmtree(staging, ignore_errors=True)
-            removed.append(str(staging))
-    return removed
-
-
 # -- an object store ------------------------------------------------------------------------------
 
 
-def _staging() -> Path:
-    """Where pieces wait for their upload: ``$TMPDIR/hotcopy-staging.<temp mark>``."""
-    return Path(tempfile.gettempdir()) / "hotcopy-staging"
+_STAGING = "hotcopy-staging"  # work directories in $TMPDIR where pieces wait for their upload
+
+
+def _temp_dir() -> Path:
+    return Path(os.path.realpath(tempfile.gettempdir()))
 
 
 class ObjectPlace:
@@ -657,9 +651,10 @@ class ObjectPlace:
         None if it is taken."""
         if not self.write(f"{backup_id}/{STARTED}", b"{}", create_only=True):
             return None
-        staging = temp_path_for(_staging())  # named for this process: swept once it is dead
-        make_directory(staging, exist_ok=False)
-        return staging
+        with opened_directory(_temp_dir()) as temp_fd:
+            staging = WorkDirectory(_temp_dir(), temp_fd, _STAGING)  # swept once its run died
+            staging.close()
+        return staging.path
 
     def publish(self, backup_id: str, staging: Path) -> dict[str, int]:
         """Upload the pieces in ``staging`` (each verified by its size once stored); the
@@ -681,11 +676,11 @@ class ObjectPlace:
                     self._sizes[name] = size
                 if self._seals():
                     stored[entry.name] = size
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_work_directory(staging)
         return stored
 
     def discard(self, backup_id: str, staging: Path) -> None:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_work_directory(staging)
         with contextlib.suppress(CatalogError):
             self.remove([f"{backup_id}/{STARTED}"])
 
@@ -695,7 +690,9 @@ class ObjectPlace:
         pieces, without a manifest, go at the next prune). The caller holds the lock."""
         assert self._locked_at is not None, "sweep_abandoned wants the catalog lock"
         aborted = self.store.abort_uploads(started_before=self._locked_at)
-        return sweep_abandoned_dirs(_staging()) + [f"{self.where}/{name}" for name in aborted]
+        with opened_directory(_temp_dir()) as temp_fd:
+            swept = sweep_work_directories(_temp_dir(), temp_fd, _STAGING)
+        return swept + [f"{self.where}/{name}" for name in aborted]
 
     def _stored(self, backup_id: str, file: str) -> tuple[str, int] | str:
         """The object holding piece ``file`` and its size, or why there is none to use."""

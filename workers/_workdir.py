@@ -64,11 +64,7 @@ class WorkDirectory:
 
     def remove(self) -> None:
         """Remove what is left of it (the inner directory, unless it was renamed away)."""
-        with contextlib.suppress(OSError):
-            _empty(self.outer_fd)
-        with contextlib.suppress(OSError):
-            if same_directory(self._parent_fd, self.outer_name, self.outer_fd):
-                os.rmdir(self.outer_name, dir_fd=self._parent_fd)
+        _remove(self._parent_fd, self.outer_name, self.outer_fd)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -122,14 +118,35 @@ def sweep_work_directories(
                 continue
             if before_removal is not None:
                 before_removal(fd)
-            with contextlib.suppress(OSError):
-                _empty(fd)
-                if same_directory(parent_fd, name, fd):
-                    os.rmdir(name, dir_fd=parent_fd)
-                    removed.append(str(parent / name))
+            if _remove(parent_fd, name, fd):
+                removed.append(str(parent / name))
         finally:
             os.close(fd)
     return removed
+
+
+def remove_work_directory(path: Path) -> None:
+    """Remove the work directory whose :attr:`WorkDirectory.path` is ``path`` (by a process
+    that no longer holds it open), if it is one."""
+    outer = path.parent
+    with contextlib.suppress(OSError), opened_directory(outer.parent) as parent_fd:
+        fd = os.open(outer.name, _DIRECTORY, dir_fd=parent_fd)
+        try:
+            if _is_work_directory(fd, outer.name):
+                _remove(parent_fd, outer.name, fd)
+        finally:
+            os.close(fd)
+
+
+def _remove(parent_fd: int, name: str, fd: int) -> bool:
+    """Empty the work directory ``fd``, then remove it if it is still ``parent_fd``'s entry
+    ``name``; whether it was removed."""
+    with contextlib.suppress(OSError):
+        _empty(fd)
+        if same_directory(parent_fd, name, fd):
+            os.rmdir(name, dir_fd=parent_fd)
+            return True
+    return False
 
 
 def _is_work_directory(fd: int, name: str) -> bool:
