@@ -504,9 +504,17 @@ def test_a_backup_directory_belongs_to_one_repository(repo_root: Path, tmp_path:
 
 
 def test_the_next_run_sweeps_what_a_killed_run_left_behind(repo_root: Path, tmp_path: Path) -> None:
+    """A run killed before its manifest left its work directory (half a copy in it) and the
+    directory of the backup it claimed: the next run removes the work directory, and temps
+    in the claimed directory whose writer is gone, but not one whose writer lives."""
     dest = tmp_path / "backups"
     backup(repo_root, dest)
-    killed = Catalog(dest).new_backup(time.time())[1]  # a run killed before its manifest
+    killed = subprocess.run(  # a run killed before its manifest: its process is gone
+        [sys.executable, "-c", _CLAIM_A_BACKUP, str(dest)],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.split()  # fmt: skip
+    backup_id, work = killed[0], Path(killed[1])
+    (work / "big.hc.hotcopy-tmp-1-2-0badf00d").write_bytes(b"half a copy")
     dead_pid = int(
         subprocess.run(
             [sys.executable, "-c", "import os; print(os.getpid())"],
@@ -514,14 +522,23 @@ def test_the_next_run_sweeps_what_a_killed_run_left_behind(repo_root: Path, tmp_
         ).stdout
     )  # fmt: skip
     me = ProcessIdentity.current()
-    dead = killed / f"big.hc.hotcopy-tmp-{dead_pid}-12345-0badf00d"
-    alive = killed / f"small.hc.hotcopy-tmp-{me.pid}-{me.start_ticks}-cafef00d"
+    dead = dest / backup_id / f"big.hc.hotcopy-tmp-{dead_pid}-12345-0badf00d"
+    alive = dest / backup_id / f"small.hc.hotcopy-tmp-{me.pid}-{me.start_ticks}-cafef00d"
     for temp in (dead, alive):
         temp.write_bytes(b"half a copy")
     backup(repo_root, dest, incremental=True)
+    assert not work.parent.exists()  # the work directory, whole
     assert not dead.exists()  # its writer is gone: litter
     assert alive.exists()  # its writer lives (it could still rename it into place)
     assert len(Catalog(dest).manifests()) == 2  # the killed run is never taken for a backup
+
+
+_CLAIM_A_BACKUP = """
+import sys, time
+from hotcopy.workers import Catalog
+backup_id, work = Catalog(sys.argv[1]).new_backup(time.time())
+print(backup_id, work)
+"""
 
 
 def test_restore_needs_an_empty_root_or_force(repo_root: Path, tmp_path: Path) -> None:

@@ -201,11 +201,13 @@ def test_sigint_of_a_backup_run_leaves_an_incomplete_backup_and_no_worker(
 
     cli: subprocess.Popen[str] | None = None
     workers: list[psutil.Process] = []
-    runs: list[Path] = []
+    runs: list[Path] = []  # the backup's directory
+    staged: list[Path] = []  # the work directory its pieces are copied into
 
     def copying() -> bool:
-        runs[:] = [p for p in dest.iterdir() if p.is_dir() and p.name != before.id]
-        return bool(runs) and copied <= set(os.listdir(runs[0]))
+        runs[:] = [p for p in dest.iterdir() if p.name[0].isdigit() and p.name != before.id]
+        staged[:] = list(dest.glob(".staging*/*"))
+        return bool(runs and staged) and copied <= set(os.listdir(staged[0]))
 
     with Repository(root) as repo, repo.leases.lease("z-held", "exclusive"):
         try:
@@ -218,7 +220,7 @@ def test_sigint_of_a_backup_run_leaves_an_incomplete_backup_and_no_worker(
             )
             assert wait_until(lambda: copying() or cli.poll() is not None)
             assert cli.poll() is None and copying(), "the run never got to copying"
-            assert "z-held.hc" not in os.listdir(runs[0])  # still waiting for its lease
+            assert "z-held.hc" not in os.listdir(staged[0])  # still waiting for its lease
             workers = psutil.Process(cli.pid).children(recursive=True)
             assert len(workers) == (2 if copier == "workers" else 0)
             cli.send_signal(signal.SIGINT)
@@ -796,6 +798,39 @@ def test_a_staging_directory_swapped_for_a_link_never_sends_the_restore_outside_
         assert not (target / "hotcopy.json").exists()
     assert sorted(os.listdir(outside)) == ["theirs"]
     assert (outside / "theirs").read_text() == "kept"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a link of another user's needs root to make")
+@pytest.mark.parametrize("step", ["_copy_all", "_record"])
+def test_a_backup_directory_swapped_for_a_link_never_sends_the_backup_outside_the_catalog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """In a catalog shared with a group, a member puts a link to a directory outside it in
+    place of the directory a running backup claimed, before its pieces are copied or before
+    they are published: nothing may be written there (the copies replaced the user's files
+    of the same name through the link, a live repository's main file among them)."""
+    import hotcopy.workers._backup as backup_module
+
+    root, catalog, outside = tmp_path / "repo", tmp_path / "shared", tmp_path / "outside"
+    fill(root, "p1", 20)
+    catalog.mkdir()
+    catalog.chmod(0o2770)
+    outside.mkdir()
+    (outside / "p1.hc").write_text("the user's")
+    real = getattr(backup_module, step)
+
+    def swapped_first(*args: Any, **kwargs: Any) -> Any:
+        (claimed,) = [name for name in os.listdir(catalog) if name[0].isdigit()]
+        os.rename(catalog / claimed, catalog / "elsewhere")
+        (catalog / claimed).symlink_to(outside)
+        os.lchown(catalog / claimed, _MEMBER, _MEMBER)  # the link is the group member's
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backup_module, step, swapped_first)
+    with pytest.raises((CatalogError, BackupError)):
+        backup(root, catalog, jobs=1)
+    assert sorted(os.listdir(outside)) == ["p1.hc"]
+    assert (outside / "p1.hc").read_text() == "the user's"
 
 
 def test_a_restore_into_a_missing_root_never_replaces_one_made_meanwhile(tmp_path: Path) -> None:

@@ -78,12 +78,19 @@ def build(tmp_path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
     take(abc)  # b full
     take(abc)  # deltas: the backup keep-last 1 keeps
     catalog = Catalog(dest)
-    dead = catalog.new_backup(0.5)[1]  # a run that died before its manifest (in 1970)
+    dead = _claimed(catalog, 0.5)  # a run that died before its manifest (in 1970)
     (dead / "a.hc").write_bytes(b"half a copy")
-    damaged = catalog.new_backup(1.5)[1]
+    damaged = _claimed(catalog, 1.5)
     assert damaged.name == DAMAGED
     (damaged / MANIFEST).write_text('{"format": 2, "id": ')
     return dest, held
+
+
+def _claimed(catalog: Catalog, moment: float) -> Path:
+    """The directory of a backup a run claimed at ``moment`` (its work directory gone)."""
+    backup_id, work = catalog.new_backup(moment)
+    shutil.rmtree(work.parent)
+    return Path(catalog.where) / backup_id
 
 
 def _compact(root: Path, name: str) -> None:

@@ -154,6 +154,13 @@ def open_place(
 # -- a directory ----------------------------------------------------------------------------------
 
 
+# The work directories pieces are copied into: in a directory catalog, in $TMPDIR for an
+# object store's (where they wait for their upload).
+_STAGING = ".staging"
+_UPLOAD_STAGING = "hotcopy-staging"
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 class DirectoryPlace:
     def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
         self.path = Path(path).absolute()
@@ -195,12 +202,38 @@ class DirectoryPlace:
             for directory in path.parent.relative_to(self.path).parents:
                 fsync_dir(self.path / directory)
         try:
-            write_durably(path, data, overwrite=not create_only)
+            fd = self._directory_of(name)
+        except OSError as err:
+            raise CatalogError(
+                f"{path} cannot be written: a directory on the way is not one "
+                f"({os.strerror(err.errno or 0)}: a link put in its place?)",
+                path=str(path),
+            ) from None
+        try:
+            write_durably(path, data, overwrite=not create_only, directory=fd)
         except FileExistsError:
             if not create_only:
                 raise
             return False
+        finally:
+            os.close(fd)
         return True
+
+    def _directory_of(self, name: str) -> int:
+        """A descriptor of the directory the entry ``name`` (``a/b/c``) of the catalog is in,
+        opened one component at a time, never through a link: in a catalog shared with a
+        group, a member may put one in place of a directory, and what this user writes or
+        removes must not land outside the catalog."""
+        fd = os.open(self.path, _DIRECTORY)
+        try:
+            for part in name.split("/")[:-1]:
+                inner = os.open(part, _DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     @contextlib.contextmanager
     def locked(self, acquire: LockWait | None, name: str = LOCK) -> Iterator[None]:
@@ -258,29 +291,62 @@ class DirectoryPlace:
         return os.path.islink(path) or not os.path.isdir(path)
 
     def new_backup(self, backup_id: str) -> Path | None:
-        """The fresh, empty directory of ``backup_id``; None if the id is taken."""
+        """Claim ``backup_id`` (its directory made, empty; None if the id is taken) and return
+        a work directory its pieces are copied into: copy workers write them by path, and in
+        a catalog shared with a group, whose members may put a link in place of the backup's
+        directory, only a work directory's path cannot be redirected (see ``_workdir``).
+        :meth:`publish` moves them in."""
         path = self.path / backup_id
         try:
             make_directory(path, exist_ok=False)
         except FileExistsError:
             return None
         fsync_dir(self.path)
-        return path
+        with opened_directory(self.path) as catalog_fd:
+            staging = WorkDirectory(self.path, catalog_fd, _STAGING)
+            staging.close()
+        return staging.path
 
     def publish(self, backup_id: str, staging: Path) -> dict[str, int]:
+        """Move the pieces copied into ``staging`` into the backup's directory, durably,
+        through descriptors (never through a link put in its place)."""
         sync_filesystem(staging)  # every copy durable before the manifest names it
+        with opened_directory(self.path) as catalog_fd, opened_directory(staging) as pieces:
+            fd = self._backup_fd(catalog_fd, backup_id)
+            try:
+                for name in filter(is_piece_name, os.listdir(pieces)):  # not a dead one's temp
+                    os.rename(name, name, src_dir_fd=pieces, dst_dir_fd=fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        remove_work_directory(staging)
         return {}
 
+    def _backup_fd(self, catalog_fd: int, backup_id: str) -> int:
+        try:
+            return os.open(backup_id, _DIRECTORY, dir_fd=catalog_fd)
+        except OSError as err:
+            raise CatalogError(
+                f"backup {backup_id}: its directory in {self.path} was replaced while it ran "
+                f"({os.strerror(err.errno or 0)}); nothing of it is used",
+                backup=backup_id,
+            ) from None
+
     def discard(self, backup_id: str, staging: Path) -> None:
-        """Remove the directory of a run that failed: what it wrote, then the directory."""
+        """Remove what a run that failed left: its work directory, then the directory it
+        claimed."""
+        remove_work_directory(staging)
+        path = self.path / backup_id
         with contextlib.suppress(OSError):
-            remove_own_files(staging, is_own_file)
-            os.rmdir(staging)
-            fsync_dir(staging.parent)
+            remove_own_files(path, is_own_file)
+            os.rmdir(path)
+            fsync_dir(self.path)
 
     def sweep_abandoned(self, backup_ids: list[str]) -> list[str]:
-        """Remove the temps that killed runs left in their backups without a manifest."""
-        removed: list[str] = []
+        """Remove the work directories of runs that were killed, and the temps that runs
+        before them left in their backups without a manifest."""
+        with opened_directory(self.path) as catalog_fd:
+            removed = sweep_work_directories(self.path, catalog_fd, _STAGING)
         for backup_id in backup_ids:
             with contextlib.suppress(CatalogError):
                 path = self.backup_dir(backup_id)
@@ -306,9 +372,15 @@ class DirectoryPlace:
         for name in names:
             path = self.path / name
             try:
-                os.unlink(path)
+                fd = self._directory_of(name)
+            except OSError:  # missing, or a link in the way: nothing of the catalog's there
+                continue
+            try:
+                os.unlink(path.name, dir_fd=fd)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 continue
+            finally:
+                os.close(fd)
             directories.add(path.parent)
         for directory in sorted(directories, reverse=True):
             while directory != self.path and directory.is_relative_to(self.path):
@@ -517,9 +589,6 @@ class _BucketLock:
 # -- an object store ------------------------------------------------------------------------------
 
 
-_STAGING = "hotcopy-staging"  # work directories in $TMPDIR where pieces wait for their upload
-
-
 def _temp_dir() -> Path:
     return Path(os.path.realpath(tempfile.gettempdir()))
 
@@ -652,7 +721,7 @@ class ObjectPlace:
         if not self.write(f"{backup_id}/{STARTED}", b"{}", create_only=True):
             return None
         with opened_directory(_temp_dir()) as temp_fd:
-            staging = WorkDirectory(_temp_dir(), temp_fd, _STAGING)  # swept once its run died
+            staging = WorkDirectory(_temp_dir(), temp_fd, _UPLOAD_STAGING)  # swept if run died
             staging.close()
         return staging.path
 
@@ -691,7 +760,7 @@ class ObjectPlace:
         assert self._locked_at is not None, "sweep_abandoned wants the catalog lock"
         aborted = self.store.abort_uploads(started_before=self._locked_at)
         with opened_directory(_temp_dir()) as temp_fd:
-            swept = sweep_work_directories(_temp_dir(), temp_fd, _STAGING)
+            swept = sweep_work_directories(_temp_dir(), temp_fd, _UPLOAD_STAGING)
         return swept + [f"{self.where}/{name}" for name in aborted]
 
     def _stored(self, backup_id: str, file: str) -> tuple[str, int] | str:
