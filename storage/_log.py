@@ -370,6 +370,10 @@ class Log:
             return
         if st.st_size > self._scanned_end:
             self._scan_main(st.st_size)
+        elif st.st_size < self._scanned_end:  # a main file is only ever appended to
+            self._damaged(
+                self.main_path, st.st_size, "the file was cut short below a commit read before"
+            )
         self._follow_wal()
 
     def read_value(self, offset: int) -> tuple[int, bytes]:

@@ -519,3 +519,26 @@ def test_a_reader_that_follows_reports_a_damaged_batch_that_later_commits_follow
         with pytest.raises(CorruptFileError, match="stopped writing"):
             writer["a"] = 9
             writer.commit()
+
+
+def test_a_reader_that_follows_reports_a_main_file_cut_short_below_what_it_read(
+    tmp_path: Path,
+) -> None:
+    """The main file is cut inside its last segment while a reader follows the prefix: the
+    reader must report it (it went on serving the keys whose bytes were left)."""
+    root = tmp_path / "repo"
+    Repository.init(root).close()
+    leases = root / ".hotcopy"
+    with Repository(root, leases=FileLeases(leases)) as writing, Repository(
+        root, leases=FileLeases(leases)
+    ) as reading:
+        writer = writing.open_prefix("p", "rw")
+        for value in range(3):
+            writer[f"k{value}"] = "x" * 100
+            writer.commit()
+            writer.checkpoint()
+        reader = reading.open_prefix("p", "r")
+        assert reader["k0"] == "x" * 100
+        os.truncate(root / "p.hc", os.path.getsize(root / "p.hc") - 10)
+        with pytest.raises(CorruptFileError, match="cut short"):
+            reader["k0"]
