@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +170,7 @@ class Repository:
         *,
         group: str | None = None,
         lineage: dict[str, Any] | None = None,
+        existing: bool = False,
         **options: Any,
     ) -> Repository:
         """Create a repository at ``root`` (parents included) or open the one already there.
@@ -176,10 +179,17 @@ class Repository:
         with its group). With ``group`` (a group name or number), ``root`` is shared with that
         group on purpose: 2770, its files 0660, so its members read and write it.
         ``lineage``: recorded in a repository this call creates (see :attr:`lineage`).
+        ``existing``: ``root`` is a directory made before (a restore's staging directory),
+        never made here: where its path no longer leads to it, nothing is made where it leads.
         """
         path = Path(root).absolute()
         gid = -1 if group is None else _group_id(group)
-        created = make_directory(path, gid=gid)
+        if existing:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
+            created = False
+        else:
+            created = make_directory(path, gid=gid)
         refuse_unsafe_place(path)  # after: what is checked is what we go on with
         if gid != -1 and not created:
             _share_existing(path, gid, group)

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -733,6 +734,120 @@ def test_a_root_given_through_a_link_is_restored_where_the_link_pointed_at_the_s
     assert sorted(os.listdir(live)) == before
     assert dump_repo(live) == states["b"]
     assert dump_repo(empty) == states["a"]
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(first: Path, second: Path) -> None:
+    """Swap the names of two entries of one directory at once (``renameat2``), as a member
+    of a shared directory may."""
+    import ctypes
+
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), _RENAME_EXCHANGE):
+        raise OSError(ctypes.get_errno(), "renameat2 RENAME_EXCHANGE failed")
+
+
+def test_a_staging_directory_exchanged_for_a_real_one_never_builds_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member of a shared ROOT exchanges the restore's staging directory with a directory
+    of their own as the build starts (not a link: a real directory): nothing may be built in
+    theirs (the whole repository was, by path, and the restore then moved its empty staging
+    directory into ROOT and reported success)."""
+    import hotcopy.workers._backup as backup_module
+
+    _two_backups(tmp_path)
+    target = tmp_path / "out"
+    target.mkdir()
+    target.chmod(0o2770)
+    theirs = target / "theirs"
+    real = backup_module._restore_into
+
+    def exchanged_first(*args: Any, **kwargs: Any) -> Any:
+        (staging,) = [name for name in os.listdir(target) if name.startswith(".restoring")]
+        theirs.mkdir()  # once ROOT was found empty
+        _exchange(target / staging, theirs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backup_module, "_restore_into", exchanged_first)
+    with pytest.raises((DestinationExists, BackupError, OSError)):
+        restore(tmp_path / "backups-a", target, jobs=1)
+    (swapped,) = [name for name in os.listdir(target) if name.startswith(".restoring")]
+    assert os.listdir(target / swapped) == []  # theirs, under the staging directory's name
+    assert not (target / "hotcopy.json").exists()
+
+
+def test_a_work_directory_exchanged_as_it_is_made_is_refused_and_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the ``mkdir`` of a work directory and its ``open``, a member of the shared
+    directory exchanges it with a private directory of this user's: it must not be taken
+    for the work directory (it was, and emptied when the work was done)."""
+    from hotcopy.workers import _workdir
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2770)
+    private = shared / "private"
+    private.mkdir(mode=0o700)
+    (private / "notes").write_text("the user's")
+    real_mkdir = os.mkdir
+
+    def mkdir_then_exchanged(name: Any, *args: Any, **kwargs: Any) -> None:
+        real_mkdir(name, *args, **kwargs)
+        if str(name).startswith(".work"):
+            _exchange(shared / name, private)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_exchanged)
+    fd = os.open(shared, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileExistsError):
+            _workdir.WorkDirectory(shared, fd, ".work")
+    finally:
+        os.close(fd)
+    (made,) = [name for name in os.listdir(shared) if name.startswith(".work")]
+    assert (shared / made / "notes").read_text() == "the user's"
+
+
+def test_a_dead_restores_sweep_never_empties_a_directory_exchanged_for_one_it_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore killed after moving ``.hotcopy`` into a shared ROOT; as the next restore's
+    sweep removes it, a member exchanges its name with a private directory of this user's:
+    that directory must keep what it holds (the sweep checked the inode, then removed by
+    name)."""
+    _two_backups(tmp_path)
+    target = tmp_path / "out"
+    target.mkdir()
+    target.chmod(0o2770)
+    _killed_while_moving(tmp_path, target, after=1)
+    assert (target / ".hotcopy").is_dir()
+    mine = target / "mine"
+    mine.mkdir(mode=0o700)
+    (mine / "notes").write_text("the user's")
+    done: list[bool] = []
+
+    def exchanging_first(real: Callable[..., Any]) -> Callable[..., Any]:
+        # Just before the sweep opens or removes the entry: after it looked at its inode.
+        def call(name: Any, *args: Any, **kwargs: Any) -> Any:
+            if name == ".hotcopy" and not done and kwargs.get("dir_fd") is not None:
+                done.append(True)
+                _exchange(target / ".hotcopy", mine)
+            return real(name, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "open", exchanging_first(os.open))
+    monkeypatch.setattr(shutil, "rmtree", exchanging_first(shutil.rmtree))
+    with contextlib.suppress(DestinationExists, BackupError):
+        restore(tmp_path / "backups-a", target)
+    monkeypatch.undo()
+    assert done, "the sweep never opened the entry"
+    kept = [p for p in target.iterdir() if (p / "notes").exists()]
+    assert [p.read_text() for p in (k / "notes" for k in kept)] == ["the user's"]
 
 
 def _swap_staging_for_a_link(place: Path, outside: Path) -> None:

@@ -954,8 +954,7 @@ def _sweep_abandoned_restores(target: Path, fd: int) -> None:
             return
         for inode, name in _moved_entries(outer):
             with contextlib.suppress(OSError):
-                if os.stat(name, dir_fd=fd, follow_symlinks=False).st_ino == inode:
-                    remove_entry(fd, name)
+                remove_entry(fd, name, inode)
 
     sweep_work_directories(target, fd, _STAGING, remove_moved)
 
@@ -1023,6 +1022,14 @@ def _staged(claim: _Claim) -> Iterator[Path]:
         moved: list[str] = []  # into ROOT, to be moved out again if the restore fails
         try:
             yield staging.path
+            if not same_directory(staging.outer_fd, staging.name, staging.fd) or not (
+                _leads_to(staging.path, staging.fd)
+            ):
+                raise DestinationExists(
+                    f"the staging directory {staging.path} was moved while the restore ran; "
+                    "nothing restored",
+                    path=str(target),
+                )
             sync_filesystem(staging.fd)
             if fd is None:
                 _rename_into_place(staging, parent_fd, target)
@@ -1036,6 +1043,16 @@ def _staged(claim: _Claim) -> Iterator[Path]:
             raise
         staging.remove()  # ROOT is the repository now: what is left is tidying up
         os.fsync(parent_fd)
+
+
+def _leads_to(path: Path, fd: int) -> bool:
+    """Whether ``path`` leads to the open directory ``fd``."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _move_in(target: Path, fd: int, staging: WorkDirectory, moved: list[str]) -> None:
@@ -1138,7 +1155,7 @@ def restore_copy(
                 return repo.restore_prefix(source, prefix, force=force)
         with _staged(claim) as staging:
             leases = FileLeases(staging / RUNTIME_DIR)  # nobody else knows a staging directory
-            with Repository.init(staging, leases=leases) as repo:
+            with Repository.init(staging, leases=leases, existing=True) as repo:
                 return repo.restore_prefix(source, prefix)
 
 
@@ -1168,7 +1185,9 @@ def _restore_into(
     # Nobody else can know a staging directory: no coordinator for it, kernel locks will do.
     leases = FileLeases(target / RUNTIME_DIR) if staged else None
     init = Repository.init
-    with init(target, leases=leases, lineage=lineage, lease_timeout=lease_timeout) as repo:
+    with init(
+        target, leases=leases, lineage=lineage, existing=staged, lease_timeout=lease_timeout
+    ) as repo:
         if jobs <= 1 or len(names) <= 1 or total < INLINE_BELOW:
             done_bytes = 0
             for number, (name, pieces, seq, then) in enumerate(_reading_ahead(items)):

@@ -17,6 +17,7 @@ renamed to look like one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -42,6 +43,16 @@ class WorkDirectory:
         self.outer_name = temp_path_for(parent / base).name
         os.mkdir(self.outer_name, 0o700, dir_fd=parent_fd)
         self.outer_fd = os.open(self.outer_name, _DIRECTORY, dir_fd=parent_fd)
+        # Others who may write in ``parent`` may have exchanged the new directory for one of
+        # ours between the two calls: what is opened must be ours and empty, as made.
+        if os.fstat(self.outer_fd).st_uid != os.geteuid() or os.listdir(self.outer_fd):
+            os.close(self.outer_fd)
+            raise FileExistsError(
+                errno.EEXIST,
+                "a work directory was replaced as it was made (by another user who may write "
+                "there?); nothing was done in it",
+                str(parent / self.outer_name),
+            )
         policy = os.fstat(parent_fd)
         # Set-group-ID kept, so that the inner directory gets the shared group as it would in
         # ``parent``; nobody but its user can list or enter it.
@@ -176,13 +187,35 @@ def same_directory(parent: int, name: str, directory: int) -> bool:
     return (entry.st_dev, entry.st_ino) == (held.st_dev, held.st_ino)
 
 
-def remove_entry(fd: int, name: str) -> None:
-    """Remove the entry ``name`` of the directory ``fd``: a file, a link, or a tree."""
+def remove_entry(fd: int, name: str, inode: int | None = None) -> None:
+    """Remove the entry ``name`` of the directory ``fd``: a file, a link, or a tree; with
+    ``inode``, only if it is that one. A tree is emptied through a descriptor of its own
+    and removed by name only if the name still leads to it, so that an exchange of names
+    meanwhile (``renameat2``) never removes another directory's contents."""
     try:
         info = os.stat(name, dir_fd=fd, follow_symlinks=False)
     except FileNotFoundError:
         return
-    if stat.S_ISDIR(info.st_mode):
+    if inode is not None and info.st_ino != inode:
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        os.unlink(name, dir_fd=fd)
+        return
+    tree = os.open(name, _DIRECTORY, dir_fd=fd)
+    try:
+        if inode is not None and os.fstat(tree).st_ino != inode:
+            return
+        for entry in os.listdir(tree):
+            with contextlib.suppress(FileNotFoundError):
+                _remove_within(tree, entry)
+        if same_directory(fd, name, tree):
+            os.rmdir(name, dir_fd=fd)
+    finally:
+        os.close(tree)
+
+
+def _remove_within(fd: int, name: str) -> None:
+    if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
         shutil.rmtree(name, dir_fd=fd)
     else:
         os.unlink(name, dir_fd=fd)
