@@ -948,6 +948,31 @@ def test_a_backup_directory_swapped_for_a_link_never_sends_the_backup_outside_th
     assert (outside / "p1.hc").read_text() == "the user's"
 
 
+def test_a_backup_directory_exchanged_for_its_work_directory_is_never_reported_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the pieces are moved into the backup's directory, a member of the shared catalog
+    exchanges its name with the run's work directory: the run must not write its manifest
+    there and report a complete backup whose pieces are elsewhere (it did, exit 0)."""
+    import hotcopy.workers._places as places_module
+
+    root, catalog = tmp_path / "repo", tmp_path / "shared"
+    fill(root, "p1", 20)
+    catalog.mkdir()
+    catalog.chmod(0o2770)
+    real = places_module.remove_work_directory
+
+    def exchanged_first(staging: Path) -> None:
+        (claimed,) = [name for name in os.listdir(catalog) if name[0].isdigit()]
+        _exchange(catalog / claimed, staging.parent)
+        real(staging)
+
+    monkeypatch.setattr(places_module, "remove_work_directory", exchanged_first)
+    with pytest.raises((CatalogError, BackupError)):
+        backup(root, catalog, jobs=1)
+    assert Catalog(catalog).manifests() == []
+
+
 def test_a_restore_into_a_missing_root_never_replaces_one_made_meanwhile(tmp_path: Path) -> None:
     """ROOT was missing, and an empty directory was made there while the restore built
     beside it: it is kept as made (a rename would silently replace it, mode and owner)."""

@@ -161,6 +161,11 @@ _UPLOAD_STAGING = "hotcopy-staging"
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def _identity(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
 class DirectoryPlace:
     def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
         self.path = Path(path).absolute()
@@ -172,6 +177,9 @@ class DirectoryPlace:
             make_directory(self.path)
         refuse_unsafe_place(self.path)
         self._root = str(self.path)  # piece paths as strings: pathlib costs 15 us each
+        # The directories of the backups this object claimed: (device, inode), so that one
+        # exchanged for another under its name meanwhile is never written as it.
+        self._claimed: dict[str, tuple[int, int]] = {}
 
     @property
     def where(self) -> str:
@@ -230,6 +238,9 @@ class DirectoryPlace:
                 inner = os.open(part, _DIRECTORY, dir_fd=fd)
                 os.close(fd)
                 fd = inner
+                claimed = self._claimed.get(part)
+                if claimed is not None and claimed != _identity(fd):
+                    raise OSError(errno.ESTALE, "not the backup's directory any more", part)
         except BaseException:
             os.close(fd)
             raise
@@ -303,6 +314,17 @@ class DirectoryPlace:
             return None
         fsync_dir(self.path)
         with opened_directory(self.path) as catalog_fd:
+            fd = os.open(backup_id, _DIRECTORY, dir_fd=catalog_fd)
+            try:  # the one made: ours and empty (not one exchanged for it since)
+                if os.fstat(fd).st_uid != os.geteuid() or os.listdir(fd):
+                    raise CatalogError(
+                        f"backup {backup_id}: its new directory in {self.path} was replaced "
+                        "as it was made; nothing of it is used",
+                        backup=backup_id,
+                    )
+                self._claimed[backup_id] = _identity(fd)
+            finally:
+                os.close(fd)
             staging = WorkDirectory(self.path, catalog_fd, _STAGING)
             staging.close()
         return staging.path
@@ -324,7 +346,11 @@ class DirectoryPlace:
 
     def _backup_fd(self, catalog_fd: int, backup_id: str) -> int:
         try:
-            return os.open(backup_id, _DIRECTORY, dir_fd=catalog_fd)
+            fd = os.open(backup_id, _DIRECTORY, dir_fd=catalog_fd)
+            if self._claimed.get(backup_id, _identity(fd)) != _identity(fd):
+                os.close(fd)
+                raise OSError(errno.ESTALE, "not the backup's directory any more")
+            return fd
         except OSError as err:
             raise CatalogError(
                 f"backup {backup_id}: its directory in {self.path} was replaced while it ran "
