@@ -684,3 +684,16 @@ def test_a_restore_by_copy_workers_rebuilds_every_prefix_and_refuses_a_damaged_p
     with pytest.raises(BackupError, match="p3"):
         restore(dest, tmp_path / "again", jobs=2)
     assert not (tmp_path / "again").exists()
+
+
+def test_a_backup_into_a_repository_is_refused(repo_root: Path, tmp_path: Path) -> None:
+    """A catalog is never made in a repository (itself or another): its files would mix with
+    the repository's (it was, and the backup went on)."""
+    other = tmp_path / "other"
+    Repository.init(other).close()
+    before = sorted(os.listdir(other))
+    for place in (other, repo_root):
+        with pytest.raises(CatalogError, match="is a hotcopy repository"):
+            backup(repo_root, place)
+    assert sorted(os.listdir(other)) == before
+    assert not (repo_root / "hotcopy-backups.json").exists()

@@ -47,6 +47,7 @@ from hotcopy.storage import StorageError
 from hotcopy.storage._copy import BaseRef, Piece
 from hotcopy.storage._files import open_regular, read_regular
 from hotcopy.storage._format import HEADER_SIZE
+from hotcopy.storage._repository import MARKER as REPOSITORY_MARKER
 
 from ._errors import BackupError, BackupNotFound, CatalogError
 from ._places import (
@@ -600,6 +601,12 @@ class Catalog:
         key = key if key is not None else load_key(key_file)
         place = open_place(location, create=True, key=key, compress=compress)
         if place.read(CATALOG_MARKER, CATALOG_MARKER, _MAX_JSON) is None:
+            if place.read(REPOSITORY_MARKER, REPOSITORY_MARKER, _MAX_JSON) is not None:
+                raise CatalogError(
+                    f"{place.where} is a hotcopy repository, not a backup directory: back up "
+                    "into a directory of its own (a catalog there would mix with its files)",
+                    path=place.where,
+                )
             # create-only: another run may have made it meanwhile
             _write_marker(place, Marker(repository_id), key, overwrite=False)
         return cls(place, key=key)
