@@ -692,3 +692,43 @@ def test_a_process_that_proc_hides_from_another_user_is_never_taken_for_dead() -
     finally:
         live.kill()
         live.wait(10)
+
+
+@pytest.mark.multiprocess
+def test_a_backup_its_user_may_not_remove_never_stops_a_prune(public: Path) -> None:
+    """A member of a catalog's group made a directory named like a backup, with a manifest,
+    that this user may not empty (or an old backup's directory became another user's). Prune
+    must leave that backup in place, with what it needs, say why, and prune the rest: it
+    failed on it with EACCES, after removing another backup's manifest, at every run."""
+    need_root_and("useradd", "userdel")
+    root, backups = repository(public / "repo"), public / "backups"
+    for value in ("v1", "v2", "v3", "v4"):
+        hotcopy("put", root, "p", "k", value)
+        hotcopy("backup", root, backups, *(["--incremental"] if value == "v3" else []))
+    ids = sorted(path.name for path in backups.iterdir() if path.is_dir())
+    assert len(ids) == 4
+    # The same prune once here first: the child inherits every module it needs (this
+    # interpreter's files may be where the other user cannot read them).
+    shutil.copytree(backups, public / "warm", symlinks=True)
+    assert cli("prune", public / "warm", "--keep-last", "1")()[0] == 0
+    with throwaway_user() as service:
+        for path in [backups, *backups.rglob("*")]:
+            os.lchown(path, service.uid, service.gid)
+        stuck = backups / ids[2]  # an incremental: ids[1] is its base
+        unfinished = backups / "20000101T000000.000000Z"  # pieces, no manifest
+        shutil.copytree(backups / ids[0], unfinished)
+        (unfinished / "MANIFEST.json").unlink()
+        for path in (stuck, unfinished):
+            os.chown(path, 0, 0)
+            path.chmod(0o755)
+        code, out, err = as_user(service, cli("prune", backups, "--keep-last", "1"))
+        assert code == 0, (out, err)
+        assert ids[2] in out and "permission denied" in out, out
+        assert unfinished.name in out and "left in place" in out, out
+        left = {path.name for path in backups.iterdir() if path.is_dir()}
+        # ids[1] is kept: ids[2], left, links to it. The unfinished run's directory stays.
+        assert left == {unfinished.name, ids[1], ids[2], ids[3]}, left
+        code, out, err = as_user(service, cli("verify", backups))
+        assert code == 0, (out, err)
+        code, out, err = as_user(service, cli("prune", backups, "--keep-last", "1"))
+        assert code == 0, (out, err)

@@ -130,7 +130,7 @@ class Place(Protocol):
         self, backup_id: str, entry: Entry, *, checksums: bool, key: bytes | None
     ) -> str | None: ...
     def fetch(self, sizes: dict[str, int], into: Path) -> dict[str, Path]: ...
-    def remove(self, names: Iterable[str]) -> None: ...
+    def remove(self, names: Iterable[str]) -> list[str]: ...  # those left: not ours to remove
     def remove_backup(self, backup_id: str) -> list[str]: ...
     def remove_unnamed_pieces(self, backup_id: str, named: set[str]) -> bool: ...
 
@@ -392,9 +392,12 @@ class DirectoryPlace:
         """The pieces ``sizes`` names (``<id>/<file>``) are here already: their paths."""
         return {name: self.path / name for name in sizes}
 
-    def remove(self, names: Iterable[str]) -> None:
-        """Unlink the entries ``names`` (never followed), each directory's removal durable."""
+    def remove(self, names: Iterable[str]) -> list[str]:
+        """Unlink the entries ``names`` (never followed), each directory's removal durable;
+        the names this user may not remove (in a directory another member of a shared
+        catalog made), which stay."""
         directories: set[Path] = set()
+        denied = []
         for name in names:
             path = self.path / name
             try:
@@ -404,6 +407,9 @@ class DirectoryPlace:
             try:
                 os.unlink(path.name, dir_fd=fd)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                continue
+            except PermissionError:
+                denied.append(name)
                 continue
             finally:
                 os.close(fd)
@@ -418,6 +424,7 @@ class DirectoryPlace:
                     break  # not empty: what is left stays
                 directory = directory.parent
             fsync_dir(directory)
+        return denied
 
     def remove_backup(self, backup_id: str) -> list[str]:
         """Remove what hotcopy wrote in the backup's directory, and the directory if that
@@ -521,8 +528,8 @@ def remove_own_files(directory: Path, ours: Callable[[str], bool]) -> list[Path]
             try:
                 os.unlink(name, dir_fd=fd)
             except OSError as err:
-                if err.errno not in (errno.ENOENT, errno.EISDIR, errno.EPERM):
-                    raise
+                if err.errno not in (errno.ENOENT, errno.EISDIR, errno.EPERM, errno.EACCES):
+                    raise  # (not ours to remove: left, and the directory with it)
             else:
                 removed.append(directory / name)
     finally:
@@ -851,13 +858,14 @@ class ObjectPlace:
             local[name] = path
         return local
 
-    def remove(self, names: Iterable[str]) -> None:
+    def remove(self, names: Iterable[str]) -> list[str]:
         self._still_locked()
         names = list(names)
         self.store.delete(names)
         if self._sizes is not None:
             for name in names:
                 self._sizes.pop(name, None)
+        return []
 
     def remove_backup(self, backup_id: str) -> list[str]:
         objects = self._objects_of(backup_id)

@@ -295,24 +295,39 @@ def prune(
 
 def _execute(catalog: Catalog, view: CatalogView, decisions: list[Decision], now: float) -> None:
     place = catalog.place
-    removals = [d for d in decisions if d.action == "remove"]
     # 1. Manifests, newest first: a trim's new one, or a removed backup's removed. A backup
     #    only ever depends on older ones, so whatever depended on what goes has gone first.
+    #    One this user may not change (another member's, in a shared catalog) stays as it is,
+    #    and so does every backup it links to.
+    needed: dict[str, str] = {}  # backup id -> the one left whole that links to it
     for decision in reversed(decisions):
-        if decision.action == "trim":
-            _trim(catalog, view.records[decision.id], decision, now)
-        elif decision.action == "remove":
-            place.remove([f"{decision.id}/{MANIFEST}"])  # the name only: never followed
-        else:
+        if decision.action not in ("trim", "remove"):
             continue
-        fault(FAULT_POINT)
+        if decision.id in needed:
+            decision.action = "keep"
+            decision.reasons = [f"base of {needed[decision.id]}, which prune could not change"]
+        else:
+            try:
+                if decision.action == "trim":
+                    _trim(catalog, view.records[decision.id], decision, now)
+                elif place.remove([f"{decision.id}/{MANIFEST}"]):  # the name only: never followed
+                    raise PermissionError(f"may not remove {decision.id}/{MANIFEST}")
+            except PermissionError as err:
+                decision.action = "leave"
+                decision.reasons = [f"left in place: permission denied ({err})"]
+            else:
+                fault(FAULT_POINT)
+                continue
+        for base in _bases(view, decision.id):
+            needed.setdefault(base, decision.id)
+    removals = [d for d in decisions if d.action == "remove"]
     # 2. Then their files, and the pieces no manifest names any more.
     for decision in removals:
         left = place.remove_backup(decision.id)
         if left:
             decision.reasons.append(
-                "directory left in place: it holds files hotcopy did not write "
-                f"({', '.join(map(ascii, left))})"  # escaped: names are anyone's
+                "directory left in place: it holds files hotcopy did not write, or that "
+                f"this user may not remove ({', '.join(map(ascii, left))})"  # escaped: anyone's
             )
         # its logical documents, if any
         place.remove(document_name(decision.id, kind) for kind in ("full", "delta"))
@@ -324,6 +339,21 @@ def _execute(catalog: Catalog, view: CatalogView, decisions: list[Decision], now
             named = {manifest.entries[prefix].file for prefix in kept}
             if place.remove_unnamed_pieces(decision.id, named):
                 fault(FAULT_POINT)
+
+
+def _bases(view: CatalogView, backup_id: str) -> set[str]:
+    """Every backup that ``backup_id``'s manifest links to, directly or through another."""
+    bases: set[str] = set()
+    manifest = view.records[backup_id].manifest
+    for prefix, entry in manifest.entries.items() if manifest is not None else ():
+        base = entry.base
+        while base is not None and base in view.records:
+            bases.add(base)
+            below = view.records[base].manifest
+            if below is None or prefix not in below.entries:
+                break
+            base = below.entries[prefix].base
+    return bases
 
 
 def _trim(catalog: Catalog, record: Record, decision: Decision, now: float) -> None:
