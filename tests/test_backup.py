@@ -697,3 +697,20 @@ def test_a_backup_into_a_repository_is_refused(repo_root: Path, tmp_path: Path) 
             backup(repo_root, place)
     assert sorted(os.listdir(other)) == before
     assert not (repo_root / "hotcopy-backups.json").exists()
+
+
+def test_a_backup_into_a_directory_holding_other_files_is_refused(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    """A catalog is made only in an empty directory (as ``borg init`` does): a backup into
+    a home directory, or a project's, made one among the user's files and went on."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    with pytest.raises(CatalogError, match="not empty"):
+        backup(repo_root, home)
+    assert os.listdir(home) == ["notes.txt"]
+    backup(repo_root, tmp_path / "fresh")  # an empty or missing directory is made a catalog
+    (tmp_path / "made").mkdir()
+    backup(repo_root, tmp_path / "made")
+    backup(repo_root, tmp_path / "made")  # and a catalog stays one

@@ -52,7 +52,9 @@ from hotcopy.storage._repository import MARKER as REPOSITORY_MARKER
 from ._errors import BackupError, BackupNotFound, CatalogError
 from ._places import (
     CATALOG_MARKER,
+    LOCK,
     MANIFEST,
+    REPLICATOR_LOCK,
     LockWait,
     Place,
     is_own_file,
@@ -605,6 +607,18 @@ class Catalog:
                 raise CatalogError(
                     f"{place.where} is a hotcopy repository, not a backup directory: back up "
                     "into a directory of its own (a catalog there would mix with its files)",
+                    path=place.where,
+                )
+            others = [
+                name
+                for name in place.top_names()
+                if name not in (LOCK, REPLICATOR_LOCK) and not name.startswith(CATALOG_MARKER)
+            ]
+            if others and place.read(CATALOG_MARKER, CATALOG_MARKER, _MAX_JSON) is None:
+                raise CatalogError(
+                    f"{place.where} is not empty and not a hotcopy backup directory (it holds "
+                    f"{sorted(others)[0]!a}{' and more' if len(others) > 1 else ''}): "
+                    "back up into an empty or new directory",
                     path=place.where,
                 )
             # create-only: another run may have made it meanwhile
