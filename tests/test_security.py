@@ -694,41 +694,86 @@ def test_a_process_that_proc_hides_from_another_user_is_never_taken_for_dead() -
         live.wait(10)
 
 
+def _give_away(paths: list[Path], mode: int) -> None:
+    for path in paths:
+        os.chown(path, 0, 0)
+        path.chmod(mode)
+
+
+def _backup_dirs(catalog: Path) -> list[str]:
+    return sorted(path.name for path in catalog.iterdir() if path.is_dir())
+
+
+def _give_to(catalog: Path, user: User) -> None:
+    for path in [catalog, *catalog.rglob("*")]:
+        os.lchown(path, user.uid, user.gid)
+
+
 @pytest.mark.multiprocess
-def test_a_backup_its_user_may_not_remove_never_stops_a_prune(public: Path) -> None:
-    """A member of a catalog's group made a directory named like a backup, with a manifest,
-    that this user may not empty (or an old backup's directory became another user's). Prune
-    must leave that backup in place, with what it needs, say why, and prune the rest: it
-    failed on it with EACCES, after removing another backup's manifest, at every run."""
+@pytest.mark.parametrize("mode", [0o755, 0o711], ids=oct)
+def test_a_backup_its_user_may_not_remove_never_stops_a_prune(public: Path, mode: int) -> None:
+    """A member of a catalog's group made directories named like backups that this user may
+    not change (0755), nor list (0711), nor enter (0700), or an old backup's directory became
+    another user's. Prune must leave those in place, with every backup they link to, say why,
+    and prune the rest; prune and backup went on failing with EACCES at every run, after
+    prune had removed a manifest, and a base was removed under a backup left in place."""
     need_root_and("useradd", "userdel")
     root, backups = repository(public / "repo"), public / "backups"
     for value in ("v1", "v2", "v3", "v4"):
         hotcopy("put", root, "p", "k", value)
         hotcopy("backup", root, backups, *(["--incremental"] if value == "v3" else []))
-    ids = sorted(path.name for path in backups.iterdir() if path.is_dir())
+    ids = _backup_dirs(backups)
     assert len(ids) == 4
     # The same prune once here first: the child inherits every module it needs (this
     # interpreter's files may be where the other user cannot read them).
     shutil.copytree(backups, public / "warm", symlinks=True)
     assert cli("prune", public / "warm", "--keep-last", "1")()[0] == 0
-    with throwaway_user() as service:
-        for path in [backups, *backups.rglob("*")]:
-            os.lchown(path, service.uid, service.gid)
-        stuck = backups / ids[2]  # an incremental: ids[1] is its base
-        unfinished = backups / "20000101T000000.000000Z"  # pieces, no manifest
-        shutil.copytree(backups / ids[0], unfinished)
-        (unfinished / "MANIFEST.json").unlink()
-        for path in (stuck, unfinished):
-            os.chown(path, 0, 0)
-            path.chmod(0o755)
-        code, out, err = as_user(service, cli("prune", backups, "--keep-last", "1"))
+    unfinished = backups / "20000101T000000.000000Z"  # pieces, no manifest
+    shutil.copytree(backups / ids[0], unfinished)
+    (unfinished / "MANIFEST.json").unlink()
+    closed = backups / "20000102T000000.000000Z"
+    closed.mkdir()
+    with throwaway_user() as owner:
+        _give_to(backups, owner)
+        # ids[2] is an incremental (ids[1] its base); ids[3] the one kept.
+        _give_away([backups / ids[2], backups / ids[3], unfinished], mode)
+        _give_away([closed], 0o700)
+        for _ in range(2):
+            code, out, err = as_user(owner, cli("prune", backups, "--keep-last", "1"))
+            assert code == 0, (out, err)
+            assert ids[2] in out and "permission denied" in out, out
+            assert "left 3 in place" in out, out
+            assert _backup_dirs(backups) == [unfinished.name, closed.name, *ids[1:]]
+            code, out, err = as_user(owner, cli("verify", backups))
+            assert code == 0, (out, err)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", [0o755, 0o711], ids=oct)
+def test_a_backup_prune_may_not_trim_is_left_whole(public: Path, mode: int) -> None:
+    """A backup kept only as the base of one prefix is trimmed (its manifest rewritten
+    without the others); in a directory this user may not write, it is left whole."""
+    need_root_and("useradd", "userdel")
+    root, backups = repository(public / "repo"), public / "backups"
+    hotcopy("put", root, "q", "k", "v1")
+    hotcopy("backup", root, backups)  # p and q: trimmed to p below
+    hotcopy("put", root, "q", "k", "v2")
+    hotcopy("backup", root, backups, "--prefix", "q")
+    hotcopy("put", root, "p", "k", "v2")
+    hotcopy("backup", root, backups, "--incremental", "--prefix", "p")
+    ids = _backup_dirs(backups)
+    assert "trim" in hotcopy("prune", backups, "--keep-last", "1", "--dry-run").stdout
+    shutil.copytree(backups, public / "warm", symlinks=True)
+    assert cli("prune", public / "warm", "--keep-last", "1")()[0] == 0
+    with throwaway_user() as owner:
+        _give_to(backups, owner)
+        _give_away([backups / ids[0]], mode)
+        code, out, err = as_user(owner, cli("prune", backups, "--keep-last", "1"))
         assert code == 0, (out, err)
-        assert ids[2] in out and "permission denied" in out, out
-        assert unfinished.name in out and "left in place" in out, out
-        left = {path.name for path in backups.iterdir() if path.is_dir()}
-        # ids[1] is kept: ids[2], left, links to it. The unfinished run's directory stays.
-        assert left == {unfinished.name, ids[1], ids[2], ids[3]}, left
-        code, out, err = as_user(service, cli("verify", backups))
+        assert ids[0] in out and "permission denied" in out, out
+        assert _backup_dirs(backups) == [ids[0], ids[2]]
+        code, out, err = as_user(owner, cli("verify", backups))
         assert code == 0, (out, err)
-        code, out, err = as_user(service, cli("prune", backups, "--keep-last", "1"))
-        assert code == 0, (out, err)
+        code, out, err = as_user(owner, cli("backups", backups, "--json"))
+        listed = {b["id"]: b for b in json.loads(out)["backups"]}
+        assert listed[ids[0]]["prefixes"] == 2, listed[ids[0]]  # p and q: whole

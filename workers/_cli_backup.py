@@ -427,6 +427,7 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
     print(
         f"{verb} {len(report.removed)} backup(s), trimmed {len(report.trimmed)} to the links "
         f"kept backups need, kept {len(report.kept)}"
+        + (f", left {len(report.left)} in place" if report.left else "")
         + (" (dry run: nothing changed)" if report.dry_run else "")
     )
     return EXIT_OK

@@ -131,7 +131,7 @@ class Place(Protocol):
     ) -> str | None: ...
     def fetch(self, sizes: dict[str, int], into: Path) -> dict[str, Path]: ...
     def remove(self, names: Iterable[str]) -> list[str]: ...  # those left: not ours to remove
-    def remove_backup(self, backup_id: str) -> list[str]: ...
+    def remove_backup(self, backup_id: str) -> str | None: ...  # why it stays, if it does
     def remove_unnamed_pieces(self, backup_id: str, named: set[str]) -> bool: ...
 
 
@@ -211,6 +211,8 @@ class DirectoryPlace:
                 fsync_dir(self.path / directory)
         try:
             fd = self._directory_of(name)
+        except PermissionError:
+            raise  # another member's directory in a shared catalog: not ours to write
         except OSError as err:
             raise CatalogError(
                 f"{path} cannot be written: a directory on the way is not one "
@@ -374,7 +376,7 @@ class DirectoryPlace:
         with opened_directory(self.path) as catalog_fd:
             removed = sweep_work_directories(self.path, catalog_fd, _STAGING)
         for backup_id in backup_ids:
-            with contextlib.suppress(CatalogError):
+            with contextlib.suppress(CatalogError, PermissionError):  # (another member's)
                 path = self.backup_dir(backup_id)
                 if not os.path.lexists(path / MANIFEST):
                     removed += [str(p) for p in sweep_stale_temps(path)]
@@ -402,6 +404,9 @@ class DirectoryPlace:
             path = self.path / name
             try:
                 fd = self._directory_of(name)
+            except PermissionError:
+                denied.append(name)
+                continue
             except OSError:  # missing, or a link in the way: nothing of the catalog's there
                 continue
             try:
@@ -426,27 +431,38 @@ class DirectoryPlace:
             fsync_dir(directory)
         return denied
 
-    def remove_backup(self, backup_id: str) -> list[str]:
+    def remove_backup(self, backup_id: str) -> str | None:
         """Remove what hotcopy wrote in the backup's directory, and the directory if that
-        empties it; the names of anything else (left in place, with the directory)."""
+        empties it; or say why the directory stays (what else it holds). PermissionError:
+        this user may not change it (another member's, in a shared catalog)."""
         directory = self.path / backup_id
         try:
             remove_own_files(directory, is_own_file)
             os.rmdir(directory)
         except (FileNotFoundError, NotADirectoryError):
-            return []  # gone already, or a file named like a backup: not ours
-        except OSError:
-            return sorted(os.listdir(directory))
+            return None  # gone already, or a file named like a backup: not ours
+        except OSError as err:
+            left = sorted(os.listdir(directory))
+            if not left or any(map(is_own_file, left)):  # what it wrote, and may not remove
+                code = err.errno if isinstance(err, PermissionError) and err.errno else errno.EACCES
+                raise PermissionError(code, os.strerror(code), str(directory)) from None
+            # escaped: names are anyone's
+            return f"it holds files hotcopy did not write ({', '.join(map(ascii, left))})"
         fsync_dir(self.path)
-        return []
+        return None
 
     def remove_unnamed_pieces(self, backup_id: str, named: set[str]) -> bool:
         """Remove the backup's pieces that ``named`` does not hold."""
         directory = self.path / backup_id
-        if remove_own_files(directory, lambda name: is_piece_name(name) and name not in named):
+        try:
+            removed = remove_own_files(
+                directory, lambda name: is_piece_name(name) and name not in named
+            )
+        except PermissionError:
+            return False  # another member's directory: not ours to change
+        if removed:
             fsync_dir(directory)
-            return True
-        return False
+        return bool(removed)
 
 
 @contextlib.contextmanager
@@ -867,7 +883,7 @@ class ObjectPlace:
                 self._sizes.pop(name, None)
         return []
 
-    def remove_backup(self, backup_id: str) -> list[str]:
+    def remove_backup(self, backup_id: str) -> str | None:
         objects = self._objects_of(backup_id)
         ours = [
             name for name in objects if is_own_file(name.removesuffix(SEALED)) or name == STARTED
@@ -877,7 +893,10 @@ class ObjectPlace:
         if MANIFEST in ours:
             self.remove([f"{backup_id}/{MANIFEST}"])
         self.remove(f"{backup_id}/{name}" for name in ours if name != MANIFEST)
-        return sorted(set(objects) - set(ours))
+        others = sorted(set(objects) - set(ours))
+        if others:  # escaped: names are anyone's
+            return f"it holds objects hotcopy did not write ({', '.join(map(ascii, others))})"
+        return None
 
     def remove_unnamed_pieces(self, backup_id: str, named: set[str]) -> bool:
         unnamed = [

@@ -26,6 +26,7 @@ followed.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -124,6 +125,10 @@ class PruneReport:
     def kept(self) -> list[str]:
         return self.ids("keep")
 
+    @property
+    def left(self) -> list[str]:
+        return self.ids("leave")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "version": 1,
@@ -132,7 +137,7 @@ class PruneReport:
             "removed": self.removed,
             "trimmed": self.trimmed,
             "kept": self.kept,
-            "left": self.ids("leave"),
+            "left": self.left,
         }
 
 
@@ -311,10 +316,10 @@ def _execute(catalog: Catalog, view: CatalogView, decisions: list[Decision], now
                 if decision.action == "trim":
                     _trim(catalog, view.records[decision.id], decision, now)
                 elif place.remove([f"{decision.id}/{MANIFEST}"]):  # the name only: never followed
-                    raise PermissionError(f"may not remove {decision.id}/{MANIFEST}")
-            except PermissionError as err:
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), MANIFEST)
+            except PermissionError:
                 decision.action = "leave"
-                decision.reasons = [f"left in place: permission denied ({err})"]
+                decision.reasons = ["left in place: permission denied (not this user's to change)"]
             else:
                 fault(FAULT_POINT)
                 continue
@@ -323,12 +328,14 @@ def _execute(catalog: Catalog, view: CatalogView, decisions: list[Decision], now
     removals = [d for d in decisions if d.action == "remove"]
     # 2. Then their files, and the pieces no manifest names any more.
     for decision in removals:
-        left = place.remove_backup(decision.id)
-        if left:
-            decision.reasons.append(
-                "directory left in place: it holds files hotcopy did not write, or that "
-                f"this user may not remove ({', '.join(map(ascii, left))})"  # escaped: anyone's
-            )
+        try:
+            why = place.remove_backup(decision.id)
+        except PermissionError as err:
+            why = f"permission denied ({err.strerror})"
+            if view.records[decision.id].manifest is None:
+                decision.action = "leave"  # nothing of a backup in it was removed
+        if why is not None:
+            decision.reasons.append(f"directory left in place: {why}")
         # its logical documents, if any
         place.remove(document_name(decision.id, kind) for kind in ("full", "delta"))
         fault(FAULT_POINT)
