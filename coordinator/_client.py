@@ -305,6 +305,7 @@ class Client:
         self._segment: SegmentReader | None = None
         self._segment_number = 0  # segments mapped so far: counters of two never compare
         self._pslots: dict[str, int] = {}
+        self._pslot_gaps: dict[str, int] = {}  # see _pslot
         self._prefix_cache: dict[str, bytes] = {}
         self._spin = AdaptiveSpin(spin_budget_from_env())
         self._reset_process_state()
@@ -540,11 +541,19 @@ class Client:
         if segment is None:
             return None
         pslot = self._pslots.get(prefix)
-        if pslot is None:
-            self._prefix_bytes(prefix)
-            pslot = segment.find_prefix(prefix)
-            if pslot is not None:
-                self._pslots[prefix] = pslot  # slots never move within a segment
+        if pslot is not None:
+            return pslot
+        # A reader of a prefix that no writer leased asks at every get: the free slot its
+        # last search ended at answers "none yet" as long as it stays free.
+        gap = self._pslot_gaps.get(prefix)
+        if gap is not None and segment.slot_unused(gap):
+            return None
+        self._prefix_bytes(prefix)
+        pslot, gap = segment.locate_prefix(prefix)
+        if pslot is not None:
+            self._pslots[prefix] = pslot  # slots never move within a segment
+        elif gap is not None and len(self._pslot_gaps) < 4096:
+            self._pslot_gaps[prefix] = gap
         return pslot
 
     def _wanted(self, prefix: str) -> bool:
@@ -1147,6 +1156,7 @@ class Client:
             lease._released = True
         self._reset_process_state()
         self._pslots = {}
+        self._pslot_gaps = {}
 
     def _send_locked(self, data: bytes, *, resend: bool) -> None:
         """Send one frame (holding the mutex), reconnecting if the coordinator died; with
@@ -1242,6 +1252,7 @@ class Client:
         old, self._segment = self._segment, segment
         self._segment_number += 1
         self._pslots = {}
+        self._pslot_gaps = {}
         if old is not None:
             old.close()
 

@@ -248,19 +248,29 @@ class _SegmentBase:
 
     def find_prefix(self, prefix: str) -> int | None:
         """Return the prefix slot of ``prefix``, or None if it has none."""
+        return self.locate_prefix(prefix)[0]
+
+    def locate_prefix(self, prefix: str) -> tuple[int | None, int | None]:
+        """The prefix slot of ``prefix`` and None; or None and the free slot its probe ended
+        at, which is the one ``prefix`` will be given (slots are taken in probe order and
+        never freed): while :meth:`slot_unused` says so of it, ``prefix`` still has none."""
         start = zlib.crc32(prefix.encode("ascii")) % self.prefix_slots
         for probe in range(self.prefix_slots):
             pslot = (start + probe) % self.prefix_slots
-            # An unlocked peek at the used byte first: a reader of a prefix without a slot
-            # asks at every get (a slot being made now is as good as one not made yet).
-            if self._mm[self._prefix_base + pslot * PREFIX_SLOT_SIZE + 4] == 0:
-                return None
+            # An unlocked peek at the used byte first (a slot being made now is as good as
+            # one not made yet).
+            if self.slot_unused(pslot):
+                return None, pslot
             used, name, _waiters, _commit = self._prefix_at(pslot)
             if not used:
-                return None
+                return None, pslot
             if name == prefix:
-                return pslot
-        return None
+                return pslot, None
+        return None, None
+
+    def slot_unused(self, pslot: int) -> bool:
+        """Whether prefix slot ``pslot`` was never given to a prefix (an unlocked peek)."""
+        return self._mm[self._prefix_base + pslot * PREFIX_SLOT_SIZE + 4] == 0
 
     def coordinator_pid(self) -> int:
         """The pid of the coordinator serving this segment; 0 if none does any more."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import multiprocessing
 import os
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -52,6 +54,7 @@ from hotcopy.coordinator._segment import (
     HEADER_SIZE,
     LEASE_SLOT_SIZE,
     PREFIX_SLOT_SIZE,
+    PREFIX_SLOTS,
     SegmentReader,
 )
 
@@ -300,6 +303,26 @@ def test_change_counters_are_odd_exactly_while_a_writer_holds(root: Path) -> Non
         assert reader.commit_seq("users") % 2 == 0
         assert seen == sorted(set(seen))  # every grant and release moved it on
         assert reader.commit_seq("other") & counter_bits == 0
+
+
+def test_a_counter_read_before_its_prefix_had_a_slot_moves_once_it_has_one(root: Path) -> None:
+    """A reader remembers where the search for a prefix without a slot ended, so that it
+    need not search at every get; a slot made there for another prefix of the same hash, or
+    for this one, must not leave it reading "no writer yet"."""
+    start = zlib.crc32(b"users") % PREFIX_SLOTS
+    other = next(
+        name
+        for name in (f"c{i}" for i in itertools.count())
+        if zlib.crc32(name.encode()) % PREFIX_SLOTS == start
+    )
+    counter_bits = (1 << 56) - 1
+    with connect(root) as writer, connect(root) as reader:
+        assert reader.commit_seq("users") & counter_bits == 0
+        with writer.lease(other, "write"):  # takes the slot "users" would have taken
+            assert reader.commit_seq(other) % 2 == 1
+            assert reader.commit_seq("users") & counter_bits == 0
+        with writer.lease("users", "write"):
+            assert reader.commit_seq("users") % 2 == 1
 
 
 @pytest.mark.timeout(30)
