@@ -1022,9 +1022,7 @@ def _staged(claim: _Claim) -> Iterator[Path]:
         moved: list[str] = []  # into ROOT, to be moved out again if the restore fails
         try:
             yield staging.path
-            if not same_directory(staging.outer_fd, staging.name, staging.fd) or not (
-                _leads_to(staging.path, staging.fd)
-            ):
+            if not _leads_to(staging.path, staging.fd):  # (the outer one is private)
                 raise DestinationExists(
                     f"the staging directory {staging.path} was moved while the restore ran; "
                     "nothing restored",
