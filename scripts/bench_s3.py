@@ -1,11 +1,12 @@
 """Benchmark a backup into an S3-compatible bucket against the same backup into a directory.
 
-A repository with one prefix of --mib MiB is backed up, alternately, into a local directory
-and into ``s3://BUCKET/PATH`` on a local S3 API server (moto's, started here on 127.0.0.1; or
-the server ``HOTCOPY_TEST_S3_ENDPOINT`` names), then restored from each; medians of --rounds.
+A repository of --mib MiB (in --prefixes prefixes, default one) is backed up, alternately,
+into a local directory and into ``s3://BUCKET/PATH`` on a local S3 API server (moto's, started
+here on 127.0.0.1; or the server ``HOTCOPY_TEST_S3_ENDPOINT`` names), then restored from each;
+medians of --rounds.
 The ratio is the directory's time over the bucket's (issue 20's target: >= 0.5x).
 
-    python scripts/bench_s3.py [--mib 1024] [--rounds 2] [--dir DIR] [--json FILE]
+    python scripts/bench_s3.py [--mib 1024] [--prefixes 1] [--rounds 2] [--dir DIR] [--json FILE]
 
 The bucket is timed plain, and sealed with a key and zstd. The values repeat one random 64 KiB
 block, so zstd shrinks each 1 MiB chunk about 16x: the sealed row shows what compression gains
@@ -41,9 +42,16 @@ def timed(action: Any, *args: Any, **options: Any) -> float:
     return time.monotonic() - began
 
 
+def _upload_all(url: str, root: Path) -> None:
+    store = ObjectStore(url)
+    for path in sorted(root.glob("*.hc")):
+        store.upload_file(path.name, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=1024)
+    parser.add_argument("--prefixes", type=int, default=1, help="the --mib split among them")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp)")
     parser.add_argument("--json", type=Path, default=None)
@@ -61,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         bucket = f"bench-{uuid.uuid4().hex[:12]}"
         boto3.client("s3").create_bucket(Bucket=bucket)
         root = work / "repo"
-        size = make_repo(root, 1, args.mib)
+        size = make_repo(root, args.prefixes, max(args.mib // args.prefixes, 1))
         key = work / "key"
         key.write_bytes(os.urandom(32))
         key.chmod(0o600)
@@ -79,10 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             # Alternated, so drift falls on all alike; nothing deleted until all are timed.
             directory, url = work / f"backups-{n}", f"s3://{bucket}/round-{n}"
             sealed = f"s3://{bucket}/sealed-{n}"
-            main_file = next(root.glob("*.hc"))  # the server alone: one upload of those bytes
-            times["upload"].append(
-                timed(ObjectStore(f"s3://{bucket}").upload_file, f"raw-{n}", main_file)
-            )
+            # The server alone: one upload of those bytes.
+            times["upload"].append(timed(_upload_all, f"s3://{bucket}/raw-{n}", root))
             times["dir"].append(timed(backup, root, directory))
             times["s3"].append(timed(backup, root, url))
             times["s3_sealed"].append(timed(backup, root, sealed, key_file=key, compress=True))
@@ -94,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         medians = {key: statistics.median(values) for key, values in times.items()}
         results = {
             "bytes": size,
+        "prefixes": args.prefixes,
             "rounds": args.rounds,
             "seconds": times,
             "backup_ratio": medians["dir"] / medians["s3"],
@@ -107,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     mib = size / (1 << 20)
     print(
-        f"one prefix of {mib:.0f} MiB, {args.rounds} rounds, medians (server {server.endpoint_url})"
+        f"{args.prefixes} prefix(es), {mib:.0f} MiB, {args.rounds} rounds, medians "
+        f"(server {server.endpoint_url})"
     )
     labels = {
-        "upload": "upload of the file alone",
+        "upload": "upload of the files alone",
         "dir": "backup into a directory",
         "s3": "backup into the bucket",
         "s3_sealed": "the same, key + zstd",

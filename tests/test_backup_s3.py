@@ -365,6 +365,39 @@ def test_a_backup_whose_upload_fails_leaves_nothing_locally_and_names_the_upload
     assert good.complete
 
 
+def test_a_bucket_backup_uploads_each_piece_as_it_is_copied(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backup into a bucket stages its pieces on local disk on their way up: it must hold
+    only those in flight, not the whole backup (which needed the repository's size free in
+    $TMPDIR), and upload while the workers copy the rest."""
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    root = tmp_path / "many"
+    with Repository.init(root) as repo:  # 36 MiB: copied by worker processes, not inline
+        for number in range(24):
+            with repo.open_prefix(f"p{number:02}", "rw") as px:
+                px["k"] = str(number) * (1536 << 10)
+                px.commit()
+    staged: list[int] = []
+
+    def count_staged(done: int, total: int, done_bytes: int, total_bytes: int) -> None:
+        staged.append(sum(1 for path in staging.rglob("*.hc") if path.is_file()))
+
+    for key in (None, make_key(tmp_path / "key")):
+        staged.clear()
+        catalog = f"{bucket}/{'sealed' if key else 'plain'}"
+        result = backup(root, catalog, jobs=2, progress=count_staged, key_file=key)
+        assert result.complete and len(result.prefixes) == 24
+        assert len(staged) > 4 and max(staged) <= 12, staged  # 3 batches of 3 in flight
+        assert list(staging.iterdir()) == []
+        restored = tmp_path / f"restored-{key is not None}"
+        restore(catalog, restored, key_file=key)
+        assert dump(restored) == dump(root)
+        assert Catalog(catalog, key_file=key).verify() == []
+
+
 def test_the_staging_of_a_killed_run_is_swept_by_the_next(
     bucket: str, repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -279,7 +279,11 @@ def backup(
             created = clock()
             backup_id, path = catalog.new_backup(created)
             manifest = Manifest(backup_id, created, repo.id, names, consistent)
-            run: _Run[Copied] = _Run(names, progress)
+            run: _Run[Copied] = _Run(
+                names,
+                progress,
+                lambda copied: catalog.ship(backup_id, path, Path(copied.result.path).name),
+            )
             try:
                 cut_seconds = _copy_all(
                     repo, path, run, bases, consistent, jobs, retries, step, executor,
@@ -441,10 +445,16 @@ class _Run(Generic[Outcome]):
     """Submits the prefixes in batches, retries failures, and tracks what finished (each
     prefix's outcome: a backup's :class:`Copied`, a restore's commit)."""
 
-    def __init__(self, names: list[str], progress: BackupProgress | None) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        progress: BackupProgress | None,
+        finished: Callable[[Outcome], None] | None = None,
+    ) -> None:
         self.names = names
         self.sizes: dict[str, int] = {}
         self.progress = progress
+        self.finished = finished  # called with each outcome as it comes in
         self.results: dict[str, Outcome] = {}
         self.failed: dict[str, str] = {}
         self.retries = 0
@@ -479,8 +489,11 @@ class _Run(Generic[Outcome]):
             self.failed[name] = f"{type(err).__name__}: {err}"
             return False
 
-        for batch in _batches(names, sizes, workers):
-            submit(batch)
+        # One batch queued beyond those the workers run: they never wait for work, and
+        # copies run ahead of what is done with them (a bucket's uploads) by that much only.
+        pending = _batches(names, sizes, workers)[::-1]
+        while pending and len(running) <= workers:
+            submit(pending.pop())
         self._report(total_bytes)
         while running:
             done, _ = wait(running, return_when="FIRST_COMPLETED")
@@ -495,10 +508,14 @@ class _Run(Generic[Outcome]):
                     for name, outcome in zip(batch, outcomes, strict=True):
                         if not isinstance(outcome, Exception):
                             self.results[name] = outcome
+                            if self.finished is not None:
+                                self.finished(outcome)
                         elif retry(name, outcome):
                             again.append(name)
                 if again:
                     submit(again)
+                elif pending:
+                    submit(pending.pop())
                 self._report(total_bytes)
 
     def _report(self, total_bytes: int) -> None:

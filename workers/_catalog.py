@@ -707,6 +707,11 @@ class Catalog:
                 return backup_id, staging
             time_us += 1
 
+    def ship(self, backup_id: str, staging: Path, piece: str) -> None:
+        """Store the piece ``piece`` of ``staging`` now if the place gains from it (see
+        :meth:`publish`, which stores the rest)."""
+        self.place.ship(backup_id, staging, piece)
+
     def publish(self, backup_id: str, staging: Path) -> dict[str, int]:
         """Make the pieces copied into ``staging`` durable in the catalog: before any manifest
         names them. Returns the size each piece is stored at, where that is not its own."""

@@ -123,6 +123,7 @@ class Place(Protocol):
     def check_backup(self, backup_id: str) -> None: ...
     def is_foreign(self, backup_id: str) -> bool: ...
     def new_backup(self, backup_id: str) -> Path | None: ...
+    def ship(self, backup_id: str, staging: Path, piece: str) -> None: ...
     def publish(self, backup_id: str, staging: Path) -> dict[str, int]: ...
     def discard(self, backup_id: str, staging: Path) -> None: ...
     def sweep_abandoned(self, backup_ids: list[str]) -> list[str]: ...
@@ -330,6 +331,9 @@ class DirectoryPlace:
             staging = WorkDirectory(self.path, catalog_fd, _STAGING)
             staging.close()
         return staging.path
+
+    def ship(self, backup_id: str, staging: Path, piece: str) -> None:
+        """Nothing before :meth:`publish`, which moves every piece at once (renames)."""
 
     def publish(self, backup_id: str, staging: Path) -> dict[str, int]:
         """Move the pieces copied into ``staging`` into the backup's directory, durably,
@@ -666,6 +670,7 @@ class ObjectPlace:
         self._sizes: dict[str, int] | None = None  # every object's size, as last listed
         self._lock: ObjectLock | None = None  # the catalog lock, while this process holds it
         self._locked_at: float | None = None  # when it was granted
+        self._shipped: dict[str, dict[str, int]] = {}  # backup id -> pieces uploaded, sizes
 
     @property
     def where(self) -> str:
@@ -774,33 +779,50 @@ class ObjectPlace:
             staging.close()
         return staging.path
 
+    def ship(self, backup_id: str, staging: Path, piece: str) -> None:
+        """Upload the piece ``piece``, copied into ``staging``, now, and remove it there: the
+        upload overlaps the copies still running, and staging holds only pieces in flight."""
+        self._still_locked()
+        self._shipped.setdefault(backup_id, {})[piece] = self._upload(backup_id, staging, piece)
+
     def publish(self, backup_id: str, staging: Path) -> dict[str, int]:
-        """Upload the pieces in ``staging`` (each verified by its size once stored); the
-        staging directory goes once they are all there. Returns the sealed pieces' sizes."""
-        stored: dict[str, int] = {}
-        for entry in sorted(os.scandir(staging), key=lambda e: e.name):
-            self._still_locked()
-            if is_piece_name(entry.name):
-                path, name = Path(entry.path), f"{backup_id}/{entry.name}"
-                if self._seals():
-                    path, name = path.with_name(path.name + SEALED), name + SEALED
-                    self._sealing.seal_file(
-                        entry.path, path, self._keys, compress=self._compress,
-                        context=f"{backup_id}/{entry.name}".encode(),
-                    )  # fmt: skip
-                self.store.upload_file(name, path)
-                size = path.stat().st_size
-                if self._sizes is not None:
-                    self._sizes[name] = size
-                if self._seals():
-                    stored[entry.name] = size
+        """Upload the pieces in ``staging`` not shipped yet (each verified by its size once
+        stored); the staging directory goes once they are all there. Returns the sealed
+        pieces' sizes."""
+        shipped = self._shipped.setdefault(backup_id, {})
+        for name in sorted(os.listdir(staging)):
+            if is_piece_name(name):
+                self._still_locked()
+                shipped[name] = self._upload(backup_id, staging, name)
         remove_work_directory(staging)
-        return stored
+        return dict(self._shipped.pop(backup_id)) if self._seals() else {}
+
+    def _upload(self, backup_id: str, staging: Path, piece: str) -> int:
+        """Upload one piece (sealed first, if this catalog seals), then remove its local
+        copies; the size it is stored at."""
+        path, name = staging / piece, f"{backup_id}/{piece}"
+        if self._seals():
+            sealed, context = path.with_name(piece + SEALED), name.encode()
+            compress = self._compress
+            self._sealing.seal_file(path, sealed, self._keys, compress=compress, context=context)
+            name += SEALED
+            path.unlink()
+            path = sealed
+        self.store.upload_file(name, path)
+        size = path.stat().st_size
+        path.unlink()
+        if self._sizes is not None:
+            self._sizes[name] = size
+        return size
 
     def discard(self, backup_id: str, staging: Path) -> None:
         remove_work_directory(staging)
+        shipped = [
+            f"{backup_id}/{piece}{SEALED if self._seals() else ''}"
+            for piece in self._shipped.pop(backup_id, {})
+        ]
         with contextlib.suppress(CatalogError):
-            self.remove([f"{backup_id}/{STARTED}"])
+            self.remove([*shipped, f"{backup_id}/{STARTED}"])
 
     def sweep_abandoned(self, backup_ids: list[str]) -> list[str]:
         """Remove the local staging directories of runs whose process died, and abort the
