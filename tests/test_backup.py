@@ -710,7 +710,16 @@ def test_a_backup_into_a_directory_holding_other_files_is_refused(
     with pytest.raises(CatalogError, match="not empty"):
         backup(repo_root, home)
     assert os.listdir(home) == ["notes.txt"]
+    (home / "notes.txt").unlink()
+    (home / "hotcopy-backups.json.bak").write_text("{}")  # named like the marker: not it
+    with pytest.raises(CatalogError, match="not empty"):
+        backup(repo_root, home)
     backup(repo_root, tmp_path / "fresh")  # an empty or missing directory is made a catalog
     (tmp_path / "made").mkdir()
     backup(repo_root, tmp_path / "made")
     backup(repo_root, tmp_path / "made")  # and a catalog stays one
+    (tmp_path / "disk" / "lost+found").mkdir(parents=True)  # a new file system's mount point
+    backup(repo_root, tmp_path / "disk")
+    (tmp_path / "made" / "hotcopy-backups.json").unlink()  # a catalog that lost its marker
+    with pytest.raises(CatalogError, match="its marker is gone"):
+        backup(repo_root, tmp_path / "made")

@@ -749,10 +749,12 @@ def test_a_backup_its_user_may_not_remove_never_stops_a_prune(public: Path, mode
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("mode", [0o755, 0o711], ids=oct)
+@pytest.mark.parametrize("mode", [0o755, 0o711, 0o1777], ids=oct)
 def test_a_backup_prune_may_not_trim_is_left_whole(public: Path, mode: int) -> None:
     """A backup kept only as the base of one prefix is trimmed (its manifest rewritten
-    without the others); in a directory this user may not write, it is left whole."""
+    without the others); in a directory this user may not write, it is left whole. In a
+    sticky one it is trimmed, and a piece it may not remove is said to stay (it stayed
+    for good, and no report said so)."""
     need_root_and("useradd", "userdel")
     root, backups = repository(public / "repo"), public / "backups"
     hotcopy("put", root, "q", "k", "v1")
@@ -765,15 +767,56 @@ def test_a_backup_prune_may_not_trim_is_left_whole(public: Path, mode: int) -> N
     assert "trim" in hotcopy("prune", backups, "--keep-last", "1", "--dry-run").stdout
     shutil.copytree(backups, public / "warm", symlinks=True)
     assert cli("prune", public / "warm", "--keep-last", "1")()[0] == 0
+    trimmed = backups / ids[0]
     with throwaway_user() as owner:
         _give_to(backups, owner)
-        _give_away([backups / ids[0]], mode)
-        code, out, err = as_user(owner, cli("prune", backups, "--keep-last", "1"))
-        assert code == 0, (out, err)
-        assert ids[0] in out and "permission denied" in out, out
+        _give_away([trimmed], mode)
+        if mode & stat.S_ISVTX:
+            os.chown(trimmed / "q.hc", 0, 0)  # the piece it drops: not this user's to remove
+        code, said, err = as_user(owner, cli("prune", backups, "--keep-last", "1"))
+        assert code == 0, (said, err)
+        assert ids[0] in said and "permission denied" in said, said
         assert _backup_dirs(backups) == [ids[0], ids[2]]
         code, out, err = as_user(owner, cli("verify", backups))
         assert code == 0, (out, err)
         code, out, err = as_user(owner, cli("backups", backups, "--json"))
         listed = {b["id"]: b for b in json.loads(out)["backups"]}
-        assert listed[ids[0]]["prefixes"] == 2, listed[ids[0]]  # p and q: whole
+        if mode & stat.S_ISVTX:
+            assert listed[ids[0]]["prefixes"] == 1 and "'q.hc'" in said, (listed[ids[0]], said)
+            assert (trimmed / "q.hc").exists()
+        else:
+            assert listed[ids[0]]["prefixes"] == 2, listed[ids[0]]  # p and q: whole
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("unreadable", ["base", "incremental"])
+def test_a_backup_prune_may_not_read_keeps_its_chain(public: Path, unreadable: str) -> None:
+    """A backup directory this user may not read (another member's 0700 one, or one made by
+    a `sudo hotcopy backup`) was taken for a run that never finished: prune removed the base
+    of an incremental in it, or an incremental of its own whose base it was, as unrestorable.
+    Such a backup is left, with every backup older than it and every one linking through it."""
+    need_root_and("useradd", "userdel")
+    root, backups = repository(public / "repo"), public / "backups"
+    kinds = ["full", "full", "incremental", "full"][: 4 if unreadable == "incremental" else 3]
+    for number, kind in enumerate(kinds):
+        hotcopy("put", root, "p", "k", f"v{number}")
+        hotcopy("backup", root, backups, *(["--incremental"] if kind == "incremental" else []))
+    ids = _backup_dirs(backups)
+    shutil.copytree(backups, public / "warm", symlinks=True)
+    assert cli("prune", public / "warm", "--keep-last", "1")()[0] == 0
+    closed = backups / (ids[2] if unreadable == "incremental" else ids[1])
+    with throwaway_user() as owner:
+        _give_to(backups, owner)
+        _give_away([closed], 0o700)
+        code, out, err = as_user(owner, cli("prune", backups, "--keep-last", "1"))
+        assert code == 0, (out, err)
+        assert f"{closed.name}  leave" in out and "may not read" in out, out
+        assert _backup_dirs(backups) == ids, out  # nothing it may link to, or that links to it
+        code, out, err = as_user(owner, cli("verify", backups))
+        assert closed.name in out + err and "may not read" in out + err, (out, err)
+        _give_to(backups, owner)  # readable again: every chain whole
+        code, out, err = as_user(owner, cli("verify", backups))
+        assert code == 0, (out, err)
+        assert json.loads(as_user(owner, cli("backups", backups, "--json"))[1])["backups"][-1][
+            "restorable"
+        ]

@@ -45,11 +45,12 @@ from typing import Any
 
 from hotcopy.storage import StorageError
 from hotcopy.storage._copy import BaseRef, Piece
+from hotcopy.storage._durable import is_temp_name
 from hotcopy.storage._files import open_regular, read_regular
 from hotcopy.storage._format import HEADER_SIZE
 from hotcopy.storage._repository import MARKER as REPOSITORY_MARKER
 
-from ._errors import BackupError, BackupNotFound, CatalogError
+from ._errors import BackupError, BackupNotFound, BackupUnreadable, CatalogError
 from ._places import (
     CATALOG_MARKER,
     LOCK,
@@ -609,16 +610,19 @@ class Catalog:
                     "into a directory of its own (a catalog there would mix with its files)",
                     path=place.where,
                 )
-            others = [
+            others = sorted(
                 name
                 for name in place.top_names()
-                if name not in (LOCK, REPLICATOR_LOCK) and not name.startswith(CATALOG_MARKER)
-            ]
+                if name not in (LOCK, REPLICATOR_LOCK, "lost+found")  # (a new disk's)
+                and not (name.startswith(CATALOG_MARKER) and is_temp_name(name))  # a racing run's
+            )
             if others and place.read(CATALOG_MARKER, CATALOG_MARKER, _MAX_JSON) is None:
+                backups = any(map(is_backup_id, others))
+                lost = " (backups, but its marker is gone)" if backups else ""
                 raise CatalogError(
-                    f"{place.where} is not empty and not a hotcopy backup directory (it holds "
-                    f"{sorted(others)[0]!a}{' and more' if len(others) > 1 else ''}): "
-                    "back up into an empty or new directory",
+                    f"{place.where} is not empty and not a hotcopy backup directory{lost}: it "
+                    f"holds {others[0]!a}{' and more' if len(others) > 1 else ''}; back up into "
+                    "an empty or new directory",
                     path=place.where,
                 )
             # create-only: another run may have made it meanwhile
@@ -815,6 +819,7 @@ class Record:
     manifest: Manifest | None = None
     problem: str | None = None  # why an UNFINISHED or INVALID one cannot be used
     foreign: bool = False  # a symbolic link or not a directory: not hotcopy's
+    unreadable: bool = False  # this user may not read it (another's): unknown, so untouched
 
     @property
     def time(self) -> float:
@@ -853,6 +858,8 @@ class CatalogView:
             manifest = self.catalog.load(backup_id)
         except BackupNotFound as err:
             return Record(backup_id, time_us, UNFINISHED, problem=str(err))
+        except BackupUnreadable as err:
+            return Record(backup_id, time_us, INVALID, problem=str(err), unreadable=True)
         except CatalogError as err:
             foreign = self.catalog.place.is_foreign(backup_id)
             return Record(backup_id, time_us, INVALID, problem=str(err), foreign=foreign)
@@ -1077,6 +1084,9 @@ class CatalogView:
                 notes.append(
                     f"{record.id}: a run that never finished (no manifest); prune removes it"
                 )
+                continue
+            if record.unreadable:
+                notes.append(f"{record.id}: {record.problem}; not checked, never pruned")
                 continue
             if record.manifest is None:
                 problems.append(f"{record.id}: {record.problem}")

@@ -30,6 +30,11 @@ class BackupNotFound(CatalogError, LookupError):
     """No complete backup matches the request."""
 
 
+class BackupUnreadable(CatalogError):
+    """This user may not read what a backup holds (another user's, in a shared catalog): it
+    is neither used nor removed, and nothing it may link to is removed."""
+
+
 class RemoteTraceback(Exception):
     """The traceback of an exception raised in a worker, attached as its ``__cause__``."""
 

@@ -42,7 +42,7 @@ from hotcopy.storage._durable import (
 from hotcopy.storage._files import make_directory, open_regular, read_regular, refuse_unsafe_place
 from hotcopy.storage._repository import validate_prefix_name
 
-from ._errors import BackupNotFound, CatalogError
+from ._errors import BackupNotFound, BackupUnreadable, CatalogError
 from ._s3 import LeaseBusy, ObjectLock, ObjectStore, is_object_url
 from ._workdir import (
     WorkDirectory,
@@ -196,10 +196,13 @@ class DirectoryPlace:
     def read(self, name: str, what: str, limit: int) -> bytes | None:
         """The regular file ``name`` (never a link, FIFO or device), or None if absent."""
         path = self.path / name
-        if not os.path.lexists(path):
-            return None
         try:
+            os.lstat(path)  # absent, or there but not this user's to read: never the same
             return read_regular(path, limit=limit)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except PermissionError as err:
+            raise BackupUnreadable(f"{what}: this user may not read it ({err.strerror})") from None
         except (NotRegularFile, StorageError) as err:  # or larger than any catalog file
             raise CatalogError(f"{what}: {err}") from None
         except OSError as err:
@@ -441,31 +444,43 @@ class DirectoryPlace:
         this user may not change it (another member's, in a shared catalog)."""
         directory = self.path / backup_id
         try:
-            remove_own_files(directory, is_own_file)
-            os.rmdir(directory)
-        except (FileNotFoundError, NotADirectoryError):
-            return None  # gone already, or a file named like a backup: not ours
+            _, denied = remove_own_files(directory, is_own_file)
         except OSError as err:
-            left = sorted(os.listdir(directory))
-            if not left or any(map(is_own_file, left)):  # what it wrote, and may not remove
-                code = err.errno if isinstance(err, PermissionError) and err.errno else errno.EACCES
-                raise PermissionError(code, os.strerror(code), str(directory)) from None
-            # escaped: names are anyone's
+            if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return None  # gone already, or a file or link named like a backup: not ours
+            raise
+        if denied:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(directory))
+        try:
+            os.rmdir(directory)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if err.errno != errno.ENOTEMPTY:
+                raise  # (EPERM: another's directory in a sticky catalog)
+            try:
+                with opened_directory(directory) as fd:  # never through a link put in its place
+                    left = sorted(os.listdir(fd))  # escaped: names are anyone's
+            except OSError:
+                return "it was replaced while prune ran"
             return f"it holds files hotcopy did not write ({', '.join(map(ascii, left))})"
         fsync_dir(self.path)
         return None
 
     def remove_unnamed_pieces(self, backup_id: str, named: set[str]) -> bool:
-        """Remove the backup's pieces that ``named`` does not hold."""
+        """Remove the backup's pieces that ``named`` does not hold; whether any went.
+        PermissionError: some this user may not remove (they stay, named in it)."""
         directory = self.path / backup_id
         try:
-            removed = remove_own_files(
+            removed, denied = remove_own_files(
                 directory, lambda name: is_piece_name(name) and name not in named
             )
         except PermissionError:
-            return False  # another member's directory: not ours to change
+            return False  # another member's directory, not ours to list
         if removed:
             fsync_dir(directory)
+        if denied:  # escaped: names are anyone's
+            raise PermissionError(errno.EACCES, "permission denied", ", ".join(map(ascii, denied)))
         return bool(removed)
 
 
@@ -535,11 +550,11 @@ def _flock_holders(path: Path) -> list[int]:
     return sorted(set(pids))
 
 
-def remove_own_files(directory: Path, ours: Callable[[str], bool]) -> list[Path]:
+def remove_own_files(directory: Path, ours: Callable[[str], bool]) -> tuple[int, list[str]]:
     """Unlink the entries of ``directory`` that ``ours`` accepts; never follows a link (an
     entry that is one is unlinked itself, never what it points to), never enters a
-    subdirectory."""
-    removed = []
+    subdirectory. How many went, and the names this user may not remove (they stay)."""
+    removed, denied = 0, []
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         for name in os.listdir(fd):
@@ -547,14 +562,15 @@ def remove_own_files(directory: Path, ours: Callable[[str], bool]) -> list[Path]
                 continue
             try:
                 os.unlink(name, dir_fd=fd)
-            except OSError as err:
-                if err.errno not in (errno.ENOENT, errno.EISDIR, errno.EPERM, errno.EACCES):
-                    raise  # (not ours to remove: left, and the directory with it)
+            except PermissionError:
+                denied.append(name)
+            except (FileNotFoundError, IsADirectoryError):
+                continue  # gone, or a directory: not hotcopy's
             else:
-                removed.append(directory / name)
+                removed += 1
     finally:
         os.close(fd)
-    return removed
+    return removed, denied
 
 
 def file_problem(path: str, entry: Entry, checksums: bool, key: bytes | None) -> str | None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -154,19 +154,16 @@ def plan(view: CatalogView, rules: Rules, now: float) -> list[Decision]:
         keep[eligible[-1].id].append("the newest restorable backup (no rule kept any)")
     for backup_id, reason in _failure_protection(view, eligible):
         keep[backup_id].append(reason)
+    for backup_id, reason in _unreadable_protection(view):
+        keep[backup_id].append(reason)
 
     # Per prefix, every link that a backup kept whole needs.
     links: dict[str, dict[str, list[str]]] = {r.id: {} for r in records}
     for record in records:
-        if keep[record.id] and record.manifest is not None:
-            for prefix, entry in record.manifest.entries.items():
-                base = entry.base
-                while base is not None and base in links:
-                    below = view.records[base].manifest
-                    if below is None or prefix not in below.entries:
-                        break
-                    links[base].setdefault(prefix, []).append(record.id)
-                    base = below.entries[prefix].base
+        if keep[record.id]:
+            for prefix, below in _links(view, record.id):
+                if below.manifest is not None and prefix in below.manifest.entries:
+                    links[below.id].setdefault(prefix, []).append(record.id)
 
     decisions = []
     for record in records:
@@ -179,6 +176,9 @@ def plan(view: CatalogView, rules: Rules, now: float) -> list[Decision]:
         if record.foreign:
             decision.action = "leave"
             decision.reasons = [f"not hotcopy's, left in place: {record.problem}"]
+        elif record.unreadable:
+            decision.action = "leave"
+            decision.reasons = [f"left in place: {record.problem}"]
         elif keep[record.id]:
             pass
         elif needed:
@@ -344,23 +344,53 @@ def _execute(catalog: Catalog, view: CatalogView, decisions: list[Decision], now
         if decision.action in ("keep", "trim") and manifest is not None:
             kept = decision.keep_prefixes if decision.action == "trim" else set(manifest.entries)
             named = {manifest.entries[prefix].file for prefix in kept}
-            if place.remove_unnamed_pieces(decision.id, named):
-                fault(FAULT_POINT)
+            try:
+                if place.remove_unnamed_pieces(decision.id, named):
+                    fault(FAULT_POINT)
+            except PermissionError as err:
+                decision.reasons.append(
+                    f"pieces no manifest names left in place: permission denied ({err.filename})"
+                )
 
 
-def _bases(view: CatalogView, backup_id: str) -> set[str]:
-    """Every backup that ``backup_id``'s manifest links to, directly or through another."""
-    bases: set[str] = set()
+def _unreadable_protection(view: CatalogView) -> Iterator[tuple[str, str]]:
+    """A backup this user may not read may link to any older one, and any newer one may
+    link to it: while one is there, those stay (kept whole), whatever the rules say."""
+    unreadable = [r for r in view.ordered() if r.unreadable]
+    if not unreadable:
+        return
+    newest = max(unreadable, key=lambda r: r.time_us)
+    for record in view.ordered():
+        if record.manifest is None:
+            continue
+        if record.time_us < newest.time_us:
+            yield record.id, f"may be a base of {newest.id}, which this user may not read"
+        elif (through := _unreadable_link(view, record.id)) is not None:
+            yield record.id, f"links through {through}, which this user may not read"
+
+
+def _unreadable_link(view: CatalogView, backup_id: str) -> str | None:
+    """The first backup this user may not read on a chain of ``backup_id``, if any."""
+    return next((below.id for _, below in _links(view, backup_id) if below.unreadable), None)
+
+
+def _links(view: CatalogView, backup_id: str) -> Iterator[tuple[str, Record]]:
+    """``(prefix, backup)`` for every backup a chain of ``backup_id`` links to, nearest first,
+    as far as the manifests show."""
     manifest = view.records[backup_id].manifest
     for prefix, entry in manifest.entries.items() if manifest is not None else ():
         base = entry.base
         while base is not None and base in view.records:
-            bases.add(base)
-            below = view.records[base].manifest
-            if below is None or prefix not in below.entries:
+            below = view.records[base]
+            yield prefix, below
+            if below.manifest is None or prefix not in below.manifest.entries:
                 break
-            base = below.entries[prefix].base
-    return bases
+            base = below.manifest.entries[prefix].base
+
+
+def _bases(view: CatalogView, backup_id: str) -> set[str]:
+    """Every backup that ``backup_id``'s manifest links to, directly or through another."""
+    return {below.id for _, below in _links(view, backup_id)}
 
 
 def _trim(catalog: Catalog, record: Record, decision: Decision, now: float) -> None:
