@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from hotcopy.storage import CorruptFileError, Repository
 from hotcopy.workers import Catalog, CatalogError, backup, list_backups, main, prune, restore
+from hotcopy.workers._errors import BackupInterrupted
 from hotcopy.workers._places import ObjectPlace
 from hotcopy.workers._s3 import ObjectStore
 from hotcopy_test_support import storage_helpers
@@ -396,6 +397,34 @@ def test_a_bucket_backup_uploads_each_piece_as_it_is_copied(
         restore(catalog, restored, key_file=key)
         assert dump(restored) == dump(root)
         assert Catalog(catalog, key_file=key).verify() == []
+
+
+@pytest.mark.parametrize("seal", ["key", "zstd"])
+def test_a_bucket_backup_interrupted_during_an_upload_records_only_what_is_stored(
+    bucket: str, repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seal: str
+) -> None:
+    """Ctrl-C as a piece goes up: the partial backup recorded names only pieces that are in
+    the bucket (one sealed piece was dropped locally before its upload, and the partial
+    backup named it: restorable by nobody)."""
+    key = make_key(tmp_path / "key") if seal == "key" else None
+    upload_file, calls = ObjectStore.upload_file, []
+
+    def interrupted_at_the_third(self: ObjectStore, name: str, path: Any) -> None:
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        upload_file(self, name, path)
+
+    monkeypatch.setattr(ObjectStore, "upload_file", interrupted_at_the_third)
+    with pytest.raises(BackupInterrupted):
+        backup(repo_root, bucket, key_file=key, compress=seal == "zstd")
+    monkeypatch.setattr(ObjectStore, "upload_file", upload_file)
+    assert Catalog(bucket, key_file=key).verify() == []
+    (listed,) = list_backups(bucket, key_file=key)["backups"]
+    assert listed["status"] == "partial" and listed["restorable"], listed
+    restore(bucket, tmp_path / "new", at=listed["id"], key_file=key, allow_partial=True)
+    restored, original = dump(tmp_path / "new"), dump(repo_root)
+    assert restored and all(restored[name] == original[name] for name in restored)
 
 
 def test_the_staging_of_a_killed_run_is_swept_by_the_next(

@@ -820,3 +820,25 @@ def test_a_backup_prune_may_not_read_keeps_its_chain(public: Path, unreadable: s
         assert json.loads(as_user(owner, cli("backups", backups, "--json"))[1])["backups"][-1][
             "restorable"
         ]
+
+
+@pytest.mark.multiprocess
+def test_a_backup_prune_may_not_read_named_in_the_future_protects_nothing(public: Path) -> None:
+    """An unreadable directory named like a backup made in 2999 cannot be the newer end of
+    any chain yet: it must not keep every backup for good (it did, for as long as it stood)."""
+    need_root_and("useradd", "userdel")
+    root, backups = repository(public / "repo"), public / "backups"
+    for number in range(3):
+        hotcopy("put", root, "p", "k", f"v{number}")
+        hotcopy("backup", root, backups)
+    ids = _backup_dirs(backups)
+    shutil.copytree(backups, public / "warm", symlinks=True)
+    assert cli("prune", public / "warm", "--keep-last", "1")()[0] == 0
+    future = backups / "29991231T235959.999999Z"
+    future.mkdir()
+    with throwaway_user() as owner:
+        _give_to(backups, owner)
+        _give_away([future], 0o700)
+        code, out, err = as_user(owner, cli("prune", backups, "--keep-last", "1"))
+        assert code == 0, (out, err)
+        assert _backup_dirs(backups) == [ids[-1], future.name], out

@@ -799,7 +799,7 @@ class ObjectPlace:
         """Upload the piece ``piece``, copied into ``staging``, now, and remove it there: the
         upload overlaps the copies still running, and staging holds only pieces in flight."""
         self._still_locked()
-        self._shipped.setdefault(backup_id, {})[piece] = self._upload(backup_id, staging, piece)
+        self._upload(backup_id, staging, piece)
 
     def publish(self, backup_id: str, staging: Path) -> dict[str, int]:
         """Upload the pieces in ``staging`` not shipped yet (each verified by its size once
@@ -807,29 +807,31 @@ class ObjectPlace:
         pieces' sizes."""
         shipped = self._shipped.setdefault(backup_id, {})
         for name in sorted(os.listdir(staging)):
-            if is_piece_name(name):
+            if is_piece_name(name) and name not in shipped:
                 self._still_locked()
-                shipped[name] = self._upload(backup_id, staging, name)
+                self._upload(backup_id, staging, name)
         remove_work_directory(staging)
         return dict(self._shipped.pop(backup_id)) if self._seals() else {}
 
-    def _upload(self, backup_id: str, staging: Path, piece: str) -> int:
-        """Upload one piece (sealed first, if this catalog seals), then remove its local
-        copies; the size it is stored at."""
+    def _upload(self, backup_id: str, staging: Path, piece: str) -> None:
+        """Upload one piece (sealed first, if this catalog seals) and record the size it is
+        stored at; only then remove its local copies (a run interrupted before that still
+        has the piece for :meth:`publish`)."""
         path, name = staging / piece, f"{backup_id}/{piece}"
+        stored = path
         if self._seals():
-            sealed, context = path.with_name(piece + SEALED), name.encode()
+            stored, context = path.with_name(piece + SEALED), name.encode()
             compress = self._compress
-            self._sealing.seal_file(path, sealed, self._keys, compress=compress, context=context)
+            self._sealing.seal_file(path, stored, self._keys, compress=compress, context=context)
             name += SEALED
-            path.unlink()
-            path = sealed
-        self.store.upload_file(name, path)
-        size = path.stat().st_size
-        path.unlink()
+        self.store.upload_file(name, stored)
+        size = stored.stat().st_size
         if self._sizes is not None:
             self._sizes[name] = size
-        return size
+        self._shipped.setdefault(backup_id, {})[piece] = size
+        stored.unlink()
+        if stored != path:
+            path.unlink()
 
     def discard(self, backup_id: str, staging: Path) -> None:
         remove_work_directory(staging)

@@ -50,6 +50,9 @@ from ._catalog import (
 )
 from ._logical import document_name
 
+# How far ahead of this machine's clock another that backs up into the same catalog may be.
+_CLOCK_SKEW = 24 * 3600.0
+
 # The fault point between two steps of a prune's deletions (tests SIGKILL a prune there).
 FAULT_POINT = "prune:step"
 
@@ -154,7 +157,7 @@ def plan(view: CatalogView, rules: Rules, now: float) -> list[Decision]:
         keep[eligible[-1].id].append("the newest restorable backup (no rule kept any)")
     for backup_id, reason in _failure_protection(view, eligible):
         keep[backup_id].append(reason)
-    for backup_id, reason in _unreadable_protection(view):
+    for backup_id, reason in _unreadable_protection(view, now):
         keep[backup_id].append(reason)
 
     # Per prefix, every link that a backup kept whole needs.
@@ -353,10 +356,13 @@ def _execute(catalog: Catalog, view: CatalogView, decisions: list[Decision], now
                 )
 
 
-def _unreadable_protection(view: CatalogView) -> Iterator[tuple[str, str]]:
+def _unreadable_protection(view: CatalogView, now: float) -> Iterator[tuple[str, str]]:
     """A backup this user may not read may link to any older one, and any newer one may
-    link to it: while one is there, those stay (kept whole), whatever the rules say."""
-    unreadable = [r for r in view.ordered() if r.unreadable]
+    link to it: while one is there, those stay (kept whole), whatever the rules say. One
+    named for a time to come (beyond a day of clock skew) was not made by a run yet: it
+    protects nothing (else a directory named for 2999 would keep every backup for good)."""
+    horizon = (now + _CLOCK_SKEW) * 1_000_000
+    unreadable = [r for r in view.ordered() if r.unreadable and r.time_us <= horizon]
     if not unreadable:
         return
     newest = max(unreadable, key=lambda r: r.time_us)
