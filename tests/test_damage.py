@@ -4,15 +4,24 @@ prefix; refusals instead of hangs. Real files throughout; damage is made by flip
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hotcopy.storage import CorruptFileError, FileLeases, Repository, StorageError, verify_file
+from hotcopy.storage import (
+    CorruptFileError,
+    FileLeases,
+    Prefix,
+    Repository,
+    StorageError,
+    verify_file,
+)
 from hotcopy.storage import _format as fmt
 from hotcopy.workers import main as cli
 from hotcopy_test_support import storage_helpers
@@ -484,6 +493,18 @@ def _last_wal_batch(wal: Path) -> fmt.Batch:
     return last
 
 
+@contextlib.contextmanager
+def _writer_and_reader(root: Path) -> Iterator[tuple[Prefix, Callable[[], Prefix]]]:
+    """A new repository at ``root``: prefix ``p`` open for writing, and a way to open it for
+    reading in a second view (two repository objects, as two processes would have)."""
+    Repository.init(root).close()
+    leases = root / ".hotcopy"
+    with Repository(root, leases=FileLeases(leases)) as writing, Repository(
+        root, leases=FileLeases(leases)
+    ) as reading:
+        yield writing.open_prefix("p", "rw"), lambda: reading.open_prefix("p", "r")
+
+
 def test_a_reader_that_follows_reports_a_damaged_batch_that_later_commits_follow(
     tmp_path: Path,
 ) -> None:
@@ -492,15 +513,10 @@ def test_a_reader_that_follows_reports_a_damaged_batch_that_later_commits_follow
     write in progress for ever and serve the state before it while later commits are
     acknowledged; the writer stops acknowledging commits once its checkpoint finds it."""
     root = tmp_path / "repo"
-    Repository.init(root).close()
-    leases = root / ".hotcopy"
-    with Repository(root, leases=FileLeases(leases)) as writing, Repository(
-        root, leases=FileLeases(leases)
-    ) as reading:
-        writer = writing.open_prefix("p", "rw")
+    with _writer_and_reader(root) as (writer, open_reader):
         writer["a"] = 1
         writer.commit()
-        reader = reading.open_prefix("p", "r")
+        reader = open_reader()
         assert reader["a"] == 1
         writer["a"] = 2
         writer["b"] = "x" * 100
@@ -527,17 +543,12 @@ def test_a_reader_that_follows_reports_a_main_file_cut_short_below_what_it_read(
     """The main file is cut inside its last segment while a reader follows the prefix: the
     reader must report it (it went on serving the keys whose bytes were left)."""
     root = tmp_path / "repo"
-    Repository.init(root).close()
-    leases = root / ".hotcopy"
-    with Repository(root, leases=FileLeases(leases)) as writing, Repository(
-        root, leases=FileLeases(leases)
-    ) as reading:
-        writer = writing.open_prefix("p", "rw")
+    with _writer_and_reader(root) as (writer, open_reader):
         for value in range(3):
             writer[f"k{value}"] = "x" * 100
             writer.commit()
             writer.checkpoint()
-        reader = reading.open_prefix("p", "r")
+        reader = open_reader()
         assert reader["k0"] == "x" * 100
         os.truncate(root / "p.hc", os.path.getsize(root / "p.hc") - 10)
         with pytest.raises(CorruptFileError, match="cut short"):
