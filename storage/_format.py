@@ -32,10 +32,11 @@ from ._errors import CorruptFileError
 HEADER_SIZE = 512
 V1_HEADER_SIZE = 64
 # Format 3 ends every segment of the main file with a key index (``_index``): a prefix opens by
-# reading it, not the file. Files of formats 1 and 2 are only read to convert them
-# (``hotcopy migrate``); see ``_log.Log``.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# reading it, not the file. Format 4 names each key's op in the index's hash slots (a get reads
+# a slot and the op; format 3 read the key's entry between them). Files of formats 1 to 3 are
+# only read to check and convert them (``hotcopy migrate``); see ``_log.Log``.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MAIN_MAGIC = b"HCPXMAIN"
 WAL_MAGIC = b"HCPXWAL1"
 BATCH_MAGIC = 0x31424348  # b"HCB1"
@@ -317,24 +318,42 @@ def decode_op_value(record: bytes) -> tuple[int, int, bytes]:
 _OP_FIRST_READ = 480
 
 
-def read_op_value(
-    fd: int, offset: int, key: bytes | None = None, op_crc: int = 0
-) -> tuple[int, bytes]:
-    """Read the op at ``offset`` of a file and return ``(vtype, value)``, CRC-checked; with
-    ``key``, the op must put that key and its header and key must have CRC ``op_crc`` (what a
-    key index entry says is checked against what it points to)."""
+def read_op_value(fd: int, offset: int) -> tuple[int, bytes]:
+    """Read the op at ``offset`` of a file and return ``(vtype, value)``, CRC-checked."""
     head = os.pread(fd, _OP_FIRST_READ, offset)
     if len(head) < OP_SIZE:
         raise CorruptFileError("op header is truncated", offset=offset)
-    kind, vtype, key_len, value_len, value_crc = _OP.unpack_from(head)
+    return _op_value(fd, offset, head)
+
+
+def read_keyed_op(fd: int, key: bytes, offset: int, op_crc: int) -> tuple[int, bytes] | None:
+    """``(vtype, value)`` of the op at ``offset`` of a file if it puts ``key``, None if it puts
+    another key; its header and key must have CRC ``op_crc``, its value its own (a key index
+    slot names an op by offset and CRC, and another key may share the slot's hash)."""
+    head = _keyed_op_head(fd, key, offset, op_crc)
+    return None if head is None else _op_value(fd, offset, head)
+
+
+def op_puts(fd: int, key: bytes, offset: int, op_crc: int) -> bool | None:
+    """True if the op at ``offset`` of a file puts ``key``, None if another key; checked as by
+    :func:`read_keyed_op`, but for its value (whether a key is there, not what it holds)."""
+    return None if _keyed_op_head(fd, key, offset, op_crc) is None else True
+
+
+def _keyed_op_head(fd: int, key: bytes, offset: int, op_crc: int) -> bytes | None:
+    """The first bytes of the op at ``offset`` if it puts ``key``, None if another key."""
+    head = os.pread(fd, _OP_FIRST_READ, offset)
+    start = OP_SIZE + _OP.unpack_from(head)[2] if len(head) >= OP_SIZE else 0
+    record = head[:start] if start <= len(head) else _pread_upto(fd, start, offset)
+    if not start or head[0] != OP_PUT or crc32(record) != op_crc:
+        raise CorruptFileError("the record the key index points to is damaged", offset=offset)
+    return head if record[OP_SIZE:] == key else None
+
+
+def _op_value(fd: int, offset: int, head: bytes) -> tuple[int, bytes]:
+    """``(vtype, value)`` of the op at ``offset`` whose first bytes read are ``head``."""
+    _, vtype, key_len, value_len, value_crc = _OP.unpack_from(head)
     start = OP_SIZE + key_len
-    if key is not None:
-        record = head[:start] if start <= len(head) else _pread_upto(fd, start, offset)
-        if kind != OP_PUT or record[OP_SIZE:] != key or crc32(record) != op_crc:
-            raise CorruptFileError(
-                "the record the key index points to is damaged or of another key",
-                offset=offset,
-            )
     if start + value_len <= len(head):
         value = head[start : start + value_len]
     else:

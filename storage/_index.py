@@ -1,4 +1,4 @@
-"""The persistent key index of a main file (format 3): what lets a prefix open without a scan.
+"""The persistent key index of a main file (format 4): what lets a prefix open without a scan.
 
 Every segment ends with an *index record* before its trailer: the runs this checkpoint wrote and
 a *directory* naming every run of the index at that boundary, newest first. A run is a sorted
@@ -14,15 +14,21 @@ Readers read the file with ``pread`` (see :class:`FileRead`): processes share th
 instead of each holding the index, and a file cut short is an error, not a SIGBUS as through
 a map. Nothing read is trusted unchecked: the directory and every run header
 carry CRCs (checked at open), and the body of a run is covered by one CRC per 4 KiB page,
-checked the first time this process touches the page. A lookup that finds an offset is also
-checked against the op it points to (its key, its value's CRC).
+checked the first time this process touches the page. A slot names the op of its key and that
+op's CRC, so a get reads a slot and then the op, which the caller's *confirm* checks against
+the CRC and compares with the key (another key may share the hash: the probe goes on); only a
+deletion's slot names its entry, whose key is compared.
 
 Record: ``head (magic, record_len) | run... | directory | tail (dir_len, record_len, dir_crc,
 magic; crc)``; the segment's trailer chains the tail's CRC after its batches' metadata CRCs.
-Run: ``header (magic, count, slots, entries_len, pages, pages_crc; crc) | slots (key hash u64,
-entry offset + 1 u64; 0 = empty) | entries (op offset u64, op crc u32, key_len u16, key) | the
-keys' hashes, sorted (u32 each) | page CRCs (u32 each)``. Directory: ``magic, live keys, runs |
-(offset, length, count, header crc)...``.
+Run: ``header (magic, count, slots, entries_len, pages, pages_crc; crc) | slots (key hash u32,
+op crc u32, op offset u64 or, for a deletion, DELETION | entry offset + 1; 0 = empty) | entries
+(op offset u64, op crc u32, key_len u16, key) | the keys' hashes, sorted (u32 each) | page CRCs
+(u32 each)``. Directory: ``magic, live keys, runs | (offset, length, count, header crc)...``.
+
+Format 3 had the same layout but for its slots (key hash u64, entry offset + 1 u64), under the
+magics ``HCD1`` and ``HCR1``: such an index is read only to check it (its entries, its pages),
+never looked up in; ``hotcopy migrate`` rewrites the file.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from ._crc import crc32
 from ._errors import CorruptFileError
@@ -42,15 +48,18 @@ from ._errors import CorruptFileError
 PAGE = 4096
 RECORD_MAGIC = 0x31584348  # b"HCX1"
 _TAIL_MAGIC = 0x32584348  # b"HCX2"
-_RUN_MAGIC = 0x31524348  # b"HCR1"
-_DIR_MAGIC = 0x31444348  # b"HCD1"
+_RUN_MAGIC = 0x32524348  # b"HCR2"
+_DIR_MAGIC = 0x32444348  # b"HCD2"
+_RUN_MAGIC_3 = 0x31524348  # b"HCR1": format 3's runs, read only to check them
+_DIR_MAGIC_3 = 0x31444348  # b"HCD1"
 _HEAD = struct.Struct("<IQ")  # magic, record length
 _TAIL = struct.Struct("<IQII")  # directory length, record length, directory crc, magic; + crc
 _RUN = struct.Struct("<IQQQII")  # magic, count, slots, entries length, pages, pages crc; + crc
 _DIR = struct.Struct("<IQI")  # magic, live keys, runs
 _DIR_RUN = struct.Struct("<QQQI")  # offset, length, count, header crc
 _ENTRY = struct.Struct("<QIH")  # op offset, op crc, key length
-_SLOT = struct.Struct("<QQ")  # key hash (crc32), entry offset + 1 (0: an empty slot)
+_SLOT = struct.Struct("<IIQ")  # key hash (crc32), op crc, op offset or a deletion's entry
+_DELETION = 1 << 63  # a slot's offset with this bit names a deletion's entry (+ 1), not an op
 _U32 = struct.Struct("<I")
 HEAD_SIZE = _HEAD.size
 TAIL_SIZE = _TAIL.size + 4
@@ -69,15 +78,21 @@ _MERGE_RATIO = 2
 # to is checked against it, so a damaged op header is never taken for another value or type.
 Entry = tuple[bytes, int]
 _OFFSET_MASK = (1 << 64) - 1
+T = TypeVar("T")
+# ``confirm(key, op offset, op crc)``: what the op at that offset holds for ``key``, checked
+# against the CRC (damage raises); None if it is the op of another key of the same hash.
+Confirm = Callable[[bytes, int, int], T | None]
+
+
+class _Deleted:
+    """What a run answers for a key it shows deleted (None: it does not know the key)."""
+
+
+DELETED = _Deleted()
 
 
 def target_of(offset: int, op_crc: int) -> int:
     return offset | op_crc << 64
-
-
-def split(target: int) -> tuple[int, int]:
-    """``(offset, op crc)`` of a nonzero target."""
-    return target & _OFFSET_MASK, target >> 64
 
 
 def _little(values: array) -> bytes:  # type: ignore[type-arg]
@@ -90,7 +105,7 @@ def encode_run(entries: list[Entry]) -> bytes:
     """A run of ``entries`` (sorted by key, keys unique, at least one)."""
     n_slots = 2 * len(entries)
     parts: list[bytes] = []
-    slots = array("Q", bytes(16 * n_slots))  # (hash, entry offset + 1) pairs
+    slots = array("Q", bytes(16 * n_slots))  # (hash | op crc << 32, op offset) pairs
     pack = _ENTRY.pack
     pos = 0
     for key, target in entries:
@@ -98,8 +113,8 @@ def encode_run(entries: list[Entry]) -> bytes:
         slot = hashed % n_slots
         while slots[2 * slot + 1]:
             slot = slot + 1 if slot + 1 < n_slots else 0
-        slots[2 * slot] = hashed
-        slots[2 * slot + 1] = pos + 1
+        slots[2 * slot] = hashed | (target >> 64) << 32
+        slots[2 * slot + 1] = target & _OFFSET_MASK or _DELETION | (pos + 1)
         parts += (pack(target & _OFFSET_MASK, target >> 64, len(key)), key)
         pos += _ENTRY.size + len(key)
     hashes = array("I", sorted(crc32(key) for key, _ in entries))
@@ -142,7 +157,9 @@ class Run:
     from it (a whole-page read); afterwards only the bytes needed are read.
     """
 
-    def __init__(self, read: Read, offset: int, length: int, count: int) -> None:
+    def __init__(
+        self, read: Read, offset: int, length: int, count: int, *, format_3: bool = False
+    ) -> None:
         head = read(RUN_HEAD_SIZE, offset)
         if len(head) != RUN_HEAD_SIZE:
             raise CorruptFileError("an index run is cut short", offset=offset)
@@ -154,8 +171,9 @@ class Run:
         self.ref = RunRef(offset, length, found, self.header_crc)
         body = offset + RUN_HEAD_SIZE
         body_len = 16 * n_slots + entries_len + 4 * found
+        self.format_3 = format_3  # checked, never looked up in (see the module)
         if (
-            magic != _RUN_MAGIC
+            magic != (_RUN_MAGIC_3 if format_3 else _RUN_MAGIC)
             or found != count
             or n_slots != 2 * count
             or n_pages != -(-body_len // PAGE)
@@ -212,11 +230,13 @@ class Run:
         since (a follower keeps a run across checkpoints, see :func:`open_index`)."""
         self._checked = set()
 
-    def lookup(self, key: bytes, hashed: int) -> int | None:
-        """The target of ``key`` (``hashed``: its crc32) in this run, or None if it has none."""
+    def lookup(self, key: bytes, hashed: int, confirm: Confirm[T]) -> T | _Deleted | None:
+        """What ``confirm`` makes of ``key``'s op (``hashed``: its crc32), :data:`DELETED` if
+        this run shows it deleted, or None if the run does not know it."""
+        if self.format_3:
+            raise CorruptFileError("a format 3 index run in a format 4 index", offset=self.offset)
         # The hot path of every get: locals, and a pread straight from a page checked before.
         n_slots, body, checked, read = self._slots, self._body, self._checked, self._read
-        size = _ENTRY.size + len(key)
         slot = hashed % n_slots
         while True:
             at = body + 16 * slot  # a slot never straddles a page
@@ -227,28 +247,34 @@ class Run:
             window = read(16 * count, at)
             if len(window) != 16 * count:
                 raise CorruptFileError("the key index runs past the end of its file", offset=at)
-            for found, entry in _SLOT.iter_unpack(window):
-                if not entry:
+            for found, op_crc, offset in _SLOT.iter_unpack(window):
+                if not offset:
                     return None
                 if found == hashed:
-                    at = self._entries_at + entry - 1
-                    # Another key's entry, of the same hash, may end before this key would.
-                    want = min(size, self._entries_end - at)
-                    if want < _ENTRY.size:
-                        raise CorruptFileError("an index entry lies outside its run", offset=at)
-                    page = (at - body) // PAGE
-                    if page == (at + want - 1 - body) // PAGE and page in checked:
-                        raw = read(want, at)
-                    else:
-                        raw = self._get(at, want)  # every page it spans checked
-                    if len(raw) != want:
-                        raise CorruptFileError("an index entry lies outside its file", offset=at)
-                    offset, op_crc, key_len = _ENTRY.unpack_from(raw)
-                    if key_len == len(key) and raw[_ENTRY.size :] == key:
-                        return offset | op_crc << 64  # type: ignore[no-any-return]
+                    if not offset & _DELETION:
+                        value = confirm(key, offset, op_crc)
+                        if value is not None:
+                            return value
+                    elif self._holds_deletion(key, offset ^ _DELETION):
+                        return DELETED
             slot += count
             if slot == n_slots:
                 slot = 0
+
+    def _holds_deletion(self, key: bytes, entry: int) -> bool:
+        """Whether the entry at ``entry`` - 1 of the entries is the deletion of ``key``."""
+        at = self._entries_at + entry - 1
+        # Another key's entry, of the same hash, may end before this key would.
+        want = min(_ENTRY.size + len(key), self._entries_end - at)
+        if want < _ENTRY.size:
+            raise CorruptFileError("an index entry lies outside its run", offset=at)
+        raw = self._get(at, want)  # every page it spans checked
+        offset, _, key_len = _ENTRY.unpack_from(raw)
+        if key_len != len(key) or raw[_ENTRY.size :] != key:
+            return False
+        if offset:
+            raise CorruptFileError("a deletion's slot names a live entry", offset=at)
+        return True
 
     def items(self) -> Iterator[Entry]:
         """Every entry, in key order (read in large pieces, each page checked)."""
@@ -304,7 +330,9 @@ class Run:
             hashes.append(crc32(key))
             if before is not None and key <= before:
                 raise CorruptFileError("an index run is not sorted", offset=self.offset)
-            if self.lookup(key, crc32(key)) != target:
+            if not self.format_3 and self.lookup(key, hashes[-1], _exactly(target)) is not (
+                True if target else DELETED
+            ):
                 raise CorruptFileError("an index run's table misses an entry", offset=self.offset)
             before = key
             seen += 1
@@ -315,6 +343,13 @@ class Run:
             stored.byteswap()
         if stored.tolist() != sorted(hashes):
             raise CorruptFileError("an index run's sorted hashes are wrong", offset=self.offset)
+        # Every entry was found through a slot; a slot more could name an older op of a key
+        # and answer before the key's own slot.
+        slots = array("Q", self._get(self._body, 16 * self._slots))
+        if sys.byteorder != "little":
+            slots.byteswap()
+        if sum(1 for used in slots[1::2] if used) != self.count:
+            raise CorruptFileError("an index run's table holds other slots", offset=self.offset)
         self.check_pages()
 
     def check_pages(self) -> None:
@@ -324,6 +359,15 @@ class Run:
             if page not in self._checked:
                 at = self._body + page * PAGE
                 self._check_page(page, self._read(min(PAGE, self._end - at), at))
+
+
+def _exactly(target: int) -> Confirm[bool]:
+    """A confirm that takes only the op ``target`` names (for checking a run's table)."""
+
+    def confirm(key: bytes, offset: int, op_crc: int) -> bool | None:
+        return True if offset | op_crc << 64 == target else None
+
+    return confirm
 
 
 def _bit_filter(hashes: array[int], shift: int) -> bytearray:
@@ -357,17 +401,19 @@ class KeyIndex:
     def empty(cls) -> KeyIndex:
         return cls([], 0)
 
-    def lookup(self, key: bytes) -> int | None:
-        """The op offset of ``key``'s record, 0 if the index shows it deleted, None if absent."""
+    def lookup(self, key: bytes, confirm: Confirm[T]) -> T | None:
+        """What ``confirm`` makes of ``key``'s op, or None if the index shows it deleted or
+        does not know it."""
         hashed = crc32(key)
         try:
             for run in self._newer:
                 if run.may_hold(hashed):
-                    found = run.lookup(key, hashed)
+                    found = run.lookup(key, hashed, confirm)
                     if found is not None:
-                        return found
+                        return None if found is DELETED else found  # type: ignore[return-value]
             oldest = self._oldest
-            return None if oldest is None else oldest.lookup(key, hashed)
+            found = None if oldest is None else oldest.lookup(key, hashed, confirm)
+            return None if found is DELETED else found  # type: ignore[return-value]
         except struct.error:  # a read cut short: the file ends inside the index
             raise CorruptFileError("the key index runs past the end of its file") from None
 
@@ -409,9 +455,9 @@ def read_record_tail(read: Read, end: int) -> tuple[int, int, int]:
     return start, at - dir_len, crc32(raw)
 
 
-def _directory(read: Read, record_end: int) -> tuple[list[RunRef], int, int]:
-    """The runs (newest first) and live keys named by the record ending at ``record_end``, and
-    the record's start."""
+def _directory(read: Read, record_end: int) -> tuple[list[RunRef], int, int, bool]:
+    """The runs (newest first) and live keys named by the record ending at ``record_end``, the
+    record's start, and whether it is of format 3."""
     start, dir_at, _ = read_record_tail(read, record_end)
     if start < 0:
         raise CorruptFileError("an index record's length runs past its file", offset=record_end)
@@ -421,7 +467,7 @@ def _directory(read: Read, record_end: int) -> tuple[list[RunRef], int, int]:
     if crc32(raw) != dir_crc or len(raw) < _DIR.size:
         raise CorruptFileError("an index directory fails its checksum", offset=dir_at)
     magic, live, n_runs = _DIR.unpack_from(raw)
-    if magic != _DIR_MAGIC or len(raw) != _DIR.size + n_runs * _DIR_RUN.size:
+    if magic not in (_DIR_MAGIC, _DIR_MAGIC_3) or len(raw) != _DIR.size + n_runs * _DIR_RUN.size:
         raise CorruptFileError("an index directory is not one", offset=dir_at)
     refs = [
         RunRef(*_DIR_RUN.unpack_from(raw, _DIR.size + i * _DIR_RUN.size)) for i in range(n_runs)
@@ -429,40 +475,49 @@ def _directory(read: Read, record_end: int) -> tuple[list[RunRef], int, int]:
     for ref in refs:
         if ref.offset + ref.length > dir_at:
             raise CorruptFileError("an index directory names a run after it", offset=dir_at)
-    return refs, live, start
+    return refs, live, start, magic == _DIR_MAGIC_3
 
 
-def _run(read: Read, ref: RunRef) -> Run:
-    run = Run(read, ref.offset, ref.length, ref.keys)
+def _run(read: Read, ref: RunRef, format_3: bool) -> Run:
+    run = Run(read, ref.offset, ref.length, ref.keys, format_3=format_3)
     if run.header_crc != ref.header_crc:
         raise CorruptFileError("an index run is not the one its directory names", offset=ref.offset)
     return run
 
 
-def open_index(read: Read, record_end: int, known: KeyIndex | None = None) -> KeyIndex:
-    """The index whose record ends at ``record_end`` (just before a segment's trailer).
+def open_index(
+    read: Read, record_end: int, known: KeyIndex | None = None, *, format_3: bool = False
+) -> KeyIndex:
+    """The index whose record ends at ``record_end`` (just before a segment's trailer), of
+    format 4 (or with ``format_3``, of that format: to check its entries, not to look up).
 
     ``known``: an index read before; its runs that read the same file and that the directory
     names again are kept, with their page CRCs and filters (a follower opens the index after
     every checkpoint, and most runs stay); their pages are checked again as they are read,
     so that damage done to the file since is found, as by a reader that opened it now."""
-    refs, live, _ = _directory(read, record_end)
+    refs, live, _, found_3 = _directory(read, record_end)
+    if found_3 != format_3:
+        raise CorruptFileError(
+            f"the key index is of format {3 if found_3 else 4}, its file of {3 if format_3 else 4}"
+        )
     kept = {run.ref: run for run in known.runs if run.reads(read)} if known else {}
     for run in kept.values():
         run.check_pages_again()
-    return KeyIndex([kept.get(ref) or _run(read, ref) for ref in refs], live)
+    return KeyIndex([kept.get(ref) or _run(read, ref, format_3) for ref in refs], live)
 
 
-def encode_record(previous: KeyIndex, new: list[Entry], start: int) -> bytes:
+def encode_record(
+    previous: KeyIndex, new: list[Entry], start: int, confirm: Confirm[object]
+) -> bytes:
     """The index record a segment gets at offset ``start``: ``previous`` (the index at the
-    segment's start) with the ``new`` entries (sorted) of its batches.
+    segment's start, whose ops ``confirm`` reads) with the ``new`` entries (sorted) of its
+    batches.
 
     Determined by its inputs alone (a stopped checkpointer that writes it late writes the very
     same bytes)."""
     live = previous.live
     for key, target in new:
-        before = previous.lookup(key)
-        live += (target != 0) - (before is not None and before != 0)
+        live += (target != 0) - (previous.lookup(key, confirm) is not None)
     pending: list[list[Entry] | Run] = list(previous.runs)
     if new:
         pending.insert(0, new)
@@ -529,10 +584,10 @@ def check_record(raw: bytes, start: int, *, structure: bool = True) -> int:
     found_start, _, tail_crc = read_record_tail(read, end)
     if found_start != start:
         raise CorruptFileError("an index record's length does not match its place", offset=start)
-    refs, _, _ = _directory(read, end)
+    refs, _, _, format_3 = _directory(read, end)
     for ref in refs:
         if ref.offset >= start:
-            run = _run(read, ref)
+            run = _run(read, ref, format_3)
             if structure:
                 run.check_all()
             else:

@@ -43,6 +43,7 @@ change of the files. It cannot change the files after its successor took over ei
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import struct
@@ -192,7 +193,7 @@ class Log:
         tolerant: Record damage (:attr:`damage`) and stop reading there instead of raising
             (salvage and verify, which report it).
         index_sink: Instead of ``sink``: keep :attr:`index`, the key index of the last boundary
-            (format 3; older files are refused with :class:`NeedsMigration`), and tell the sink
+            (format 4; older files are refused with :class:`NeedsMigration`), and tell the sink
             WAL commits and each new boundary. The main file is never scanned for keys.
     """
 
@@ -268,7 +269,7 @@ class Log:
         return self._index
 
     def index_at(self, end: int) -> _index.KeyIndex:
-        """The key index at boundary ``end`` of the main file (format 3)."""
+        """The key index at boundary ``end`` of the main file."""
         if end == self._index_end:
             return self._index
         if end <= self._header.size:
@@ -378,20 +379,39 @@ class Log:
 
     def read_value(self, offset: int) -> tuple[int, bytes]:
         """``(vtype, value)`` of the op at ``offset`` of the main file, CRC-checked."""
-        return self._read_op(offset)
-
-    def read_indexed(self, key: bytes, target: int) -> tuple[int, bytes]:
-        """``(vtype, value)`` of ``key`` from its index ``target``, checked against it."""
-        offset, op_crc = _index.split(target)
-        return self._read_op(offset, key, op_crc)
-
-    def _read_op(self, offset: int, key: bytes | None = None, op_crc: int = 0) -> tuple[int, bytes]:
         try:
-            return fmt.read_op_value(self._main_fd, offset, key, op_crc)
+            return fmt.read_op_value(self._main_fd, offset)
         except CorruptFileError as err:
-            raise self._error(
-                self.main_path, int(err.fields.get("offset", offset)), err.message
-            ) from None
+            raise self._main_damaged(err, offset) from None
+
+    def lookup(self, key: bytes) -> tuple[int, bytes] | None:
+        """``(vtype, value)`` of ``key`` at the last boundary read (with ``index_sink``), or
+        None if the main file does not hold it."""
+        try:
+            return self._index.lookup(key, self._keyed_op)
+        except CorruptFileError as err:
+            raise self._main_damaged(err) from None
+
+    def holds(self, key: bytes) -> bool:
+        """Whether the main file holds ``key`` at the last boundary read (its value unread)."""
+        try:
+            return self._index.lookup(key, self._op_puts) is not None
+        except CorruptFileError as err:
+            raise self._main_damaged(err) from None
+
+    def _keyed_op(self, key: bytes, offset: int, op_crc: int) -> tuple[int, bytes] | None:
+        """The confirm of :meth:`lookup` (see ``_index.Confirm``): the op's value."""
+        return fmt.read_keyed_op(self._main_fd, key, offset, op_crc)
+
+    def _op_puts(self, key: bytes, offset: int, op_crc: int) -> bool | None:
+        """The confirm of :meth:`holds` and of a checkpoint's count of live keys."""
+        return fmt.op_puts(self._main_fd, key, offset, op_crc)
+
+    def _main_damaged(self, err: CorruptFileError, offset: int = 0) -> CorruptFileError:
+        """``err``, found reading the main file, as the damage report users act on."""
+        if "path" in err.fields:
+            return err
+        return self._error(self.main_path, int(err.fields.get("offset", offset)), err.message)
 
     def _load(self) -> None:
         """(Re)open the main file and read it, then the WAL."""
@@ -1008,12 +1028,18 @@ class Log:
         self, start: int, data: bytes, n_batches: int, meta_chain: int, last_seq: int
     ) -> tuple[bytes, bytes]:
         """What closes the segment of the batch frames ``data`` at ``start`` (``meta_chain``:
-        their metadata CRCs chained): its key index record (format 3) and its trailer."""
+        their metadata CRCs chained): its key index record (format 3 on) and its trailer."""
         if self._header.version < 3:
             return b"", fmt.encode_trailer(last_seq, start, n_batches, meta_chain)
         entries = fmt.frame_entries(data, start)
         return close_segment(
-            self.index_at(start), start, start + len(data), n_batches, meta_chain, last_seq, entries
+            self.index_at(start),
+            self._op_puts,
+            (start, start + len(data)),
+            n_batches,
+            meta_chain,
+            last_seq,
+            entries,
         )
 
     def _new_wal(self, lease: HeldLease, base_len: int, base_seq: int) -> None:
@@ -1286,17 +1312,18 @@ def install_files(
 
 def close_segment(
     previous: _index.KeyIndex,
-    start: int,
-    end: int,
+    confirm: _index.Confirm[object],
+    span: tuple[int, int],
     n_batches: int,
     meta_chain: int,
     last_seq: int,
     entries: dict[bytes, int],
 ) -> tuple[bytes, bytes]:
-    """The key index record and the trailer that close a format 3 segment whose batches lie
-    in ``[start, end)`` (``previous``: the index at ``start``; ``entries``: the keys the
-    batches change, see :func:`~hotcopy.storage._format.frame_entries`)."""
-    record = _index.encode_record(previous, sorted(entries.items()), end)
+    """The key index record and the trailer that close a segment whose batches lie in
+    ``span`` (``previous``: the index at its start, whose ops ``confirm`` reads; ``entries``:
+    the keys the batches change, see :func:`~hotcopy.storage._format.frame_entries`)."""
+    start, end = span
+    record = _index.encode_record(previous, sorted(entries.items()), end, confirm)
     meta = fmt.chain_meta_crc(_index.record_crc(record), meta_chain)
     return record, fmt.encode_trailer(last_seq, start, n_batches, meta)
 
@@ -1326,7 +1353,15 @@ def write_compacted(
     if batch is None:
         raise CorruptFileError("compacted batch failed to read back", offset=start)
     chain = fmt.chain_meta_crc(batch.meta_crc)
-    record, trailer = close_segment(_index.KeyIndex.empty(), start, pos, 1, chain, seq, entries)
+    record, trailer = close_segment(
+        _index.KeyIndex.empty(),
+        functools.partial(fmt.op_puts, fd),
+        (start, pos),
+        1,
+        chain,
+        seq,
+        entries,
+    )
     pwrite_all(fd, record + trailer, pos)
     return pos + len(record) + len(trailer)
 
@@ -1408,7 +1443,7 @@ class MainCheck(NamedTuple):
 def check_main_file(fd: int, *, end: int | None = None) -> MainCheck:
     """Check every byte of the main file on ``fd`` (up to ``end``): header, every checksum
     (values included), every structural rule, and that the key index of the last boundary
-    (format 3) holds exactly the live keys, each at its last put. Stops at the first damage and
+    (format 3 on) holds exactly the live keys, each at its last put. Stops at the first damage and
     reports it."""
     size = os.fstat(fd).st_size if end is None else end
     try:
@@ -1416,7 +1451,7 @@ def check_main_file(fd: int, *, end: int | None = None) -> MainCheck:
     except CorruptFileError as err:
         return MainCheck(size, 0, 0, 0, 0, {}, err.message, int(err.fields.get("offset", 0)))
     live: dict[str, int] = {}
-    targets: dict[str, int] = {}  # what the key index must say of each key (format 3)
+    targets: dict[str, int] = {}  # what the key index must say of each key (format 3 on)
     boundaries = {header.size: header.base_seq}
     seq, at, segments = header.base_seq, header.size, 0
     for item in iter_segments(fd, header.size, size, header.base_seq, values=False):
@@ -1438,17 +1473,19 @@ def check_main_file(fd: int, *, end: int | None = None) -> MainCheck:
         seq, at, segments = item.last_seq, item.end, segments + 1
         boundaries[at] = seq
     if header.version >= 3 and segments:
-        wrong = _index_mismatch(fd, at, {key: targets[key] for key in live})
+        wrong = _index_mismatch(
+            fd, at, {key: targets[key] for key in live}, format_3=header.version == 3
+        )
         if wrong is not None:
             return MainCheck(size, segments, seq, len(live), at, boundaries, wrong, at)
     return MainCheck(size, segments, seq, len(live), at, boundaries)
 
 
-def _index_mismatch(fd: int, end: int, live: dict[str, int]) -> str | None:
+def _index_mismatch(fd: int, end: int, live: dict[str, int], *, format_3: bool) -> str | None:
     """Why the key index at boundary ``end`` does not hold exactly ``live`` (key -> target),
     or None."""
     try:
-        index = _index.open_index(_index.FileRead(fd), end - fmt.TRAILER_SIZE)
+        index = _index.open_index(_index.FileRead(fd), end - fmt.TRAILER_SIZE, format_3=format_3)
         found = {key.decode("utf-8", "surrogatepass"): at for key, at in index.items()}
         counted = index.live
     except CorruptFileError as err:

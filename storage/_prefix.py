@@ -33,7 +33,6 @@ from ._errors import (
     TransactionConflict,
 )
 from ._faults import BREAK
-from ._index import KeyIndex
 from ._leases import (
     ChangeFeed,
     Follow,
@@ -169,18 +168,13 @@ class Prefix(MutableMapping[str, Any]):
             return self._mem[key]
         encoded = key.encode("utf-8", "surrogatepass")
         try:
-            return self._checkpointed(encoded)
+            return self._log.lookup(encoded)
         except CorruptFileError:
             # Another thread of this view may have moved it to a new main file between the
             # lookup and the read (after a compaction or restore); under the lock nobody
             # does. Damage that is real is found again.
             with self._mutex:
-                return self._checkpointed(encoded)
-
-    def _checkpointed(self, key: bytes) -> tuple[int, bytes] | None:
-        """The value of ``key`` in the main file (vtype, payload), or None."""
-        target = self._log.index.lookup(key)
-        return self._log.read_indexed(key, target) if target else None
+                return self._log.lookup(encoded)
 
     # -- mapping API --------------------------------------------------------------------
 
@@ -212,7 +206,7 @@ class Prefix(MutableMapping[str, Any]):
         self._read_view()
         if key in self._mem:
             return self._mem[key] is not None
-        return _in_index(self._log.index, key)
+        return _in_index(self._log, key)
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._check_usable()
@@ -245,12 +239,11 @@ class Prefix(MutableMapping[str, Any]):
     def _committed_len(self) -> int:
         self._check_usable()
         self._read_view()
-        index = self._log.index
         if self._mem_live is None:
             self._mem_live = sum(
-                (value is not None) - _in_index(index, key) for key, value in self._mem.items()
+                (value is not None) - _in_index(self._log, key) for key, value in self._mem.items()
             )
-        return index.live + self._mem_live
+        return self._log.index.live + self._mem_live
 
     def _keys(self) -> list[str]:
         self._check_usable()
@@ -782,5 +775,5 @@ def _check_key(key: object) -> None:
         raise ValueError(f"key is {size} bytes in UTF-8; the limit is {fmt.MAX_KEY_BYTES}")
 
 
-def _in_index(index: KeyIndex, key: str) -> bool:
-    return bool(index.lookup(key.encode("utf-8", "surrogatepass")))
+def _in_index(log: Log, key: str) -> bool:
+    return log.holds(key.encode("utf-8", "surrogatepass"))

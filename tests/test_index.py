@@ -5,6 +5,7 @@ it is reported, never taken for a missing key; older files are refused until mig
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -25,6 +26,7 @@ from hotcopy.storage import (
     verify_file,
 )
 from hotcopy.storage import _format as fmt
+from hotcopy.storage._codec import encode_value
 from hotcopy.storage._crc import crc32
 from hotcopy.storage._log import check_main_file
 
@@ -94,6 +96,44 @@ def test_a_prefix_opens_and_reads_a_key_without_reading_its_main_file(tmp_path: 
     read, count, length = _open_and_get(root)
     assert (count, length) == (40_000, 100)
     assert read < 256 << 10, f"open + get read {read} bytes of a {size}-byte main file"
+
+
+def _read_calls() -> int:
+    with open("/proc/self/io") as io:
+        return int(next(line for line in io if line.startswith("syscr:")).split()[1])
+
+
+def test_a_get_of_a_checkpointed_key_reads_its_slot_and_its_record_only(tmp_path: Path) -> None:
+    """A get reads the index's slot for the key and the record it points to: two reads (a
+    third, of the key's index entry, cost a quarter of a get). A key that shares its hash with
+    another is still told apart, by the record's own key."""
+    root = tmp_path / "repo"
+    _fill(root, 40_000)
+    rnd = random.Random(20)
+    seen: dict[int, str] = {}
+    while True:  # two keys of one crc32, the hash the index's table probes by
+        other = rnd.randbytes(8).hex()
+        twin = seen.setdefault(crc32(other.encode()), other)
+        if twin != other:
+            break
+    with _repo(root) as repo:
+        prefix = repo.open_prefix("big", "rw")
+        prefix[twin] = "twin"
+        prefix.commit()
+        prefix.checkpoint()
+        prefix.close()
+        reader = repo.open_prefix("big", "r")
+        keys = [f"key{i:08d}" for i in random.Random(7).sample(range(40_000), 2000)]
+        for key in keys:  # every index page a get touches is read, and checked, once
+            assert reader[key] == "v" * 100
+        before = _read_calls()
+        for key in keys:
+            reader[key]
+        reads = _read_calls() - before
+        # A probe whose few slots read at once miss the key reads the next few: rarely.
+        assert reads < 2.5 * len(keys), f"{reads / len(keys):.2f} reads a get"
+        assert reader[twin] == "twin"
+        assert other not in reader and reader.get(other) is None
 
 
 @pytest.mark.parametrize("leases", ["files", "coordinator"])
@@ -262,7 +302,9 @@ def _rebuild_the_index(
     start, _ = _index_record_span(segment)
     assert segment.start == fmt.HEADER_SIZE  # the one segment: its index has no runs before it
     entries = fmt.frame_entries(data[segment.start : start], segment.start)
-    record = _index.encode_record(_index.KeyIndex.empty(), change(sorted(entries.items())), start)
+    record = _index.encode_record(
+        _index.KeyIndex.empty(), change(sorted(entries.items())), start, _confirm_by([])
+    )
     trailer = fmt.segment_trailer(segment.start, segment.batches, _index.record_crc(record))
     main.write_bytes(data[:start] + record + trailer)
     return segment
@@ -334,17 +376,17 @@ def test_a_copy_and_its_restore_check_the_index_by_its_checksums_and_leave_its_b
         assert repo.restore_prefix(tmp_path / "copy.hc", "big") == segment.last_seq
 
 
-def _legacy_repo(tmp_path: Path) -> Path:
+def _legacy_repo(tmp_path: Path, version: int = 2) -> Path:
     root = tmp_path / "legacy"
     root.mkdir(mode=0o700)
-    with tarfile.open(DATA / "format2-repo.tar.gz") as archive:
+    with tarfile.open(DATA / f"format{version}-repo.tar.gz") as archive:
         archive.extractall(root, filter="data")
     return root
 
 
 def _legacy_model() -> dict[str, object]:
-    """What tests/data/format2-repo.tar.gz holds in prefix "legacy" (made by
-    tests/data/make_format2_repo.py: 300 keys, every 7th deleted, "late" added, key0001
+    """What tests/data/format{2,3}-repo.tar.gz hold in prefix "legacy" (made by
+    tests/data/make_legacy_repo.py: 300 keys, every 7th deleted, "late" added, key0001
     deleted)."""
     model: dict[str, object] = {
         f"key{i:04d}": {"n": i, "text": "é" * (i % 7)} for i in range(300) if i % 7
@@ -354,18 +396,24 @@ def _legacy_model() -> dict[str, object]:
     return model
 
 
-def test_older_files_are_refused_until_migrated_then_read_exactly(tmp_path: Path) -> None:
-    root = _legacy_repo(tmp_path)
+@pytest.mark.parametrize("version", [2, 3])
+def test_older_files_are_refused_until_migrated_then_read_exactly(
+    tmp_path: Path, version: int
+) -> None:
+    root = _legacy_repo(tmp_path, version)
+    if version == 3:  # its index is checked (entries, pages), not looked up in
+        assert verify_file(root / "legacy.hc").ok
     with _repo(root) as repo, pytest.raises(NeedsMigration) as refused:
         repo.open_prefix("legacy", "r")
     assert f"hotcopy migrate {root}" in str(refused.value)
-    assert "format 2" in str(refused.value)
+    assert f"format {version}" in str(refused.value)
     result = subprocess.run(
         [*PROGRAM, "migrate", str(root), "--json"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["migrated"] == {"empty": 2, "legacy": 2} and report["format"] == 3
+    assert report["migrated"] == {"empty": version, "legacy": version}
+    assert report["format"] == 4
     with _repo(root) as repo:
         legacy = repo.open_prefix("legacy", "rw")
         _check_against(legacy, _legacy_model())
@@ -379,6 +427,18 @@ def test_older_files_are_refused_until_migrated_then_read_exactly(tmp_path: Path
         [*PROGRAM, "migrate", str(root)], capture_output=True, text=True, timeout=60
     )
     assert again.returncode == 0 and "0 of 2 prefixes migrated" in again.stdout, again
+
+
+def _confirm_by(entries: list[_index.Entry]) -> _index.Confirm[int]:
+    """A confirm for runs of made-up ``entries``, whose ops are nowhere: the op an offset and
+    CRC name holds the key whose entry names them; the target is what it makes of it."""
+    ops = {target: key for key, target in entries if target}
+
+    def confirm(key: bytes, offset: int, op_crc: int) -> int | None:
+        target = _index.target_of(offset, op_crc)
+        return target if ops.get(target) == key else None
+
+    return confirm
 
 
 def _colliding_keys(pairs: int) -> list[tuple[bytes, bytes]]:
@@ -396,22 +456,27 @@ def _colliding_keys(pairs: int) -> list[tuple[bytes, bytes]]:
 
 def test_a_run_finds_every_key_across_collisions_page_edges_and_the_table_end() -> None:
     """Lookups read a few slots at once: keys whose probes cross a page edge or wrap around
-    the table, keys that share a crc32 with another key (present or absent), all found or
-    refused exactly; a run whose file ends inside its table is reported damaged."""
-    collisions = _colliding_keys(6)
+    the table, keys that share a crc32 with another key (present, deleted or absent), all
+    found or refused exactly; a run whose file ends inside its table is reported damaged."""
+    collisions = _colliding_keys(8)
     present = [f"k{n:05d}".encode() for n in range(3000)]
     present += [first for first, _ in collisions[:3]] + [b for pair in collisions[3:] for b in pair]
     absent = [second for _, second in collisions[:3]] + [f"x{n}".encode() for n in range(500)]
-    entries = sorted((key, _index.target_of(100 + n, n)) for n, key in enumerate(present))
+    deleted = {collisions[6][0], collisions[7][1], *present[::10]}
+    entries = sorted(
+        (key, 0 if key in deleted else _index.target_of(100 + n, n))
+        for n, key in enumerate(present)
+    )
+    confirm = _confirm_by(entries)
     base = 4096
     data = _index.encode_run(entries)
     run = _index.Run(_index.bytes_reader(data, base), base, len(data), len(entries))
-    index = _index.KeyIndex([run], len(entries))
     assert len(data) > 8 * _index.PAGE  # slots on many pages, so probes cross their edges
     for key, target in entries:
-        assert index.lookup(key) == target, key
+        assert run.lookup(key, crc32(key), confirm) == (target or _index.DELETED), key
     for key in absent:
-        assert index.lookup(key) is None, key
+        assert run.lookup(key, crc32(key), confirm) is None, key
+    run.check_all()
     # The file is cut short in the slot table after the run was opened (between two slots
     # or inside one): each key is found or reported damaged, never taken for a missing one.
     whole = _index.bytes_reader(data, base)
@@ -425,12 +490,12 @@ def test_a_run_finds_every_key_across_collisions_page_edges_and_the_table_end() 
         short = _index.Run(read, base, len(data), len(entries))
         cut_index = _index.KeyIndex([short], len(entries))
         for key, target in entries:  # every page read, and checked, before the cut
-            assert cut_index.lookup(key) == target
+            assert cut_index.lookup(key, confirm) == (target or None)
         ends.append(base + cut)
         damaged = 0
         for key, target in entries:
             try:
-                assert cut_index.lookup(key) == target, key
+                assert cut_index.lookup(key, confirm) == (target or None), key
             except CorruptFileError:
                 damaged += 1
         assert damaged, "no lookup noticed the cut"
@@ -465,7 +530,8 @@ def test_a_follower_keeps_the_runs_a_checkpoint_did_not_touch(tmp_path: Path) ->
         second = _index.open_index(read, after, first)
         assert len(first.runs) == 1 and len(second.runs) == 2
         assert second.runs[1] is first.runs[0]
-        assert second.lookup(b"key00000007") == first.lookup(b"key00000007")
+        confirm = functools.partial(fmt.read_keyed_op, fd)
+        assert second.lookup(b"key00000007", confirm) == first.lookup(b"key00000007", confirm)
         other = _index.open_index(_index.FileRead(fd), after, first)
         assert all(run is not first.runs[0] for run in other.runs)
     finally:
@@ -552,12 +618,14 @@ def _entry_at(data: bytes, key: bytes) -> int:
 def test_a_long_key_damaged_between_the_pages_a_lookup_checked_is_reported(
     tmp_path: Path,
 ) -> None:
-    """A long key's entry spans many index pages; once others' lookups checked its first and
-    last page, the pages between must still be checked before it is compared (a damaged one
-    made the key absent: a KeyError for a key that is there)."""
+    """A long key's deletion entry spans many index pages; once others' lookups checked its
+    first and last page, the pages between must still be checked before it is compared (a
+    damaged one made the key absent: in a newer run, an older value shows through)."""
     long_key = b"L" * 65000
     others = [f"k{n:04d}".encode() for n in range(300)]
-    entries = [(key, _index.target_of(100 + n, n)) for n, key in enumerate([long_key, *others])]
+    entries = [(long_key, 0)]
+    entries += [(key, _index.target_of(100 + n, n)) for n, key in enumerate(others)]
+    confirm = _confirm_by(entries)
     path, base, data = _run_file(tmp_path, entries)
     middle = base + _entry_at(data, long_key) + 14 + 30000
     with path.open("r+b") as file:
@@ -567,13 +635,14 @@ def test_a_long_key_damaged_between_the_pages_a_lookup_checked_is_reported(
         file.write(bytes([byte[0] ^ 1]))
     with _opened_run(path, base, data, len(entries)) as run:
         for key, target in entries[1:]:
-            assert run.lookup(key, crc32(key)) == target
+            assert run.lookup(key, crc32(key), confirm) == target
         with pytest.raises(CorruptFileError):
-            run.lookup(long_key, crc32(long_key))
+            run.lookup(long_key, crc32(long_key), confirm)
 
 
+@pytest.mark.parametrize("twin_deleted", [True, False])
 def test_a_long_key_whose_hash_another_key_has_is_looked_up_within_the_run(
-    tmp_path: Path,
+    tmp_path: Path, twin_deleted: bool
 ) -> None:
     """A long key probed in a run whose short key has the same crc32: the lookup must not
     read past the run for the long key's length (it failed with EINVAL on a sound file)."""
@@ -587,27 +656,31 @@ def test_a_long_key_whose_hash_another_key_has_is_looked_up_within_the_run(
         if crc32(suffix, stem_crc) in short:
             long_key = stem + suffix
     twin = short[crc32(long_key)]
-    entries = sorted([(twin, _index.target_of(100, 1))] + [
+    twin_target = 0 if twin_deleted else _index.target_of(100, 1)
+    entries = sorted([(twin, twin_target)] + [
         (f"f{n:05d}".encode(), _index.target_of(200 + n, n)) for n in range(2000)
     ])  # fmt: skip
+    confirm = _confirm_by(entries)
     path, base, data = _run_file(tmp_path, entries)
     with _opened_run(path, base, data, len(entries)) as run:
-        assert run.lookup(long_key, crc32(long_key)) is None
-        assert run.lookup(twin, crc32(twin)) == _index.target_of(100, 1)
+        assert run.lookup(long_key, crc32(long_key), confirm) is None
+        assert run.lookup(twin, crc32(twin), confirm) == (twin_target or _index.DELETED)
 
 
 def test_a_run_cut_short_inside_an_entry_it_checked_is_reported(tmp_path: Path) -> None:
-    """The file is cut inside the last entry after its page was checked: the key must be
-    reported damaged, not absent (the short read just failed to match)."""
-    entries = [(f"k{n:04d}".encode(), _index.target_of(100 + n, n)) for n in range(300)]
+    """The file is cut inside the last entry, a deletion's, after its page was checked: the
+    key must be reported damaged, not absent (the short read just failed to match)."""
+    entries = [(f"k{n:04d}".encode(), _index.target_of(100 + n, n)) for n in range(299)]
+    entries.append((b"k0299", 0))
+    confirm = _confirm_by(entries)
     path, base, data = _run_file(tmp_path, entries)
     last = entries[-1][0]
     with _opened_run(path, base, data, len(entries)) as run:
         for key, target in entries:
-            assert run.lookup(key, crc32(key)) == target
+            assert run.lookup(key, crc32(key), confirm) == (target or _index.DELETED)
         os.truncate(path, base + _entry_at(data, last) + 14 + 2)
         with pytest.raises(CorruptFileError):
-            run.lookup(last, crc32(last))
+            run.lookup(last, crc32(last), confirm)
 
 
 def test_a_follower_checks_the_pages_of_a_kept_run_again_after_a_checkpoint(
@@ -621,17 +694,61 @@ def test_a_follower_checks_the_pages_of_a_kept_run_again_after_a_checkpoint(
     fd = os.open(main, os.O_RDONLY)
     try:
         read = _index.FileRead(fd)
+        confirm = functools.partial(fmt.read_keyed_op, fd)
         first = _index.open_index(read, before)
-        target = first.lookup(key)
-        assert target
+        assert first.lookup(key, confirm) == encode_value("v" * 100)
         (run,) = first.runs
         raw = os.pread(fd, run.length, run.offset)
-        at = run.offset + raw.index(key) - 14  # the key's entry: its target first
+        slots = range(_index.RUN_HEAD_SIZE, _index.RUN_HEAD_SIZE + 16 * 2 * run.count, 16)
+        hashed = crc32(key).to_bytes(4, "little")
+        at = run.offset + next(at for at in slots if raw[at : at + 4] == hashed)
         with main.open("r+b") as file:
             file.seek(at)
-            file.write(bytes(8))  # the target zeroed: "deleted"
+            file.write(bytes(16))  # the key's slot emptied: "absent"
         second = _index.open_index(read, after, first)
         with pytest.raises(CorruptFileError):
-            second.lookup(key)
+            second.lookup(key, confirm)
     finally:
         os.close(fd)
+
+
+def _resealed(data: bytes, body: bytes) -> bytes:
+    """The run ``data`` with its body replaced by ``body``, every CRC made right again."""
+    magic, count, n_slots, entries_len, n_pages, _ = struct.unpack_from("<IQQQII", data)
+    pages = b"".join(
+        crc32(body[at : at + _index.PAGE]).to_bytes(4, "little")
+        for at in range(0, len(body), _index.PAGE)
+    )
+    head = struct.pack("<IQQQII", magic, count, n_slots, entries_len, n_pages, crc32(pages))
+    return head + crc32(head).to_bytes(4, "little") + body + pages
+
+
+def test_verify_finds_a_table_slot_that_names_an_older_op_of_a_key() -> None:
+    """A slot names an op directly: one more slot, naming an older op of a key and placed
+    where a probe finds it first, would answer with that older value. Every CRC is right
+    (a wrong build, not damage): the run's check counts the slots."""
+    entries = [(f"k{n:04d}".encode(), _index.target_of(1000 + n, n)) for n in range(300)]
+    data = _index.encode_run(entries)
+    n_slots = 2 * len(entries)
+    pages_len = 4 * struct.unpack_from("<IQQQII", data)[4]
+    body = bytearray(data[_index.RUN_HEAD_SIZE : len(data) - pages_len])
+    slots = [body[16 * i : 16 * i + 16] for i in range(n_slots)]
+    key = entries[42][0]
+    home = crc32(key) % n_slots
+    chain = home
+    while any(slots[chain]):  # the slots a probe for the key passes, up to the first empty one
+        chain = (chain + 1) % n_slots
+    # The probe's run from home shifted by one; the key's own slot stays in it, an older op of
+    # the same key goes first.
+    stale = _index.target_of(500, 77)
+    moved = [slots[(home + i) % n_slots] for i in range((chain - home) % n_slots)]
+    first = struct.pack("<IIQ", crc32(key), stale >> 64, stale & ((1 << 64) - 1))
+    for i, slot in enumerate([first, *moved]):
+        at = 16 * ((home + i) % n_slots)
+        body[at : at + 16] = slot
+    forged = _resealed(data, bytes(body))
+    run = _index.Run(_index.bytes_reader(forged, 4096), 4096, len(forged), len(entries))
+    confirm = _confirm_by([*entries, (key, stale)])
+    assert run.lookup(key, crc32(key), confirm) == stale  # what a forged table would do
+    with pytest.raises(CorruptFileError, match="other slots"):
+        run.check_all()

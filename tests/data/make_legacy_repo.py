@@ -1,5 +1,6 @@
-"""Make a format 2 repository with release 9dff840 (tests/data/format2-repo.tar.gz): run with
-that release on the path, then tar the directory without .hotcopy/. It holds
+"""Make a repository of an older format (tests/data/formatN-repo.tar.gz): run with a release of
+that format on the path (format 2: 9dff840; format 3: cde0128), then tar the directory without
+.hotcopy/. It holds
 prefix "legacy": 300 keys over several checkpoints, deletes, the last commits only in the WAL;
 prefix "empty": created, never committed."""
 
