@@ -19,6 +19,7 @@ Batch: ``BATCH header (crc'd) | op... ``; op: ``OP header | key (utf-8) | value`
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from typing import NamedTuple
@@ -26,6 +27,7 @@ from typing import NamedTuple
 from . import _index
 from ._crc import BULK, bulk_crc32, crc32
 from ._errors import CorruptFileError
+from ._index import Read
 
 # Format 2 headers name the repository and prefix a file belongs to (so a swapped, foreign or
 # shortened file is refused by name); format 1 files (64-byte headers, no names) are still read.
@@ -323,67 +325,72 @@ def read_op_value(fd: int, offset: int) -> tuple[int, bytes]:
     head = os.pread(fd, _OP_FIRST_READ, offset)
     if len(head) < OP_SIZE:
         raise CorruptFileError("op header is truncated", offset=offset)
-    return _op_value(fd, offset, head)
+    return _op_value(functools.partial(os.pread, fd), offset, head)
 
 
-def read_keyed_op(fd: int, key: bytes, offset: int, op_crc: int) -> tuple[int, bytes] | None:
-    """``(vtype, value)`` of the op at ``offset`` of a file if it puts ``key``, None if it puts
-    another key; its header and key must have CRC ``op_crc``, its value its own (a key index
-    slot names an op by offset and CRC, and another key may share the slot's hash)."""
-    head = _keyed_op_head(fd, key, offset, op_crc)
-    return None if head is None else _op_value(fd, offset, head)
+# The confirms of a key index lookup (see ``_index.Confirm``): ``read`` reads the file the
+# index slot was read from, so that a file replaced meanwhile (a compaction) is never mixed in.
+def read_keyed_op(
+    read: Read, key: bytes, offset: int, op_crc: int
+) -> tuple[int, bytes] | None:
+    """``(vtype, value)`` of the op at ``offset`` if it puts ``key``, None if it puts another
+    key; its header and key must have CRC ``op_crc``, its value its own (a key index slot
+    names an op by offset and CRC, and another key may share the slot's hash)."""
+    head = _keyed_op_head(read, key, offset, op_crc)
+    return None if head is None else _op_value(read, offset, head)
 
 
-def op_puts(fd: int, key: bytes, offset: int, op_crc: int) -> bool | None:
-    """True if the op at ``offset`` of a file puts ``key``, None if another key; checked as by
+def op_puts(read: Read, key: bytes, offset: int, op_crc: int) -> bool | None:
+    """True if the op at ``offset`` puts ``key``, None if another key; checked as by
     :func:`read_keyed_op`, but for its value (whether a key is there, not what it holds)."""
-    return None if _keyed_op_head(fd, key, offset, op_crc) is None else True
+    return None if _keyed_op_head(read, key, offset, op_crc) is None else True
 
 
-def _keyed_op_head(fd: int, key: bytes, offset: int, op_crc: int) -> bytes | None:
+def _keyed_op_head(read: Read, key: bytes, offset: int, op_crc: int) -> bytes | None:
     """The first bytes of the op at ``offset`` if it puts ``key``, None if another key."""
-    head = os.pread(fd, _OP_FIRST_READ, offset)
+    head = read(_OP_FIRST_READ, offset)
     start = OP_SIZE + _OP.unpack_from(head)[2] if len(head) >= OP_SIZE else 0
-    record = head[:start] if start <= len(head) else _pread_upto(fd, start, offset)
+    record = head[:start] if start <= len(head) else _read_upto(read, start, offset)
     if not start or head[0] != OP_PUT or crc32(record) != op_crc:
         raise CorruptFileError("the record the key index points to is damaged", offset=offset)
     return head if record[OP_SIZE:] == key else None
 
 
-def _op_value(fd: int, offset: int, head: bytes) -> tuple[int, bytes]:
+def _op_value(read: Read, offset: int, head: bytes) -> tuple[int, bytes]:
     """``(vtype, value)`` of the op at ``offset`` whose first bytes read are ``head``."""
     _, vtype, key_len, value_len, value_crc = _OP.unpack_from(head)
     start = OP_SIZE + key_len
     if start + value_len <= len(head):
         value = head[start : start + value_len]
     else:
-        value = pread_exact(fd, value_len, offset + start)
+        value = _read_exact(read, value_len, offset + start)
     if crc32(value) != value_crc:
         raise CorruptFileError("value checksum mismatch", offset=offset + start)
     return vtype, value
 
 
 def pread_exact(fd: int, size: int, offset: int) -> bytes:
-    parts = []
-    while size:
-        # One call where it can (Linux reads at most 2 GiB - 4 KiB at once): joining parts
-        # copies a large record once more.
-        chunk = os.pread(fd, min(size, 0x7FFFF000), offset)
-        if not chunk:
-            raise CorruptFileError("file ends inside a value", offset=offset)
-        parts.append(chunk)
-        size -= len(chunk)
-        offset += len(chunk)
-    return b"".join(parts)
+    return _read_exact(functools.partial(os.pread, fd), size, offset)
+
+
+def _read_exact(read: Read, size: int, offset: int) -> bytes:
+    data = _read_upto(read, size, offset)
+    if len(data) != size:
+        raise CorruptFileError("file ends inside a value", offset=offset + len(data))
+    return data
 
 
 def _pread_upto(fd: int, size: int, offset: int) -> bytes:
+    return _read_upto(functools.partial(os.pread, fd), size, offset)
+
+
+def _read_upto(read: Read, size: int, offset: int) -> bytes:
     """Up to ``size`` bytes at ``offset``; fewer only where the file ends."""
     parts = []
     while size:
         # One call where it can (Linux reads at most 2 GiB - 4 KiB at once): joining parts
         # copies a large record once more.
-        chunk = os.pread(fd, min(size, 0x7FFFF000), offset)
+        chunk = read(min(size, 0x7FFFF000), offset)
         if not chunk:
             break
         parts.append(chunk)

@@ -79,9 +79,11 @@ _MERGE_RATIO = 2
 Entry = tuple[bytes, int]
 _OFFSET_MASK = (1 << 64) - 1
 T = TypeVar("T")
-# ``confirm(key, op offset, op crc)``: what the op at that offset holds for ``key``, checked
-# against the CRC (damage raises); None if it is the op of another key of the same hash.
-Confirm = Callable[[bytes, int, int], T | None]
+Read = Callable[[int, int], bytes]  # (size, offset) -> those bytes of the file, as os.pread
+# ``confirm(read, key, op offset, op crc)``: what the op at that offset of the file ``read``
+# reads (the one the slot came from) holds for ``key``, checked against the CRC (damage
+# raises); None if it is the op of another key of the same hash.
+Confirm = Callable[[Read, bytes, int, int], T | None]
 
 
 class _Deleted:
@@ -123,9 +125,6 @@ def encode_run(entries: list[Entry]) -> bytes:
     page_bytes = _little(pages)
     head = _RUN.pack(_RUN_MAGIC, len(entries), n_slots, pos, len(pages), crc32(page_bytes))
     return head + _U32.pack(crc32(head)) + body + page_bytes
-
-
-Read = Callable[[int, int], bytes]  # (size, offset) -> those bytes of the file, as os.pread
 
 
 class FileRead(functools.partial[bytes]):
@@ -252,7 +251,9 @@ class Run:
                     return None
                 if found == hashed:
                     if not offset & _DELETION:
-                        value = confirm(key, offset, op_crc)
+                        if offset >= self.offset:  # ops lie before the index naming them
+                            raise CorruptFileError("an index slot names no op", offset=at)
+                        value = confirm(read, key, offset, op_crc)
                         if value is not None:
                             return value
                     elif self._holds_deletion(key, offset ^ _DELETION):
@@ -326,14 +327,24 @@ class Run:
         before = None
         seen = 0
         hashes = []
+        wanted = []  # the slot each entry must have, as the two u64 of the slot
+        pos = 0
         for key, target in self.items():
             hashes.append(crc32(key))
             if before is not None and key <= before:
                 raise CorruptFileError("an index run is not sorted", offset=self.offset)
-            if not self.format_3 and self.lookup(key, hashes[-1], _exactly(target)) is not (
-                True if target else DELETED
-            ):
-                raise CorruptFileError("an index run's table misses an entry", offset=self.offset)
+            if self.format_3:
+                wanted.append((hashes[-1], pos + 1))
+            else:
+                ref = target & _OFFSET_MASK or _DELETION | (pos + 1)
+                wanted.append((hashes[-1] | (target >> 64) << 32, ref))
+                if self.lookup(key, hashes[-1], _exactly(target)) is not (
+                    True if target else DELETED
+                ):
+                    raise CorruptFileError(
+                        "an index run's table misses an entry", offset=self.offset
+                    )
+            pos += _ENTRY.size + len(key)
             before = key
             seen += 1
         if seen != self.count:
@@ -343,12 +354,13 @@ class Run:
             stored.byteswap()
         if stored.tolist() != sorted(hashes):
             raise CorruptFileError("an index run's sorted hashes are wrong", offset=self.offset)
-        # Every entry was found through a slot; a slot more could name an older op of a key
-        # and answer before the key's own slot.
+        # The slots are the entries', one for one: another slot could name an older op of a
+        # key and answer before the key's own slot (a probe finds every entry's, above).
         slots = array("Q", self._get(self._body, 16 * self._slots))
         if sys.byteorder != "little":
             slots.byteswap()
-        if sum(1 for used in slots[1::2] if used) != self.count:
+        used = sorted(pair for pair in zip(slots[::2], slots[1::2], strict=True) if pair[1])
+        if used != sorted(wanted):
             raise CorruptFileError("an index run's table holds other slots", offset=self.offset)
         self.check_pages()
 
@@ -364,7 +376,7 @@ class Run:
 def _exactly(target: int) -> Confirm[bool]:
     """A confirm that takes only the op ``target`` names (for checking a run's table)."""
 
-    def confirm(key: bytes, offset: int, op_crc: int) -> bool | None:
+    def confirm(read: Read, key: bytes, offset: int, op_crc: int) -> bool | None:
         return True if offset | op_crc << 64 == target else None
 
     return confirm

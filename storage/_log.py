@@ -43,7 +43,6 @@ change of the files. It cannot change the files after its successor took over ei
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import signal
 import struct
@@ -388,24 +387,16 @@ class Log:
         """``(vtype, value)`` of ``key`` at the last boundary read (with ``index_sink``), or
         None if the main file does not hold it."""
         try:
-            return self._index.lookup(key, self._keyed_op)
+            return self._index.lookup(key, fmt.read_keyed_op)
         except CorruptFileError as err:
             raise self._main_damaged(err) from None
 
     def holds(self, key: bytes) -> bool:
         """Whether the main file holds ``key`` at the last boundary read (its value unread)."""
         try:
-            return self._index.lookup(key, self._op_puts) is not None
+            return self._index.lookup(key, fmt.op_puts) is not None
         except CorruptFileError as err:
             raise self._main_damaged(err) from None
-
-    def _keyed_op(self, key: bytes, offset: int, op_crc: int) -> tuple[int, bytes] | None:
-        """The confirm of :meth:`lookup` (see ``_index.Confirm``): the op's value."""
-        return fmt.read_keyed_op(self._main_fd, key, offset, op_crc)
-
-    def _op_puts(self, key: bytes, offset: int, op_crc: int) -> bool | None:
-        """The confirm of :meth:`holds` and of a checkpoint's count of live keys."""
-        return fmt.op_puts(self._main_fd, key, offset, op_crc)
 
     def _main_damaged(self, err: CorruptFileError, offset: int = 0) -> CorruptFileError:
         """``err``, found reading the main file, as the damage report users act on."""
@@ -1029,18 +1020,33 @@ class Log:
     ) -> tuple[bytes, bytes]:
         """What closes the segment of the batch frames ``data`` at ``start`` (``meta_chain``:
         their metadata CRCs chained): its key index record (format 3 on) and its trailer."""
-        if self._header.version < 3:
+        version = self._header.version
+        if version < 3:
             return b"", fmt.encode_trailer(last_seq, start, n_batches, meta_chain)
+        if version < fmt.FORMAT_VERSION:
+            # Its index record would have to be of its own format, which this version only
+            # checks: nothing is written.
+            raise NeedsMigration(
+                f"prefix {self.name!r}: {self.main_path} is in format {version} and commits "
+                f"wait in its WAL, which this version cannot move into it: run `hotcopy "
+                f"migrate {self.main_path.parent}` first (it rewrites each prefix in format "
+                f"{fmt.FORMAT_VERSION})",
+                prefix=self.name,
+                version=version,
+            )
         entries = fmt.frame_entries(data, start)
-        return close_segment(
-            self.index_at(start),
-            self._op_puts,
-            (start, start + len(data)),
-            n_batches,
-            meta_chain,
-            last_seq,
-            entries,
-        )
+        try:
+            return close_segment(
+                self.index_at(start),
+                fmt.op_puts,
+                (start, start + len(data)),
+                n_batches,
+                meta_chain,
+                last_seq,
+                entries,
+            )
+        except CorruptFileError as err:  # an op the index at ``start`` names
+            raise self._main_damaged(err) from None
 
     def _new_wal(self, lease: HeldLease, base_len: int, base_seq: int) -> None:
         header = fmt.WalHeader(
@@ -1355,7 +1361,7 @@ def write_compacted(
     chain = fmt.chain_meta_crc(batch.meta_crc)
     record, trailer = close_segment(
         _index.KeyIndex.empty(),
-        functools.partial(fmt.op_puts, fd),
+        fmt.op_puts,
         (start, pos),
         1,
         chain,

@@ -5,7 +5,6 @@ it is reported, never taken for a missing key; older files are refused until mig
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import random
@@ -13,8 +12,10 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hotcopy.storage import (
@@ -434,7 +435,7 @@ def _confirm_by(entries: list[_index.Entry]) -> _index.Confirm[int]:
     CRC name holds the key whose entry names them; the target is what it makes of it."""
     ops = {target: key for key, target in entries if target}
 
-    def confirm(key: bytes, offset: int, op_crc: int) -> int | None:
+    def confirm(read: _index.Read, key: bytes, offset: int, op_crc: int) -> int | None:
         target = _index.target_of(offset, op_crc)
         return target if ops.get(target) == key else None
 
@@ -530,7 +531,7 @@ def test_a_follower_keeps_the_runs_a_checkpoint_did_not_touch(tmp_path: Path) ->
         second = _index.open_index(read, after, first)
         assert len(first.runs) == 1 and len(second.runs) == 2
         assert second.runs[1] is first.runs[0]
-        confirm = functools.partial(fmt.read_keyed_op, fd)
+        confirm = fmt.read_keyed_op
         assert second.lookup(b"key00000007", confirm) == first.lookup(b"key00000007", confirm)
         other = _index.open_index(_index.FileRead(fd), after, first)
         assert all(run is not first.runs[0] for run in other.runs)
@@ -694,7 +695,7 @@ def test_a_follower_checks_the_pages_of_a_kept_run_again_after_a_checkpoint(
     fd = os.open(main, os.O_RDONLY)
     try:
         read = _index.FileRead(fd)
-        confirm = functools.partial(fmt.read_keyed_op, fd)
+        confirm = fmt.read_keyed_op
         first = _index.open_index(read, before)
         assert first.lookup(key, confirm) == encode_value("v" * 100)
         (run,) = first.runs
@@ -726,29 +727,189 @@ def _resealed(data: bytes, body: bytes) -> bytes:
 def test_verify_finds_a_table_slot_that_names_an_older_op_of_a_key() -> None:
     """A slot names an op directly: one more slot, naming an older op of a key and placed
     where a probe finds it first, would answer with that older value. Every CRC is right
-    (a wrong build, not damage): the run's check counts the slots."""
+    (a wrong build, not damage): the run's check compares the slots with the entries."""
     entries = [(f"k{n:04d}".encode(), _index.target_of(1000 + n, n)) for n in range(300)]
+    key = entries[42][0]
+    stale = _index.target_of(500, 77)
+    data = _reslotted(entries, key, struct.pack("<IIQ", crc32(key), 77, 500))
+    run = _index.Run(_index.bytes_reader(data, 4096), 4096, len(data), len(entries))
+    confirm = _confirm_by([*entries, (key, stale)])
+    assert run.lookup(key, crc32(key), confirm) == stale  # what such a table answers
+    with pytest.raises(CorruptFileError, match="other slots"):
+        run.check_all()
+
+
+def test_a_copy_of_a_format_3_prefix_with_commits_in_its_wal_asks_for_a_migration(
+    tmp_path: Path,
+) -> None:
+    """A copy checkpoints first; the index record it would append must be of the file's own
+    format, which this version only checks: it is refused, and nothing is written (it
+    reported the file damaged, or wrote a format 4 record into a format 3 file)."""
+    root = _legacy_repo(tmp_path, 3)
+    before = {path.name: path.read_bytes() for path in root.iterdir() if path.is_file()}
+    assert os.path.getsize(root / "legacy.hc-wal") > fmt.HEADER_SIZE  # commits wait there
+    with _repo(root) as repo, pytest.raises(NeedsMigration, match=f"hotcopy migrate {root}"):
+        repo.copy_prefix(tmp_path / "copy.hc", "legacy")
+    after = {path.name: path.read_bytes() for path in root.iterdir() if path.is_file()}
+    assert after == before
+    assert verify_file(root / "legacy.hc").ok
+
+
+def test_a_thread_in_a_lookup_while_another_moves_to_a_compacted_file_reads_one_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threads share a view; one is inside a lookup when another catches up with a compaction
+    (a new main file). The op a slot names is read from the file the slot came from, never
+    from the new one (``in`` reported the prefix damaged)."""
+    root = tmp_path / "repo"
+    with _repo(root) as repo:
+        writer = repo.open_prefix("p", "rw")
+        for i in range(50):
+            writer[f"k{i}"] = i
+        writer.commit()
+        writer.checkpoint()
+    inside, go = threading.Event(), threading.Event()
+    lookup = _index.Run.lookup
+
+    def paused(run: _index.Run, *args: Any) -> Any:
+        if threading.current_thread().name == "paused":
+            inside.set()
+            assert go.wait(60)
+        return lookup(run, *args)
+
+    with _repo(root) as readers, _repo(root) as writers:
+        reader = readers.open_prefix("p", "r")
+        assert reader["k2"] == 2
+        monkeypatch.setattr(_index.Run, "lookup", paused)
+        found: dict[str, object] = {}
+
+        def look() -> None:
+            try:
+                found["in"] = "k1" in reader
+                found["get"] = reader["k9"]
+            except Exception as err:  # what the test reports
+                found["error"] = err
+
+        thread = threading.Thread(target=look, name="paused")
+        thread.start()
+        try:
+            assert inside.wait(60)
+            writer = writers.open_prefix("p", "rw")
+            writer["k1"] = "new"
+            writer.commit()
+            writer.compact()
+            assert reader["k3"] == 3  # this thread moves the view to the compacted file
+        finally:
+            go.set()
+            thread.join(60)
+        assert found == {"in": True, "get": 9}, found
+
+
+def _reslotted(
+    entries: list[_index.Entry], key: bytes, slot: bytes, drop: bytes | None = None
+) -> bytes:
+    """The run of ``entries`` with ``slot`` put first on ``key``'s probe (the probe's slots
+    after it move down by one; with ``drop``, that slot leaves the probe), every CRC right:
+    a wrong build, not damage."""
     data = _index.encode_run(entries)
     n_slots = 2 * len(entries)
     pages_len = 4 * struct.unpack_from("<IQQQII", data)[4]
     body = bytearray(data[_index.RUN_HEAD_SIZE : len(data) - pages_len])
-    slots = [body[16 * i : 16 * i + 16] for i in range(n_slots)]
-    key = entries[42][0]
-    home = crc32(key) % n_slots
-    chain = home
-    while any(slots[chain]):  # the slots a probe for the key passes, up to the first empty one
-        chain = (chain + 1) % n_slots
-    # The probe's run from home shifted by one; the key's own slot stays in it, an older op of
-    # the same key goes first.
-    stale = _index.target_of(500, 77)
-    moved = [slots[(home + i) % n_slots] for i in range((chain - home) % n_slots)]
-    first = struct.pack("<IIQ", crc32(key), stale >> 64, stale & ((1 << 64) - 1))
-    for i, slot in enumerate([first, *moved]):
+    slots = [bytes(body[16 * i : 16 * i + 16]) for i in range(n_slots)]
+    home = end = crc32(key) % n_slots
+    while any(slots[end]):  # up to the first empty slot
+        end = (end + 1) % n_slots
+    moved = [slots[(home + i) % n_slots] for i in range((end - home) % n_slots)]
+    if drop is not None:
+        moved.remove(drop)
+    for i, value in enumerate([slot, *moved]):
         at = 16 * ((home + i) % n_slots)
-        body[at : at + 16] = slot
+        body[at : at + 16] = value
+    return _resealed(data, bytes(body))
+
+
+def test_verify_finds_slots_that_are_not_the_entries_one_for_one() -> None:
+    """Two keys of one hash whose entries name the same op share one slot in a forged run;
+    the slot that frees names an older op of one of them, first on its probe: every entry is
+    still found through the table and the slots are as many as the entries, yet a get
+    answers with the older value. The run's check compares the slots with the entries."""
+    ((a, b),) = _colliding_keys(1)
+    new, old = _index.target_of(1000, 5), _index.target_of(500, 6)
+    entries = sorted([(a, new), (b, new), *((f"k{n:03d}".encode(), 0) for n in range(50))])
+    new_slot = struct.pack("<IIQ", crc32(a), 5, 1000)
+    data = _reslotted(entries, a, struct.pack("<IIQ", crc32(a), 6, 500), drop=new_slot)
+    run = _index.Run(_index.bytes_reader(data, 4096), 4096, len(data), len(entries))
+    confirm = _confirm_by([(a, old), (a, new), (b, new)])
+    assert run.lookup(a, crc32(a), confirm) == old  # what such a table answers
+    with pytest.raises(CorruptFileError, match="other slots"):
+        run.check_all()
+
+
+def test_a_slot_naming_an_op_past_its_run_is_damage_not_an_os_error(tmp_path: Path) -> None:
+    entries = [(f"k{n:03d}".encode(), _index.target_of(100 + n, n)) for n in range(50)]
+    key = entries[7][0]
+    far = struct.pack("<IIQ", crc32(key), 7, 2**63 - 1)
+    data = _reslotted(entries, key, far)
+    path = tmp_path / "run"
+    path.write_bytes(bytes(4096) + data)
+    with _opened_run(path, 4096, data, len(entries)) as run:
+        with pytest.raises(CorruptFileError):
+            run.lookup(key, crc32(key), fmt.read_keyed_op)
+        with pytest.raises(CorruptFileError):
+            run.check_all()
+
+
+def test_a_checkpoint_over_a_damaged_older_op_names_the_file_and_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint counts live keys through the ops the index names: one whose record is
+    damaged stops it, and the report must say which file and how to salvage it."""
+    root = tmp_path / "repo"
+    with _repo(root) as repo:
+        prefix = repo.open_prefix("p", "rw")
+        for i in range(20):
+            prefix[f"key{i:02d}"] = f"value{i}"
+        prefix.commit()
+        prefix.checkpoint()
+    main = root / "p.hc"
+    at = main.read_bytes().index(b"key07") + 3  # in the key of its op
+    with main.open("r+b") as file:
+        file.seek(at)
+        file.write(b"X")
+    with _repo(root) as repo:
+        prefix = repo.open_prefix("p", "rw")
+        prefix["key07"] = "again"
+        prefix.commit()
+        with pytest.raises(CorruptFileError) as found:
+            prefix.checkpoint()
+        assert str(main) in str(found.value) and "hotcopy salvage" in str(found.value)
+        assert prefix["key07"] == "again"
+
+
+def test_verify_compares_a_format_3_runs_slots_with_its_entries(tmp_path: Path) -> None:
+    """A format 3 index is never looked up in, but verify still finds a slot that names no
+    entry of its key (one hash changed, every CRC made right)."""
+    root = _legacy_repo(tmp_path, 3)
+    main = root / "legacy.hc"
+    end = _last_segment(main).index_end
+    assert end is not None
+    fd = os.open(main, os.O_RDONLY)
+    try:
+        runs = _index.open_index(_index.FileRead(fd), end, format_3=True).runs
+        data = os.pread(fd, runs[-1].length, runs[-1].offset)
+        count = runs[-1].count
+    finally:
+        os.close(fd)
+    at = next(
+        _index.RUN_HEAD_SIZE + 16 * i
+        for i in range(2 * count)
+        if data[_index.RUN_HEAD_SIZE + 16 * i + 8 : _index.RUN_HEAD_SIZE + 16 * i + 16]
+        != bytes(8)
+    )
+    pages_len = 4 * struct.unpack_from("<IQQQII", data)[4]
+    body = bytearray(data[_index.RUN_HEAD_SIZE : len(data) - pages_len])
+    body[at - _index.RUN_HEAD_SIZE] ^= 1  # the slot's hash
     forged = _resealed(data, bytes(body))
-    run = _index.Run(_index.bytes_reader(forged, 4096), 4096, len(forged), len(entries))
-    confirm = _confirm_by([*entries, (key, stale)])
-    assert run.lookup(key, crc32(key), confirm) == stale  # what a forged table would do
+    run = _index.Run(_index.bytes_reader(forged, 4096), 4096, len(forged), count, format_3=True)
     with pytest.raises(CorruptFileError, match="other slots"):
         run.check_all()
