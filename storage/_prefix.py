@@ -239,11 +239,13 @@ class Prefix(MutableMapping[str, Any]):
     def _committed_len(self) -> int:
         self._check_usable()
         self._read_view()
-        if self._mem_live is None:
-            self._mem_live = sum(
-                (value is not None) - _in_index(self._log, key) for key, value in self._mem.items()
-            )
-        return self._log.index.live + self._mem_live
+        with self._mutex:  # one state: another thread's catch-up changes both parts
+            if self._mem_live is None:
+                self._mem_live = sum(
+                    (value is not None) - _in_index(self._log, key)
+                    for key, value in self._mem.items()
+                )
+            return self._log.index.live + self._mem_live
 
     def _keys(self) -> list[str]:
         self._check_usable()

@@ -913,3 +913,64 @@ def test_verify_compares_a_format_3_runs_slots_with_its_entries(tmp_path: Path) 
     run = _index.Run(_index.bytes_reader(forged, 4096), 4096, len(forged), count, format_3=True)
     with pytest.raises(CorruptFileError, match="other slots"):
         run.check_all()
+
+
+def test_len_in_one_thread_while_another_catches_up_counts_one_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """len() looks up each key the view holds from the WAL; another thread that catches up
+    meanwhile changes that set: the count is taken under the view's lock (it raised
+    "dictionary changed size during iteration", or kept a count of the state before)."""
+    root = tmp_path / "repo"
+    with _repo(root) as repo:
+        writer = repo.open_prefix("p", "rw")
+        for i in range(50):
+            writer[f"k{i}"] = i
+        writer.commit()
+        writer.checkpoint()
+    inside, go = threading.Event(), threading.Event()
+    original = _index.Run.lookup
+
+    def paused(run: _index.Run, *args: Any) -> Any:
+        if threading.current_thread().name == "paused":
+            inside.set()
+            assert go.wait(60)
+        return original(run, *args)
+
+    with _repo(root) as readers, _repo(root, checkpoint_bytes=1 << 30) as writers:
+        writer = writers.open_prefix("p", "rw")
+        writer["w1"] = 1  # in the WAL: the view holds it apart from the index
+        writer.commit()
+        reader = readers.open_prefix("p", "r")
+        assert reader["w1"] == 1
+        monkeypatch.setattr(_index.Run, "lookup", paused)
+        counted: dict[str, object] = {}
+
+        def count() -> None:
+            try:
+                counted["len"] = len(reader)
+            except Exception as err:  # what the test reports
+                counted["error"] = err
+
+        def catch_up() -> None:
+            counted["k3"] = reader["k3"]
+
+        paused_thread = threading.Thread(target=count, name="paused")
+        other = threading.Thread(target=catch_up)
+        paused_thread.start()
+        try:
+            assert inside.wait(60)
+            writer["w2"] = 2
+            writer.commit()
+            other.start()
+            # It must wait for the count (the view's lock), not change what is counted.
+            other.join(2)
+            waited = other.is_alive()
+        finally:
+            go.set()
+            paused_thread.join(60)
+            if other.ident is not None:
+                other.join(60)
+        assert counted == {"len": 51, "k3": 3}, counted
+        assert waited
+        assert len(reader) == 52
