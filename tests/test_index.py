@@ -755,20 +755,18 @@ def test_a_copy_of_a_format_3_prefix_with_commits_in_its_wal_asks_for_a_migratio
     assert verify_file(root / "legacy.hc").ok
 
 
-def test_a_thread_in_a_lookup_while_another_moves_to_a_compacted_file_reads_one_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Threads share a view; one is inside a lookup when another catches up with a compaction
-    (a new main file). The op a slot names is read from the file the slot came from, never
-    from the new one (``in`` reported the prefix damaged)."""
-    root = tmp_path / "repo"
+def _fifty_keys(root: Path) -> None:
     with _repo(root) as repo:
         writer = repo.open_prefix("p", "rw")
         for i in range(50):
             writer[f"k{i}"] = i
         writer.commit()
         writer.checkpoint()
-    inside, go = threading.Event(), threading.Event()
+
+
+def _pausing_lookups(inside: threading.Event, go: threading.Event) -> Callable[..., Any]:
+    """``Run.lookup`` that, in the thread named "paused", sets ``inside`` and waits for
+    ``go`` first: a thread held inside a lookup at a chosen moment."""
     lookup = _index.Run.lookup
 
     def paused(run: _index.Run, *args: Any) -> Any:
@@ -776,6 +774,20 @@ def test_a_thread_in_a_lookup_while_another_moves_to_a_compacted_file_reads_one_
             inside.set()
             assert go.wait(60)
         return lookup(run, *args)
+
+    return paused
+
+
+def test_a_thread_in_a_lookup_while_another_moves_to_a_compacted_file_reads_one_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threads share a view; one is inside a lookup when another catches up with a compaction
+    (a new main file). The op a slot names is read from the file the slot came from, never
+    from the new one (``in`` reported the prefix damaged)."""
+    root = tmp_path / "repo"
+    _fifty_keys(root)
+    inside, go = threading.Event(), threading.Event()
+    paused = _pausing_lookups(inside, go)
 
     with _repo(root) as readers, _repo(root) as writers:
         reader = readers.open_prefix("p", "r")
@@ -922,20 +934,9 @@ def test_len_in_one_thread_while_another_catches_up_counts_one_state(
     meanwhile changes that set: the count is taken under the view's lock (it raised
     "dictionary changed size during iteration", or kept a count of the state before)."""
     root = tmp_path / "repo"
-    with _repo(root) as repo:
-        writer = repo.open_prefix("p", "rw")
-        for i in range(50):
-            writer[f"k{i}"] = i
-        writer.commit()
-        writer.checkpoint()
+    _fifty_keys(root)
     inside, go = threading.Event(), threading.Event()
-    original = _index.Run.lookup
-
-    def paused(run: _index.Run, *args: Any) -> Any:
-        if threading.current_thread().name == "paused":
-            inside.set()
-            assert go.wait(60)
-        return original(run, *args)
+    paused = _pausing_lookups(inside, go)
 
     with _repo(root) as readers, _repo(root, checkpoint_bytes=1 << 30) as writers:
         writer = writers.open_prefix("p", "rw")
