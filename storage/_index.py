@@ -327,17 +327,17 @@ class Run:
         before = None
         seen = 0
         hashes = []
-        wanted = []  # the slot each entry must have, as the two u64 of the slot
+        wanted = []  # the slot each entry must have, its two u64 as one int
         pos = 0
         for key, target in self.items():
             hashes.append(crc32(key))
             if before is not None and key <= before:
                 raise CorruptFileError("an index run is not sorted", offset=self.offset)
             if self.format_3:
-                wanted.append((hashes[-1], pos + 1))
+                wanted.append(hashes[-1] << 64 | pos + 1)
             else:
                 ref = target & _OFFSET_MASK or _DELETION | (pos + 1)
-                wanted.append((hashes[-1] | (target >> 64) << 32, ref))
+                wanted.append((hashes[-1] | (target >> 64) << 32) << 64 | ref)
                 if self.lookup(key, hashes[-1], _exactly(target)) is not (
                     True if target else DELETED
                 ):
@@ -359,10 +359,19 @@ class Run:
         slots = array("Q", self._get(self._body, 16 * self._slots))
         if sys.byteorder != "little":
             slots.byteswap()
-        used = sorted(pair for pair in zip(slots[::2], slots[1::2], strict=True) if pair[1])
-        if used != sorted(wanted):
+        used = [word << 64 | ref for word, ref in zip(slots[::2], slots[1::2], strict=True) if ref]
+        used.sort()
+        wanted.sort()
+        if used != wanted:
             raise CorruptFileError("an index run's table holds other slots", offset=self.offset)
         self.check_pages()
+
+    def check_ops(self, confirm: Confirm[object]) -> None:
+        """Check that every live entry names an op of its own key: a get takes the first slot
+        of its hash whose op puts the key, whoever's entry it is."""
+        for key, target in self.items():
+            if target and confirm(self._read, key, target & _OFFSET_MASK, target >> 64) is None:
+                raise CorruptFileError("an index entry names another key's op", offset=self.offset)
 
     def check_pages(self) -> None:
         """Check every page against its CRC: what tells damage, at the speed of a CRC (its

@@ -414,21 +414,8 @@ class Log:
                 continue  # a fence replaced the WAL while it was read: read the files again
         self._refresh_index()
 
-    def _load_once(self) -> None:
-        flags = os.O_RDWR if self._writable else os.O_RDONLY
-        try:
-            fd = open_regular(self.main_path, flags)
-        except FileNotFoundError:
-            raise PrefixNotFound(
-                f"prefix {self.name!r} does not exist in {self.main_path.parent}",
-                prefix=self.name,
-            ) from None
-        if self._main_fd >= 0:
-            close_later(self._main_fd)  # replaced by a compaction or restore, mostly
-        self._read = None  # an index of the old file keeps reading the old file
-        self._index_end = -1
-        self._main_fd = fd
-        self._main_ino = os.fstat(fd).st_ino
+    def _main_header(self, fd: int) -> fmt.MainHeader:
+        """The header of the main file open on ``fd``, if this view may take that file."""
         try:
             header = fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0))
         except CorruptFileError as err:
@@ -447,6 +434,30 @@ class Log:
                 prefix=self.name,
                 version=header.version,
             )
+        return header
+
+    def _load_once(self) -> None:
+        flags = os.O_RDWR if self._writable else os.O_RDONLY
+        try:
+            fd = open_regular(self.main_path, flags)
+        except FileNotFoundError:
+            raise PrefixNotFound(
+                f"prefix {self.name!r} does not exist in {self.main_path.parent}",
+                prefix=self.name,
+            ) from None
+        try:
+            header = self._main_header(fd)
+        except BaseException:
+            # Not taken: this view keeps the file it had, and looks again next time (a view
+            # half moved read the new file at the old one's offsets: "damaged").
+            os.close(fd)
+            raise
+        if self._main_fd >= 0:
+            close_later(self._main_fd)  # replaced by a compaction or restore, mostly
+        self._read = None  # an index of the old file keeps reading the old file
+        self._index_end = -1
+        self._main_fd = fd
+        self._main_ino = os.fstat(fd).st_ino
         self._header = header
         self._seq = header.base_seq
         self._scanned_end = header.size
@@ -1492,6 +1503,9 @@ def _index_mismatch(fd: int, end: int, live: dict[str, int], *, format_3: bool) 
     or None."""
     try:
         index = _index.open_index(_index.FileRead(fd), end - fmt.TRAILER_SIZE, format_3=format_3)
+        if not format_3:  # (its entries are never looked up through a slot)
+            for run in index.runs:  # hidden entries too: a slot answers for any key of its hash
+                run.check_ops(fmt.op_puts)
         found = {key.decode("utf-8", "surrogatepass"): at for key, at in index.items()}
         counted = index.live
     except CorruptFileError as err:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from hotcopy.storage import (
     FileLeases,
     NeedsMigration,
     Repository,
+    StorageError,
     _index,
     verify_file,
 )
@@ -104,19 +106,24 @@ def _read_calls() -> int:
         return int(next(line for line in io if line.startswith("syscr:")).split()[1])
 
 
+def _colliding_texts() -> tuple[str, str]:
+    """Two text keys of one crc32 (of their UTF-8), the hash the index's table probes by."""
+    rnd = random.Random(20)
+    seen: dict[int, str] = {}
+    while True:
+        other = rnd.randbytes(8).hex()
+        twin = seen.setdefault(crc32(other.encode()), other)
+        if twin != other:
+            return twin, other
+
+
 def test_a_get_of_a_checkpointed_key_reads_its_slot_and_its_record_only(tmp_path: Path) -> None:
     """A get reads the index's slot for the key and the record it points to: two reads (a
     third, of the key's index entry, cost a quarter of a get). A key that shares its hash with
     another is still told apart, by the record's own key."""
     root = tmp_path / "repo"
     _fill(root, 40_000)
-    rnd = random.Random(20)
-    seen: dict[int, str] = {}
-    while True:  # two keys of one crc32, the hash the index's table probes by
-        other = rnd.randbytes(8).hex()
-        twin = seen.setdefault(crc32(other.encode()), other)
-        if twin != other:
-            break
+    twin, other = _colliding_texts()
     with _repo(root) as repo:
         prefix = repo.open_prefix("big", "rw")
         prefix[twin] = "twin"
@@ -975,3 +982,66 @@ def test_len_in_one_thread_while_another_catches_up_counts_one_state(
         assert counted == {"len": 51, "k3": 3}, counted
         assert waited
         assert len(reader) == 52
+
+
+def test_verify_finds_an_entry_that_names_another_keys_op(tmp_path: Path) -> None:
+    """A slot names an op, and a get takes the first slot of its hash whose op puts its key.
+    An entry of one key that names an older op of another key of the same hash, first on the
+    probe, would answer that key's get with the older value: verify checks that every entry's
+    op puts the entry's key (every CRC right here: a wrong build, not damage)."""
+    first, second = sorted(_colliding_texts())
+    root = tmp_path / "repo"
+    with _repo(root, checkpoint_bytes=1 << 30) as repo:
+        prefix = repo.open_prefix("p", "rw")
+        prefix[second] = "old"
+        prefix.commit()
+        prefix[second] = "new"
+        prefix[first] = "other"
+        for i in range(40):
+            prefix[f"k{i}"] = i
+        prefix.commit()
+        prefix.checkpoint()
+    main = root / "p.hc"
+    ops = [op for batch in _last_segment(main).batches for op in batch.ops]
+    old = fmt.index_target(next(op for op in ops if op.key == second))
+    first_key = first.encode()
+
+    def forged(entries: list[_index.Entry]) -> list[_index.Entry]:
+        return [(key, old if key == first_key else target) for key, target in entries]
+
+    _rebuild_the_index(main, forged)
+    with _repo(root) as repo:
+        assert repo.open_prefix("p", "r")[second] == "old"  # what such an index answers
+    report = verify_file(main)
+    assert not report.ok and "another key" in str(report.error), report
+
+
+@pytest.mark.parametrize("swapped_in", ["another repository's", "a format 3 one"])
+def test_a_view_that_may_not_take_a_replaced_main_file_keeps_saying_why(
+    tmp_path: Path, swapped_in: str
+) -> None:
+    """A main file replaced under a reader (a restore) by one it may not read: every get says
+    why, and once the file is put back the view reads it again (the view took the new file
+    half: the next get read it at the old file's offsets and reported it damaged)."""
+    root = tmp_path / "repo"
+    _fifty_keys(root)
+    if swapped_in == "a format 3 one":
+        foreign = _legacy_repo(tmp_path, 3) / "legacy.hc"
+    else:
+        _fifty_keys(tmp_path / "other")
+        foreign = tmp_path / "other" / "p.hc"
+    main = root / "p.hc"
+    kept = tmp_path / "kept.hc"
+    with _repo(root) as repo:
+        reader = repo.open_prefix("p", "r")
+        assert reader["k1"] == 1
+        os.rename(main, kept)
+        shutil.copyfile(foreign, main)
+        errors = []
+        for _ in range(2):
+            with pytest.raises((StorageError, OSError)) as refused:
+                reader["k2"]
+            errors.append((type(refused.value), str(refused.value)))
+        assert errors[0] == errors[1], errors
+        os.replace(kept, main)
+        assert reader["k2"] == 2
