@@ -412,6 +412,12 @@ class Log:
                 break
             except _Stale:
                 continue  # a fence replaced the WAL while it was read: read the files again
+            except BaseException:
+                # A load that fails (damage, a foreign or older file) is done again at the
+                # next look: a view half moved served the old file's index without a word,
+                # and a writer's prepare fenced over commits it could not see.
+                self._main_ino = -1
+                raise
         self._refresh_index()
 
     def _main_header(self, fd: int) -> fmt.MainHeader:

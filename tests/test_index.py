@@ -1045,3 +1045,40 @@ def test_a_view_that_may_not_take_a_replaced_main_file_keeps_saying_why(
         assert errors[0] == errors[1], errors
         os.replace(kept, main)
         assert reader["k2"] == 2
+
+
+def test_views_whose_main_file_is_replaced_by_a_damaged_one_keep_refusing_until_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """The main file is replaced under a reader and a writer by an older copy of itself,
+    shorter than where its WAL continues: damage every look must report, and no writer may
+    commit over it. A view that failed to load it took it half: its next look served the old
+    copy's values without a word, and the writer's next commit dropped an acknowledged one."""
+    root = tmp_path / "repo"
+    main = root / "p.hc"
+    with _repo(root, checkpoint_bytes=1 << 30) as repo:
+        writer = repo.open_prefix("p", "rw")
+        writer["k"] = "v1"
+        writer.commit()
+        writer.checkpoint()
+        shutil.copyfile(main, tmp_path / "old.hc")
+        writer["k"] = "v2"
+        writer.commit()
+        writer.checkpoint()
+        writer["k"] = "v3"  # acknowledged, in the WAL only
+        writer.commit()
+    with _repo(root) as readers, _repo(root) as writers:
+        reader = readers.open_prefix("p", "r")
+        writer = writers.open_prefix("p", "rw")
+        assert reader["k"] == writer["k"] == "v3"
+        os.rename(main, tmp_path / "kept.hc")
+        shutil.copyfile(tmp_path / "old.hc", main)
+        for _ in range(3):
+            with pytest.raises(CorruptFileError, match="salvage"):
+                reader["k"]
+        for i in range(2):
+            with pytest.raises(CorruptFileError, match="salvage"):
+                writer["c"] = i  # the write lease's holder looks at the files first
+                writer.commit()
+        os.replace(tmp_path / "kept.hc", main)
+        assert reader["k"] == writer["k"] == "v3"
