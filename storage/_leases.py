@@ -104,7 +104,6 @@ def announced(feed: ChangeFeed, prefix: str, seq: int) -> Callable[[], None]:
     return acknowledge
 
 
-@runtime_checkable
 class FencingFeed(Protocol):
     """Optional side of a lease provider whose leases can expire while their holder lives.
 
@@ -121,10 +120,13 @@ def expired_token(leases: object) -> int:
     """What ``leases`` says of expired leases (see :class:`FencingFeed`): 0 for a provider
     without expiry, and more than any token when it cannot tell (a needless fence costs one
     checkpoint, a missed one can cost data)."""
-    if not isinstance(leases, FencingFeed):
+    # Not isinstance(leases, FencingFeed): a protocol's check costs 15 microseconds, at every
+    # grant of the write lease.
+    ask: Callable[[], int] | None = getattr(leases, "expired_token", None)
+    if ask is None:
         return 0
     try:
-        return leases.expired_token()
+        return ask()
     except HotcopyError:
         return 1 << 62
 

@@ -62,7 +62,7 @@ from ._errors import CorruptFileError, NeedsMigration, PrefixNotFound, StorageEr
 from ._faults import BREAK, fault, fault_due
 from ._files import open_regular
 from ._leases import HeldLease
-from ._wal_space import reserve, tail_is_clear
+from ._wal_space import reserve, tail_is_clear, written_end
 
 # Bytes a follower reads at once. Mostly reserved space (zeros) follows the few new batches,
 # and a read costs by its size: 16 KiB took 16 us here, 2 KiB 3 us, for the one small batch a
@@ -703,7 +703,8 @@ class Log:
         header = self._wal_header
         assert header is not None
         fd = self._wal_fd
-        reader = fmt.FileReader(fd, self._wal_pos, os.fstat(fd).st_size, chunk=chunk)
+        end = written_end(fd, self._wal_pos, os.fstat(fd).st_size)  # not into the reservation
+        reader = fmt.FileReader(fd, self._wal_pos, end, chunk=chunk)
         expected = header.base_seq + len(self._wal_index) + 1
         batches: list[fmt.Batch] = []
         wrong = None

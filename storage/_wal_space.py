@@ -43,12 +43,49 @@ def reserve(fd: int, size: int, end: int) -> int:
 
 
 def tail_is_clear(fd: int, start: int, end: int) -> bool:
-    """True when bytes ``[start, end)`` are all zeros: reserved space and nothing torn."""
-    while start < end:
-        chunk = os.pread(fd, min(RESERVE_MAX, end - start), start)
-        if not chunk:
-            return True  # the file shrank meanwhile
-        if chunk.count(0) != len(chunk):
-            return False
-        start += len(chunk)
+    """True when bytes ``[start, end)`` are all zeros: reserved space and nothing torn.
+
+    Only what the file system holds as data is read (``SEEK_DATA``): the rest of a reservation
+    was never written and reads as zeros. Reading all of it (64-256 KiB) at every hand-over of
+    the write lease was a quarter of the hand-over's time among 4 writers.
+    """
+    while (start := _next_data(fd, start, end)) < end:
+        stop = written_end(fd, start, end)
+        if stop <= start:  # the file changed between the two looks: read it all
+            stop = end
+        while start < stop:
+            chunk = os.pread(fd, min(RESERVE_MAX, stop - start), start)
+            if not chunk:
+                return True  # the file shrank meanwhile
+            if chunk.count(0) != len(chunk):
+                return False
+            start += len(chunk)
     return True
+
+
+def written_end(fd: int, start: int, end: int) -> int:
+    """Where the data the file system holds from ``start`` on ends (``SEEK_HOLE``), at most
+    ``end``: after it comes space never written, which reads as zeros (a reservation).
+
+    Data is what was written or is in the page cache, zeros read from a reservation included:
+    a reader that reads no further leaves the reservation uncached, and the next
+    :func:`tail_is_clear` need not read it."""
+    try:
+        return min(os.lseek(fd, start, os.SEEK_HOLE), end)
+    except OSError as err:
+        if err.errno in (errno.ENXIO, errno.EINVAL):  # past the end, or no such lseek here
+            return end
+        raise
+
+
+def _next_data(fd: int, start: int, end: int) -> int:
+    """Where the next data the file system holds begins, from ``start`` on; ``end`` if none
+    before it. Where the file system cannot tell, ``start``: everything is data."""
+    try:
+        return min(os.lseek(fd, start, os.SEEK_DATA), end)
+    except OSError as err:
+        if err.errno == errno.ENXIO:  # nothing but space never written up to the file's end
+            return end
+        if err.errno == errno.EINVAL:
+            return start
+        raise
