@@ -164,8 +164,9 @@ class Prefix(MutableMapping[str, Any]):
 
     def _committed(self, key: str) -> tuple[int, bytes] | None:
         """The latest committed value of ``key`` (vtype, payload), or None."""
-        if key in self._mem:
-            return self._mem[key]
+        mem = self._mem  # a catch-up replaces the dict, never shrinks it
+        if key in mem:
+            return mem[key]
         encoded = key.encode("utf-8", "surrogatepass")
         try:
             return self._log.lookup(encoded)
@@ -180,8 +181,10 @@ class Prefix(MutableMapping[str, Any]):
 
     def __getitem__(self, key: str) -> Any:
         self._check_usable()
-        if key in self._pending:
-            pending = self._pending[key]
+        # One look at each dict another thread may change meanwhile (a commit clears the
+        # pending changes; a catch-up replaces the commits held in memory).
+        pending = self._pending.get(key)
+        if pending is not None:
             if pending is _DELETED:
                 raise KeyError(key)
             return decode_value(*pending)
@@ -201,11 +204,13 @@ class Prefix(MutableMapping[str, Any]):
         self._check_usable()
         if not isinstance(key, str):
             return False
-        if key in self._pending:
-            return self._pending[key] is not _DELETED
+        pending = self._pending.get(key)  # one look each, as in __getitem__
+        if pending is not None:
+            return pending is not _DELETED
         self._read_view()
-        if key in self._mem:
-            return self._mem[key] is not None
+        mem = self._mem
+        if key in mem:
+            return mem[key] is not None
         return _in_index(self._log, key)
 
     def __setitem__(self, key: str, value: Any) -> None:

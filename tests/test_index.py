@@ -5,6 +5,7 @@ it is reported, never taken for a missing key; older files are refused until mig
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import random
@@ -32,6 +33,7 @@ from hotcopy.storage import _format as fmt
 from hotcopy.storage._codec import encode_value
 from hotcopy.storage._crc import crc32
 from hotcopy.storage._log import check_main_file
+from hotcopy.storage._prefix import Prefix
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -822,6 +824,83 @@ def test_a_thread_in_a_lookup_while_another_moves_to_a_compacted_file_reads_one_
             go.set()
             thread.join(60)
         assert found == {"in": True, "get": 9}, found
+
+
+@contextlib.contextmanager
+def _thread_held_at(
+    function: Callable[..., Any], text: str, action: Callable[[], Any]
+) -> Iterator[dict[str, Any]]:
+    """Run ``action`` in a thread that is held at the first line of ``function`` containing
+    ``text`` (through ``sys.settrace``) while the block runs, and goes on after it; what it
+    returned or raised is in the dict given, as "result" or "error", once the block ends."""
+    lines, first = inspect.getsourcelines(function)
+    target = first + next(i for i, line in enumerate(lines) if text in line)
+    inside, go = threading.Event(), threading.Event()
+
+    def at_line(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == target:
+            inside.set()
+            assert go.wait(60)
+        return at_line
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        return at_line if frame.f_code is function.__code__ else None
+
+    found: dict[str, Any] = {}
+
+    def run() -> None:
+        sys.settrace(trace)
+        try:
+            found["result"] = action()
+        except Exception as err:  # what the test reports
+            found["error"] = err
+        finally:
+            sys.settrace(None)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert inside.wait(60)
+        yield found
+    finally:
+        go.set()
+        thread.join(60)
+
+
+def test_a_get_while_another_thread_catches_up_with_a_checkpoint_finds_its_key(
+    tmp_path: Path,
+) -> None:
+    """Threads share a view. One has just found a key among the commits still in the WAL when
+    another catches up with a checkpoint that put them in the main file, so that the view
+    keeps them in memory no longer. The get still returns the value (it raised KeyError for a
+    key that was there all along)."""
+    root = tmp_path / "repo"
+    _fifty_keys(root)
+    with _repo(root) as readers, _repo(root) as writers:
+        writer = writers.open_prefix("p", "rw")
+        writer["new"] = "in the WAL"
+        writer.commit()
+        reader = readers.open_prefix("p", "r")
+        with _thread_held_at(Prefix._committed, "[key]", lambda: reader["new"]) as found:
+            writer.checkpoint()
+            assert reader["k3"] == 3  # this thread catches the view up with the checkpoint
+    assert found == {"result": "in the WAL"}, found
+
+
+def test_a_get_of_a_pending_change_while_another_thread_commits_it_finds_it(
+    tmp_path: Path,
+) -> None:
+    """Threads share a view and its transaction: one reads a key the transaction changed just
+    as another commits it. The get returns the committed value (it raised KeyError)."""
+    root = tmp_path / "repo"
+    _fifty_keys(root)
+    with _repo(root) as repo:
+        view = repo.open_prefix("p", "rw")
+        view["k1"] = "changed"
+        getter = _thread_held_at(Prefix.__getitem__, "pending = self._pending", lambda: view["k1"])
+        with getter as found:
+            view.commit()
+    assert found == {"result": "changed"}, found
 
 
 def _reslotted(
