@@ -380,7 +380,8 @@ def _read_exact(read: Read, size: int, offset: int) -> bytes:
     return data
 
 
-def _pread_upto(fd: int, size: int, offset: int) -> bytes:
+def pread_upto(fd: int, size: int, offset: int) -> bytes:
+    """Up to ``size`` bytes at ``offset``; fewer where the file ends (or ended meanwhile)."""
     return _read_upto(functools.partial(os.pread, fd), size, offset)
 
 
@@ -441,13 +442,23 @@ class FileReader:
     SMALL = 4096
 
     def __init__(
-        self, fd: int, pos: int, end: int, *, chunk: int = CHUNK, digest: RangeCrc | None = None
+        self,
+        fd: int,
+        pos: int,
+        end: int,
+        *,
+        chunk: int = CHUNK,
+        digest: RangeCrc | None = None,
+        ahead_to: int | None = None,
     ) -> None:
         """``chunk``: bytes read ahead; a walk that skips most bytes wants ``SMALL``.
-        ``digest``: told every read (see :class:`RangeCrc`)."""
+        ``digest``: told every read (see :class:`RangeCrc`). ``ahead_to``: read ahead no
+        further than this, only what a record needs (a WAL's reservation, kept out of the
+        page cache: see ``_wal_space.written_end``)."""
         self.fd = fd
         self.pos = pos
         self.end = end
+        self._ahead_to = end if ahead_to is None else ahead_to
         self._chunk = chunk
         self._digest = digest
         self._buf = b""
@@ -472,9 +483,10 @@ class FileReader:
             # chunk would drag in most of the next value too, to be read again with it.
             skipped = self.pos > self._buf_start + len(self._buf)
             small = skipped or self._after_large
-            want = min(max(size, self.SMALL if small else self._chunk), self.end - self.pos)
+            ahead = min(self.SMALL if small else self._chunk, self._ahead_to - self.pos)
+            want = min(max(size, ahead), self.end - self.pos)
             self._after_large = size >= self._chunk
-            self._buf = _pread_upto(self.fd, want, self.pos)
+            self._buf = pread_upto(self.fd, want, self.pos)
             if self._digest is not None:
                 self._digest.saw(self.pos, self._buf)
             self._buf_start = self.pos

@@ -703,8 +703,10 @@ class Log:
         header = self._wal_header
         assert header is not None
         fd = self._wal_fd
-        end = written_end(fd, self._wal_pos, os.fstat(fd).st_size)  # not into the reservation
-        reader = fmt.FileReader(fd, self._wal_pos, end, chunk=chunk)
+        end = os.fstat(fd).st_size
+        reader = fmt.FileReader(
+            fd, self._wal_pos, end, chunk=chunk, ahead_to=written_end(fd, self._wal_pos, end)
+        )
         expected = header.base_seq + len(self._wal_index) + 1
         batches: list[fmt.Batch] = []
         wrong = None
@@ -1630,7 +1632,9 @@ def _whole_but_damaged(fd: int, start: int, end: int) -> bool:
     size = fmt.frame_size(os.pread(fd, fmt.BATCH_SIZE, start))
     if size is None or start + size > end:
         return False
-    frame = fmt.pread_exact(fd, size, start)
+    frame = fmt.pread_upto(fd, size, start)
+    if len(frame) < size:
+        return False  # the file was cut short meanwhile (a writer removed a torn tail)
     if _sound_batch_at(fd, start, start + size):
         return False  # whole and sound: not damaged (see _check_wal_tail)
     if not frame[-8:].strip(b"\0"):
@@ -1649,8 +1653,9 @@ def _sound_batch_at(fd: int, start: int, end: int) -> bool:
 
 def _valid_batch_after(fd: int, start: int, end: int, last_seq: int) -> tuple[int, int] | None:
     """The offset and commit of a whole, valid batch that follows commit ``last_seq`` anywhere
-    in ``[start + 1, end)``: what tells damage from a torn tail. None if there is none."""
-    data = fmt.pread_exact(fd, end - start, start)
+    in ``[start + 1, end)``: what tells damage from a torn tail. None if there is none.
+    Without the lease, a writer may cut the file short meanwhile: only what is left counts."""
+    data = fmt.pread_upto(fd, end - start, start)
     at = data.find(_BATCH_MAGIC, 1)
     while at >= 0:
         reader = fmt.FileReader(fd, start + at, end)

@@ -65,27 +65,26 @@ def tail_is_clear(fd: int, start: int, end: int) -> bool:
 
 def written_end(fd: int, start: int, end: int) -> int:
     """Where the data the file system holds from ``start`` on ends (``SEEK_HOLE``), at most
-    ``end``: after it comes space never written, which reads as zeros (a reservation).
+    ``end``: after it comes space that reads as zeros, a reservation never written.
 
-    Data is what was written or is in the page cache, zeros read from a reservation included:
-    a reader that reads no further leaves the reservation uncached, and the next
-    :func:`tail_is_clear` need not read it."""
+    A bound for reading ahead, never for what is read: a hole can lie inside a batch too (a
+    sparse copy makes one of a value's blocks of zeros). Data is what was written or is in
+    the page cache, zeros read from a reservation included: a reader that reads ahead no
+    further leaves the reservation uncached, and the next :func:`tail_is_clear` need not
+    read it."""
     try:
         return min(os.lseek(fd, start, os.SEEK_HOLE), end)
-    except OSError as err:
-        if err.errno in (errno.ENXIO, errno.EINVAL):  # past the end, or no such lseek here
-            return end
-        raise
+    except OSError:  # past the end, or a file system that cannot tell: all of it is data
+        return end
 
 
 def _next_data(fd: int, start: int, end: int) -> int:
     """Where the next data the file system holds begins, from ``start`` on; ``end`` if none
-    before it. Where the file system cannot tell, ``start``: everything is data."""
+    before it. Where the file system cannot tell (any other error: reading will report a
+    real one), ``start``: everything is data."""
     try:
         return min(os.lseek(fd, start, os.SEEK_DATA), end)
     except OSError as err:
         if err.errno == errno.ENXIO:  # nothing but space never written up to the file's end
             return end
-        if err.errno == errno.EINVAL:
-            return start
-        raise
+        return start

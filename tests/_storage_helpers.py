@@ -7,10 +7,12 @@ load this module with :func:`importlib.util.spec_from_file_location` (see the to
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +158,44 @@ def tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
                     module.remove_segments(mount_point)
         finally:
             subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+@contextlib.contextmanager
+def thread_held_at(
+    function: Callable[..., Any], text: str, action: Callable[[], Any]
+) -> Iterator[dict[str, Any]]:
+    """Run ``action`` in a thread that is held at the first line of ``function`` containing
+    ``text`` (through ``sys.settrace``) while the block runs, and goes on after it; what it
+    returned or raised is in the dict given, as "result" or "error", once the block ends."""
+    lines, first = inspect.getsourcelines(function)
+    target = first + next(i for i, line in enumerate(lines) if text in line)
+    inside, go = threading.Event(), threading.Event()
+
+    def at_line(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == target:
+            inside.set()
+            assert go.wait(60)
+        return at_line
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        return at_line if frame.f_code is function.__code__ else None
+
+    found: dict[str, Any] = {}
+
+    def run() -> None:
+        sys.settrace(trace)
+        try:
+            found["result"] = action()
+        except Exception as err:  # what the test reports
+            found["error"] = err
+        finally:
+            sys.settrace(None)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert inside.wait(60)
+        yield found
+    finally:
+        go.set()
+        thread.join(60)

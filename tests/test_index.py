@@ -5,7 +5,6 @@ it is reported, never taken for a missing key; older files are refused until mig
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import random
@@ -34,7 +33,9 @@ from hotcopy.storage._codec import encode_value
 from hotcopy.storage._crc import crc32
 from hotcopy.storage._log import check_main_file
 from hotcopy.storage._prefix import Prefix
+from hotcopy_test_support import storage_helpers
 
+h = storage_helpers()
 pytestmark = pytest.mark.timeout(120)
 
 PROGRAM = [sys.executable, "-m", "hotcopy.workers"]
@@ -826,47 +827,6 @@ def test_a_thread_in_a_lookup_while_another_moves_to_a_compacted_file_reads_one_
         assert found == {"in": True, "get": 9}, found
 
 
-@contextlib.contextmanager
-def _thread_held_at(
-    function: Callable[..., Any], text: str, action: Callable[[], Any]
-) -> Iterator[dict[str, Any]]:
-    """Run ``action`` in a thread that is held at the first line of ``function`` containing
-    ``text`` (through ``sys.settrace``) while the block runs, and goes on after it; what it
-    returned or raised is in the dict given, as "result" or "error", once the block ends."""
-    lines, first = inspect.getsourcelines(function)
-    target = first + next(i for i, line in enumerate(lines) if text in line)
-    inside, go = threading.Event(), threading.Event()
-
-    def at_line(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line" and frame.f_lineno == target:
-            inside.set()
-            assert go.wait(60)
-        return at_line
-
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        return at_line if frame.f_code is function.__code__ else None
-
-    found: dict[str, Any] = {}
-
-    def run() -> None:
-        sys.settrace(trace)
-        try:
-            found["result"] = action()
-        except Exception as err:  # what the test reports
-            found["error"] = err
-        finally:
-            sys.settrace(None)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        assert inside.wait(60)
-        yield found
-    finally:
-        go.set()
-        thread.join(60)
-
-
 def test_a_get_while_another_thread_catches_up_with_a_checkpoint_finds_its_key(
     tmp_path: Path,
 ) -> None:
@@ -881,7 +841,7 @@ def test_a_get_while_another_thread_catches_up_with_a_checkpoint_finds_its_key(
         writer["new"] = "in the WAL"
         writer.commit()
         reader = readers.open_prefix("p", "r")
-        with _thread_held_at(Prefix._committed, "[key]", lambda: reader["new"]) as found:
+        with h.thread_held_at(Prefix._committed, "[key]", lambda: reader["new"]) as found:
             writer.checkpoint()
             assert reader["k3"] == 3  # this thread catches the view up with the checkpoint
     assert found == {"result": "in the WAL"}, found
@@ -897,7 +857,7 @@ def test_a_get_of_a_pending_change_while_another_thread_commits_it_finds_it(
     with _repo(root) as repo:
         view = repo.open_prefix("p", "rw")
         view["k1"] = "changed"
-        getter = _thread_held_at(Prefix.__getitem__, "pending = self._pending", lambda: view["k1"])
+        getter = h.thread_held_at(Prefix.__getitem__, "pending = self._pending", lambda: view["k1"])
         with getter as found:
             view.commit()
     assert found == {"result": "changed"}, found

@@ -38,6 +38,7 @@ from hotcopy.storage import (
 from hotcopy.storage import _format as fmt
 from hotcopy.storage._codec import decode_value, encode_value
 from hotcopy.storage._durable import sweep_stale_temps, write_durably
+from hotcopy.storage._log import Log
 from hotcopy.storage._verify import verify_prefix
 from hotcopy_test_support import storage_helpers
 
@@ -1152,6 +1153,81 @@ def test_a_writer_taking_the_lease_over_reads_only_what_was_written_of_the_wal(
         reserved = wal.stat().st_size - h.wal_used(wal)
     assert reserved >= 60 << 10
     assert max(taken_over) < 16 << 10, taken_over
+
+
+_DIES_AFTER_COMMITS = """
+import os, sys
+from hotcopy.storage import Repository
+px = Repository(sys.argv[1], checkpoint_bytes=1 << 40).open_prefix("p", "rw")
+px["a"] = "first"
+px.commit()
+px["blob"] = b"\\x01" + bytes(64 << 10) + b"\\x01"
+px.commit()
+if sys.argv[2] == "False":
+    px["b"] = "after"
+    px.commit()
+os._exit(0)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("last", [False, True], ids=["a batch after it", "the last batch"])
+def test_a_wal_whose_zero_blocks_were_made_holes_reads_the_same(tmp_path: Path, last: bool) -> None:
+    """A sparse copy (``cp --sparse=always``, ``rsync -S``) or ``fallocate --dig-holes`` turns
+    the blocks of zeros inside a committed value into a hole: the bytes are the same, so is
+    the WAL. Reading only up to the first hole had called it damaged (helper 38)."""
+    repo = _repo(tmp_path)
+    repo.close()
+    blob = b"\x01" + bytes(64 << 10) + b"\x01"
+    # A writer that dies after its commits: its close would have checkpointed them.
+    writer = [sys.executable, "-c", _DIES_AFTER_COMMITS, str(repo.root), str(last)]
+    subprocess.run(writer, check=True, timeout=30)
+    model = {"a": "first", "blob": blob} | ({} if last else {"b": "after"})
+    _, wal = _paths(repo, "p")
+    before = wal.read_bytes()
+    subprocess.run(["fallocate", "--dig-holes", str(wal)], check=True)
+    assert wal.read_bytes() == before
+    fd = os.open(wal, os.O_RDONLY)
+    try:  # a hole inside the blob's batch, before the end of the written data
+        assert os.lseek(fd, fmt.HEADER_SIZE, os.SEEK_HOLE) < h.wal_used(wal)
+    finally:
+        os.close(fd)
+    assert verify_prefix(wal.parent, "p").ok
+    with Repository(repo.root) as again:
+        px = again.open_prefix("p", "rw")
+        assert dict(px.items()) == model and px["blob"] == blob
+        px["c"] = model["c"] = 1
+        px.commit()
+    with Repository(repo.root) as again:
+        assert dict(again.open_prefix("p", "r").items()) == model
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_checking_a_torn_tail_that_a_writer_removes_meanwhile_sees_no_damage(
+    tmp_path: Path,
+) -> None:
+    """A reader found bytes after the last batch (a writer died mid-append) and looks for a
+    whole batch after them, when a new writer removes them (``ftruncate``) first. The reader
+    then read past the file's new end and reported "file ends inside a value" (helper 38)."""
+    repo, model = _three_commits(tmp_path)
+    _, wal = _paths(repo, "p")
+    used = h.wal_used(wal)
+    frame = wal.read_bytes()[used - 200 : used]  # a batch's bytes, cut: a torn append
+    frame = frame[frame.index(b"HCB1") :]
+    with open(wal, "r+b") as f:
+        f.seek(used)
+        f.write(frame[: len(frame) // 2])
+    with Repository(repo.root) as readers, Repository(repo.root) as writers:
+        opening = h.thread_held_at(
+            Log._check_wal_tail, "later = _valid_batch_after", lambda: readers.open_prefix("p")
+        )
+        with opening as found:
+            writer = writers.open_prefix("p", "rw")
+            writer["x"] = 1  # takes the lease: the torn bytes go
+            writer.rollback()
+            assert wal.stat().st_size == used
+        assert set(found) == {"result"}, found
+        assert dict(found["result"].items()) == model
 
 
 def test_a_wal_cut_at_every_byte_of_its_last_batch_drops_just_that_commit(
