@@ -58,7 +58,10 @@ CLOSE_CHECKPOINT_BYTES = 16 << 10
 DEFAULT_LEASE_TTL = 30.0
 log = logging.getLogger(__name__)
 
-_DELETED = None
+_DELETED = None  # a pending deletion
+# What a look at the pending changes answers for a key they do not change (not None: that is
+# a deletion). One look, not `in` and then `[]`: another thread may commit in between.
+_UNCHANGED: tuple[int, bytes] = (-1, b"")
 
 
 class Prefix(MutableMapping[str, Any]):
@@ -181,10 +184,8 @@ class Prefix(MutableMapping[str, Any]):
 
     def __getitem__(self, key: str) -> Any:
         self._check_usable()
-        # One look at each dict another thread may change meanwhile (a commit clears the
-        # pending changes; a catch-up replaces the commits held in memory).
-        pending = self._pending.get(key)
-        if pending is not None:
+        pending = self._pending.get(key, _UNCHANGED)
+        if pending is not _UNCHANGED:
             if pending is _DELETED:
                 raise KeyError(key)
             return decode_value(*pending)
@@ -204,8 +205,8 @@ class Prefix(MutableMapping[str, Any]):
         self._check_usable()
         if not isinstance(key, str):
             return False
-        pending = self._pending.get(key)  # one look each, as in __getitem__
-        if pending is not None:
+        pending = self._pending.get(key, _UNCHANGED)
+        if pending is not _UNCHANGED:
             return pending is not _DELETED
         self._read_view()
         mem = self._mem

@@ -106,6 +106,7 @@ def test_dict_api_commit_rollback_and_sequence_numbers(tmp_path: Path) -> None:
         px["carol"] = 1
         del px["bob"]
         assert list(px) == ["alice", "carol"]
+        assert "bob" not in px and px.get("bob") is None  # a pending deletion, to its writer
         px.rollback()
         assert list(px) == ["alice", "bob"] and px.get("carol") is None
         del px["bob"]
