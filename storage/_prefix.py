@@ -167,18 +167,27 @@ class Prefix(MutableMapping[str, Any]):
 
     def _committed(self, key: str) -> tuple[int, bytes] | None:
         """The latest committed value of ``key`` (vtype, payload), or None."""
-        mem = self._mem  # a catch-up replaces the dict, never shrinks it
-        if key in mem:
-            return mem[key]
         encoded = key.encode("utf-8", "surrogatepass")
-        try:
-            return self._log.lookup(encoded)
-        except CorruptFileError:
-            # Another thread of this view may have moved it to a new main file between the
-            # lookup and the read (after a compaction or restore); under the lock nobody
-            # does. Damage that is real is found again.
-            with self._mutex:
-                return self._log.lookup(encoded)
+        while True:
+            mem, index = self._mem, self._log.index  # one look each: a catch-up replaces them
+            if key in mem:
+                return mem[key]
+            try:
+                found = self._log.lookup(encoded)
+            except CorruptFileError:
+                if self._still_at(mem, index):
+                    raise
+                continue  # read while another thread moved the view: damage it was not
+            if found is not None or self._still_at(mem, index):
+                return found
+
+    def _still_at(self, mem: dict[str, tuple[int, bytes] | None], index: object) -> bool:
+        """Whether this view is still at the state (commits in memory, index) a lookup without
+        its lock read, once another thread's catch-up is over: a compaction's or restore's
+        drops the commits in memory before it reads the new index, and a key looked up
+        between the two is in neither."""
+        with self._mutex:
+            return self._mem is mem and self._log.index is index
 
     # -- mapping API --------------------------------------------------------------------
 
@@ -209,10 +218,13 @@ class Prefix(MutableMapping[str, Any]):
         if pending is not _UNCHANGED:
             return pending is not _DELETED
         self._read_view()
-        mem = self._mem
-        if key in mem:
-            return mem[key] is not None
-        return _in_index(self._log, key)
+        while True:
+            mem, index = self._mem, self._log.index  # as in _committed
+            if key in mem:
+                return mem[key] is not None
+            held = _in_index(self._log, key)
+            if held or self._still_at(mem, index):
+                return held
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._check_usable()
@@ -256,13 +268,16 @@ class Prefix(MutableMapping[str, Any]):
     def _keys(self) -> list[str]:
         self._check_usable()
         self._read_view()
-        mem = self._mem
-        keys = [
-            name
-            for name in (key.decode("utf-8", "surrogatepass") for key, _ in self._log.index.items())
-            if name not in mem
-        ]
-        keys += [key for key, value in mem.items() if value is not None]
+        with self._mutex:  # one state: another thread's commit or catch-up changes both parts
+            mem = self._mem
+            keys = [
+                name
+                for name in (
+                    key.decode("utf-8", "surrogatepass") for key, _ in self._log.index.items()
+                )
+                if name not in mem
+            ]
+            keys += [key for key, value in mem.items() if value is not None]
         keys.sort()  # two sorted runs: a linear merge
         if not self._pending:
             return keys

@@ -64,17 +64,33 @@ def tail_is_clear(fd: int, start: int, end: int) -> bool:
 
 
 def written_end(fd: int, start: int, end: int) -> int:
-    """Where the data the file system holds from ``start`` on ends (``SEEK_HOLE``), at most
-    ``end``: after it comes space that reads as zeros, a reservation never written.
+    """Where the data the file system holds from ``start`` on ends for good (``SEEK_HOLE``,
+    ``SEEK_DATA``), at most ``end``: after it, only space that reads as zeros, a reservation
+    never written.
 
     A bound for reading ahead, never for what is read: a hole can lie inside a batch too (a
-    sparse copy makes one of a value's blocks of zeros). Data is what was written or is in
-    the page cache, zeros read from a reservation included: a reader that reads ahead no
-    further leaves the reservation uncached, and the next :func:`tail_is_clear` need not
-    read it."""
+    sparse copy makes one of a value's blocks of zeros), and such holes are passed over. Data
+    is what was written or is in the page cache, zeros read from a reservation included: a
+    reader that reads ahead no further leaves the reservation uncached, and the next
+    :func:`tail_is_clear` need not read it."""
+    hole = _seek(fd, start, os.SEEK_HOLE, end)
+    while hole < end:
+        data = _seek(fd, hole, os.SEEK_DATA, end)
+        if data >= end:
+            return hole
+        after = _seek(fd, data, os.SEEK_HOLE, end)
+        if after <= hole:  # the file changed between the looks: no bound
+            return end
+        hole = after
+    return end
+
+
+def _seek(fd: int, offset: int, whence: int, end: int) -> int:
+    """``lseek`` for data or a hole, at most ``end``; ``end`` past the file's end (``ENXIO``)
+    or where the file system cannot tell."""
     try:
-        return min(os.lseek(fd, start, os.SEEK_HOLE), end)
-    except OSError:  # past the end, or a file system that cannot tell: all of it is data
+        return min(os.lseek(fd, offset, whence), end)
+    except OSError:
         return end
 
 

@@ -160,13 +160,27 @@ def tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
             subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
 
 
+class HeldThread:
+    """A thread held at a line (see :func:`thread_held_at`)."""
+
+    def __init__(self, thread: threading.Thread, go: threading.Event) -> None:
+        self.found: dict[str, Any] = {}  # "result" or "error", once it is done
+        self._thread = thread
+        self._go = go
+
+    def release(self, wait: float = 0.0) -> None:
+        """Let it go on, and wait up to ``wait`` seconds for it to end."""
+        self._go.set()
+        self._thread.join(wait)
+
+
 @contextlib.contextmanager
 def thread_held_at(
     function: Callable[..., Any], text: str, action: Callable[[], Any]
-) -> Iterator[dict[str, Any]]:
-    """Run ``action`` in a thread that is held at the first line of ``function`` containing
-    ``text`` (through ``sys.settrace``) while the block runs, and goes on after it; what it
-    returned or raised is in the dict given, as "result" or "error", once the block ends."""
+) -> Iterator[HeldThread]:
+    """Run ``action`` in a thread that is held at each line of ``function`` containing
+    ``text`` (through ``sys.settrace``) until it is released or the block ends; what it
+    returned or raised is in ``found`` once the block ends."""
     lines, first = inspect.getsourcelines(function)
     target = first + next(i for i, line in enumerate(lines) if text in line)
     inside, go = threading.Event(), threading.Event()
@@ -180,22 +194,20 @@ def thread_held_at(
     def trace(frame: Any, event: str, arg: Any) -> Any:
         return at_line if frame.f_code is function.__code__ else None
 
-    found: dict[str, Any] = {}
-
     def run() -> None:
         sys.settrace(trace)
         try:
-            found["result"] = action()
+            held.found["result"] = action()
         except Exception as err:  # what the test reports
-            found["error"] = err
+            held.found["error"] = err
         finally:
             sys.settrace(None)
 
     thread = threading.Thread(target=run)
+    held = HeldThread(thread, go)
     thread.start()
     try:
         assert inside.wait(60)
-        yield found
+        yield held
     finally:
-        go.set()
-        thread.join(60)
+        held.release(60)

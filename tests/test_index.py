@@ -31,7 +31,7 @@ from hotcopy.storage import (
 from hotcopy.storage import _format as fmt
 from hotcopy.storage._codec import encode_value
 from hotcopy.storage._crc import crc32
-from hotcopy.storage._log import check_main_file
+from hotcopy.storage._log import Log, check_main_file
 from hotcopy.storage._prefix import Prefix
 from hotcopy_test_support import storage_helpers
 
@@ -827,6 +827,17 @@ def test_a_thread_in_a_lookup_while_another_moves_to_a_compacted_file_reads_one_
         assert found == {"in": True, "get": 9}, found
 
 
+@contextlib.contextmanager
+def _new_key_in_the_wal(root: Path) -> Iterator[tuple[Prefix, Prefix]]:
+    """A writer's and a reader's view of fifty checkpointed keys and "new", only in the WAL."""
+    _fifty_keys(root)
+    with _repo(root) as readers, _repo(root) as writers:
+        writer = writers.open_prefix("p", "rw")
+        writer["new"] = "in the WAL"
+        writer.commit()
+        yield writer, readers.open_prefix("p", "r")
+
+
 def test_a_get_while_another_thread_catches_up_with_a_checkpoint_finds_its_key(
     tmp_path: Path,
 ) -> None:
@@ -834,17 +845,63 @@ def test_a_get_while_another_thread_catches_up_with_a_checkpoint_finds_its_key(
     another catches up with a checkpoint that put them in the main file, so that the view
     keeps them in memory no longer. The get still returns the value (it raised KeyError for a
     key that was there all along)."""
-    root = tmp_path / "repo"
-    _fifty_keys(root)
-    with _repo(root) as readers, _repo(root) as writers:
-        writer = writers.open_prefix("p", "rw")
-        writer["new"] = "in the WAL"
-        writer.commit()
-        reader = readers.open_prefix("p", "r")
-        with h.thread_held_at(Prefix._committed, "[key]", lambda: reader["new"]) as found:
+    with _new_key_in_the_wal(tmp_path / "repo") as (writer, reader):
+        holding = h.thread_held_at(Prefix._committed, "[key]", lambda: reader["new"])
+        with holding as getter:
             writer.checkpoint()
             assert reader["k3"] == 3  # this thread catches the view up with the checkpoint
-    assert found == {"result": "in the WAL"}, found
+    assert getter.found == {"result": "in the WAL"}, getter.found
+
+
+@pytest.mark.parametrize("look", ["get", "in"])
+def test_a_lookup_while_another_thread_moves_the_view_to_a_compacted_file_finds_its_key(
+    tmp_path: Path, look: str
+) -> None:
+    """Another process compacted a prefix whose newest key was only in the WAL. One thread of
+    a view looks that key up just as another, catching the view up, has dropped the commits
+    it kept in memory and not yet read the new file's index: the key is in neither. The
+    lookup waits for the catch-up and finds it (it raised KeyError; ``in`` said False)."""
+    with _new_key_in_the_wal(tmp_path / "repo") as (writer, reader):
+        assert reader["new"] == "in the WAL"
+        action = (lambda: reader["new"]) if look == "get" else (lambda: "new" in reader)
+        with h.thread_held_at(Prefix._committed if look == "get" else Prefix.__contains__,
+                              "= self._mem", action) as looking:  # fmt: skip
+            writer.compact()
+            with h.thread_held_at(
+                Log._load_once, "self._open_wal(strict=True)", lambda: reader["k3"]
+            ):
+                # Up to 5 s for the lookup to end in that window; it waits, now, for the
+                # catch-up, held until this block ends.
+                looking.release(wait=5.0)
+    assert looking.found == {"result": "in the WAL" if look == "get" else True}, looking.found
+
+
+def test_iteration_while_another_thread_catches_up_lists_one_state(tmp_path: Path) -> None:
+    """One thread lists a view's keys while another catches it up with another process's
+    ``del x; y = 1`` and checkpoint. It listed the old commits in memory with the new index:
+    a, x and y, a state that never was (found by helper 39)."""
+    root = tmp_path / "repo"
+    with _repo(root) as repo:
+        writer = repo.open_prefix("p", "rw")
+        writer["a"] = 1
+        writer.commit()
+        writer.checkpoint()
+    with _repo(root) as readers, _repo(root) as writers:
+        writer = writers.open_prefix("p", "rw")
+        writer["x"] = 1
+        writer.commit()  # x only in the WAL
+        reader = readers.open_prefix("p", "r")
+        assert sorted(reader) == ["a", "x"]
+        with h.thread_held_at(Prefix._keys, "keys = [", lambda: list(reader)) as listing:
+            del writer["x"]
+            writer["y"] = 1
+            writer.commit()
+            writer.checkpoint()
+            catching_up = threading.Thread(target=lambda: reader["a"])
+            catching_up.start()
+            catching_up.join(5.0)  # it ends at once, or waits for the listing to end
+        catching_up.join(60)
+    assert listing.found["result"] in (["a", "x"], ["a", "y"]), listing.found
 
 
 def test_a_get_of_a_pending_change_while_another_thread_commits_it_finds_it(
@@ -858,9 +915,9 @@ def test_a_get_of_a_pending_change_while_another_thread_commits_it_finds_it(
         view = repo.open_prefix("p", "rw")
         view["k1"] = "changed"
         getter = h.thread_held_at(Prefix.__getitem__, "pending = self._pending", lambda: view["k1"])
-        with getter as found:
+        with getter as held:
             view.commit()
-    assert found == {"result": "changed"}, found
+    assert held.found == {"result": "changed"}, held.found
 
 
 def _reslotted(
