@@ -50,7 +50,7 @@ def tail_is_clear(fd: int, start: int, end: int) -> bool:
     the write lease was a quarter of the hand-over's time among 4 writers.
     """
     while (start := _next_data(fd, start, end)) < end:
-        stop = written_end(fd, start, end)
+        stop = _seek(fd, start, os.SEEK_HOLE, end)  # this range of data, holes after it skipped
         if stop <= start:  # the file changed between the two looks: read it all
             stop = end
         while start < stop:
