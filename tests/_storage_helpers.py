@@ -211,3 +211,10 @@ def thread_held_at(
         yield held
     finally:
         held.release(60)
+
+
+def io_count(field: str) -> int:
+    """This process's counter ``field`` of ``/proc/self/io``: ``rchar``, the bytes its reads
+    (and ``copy_file_range``) passed, or ``syscr``, its read calls."""
+    with open("/proc/self/io") as io:
+        return int(next(line for line in io if line.startswith(f"{field}:")).split()[1])

@@ -40,6 +40,8 @@ from hotcopy.storage._copy import copy_range
 from hotcopy.storage._log import Log
 from hotcopy_test_support import storage_helpers
 
+h = storage_helpers()
+
 pytestmark = pytest.mark.timeout(30)
 
 BIG = 1 << 40  # a checkpoint threshold no test reaches: commits stay in the WAL
@@ -456,7 +458,7 @@ def test_refusal_errors_are_also_the_matching_builtins() -> None:
 @pytest.fixture
 def small_filesystem(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs, or a skip when this process may not mount one."""
-    with storage_helpers().tmpfs(tmp_path / "small", "size=1m,mode=0755") as mount_point:
+    with h.tmpfs(tmp_path / "small", "size=1m,mode=0755") as mount_point:
         yield mount_point
 
 
@@ -519,7 +521,7 @@ def test_a_file_system_out_of_inodes_is_reported_as_out_of_space(
 ) -> None:
     """No inode left for the copy's temp file: the same ``NotEnoughSpace`` naming the copy,
     not a bare ``[Errno 28]`` naming a temp file the user never asked for."""
-    with storage_helpers().tmpfs(tmp_path / "few-inodes", "size=1m,nr_inodes=2") as mount_point:
+    with h.tmpfs(tmp_path / "few-inodes", "size=1m,nr_inodes=2") as mount_point:
         (mount_point / "filler").touch()  # the last inode
         with repo.open_prefix("p", "rw") as px:
             px["a"] = 1
@@ -846,12 +848,6 @@ def test_a_rate_limited_copy_is_exact_and_takes_at_least_its_bytes_over_the_rate
     assert _open_standalone(tmp_path / "c.hc", tmp_path / "w")[1] == expected
 
 
-def _bytes_read() -> int:
-    """What this process has read from files so far (``copy_file_range`` counts too)."""
-    with open("/proc/self/io") as io:
-        return int(next(line for line in io if line.startswith("rchar:")).split()[1])
-
-
 def test_a_copy_and_a_restore_read_each_byte_once_to_check_it_and_once_to_copy_it(
     repo: Repository, tmp_path: Path
 ) -> None:
@@ -868,14 +864,14 @@ def test_a_copy_and_a_restore_read_each_byte_once_to_check_it_and_once_to_copy_i
             px.commit()
         px.checkpoint()
     size = repo.prefix_path("p").stat().st_size
-    before = _bytes_read()
+    before = h.io_count("rchar")
     copied = repo.copy_prefix(tmp_path / "copy.hc", "p")
-    read = _bytes_read() - before
+    read = h.io_count("rchar") - before
     assert read < 2.25 * size, f"a copy of {size} bytes read {read / size:.2f}x of them"
     with Repository.init(tmp_path / "elsewhere") as other:
-        before = _bytes_read()
+        before = h.io_count("rchar")
         assert other.restore_prefix(tmp_path / "copy.hc", "p") == copied.seq
-        read = _bytes_read() - before
+        read = h.io_count("rchar") - before
     assert read < 2.25 * size, f"a restore of {size} bytes read {read / size:.2f}x of them"
 
 

@@ -16,7 +16,6 @@ import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hotcopy.storage import (
@@ -104,11 +103,6 @@ def test_a_prefix_opens_and_reads_a_key_without_reading_its_main_file(tmp_path: 
     assert read < 256 << 10, f"open + get read {read} bytes of a {size}-byte main file"
 
 
-def _read_calls() -> int:
-    with open("/proc/self/io") as io:
-        return int(next(line for line in io if line.startswith("syscr:")).split()[1])
-
-
 def _colliding_texts() -> tuple[str, str]:
     """Two text keys of one crc32 (of their UTF-8), the hash the index's table probes by."""
     rnd = random.Random(20)
@@ -137,10 +131,10 @@ def test_a_get_of_a_checkpointed_key_reads_its_slot_and_its_record_only(tmp_path
         keys = [f"key{i:08d}" for i in random.Random(7).sample(range(40_000), 2000)]
         for key in keys:  # every index page a get touches is read, and checked, once
             assert reader[key] == "v" * 100
-        before = _read_calls()
+        before = h.io_count("syscr")
         for key in keys:
             reader[key]
-        reads = _read_calls() - before
+        reads = h.io_count("syscr") - before
         # A probe whose few slots read at once miss the key reads the next few: rarely.
         assert reads < 2.5 * len(keys), f"{reads / len(keys):.2f} reads a get"
         assert reader[twin] == "twin"
@@ -774,57 +768,27 @@ def _fifty_keys(root: Path) -> None:
         writer.checkpoint()
 
 
-def _pausing_lookups(inside: threading.Event, go: threading.Event) -> Callable[..., Any]:
-    """``Run.lookup`` that, in the thread named "paused", sets ``inside`` and waits for
-    ``go`` first: a thread held inside a lookup at a chosen moment."""
-    lookup = _index.Run.lookup
-
-    def paused(run: _index.Run, *args: Any) -> Any:
-        if threading.current_thread().name == "paused":
-            inside.set()
-            assert go.wait(60)
-        return lookup(run, *args)
-
-    return paused
-
-
 def test_a_thread_in_a_lookup_while_another_moves_to_a_compacted_file_reads_one_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """Threads share a view; one is inside a lookup when another catches up with a compaction
     (a new main file). The op a slot names is read from the file the slot came from, never
     from the new one (``in`` reported the prefix damaged)."""
     root = tmp_path / "repo"
     _fifty_keys(root)
-    inside, go = threading.Event(), threading.Event()
-    paused = _pausing_lookups(inside, go)
-
     with _repo(root) as readers, _repo(root) as writers:
         reader = readers.open_prefix("p", "r")
         assert reader["k2"] == 2
-        monkeypatch.setattr(_index.Run, "lookup", paused)
-        found: dict[str, object] = {}
-
-        def look() -> None:
-            try:
-                found["in"] = "k1" in reader
-                found["get"] = reader["k9"]
-            except Exception as err:  # what the test reports
-                found["error"] = err
-
-        thread = threading.Thread(target=look, name="paused")
-        thread.start()
-        try:
-            assert inside.wait(60)
+        holding = h.thread_held_at(
+            _index.Run.lookup, "if self.format_3", lambda: ("k1" in reader, reader["k9"])
+        )
+        with holding as looking:
             writer = writers.open_prefix("p", "rw")
             writer["k1"] = "new"
             writer.commit()
             writer.compact()
             assert reader["k3"] == 3  # this thread moves the view to the compacted file
-        finally:
-            go.set()
-            thread.join(60)
-        assert found == {"in": True, "get": 9}, found
+    assert looking.found == {"result": (True, 9)}, looking.found
 
 
 @contextlib.contextmanager
@@ -1018,8 +982,7 @@ def test_verify_compares_a_format_3_runs_slots_with_its_entries(tmp_path: Path) 
     at = next(
         _index.RUN_HEAD_SIZE + 16 * i
         for i in range(2 * count)
-        if data[_index.RUN_HEAD_SIZE + 16 * i + 8 : _index.RUN_HEAD_SIZE + 16 * i + 16]
-        != bytes(8)
+        if data[_index.RUN_HEAD_SIZE + 16 * i + 8 : _index.RUN_HEAD_SIZE + 16 * i + 16] != bytes(8)
     )
     pages_len = 4 * struct.unpack_from("<IQQQII", data)[4]
     body = bytearray(data[_index.RUN_HEAD_SIZE : len(data) - pages_len])
@@ -1030,52 +993,36 @@ def test_verify_compares_a_format_3_runs_slots_with_its_entries(tmp_path: Path) 
         run.check_all()
 
 
-def test_len_in_one_thread_while_another_catches_up_counts_one_state(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_len_in_one_thread_while_another_catches_up_counts_one_state(tmp_path: Path) -> None:
     """len() looks up each key the view holds from the WAL; another thread that catches up
     meanwhile changes that set: the count is taken under the view's lock (it raised
     "dictionary changed size during iteration", or kept a count of the state before)."""
     root = tmp_path / "repo"
     _fifty_keys(root)
-    inside, go = threading.Event(), threading.Event()
-    paused = _pausing_lookups(inside, go)
-
     with _repo(root) as readers, _repo(root, checkpoint_bytes=1 << 30) as writers:
         writer = writers.open_prefix("p", "rw")
         writer["w1"] = 1  # in the WAL: the view holds it apart from the index
         writer.commit()
         reader = readers.open_prefix("p", "r")
         assert reader["w1"] == 1
-        monkeypatch.setattr(_index.Run, "lookup", paused)
-        counted: dict[str, object] = {}
-
-        def count() -> None:
-            try:
-                counted["len"] = len(reader)
-            except Exception as err:  # what the test reports
-                counted["error"] = err
+        caught: dict[str, object] = {}
 
         def catch_up() -> None:
-            counted["k3"] = reader["k3"]
+            caught["k3"] = reader["k3"]
 
-        paused_thread = threading.Thread(target=count, name="paused")
         other = threading.Thread(target=catch_up)
-        paused_thread.start()
-        try:
-            assert inside.wait(60)
+        with h.thread_held_at(
+            _index.Run.lookup, "if self.format_3", lambda: len(reader)
+        ) as counting:
             writer["w2"] = 2
             writer.commit()
             other.start()
             # It must wait for the count (the view's lock), not change what is counted.
             other.join(2)
             waited = other.is_alive()
-        finally:
-            go.set()
-            paused_thread.join(60)
-            if other.ident is not None:
-                other.join(60)
-        assert counted == {"len": 51, "k3": 3}, counted
+        if other.ident is not None:
+            other.join(60)
+        assert (counting.found, caught) == ({"result": 51}, {"k3": 3}), (counting.found, caught)
         assert waited
         assert len(reader) == 52
 

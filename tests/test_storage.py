@@ -1030,13 +1030,6 @@ def test_a_commit_never_destroys_durable_segments_after_damage(tmp_path: Path) -
     assert main.stat().st_size >= size
 
 
-def _rchar() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    raise AssertionError("no rchar in /proc/self/io")
-
-
 @pytest.mark.timeout(60)
 def test_opening_a_prefix_does_not_read_value_bytes(tmp_path: Path) -> None:
     big = random.Random(1).randbytes(20 << 20)
@@ -1047,11 +1040,11 @@ def test_opening_a_prefix_does_not_read_value_bytes(tmp_path: Path) -> None:
         px.commit()  # 20 MiB is past the default checkpoint_bytes: it lands in the main file
         main, wal = _paths(repo, "big")
         assert os.path.getsize(wal) == fmt.HEADER_SIZE
-    before = _rchar()
+    before = h.io_count("rchar")
     with Repository(tmp_path / "repo") as repo:
         px = repo.open_prefix("big", "r")
         assert len(px) == 2 and "big" in px and "small" in px and px["small"] == "s"
-    read = _rchar() - before
+    read = h.io_count("rchar") - before
     assert read < 4 << 20, f"opening read {read} bytes"
     h.flip_byte(main, os.path.getsize(main) // 2)  # the middle of the value's bytes
     with Repository(tmp_path / "repo") as repo:
@@ -1147,10 +1140,10 @@ def test_a_writer_taking_the_lease_over_reads_only_what_was_written_of_the_wal(
         for i in range(20):
             a["a"] = i
             a.commit()
-            before = _rchar()
+            before = h.io_count("rchar")
             b["b"] = i
             b.commit()  # takes the lease from `a`, which kept it parked
-            taken_over.append(_rchar() - before)
+            taken_over.append(h.io_count("rchar") - before)
         reserved = wal.stat().st_size - h.wal_used(wal)
     assert reserved >= 60 << 10
     assert max(taken_over) < 16 << 10, taken_over
@@ -1215,17 +1208,10 @@ def test_reading_a_wal_past_a_hole_inside_a_batch_reads_ahead_again(tmp_path: Pa
     subprocess.run(writer, check=True, timeout=60)
     _, wal = _paths(repo, "p")
     subprocess.run(["fallocate", "--dig-holes", str(wal)], check=True)
-    before = _read_calls()
+    before = h.io_count("syscr")
     with Repository(repo.root) as again:
         assert again.open_prefix("p", "r")["b"] == 1999
-    assert _read_calls() - before < 200
-
-
-def _read_calls() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("syscr:"):
-            return int(line.split()[1])
-    raise AssertionError("no syscr in /proc/self/io")
+    assert h.io_count("syscr") - before < 200
 
 
 @pytest.mark.timeout(60)

@@ -20,6 +20,9 @@ import pytest
 from hotcopy.coordinator import Client, _client, connect
 from hotcopy.storage import FileLeases, Repository, _leases
 from hotcopy.workers import main
+from hotcopy_test_support import storage_helpers
+
+h = storage_helpers()
 
 FENCED_WRITER = r"""
 import sys
@@ -334,11 +337,6 @@ def _stepped_writer(root: Path) -> Iterator[Callable[[], int]]:
             stdout.close()
 
 
-def _read_syscalls() -> int:
-    with open("/proc/self/io") as io:
-        return next(int(line.split()[1]) for line in io if line.startswith("syscr:"))
-
-
 @pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_a_reader_beside_a_writer_that_keeps_its_lease_looks_at_the_files_once_per_commit(
@@ -356,11 +354,11 @@ def test_a_reader_beside_a_writer_that_keeps_its_lease_looks_at_the_files_once_p
         for number in range(1, 41):
             assert commit() == number
             reader = reader or repo.open_prefix("p")
-            before = _read_syscalls()
+            before = h.io_count("syscr")
             assert reader["n"] == number  # every acknowledged commit, at once
             for _ in range(200):
                 assert reader["n"] == number
-            looks += _read_syscalls() - before - 1
+            looks += h.io_count("syscr") - before - 1
             gets += 201
         assert repo.leases.commit_seq("p") % 2 == 1  # the lease stayed parked throughout
     # A read of the WAL per get before; now a few per commit.
