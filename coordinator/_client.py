@@ -68,6 +68,8 @@ _REPLY_GRACE: Final = 30.0  # a nowait reply later than this means the coordinat
 # stopped or busy elsewhere holds a prefix no longer than it would in a short transaction.
 _PARK_POLL: Final = 0.002
 _PARK_IDLE: Final = 0.05
+# How often a client looks whether its segment's path names another file (see commit_seq).
+_SEGMENT_RECHECK: Final = 1.0
 ENV_LEASE_QUANTUM_MS: Final = "HOTCOPY_LEASE_QUANTUM_MS"
 
 
@@ -304,6 +306,7 @@ class Client:
         self._conn: _Connection | None = None
         self._segment: SegmentReader | None = None
         self._segment_number = 0  # segments mapped so far: counters of two never compare
+        self._segment_recheck = 0.0  # when to look whether the segment path names another
         self._pslots: dict[str, int] = {}
         self._pslot_gaps: dict[str, int] = {}  # see _pslot
         self._prefix_cache: dict[str, bytes] = {}
@@ -498,32 +501,93 @@ class Client:
         ``exclusive`` lease on the prefix is granted, and changes whenever one is granted or
         released and with every :meth:`publish_commit`. So an even value equal to one read
         earlier means that no lease that could change the prefix was granted in between; an
-        odd one, that no commit was announced (storage announces each commit before it is
-        acknowledged while a reader follows the prefix: see its ``Follow``). The
-        counter is 0 while no such lease was granted since the segment was made (the prefix
-        has no slot yet); the answer is -1 when there is no segment, or the prefix table was
-        ever full (a prefix without a slot may then have a writer whose counter is not
-        shared).
+        odd one, that the same holder kept its lease (storage posts that holder's commits on
+        the commit board: see :meth:`commit_state` and :meth:`post`). The counter is 0 while
+        no such lease was granted since the segment was made (the prefix has no slot yet);
+        the answer is -1 when there is no segment, or the prefix table was ever full (a
+        prefix without a slot may then have a writer whose counter is not shared).
 
         A coordinator that exits may remove its segment, whose counters then stop moving
         while a successor counts in a new one: without a coordinator behind the segment this
-        maps the current one, if any, or answers -1; and a counter of another segment than
-        the last one read never equals one of it (the segment's number is in the high bits).
+        maps the current one, if any, or answers -1 (and it looks for a new one at least
+        every second: a segment removed under a live coordinator, which a successor replaced
+        when it died); and a counter of another segment than the last one read never equals
+        one of it (the segment's number is in the high bits).
         """
+        return self.commit_state(prefix)[0]
+
+    def commit_state(self, prefix: str) -> tuple[int, bytes | None]:
+        """``prefix``'s change counter (see :meth:`commit_seq`) and, while it is odd, what
+        the holder of its write lease posted last on the commit board (see :meth:`post`):
+        ``b""`` while it is even; None where the board cannot be read. Reads shared memory; no
+        round trip."""
+        # Every get asks this: the common case is written out, without calls.
+        if self._closed or own_pid() != self._pid:
+            self._check_usable()
+        segment = self._segment
+        if (
+            segment is None
+            or time.monotonic() >= self._segment_recheck
+            or not segment.coordinator_pid()
+        ):
+            segment = self._current_segment()
+            if segment is None:
+                return -1, None
+        number = self._segment_number << 56  # no counter of another segment reads the same
+        pslot = self._pslots.get(prefix)
+        if pslot is None:
+            pslot = self._pslot(prefix)
+            if pslot is None:
+                return (-1, None) if segment.prefix_table_full() else (number, b"")
+        counter, posted = segment.state_at(pslot)
+        if segment is not self._segment:  # another thread mapped a successor's meanwhile
+            return -1, None
+        return counter + number, posted
+
+    def post(self, prefix: str, token: int, seq: int) -> bool:
+        """Post commit ``seq`` of ``prefix``, made under the write lease of ``token``, on the
+        commit board (see ``SegmentReader.post``), for readers that trust its odd counter.
+        True once posted, or where no reader can trust that counter (the prefix has no slot
+        in a full table, or the segment has no board); False if this process cannot post: it
+        has no segment, or its segment was replaced by a successor's, which readers may map
+        and which holds this process's leases only once it reconnected (and mapped it).
+        Writes shared memory (and looks at the segment's path: one stat); no round trip."""
         self._check_usable()
         segment = self._segment
-        if segment is None or not segment.coordinator_pid():
+        if segment is not None and segment.replaced():
+            with self._mutex:  # its coordinator died: reconnect now, not at the keeper's next look
+                if self._conn is not None and not self._receiving:
+                    self._poll_idle_locked(self._conn)
+                segment = self._segment
+        if segment is None or segment.replaced():
+            return False
+        pslot = self._pslot(prefix)
+        try:
+            if pslot is None:
+                return segment.prefix_table_full()  # readers read -1 then: they look
+            segment.post(pslot, token, seq)
+        except ValueError:  # unmapped meanwhile
+            return False
+        return segment is self._segment
+
+    def _current_segment(self) -> SegmentReader | None:
+        """The segment mapped, mapped anew first if its coordinator exited or (looked at every
+        ``_SEGMENT_RECHECK`` seconds) its path names another file now; None if there is none
+        with a coordinator behind it."""
+        segment = self._segment
+        stale = segment is None or not segment.coordinator_pid()
+        if not stale and segment is not None:
+            now = time.monotonic()
+            if now >= self._segment_recheck:
+                self._segment_recheck = now + _SEGMENT_RECHECK
+                stale = segment.replaced()
+        if stale:
             with self._mutex:
                 self._open_segment()
                 segment = self._segment
             if segment is None or not segment.coordinator_pid():
-                return -1
-        pslot = self._pslot(prefix)
-        if pslot is None:
-            counter = -1 if segment.prefix_table_full() else 0
-        else:
-            counter = segment.commit_at(pslot)
-        return -1 if counter < 0 else counter + (self._segment_number << 56)
+                return None
+        return segment
 
     def expired_token(self) -> int:
         """The largest fencing token of a ``write`` or ``exclusive`` lease that expired, its
@@ -595,29 +659,6 @@ class Client:
                 f"of {prefix!r} within {_REPLY_GRACE:.0f}s",
                 root=str(self._paths.root),
             )
-
-    def announce_commit(self, prefix: str, seq: int) -> Callable[[float], bool]:
-        """Publish commit ``seq`` of ``prefix`` one way and return at once.
-
-        The function returned tells, by a ``time.monotonic()`` deadline, whether the counter
-        moved since this call (its reader sees what was written before it): at once from
-        shared memory if the coordinator got to it meanwhile, else by a round trip. A writer
-        announces a commit before its fsync and asks after it, so that the coordinator's
-        work overlaps the disk's and its reply is rarely needed.
-
-        Raises:
-            ValueError: Invalid prefix or negative ``seq``.
-            CoordinatorUnavailable: No coordinator could be reached or started.
-        """
-        before = self.commit_seq(prefix)
-        self.publish_commit(prefix, seq)
-
-        def published(deadline: float) -> bool:
-            if before >= 0 and self.commit_seq(prefix) != before:
-                return True
-            return self._publish_sync(self._prefix_bytes(prefix), seq)(deadline)
-
-        return published
 
     def _publish_sync(self, raw: bytes, seq: int) -> Callable[[float], bool]:
         """Send a publication that the coordinator acknowledges; the function returned waits
@@ -1249,12 +1290,12 @@ class Client:
         except (OSError, ValueError) as err:
             _log.warning("cannot map shared memory path=%s error=%s", path, err)
             return
-        old, self._segment = self._segment, segment
+        # The old map is not closed here: another thread may be reading it (a lease's
+        # is_current, a get's counter), and it goes with the last reference to it.
+        self._segment = segment
         self._segment_number += 1
         self._pslots = {}
         self._pslot_gaps = {}
-        if old is not None:
-            old.close()
 
     def _open_socket(self, handshake: bytes) -> socket.socket:
         """Connect to the coordinator, starting one if none answers, and send ``handshake``.

@@ -41,7 +41,7 @@ __all__ = [
     "validate_prefix",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2  # 2: commits are posted on the board, not announced
 MAX_FRAME: Final = 1024  # largest legal frame: a 200-byte prefix plus a few fields
 
 LENGTH = struct.Struct("<I")

@@ -2,10 +2,16 @@
 
 The segment is a plain file under ``/dev/shm`` mapped with :mod:`mmap`, not a
 ``multiprocessing.shared_memory`` block, whose resource tracker unlinks the block when
-its creator is SIGKILLed. The coordinator is its only writer. Python has no atomic
-compare-and-swap on a mapping, so every record (header, lease slot, prefix slot) starts
-with a sequence counter: the writer makes it odd, writes the record, makes it even again;
-a reader retries while it is odd or changed under its feet (a seqlock).
+its creator is SIGKILLed. The coordinator is the only writer of its tables. Python has no
+atomic compare-and-swap on a mapping, so every record (header, lease slot, prefix slot)
+starts with a sequence counter: the writer makes it odd, writes the record, makes it even
+again; a reader retries while it is odd or changed under its feet (a seqlock).
+
+After the tables comes the *commit board*: one 16-byte record per prefix slot, written by the
+holder of that prefix's write lease, never by the coordinator (see :meth:`SegmentReader.post`).
+Its pages are allocated when the segment is made, so that a post or a read never needs memory
+that a full ``/dev/shm`` could refuse (a SIGBUS); where they cannot be, the segment is made
+without a board, and readers look at the files whenever a write lease is held.
 
 Layout (little-endian)::
 
@@ -14,6 +20,8 @@ Layout (little-endian)::
     [4096, +LEASE_SLOTS*264) lease slots, one per granted lease
     [..., +PREFIX_SLOTS*224) prefix slots, an open-addressing hash table on crc32(prefix)
                              holding waiter counts and commit counters
+    [page, +PREFIX_SLOTS*16) the commit board: per prefix slot, the fencing token and the
+                             sequence number of the last commit its writer posted
 
 Capacity is fixed when the segment is created (:data:`LEASE_SLOTS` concurrent leases,
 :data:`PREFIX_SLOTS` distinct prefixes that ever had waiters or commits) and recorded in
@@ -41,7 +49,7 @@ __all__ = ["LeaseRecord", "SegmentReader", "SegmentWriter"]
 _log = logging.getLogger(__name__)
 
 MAGIC: Final = b"HCSHM\x00\x00\x01"
-VERSION: Final = 1
+VERSION: Final = 2  # 2: the commit board
 PREFIX_SLOTS: Final = 16384
 # One lease on every prefix the table counts (a consistent backup holds a write lease on each
 # prefix at its cut) and 4096 more for everybody else. Pages of the segment are allocated as
@@ -93,9 +101,19 @@ _SLOT_HELD: Final = 1
 _READ_RETRIES: Final = 100_000
 
 
-def _segment_size(lease_slots: int, prefix_slots: int) -> int:
-    size = HEADER_SIZE + lease_slots * LEASE_SLOT_SIZE + prefix_slots * PREFIX_SLOT_SIZE
+_POSTED = struct.Struct("<QQ")  # a board record: fencing token, commit sequence number
+
+
+def _pages(size: int) -> int:
     return (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+def _board_at(lease_slots: int, prefix_slots: int) -> int:
+    return _pages(HEADER_SIZE + lease_slots * LEASE_SLOT_SIZE + prefix_slots * PREFIX_SLOT_SIZE)
+
+
+def _segment_size(lease_slots: int, prefix_slots: int) -> int:
+    return _board_at(lease_slots, prefix_slots) + _pages(prefix_slots * _POSTED.size)
 
 
 class SegmentTorn(LeaseError):
@@ -280,11 +298,6 @@ class _SegmentBase:
         """Whether a prefix was ever refused a slot (its counter then is not shared)."""
         return bool(_TABLE_FULL.unpack_from(self._mm, _TABLE_FULL_AT)[0])
 
-    def commit_at(self, pslot: int) -> int:
-        """Read the change counter of prefix slot ``pslot``."""
-        fields, _ = self._read(self._prefix_base + pslot * PREFIX_SLOT_SIZE, _PREFIX)
-        return int(fields[4])
-
     def waiters_at(self, pslot: int) -> int:
         """Read how many requests queue on the prefix of slot ``pslot``."""
         fields, _ = self._read(self._prefix_base + pslot * PREFIX_SLOT_SIZE, _PREFIX)
@@ -320,7 +333,8 @@ class SegmentReader(_SegmentBase):
     """
 
     def __init__(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)  # RDWR: for the board
+        self._board: mmap.mmap | None = None
         try:
             info = os.fstat(fd)
             if info.st_uid != os.getuid() or not stat.S_ISREG(info.st_mode):
@@ -330,22 +344,63 @@ class SegmentReader(_SegmentBase):
             if info.st_size < HEADER_SIZE:
                 raise LeaseError(f"{str(path)!r} is not a hotcopy segment (too short)")
             self._mm = mmap.mmap(fd, info.st_size, access=mmap.ACCESS_READ)
+            magic, version = _MAGIC.unpack_from(self._mm, 0)
+            if magic != MAGIC or version != VERSION:
+                self._mm.close()
+                raise LeaseError(f"{str(path)!r} is not a hotcopy segment of version {VERSION}")
+            (lease_slots, prefix_slots) = struct.unpack_from("<II", self._mm, _HEADER_AT)
+            at = _board_at(lease_slots, prefix_slots)
+            if info.st_size not in (at, _segment_size(lease_slots, prefix_slots)):
+                self._mm.close()
+                raise LeaseError(f"{str(path)!r} is not as long as its header says")
+            if info.st_size > at:
+                self._board = mmap.mmap(fd, info.st_size - at, offset=at)
         finally:
             os.close(fd)
-        magic, version = _MAGIC.unpack_from(self._mm, 0)
-        if magic != MAGIC or version != VERSION:
-            self._mm.close()
-            raise LeaseError(f"{str(path)!r} is not a hotcopy segment of version {VERSION}")
-        (lease_slots, prefix_slots) = struct.unpack_from("<II", self._mm, _HEADER_AT)
-        if _segment_size(lease_slots, prefix_slots) > info.st_size:
-            self._mm.close()
-            raise LeaseError(f"{str(path)!r} is shorter than its header says")
         self._layout(lease_slots, prefix_slots)
         self.path = path
+
+    def replaced(self) -> bool:
+        """Whether the path it was mapped from names another file now (a coordinator's
+        successor makes a new one where the old one was removed); not if it names none."""
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (info.st_dev, info.st_ino) != self.inode
+
+    def state_at(self, pslot: int) -> tuple[int, bytes | None]:
+        """The change counter of prefix slot ``pslot`` and, while it is odd, what the prefix's
+        writer posted last (see :meth:`post`): ``b""`` while it is even, None if the segment
+        has no board. (A reader's every get asks this: one call, one record read.)"""
+        fields, _ = self._read(self._prefix_base + pslot * PREFIX_SLOT_SIZE, _PREFIX)
+        counter = int(fields[4])
+        if not counter & 1:
+            return counter, b""
+        board = self._board
+        if board is None:
+            return counter, None
+        return counter, board[pslot * _POSTED.size : (pslot + 1) * _POSTED.size]
+
+    def post(self, pslot: int, token: int, seq: int) -> None:
+        """Post commit ``seq`` of the prefix of slot ``pslot``, made under the write lease of
+        ``token``, for its readers: while that lease is held, the prefix's counter stays
+        (odd), and a reader that finds the counter and the post as at its last look at the
+        files knows that nothing was committed since.
+
+        Each holder posts its own token with growing sequence numbers, so a post never
+        repeats an earlier one: a board that reads as before was not written since. A read
+        torn by a post in progress, or a late post of a holder fenced meanwhile, reads as a
+        change, and only makes a reader look at the files. Without a board, nothing: no
+        reader trusts an odd counter then."""
+        if self._board is not None:
+            _POSTED.pack_into(self._board, pslot * _POSTED.size, token, seq)
 
     def close(self) -> None:
         """Unmap the segment (idempotent)."""
         self._mm.close()
+        if self._board is not None:
+            self._board.close()
 
     def __enter__(self) -> SegmentReader:
         return self
@@ -355,7 +410,7 @@ class SegmentReader(_SegmentBase):
 
 
 class SegmentWriter(_SegmentBase):
-    """The coordinator's read-write mapping; the only writer of the segment.
+    """The coordinator's read-write mapping; the only writer of the segment's tables.
 
     Opening an existing segment of the same version and capacity keeps its contents (a
     successor rebuilds its table from them); anything else is replaced by a fresh file.
@@ -380,8 +435,14 @@ class SegmentWriter(_SegmentBase):
             )
             os.fchmod(fd, 0o600)  # the umask may have cleared bits we want, never added
             os.ftruncate(fd, size)
+            at = _board_at(lease_slots, prefix_slots)
+            try:
+                os.posix_fallocate(fd, at, size - at)  # see the module: the board's pages now
+            except OSError as err:
+                _log.warning("no commit board: its pages cannot be had path=%s error=%s", path, err)
+                os.ftruncate(fd, at)  # nobody maps it yet (its header is not written)
         try:
-            self._mm = mmap.mmap(fd, size)
+            self._mm = mmap.mmap(fd, os.fstat(fd).st_size)  # the tables, and the board if any
         finally:
             os.close(fd)
         if not self.recovered:
@@ -410,7 +471,12 @@ class SegmentWriter(_SegmentBase):
             _log.warning("replacing unusable segment path=%s error=%s", path, err)
             return None
         info = os.fstat(fd)
-        good = stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and info.st_size == size
+        board_at = _board_at(self.lease_slots, self.prefix_slots)
+        good = (
+            stat.S_ISREG(info.st_mode)
+            and info.st_uid == os.getuid()
+            and info.st_size in (size, board_at)  # with its board, or without
+        )
         if good:
             magic, version = _MAGIC.unpack(os.pread(fd, _MAGIC.size, 0))
             caps = struct.unpack("<II", os.pread(fd, 8, _HEADER_AT))

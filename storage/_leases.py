@@ -14,15 +14,12 @@ Modes follow DESIGN.md: ``read`` and ``snapshot`` share with everything but ``ex
 ``write`` excludes ``write``; ``exclusive`` excludes everything. Two lock files per prefix give
 exactly that: ``write`` holds ``<p>.w`` exclusively, ``read``/``snapshot`` hold ``<p>.a`` shared,
 ``exclusive`` holds both exclusively.
-
-With the coordinator's leases, ``locks/`` holds one more file per prefix, ``<p>.f``: the readers
-that trust its change counter while a writer keeps its lease hold it shared (see
-:class:`Follow`), and the writer announces its commits while anybody does.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import struct
 import threading
@@ -34,6 +31,8 @@ from typing import Protocol, runtime_checkable
 from hotcopy.coordinator._errors import HotcopyError, LeaseFenced, LeaseTimeout, WouldBlock
 
 from ._files import open_dir, open_dir_at, open_regular_at
+
+_log = logging.getLogger(__name__)
 
 MODES = ("read", "snapshot", "write", "exclusive")
 
@@ -59,49 +58,63 @@ class HeldLease(Protocol):
 
 @runtime_checkable
 class ChangeFeed(Protocol):
-    """Optional side of a lease provider: per-prefix change counters in shared memory.
+    """Optional side of a lease provider: per-prefix change counters in shared memory, and a
+    commit board beside them.
 
     A prefix's counter changes whenever a ``write`` or ``exclusive`` lease on it is granted or
-    released, and with every commit that a follower of the prefix must see (see
-    :class:`Follow` and :func:`announced`). So a reader that reads the same value as at its
-    last look at the files knows that no commit was acknowledged since: if the counter is
-    even, always; if it is odd (a writer holds its lease between commits), once it follows.
+    released, and is odd while one is. So a reader that reads the same even value as at its
+    last look at the files knows that nothing changed since; the same odd one, that the same
+    holder kept the lease, and it finds that holder's commits on the board: the holder posts
+    each one there (``post``) once its batch is written and before its fsync, and the reader
+    compares what it reads with the counter (``commit_state``) with what it read at its last
+    look.
+
+    The board replaced an announcement to the coordinator per commit: a message, and the
+    coordinator woken, at every commit (a fifth of a followed writer's commit rate here), and
+    a writer that waited for a stopped coordinator.
     """
 
-    def commit_seq(self, prefix: str) -> int: ...
+    def commit_state(self, prefix: str) -> tuple[int, bytes | None]: ...
 
-    def announce_commit(self, prefix: str, seq: int) -> Callable[[float], bool]: ...
+    def post(self, prefix: str, token: int, seq: int) -> bool: ...
 
 
-# How long a reader trusts an unchanged counter before it looks at the files anyway, in case a
-# publication was lost; so also how long a writer waits at most for its announcement.
+# How long a reader trusts an unchanged counter and board before it looks at the files anyway,
+# in case a post was lost; so also how long a writer that cannot post waits before it
+# acknowledges.
 TRUST_COUNTER_FOR = 1.0
 
 
-def announced(feed: ChangeFeed, prefix: str, seq: int) -> Callable[[], None]:
-    """Announce commit ``seq``, just written; call what is returned before acknowledging it.
-
-    That waits until the counter moved, or, if the coordinator cannot confirm it (stopped,
-    dead, being replaced), until :data:`TRUST_COUNTER_FOR` has passed since the write: by then
-    every reader's next get looks at the files. Either way no reader misses the commit.
-    """
+def post_commit(feed: ChangeFeed, prefix: str, token: int, seq: int) -> Callable[[], None]:
+    """Post commit ``seq`` of ``prefix``, written under the lease of ``token``; call what is
+    returned before acknowledging it. That returns at once, or, if the board cannot be
+    written (this process has no segment mapped, or its prefix no slot there yet, where
+    readers may trust a counter), once
+    :data:`TRUST_COUNTER_FOR` has passed since the write: by then every reader's next get
+    looks at the files. Either way no reader misses the commit."""
     # The commit is in the file already: whatever goes wrong here must not report it failed.
     written = time.monotonic()
     try:
-        published: Callable[[float], bool] | None = feed.announce_commit(prefix, seq)
+        if feed.post(prefix, token, seq):
+            return _posted
     except (HotcopyError, OSError):
-        published = None
+        pass
+    _log.warning(
+        "commit %s of prefix %s could not be posted for readers: acknowledged only once they "
+        "look at the files (%.0f s)",
+        seq,
+        prefix,
+        TRUST_COUNTER_FOR,
+    )
 
     def acknowledge() -> None:
-        deadline = written + TRUST_COUNTER_FOR
-        try:
-            if published is not None and published(deadline):
-                return
-        except (HotcopyError, OSError):
-            pass
-        time.sleep(max(0.0, deadline - time.monotonic()))
+        time.sleep(max(0.0, written + TRUST_COUNTER_FOR - time.monotonic()))
 
     return acknowledge
+
+
+def _posted() -> None:
+    pass
 
 
 class FencingFeed(Protocol):
@@ -245,60 +258,6 @@ class LockFiles:
             fd, self._locks_fd = self._locks_fd, -1
         if fd >= 0:
             os.close(fd)
-
-
-class Follow:
-    """One view's part in following a prefix: whether readers trust its change counter while
-    a writer keeps its lease, so that the writer must announce each commit (see
-    :func:`announced`).
-
-    A reader *follows* by holding a shared ``flock`` on ``locks/<prefix>.f``, taken before its
-    next look at the files and kept until the view closes (the kernel drops it with the
-    process); a writer asks, once its batch is written, whether anybody holds one, through a
-    descriptor of its own. A writer alone thus pays two system calls per commit instead of a
-    message to the coordinator, and a reader that starts to follow later looks at the files
-    after that batch.
-    """
-
-    def __init__(self, lock_files: LockFiles, prefix: str) -> None:
-        self._lock_files = lock_files
-        self._name = f"{prefix}.f"
-        self._following = -1  # the descriptor holding our shared lock
-        self._asking = -1  # the descriptor we ask through
-
-    def follow(self) -> bool:
-        """Follow (idempotent); False if not now (a writer is asking just now, or the lock
-        file cannot be opened): the reader then looks at the files at every get."""
-        if self._following < 0:
-            try:
-                fd = self._lock_files.open(self._name)
-            except (OSError, HotcopyError):
-                return False
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            self._following = fd
-        return True
-
-    def followed(self) -> bool:
-        """Whether any reader (of any process, this one included) may follow the prefix."""
-        try:
-            if self._asking < 0:
-                self._asking = self._lock_files.open(self._name)
-            fcntl.flock(self._asking, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (OSError, HotcopyError):  # held (BlockingIOError), or cannot tell
-            return True
-        fcntl.flock(self._asking, fcntl.LOCK_UN)
-        return False
-
-    def close(self) -> None:
-        fds = (self._following, self._asking)
-        self._following = self._asking = -1
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
 
 
 def _flock_until(

@@ -35,12 +35,10 @@ from ._errors import (
 from ._faults import BREAK
 from ._leases import (
     ChangeFeed,
-    Follow,
     HeldLease,
     LeaseProvider,
-    LockFiles,
-    announced,
     expired_token,
+    post_commit,
 )
 from ._log import CommitUnconfirmed, Cut, Log, create_prefix_files, install_files, write_compacted
 
@@ -85,7 +83,6 @@ class Prefix(MutableMapping[str, Any]):
         leases: LeaseProvider,
         repository_id: bytes,
         *,
-        lock_files: LockFiles | None = None,
         checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
         lease_timeout: float | None = None,
         lease_ttl: float | None = DEFAULT_LEASE_TTL,
@@ -119,16 +116,14 @@ class Prefix(MutableMapping[str, Any]):
         # The oldest commit this object read at since its last commit or rollback: a write
         # built on it must not land on a newer state (no lost updates).
         self._read_seq: int | None = None
-        # The provider's change counter when this view last looked at the files, and when:
-        # the same value means no commit since, so reads skip the file checks.
+        # The provider's change counter and commit board (see ChangeFeed) when this view last
+        # looked at the files, and when: the same values mean no commit since, so reads skip
+        # the file checks.
         self._feed = leases if isinstance(leases, ChangeFeed) else None
-        # See Follow: an odd counter is trusted once this view follows the prefix.
-        self._follow = (
-            Follow(lock_files, name) if self._feed is not None and lock_files is not None else None
-        )
-        self._following = False
+        # The counter while the lease parked here was ours: the same value means it still is.
+        self._parked_counter: int | None = None
         self._pins = 0  # inside pinned(): reads do not move to newer commits
-        self._seen_counter = -1
+        self._seen: tuple[int, bytes | None] = (-1, None)
         self._checked_at = 0.0
         # Commits still only in the WAL (newer than the log's index): key -> its value, or
         # None where deleted; and the commit of each key's last change there.
@@ -328,7 +323,7 @@ class Prefix(MutableMapping[str, Any]):
             ]
             frame, meta_crc = fmt.encode_batch_with_meta(seq, lease.token, ops)
             try:
-                self._log.append(lease, seq, frame, meta_crc, self._announcer(seq))
+                self._log.append(lease, seq, frame, meta_crc, self._poster(lease, seq))
             except CommitUnconfirmed:
                 self._settle(lease, seq)  # raises LeaseFenced if it is not in the log
                 self._pending.clear()
@@ -342,19 +337,13 @@ class Prefix(MutableMapping[str, Any]):
             self._end_transaction()
         return seq
 
-    def _announcer(self, seq: int) -> Callable[[], Callable[[], None]] | None:
-        """What tells the followers of this prefix of commit ``seq`` once it is written (see
-        Log.append); asked after the write, so that a reader that follows later sees it."""
-        feed, follow = self._feed, self._follow
-        if feed is None or follow is None:
+    def _poster(self, lease: HeldLease, seq: int) -> Callable[[], Callable[[], None]] | None:
+        """What posts commit ``seq`` on the board for readers once it is written (see
+        Log.append and ChangeFeed)."""
+        feed = self._feed
+        if feed is None:
             return None
-
-        def announce() -> Callable[[], None]:
-            if not follow.followed():
-                return _nothing_to_wait_for
-            return announced(feed, self.name, seq)
-
-        return announce
+        return lambda: post_commit(feed, self.name, lease.token, seq)
 
     def _settle(self, lost: HeldLease, seq: int) -> None:
         """Our lease lapsed between our write and the check after it (we were stopped): take
@@ -528,9 +517,6 @@ class Prefix(MutableMapping[str, Any]):
             finally:
                 if hasattr(self, "_log"):
                     self._log.close()
-                follow = getattr(self, "_follow", None)  # None: __init__ failed before
-                if follow is not None:
-                    follow.close()
         self._closed = True
 
     @property
@@ -666,8 +652,15 @@ class Prefix(MutableMapping[str, Any]):
         return lease
 
     def _park(self, lease: HeldLease) -> None:
-        lease.park()
-        self._parked = lease
+        self._parked_counter = None
+        try:
+            # The counter of our grant, if the lease is still ours once it is read (a holder
+            # stopped here may have lost it, and the counter be another writer's).
+            counter = self._state()[0]
+            self._parked_counter = counter if counter >= 0 and lease.is_current() else None
+        finally:  # parked whatever happened: a lease neither parked nor released blocks all
+            lease.park()
+            self._parked = lease
 
     def _release_parked(self) -> None:
         parked, self._parked = self._parked, None
@@ -716,43 +709,48 @@ class Prefix(MutableMapping[str, Any]):
 
     # -- internals: following the files ---------------------------------------------------
 
+    def _state(self) -> tuple[int, bytes | None]:
+        """The prefix's change counter and what its writer posted (see ChangeFeed), ``(-1,
+        None)`` if they cannot be read; the post as ``b""`` while the lease parked here is
+        still ours (nobody else commits then)."""
+        feed = self._feed
+        if feed is None:
+            return -1, None
+        try:
+            state = feed.commit_state(self.name)  # (-1, None) where it cannot tell
+        except HotcopyError:
+            return -1, None
+        if self._parked is not None and state[0] == self._parked_counter:
+            return state[0], b""
+        return state
+
     def _catch_up(self, force: bool = False) -> None:
         """See what other processes committed. A writer mid-transaction already has it all.
 
         Without ``force``, an unchanged commit counter in the coordinator's shared memory
-        answers "nothing new" without touching a file: an even one always, an odd one (a
-        writer holds the lease) if it is our own parked lease or once this view follows the
-        prefix (see ``_leases.Follow``); the files are still checked at least every
-        ``TRUST_COUNTER_FOR`` seconds, in case a publication was lost.
+        answers "nothing new" without touching a file: an even one always (no writer holds the
+        lease), an odd one if it is our own parked lease, or with the commit board unchanged
+        too (the holder posts every commit there, see ``_leases.ChangeFeed``); the files are
+        still checked at least every ``TRUST_COUNTER_FOR`` seconds, in case a post was lost.
         """
         if (self._lease is not None or self._pins) and not force:
             return
         if self._feed is not None and self._lease is None:
             now = time.monotonic()
-            try:
-                counter = self._feed.commit_seq(self.name)
-            except HotcopyError:
-                counter = -1  # no coordinator to ask: look at the files
-            # Odd: a writer holds the lease. If it is our own, parked, nobody else commits
-            # until the counter moves; another's announces its commits once we follow.
-            trusted = not counter & 1 or self._following or self._parked is not None
+            seen = self._state()
             if (
                 not force
-                and counter == self._seen_counter
-                and counter >= 0
-                and trusted
+                and seen == self._seen
+                and seen[0] >= 0
+                and seen[1] is not None
                 and now - self._checked_at < _leases.TRUST_COUNTER_FOR
             ):
                 return
-            if not trusted and self._follow is not None:
-                # Follow before the look below, so that every commit written after it is
-                # announced, and the counter can be trusted from then on.
-                self._following = self._follow.follow()
             with self._mutex:
                 self._log.follow()
-                # The counter read before the files, published only once they are followed:
-                # another thread that finds it unchanged must find the files followed too.
-                self._seen_counter, self._checked_at = counter, now
+                # Read before the files, kept only once they are followed: another thread
+                # that finds them unchanged must find the files followed too.
+                self._seen, self._checked_at = seen, now
             return
         with self._mutex:
             self._log.follow()
@@ -780,10 +778,6 @@ class _NoExclusion:
 
     def __exit__(self, *exc: object) -> None:
         pass
-
-
-def _nothing_to_wait_for() -> None:
-    pass
 
 
 def _check_key(key: object) -> None:

@@ -26,7 +26,7 @@ from ._copy import (
 from ._durable import sweep_stale_temps, write_durably
 from ._errors import ClosedError, InvalidPrefixName, RepositoryNotFound, StorageError
 from ._files import make_directory, open_dir, read_regular, refuse_unsafe_place
-from ._leases import ChangeFeed, FileLeases, LeaseProvider, LockFiles
+from ._leases import FileLeases, LeaseProvider
 from ._log import Cut, Log, Salvaged, main_path, migrate_files
 from ._prefix import DEFAULT_CHECKPOINT_BYTES, DEFAULT_LEASE_TTL, Prefix
 
@@ -155,8 +155,6 @@ class Repository:
             shared = shared_with_group(os.stat(self.root))
             leases = FileLeases(self.runtime_dir) if shared else connect(self.root)
         self._leases = leases
-        # Where views say they trust the counters (only a provider with them), see Follow.
-        self._lock_files = LockFiles(self.runtime_dir) if isinstance(leases, ChangeFeed) else None
         self._checkpoint_bytes = checkpoint_bytes
         self._lease_timeout = lease_timeout
         self._lease_ttl = lease_ttl
@@ -244,7 +242,6 @@ class Repository:
             mode,
             self._leases,
             self.id_bytes,
-            lock_files=self._lock_files,
             checkpoint_bytes=self._checkpoint_bytes,
             lease_timeout=self._lease_timeout,
             lease_ttl=self._lease_ttl,
@@ -382,8 +379,6 @@ class Repository:
                 prefix.close()
         finally:
             self._open.clear()
-            if self._lock_files is not None:
-                self._lock_files.close()
             self._leases.close()
 
     def _check_open(self) -> None:

@@ -10,6 +10,7 @@ table. The clock is injected, so nothing sleeps.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from hotcopy.coordinator._process import ProcessIdentity
 from hotcopy.coordinator._protocol import MODE_CODES
-from hotcopy.coordinator._segment import SegmentReader, SegmentWriter
+from hotcopy.coordinator._segment import _POSTED, SegmentReader, SegmentWriter
 from hotcopy.coordinator._spin import AdaptiveSpin
 from hotcopy.coordinator._table import GRANTED, Entry, LeaseTable
 from hotcopy.coordinator._tokens import TokenSource
@@ -50,6 +51,10 @@ def table_on_shm(tmp_path: Path) -> Iterator[tuple[LeaseTable, SegmentReader, Fa
         reader.close()
         segment.close()
         os.unlink(path)
+
+
+def _any(identity: object) -> bool:
+    return True
 
 
 def _entry(owner: int, req_id: int, prefix: str, mode: str, ttl: float = 0.0) -> Entry:
@@ -159,6 +164,71 @@ operations = st.lists(
     ),
     max_size=60,
 )
+
+
+@pytest.mark.timeout(30)
+def test_the_commit_board_is_memory_of_its_own_made_with_the_segment(tmp_path: Path) -> None:
+    """A writer posts each commit on the board, readers read it, through the segment's map:
+    the board's pages are allocated when the segment is made, so that a post or a read never
+    asks a full /dev/shm for a page (a SIGBUS; a board in a sparse file did that). A post of
+    one prefix leaves every other's, and the coordinator's tables, as they were."""
+    path = Path(f"/dev/shm/hotcopy-test-{uuid.uuid4().hex}")
+    writer = SegmentWriter(path, lease_slots=64, prefix_slots=64)
+    try:
+        # Pages held before anybody reads: the header's (written) and the board's (one here).
+        assert os.stat(path).st_blocks * 512 == 2 * 4096
+        table = LeaseTable(writer, TokenSource(tmp_path / "tokens", 0), FakeClock(), alive=_any)
+        table.acquire(_entry(0, 1, "p", "write"), nowait=False)
+        table.acquire(_entry(0, 2, "q", "write"), nowait=False)
+        with SegmentReader(path) as one, SegmentReader(path) as other:
+            p_slot, q_slot = one.find_prefix("p"), one.find_prefix("q")
+            assert p_slot is not None and q_slot is not None
+            # Odd while the prefix's write lease is held: the board is read then.
+            counter, posted = one.state_at(p_slot)
+            assert counter % 2 == 1 and posted == bytes(16)
+            before = other.state_at(q_slot), other.header()
+            one.post(p_slot, 7, 12)
+            assert other.state_at(p_slot) == (counter, _POSTED.pack(7, 12))
+            assert (other.state_at(q_slot), other.header()) == before
+            table.release(0, 1)
+            assert other.state_at(p_slot) == (counter + 1, b"")  # even: nobody else's posts
+    finally:
+        writer.close()
+        os.unlink(path)
+
+
+@pytest.mark.timeout(30)
+def test_a_segment_whose_board_cannot_be_had_is_made_without_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/dev/shm too full for the board's pages: the coordinator could not start at all. Its
+    segment now has no board: readers read None (they look at the files while a write lease
+    is held), a post changes nothing, and a successor adopts the segment as it is."""
+
+    def refuse(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    path = Path(f"/dev/shm/hotcopy-test-{uuid.uuid4().hex}")
+    try:
+        with monkeypatch.context() as full:
+            full.setattr(os, "posix_fallocate", refuse)
+            writer = SegmentWriter(path, lease_slots=64, prefix_slots=64)
+        table = LeaseTable(writer, TokenSource(tmp_path / "tokens", 0), FakeClock(), alive=_any)
+        table.acquire(_entry(0, 1, "p", "write"), nowait=False)
+        with SegmentReader(path) as reader:
+            pslot = reader.find_prefix("p")
+            assert pslot is not None
+            before = reader.header()
+            reader.post(pslot, 7, 12)
+            counter, posted = reader.state_at(pslot)
+            assert counter % 2 == 1 and posted is None and reader.header() == before
+        writer.close()
+        successor = SegmentWriter(path, lease_slots=64, prefix_slots=64)
+        assert successor.recovered
+        successor.close()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 @pytest.mark.timeout(120)

@@ -18,6 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 from hotcopy.coordinator import Client, _client, connect
+from hotcopy.coordinator._paths import RuntimePaths
+from hotcopy.coordinator._segment import PREFIX_SLOTS
 from hotcopy.storage import FileLeases, Repository, _leases
 from hotcopy.workers import main
 from hotcopy_test_support import storage_helpers
@@ -93,8 +95,8 @@ def test_readers_follow_commits_through_the_shared_counter(tmp_path: Path) -> No
         assert "k" not in reader
         writer["k"] = 1
         writer.commit()
-        # The writer keeps its lease parked for its next commit: the counter stays odd, so
-        # the reader follows the prefix and looks at the files, and sees the commit at once.
+        # The writer keeps its lease parked for its next commit: the counter stays odd, and
+        # the commit board shows the commit, so the reader looks at the files and sees it.
         assert reader_repo.leases.commit_seq("p") % 2 == 1
         assert reader["k"] == 1
         old = tmp_path / "old.hc"
@@ -344,8 +346,8 @@ def test_a_reader_beside_a_writer_that_keeps_its_lease_looks_at_the_files_once_p
 ) -> None:
     """A writer keeps its lease parked between commits, so the counter stays odd. It used to
     tell readers "look at the files at every get" (a third of the gets a reader made beside a
-    working writer); now a reader follows the prefix, every commit moves the counter before
-    it is acknowledged, and an unchanged counter means nothing new, odd or not."""
+    working writer); now the writer posts every commit on the commit board before it is
+    acknowledged, and an unchanged counter and board mean nothing new, odd or not."""
     root = tmp_path / "repo"
     Repository.init(root).close()
     with _stepped_writer(root) as commit, Repository(root) as repo:
@@ -370,9 +372,9 @@ def test_a_reader_beside_a_writer_that_keeps_its_lease_looks_at_the_files_once_p
 def test_every_acknowledged_commit_is_seen_at_once_while_the_coordinator_is_stopped_or_killed(
     tmp_path: Path,
 ) -> None:
-    """The announcement a commit waits for cannot come from a stopped or dead coordinator,
-    whose counters stand still: the writer then acknowledges only once a reader trusting them
-    would look at the files anyway. A reader told of each acknowledgement must see it."""
+    """A stopped or dead coordinator's counters stand still, and a successor may map a new
+    segment: the writer's posts on the commit board must still reach every reader. A reader
+    told of each acknowledgement must see it."""
     root = tmp_path / "repo"
     Repository.init(root).close()
     stopped = None
@@ -397,11 +399,14 @@ def test_every_acknowledged_commit_is_seen_at_once_while_the_coordinator_is_stop
 
 
 @pytest.mark.timeout(60)
-def test_a_writer_announces_its_commits_only_while_a_reader_follows_the_prefix(
+def test_a_writer_posts_its_commits_for_readers_without_the_coordinator(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Announcing a commit costs a writer a message to the coordinator (a sixth of its
-    commit rate on this machine); it pays that only while a reader trusts the counter."""
+    """A writer keeping its lease, with a reader following the prefix, announced every commit
+    to the coordinator: a message, and the coordinator woken, per commit (a fifth of the
+    writer's rate, and a core shared with the reader). It now posts each commit on the
+    prefix's board in ``locks/``, which the reader reads; the counter moves with the lease
+    only."""
     monkeypatch.setattr(_client, "_PARK_IDLE", 600.0)  # the lease stays parked: no release
     root = tmp_path / "repo"
     with Repository.init(root) as writer_repo, Repository(root) as reader_repo:
@@ -409,22 +414,96 @@ def test_a_writer_announces_its_commits_only_while_a_reader_follows_the_prefix(
         writer = writer_repo.open_prefix("p", "rw")
         writer["k"] = 0
         writer.commit()
-        counter = reader_repo.leases.commit_seq("p")
-        for _ in range(2):
-            writer["k"] = writer["k"] + 1  # its own reads see its own lease: it needs no follow
-            writer.commit()
-        assert reader_repo.leases.commit_seq("p") == counter  # alone: nothing announced
         reader = reader_repo.open_prefix("p")
-        assert reader["k"] == 2  # the counter is odd: the reader follows, then looks
-        writer["k"] = 3
+        assert reader["k"] == 0
+        counter = reader_repo.leases.commit_seq("p")
+        assert counter % 2 == 1  # the writer keeps its lease
+        for number in range(1, 4):
+            writer["k"] = writer["k"] + 1  # its own reads see its own lease
+            writer.commit()
+            assert reader["k"] == number  # every acknowledged commit, at once
+        assert reader_repo.leases.commit_seq("p") == counter
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_a_writer_keeping_its_lease_commits_at_once_while_the_coordinator_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer followed by a reader waited for the coordinator to confirm each commit's
+    announcement; with the coordinator stopped, until readers would look at the files anyway
+    (``TRUST_COUNTER_FOR``, made longer than this test here). A commit posted on the board
+    waits for nobody, and the reader sees it at once."""
+    monkeypatch.setattr(_client, "_PARK_IDLE", 600.0)
+    monkeypatch.setattr(_leases, "TRUST_COUNTER_FOR", 600.0)
+    root = tmp_path / "repo"
+    with Repository.init(root) as writer_repo, Repository(root) as reader_repo:
+        writer = writer_repo.open_prefix("p", "rw")
+        writer["k"] = 0
         writer.commit()
-        assert reader_repo.leases.commit_seq("p") != counter
-        assert reader["k"] == 3
-        reader_repo.close()  # nobody follows any more
-        counter = writer_repo.leases.commit_seq("p")
-        writer["k"] = 4
-        writer.commit()
-        assert writer_repo.leases.commit_seq("p") == counter
+        reader = reader_repo.open_prefix("p")
+        assert reader["k"] == 0
+        coordinator = psutil.Process(int((root / ".hotcopy" / "coordinator.pid").read_text()))
+        coordinator.suspend()
+        try:
+            for number in range(1, 6):
+                writer["k"] = number
+                writer.commit()
+                assert reader["k"] == number
+        finally:
+            coordinator.resume()
+
+
+@pytest.mark.timeout(120)
+def test_a_writer_of_a_prefix_without_a_counter_slot_waits_for_nobody(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the coordinator's prefix table is full, a new prefix has no counter and no place
+    on the board: its readers look at the files at every get, so its writer has nothing to
+    post and must not wait (it waited TRUST_COUNTER_FOR at every commit, with a warning)."""
+    monkeypatch.setattr(_leases, "TRUST_COUNTER_FOR", 600.0)
+    root = tmp_path / "repo"
+    with Repository.init(root) as writer_repo, Repository(root) as reader_repo:
+        filler = writer_repo.leases
+        assert isinstance(filler, Client)
+        for number in range(PREFIX_SLOTS):  # each prefix keeps its slot after its lease
+            filler.lease(f"fill-{number}", "write").release()
+        writer = writer_repo.open_prefix("p", "rw")
+        reader = reader_repo.open_prefix("p")
+        for number in range(3):
+            writer["k"] = number
+            writer.commit()
+            assert reader_repo.leases.commit_seq("p") == -1  # no slot: "look at the files"
+            assert reader["k"] == number
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_a_reader_moves_to_a_successors_segment_when_its_own_was_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The segment removed under a live coordinator (systemd-logind's RemoveIPC removes a
+    user's /dev/shm files at logout), then the coordinator killed: its successor makes a new
+    segment. A reader that never reconnects read the dead one's frozen counters for good,
+    stale at every look by up to TRUST_COUNTER_FOR. It looks for a new segment every
+    ``_SEGMENT_RECHECK`` seconds (here at every get), as a writer does before every post."""
+    monkeypatch.setattr(_leases, "TRUST_COUNTER_FOR", 600.0)
+    monkeypatch.setattr(_client, "_SEGMENT_RECHECK", 0.0, raising=False)
+    root = tmp_path / "repo"
+    Repository.init(root).close()
+    with _stepped_writer(root) as commit, Repository(root) as repo:
+        assert commit() == 1
+        reader = repo.open_prefix("p")
+        assert reader["n"] == 1
+        segment = RuntimePaths.for_root(root).segment_path()
+        assert segment is not None
+        os.unlink(segment)
+        coordinator = psutil.Process(int((root / ".hotcopy" / "coordinator.pid").read_text()))
+        coordinator.kill()
+        coordinator.wait(20)
+        for number in range(2, 5):
+            assert commit() == number
+            assert reader["n"] == number
 
 
 BUSY_WRITER = r"""
@@ -489,7 +568,7 @@ def test_writers_that_contend_for_a_prefix_keep_the_lease_for_a_quantum_in_turn(
 
 
 @pytest.mark.timeout(60)
-def test_a_view_that_closes_gives_back_what_it_held_to_follow_or_announce(
+def test_a_view_that_closes_gives_back_the_descriptors_it_held(
     tmp_path: Path,
 ) -> None:
     """A process that writes and reads many prefixes in turn kept two descriptors open per
@@ -502,9 +581,9 @@ def test_a_view_that_closes_gives_back_what_it_held_to_follow_or_announce(
             writer["k"] = number
             writer.commit()  # the write lease stays parked: the counter is odd
             reader = reader_repo.open_prefix(f"p{number}")
-            assert reader["k"] == number  # follows
+            assert reader["k"] == number
             writer["k"] = number + 1
-            writer.commit()  # announced
+            writer.commit()  # posted on the board
             assert reader["k"] == number + 1
             reader.close()
             writer.close()
