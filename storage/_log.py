@@ -317,6 +317,8 @@ class Log:
     def notes(self) -> list[str]:
         """Findings that are not damage: a torn WAL tail, debris, a WAL left by another file."""
         found = []
+        if self._header.version < fmt.FORMAT_VERSION:
+            found.append(older_format(self.main_path, self._header.version))
         header = self._wal_header
         if header is not None and not self._wal_applies:
             found.append(f"{self.wal_path}: WAL of another main file of this prefix, ignored")
@@ -433,10 +435,7 @@ class Log:
         self._check_identity(self.main_path, header.repository_id, header.prefix)
         if self._index_sink is not None and header.version < fmt.FORMAT_VERSION:
             raise NeedsMigration(
-                f"prefix {self.name!r}: {self.main_path} is in format {header.version}, which "
-                f"this version of hotcopy reads only to convert it: run `hotcopy migrate "
-                f"{self.main_path.parent}` (it rewrites each prefix in format "
-                f"{fmt.FORMAT_VERSION}, with a key index)",
+                f"prefix {self.name!r}: {older_format(self.main_path, header.version)}",
                 prefix=self.name,
                 version=header.version,
             )
@@ -1451,6 +1450,24 @@ def migrate_files(root: Path, name: str, repository_id: bytes, lease: HeldLease)
         return version
     finally:
         log.close()
+
+
+def older_format(main: Path, version: int) -> str:
+    """What to tell of the main file ``main`` of the older format ``version``."""
+    return (
+        f"{main} is in format {version}, which this version of hotcopy reads only to convert "
+        f"it: run `hotcopy migrate {main.parent}` (it rewrites each prefix in format "
+        f"{fmt.FORMAT_VERSION}, with a key index)"
+    )
+
+
+def main_file_format(path: Path) -> int:
+    """The format of the main file at ``path``, from its header."""
+    fd = open_regular(path)
+    try:
+        return fmt.unpack_main_header(os.pread(fd, fmt.HEADER_SIZE, 0)).version
+    finally:
+        os.close(fd)
 
 
 class MainCheck(NamedTuple):

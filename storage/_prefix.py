@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,35 @@ _DELETED = None  # a pending deletion
 # What a look at the pending changes answers for a key they do not change (not None: that is
 # a deletion). One look, not `in` and then `[]`: another thread may commit in between.
 _UNCHANGED: tuple[int, bytes] = (-1, b"")
+
+
+class _PinnedItems(ItemsView[str, Any]):
+    """A prefix's pairs, all of the commit the iteration started at (:meth:`Prefix.pinned`),
+    never a KeyError halfway through. A thread sharing the view can still delete a key of
+    their shared transaction meanwhile: that key is passed over."""
+
+    def __init__(self, prefix: Prefix) -> None:
+        super().__init__(prefix)
+        self._prefix = prefix
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        with self._prefix.pinned():
+            for key in self._prefix:
+                try:
+                    value = self._prefix[key]
+                except KeyError:
+                    continue
+                yield key, value
+
+
+class _PinnedValues(ValuesView[Any]):
+    def __init__(self, prefix: Prefix) -> None:
+        super().__init__(prefix)
+        self._prefix = prefix
+
+    def __iter__(self) -> Iterator[Any]:
+        for _, value in _PinnedItems(self._prefix):
+            yield value
 
 
 class Prefix(MutableMapping[str, Any]):
@@ -245,6 +274,15 @@ class Prefix(MutableMapping[str, Any]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys())
+
+    def items(self) -> ItemsView[str, Any]:
+        """Every key with its value, all of one commit: the latest as the iteration starts.
+        The view is pinned to it until the iteration ends (or its iterator is dropped)."""
+        return _PinnedItems(self)
+
+    def values(self) -> ValuesView[Any]:
+        """The values, as :meth:`items` reads them."""
+        return _PinnedValues(self)
 
     def __len__(self) -> int:
         return len(self._keys()) if self._pending else self._committed_len()

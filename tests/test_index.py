@@ -1125,3 +1125,37 @@ def test_views_whose_main_file_is_replaced_by_a_damaged_one_keep_refusing_until_
                 writer.commit()
         os.replace(tmp_path / "kept.hc", main)
         assert reader["k"] == writer["k"] == "v3"
+
+
+def test_a_restore_of_older_files_names_them_and_the_command_that_converts_them(
+    tmp_path: Path,
+) -> None:
+    """A backup taken before an upgrade restores its files exactly, in their format; the
+    restore and ``verify`` say which prefixes this version opens only after ``migrate``,
+    instead of leaving the operator to find out from the application."""
+    root = _legacy_repo(tmp_path, 3)
+    catalog, restored, single = tmp_path / "catalog", tmp_path / "restored", tmp_path / "one"
+
+    def hotcopy(*args: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*PROGRAM, *map(str, args)], capture_output=True, text=True, timeout=60
+        )
+
+    # "empty" has nothing in its WAL: this version copies it as it is, in format 3.
+    assert hotcopy("backup", root, catalog, "--prefix", "empty").returncode == 0
+    shown = hotcopy("restore", catalog, restored)
+    assert shown.returncode == 0, shown.stderr
+    said = shown.stdout + shown.stderr
+    assert "empty" in said and "format 3" in said and f"hotcopy migrate {restored}" in said
+    as_json = hotcopy("restore", catalog, tmp_path / "again", "--json")
+    assert json.loads(as_json.stdout)["older_format"] == {"empty": 3}
+    piece = next(catalog.glob("*/empty.hc"))
+    one = hotcopy("restore", piece, single)
+    assert one.returncode == 0 and f"hotcopy migrate {single}" in one.stdout + one.stderr
+    checked = hotcopy("verify", restored)
+    assert checked.returncode == 0 and f"hotcopy migrate {restored}" in checked.stdout
+    assert hotcopy("migrate", restored).returncode == 0
+    assert "migrate" not in hotcopy("verify", restored).stdout
+    assert json.loads(hotcopy("restore", catalog, restored, "--force", "--json").stdout)[
+        "older_format"
+    ] == {"empty": 3}

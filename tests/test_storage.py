@@ -1341,3 +1341,31 @@ def test_wals_of_another_main_file_are_ignored_and_foreign_or_damaged_ones_refus
         assert px.commit() == 2  # the stale WAL was replaced, not applied
     with Repository(root) as again:
         assert dict(again.open_prefix("p", "r").items()) == {"mine": 1, "next": 2}
+
+
+def test_iterating_items_while_another_view_commits_reads_the_commit_it_started_at(
+    tmp_path: Path,
+) -> None:
+    """items() and values() list the keys, then read each: all of one commit even while
+    another process deletes and changes keys, never a KeyError halfway through; once the
+    iteration ends (or its iterator is dropped) the view reads the newest commit again."""
+    with _repo(tmp_path) as repo:
+        writer = repo.open_view("p", "rw")
+        for n in range(10):
+            writer[f"k{n}"] = n
+        writer.commit()
+        reader = repo.open_view("p", "r")
+        items, values = iter(reader.items()), iter(reader.values())
+        assert next(items) == ("k0", 0) and next(values) == 0
+        for n in (1, 5, 9):
+            del writer[f"k{n}"]
+        writer["k2"] = "changed"
+        writer.commit()
+        assert list(items) == [(f"k{n}", n) for n in range(1, 10)]
+        assert next(values) == 1
+        assert "k1" in reader  # still pinned by the unfinished values iterator
+        del values
+        assert "k1" not in reader and reader["k2"] == "changed"
+        assert list(reader.values()) == [0, "changed", 3, 4, 6, 7, 8]
+        writer.close()
+        reader.close()

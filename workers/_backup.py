@@ -49,9 +49,10 @@ from hotcopy.storage._durable import (
 )
 from hotcopy.storage._faults import fault
 from hotcopy.storage._files import make_directory, refuse_unsafe_place
+from hotcopy.storage._format import FORMAT_VERSION
 from hotcopy.storage._format import HEADER_SIZE as WAL_HEADER_SIZE
 from hotcopy.storage._leases import HeldLease
-from hotcopy.storage._log import Cut, main_path, wal_path
+from hotcopy.storage._log import Cut, main_file_format, main_path, wal_path
 from hotcopy.storage._repository import MARKER, RUNTIME_DIR
 
 from ._catalog import (
@@ -713,6 +714,9 @@ class RestoreResult:
     seconds: float
     missing: dict[str, str] = field(default_factory=dict)  # partial backup: what it lacks
     passed_over: list[str] = field(default_factory=list)  # newer backups not taken, and why
+    # Prefixes restored in an older file format (name -> format): exact, and opened by this
+    # version only once `hotcopy migrate` has converted them.
+    older_format: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -723,6 +727,7 @@ class RestoreResult:
             "seconds": round(self.seconds, 6),
             "missing": self.missing,
             "passed_over": self.passed_over,
+            "older_format": self.older_format,
         }
 
 
@@ -882,7 +887,14 @@ def _restore(
         time.monotonic() - began,
         missing=manifest.missing,
         passed_over=choice.passed_over,
+        older_format=older_formats(target, names),
     )
+
+
+def older_formats(root: Path, names: Iterable[str]) -> dict[str, int]:
+    """The prefixes of ``names`` in ``root`` whose main file is of an older format, with it."""
+    found = {name: main_file_format(main_path(root, name)) for name in names}
+    return {name: version for name, version in found.items() if version < FORMAT_VERSION}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from hotcopy.storage._files import open_regular
 from hotcopy.storage._format import MAIN_MAGIC
 from hotcopy.storage._verify import VerifyReport, verify_prefix
 
-from ._backup import BackupResult, backup, restore, restore_copy
+from ._backup import BackupResult, backup, older_formats, restore, restore_copy
 from ._catalog import CATALOG_MARKER, Catalog, Check, list_backups
 from ._cli_base import (
     EXIT_ERROR,
@@ -352,6 +352,7 @@ def run_restore(args: argparse.Namespace, console: Console) -> int:
             f"restored from backup {result.id} into {args.root}: {restored} "
             f"({human_bytes(result.bytes)} in {result.seconds:.2f} s, {done.rate_text()})"
         )
+        _tell_older_formats(args.root, result.older_format)
     if result.missing:
         console.error(
             f"restored a partial backup: {len(result.missing)} prefix(es) were not in it: "
@@ -377,11 +378,29 @@ def _restore_copy(args: argparse.Namespace, console: Console) -> int:
         force=args.force,
         repository=lambda root: open_repository(root, console.waits(args.timeout)),
     )
+    older = older_formats(args.root, prefixes)
     if args.json:
-        print_json({"id": None, "root": str(args.root), "prefixes": {prefixes[0]: seq}})
+        print_json(
+            {
+                "id": None,
+                "root": str(args.root),
+                "prefixes": {prefixes[0]: seq},
+                "older_format": older,
+            }
+        )
     else:
         print(f"restored from {source} into {args.root}: {prefixes[0]}@{seq}")
+        _tell_older_formats(args.root, older)
     return EXIT_OK
+
+
+def _tell_older_formats(root: Path, older: dict[str, int]) -> None:
+    if older:
+        listed = ", ".join(f"{name} (format {version})" for name, version in sorted(older.items()))
+        print(
+            f"in an older file format, opened by this version only once converted: {listed}; "
+            f"run `hotcopy migrate {root}`"
+        )
 
 
 def _lease_timeout(root: Path, err: LeaseTimeout) -> WaitTimeout:
