@@ -273,6 +273,12 @@ def _checkpoint_and_open(repo: Repository, name: str) -> tuple[Cut, int, float]:
     # every one of which a writer would wait). No key index: the copy checks what it copies.
     log = Log(repo.root, name, repo.id_bytes, writable=True)
     try:
+        if log.settled:
+            # Nothing to checkpoint: the main file's last boundary is the latest commit, and
+            # under the caller's snapshot lease the file only grows. So no write lease: a
+            # copy of an idle prefix (as the last backup left it) never waits for a writer
+            # that holds the lease but has committed nothing since, nor costs a hand-over.
+            return log.cut(), log.dup_main_fd(), 0.0
         asked = time.monotonic()
         with repo.leases.lease(
             name, "write", timeout=repo.lease_timeout, ttl=repo.lease_ttl
@@ -622,6 +628,14 @@ def _restore_from(
     if original.version != 1:
         header = header._replace(repository_id=repo.id_bytes, prefix=prefix)
 
+    # Staged, no writer of the repository can wait behind the copy's writeback, and the
+    # caller syncs the whole staging directory once. A small prefix's writeback is started
+    # anyway: in a bulk restore the disk would otherwise sit idle between the reads of one
+    # prefix and the next, and write everything at the final sync (measured: 10-20 % faster
+    # for 1,000 prefixes of 1 MiB). A large one is left to the page cache: its writeback
+    # would break up its one long sequential read (measured: slower for 1 GiB).
+    paced = sync or total < _DIRECT_ABOVE
+
     def write(out_fd: int) -> tuple[int, int]:
         write_all(out_fd, fmt.pack_main_header(header))
         done = 0
@@ -651,9 +665,7 @@ def _restore_from(
                 _shifted(progress, done + start, total),
                 crc=crc,
                 sync=sync,
-                # Staged, no writer of the repository can wait behind the copy's
-                # writeback.
-                paced=sync,
+                paced=paced,
                 verify=checked,
             )
             if piece.crc32 is not None and crc != piece.crc32:

@@ -302,6 +302,19 @@ class Log:
         return self._wal_pos - self._wal_header.size if self._wal_header is not None else 0
 
     @property
+    def settled(self) -> bool:
+        """Whether the files read are as a finished checkpoint leaves them: a WAL that holds
+        no commit continues the main file exactly where its last whole segment ends. A
+        checkpoint would then reach :meth:`cut` and change nothing."""
+        header = self._wal_header
+        return (
+            self._wal_applies
+            and header is not None
+            and not self._wal_index
+            and self._scanned_end == header.base_len
+        )
+
+    @property
     def files_as_left(self) -> bool:
         return self._files_as_left
 

@@ -433,3 +433,52 @@ def test_compaction_and_restore_wait_for_a_copy_in_progress(tmp_path: Path) -> N
         assert _replace_in_child(root, "restore", old.path, 5.0) == "done"
         with repo.open_prefix("p", "r") as px:
             assert px.seq == old.seq and px["k0"] == {"round": 4, "pad": "p" * 200}
+
+
+HOLDER = """
+import sys
+from hotcopy.storage import Repository
+root = sys.argv[1]
+with Repository(root) as repo:
+    px = repo.open_prefix("p", "rw")
+    px.begin()  # the write lease, held by a transaction that has written nothing yet
+    print("holding", flush=True)
+    sys.stdin.readline()
+    px["k"] = "after the copy"
+    print(px.commit(), flush=True)
+"""
+
+
+def test_a_copy_of_a_prefix_whose_wal_holds_no_commit_never_asks_for_its_write_lease(
+    tmp_path: Path,
+) -> None:
+    """An idle prefix (every commit checkpointed, as the last backup left it) has nothing to
+    checkpoint: a copy takes its last commit at once, though a writer holds its write lease
+    (an open transaction, a holder stopped), instead of waiting for the writer to finish."""
+    root = tmp_path / "repo"
+    with Repository.init(root) as repo, repo.open_prefix("p", "rw") as px:
+        px["k"] = "before"
+        before = px.commit()
+        px.checkpoint()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdin is not None and holder.stdout is not None
+        assert holder.stdout.readline().strip() == "holding"
+        with Repository(root, lease_timeout=2.0) as repo:
+            copied = repo.copy_prefix(tmp_path / "copy.hc", "p")
+        assert copied.seq == before
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert int(holder.stdout.readline()) == before + 1
+    finally:
+        h.reap_popen(holder)
+        for pipe in (holder.stdin, holder.stdout):
+            if pipe is not None:
+                pipe.close()
+    seq, state = _open_standalone(tmp_path / "copy.hc", tmp_path / "standalone")
+    assert (seq, state) == (before, {"k": "before"})
