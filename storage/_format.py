@@ -194,11 +194,31 @@ def _finish(body: bytes) -> bytes:
     return padded + _CRC.pack(crc32(padded))
 
 
+def magic_damaged(raw: bytes, magic: bytes) -> bool:
+    """Whether the header ``raw``, whose first bytes are not ``magic``, is one whose magic was
+    damaged: with ``magic`` put back, its own checksum matches (a foreign file's would not, but
+    for one in four billion)."""
+    if len(raw) < 10:
+        return False
+    (version,) = struct.unpack_from("<H", raw, 8)
+    size = HEADER_SIZE if version >= 2 else V1_HEADER_SIZE
+    if version not in READABLE_VERSIONS or len(raw) < size:
+        return False
+    (stored,) = _CRC.unpack_from(raw, size - 4)
+    return bool(crc32(magic + raw[len(magic) : size - 4]) == stored)
+
+
 def _check_header(raw: bytes, magic: bytes, what: str) -> int:
     """The header's format version, once its magic, version and checksum are checked."""
     if len(raw) < V1_HEADER_SIZE:
         raise CorruptFileError(f"{what} header is truncated ({len(raw)} bytes)", offset=0)
     if raw[:8] != magic:
+        if magic_damaged(raw, magic):
+            raise CorruptFileError(
+                f"{what} header's magic is damaged (the checksum of the rest of the header "
+                "shows it is one)",
+                offset=0,
+            )
         raise CorruptFileError(f"not a hotcopy {what} (bad magic)", offset=0)
     (version,) = struct.unpack_from("<H", raw, 8)
     if version not in READABLE_VERSIONS:

@@ -89,6 +89,25 @@ def test_each_misleading_diagnosis_names_the_real_problem(
     assert "is not a hotcopy file" in line
 
 
+def test_a_copy_whose_first_byte_flipped_is_reported_damaged_not_foreign(
+    capsys: pytest.CaptureFixture[str], root: Path, tmp_path: Path
+) -> None:
+    """A flipped bit in a copy's magic is damage like any other: its header's checksum shows
+    the file is a hotcopy main file. ``verify`` and ``restore`` say so, with the offset."""
+    copy = tmp_path / "users-copy"  # no .hc: the header, not the name, tells
+    assert call(capsys, "copy", root, "users", copy)[0] == 0
+    with open(copy, "r+b") as f:
+        first = f.read(1)[0]
+        f.seek(0)
+        f.write(bytes([first ^ 0x04]))
+    line = error(capsys, "verify", copy)
+    assert "damaged at offset 0" in line and "magic" in line, line
+    assert "not a hotcopy file" not in line
+    line = error(capsys, "restore", copy, tmp_path / "restored", "--prefix", "users")
+    assert "not a hotcopy file" not in line and "magic" in line, line
+    assert not (tmp_path / "restored").exists()
+
+
 def test_init_refuses_a_directory_that_holds_anything_but_a_repository(
     capsys: pytest.CaptureFixture[str], root: Path, tmp_path: Path
 ) -> None:

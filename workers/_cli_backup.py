@@ -12,7 +12,7 @@ from typing import Any
 from hotcopy.coordinator import LeaseTimeout
 from hotcopy.storage import Repository, StorageError, verify_file
 from hotcopy.storage._files import open_regular
-from hotcopy.storage._format import MAIN_MAGIC
+from hotcopy.storage._format import HEADER_SIZE, MAIN_MAGIC, magic_damaged
 from hotcopy.storage._verify import VerifyReport, verify_prefix
 
 from ._backup import BackupResult, backup, older_formats, restore, restore_copy
@@ -508,13 +508,15 @@ def run_verify(args: argparse.Namespace, console: Console) -> int:
 
 
 def _is_hotcopy_file(path: Path) -> bool:
-    """Whether ``path`` starts like a hotcopy main file (a copy, a full backup piece); a FIFO,
-    socket or device is refused at once (NotRegularFile), never waited on."""
+    """Whether ``path`` starts like a hotcopy main file (a copy, a full backup piece), or is
+    one whose magic was damaged; a FIFO, socket or device is refused at once
+    (NotRegularFile), never waited on."""
     fd = open_regular(path)
     try:
-        return os.pread(fd, len(MAIN_MAGIC), 0) == MAIN_MAGIC
+        raw = os.pread(fd, HEADER_SIZE, 0)
     finally:
         os.close(fd)
+    return raw.startswith(MAIN_MAGIC) or magic_damaged(raw, MAIN_MAGIC)
 
 
 def _verify_repository(root: Path, as_json: bool, console: Console) -> int:
