@@ -62,32 +62,30 @@ _DELETED = None  # a pending deletion
 _UNCHANGED: tuple[int, bytes] = (-1, b"")
 
 
-class _PinnedItems(ItemsView[str, Any]):
-    """A prefix's pairs, all of the commit the iteration started at (:meth:`Prefix.pinned`),
-    never a KeyError halfway through. A thread sharing the view can still delete a key of
-    their shared transaction meanwhile: that key is passed over."""
+class _LiveItems(ItemsView[str, Any]):
+    """A prefix's pairs, each read as it is when the iteration reaches it: a key deleted
+    since the keys were listed is passed over, never a KeyError halfway through."""
 
     def __init__(self, prefix: Prefix) -> None:
         super().__init__(prefix)
         self._prefix = prefix
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
-        with self._prefix.pinned():
-            for key in self._prefix:
-                try:
-                    value = self._prefix[key]
-                except KeyError:
-                    continue
-                yield key, value
+        for key in self._prefix:
+            try:
+                value = self._prefix[key]
+            except KeyError:
+                continue
+            yield key, value
 
 
-class _PinnedValues(ValuesView[Any]):
+class _LiveValues(ValuesView[Any]):
     def __init__(self, prefix: Prefix) -> None:
         super().__init__(prefix)
         self._prefix = prefix
 
     def __iter__(self) -> Iterator[Any]:
-        for _, value in _PinnedItems(self._prefix):
+        for _, value in _LiveItems(self._prefix):
             yield value
 
 
@@ -276,13 +274,14 @@ class Prefix(MutableMapping[str, Any]):
         return iter(self._keys())
 
     def items(self) -> ItemsView[str, Any]:
-        """Every key with its value, all of one commit: the latest as the iteration starts.
-        The view is pinned to it until the iteration ends (or its iterator is dropped)."""
-        return _PinnedItems(self)
+        """Every key with its value as it is when the iteration reaches it (reads see the
+        latest commit); a key deleted since the keys were listed is passed over. Every pair
+        of one commit: iterate inside :meth:`pinned`."""
+        return _LiveItems(self)
 
     def values(self) -> ValuesView[Any]:
         """The values, as :meth:`items` reads them."""
-        return _PinnedValues(self)
+        return _LiveValues(self)
 
     def __len__(self) -> int:
         return len(self._keys()) if self._pending else self._committed_len()
@@ -442,7 +441,8 @@ class Prefix(MutableMapping[str, Any]):
         For a structure kept in several records (the nodes of a persisted list): read outside
         a block, its first record could come from one commit and the next from a newer one.
         Writes in the block take the write lease as usual, which raises
-        :class:`TransactionConflict` if the view they read is no longer the latest.
+        :class:`TransactionConflict` if the view they read is no longer the latest; a
+        checkpoint or compaction in the block moves the view to the newest commit.
         """
         self._check_usable()
         self._read_view()
