@@ -361,6 +361,8 @@ def test_timeouts_fail_naming_the_holder_and_its_state(tmp_path: Path) -> None:
     root, dest = tmp_path / "repo", tmp_path / "backups"
     _fill(root, ["orders"], 100)
     assert _run("backup", root, dest).returncode == 0
+    # A commit in the WAL: a copy must checkpoint it (a settled prefix needs no write lease).
+    assert _run("put", root, "orders", "y", "2").returncode == 0
     with holding(root, "write", "orders") as holder:
         os.kill(holder.pid, signal.SIGSTOP)
         line = _one_error(_run("put", root, "orders", "x", "1", "--timeout", "0.3"))
