@@ -610,6 +610,10 @@ class Log:
             fd = open_regular(self.wal_path, flags)
         except FileNotFoundError:
             return  # no WAL (a prefix created by a process that died before writing it)
+        # No kernel read-ahead: it would bring the zeros of the reservation after the last
+        # batch into the page cache, where they count as data (SEEK_DATA), and every look at
+        # the tail (tail_is_clear) would read them again. Reads here are sized by the log.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         self._wal_fd = fd
         self._wal_ino = os.fstat(fd).st_ino
         try:
@@ -1676,19 +1680,27 @@ def _whole_but_damaged(fd: int, start: int, end: int) -> bool:
     return True
 
 
+def _tail_reader(fd: int, start: int, end: int) -> fmt.FileReader:
+    """A reader of a WAL's tail that reads ahead only what was written: the zeros of a
+    reservation it read would stay in the page cache as data, and every later look at the
+    tail (:func:`tail_is_clear`) would read them again."""
+    return fmt.FileReader(fd, start, end, ahead_to=written_end(fd, start, end))
+
+
 def _sound_batch_at(fd: int, start: int, end: int) -> bool:
     """Whether the bytes at ``start`` are a whole batch that passes every check."""
-    return fmt.read_batch(fmt.FileReader(fd, start, end), load_values=True) is not None
+    return fmt.read_batch(_tail_reader(fd, start, end), load_values=True) is not None
 
 
 def _valid_batch_after(fd: int, start: int, end: int, last_seq: int) -> tuple[int, int] | None:
     """The offset and commit of a whole, valid batch that follows commit ``last_seq`` anywhere
     in ``[start + 1, end)``: what tells damage from a torn tail. None if there is none.
-    Without the lease, a writer may cut the file short meanwhile: only what is left counts."""
-    data = fmt.pread_upto(fd, end - start, start)
+    Without the lease, a writer may cut the file short meanwhile: only what is left counts.
+    A batch begins with its magic, so it begins in what was written."""
+    data = fmt.pread_upto(fd, written_end(fd, start, end) - start, start)
     at = data.find(_BATCH_MAGIC, 1)
     while at >= 0:
-        reader = fmt.FileReader(fd, start + at, end)
+        reader = _tail_reader(fd, start + at, end)
         batch = fmt.read_batch(reader, load_values=True)
         if batch is not None and batch.seq > last_seq:
             return start + at, batch.seq

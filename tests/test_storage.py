@@ -40,6 +40,7 @@ from hotcopy.storage._codec import decode_value, encode_value
 from hotcopy.storage._durable import sweep_stale_temps, write_durably
 from hotcopy.storage._log import Log
 from hotcopy.storage._verify import verify_prefix
+from hotcopy.storage._wal_space import written_end
 from hotcopy_test_support import storage_helpers
 
 h = storage_helpers()
@@ -1379,3 +1380,61 @@ def test_iterating_items_while_another_view_deletes_yields_live_pairs_and_pinned
         assert dict(reader.items())["k2"] == 2
         writer.close()
         reader.close()
+
+
+def test_a_reader_finding_a_batch_half_written_leaves_the_wals_reservation_uncached(
+    tmp_path: Path,
+) -> None:
+    """A reader that finds a batch being written looks for a whole batch after it (damage, not
+    a write in progress). It read the whole reservation to do so, and the zeros it brought
+    into the page cache became data to the file system: every later check of the WAL's tail,
+    by every reader and every writer taking the lease, read them again (100 KiB a look beside
+    a busy writer). Only what was written is read now."""
+    with _repo(tmp_path, checkpoint_bytes=BIG) as repo:
+        writer = repo.open_prefix("p", "rw")
+        for i in range(3):
+            writer[f"k{i}"] = i
+            writer.commit()
+        _, wal = _paths(repo, "p")
+        used = h.wal_used(wal)
+        fd = os.open(wal, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            assert size - used >= 60 << 10  # a reservation follows the batches
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # as if never read
+            op = fmt.encode_op(fmt.OP_PUT, "k3", 0, b"y" * 1000)
+            frame, _ = fmt.encode_batch_with_meta(4, 1, [op])
+            os.pwrite(fd, frame[:200], used)  # the next commit, half written
+            written = -(-(used + 200) // 4096) * 4096
+            with Repository(repo.root) as other, other.open_prefix("p", "r") as reader:
+                assert reader["k2"] == 2 and "k3" not in reader
+            assert written_end(fd, used, size) <= written, (written_end(fd, used, size), written)
+        finally:
+            os.close(fd)
+        writer.rollback()
+
+
+def test_a_reader_following_a_writer_leaves_the_wals_reservation_uncached(
+    tmp_path: Path,
+) -> None:
+    """The kernel's read-ahead of a reader's small reads of the WAL brought the zeros reserved
+    after the last batch into the page cache, where they count as data: each look at the tail
+    read them again (58 KiB a look beside a busy writer). A WAL is read without it."""
+    with _repo(tmp_path, checkpoint_bytes=BIG) as repo, Repository(repo.root) as other:
+        writer = repo.open_prefix("p", "rw")
+        reader = other.open_prefix("p", "r")
+        for i in range(300):
+            writer[f"k{i}"] = i
+            writer.commit()
+            assert reader[f"k{i}"] == i
+        _, wal = _paths(repo, "p")
+        fd = os.open(wal, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            data_end = written_end(fd, fmt.HEADER_SIZE, size)  # before anything reads it all
+            written = -(-h.wal_used(wal) // 4096) * 4096
+            assert size - written >= 8 << 10  # a reservation follows the batches
+            assert data_end <= written, (data_end, written)
+        finally:
+            os.close(fd)
