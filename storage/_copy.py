@@ -631,7 +631,7 @@ def _restore_from(
     # Staged, no writer of the repository can wait behind the copy's writeback, and the
     # caller syncs the whole staging directory once. A small prefix's writeback is started
     # anyway: in a bulk restore the disk would otherwise sit idle between the reads of one
-    # prefix and the next, and write everything at the final sync (measured: 10-20 % faster
+    # prefix and the next, and write everything at the final sync (measured: about 10 % faster
     # for 1,000 prefixes of 1 MiB). A large one is left to the page cache: its writeback
     # would break up its one long sequential read (measured: slower for 1 GiB).
     paced = sync or total < _DIRECT_ABOVE
