@@ -14,8 +14,11 @@ Mechanism notes (why it looks like this):
   different cores.
 * If the coordinator dies, the thread that notices (EOF) reconnects, starting a successor
   if needed, re-registers every held lease by token and re-sends pending requests.
-* A daemon "keeper" thread renews ttl leases at ttl/3 and notices a dead coordinator
-  while the client is idle (so held leases are re-registered within the grace period).
+* A daemon "keeper" thread renews ttl leases at ttl/3, gives back parked leases in their
+  turn, and notices a dead coordinator while the client is idle (so held leases are
+  re-registered within the grace period). It sleeps on the socket as well as on its timer:
+  the coordinator says when a request queues behind a lease (WANTED), so a writer keeping
+  its lease parked is not interrupted by a keeper looking every few milliseconds.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
 import select
 import socket
@@ -64,10 +68,12 @@ _SEND_ATTEMPTS: Final = 5  # connections a frame is sent on before the coordinat
 _REFUSALS: Final = 3
 _REPLY_GRACE: Final = 30.0  # a nowait reply later than this means the coordinator hangs
 # A parked lease (see Lease.park) goes back to the coordinator once anybody queues for its
-# prefix and its quantum is over, checked this often, or after this long unused: a process
-# stopped or busy elsewhere holds a prefix no longer than it would in a short transaction.
-_PARK_POLL: Final = 0.002
+# prefix and its quantum is over, or after this long unused: a process stopped or busy
+# elsewhere holds a prefix no longer than it would in a short transaction. The coordinator
+# says when a request waits for a lease, once per grant: a holder whose waiter gave up looks
+# for the next one this often.
 _PARK_IDLE: Final = 0.05
+_PARK_POLL: Final = 0.002
 # How often a client looks whether its segment's path names another file (see commit_seq).
 _SEGMENT_RECHECK: Final = 1.0
 ENV_LEASE_QUANTUM_MS: Final = "HOTCOPY_LEASE_QUANTUM_MS"
@@ -119,6 +125,48 @@ _RELEASE: Final = p.RELEASE
 _RELEASE_PACK = p.RELEASE_FRAME.pack
 _REGISTERED_SIZE: Final = 4 + 1 + p.REGISTERED_BODY.size
 _PUBLISHED_SIZE: Final = 4 + 1 + p.REQ_BODY.size
+_WANTED_SIZE: Final = 4 + 1 + p.REQ_BODY.size
+_PARKING: Final = p.PARKING
+_PARKING_PACK = p.RELEASE_FRAME.pack  # the same layout: length, type, request id
+
+
+class _Wake:
+    """What the keeper thread sleeps on: its timer, :meth:`set` from any thread, and a
+    descriptor (the coordinator's socket) becoming readable. Its own descriptor is an
+    eventfd, closed by the keeper as it ends."""
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._lock = threading.Lock()  # set() never writes to a descriptor closed meanwhile
+
+    def set(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.eventfd_write(self._fd, 1)
+
+    def wait(self, timeout: float, also: int) -> None:
+        """Sleep until set, ``also`` (if >= 0) is readable, or ``timeout`` seconds passed."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        if also >= 0:
+            poller.register(also, select.POLLIN)
+        with contextlib.suppress(OSError):  # ``also`` closed meanwhile: look again
+            poller.poll(timeout * 1000)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def forget(self) -> None:
+        """In a forked child: close the inherited descriptor (its lock may be held)."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
 
 
 class ClientStatistics(NamedTuple):
@@ -169,6 +217,7 @@ class Lease:
         "_released",
         "_req_id",
         "_slot",
+        "_told_wanted",
         "mode",
         "prefix",
         "token",
@@ -198,6 +247,7 @@ class Lease:
         self._lost = False
         self._parked = False
         self._parked_at = 0.0  # monotonic time it was last parked; 0.0 if never
+        self._told_wanted = False  # the coordinator said a request queues behind it
         self._granted_at = time.monotonic()
         self._next_renew = time.monotonic() + ttl / 3 if ttl else 0.0
 
@@ -329,8 +379,13 @@ class Client:
         self._replies: dict[int, tuple[int, int, int, int]] = {}
         self._held: dict[int, Lease] = {}
         self._keeper: threading.Thread | None = None
-        self._keeper_wake = threading.Event()
+        self._keeper_wake: _Wake | None = None  # made with the keeper
         self._keep_interval = _KEEPALIVE
+        self._keeper_due = math.inf  # monotonic time the keeper looks next, at the latest
+        self._keeper_parks = False  # whether it saw a parkable lease (see _park) at its last look
+        self._keeper_socket = -1  # what it sleeps on (see _socket_for_keeper_locked)
+        self._keeper_unwatched = False  # the keeper sleeps without the socket: a thread receives
+        self._early_wanted: set[int] = set()  # WANTED for requests granted, not yet leases
         self._acquires = self._waits = self._timeouts = self._would_block = 0
         self._releases = self._renewals = self._reconnects = self._fenced = 0
         self._refused_by = (0, 0)  # (coordinator pid, connections it dropped unanswered)
@@ -393,9 +448,7 @@ class Client:
                 self._reconnect_locked()
             except BaseException:
                 self._pending.pop(req_id, None)
-                self._receiving = False
-                if self._sleepers:
-                    self._cond.notify_all()
+                self._stop_receiving_locked()
                 raise
             finally:
                 mutex.release()
@@ -423,15 +476,11 @@ class Client:
                     conn.heard = True
                     lease = Lease(self, req_id, prefix, mode, token, slot, ttl, data)
                     with mutex:
-                        self._receiving = False
                         del self._pending[req_id]
-                        if self._sleepers:
-                            self._cond.notify_all()
+                        self._stop_receiving_locked()
                         if self._closed:
                             raise ClientClosed("the client was closed while acquiring")
-                        self._held[req_id] = lease
-                        self._acquires += 1
-                        self._waits += waited
+                        self._hold_locked(lease, waited)
                         self._keep_locked(ttl)
                     return lease
                 # Not just our grant: file what came and carry on as the general receiver.
@@ -446,9 +495,7 @@ class Client:
                 # Interrupted (or the reconnect failed): give up the receiver role, or
                 # every other waiter in this process would wait for ever.
                 with mutex:
-                    self._receiving = False
-                    if self._sleepers:
-                        self._cond.notify_all()
+                    self._stop_receiving_locked()
                 self._withdraw(req_id)
                 raise
             if reply is None:
@@ -459,9 +506,7 @@ class Client:
                     raise
             else:
                 with mutex:
-                    self._receiving = False
-                    if self._sleepers:
-                        self._cond.notify_all()
+                    self._stop_receiving_locked()
         return self._finish_acquire(reply, req_id, prefix, mode, None, data)
 
     def _spin_recv(self, sock: socket.socket) -> bytes | None:
@@ -554,13 +599,15 @@ class Client:
         Writes shared memory (and looks at the segment's path: one stat); no round trip."""
         self._check_usable()
         segment = self._segment
-        if segment is not None and segment.replaced():
+        if segment is None:
+            return False
+        if segment.replaced():
             with self._mutex:  # its coordinator died: reconnect now, not at the keeper's next look
                 if self._conn is not None and not self._receiving:
                     self._poll_idle_locked(self._conn)
                 segment = self._segment
-        if segment is None or segment.replaced():
-            return False
+            if segment is None or segment.replaced():
+                return False
         pslot = self._pslot(prefix)
         try:
             if pslot is None:
@@ -720,7 +767,7 @@ class Client:
                 with contextlib.suppress(OSError):
                     conn.sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv
                 conn.sock.close()
-        self._keeper_wake.set()
+        self._wake_keeper()
         keeper = self._keeper
         if join and keeper is not None and keeper is not threading.current_thread():
             keeper.join()
@@ -842,12 +889,22 @@ class Client:
                 )
         return self._finish_acquire(reply, req_id, prefix, mode, ttl, data)
 
+    def _hold_locked(self, lease: Lease, waited: int) -> None:
+        """Count ``lease``, just granted, as held (holding the mutex)."""
+        self._held[lease._req_id] = lease
+        self._acquires += 1
+        self._waits += waited
+        if lease._req_id in self._early_wanted:
+            self._early_wanted.discard(lease._req_id)
+            lease._told_wanted = True
+
     def _withdraw(self, req_id: int) -> None:
         """Forget a request whose caller gave up on an error.
 
         A request left behind would be re-sent by a reconnect and granted to nobody.
         """
         with self._mutex:
+            self._early_wanted.discard(req_id)
             if self._pending.pop(req_id, None) is not None and self._conn is not None:
                 with contextlib.suppress(Exception):
                     self._send_locked(p.RELEASE_FRAME.pack(5, p.RELEASE, req_id), resend=False)
@@ -870,9 +927,7 @@ class Client:
             with self._mutex:
                 if self._closed:
                     raise ClientClosed("the client was closed while acquiring")
-                self._held[req_id] = lease
-                self._acquires += 1
-                self._waits += waited
+                self._hold_locked(lease, waited)
                 self._keep_locked(ttl)
             return lease
         if token == p.REFUSED_WOULD_BLOCK:
@@ -920,6 +975,16 @@ class Client:
                     self._sleepers -= 1
         return self._receive_until(req_id, deadline)
 
+    def _stop_receiving_locked(self) -> None:
+        """Give up the receiver role (holding the mutex): to a sleeping thread, or to the
+        keeper if it stopped watching the socket for this receiver."""
+        self._receiving = False
+        if self._sleepers:
+            self._cond.notify_all()
+        if self._keeper_unwatched:
+            self._keeper_unwatched = False
+            self._wake_keeper()
+
     def _receive_until(
         self, req_id: int, deadline: float | None
     ) -> tuple[int, int, int, int] | None:
@@ -945,9 +1010,7 @@ class Client:
                         return None
         finally:
             with mutex:
-                self._receiving = False
-                if self._sleepers:
-                    self._cond.notify_all()
+                self._stop_receiving_locked()
 
     def _read(self, conn: _Connection, deadline: float | None) -> bool:
         """Receive into ``conn.buf`` once; True at EOF. Only the receiver calls this."""
@@ -988,6 +1051,17 @@ class Client:
                 if self._pending.pop(req_id, None) is not None:
                     self._replies[req_id] = (p.REFUSED, reason, 0, 0)
                     notify = True
+            elif kind == p.WANTED and stop - pos == _WANTED_SIZE:
+                (req_id,) = p.REQ_BODY.unpack_from(buf, pos + 5)
+                lease = self._held.get(req_id)
+                if lease is not None:
+                    lease._told_wanted = True
+                    self._wake_keeper()  # to give it back in its turn if it is parked
+                else:  # granted, not a lease yet (or given back before the notice came)
+                    early = self._early_wanted
+                    early.add(req_id)
+                    if len(early) > 64:  # forget the given back, never to be leases
+                        early.intersection_update({req_id, *self._pending, *self._replies})
             elif kind == p.PUBLISHED and stop - pos == _PUBLISHED_SIZE:
                 (req_id,) = p.REQ_BODY.unpack_from(buf, pos + 5)
                 if self._pending.pop(req_id, None) is not None:
@@ -1050,16 +1124,43 @@ class Client:
             if self._turn_over(lease, now):
                 self._release_locked(lease)
                 return
+            if not lease._parked_at and self._conn is not None:
+                # Its first park: from now on the coordinator says when a request waits.
+                with contextlib.suppress(CoordinatorUnavailable):
+                    self._send_locked(_PARKING_PACK(5, _PARKING, lease._req_id), resend=False)
             lease._parked = True
             lease._parked_at = now
-            if self._keep_interval > _PARK_POLL:  # the keeper polls while it is parkable
-                self._keep_interval = _PARK_POLL
-                self._keeper_wake.set()
+            # The keeper gives it back in its turn (somebody waits, its quantum not over) or
+            # once unused for long: wake it if it would look too late, or does not yet look
+            # after parked leases (nor sleep on the socket for a WANTED).
+            if not lease._told_wanted:
+                due = now + _PARK_IDLE
+            elif now - lease._granted_at < _LEASE_QUANTUM:
+                due = lease._granted_at + _LEASE_QUANTUM
+            else:  # told, and _turn_over found nobody waiting: a later waiter is not told
+                due = now + _PARK_POLL
+            if not self._keeper_parks or due < self._keeper_due:
+                self._wake_keeper()
 
     def _turn_over(self, lease: Lease, now: float) -> bool:
         """True if a parked ``lease`` must go back: somebody queues for its prefix and its
         holder had it for its quantum (see :func:`_lease_quantum_from_env`)."""
         return now - lease._granted_at >= _LEASE_QUANTUM and self._wanted(lease.prefix)
+
+    def _parked_due(self, lease: Lease, now: float) -> float | None:
+        """Give back a parked ``lease`` that is due (see :meth:`_park`): None then; else the
+        seconds until it may be (the keeper looks again by then)."""
+        if not lease._parked:  # in use: its next park wakes the keeper if it must look sooner
+            return _PARK_POLL if lease._told_wanted else _PARK_IDLE
+        unused = lease._parked_at + _PARK_IDLE - now
+        if unused > 0 and self._wanted(lease.prefix):
+            unused = min(unused, lease._granted_at + _LEASE_QUANTUM - now)
+        elif unused > 0 and lease._told_wanted:
+            return min(unused, _PARK_POLL)  # told once per grant: a later waiter is looked for
+        if unused > 0:
+            return unused
+        self._release_locked(lease)
+        return None
 
     def _resume(self, lease: Lease) -> bool:
         with self._mutex:
@@ -1080,13 +1181,19 @@ class Client:
             self._start_keeper()
         elif ttl is not None and ttl / 3 < self._keep_interval:
             self._keep_interval = ttl / 3
-            self._keeper_wake.set()
+            self._wake_keeper()
+
+    def _wake_keeper(self) -> None:
+        wake = self._keeper_wake
+        if wake is not None:
+            wake.set()
 
     def _start_keeper(self) -> None:
-        self._keeper_wake = threading.Event()
+        self._keeper_wake = _Wake()
         self._keep_interval = min(
             [_KEEPALIVE] + [lease.ttl / 3 for lease in self._held.values() if lease.ttl]
         )
+        self._keeper_due = time.monotonic() + self._keep_interval
         # The thread holds only a weak reference, so a client dropped without close() can
         # still be collected (its finalizer closes the socket, which stops the keeper).
         self._keeper = threading.Thread(
@@ -1095,45 +1202,53 @@ class Client:
             name=f"hotcopy-lease-keeper-{self._pid}",
             daemon=True,
         )
-        self._keeper.start()
+        try:
+            self._keeper.start()
+        except BaseException:  # no thread (interpreter shutdown): no descriptor left behind
+            self._keeper_wake.close()
+            self._keeper_wake = self._keeper = None
+            raise
 
     @staticmethod
-    def _keep(ref: weakref.ref[Client], wake: threading.Event) -> None:
-        # The event is set to stop the keeper (close) or to make it reschedule at once
-        # (a new ttl lease may need renewing sooner than the current sleep ends).
+    def _keep(ref: weakref.ref[Client], wake: _Wake) -> None:
+        # Woken to stop (close), to reschedule at once (a new ttl lease may need renewing
+        # sooner than the current sleep ends; a lease parked), or by the socket.
         client = ref()
         interval = _KEEPALIVE if client is None else client._keep_interval
         del client
-        while True:
-            wake.wait(interval)
-            wake.clear()
-            client = ref()
-            if client is None or client._closed or own_pid() != client._pid:
-                return
-            try:
-                client._keep_once()
-            except Exception:
-                # The keeper must outlive a bad moment (say, a root being deleted); the
-                # calling threads see the same error on their next operation.
-                _log.exception("lease keeper failed root=%s", client._paths.root)
-            interval = client._keep_interval
-            del client
+        watched = -1
+        try:
+            while True:
+                wake.wait(interval, watched)
+                client = ref()
+                if client is None or client._closed or own_pid() != client._pid:
+                    return
+                try:
+                    client._keep_once()
+                except Exception:
+                    # The keeper must outlive a bad moment (say, a root being deleted); the
+                    # calling threads see the same error on their next operation.
+                    _log.exception("lease keeper failed root=%s", client._paths.root)
+                interval, watched = client._keep_interval, client._keeper_socket
+                del client
+        finally:
+            wake.close()
 
     def _keep_once(self) -> None:
         interval = _KEEPALIVE
-        try:
-            with self._mutex:
+        parkable = False
+        with self._mutex:
+            try:
                 if self._closed or own_pid() != self._pid:
                     return
                 now = time.monotonic()
                 for lease in list(self._held.values()):
                     if lease._parked_at:  # parked now, or likely to be again soon
-                        if lease._parked and (
-                            now - lease._parked_at > _PARK_IDLE or self._turn_over(lease, now)
-                        ):
-                            self._release_locked(lease)
+                        parkable = True
+                        due = self._parked_due(lease, now)
+                        if due is None:
                             continue
-                        interval = min(interval, _PARK_POLL)
+                        interval = min(interval, due)
                     if lease.ttl is None:
                         continue
                     if now >= lease._next_renew and self._conn is not None:
@@ -1152,8 +1267,21 @@ class Client:
                     # A reconnect failed earlier: keep trying while leases need re-registering.
                     with contextlib.suppress(CoordinatorUnavailable):
                         self._connect_locked()
-        finally:
-            self._keep_interval = interval
+            finally:
+                self._keep_interval = interval
+                self._keeper_due = time.monotonic() + interval
+                self._keeper_parks = parkable
+                self._keeper_socket = self._socket_for_keeper_locked()
+
+    def _socket_for_keeper_locked(self) -> int:
+        """The socket the keeper sleeps on, -1 for none: only while it may have a parked
+        lease to give back (a WANTED notice to read), and no thread receives (which files
+        what comes, a notice too, and wakes the keeper when it stops)."""
+        conn = self._conn
+        self._keeper_unwatched = self._keeper_parks and conn is not None and self._receiving
+        if not self._keeper_parks or conn is None or self._receiving:
+            return -1
+        return conn.sock.fileno()
 
     def _poll_idle_locked(self, conn: _Connection) -> None:
         # Nobody is receiving: look for a dead coordinator (EOF) or stray replies.
@@ -1195,6 +1323,8 @@ class Client:
             conn.sock.close()
         for lease in self._held.values():
             lease._released = True
+        if self._keeper_wake is not None:
+            self._keeper_wake.forget()
         self._reset_process_state()
         self._pslots = {}
         self._pslot_gaps = {}
@@ -1269,6 +1399,8 @@ class Client:
                     + lease.prefix.encode("ascii"),
                 )
             )
+            if lease._parked_at:  # a successor tells it when one waits too
+                parts.append(_PARKING_PACK(5, _PARKING, req_id))
         parts.append(p.frame(p.REGISTER_END))
         parts.extend(self._pending.values())
         sock = self._open_socket(b"".join(parts))

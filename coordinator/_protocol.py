@@ -17,11 +17,15 @@ PUBLISH_SYNC          req u32, seq u64, prefix                   PUBLISHED
 REGISTER              req u32, mode u8, ttl ms u32, token u64,   REGISTERED
                       prefix (a lease held before a reconnect)
 REGISTER_END          (every held lease was registered)          none
+PARKING               req u32 (its holder may keep this granted  none
+                      lease parked: tell it when one waits)
 ====================  =========================================  ===================
 
 Coordinator -> client: GRANT (req u32, token u64, slot u32, waited u8), REFUSED (req u32,
 reason u8), REGISTERED (req u32, ok u8, token u64, slot u32), PUBLISHED (req u32: the counter
-is visible in shared memory).
+is visible in shared memory), and WANTED (req u32: a request waits for this lease, said after
+its PARKING; not a reply, and once per grant at most, so that a holder keeping its lease
+parked needs not poll, and one that reads nothing, stopped, is sent one frame).
 
 Replies carry the client's request id, so one connection can have many requests in
 flight; releases need no reply because a Unix stream socket delivers in order.
@@ -41,7 +45,7 @@ __all__ = [
     "validate_prefix",
 ]
 
-PROTOCOL_VERSION: Final = 2  # 2: commits are posted on the board, not announced
+PROTOCOL_VERSION: Final = 3  # 2: commits posted on the board, not announced; 3: WANTED
 MAX_FRAME: Final = 1024  # largest legal frame: a 200-byte prefix plus a few fields
 
 LENGTH = struct.Struct("<I")
@@ -55,10 +59,12 @@ PUBLISH: Final = 0x05
 REGISTER: Final = 0x06
 REGISTER_END: Final = 0x07
 PUBLISH_SYNC: Final = 0x08
+PARKING: Final = 0x09
 GRANT: Final = 0x81
 REFUSED: Final = 0x82
 REGISTERED: Final = 0x83
 PUBLISHED: Final = 0x84
+WANTED: Final = 0x85
 
 # Bodies, without the type byte.
 HELLO_BODY = struct.Struct("<HQ")

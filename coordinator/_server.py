@@ -26,7 +26,7 @@ from ._paths import RuntimePaths, peer_uid, unix_address
 from ._process import ProcessIdentity, boot_id, is_alive
 from ._segment import SegmentWriter
 from ._spin import AdaptiveSpin, spin_budget_from_env
-from ._table import GRANTED, Entry, LeaseTable
+from ._table import GRANTED, WANTED, Entry, LeaseTable
 from ._tokens import TokenSource
 
 __all__ = ["CoordinatorConfig", "CoordinatorServer"]
@@ -402,6 +402,9 @@ class CoordinatorServer:
             data = conn.sock.recv(_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
+        except ConnectionResetError:  # closed with a frame unread (a WANTED, say): a close
+            self._drop(conn, "")
+            return
         except OSError as err:
             self._drop(conn, f"receive failed: {err}")
             return
@@ -486,6 +489,9 @@ class CoordinatorServer:
         elif kind == p.RENEW:
             (req_id,) = p.REQ_BODY.unpack(body)
             table.renew(conn, req_id)
+        elif kind == p.PARKING:
+            (req_id,) = p.REQ_BODY.unpack(body)
+            table.parking(conn, req_id)
         elif kind == p.PUBLISH:
             if not conn.hello:
                 raise _Drop("request before HELLO")
@@ -570,6 +576,8 @@ class CoordinatorServer:
                     p.GRANT_BODY.size + 1, p.GRANT, entry.req_id, entry.token, entry.slot,
                     entry.waited,
                 )  # fmt: skip
+            elif outcome == WANTED:
+                data = p.frame(p.WANTED, p.REQ_BODY.pack(entry.req_id))
             else:
                 data = p.frame(p.REFUSED, p.REFUSED_BODY.pack(entry.req_id, p.REFUSED_TABLE_FULL))
             self._send(conn, data)

@@ -37,6 +37,7 @@ EXCLUSIVE = MODE_CODES["exclusive"]
 # Outcomes reported in the outbox.
 GRANTED = 1
 REFUSED_FULL = 2
+WANTED = 3  # a request queued behind this granted lease
 
 
 @dataclass(slots=True, eq=False)
@@ -59,6 +60,9 @@ class Entry:
         deadline: Monotonic time the table drops the lease (ttl expiry, or the end of an
             orphan's grace period); 0.0 for never.
         waited: True if it was queued before being granted.
+        parks: True once its holder said it may keep it parked (PARKING).
+        told: True once its holder was told that a request waits for it (see
+            ``LeaseTable._tell_blockers``).
     """
 
     owner: Hashable | None
@@ -74,6 +78,8 @@ class Entry:
     granted_at: float = 0.0
     deadline: float = 0.0
     waited: bool = False
+    parks: bool = False
+    told: bool = False
 
 
 @dataclass(slots=True)
@@ -83,6 +89,11 @@ class _Prefix:
     queue: deque[Entry] = field(default_factory=deque)
     pslot: int | None = None
     commit: int = 0
+
+
+def _conflict(held: int, wanted: int) -> bool:
+    """Whether a lease of mode ``held`` keeps a request of mode ``wanted`` waiting."""
+    return held == EXCLUSIVE or wanted == EXCLUSIVE or held == wanted == WRITE
 
 
 def _compatible(counts: list[int], mode: int) -> bool:
@@ -273,7 +284,32 @@ class LeaseTable:
         state.queue.append(entry)
         self.queued_count += 1
         self._publish_waiters(entry.prefix, state)
+        if len(state.queue) == 1:
+            self._tell_blockers(state, entry)
         return True
+
+    def _tell_blockers(self, state: _Prefix, head: Entry) -> None:
+        """Tell the holders that keep ``head``, the first request in the queue, waiting, and
+        said they may keep their leases parked (see :meth:`parking`): they give them back in
+        their turn once told, without polling. Each grant is told once at most, so that a
+        holder that never reads its socket (stopped, say) is never sent more than a frame;
+        a holder told before looks for later waiters itself. Holders that never park are
+        told nothing (a frame they would only skip)."""
+        for holder in state.granted:
+            if holder.parks and not holder.told and _conflict(holder.mode, head.mode):
+                holder.told = True
+                self.outbox.append((holder, WANTED))
+
+    def parking(self, owner: Hashable, req_id: int) -> None:
+        """The holder of ``owner``'s granted request ``req_id`` may keep it parked: tell it
+        when a request waits for it, at once if one does already."""
+        entry = self._by_owner.get(owner, {}).get(req_id)
+        if entry is None or entry.slot < 0:  # gone, or not granted (a confused client)
+            return
+        entry.parks = True
+        state = self._prefix(entry.prefix)
+        if state.queue and not self._hold_until:
+            self._tell_blockers(state, state.queue[0])
 
     def _grant(self, state: _Prefix, entry: Entry) -> bool:
         if not self._free_slots:
@@ -329,6 +365,8 @@ class LeaseTable:
                 self._forget(entry)
         if changed:
             self._publish_waiters(prefix, state)
+        if queue:
+            self._tell_blockers(state, queue[0])
 
     def _forget(self, entry: Entry) -> None:
         requests = self._by_owner.get(entry.owner)
@@ -408,6 +446,9 @@ class LeaseTable:
             self._requests(entry.owner)[entry.req_id] = orphan
             entry.slot = orphan.slot
             entry.token = token
+            queue = self._prefix(orphan.prefix).queue
+            if queue:
+                self._tell_blockers(self._prefix(orphan.prefix), queue[0])
             return True
         if not self._accept_unknown_registrations or token >= self._tokens.next:
             return False
@@ -416,6 +457,8 @@ class LeaseTable:
             return False
         self._add_granted(state, entry, token)
         self._requests(entry.owner)[entry.req_id] = entry
+        if state.queue:
+            self._tell_blockers(state, state.queue[0])
         return True
 
     def register_end(self, holder: ProcessIdentity, client_id: int) -> None:

@@ -58,7 +58,9 @@ _s3server = _register_support()
 def _coordinators_under(directory: Path) -> list[psutil.Process]:
     found = []
     for pid_file in directory.glob("**/.hotcopy/coordinator.pid"):
-        with contextlib.suppress(OSError, ValueError, psutil.Error):
+        # IndexError: a coordinator starting now has not written its pid yet (it is found
+        # by stop_coordinators' next look, or exits idle).
+        with contextlib.suppress(OSError, ValueError, IndexError, psutil.Error):
             process = psutil.Process(int(pid_file.read_text().split()[0]))
             if any("hotcopy.coordinator" in part for part in process.cmdline()):
                 found.append(process)

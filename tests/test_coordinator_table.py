@@ -21,7 +21,7 @@ from hotcopy.coordinator._process import ProcessIdentity
 from hotcopy.coordinator._protocol import MODE_CODES
 from hotcopy.coordinator._segment import _POSTED, SegmentReader, SegmentWriter
 from hotcopy.coordinator._spin import AdaptiveSpin
-from hotcopy.coordinator._table import GRANTED, Entry, LeaseTable
+from hotcopy.coordinator._table import GRANTED, WANTED, Entry, LeaseTable
 from hotcopy.coordinator._tokens import TokenSource
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -92,6 +92,7 @@ class Model:
         self.granted: dict[str, dict[int, tuple[int, str, float]]] = {p: {} for p in PREFIXES}
         self.queue: dict[str, list[tuple[int, int, str, float]]] = {p: [] for p in PREFIXES}
         self.expires: dict[int, float] = {}
+        self.parking: set[int] = set()  # granted requests whose holders said they park
 
     def _fits(self, prefix: str, mode: str) -> bool:
         return all(compatible(mode, m) for _, m, _ in self.granted[prefix].values())
@@ -118,6 +119,7 @@ class Model:
             for req in reqs:
                 self.granted[prefix].pop(req, None)
                 self.expires.pop(req, None)
+                self.parking.discard(req)
             self.queue[prefix] = [q for q in self.queue[prefix] if q[0] not in reqs]
             self._pump(prefix, now)
 
@@ -129,7 +131,25 @@ class Model:
         self.remove({req for req, at in self.expires.items() if at <= now}, now)
 
 
-def _check(table: LeaseTable, reader: SegmentReader, model: Model, last_token: list[int]) -> None:
+def _check(
+    table: LeaseTable,
+    reader: SegmentReader,
+    model: Model,
+    last_token: list[int],
+    told: dict[int, int],
+) -> None:
+    """The table matches the model; and every holder that keeps the head of a queue waiting,
+    and said it parks, was told so since its grant, once (``told``: request -> token of each
+    grant told)."""
+    for entry, outcome in table.outbox:
+        if outcome == WANTED:
+            assert entry.token > 0  # a granted lease
+            assert told.get(entry.req_id) != entry.token  # never told twice
+            told[entry.req_id] = entry.token
+            continue
+        assert outcome == GRANTED
+        assert entry.token > last_token[0]  # tokens only grow
+        last_token[0] = entry.token
     shown = {(r.prefix, r.mode, r.token) for r in reader.leases()}
     expected = set()
     waiters = {name: n for _, name, n, _ in reader.prefixes()}
@@ -142,11 +162,12 @@ def _check(table: LeaseTable, reader: SegmentReader, model: Model, last_token: l
         assert waiters.get(prefix, 0) == len(queued)
         if state:
             expected |= {(prefix, e.mode, e.token) for e in state.granted}
+            for entry in state.granted:
+                head = state.queue[0] if state.queue else None
+                blocks = head and not compatible(MODE_NAME[entry.mode], MODE_NAME[head.mode])
+                if blocks and entry.req_id in model.parking:
+                    assert told.get(entry.req_id) == entry.token, (prefix, entry.req_id)
     assert shown == expected  # the segment shows exactly the table
-    for entry, outcome in table.outbox:
-        assert outcome == GRANTED
-        assert entry.token > last_token[0]  # tokens only grow
-        last_token[0] = entry.token
 
 
 operations = st.lists(
@@ -160,6 +181,7 @@ operations = st.lists(
         ),
         st.tuples(st.just("release"), st.integers(0, 3), st.integers(0, 40)),
         st.tuples(st.just("drop"), st.integers(0, 3)),
+        st.tuples(st.just("park"), st.integers(0, 3), st.integers(0, 40)),
         st.tuples(st.just("tick"), st.floats(0.0, 2.0)),
     ),
     max_size=60,
@@ -241,6 +263,7 @@ def test_random_operations_match_a_reference_model(
         model = Model()
         last_token = [0]
         next_req = 0
+        told: dict[int, int] = {}
         for op in ops:
             if op[0] == "acquire":
                 _, owner, prefix, mode, with_ttl = op
@@ -255,6 +278,18 @@ def test_random_operations_match_a_reference_model(
                     req = owned[index % len(owned)]  # type: ignore[operator]
                     table.release(owner, req)
                     model.remove({req}, clock.now)
+            elif op[0] == "park":
+                _, owner, index = op
+                held = sorted(
+                    req
+                    for prefix in PREFIXES
+                    for req, (holder, _, _) in model.granted[prefix].items()
+                    if holder == owner
+                )
+                if held:
+                    req = held[index % len(held)]  # type: ignore[operator]
+                    table.parking(owner, req)
+                    model.parking.add(req)
             elif op[0] == "drop":
                 table.drop_owner(op[1])
                 model.remove(model.owned_by(op[1]), clock.now)  # type: ignore[arg-type]
@@ -262,7 +297,7 @@ def test_random_operations_match_a_reference_model(
                 clock.now += op[1]  # type: ignore[operator]
                 table.expire(clock.now)
                 model.expire(clock.now)
-            _check(table, reader, model, last_token)
+            _check(table, reader, model, last_token, told)
             table.outbox.clear()
 
 
@@ -276,6 +311,10 @@ def test_no_starvation_behind_a_queued_writer(tmp_path: Path) -> None:
         table.outbox.clear()
         table.release(0, 1)
         assert [(e.req_id, o) for e, o in table.outbox] == [(2, GRANTED)]
+        table.outbox.clear()
+        # Its holder says it parks it: a read waits for it already, so it is told at once.
+        table.parking(1, 2)
+        assert [(e.req_id, o) for e, o in table.outbox] == [(2, WANTED)]
         table.outbox.clear()
         table.release(1, 2)
         assert [(e.req_id, o) for e, o in table.outbox] == [(4, GRANTED)]
