@@ -45,7 +45,7 @@ __all__ = [
     "validate_prefix",
 ]
 
-PROTOCOL_VERSION: Final = 3  # 2: commits posted on the board, not announced; 3: WANTED
+PROTOCOL_VERSION: Final = 3  # 2: commits posted on the board, not announced; 3: PARKING
 MAX_FRAME: Final = 1024  # largest legal frame: a 200-byte prefix plus a few fields
 
 LENGTH = struct.Struct("<I")

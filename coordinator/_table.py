@@ -446,9 +446,6 @@ class LeaseTable:
             self._requests(entry.owner)[entry.req_id] = orphan
             entry.slot = orphan.slot
             entry.token = token
-            queue = self._prefix(orphan.prefix).queue
-            if queue:
-                self._tell_blockers(self._prefix(orphan.prefix), queue[0])
             return True
         if not self._accept_unknown_registrations or token >= self._tokens.next:
             return False
@@ -457,8 +454,6 @@ class LeaseTable:
             return False
         self._add_granted(state, entry, token)
         self._requests(entry.owner)[entry.req_id] = entry
-        if state.queue:
-            self._tell_blockers(state, state.queue[0])
         return True
 
     def register_end(self, holder: ProcessIdentity, client_id: int) -> None:
