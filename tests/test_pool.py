@@ -222,6 +222,34 @@ def test_a_result_that_cannot_be_sent_back_fails_the_job_not_the_worker(
     assert pool.pids == before
 
 
+@pytest.mark.timeout(60)
+def test_a_worker_whose_parent_is_gone_exits_quietly_with_its_reply_unsent() -> None:
+    """The backup or restore that started a worker killed while the worker copies: its reply
+    has nobody to go to. It printed a chained traceback onto the killed command's terminal
+    (the failed send was taken for a reply that does not pickle, and sent again)."""
+    from multiprocess.connection import Connection
+    from multiprocess.reduction import ForkingPickler
+
+    ours, theirs = socket.socketpair()
+    with theirs:
+        worker = subprocess.Popen(
+            [sys.executable, "-P", "-m", "hotcopy.workers._copy_worker", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        with Connection(ours.detach()) as parent:
+            parent.send_bytes(ForkingPickler.dumps((os.getpid, (), {})))
+        # The parent's end is closed: the job is read, run, and its reply cannot be sent.
+        _, stderr = worker.communicate(timeout=30)
+        assert (worker.returncode, stderr) == (0, "")
+    finally:
+        worker.kill()
+        worker.wait()
+
+
 def test_a_pool_needs_at_least_one_worker() -> None:
     with pytest.raises(ValueError, match="at least one worker"):
         CopyWorkerPool(0)

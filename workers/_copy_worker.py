@@ -25,25 +25,35 @@ def main(argv: list[str] | None = None) -> int:
             raw = conn.recv_bytes()
         except (EOFError, OSError):
             return 0  # the parent is gone
+        reply: tuple[bool, Any, str | None]
         try:
             job = ForkingPickler.loads(raw)
         except Exception as err:  # e.g. the job's module is not importable here: fail the job,
-            conn.send((False, err, traceback.format_exc()))  # not the worker
-            continue
-        if job is None:
-            return 0
-        fn, fn_args, fn_kwargs = job
-        reply: tuple[bool, Any, str | None]
-        try:
-            result = fn(*fn_args, **fn_kwargs)
-        except BaseException as err:
-            reply = (False, err, traceback.format_exc())
+            reply = (False, err, traceback.format_exc())  # not the worker
         else:
-            reply = (True, result, None)
+            if job is None:
+                return 0
+            fn, fn_args, fn_kwargs = job
+            try:
+                reply = (True, fn(*fn_args, **fn_kwargs), None)
+            except BaseException as err:
+                reply = (False, err, traceback.format_exc())
+        if not _send(conn, reply):
+            return 0  # the parent is gone (killed while we worked): nobody to tell
+
+
+def _send(conn: Connection, reply: tuple[bool, Any, str | None]) -> bool:
+    """Send ``reply``, or that it does not pickle; False if the parent is gone."""
+    try:
+        conn.send(reply)
+    except OSError:  # EPIPE, ECONNRESET: the other end is closed
+        return False
+    except Exception as err:  # the result or error does not pickle
         try:
-            conn.send(reply)
-        except Exception as err:  # the result or error does not pickle
             conn.send((False, RuntimeError(f"job reply could not be sent: {err!r}"), None))
+        except OSError:
+            return False
+    return True
 
 
 if __name__ == "__main__":
