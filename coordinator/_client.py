@@ -74,7 +74,9 @@ _REPLY_GRACE: Final = 30.0  # a nowait reply later than this means the coordinat
 # for the next one this often.
 _PARK_IDLE: Final = 0.05
 _PARK_POLL: Final = 0.002
-# How often a client looks whether its segment's path names another file (see commit_seq).
+# How often a client looks whether its segment's path names another file (see commit_seq);
+# no longer than storage's TRUST_COUNTER_FOR, which a writer waits while readers may still
+# trust a replaced segment (see post).
 _SEGMENT_RECHECK: Final = 1.0
 ENV_LEASE_QUANTUM_MS: Final = "HOTCOPY_LEASE_QUANTUM_MS"
 
@@ -216,6 +218,7 @@ class Lease:
         "_parked_at",
         "_released",
         "_req_id",
+        "_segment",
         "_slot",
         "_told_wanted",
         "mode",
@@ -241,6 +244,7 @@ class Lease:
         self.mode = mode
         self.token = token
         self._slot = slot
+        self._segment = client._segment  # the one ``slot`` is in (see _connect_locked)
         self.ttl = ttl
         self._frame = frame
         self._released = False
@@ -359,6 +363,7 @@ class Client:
         self._segment_recheck = 0.0  # when to look whether the segment path names another
         self._pslots: dict[str, int] = {}
         self._pslot_gaps: dict[str, int] = {}  # see _pslot
+        self._replaced_trusted_until = 0.0  # see post
         self._prefix_cache: dict[str, bytes] = {}
         self._spin = AdaptiveSpin(spin_budget_from_env())
         self._reset_process_state()
@@ -595,8 +600,13 @@ class Client:
         True once posted, or where no reader can trust that counter (the prefix has no slot
         in a full table, or the segment has no board); False if this process cannot post: it
         has no segment, or its segment was replaced by a successor's, which readers may map
-        and which holds this process's leases only once it reconnected (and mapped it).
-        Writes shared memory (and looks at the segment's path: one stat); no round trip."""
+        and which holds this process's leases only once it reconnected (and mapped it); or
+        its segment replaced another one less than ``_SEGMENT_RECHECK`` seconds ago, whose
+        frozen counters a reader may still trust (a holder whose lease outlived a killed
+        coordinator commits then; a new grant waits for the successor's recovery window).
+        The caller then waits before it acknowledges (``storage._leases.TRUST_COUNTER_FOR``,
+        which is at least as long). Writes shared memory (and looks at the segment's path: one
+        stat); no round trip."""
         self._check_usable()
         segment = self._segment
         if segment is None:
@@ -608,6 +618,8 @@ class Client:
                 segment = self._segment
             if segment is None or segment.replaced():
                 return False
+        if self._replaced_trusted_until and time.monotonic() < self._replaced_trusted_until:
+            return False  # a reader may still trust the segment this one replaced
         pslot = self._pslot(prefix)
         try:
             if pslot is None:
@@ -1072,16 +1084,9 @@ class Client:
                 lease = self._held.get(req_id)
                 if lease is not None and lease.token == token:
                     if ok:
-                        lease._slot = slot
+                        lease._slot, lease._segment = slot, self._segment
                     else:
-                        lease._lost = True
-                        del self._held[req_id]
-                        self._fenced += 1
-                        _log.warning(
-                            "lease lost across a coordinator restart prefix=%s token=%s",
-                            lease.prefix,
-                            token,
-                        )
+                        self._lose_locked(lease, "refused by the coordinator's successor")
             else:
                 _log.warning("ignoring unexpected message type %#x from the coordinator", kind)
             pos = stop
@@ -1384,7 +1389,22 @@ class Client:
         self._reconnects += 1
         self._connect_locked()
 
+    def _lose_locked(self, lease: Lease, why: str) -> None:
+        lease._lost = True
+        del self._held[lease._req_id]
+        self._fenced += 1
+        _log.warning(
+            "lease lost across a coordinator restart prefix=%s token=%s: %s",
+            lease.prefix, lease.token, why,
+        )  # fmt: skip
+
     def _connect_locked(self) -> None:
+        for lease in list(self._held.values()):
+            segment = lease._segment
+            if segment is not None and not segment.lease_held_until(lease._slot, lease.token):
+                # Taken back while we were away (it expired: its holder was stopped, say):
+                # a successor that lost shared memory could not tell, and would accept it.
+                self._lose_locked(lease, "it expired before")
         parts = [p.frame(p.HELLO, p.HELLO_BODY.pack(p.PROTOCOL_VERSION, self._client_id))]
         for req_id, lease in self._held.items():
             parts.append(
@@ -1424,6 +1444,9 @@ class Client:
             return
         # The old map is not closed here: another thread may be reading it (a lease's
         # is_current, a get's counter), and it goes with the last reference to it.
+        if self._segment is not None and self._segment.coordinator_pid():
+            # Killed, its pid left behind (a clean exit clears it: readers map anew at once).
+            self._replaced_trusted_until = _replaced_trusted_until(segment)
         self._segment = segment
         self._segment_number += 1
         self._pslots = {}
@@ -1531,6 +1554,21 @@ class Client:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+
+def _replaced_trusted_until(successor: SegmentReader) -> float:
+    """Until when a reader may still trust the counters of the segment that ``successor``
+    replaced: a reader looks whether its segment's path names another file only every
+    ``_SEGMENT_RECHECK`` seconds (see :meth:`Client.commit_seq`), and a predecessor that was
+    killed left its pid in the old segment, which then reads as served (its file removed
+    meanwhile, say by systemd-logind's RemoveIPC, the successor made a new one)."""
+    now = time.monotonic()
+    try:
+        started = successor.header().started_monotonic
+    except SegmentTorn:
+        started = 0.0
+    # The new file appeared before its coordinator wrote when it started, if it did yet.
+    return min(started or now, now) + _SEGMENT_RECHECK
 
 
 def connect(root: str | os.PathLike[str], *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Client:

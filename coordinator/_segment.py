@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import mmap
 import os
 import stat
@@ -247,16 +248,21 @@ class _SegmentBase:
 
     def lease_is_current(self, slot: int, token: int, now: float) -> bool:
         """Tell whether slot ``slot`` still holds ``token`` unexpired at monotonic ``now``."""
+        return self.lease_held_until(slot, token) > now
+
+    def lease_held_until(self, slot: int, token: int) -> float:
+        """Until when slot ``slot`` holds ``token`` (``math.inf``: no ttl); 0.0 if it does not:
+        the coordinator took the lease back (an expiry, its holder's death) or never gave it."""
         if not 0 <= slot < self.lease_slots:
-            return False
+            return 0.0
         try:
             fields, _ = self._read(self._lease_base + slot * LEASE_SLOT_SIZE, _LEASE)
         except SegmentTorn:
-            return False  # unknown means not current: fencing errs on the safe side
+            return 0.0  # unknown means not current: fencing errs on the safe side
+        if fields[0] != _SLOT_HELD or fields[7] != token:
+            return 0.0
         expires: float = fields[9]
-        return bool(fields[0] == _SLOT_HELD and fields[7] == token) and (
-            expires == 0.0 or now < expires
-        )
+        return math.inf if expires == 0.0 else expires
 
     def _prefix_at(self, pslot: int) -> tuple[bool, str, int, int]:
         fields, tail = self._read(self._prefix_base + pslot * PREFIX_SLOT_SIZE, _PREFIX, MAX_PREFIX)

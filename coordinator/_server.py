@@ -180,6 +180,7 @@ class CoordinatorServer:
             header = segment.header()
             tokens = TokenSource(paths.tokens, header.next_token if segment.recovered else 0)
             table = self._table = LeaseTable(segment, tokens, self._clock)
+            segment.record_expired(tokens.expired)  # kept by a predecessor's clean exit
             if segment.recovered:
                 table.recover(segment.leases(), self.config.recovery_window)
                 table.load_commits(segment.prefixes())
@@ -207,16 +208,18 @@ class CoordinatorServer:
                 self._loop(listener)
             finally:
                 self._shutdown(listener)
-                try:
-                    tokens.close()  # clean exit: the successor continues without a gap
-                except OSError as err:
-                    _log.warning("cannot record a clean exit in %s: %s", paths.tokens, err)
                 # Leases still held (a SIGTERM with clients connected) are handed to the
                 # successor. Commit counters alone are not worth a /dev/shm file that outlives
                 # the repository: they are change hints, and a fresh counter reads as a change.
                 # Nor is anything, once the repository was deleted: no successor can find it.
                 table.sweep()  # leases of dead holders are not worth handing over
                 keep_segment = not table.is_empty() and paths.runtime_dir.is_dir()
+                try:  # the successor continues without a gap
+                    tokens.close(
+                        leases_outstanding=not table.is_empty(), expired=segment.expired_token()
+                    )
+                except OSError as err:
+                    _log.warning("cannot record a clean exit in %s: %s", paths.tokens, err)
                 header = segment.header()
                 segment.write_header(
                     0, 0, tokens.next, header.boot, header.lease_hwm,

@@ -133,7 +133,6 @@ class LeaseTable:
         self._free_slots: list[int] = list(range(segment.lease_slots))
         self._expiry: list[tuple[float, int, Entry]] = []
         self._counter = itertools.count()
-        self._accept_unknown_registrations = not segment.recovered
         self._hold_until = 0.0
         self.outbox: list[tuple[Entry, int]] = []
         self.granted_count = 0
@@ -159,13 +158,18 @@ class LeaseTable:
         return found
 
     def hold_grants_until(self, deadline: float) -> None:
-        """Queue every new request until ``deadline``; re-registrations are still accepted.
+        """Queue every new request until ``deadline``; only until then are re-registrations
+        of leases that nothing records accepted.
 
         Used when a predecessor crashed *and* its shared memory is gone: leases may be
         outstanding that nothing records, so their holders get this long to re-register
-        before anything else is granted.
+        before anything else is granted. A holder that does not (stopped, hung) may still act
+        on its lease, as after an expiry: every token handed out before counts as expired, so
+        that the next holder of each prefix fences it (see ``storage._log``).
         """
         self._hold_until = deadline
+        if self._tokens.next:
+            self._segment.record_expired(self._tokens.next - 1)
 
     @property
     def next_token(self) -> int:
@@ -423,7 +427,8 @@ class LeaseTable:
 
         Accepted if it matches an orphan recovered from shared memory with the same holder,
         client, prefix and mode; or, when shared memory was lost (nothing to check it
-        against), if it is compatible with everything granted now.
+        against), if it is compatible with everything granted now and grants are still held
+        for re-registrations (see :meth:`hold_grants_until`).
         """
         orphan = self._orphans.get(token)
         now = self._clock()
@@ -447,7 +452,8 @@ class LeaseTable:
             entry.slot = orphan.slot
             entry.token = token
             return True
-        if not self._accept_unknown_registrations or token >= self._tokens.next:
+        # Only while grants are held: after that, others may have held the prefix since.
+        if not self._hold_until or token >= self._tokens.next:
             return False
         state = self._prefix(entry.prefix)
         if not _compatible(state.counts, entry.mode) or not self._free_slots:

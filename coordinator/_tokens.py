@@ -18,16 +18,27 @@ import os
 import struct
 import time
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 __all__ = ["TokenSource"]
 
 _log = logging.getLogger(__name__)
 
 CEILING_STEP: Final = 1 << 16
-_FORMAT = struct.Struct("<8sQQ")  # magic, ceiling, flags
-_MAGIC: Final = b"HCTOKEN2"
+_FORMAT = struct.Struct("<8sQQQ")  # magic, ceiling, flags, largest expired token
+_MAGIC: Final = b"HCTOKEN3"
+_FORMAT_2 = struct.Struct("<8sQQ")  # before the expired token was kept
+_MAGIC_2: Final = b"HCTOKEN2"
 _CLEAN: Final = 1
+
+
+class Ceiling(NamedTuple):
+    """What the durable token file says (see :func:`read_ceiling`)."""
+
+    ceiling: int
+    existed: bool
+    clean: bool
+    expired: int
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -52,25 +63,32 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def read_ceiling(path: Path) -> tuple[int, bool, bool]:
+def read_ceiling(path: Path) -> Ceiling:
     """Read the durable token file.
 
     Returns:
-        (ceiling, existed, clean): the ceiling (0 if none), whether a previous coordinator
-        left the file, and whether it shut down cleanly (no lease can be outstanding that
-        shared memory does not show). A corrupt file yields a ceiling from the clock in
-        microseconds, above any token a real run can have reached, so tokens still grow.
+        The ceiling (0 if none); whether a previous coordinator left the file; whether it
+        shut down cleanly (no lease can be outstanding that shared memory does not show); and
+        the largest token of a lease that expired, as that coordinator's shared memory said
+        when it shut down (the next holder of a prefix fences it). A corrupt file yields a
+        ceiling from the clock in microseconds, above any token a real run can have reached,
+        so tokens still grow, and every token below it counts as expired.
     """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return 0, False, True
+        return Ceiling(0, False, True, 0)
     if len(data) == _FORMAT.size:
-        magic, ceiling, flags = _FORMAT.unpack(data)
+        magic, ceiling, flags, expired = _FORMAT.unpack(data)
         if magic == _MAGIC:
-            return int(ceiling), True, bool(flags & _CLEAN)
+            return Ceiling(int(ceiling), True, bool(flags & _CLEAN), int(expired))
+    if len(data) == _FORMAT_2.size:
+        magic, ceiling, flags = _FORMAT_2.unpack(data)
+        if magic == _MAGIC_2:
+            return Ceiling(int(ceiling), True, bool(flags & _CLEAN), 0)
     _log.error("corrupt token file path=%s: continuing above a clock-based floor", path)
-    return int(time.time() * 1_000_000), True, False
+    floor = int(time.time() * 1_000_000)
+    return Ceiling(floor, True, False, floor)
 
 
 class TokenSource:
@@ -82,8 +100,10 @@ class TokenSource:
 
     Attributes:
         next: The next token to hand out.
+        expired: The largest token of a lease that expired, as the last shutdown recorded.
         previous_run: A coordinator ran before for this repository.
-        previous_clean: That coordinator shut down cleanly (or none ran).
+        previous_clean: That coordinator shut down cleanly with no lease outstanding (or none
+            ran): no lease can be held that its shared memory does not show.
     """
 
     def __init__(self, path: Path, floor: int) -> None:
@@ -93,25 +113,30 @@ class TokenSource:
         for stale in path.parent.glob(f"{path.name}.tmp-*"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        ceiling, self.previous_run, self.previous_clean = read_ceiling(path)
+        ceiling, self.previous_run, self.previous_clean, self.expired = read_ceiling(path)
         self.next = max(floor, ceiling, 1)
         self._ceiling = 0
         self._raise_ceiling()
 
     def _write(self, ceiling: int, flags: int) -> None:
-        _write_durably(self._path, _FORMAT.pack(_MAGIC, ceiling, flags))
+        _write_durably(self._path, _FORMAT.pack(_MAGIC, ceiling, flags, self.expired))
         self._ceiling = ceiling
 
     def _raise_ceiling(self) -> None:
         self._write(self.next + CEILING_STEP, 0)
 
-    def close(self) -> None:
-        """Record a clean shutdown, lowering the durable ceiling to the exact next token.
+    def close(self, *, leases_outstanding: bool, expired: int) -> None:
+        """Record a shutdown, lowering the durable ceiling to the exact next token.
 
         Only a crash then leaves a gap in the token sequence. Safe because no token at or
-        above :attr:`next` was handed out.
+        above :attr:`next` was handed out. The shutdown counts as *clean* only with no lease
+        outstanding: those that are live in shared memory, which a successor adopts, but
+        which it cannot know of if that is lost (see :attr:`previous_clean`). ``expired``, the
+        largest expired token that shared memory records, is kept for a successor that finds
+        shared memory gone: a holder whose lease expired may still be stopped mid-commit.
         """
-        self._write(self.next, _CLEAN)
+        self.expired = max(self.expired, expired)
+        self._write(self.next, 0 if leases_outstanding else _CLEAN)
 
     def take(self) -> int:
         """Return a new token, larger than any handed out before for this repository."""

@@ -81,7 +81,9 @@ class ChangeFeed(Protocol):
 
 # How long a reader trusts an unchanged counter and board before it looks at the files anyway,
 # in case a post was lost; so also how long a writer that cannot post waits before it
-# acknowledges.
+# acknowledges. At least as long as a reader goes without looking whether its segment was
+# replaced (the coordinator client's ``_SEGMENT_RECHECK``): a writer also waits this long
+# while readers may still trust the replaced segment.
 TRUST_COUNTER_FOR = 1.0
 
 

@@ -1127,6 +1127,42 @@ def test_lost_shared_memory_after_a_crash_still_excludes(
         reap([proc])
 
 
+@pytest.mark.crash
+@pytest.mark.timeout(60)
+def test_lost_shared_memory_after_a_clean_exit_with_a_lease_held_still_excludes(
+    client: hc.Client, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM while a client holds a lease: the coordinator exits cleanly and keeps its
+    segment for the successor. If the segment goes too (RemoveIPC), the successor knew of no
+    crash and granted the same write lease to a second process at once."""
+    monkeypatch.setenv("HOTCOPY_COORDINATOR_RECOVERY_WINDOW", "3.0")
+    proc, pipe, token = _start_holder(root, mode="write")
+    holder = psutil.Process(proc.pid)
+    try:
+        holder.suspend()  # so that it starts no successor before the segment is gone
+        wait_for(lambda: holder.status() == psutil.STATUS_STOPPED, 10.0, "the holder's stop")
+        coordinator = psutil.Process(coordinator_pid(root))
+        coordinator.terminate()
+        coordinator.wait(20)
+        segment = RuntimePaths.for_root(root).segment_path()
+        assert segment is not None
+        os.unlink(segment)
+        with pytest.raises(WouldBlock):
+            client.lease_nowait("victim", "write")
+        holder.resume()
+        wait_for(
+            lambda: [x.token for x in read_status(root).leases] == [token],
+            10.0,
+            "the holder's re-registered lease",
+        )
+        pipe.send("is_current")
+        assert pipe.recv() is True
+    finally:
+        with contextlib.suppress(psutil.Error):
+            holder.resume()
+        reap([proc])
+
+
 @pytest.mark.timeout(90)
 def test_a_publication_while_coordinators_are_killed_again_and_again_raises_only_its_errors(
     root: Path, client: hc.Client

@@ -19,7 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+from hotcopy.coordinator import WouldBlock, connect
+from hotcopy.coordinator._paths import RuntimePaths
 from hotcopy.storage import Repository
 from hotcopy.storage import _format as fmt
 from hotcopy_test_support import storage_helpers
@@ -71,6 +74,7 @@ def _start_writer(
     env: dict[str, str] | None = None,
     *,
     checkpoint_bytes: int = 64 << 10,
+    ttl: float = TTL,
 ) -> subprocess.Popen[bytes]:
     full_env = dict(os.environ)
     full_env.update(env or {})
@@ -83,7 +87,7 @@ def _start_writer(
             str(journal),
             "a",
             str(checkpoint_bytes),
-            str(TTL),
+            str(ttl),
         ],
         env=full_env,
     )
@@ -230,6 +234,139 @@ def test_a_writer_stopped_just_before_or_after_its_fdatasync_is_fenced(
         assert straddling == {"fenced": "a-5"}
     acked, fenced = _outcomes(entries)
     _check_files(root, acked | {"b": seq}, fenced)
+
+
+def _crash_losing_shared_memory(root: Path) -> None:
+    """The coordinator SIGKILLed and its segment removed (systemd-logind's RemoveIPC)."""
+    coordinator = psutil.Process(int((root / ".hotcopy" / "coordinator.pid").read_text()))
+    coordinator.kill()
+    coordinator.wait(20)
+    segment = RuntimePaths.for_root(root).segment_path()
+    assert segment is not None
+    segment.unlink()
+
+
+def _expiry_recorded(root: Path) -> bool:
+    with connect(root) as client:
+        return client.expired_token() > 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("point", "ending"),
+    [
+        ("commit:before-wal-write", "crash"),
+        ("commit:after-wal-write", "crash"),
+        ("commit:before-wal-write", "clean exit after the expiry"),
+    ],
+)
+def test_a_writer_stopped_across_a_coordinator_restart_that_lost_shared_memory_is_fenced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str, ending: str
+) -> None:
+    """A writer stopped inside a commit, then the coordinator's shared memory lost: the
+    successor knew of no lease and no expiry, and the writer, resumed, still read its lease
+    as current in the old segment. Crashed (its segment removed): after its recovery window
+    the successor granted the prefix to another writer, which did not fence, and the stopped
+    writer wrote its batch where that writer's acknowledged commit was. Exited cleanly, with
+    the stopped writer's lease expired and so nothing granted: the segment went, and the
+    expiry with it; the same followed."""
+    monkeypatch.setenv("HOTCOPY_COORDINATOR_RECOVERY_WINDOW", "0.5")  # for the successor
+    root = tmp_path / "repo"
+    Repository.init(root).close()
+    journal = tmp_path / "a.journal"
+    env = {"HOTCOPY_FAULT": point, "HOTCOPY_FAULT_AFTER": "5", "HOTCOPY_FAULT_SIGNAL": "STOP"}
+    crash = ending == "crash"
+    writer = _start_writer(root, journal, env, ttl=60.0 if crash else TTL)  # 60: outlives it
+    try:
+        _wait_for(lambda: _is_stopped(writer.pid), 30, "the writer stopping itself")
+        assert len(_journal(journal)) == 4
+        if crash:
+            _crash_losing_shared_memory(root)
+        else:
+            _wait_for(lambda: _expiry_recorded(root), BOUND + 5, "the writer's lease to expire")
+            coordinator = psutil.Process(int((root / ".hotcopy" / "coordinator.pid").read_text()))
+            coordinator.terminate()
+            coordinator.wait(20)
+        seq, _ = _commit_as_other_writer(root, "b")  # starts the successor
+        os.kill(writer.pid, signal.SIGCONT)
+        _wait_for(lambda: len(_journal(journal)) >= 6, 30, "the writer going on")
+    finally:
+        if writer.poll() is None:
+            os.kill(writer.pid, signal.SIGCONT)
+        h.reap_popen(writer)
+    acked, fenced = _outcomes(_journal(journal))
+    _check_files(root, acked | {"b": seq}, fenced)
+
+
+IN_A_TRANSACTION = r"""
+import sys
+from hotcopy.coordinator import LeaseFenced
+from hotcopy.storage import Repository
+
+with Repository(sys.argv[1], lease_ttl=float(sys.argv[2])) as repo:
+    px = repo.open_prefix("p", "rw")
+    for line in sys.stdin:  # the parent paces us
+        if line == "begin\n":
+            px.begin()  # the write lease taken now and held
+            px["a"] = 1
+            print("begun", flush=True)
+            continue
+        try:
+            print(px.commit(), flush=True)
+        except LeaseFenced:
+            print("fenced", flush=True)
+"""
+
+
+def _granted_now(client: Any, prefix: str) -> bool:
+    try:
+        client.lease_nowait(prefix, "write").release()
+    except WouldBlock:
+        return False
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_a_lease_that_expired_while_its_holder_was_stopped_is_not_registered_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder stopped in a transaction, its lease expired and another writer fenced it and
+    committed; then the coordinator crashed and its segment was removed. Resumed, the stopped
+    holder's client re-registered the expired lease with the successor, which could not tell
+    and accepted it during its recovery hold: the holder's commit was acknowledged into the
+    WAL the other writer's fence had replaced, and was not in the prefix."""
+    monkeypatch.setenv("HOTCOPY_COORDINATOR_RECOVERY_WINDOW", "2.0")  # for the successor
+    root = tmp_path / "repo"
+    Repository.init(root).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", IN_A_TRANSACTION, str(root), str(TTL)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        holder.stdin.write("begin\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "begun"
+        os.kill(holder.pid, signal.SIGSTOP)
+        _wait_for(lambda: _is_stopped(holder.pid), 10, "the holder's stop")
+        _wait_for(lambda: _expiry_recorded(root), BOUND + 5, "the holder's lease to expire")
+        seq, _ = _commit_as_other_writer(root, "b")
+        _crash_losing_shared_memory(root)
+        os.kill(holder.pid, signal.SIGCONT)  # its client reconnects, starting a successor
+        with connect(root) as client:
+            _wait_for(lambda: _granted_now(client, "q"), 30, "the successor's hold to end")
+        holder.stdin.write("commit\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "fenced"
+    finally:
+        holder.stdin.close()
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGCONT)
+        h.reap_popen(holder)
+        holder.stdout.close()
+    _check_files(root, {"b": seq}, {"a"})
 
 
 # -- the fence's bookkeeping ---------------------------------------------------------------

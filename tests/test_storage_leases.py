@@ -20,7 +20,7 @@ import psutil
 import pytest
 from hotcopy.coordinator import Client, LeaseTimeout, _client, connect
 from hotcopy.coordinator._paths import RuntimePaths
-from hotcopy.coordinator._segment import PREFIX_SLOTS
+from hotcopy.coordinator._segment import PREFIX_SLOTS, SegmentReader
 from hotcopy.coordinator._status import read_status
 from hotcopy.storage import FileLeases, Prefix, Repository, _leases
 from hotcopy.workers import main
@@ -302,21 +302,29 @@ def test_the_coordinator_command_serves_in_the_foreground(tmp_path: Path) -> Non
 
 STEPPED_WRITER = r"""
 import sys
-from hotcopy.storage import Repository
+from hotcopy.coordinator import _client
+from hotcopy.storage import Repository, _leases
 
+if len(sys.argv) > 2:  # how long readers trust a segment unlooked at, and a writer may wait
+    _client._SEGMENT_RECHECK = _leases.TRUST_COUNTER_FOR = float(sys.argv[2])
 with Repository(sys.argv[1]) as repo:
     px = repo.open_prefix("p", "rw")
-    for line in sys.stdin:  # one commit per line: the parent paces us
+    for line in sys.stdin:  # the parent paces us, a line at a time
+        if line == "begin\n":
+            px.begin()  # the write lease taken now and held, as in a long transaction
+            print("begun", flush=True)
+            continue
         px["n"] = px.get("n", 0) + 1
         print(px.commit(), flush=True)  # acknowledged: the parent may look for it now
 """
 
 
 @contextlib.contextmanager
-def _stepped_writer(root: Path) -> Iterator[Callable[[], int]]:
-    """A writer process that commits when called; the call returns once it is acknowledged."""
+def _stepped_writer(root: Path, *args: str) -> Iterator[Callable[..., str]]:
+    """A writer process that does what it is told when called: "commit" (the call returns the
+    commit's sequence number once it is acknowledged) or "begin" (a transaction)."""
     child = subprocess.Popen(
-        [sys.executable, "-c", STEPPED_WRITER, str(root)],
+        [sys.executable, "-c", STEPPED_WRITER, str(root), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -324,13 +332,13 @@ def _stepped_writer(root: Path) -> Iterator[Callable[[], int]]:
     assert child.stdin is not None and child.stdout is not None
     stdin, stdout = child.stdin, child.stdout
 
-    def commit() -> int:
-        stdin.write("commit\n")
+    def step(order: str = "commit") -> str:
+        stdin.write(order + "\n")
         stdin.flush()
-        return int(stdout.readline())
+        return stdout.readline().strip()
 
     try:
-        yield commit
+        yield step
     finally:
         stdin.close()  # the writer's loop ends
         try:
@@ -356,7 +364,7 @@ def test_a_reader_beside_a_writer_that_keeps_its_lease_looks_at_the_files_once_p
         reader = None
         gets = looks = 0
         for number in range(1, 41):
-            assert commit() == number
+            assert int(commit()) == number
             reader = reader or repo.open_prefix("p")
             before = h.io_count("syscr")
             assert reader["n"] == number  # every acknowledged commit, at once
@@ -384,7 +392,7 @@ def test_every_acknowledged_commit_is_seen_at_once_while_the_coordinator_is_stop
         with _stepped_writer(root) as commit, Repository(root) as repo:
             reader = None
             for number in range(1, 301):
-                assert commit() == number
+                assert int(commit()) == number
                 reader = reader or repo.open_prefix("p")
                 assert reader["n"] == number
                 if number == 200:
@@ -475,8 +483,22 @@ def test_a_writer_of_a_prefix_without_a_counter_slot_waits_for_nobody(
         for number in range(3):
             writer["k"] = number
             writer.commit()
-            assert reader_repo.leases.commit_seq("p") == -1  # no slot: "look at the files"
+            seq = reader_repo.leases.commit_seq("p")
+            # no slot: "look at the files" (failed once in CI, not reproduced: say what was seen)
+            assert seq == -1, _segment_as_seen_afresh(root, seq)
             assert reader["k"] == number
+
+
+def _segment_as_seen_afresh(root: Path, seq: int) -> str:
+    path = RuntimePaths.for_root(root).segment_path()
+    assert path is not None
+    with SegmentReader(path) as segment:
+        return (
+            f"commit_seq {seq:#x}; a fresh map of {path} (inode {os.stat(path).st_ino}): "
+            f"table full {segment.prefix_table_full()}, slot of p {segment.find_prefix('p')}, "
+            f"coordinator {segment.coordinator_pid()}, pid file "
+            f"{(root / '.hotcopy' / 'coordinator.pid').read_text().strip()!r}"
+        )
 
 
 @pytest.mark.multiprocess
@@ -494,18 +516,71 @@ def test_a_reader_moves_to_a_successors_segment_when_its_own_was_removed(
     root = tmp_path / "repo"
     Repository.init(root).close()
     with _stepped_writer(root) as commit, Repository(root) as repo:
-        assert commit() == 1
+        assert int(commit()) == 1
         reader = repo.open_prefix("p")
         assert reader["n"] == 1
-        segment = RuntimePaths.for_root(root).segment_path()
-        assert segment is not None
-        os.unlink(segment)
-        coordinator = psutil.Process(int((root / ".hotcopy" / "coordinator.pid").read_text()))
-        coordinator.kill()
-        coordinator.wait(20)
+        _remove_segment_then_kill_coordinator(root)
         for number in range(2, 5):
-            assert commit() == number
+            assert int(commit()) == number
             assert reader["n"] == number
+
+
+def _remove_segment_then_kill_coordinator(root: Path) -> None:
+    """systemd-logind's RemoveIPC removes the segment under the live coordinator, which then
+    dies without a clean exit: its pid stays in the removed segment's header."""
+    segment = RuntimePaths.for_root(root).segment_path()
+    assert segment is not None
+    os.unlink(segment)
+    coordinator = psutil.Process(int((root / ".hotcopy" / "coordinator.pid").read_text()))
+    coordinator.kill()
+    coordinator.wait(20)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_a_commit_made_just_after_the_segment_was_replaced_is_seen_by_a_reader_of_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The segment removed under a live coordinator (RemoveIPC), then the coordinator killed,
+    its pid left in the removed segment's header: a reader keeps trusting that segment's
+    frozen counters until it looks at the path again (every ``_SEGMENT_RECHECK`` seconds). A
+    writer that held its lease across the crash re-registered with the successor and posted
+    its next commit on the new segment's board, acknowledged at once: the reader, asked after
+    the acknowledgement, served the value before it (found by an attack: 9 runs in 20)."""
+    recheck = 3.0  # the same in both processes; long enough for a successor to start
+    monkeypatch.setattr(_client, "_SEGMENT_RECHECK", recheck)
+    monkeypatch.setattr(_client, "_KEEPALIVE", 600.0)  # the reader reconnects only when asked
+    monkeypatch.setattr(_leases, "TRUST_COUNTER_FOR", 600.0)  # nor looks at the files by age
+    root = tmp_path / "repo"
+    Repository.init(root).close()
+    with _stepped_writer(root, str(recheck)) as tell:
+        assert tell("commit") == "1"
+        with Repository(root) as repo:
+            reader = repo.open_prefix("p")
+            assert reader["n"] == 1  # looks at the segment's path now, next in `recheck` s
+            assert tell("begin") == "begun"
+            assert reader["n"] == 1  # and has seen the counter and board of that grant
+            _remove_segment_then_kill_coordinator(root)
+            with connect(root):  # a successor, with a new segment
+                assert tell("commit") == "2"
+                assert reader["n"] == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_commit_after_a_clean_coordinator_restart_is_posted_at_once(tmp_path: Path) -> None:
+    """A coordinator that exits cleanly with nothing granted removes its segment and clears
+    its pid first, so readers map the successor's at their next get: a writer has nobody to
+    wait for. (The wait above, in its first form, made every commit in the second after a
+    SIGTERM restart wait a second: found by an attack.)"""
+    root = tmp_path / "repo"
+    Repository.init(root).close()
+    with connect(root) as client:
+        client.lease("p", "write").release()
+        coordinator = psutil.Process(int((root / ".hotcopy" / "coordinator.pid").read_text()))
+        coordinator.terminate()
+        coordinator.wait(20)
+        with client.lease("p", "write") as lease:  # from a successor, in a segment of its own
+            assert client.post("p", lease.token, 1)
 
 
 BUSY_WRITER = r"""
