@@ -83,9 +83,12 @@ def read_ceiling(path: Path) -> Ceiling:
         if magic == _MAGIC:
             return Ceiling(int(ceiling), True, bool(flags & _CLEAN), int(expired))
     if len(data) == _FORMAT_2.size:
-        magic, ceiling, flags = _FORMAT_2.unpack(data)
+        magic, ceiling, _flags = _FORMAT_2.unpack(data)
         if magic == _MAGIC_2:
-            return Ceiling(int(ceiling), True, bool(flags & _CLEAN), 0)
+            # The previous release kept no expiry, and called every SIGTERM clean, leases
+            # held or not: believe neither (one fence per prefix, and one hold on grants
+            # if shared memory went too, at the first start after an upgrade).
+            return Ceiling(int(ceiling), True, False, int(ceiling))
     _log.error("corrupt token file path=%s: continuing above a clock-based floor", path)
     floor = int(time.time() * 1_000_000)
     return Ceiling(floor, True, False, floor)

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -258,6 +259,7 @@ def _expiry_recorded(root: Path) -> bool:
         ("commit:before-wal-write", "crash"),
         ("commit:after-wal-write", "crash"),
         ("commit:before-wal-write", "clean exit after the expiry"),
+        ("commit:before-wal-write", "clean exit after the expiry, by the previous release"),
     ],
 )
 def test_a_writer_stopped_across_a_coordinator_restart_that_lost_shared_memory_is_fenced(
@@ -269,7 +271,8 @@ def test_a_writer_stopped_across_a_coordinator_restart_that_lost_shared_memory_i
     the successor granted the prefix to another writer, which did not fence, and the stopped
     writer wrote its batch where that writer's acknowledged commit was. Exited cleanly, with
     the stopped writer's lease expired and so nothing granted: the segment went, and the
-    expiry with it; the same followed."""
+    expiry with it; the same followed. The previous release kept no expiry in its tokens file
+    and called every SIGTERM clean: upgraded, a coordinator believed both."""
     monkeypatch.setenv("HOTCOPY_COORDINATOR_RECOVERY_WINDOW", "0.5")  # for the successor
     root = tmp_path / "repo"
     Repository.init(root).close()
@@ -287,6 +290,10 @@ def test_a_writer_stopped_across_a_coordinator_restart_that_lost_shared_memory_i
             coordinator = psutil.Process(int((root / ".hotcopy" / "coordinator.pid").read_text()))
             coordinator.terminate()
             coordinator.wait(20)
+            if ending.endswith("by the previous release"):
+                tokens = root / ".hotcopy" / "tokens"
+                _magic, ceiling, flags, _expired = struct.unpack("<8sQQQ", tokens.read_bytes())
+                tokens.write_bytes(struct.pack("<8sQQ", b"HCTOKEN2", ceiling, flags))
         seq, _ = _commit_as_other_writer(root, "b")  # starts the successor
         os.kill(writer.pid, signal.SIGCONT)
         _wait_for(lambda: len(_journal(journal)) >= 6, 30, "the writer going on")
